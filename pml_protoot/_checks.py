@@ -1,0 +1,69 @@
+"""Input validation shared by every public class.
+
+Each helper raises ``TypeError``/``ValueError`` naming the argument, what was
+expected and what was given, so that users see the bad argument, not a shape
+error three calls deeper.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def as_index_tensor(name: str, values, device=None) -> torch.Tensor:
+    """Return ``values`` as a 1-D int64 tensor, or raise naming ``name``."""
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    else:
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got {type(values).__name__}") from err
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor.to(device=device, dtype=torch.long)
+
+
+def check_in_range(name: str, indices: torch.Tensor, upper: int) -> None:
+    """Raise unless every entry of ``indices`` lies in ``[0, upper)``."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= upper):
+        bad = indices[(indices < 0) | (indices >= upper)]
+        raise ValueError(f"{name} must lie in [0, {upper}), got {bad[:5].tolist()}")
+
+
+def check_matrix(name: str, tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """Raise unless ``tensor`` is a finite floating (rows, cols) tensor; return it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    expected = (rows if rows is not None else "N", cols if cols is not None else "D")
+    if tensor.dim() != 2 or (rows is not None and tensor.shape[0] != rows) or (
+        cols is not None and tensor.shape[1] != cols
+    ):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+    check_finite(name, tensor)
+    return tensor
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise if ``tensor`` holds NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN/inf entries")
+
+
+def check_positive_int(name: str, value) -> int:
+    """Return ``value`` as an int, raising unless it is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

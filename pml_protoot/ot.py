@@ -1,0 +1,163 @@
+"""Entropic optimal transport between samples and prototypes (ProtoOT's assignment step)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_finite
+
+__all__ = ["sinkhorn"]
+
+
+def sinkhorn(
+    scores: torch.Tensor,
+    class_marginal: torch.Tensor | None = None,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    *,
+    normalize_scores: bool = False,
+    tol: float | None = None,
+) -> torch.Tensor:
+    r"""Soft-assign N samples to K prototypes under a class marginal (SwAV/ProtoOT Sinkhorn).
+
+    Solves, by ``iterations`` rounds of Sinkhorn-Knopp scaling, the entropic transport
+    problem
+
+    .. math::
+
+        \max_{Q \in \mathcal{U}} \ \langle Q, S \rangle + \varepsilon H(Q), \qquad
+        \mathcal{U} = \{ Q \in \mathbb{R}_+^{N \times K} :
+                         Q \mathbf{1}_K = \tfrac{1}{N}\mathbf{1}_N,\;
+                         Q^\top \mathbf{1}_N = \beta \}
+
+    whose solution is :math:`Q = \operatorname{diag}(u)\, e^{S/\varepsilon} \operatorname{diag}(v)`,
+    and returns :math:`P = N Q`: every row of ``P`` sums to 1 and column ``k`` sums to
+    :math:`N \beta_k` once converged. Each round first scales prototype columns to
+    :math:`\beta` and then sample rows to :math:`1/N`, exactly as the official ProtoOT
+    (and SwAV) code does, so a fixed number of rounds gives the official result.
+
+    Unlike the official formula (``exp(S / epsilon)`` then repeated division), the first
+    round is taken in the log domain and folded into a row-stabilised kernel whose
+    entries lie in ``[0, 1/N]``; the remaining rounds only update two scaling vectors
+    (two matrix-vector products a round, no rewrite of the N x K plan). Nothing
+    overflows for any ``scores / epsilon``; if a scaling vector still under- or
+    overflows (extreme ``epsilon``), the call falls back to plain log-domain rounds.
+
+    Args:
+        scores: ``(N, K)`` or batched ``(B, N, K)`` similarities of samples to prototypes.
+            Any floating dtype; computation is in float32 (float64 for float64 input)
+            with autocast disabled.
+        class_marginal: ``(K,)`` or ``(B, K)`` non-negative prototype masses
+            :math:`\beta`, normalised to sum to 1; uniform when ``None``.
+        epsilon: entropic regularisation :math:`\varepsilon > 0`.
+        iterations: number of Sinkhorn rounds (the maximum when ``tol`` is given).
+        normalize_scores: L2-normalise each row of ``scores`` first, as the official
+            code does (``F.normalize(M C^T, dim=1)``).
+        tol: stop early once every column sum of ``Q`` is within ``tol`` of
+            :math:`\beta` (L-infinity); ``None`` runs exactly ``iterations`` rounds.
+
+    Returns:
+        ``P`` with the shape of ``scores``, float32 (float64 for float64 input), no gradient.
+
+    Raises:
+        TypeError: ``scores`` is not a floating tensor.
+        ValueError: bad shapes, non-finite scores, ``epsilon <= 0``, ``iterations < 1``,
+            or a negative/all-zero ``class_marginal``.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot import sinkhorn
+        >>> P = sinkhorn(torch.randn(6, 3), torch.tensor([0.5, 0.25, 0.25]), iterations=50)
+        >>> torch.allclose(P.sum(1), torch.ones(6))
+        True
+        >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-3)
+        True
+    """
+    _check_arguments(scores, epsilon, iterations, tol)
+    with torch.no_grad(), torch.autocast(device_type=scores.device.type, enabled=False):
+        log_beta = _log_class_marginal(class_marginal, scores)
+        plan = _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
+        if plan is None:
+            plan = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
+        return plan
+
+
+def _check_arguments(scores, epsilon, iterations, tol) -> None:
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
+    if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
+        raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
+    check_finite("scores", scores)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None, got {tol!r}")
+
+
+def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
+    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+
+
+def _log_class_marginal(class_marginal, scores: torch.Tensor) -> torch.Tensor:
+    """Return log(beta) shaped (..., 1, K) in the compute dtype."""
+    num_prototypes = scores.shape[-1]
+    dtype = _compute_dtype(scores)
+    if class_marginal is None:
+        return torch.full((1, num_prototypes), -math.log(num_prototypes), dtype=dtype, device=scores.device)
+    beta = torch.as_tensor(class_marginal, device=scores.device).to(dtype)
+    if beta.shape[-1] != num_prototypes or beta.dim() > scores.dim() - 1:
+        raise ValueError(
+            f"class_marginal must have shape (K,) or (B, K) with K = {num_prototypes}, got {tuple(beta.shape)}"
+        )
+    if not torch.isfinite(beta).all() or (beta < 0).any() or (beta.sum(-1) <= 0).any():
+        raise ValueError("class_marginal must be finite, non-negative and not all zero")
+    beta = beta / beta.sum(-1, keepdim=True)
+    return beta.log().unsqueeze(-2)
+
+
+def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool) -> torch.Tensor:
+    logits = scores.to(_compute_dtype(scores))
+    if normalize_scores:
+        logits = torch.nn.functional.normalize(logits, dim=-1)
+    return logits / epsilon
+
+
+def _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
+    """Scaling-vector Sinkhorn on a once-stabilised kernel; ``None`` if it under/overflows."""
+    logits = _logits(scores, epsilon, normalize_scores)
+    num_samples = logits.shape[-2]
+    # Round 1 in the log domain: columns to beta, then rows to 1/N, folded into the kernel.
+    logits += log_beta - torch.logsumexp(logits, dim=-2, keepdim=True)
+    logits -= logits.amax(dim=-1, keepdim=True)
+    kernel = logits.exp_()
+    kernel /= num_samples * kernel.sum(dim=-1, keepdim=True)
+    beta = log_beta.exp()
+    u = torch.ones_like(kernel[..., :1])
+    v = torch.ones_like(kernel[..., :1, :])
+    for _ in range(iterations - 1):
+        column_mass = torch.matmul(u.transpose(-1, -2), kernel)  # (..., 1, K)
+        if tol is not None and (column_mass * v - beta).abs().max() < tol:
+            break
+        v = torch.where(beta > 0, beta / column_mass, torch.zeros_like(beta))
+        u = 1.0 / (num_samples * torch.matmul(kernel, v.transpose(-1, -2)))
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            return None
+    return kernel.mul_(u).mul_(v).mul_(num_samples)
+
+
+def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
+    """Plain log-domain Sinkhorn: slower, never under/overflows."""
+    logits = _logits(scores, epsilon, normalize_scores)
+    log_n = math.log(logits.shape[-2])
+    f = torch.zeros_like(logits[..., :1])
+    g = torch.zeros_like(logits[..., :1, :])
+    for round_index in range(iterations):
+        log_columns = torch.logsumexp(logits + f, dim=-2, keepdim=True)
+        if tol is not None and round_index > 0 and ((log_columns + g).exp() - log_beta.exp()).abs().max() < tol:
+            break
+        g = log_beta - log_columns
+        f = -log_n - torch.logsumexp(logits + g, dim=-1, keepdim=True)
+    return (logits + f + g + log_n).exp()
