@@ -1,0 +1,157 @@
+"""Label-free batch sampling with an equal share of every domain in each batch."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy
+import torch
+
+from ._checks import as_index_tensor, check_positive_int
+
+__all__ = ["CrossDomainSampler"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_SEED = 2**63 - 1
+
+
+class CrossDomainSampler(torch.utils.data.Sampler[int]):
+    r"""Yield indices in blocks of ``batch_size`` holding ``batch_size / D`` samples of every domain.
+
+    Only the domain of every sample is read, never its class label, so the sampler
+    suits unsupervised training (ProtoOT: "each step one batch from every domain").
+
+    With ``D`` domains of sizes :math:`N_1, \dots, N_D`, share :math:`b = B / D` and
+    ``R = num_replicas``, one epoch is
+
+    .. math::
+
+        T = R \left\lceil \frac{\lceil N_{\max} / b \rceil}{R} \right\rceil
+
+    blocks. Every domain's indices are shuffled (generator seeded from ``seed`` and the
+    epoch) and, for domains smaller than :math:`T b`, concatenated with fresh
+    reshuffles until :math:`T b` indices are reached, so the first :math:`N_{\max}`
+    entries of the largest domain cover it exactly once. Block ``t`` is the ``t``-th
+    slice of ``b`` indices of domain 0, then of domain 1, ... (domains concatenated in
+    ascending domain-id order inside a block, not interleaved). Rank ``r`` gets blocks
+    ``r, r + R, r + 2R, ...``: shards are disjoint block sets of equal length whose
+    union is the single-process epoch.
+
+    ``batch_size`` is the per-process batch: pass the same number as ``batch_size`` of
+    the ``DataLoader`` or PML trainer so that each batch is exactly one block.
+    PML trainers never call :meth:`set_epoch`; call it from ``end_of_epoch_hook`` (as
+    below) or every epoch repeats the same order.
+
+    Args:
+        domains: ``(N,)`` integer domain id of every dataset index (any ids; at least
+            two distinct ones). ``MultiDomainImageFolder.domain_ids`` fits.
+        batch_size: indices per block; a multiple of the number of domains.
+        num_replicas: number of processes sharing the epoch (DDP world size).
+        rank: this process's rank in ``[0, num_replicas)``.
+        seed: non-negative base seed; the order depends on ``seed`` and epoch only.
+        shuffle: ``False`` keeps each domain in index order (cycled the same way).
+
+    Raises:
+        TypeError: ``domains`` is not a 1-D integer sequence.
+        ValueError: fewer than two domains, ``batch_size`` not a positive multiple of
+            the number of domains, or bad ``num_replicas``/``rank``/``seed``.
+
+    Example:
+        >>> from pml_protoot.samplers import CrossDomainSampler
+        >>> sampler = CrossDomainSampler([0, 0, 0, 0, 1, 1], batch_size=4, shuffle=False)
+        >>> list(sampler)
+        [0, 1, 4, 5, 2, 3, 4, 5]
+        >>> len(sampler)
+        8
+        >>> sampler.set_epoch(1)  # in a PML trainer: end_of_epoch_hook=lambda t: sampler.set_epoch(t.epoch)
+    """
+
+    def __init__(self, domains, batch_size, *, num_replicas=1, rank=0, seed=0, shuffle=True):
+        domains = as_index_tensor("domains", domains)
+        self.domain_values = torch.unique(domains).tolist()
+        if len(self.domain_values) < 2:
+            raise ValueError(f"domains must hold at least two distinct domain ids, got {self.domain_values}")
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        if batch_size % len(self.domain_values):
+            raise ValueError(
+                f"batch_size must be divisible by the number of domains ({len(self.domain_values)}), "
+                f"got {batch_size}"
+            )
+        self.num_replicas = check_positive_int("num_replicas", num_replicas)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an integer in [0, {num_replicas}), got {rank!r}")
+        self.rank = rank
+        self.seed = _check_seed(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        # One index tensor per domain, in ascending domain-id order.
+        self.domain_indices = [torch.nonzero(domains == d).flatten() for d in self.domain_values]
+        self.share = batch_size // len(self.domain_values)
+        blocks = math.ceil(max(len(idx) for idx in self.domain_indices) / self.share)
+        self.total_blocks = math.ceil(blocks / num_replicas) * num_replicas
+        logger.debug(
+            "CrossDomainSampler: %d domains, %d blocks of %d per epoch, %d per rank",
+            len(self.domain_values), self.total_blocks, batch_size, self.total_blocks // num_replicas,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order :meth:`__iter__` yields (with ``seed``, it fixes the order).
+
+        Args:
+            epoch: non-negative epoch number.
+
+        Raises:
+            ValueError: ``epoch`` is not a non-negative integer.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = epoch
+
+    def epoch_blocks(self) -> torch.Tensor:
+        """Return the whole epoch (all ranks) as a ``(total_blocks, batch_size)`` LongTensor."""
+        # torch's CPU generator keeps only 32 bits of a seed: hash (seed, epoch) into them.
+        mixed = int(numpy.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(mixed)
+        length = self.total_blocks * self.share
+        streams = [self._domain_stream(idx, length, generator) for idx in self.domain_indices]
+        # (D, T*b) -> (D, T, b) -> (T, D, b): block t holds b indices of each domain in turn.
+        per_domain = torch.stack(streams).view(len(streams), self.total_blocks, self.share)
+        return per_domain.transpose(0, 1).reshape(self.total_blocks, self.batch_size)
+
+    def _domain_stream(self, indices: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+        """Concatenate (re)shuffled copies of ``indices`` until ``length`` entries exist."""
+        copies = []
+        for _ in range(math.ceil(length / len(indices))):
+            order = torch.randperm(len(indices), generator=generator) if self.shuffle else torch.arange(len(indices))
+            copies.append(indices[order])
+        return torch.cat(copies)[:length]
+
+    def __iter__(self):
+        blocks = self.epoch_blocks()[self.rank :: self.num_replicas]
+        return iter(blocks.flatten().tolist())
+
+    def __len__(self) -> int:
+        return self.total_blocks // self.num_replicas * self.batch_size
+
+    def state_dict(self) -> dict:
+        """Return ``{"epoch": int, "seed": int}``, enough to resume the same order."""
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``epoch`` and ``seed`` from :meth:`state_dict` output.
+
+        Raises:
+            ValueError: ``state`` lacks ``"epoch"`` or ``"seed"`` or holds bad values.
+        """
+        missing = {"epoch", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"state must hold keys ['epoch', 'seed'], missing {sorted(missing)}")
+        self.seed = _check_seed(state["seed"])
+        self.set_epoch(state["epoch"])
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
+    return seed

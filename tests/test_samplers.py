@@ -1,0 +1,219 @@
+"""CrossDomainSampler: balanced blocks, coverage, determinism, DDP shards, PML trainer use."""
+from collections import Counter
+
+import pytest
+import torch
+from pytorch_metric_learning import losses, trainers
+
+from pml_protoot.samplers import CrossDomainSampler
+
+# Unequal domain sizes with non-contiguous ids, in shuffled positions.
+SIZES = {0: 23, 3: 9, 7: 14}
+
+
+def make_domains(sizes=SIZES, seed=0):
+    domains = torch.cat([torch.full((n,), d) for d, n in sizes.items()])
+    return domains[torch.randperm(len(domains), generator=torch.Generator().manual_seed(seed))]
+
+
+def reference_num_blocks(sizes, batch_size, num_replicas):
+    """Blocks per epoch written plainly: ceil(N_max / share), rounded up to a multiple of R."""
+    share = batch_size // len(sizes)
+    blocks = -(-max(sizes.values()) // share)
+    while blocks % num_replicas:
+        blocks += 1
+    return blocks
+
+
+def batches_from_loader(sampler, batch_size, num_samples):
+    dataset = torch.utils.data.TensorDataset(torch.arange(num_samples))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return [batch[0] for batch in loader]
+
+
+@pytest.mark.parametrize("batch_size", [3, 6, 12])
+def test_every_dataloader_batch_holds_equal_domain_counts(batch_size):
+    domains = make_domains()
+    sampler = CrossDomainSampler(domains, batch_size, seed=1)
+    batches = batches_from_loader(sampler, batch_size, len(domains))
+    assert len(batches) * batch_size == len(sampler)
+    for batch in batches:
+        assert len(batch) == batch_size
+        counts = Counter(domains[batch].tolist())
+        assert set(counts) == set(SIZES)
+        assert set(counts.values()) == {batch_size // len(SIZES)}
+
+
+@pytest.mark.parametrize("batch_size,num_replicas", [(3, 1), (6, 1), (6, 2), (12, 3)])
+def test_len_is_multiple_of_batch_size_and_matches_reference(batch_size, num_replicas):
+    sampler = CrossDomainSampler(make_domains(), batch_size, num_replicas=num_replicas)
+    expected_blocks = reference_num_blocks(SIZES, batch_size, num_replicas) // num_replicas
+    assert len(sampler) % batch_size == 0
+    assert len(sampler) == expected_blocks * batch_size == len(list(sampler))
+
+
+def test_epoch_covers_largest_domain_once_and_every_sample_at_least_once():
+    domains = make_domains()
+    sampler = CrossDomainSampler(domains, 6, seed=3)
+    order = torch.tensor(list(sampler))
+    largest = max(SIZES, key=SIZES.get)
+    largest_part = order[domains[order] == largest]
+    # The first N_max of the largest domain are a permutation of it (the rest is padding).
+    first = largest_part[: SIZES[largest]]
+    assert sorted(first.tolist()) == torch.nonzero(domains == largest).flatten().tolist()
+    assert set(order.tolist()) == set(range(len(domains)))
+
+
+def test_smaller_domains_are_cycled_with_fresh_shuffles():
+    domains = make_domains()
+    sampler = CrossDomainSampler(domains, 3, seed=0)
+    order = torch.tensor(list(sampler))
+    small = order[domains[order] == 3].tolist()
+    n = SIZES[3]
+    cycles = [small[i : i + n] for i in range(0, len(small) - n + 1, n)]
+    assert len(cycles) >= 2
+    for cycle in cycles:
+        assert sorted(cycle) == torch.nonzero(domains == 3).flatten().tolist()
+    assert cycles[0] != cycles[1]
+
+
+def test_same_seed_and_epoch_give_same_order_and_epochs_differ():
+    domains = make_domains()
+    a = CrossDomainSampler(domains, 6, seed=5)
+    b = CrossDomainSampler(domains, 6, seed=5)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    assert list(a) == list(a)  # iterating again does not advance the order
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    other_seed = CrossDomainSampler(domains, 6, seed=6)
+    other_seed.set_epoch(2)
+    assert list(a) != list(other_seed)
+
+
+def test_state_dict_resumes_order():
+    domains = make_domains()
+    original = CrossDomainSampler(domains, 6, seed=11)
+    original.set_epoch(4)
+    resumed = CrossDomainSampler(domains, 6)
+    resumed.load_state_dict(original.state_dict())
+    assert resumed.state_dict() == {"epoch": 4, "seed": 11}
+    assert list(resumed) == list(original)
+    with pytest.raises(ValueError, match="epoch"):
+        resumed.load_state_dict({"seed": 1})
+
+
+def test_shuffle_false_keeps_index_order():
+    domains = torch.tensor([1, 0, 1, 0, 1, 1])
+    sampler = CrossDomainSampler(domains, 2, shuffle=False)
+    # Reference: domain 0 = [1, 3] cycled, domain 1 = [0, 2, 4, 5]; blocks of one each.
+    assert list(sampler) == [1, 0, 3, 2, 1, 4, 3, 5]
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3, 4])
+def test_rank_shards_are_disjoint_equal_and_union_is_single_process_epoch(num_replicas):
+    # 24 samples in the largest domain, share 2 -> 12 blocks: no padding for R in 2, 3, 4.
+    sizes = {0: 24, 3: 9, 7: 14}
+    domains = make_domains(sizes)
+    batch_size = 6
+    single = CrossDomainSampler(domains, batch_size, seed=2).epoch_blocks()
+    shards = [
+        torch.tensor(list(CrossDomainSampler(domains, batch_size, num_replicas=num_replicas, rank=r, seed=2)))
+        for r in range(num_replicas)
+    ]
+    assert len({len(shard) for shard in shards}) == 1
+    # Reference: deal the single-process blocks round-robin to ranks.
+    for rank, shard in enumerate(shards):
+        assert torch.equal(shard.view(-1, batch_size), single[rank::num_replicas])
+    # The largest domain's samples (seen once per epoch) are split disjointly.
+    owned = [set(s[domains[s] == 0].tolist()) for s in shards]
+    assert sum(len(o) for o in owned) == sizes[0]
+    assert set().union(*owned) == set(torch.nonzero(domains == 0).flatten().tolist())
+
+
+def test_rank_shards_are_padded_to_equal_length():
+    domains = make_domains()
+    shards = [list(CrossDomainSampler(domains, 6, num_replicas=5, rank=r)) for r in range(5)]
+    assert {len(shard) for shard in shards} == {reference_num_blocks(SIZES, 6, 5) // 5 * 6}
+
+
+def test_never_reads_class_labels():
+    class LabelFreeDomains:
+        """Only domain ids are available; touching labels fails the test."""
+
+        domain_ids = make_domains()
+
+        @property
+        def targets(self):
+            raise AssertionError("the sampler read class labels")
+
+        def __getitem__(self, index):
+            raise AssertionError("the sampler read a sample")
+
+    sampler = CrossDomainSampler(LabelFreeDomains().domain_ids, 6)
+    assert len(list(sampler)) == len(sampler)
+
+
+def test_works_as_sampler_of_pml_metric_loss_only_trainer():
+    domains = make_domains()
+    n, dim, batch_size = len(domains), 4, 6
+    features = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    fetched = []
+
+    class RecordingDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, index):
+            fetched.append(index)
+            return features[index], index  # the global index stands in for the label
+
+    sampler = CrossDomainSampler(domains, batch_size, seed=4)
+    trunk = torch.nn.Linear(dim, 3)
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk, "embedder": torch.nn.Identity()},
+        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
+        batch_size=batch_size,
+        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
+        dataset=RecordingDataset(),
+        sampler=sampler,
+        iterations_per_epoch=2,
+        dataloader_num_workers=0,
+        end_of_epoch_hook=lambda t: sampler.set_epoch(t.epoch),
+    )
+    before = trunk.weight.detach().clone()
+    trainer.train(num_epochs=1)
+    assert sampler.epoch == 1
+    expected = sampler_first_blocks(domains, batch_size, seed=4, count=2)
+    assert fetched[: 2 * batch_size] == expected
+    assert not torch.equal(before, trunk.weight)
+
+
+def sampler_first_blocks(domains, batch_size, seed, count):
+    return CrossDomainSampler(domains, batch_size, seed=seed).epoch_blocks()[:count].flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(domains=[0, 0, 0], batch_size=2), ValueError, "at least two"),
+        (dict(domains=[0, 1, 2], batch_size=4), ValueError, "divisible by the number of domains"),
+        (dict(domains=[0, 1], batch_size=0), ValueError, "batch_size"),
+        (dict(domains=[0.0, 1.0], batch_size=2), TypeError, "domains"),
+        (dict(domains=[[0, 1]], batch_size=2), ValueError, "1-D"),
+        (dict(domains=[0, 1], batch_size=2, num_replicas=2, rank=2), ValueError, "rank"),
+        (dict(domains=[0, 1], batch_size=2, num_replicas=0), ValueError, "num_replicas"),
+        (dict(domains=[0, 1], batch_size=2, seed=-1), ValueError, "seed"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    domains = kwargs.pop("domains")
+    batch_size = kwargs.pop("batch_size")
+    with pytest.raises(error, match=match):
+        CrossDomainSampler(domains, batch_size, **kwargs)
+
+
+def test_set_epoch_rejects_negative():
+    with pytest.raises(ValueError, match="epoch"):
+        CrossDomainSampler([0, 1], 2).set_epoch(-1)
