@@ -1,0 +1,154 @@
+"""OT pseudo-label mining: ProtoOT's prototype assignments as pairs/triplets for any PML loss."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from pytorch_metric_learning.miners import BaseMiner
+
+from ._checks import check_choice
+
+__all__ = ["ProtoOTMiner"]
+
+logger = logging.getLogger(__name__)
+
+
+class ProtoOTMiner(BaseMiner):
+    r"""Mine pairs or triplets from the OT pseudo-labels of a :class:`PrototypeMemory`.
+
+    ``labels`` (and ``ref_labels``) are *global sample indices*, never class labels: the
+    miner looks every sample up in the memory and reads its pseudo-labels there, so a
+    PML loss such as ``NTXentLoss`` or ``MultiSimilarityLoss`` trains without labels.
+
+    For a sample :math:`i` of domain :math:`a` with bank row :math:`r_i`, let
+    :math:`y_i = \arg\max_k P_a[r_i, k]` be its own-domain pseudo-label (OT of bank
+    :math:`a` onto prototypes of :math:`a`) and :math:`x_i^{b}` its label under the OT
+    of bank :math:`a` onto the prototypes of another domain :math:`b`
+    (``memory.pseudo_labels(a, prototype_domain=b)``); set :math:`x_i^{a} = y_i`.
+    A pair :math:`(i, j)` with :math:`j` in domain :math:`b` agrees *from i's side* when
+    :math:`x_i^{b} = y_j` and *from j's side* when :math:`x_j^{a} = y_i`. Then
+
+    * positive  iff both sides agree (mutual agreement),
+    * negative  iff neither side agrees,
+    * left out  when exactly one side agrees.
+
+    Within a domain both sides reduce to :math:`y_i = y_j`, so same-domain pairs are
+    positive for equal pseudo-labels and negative otherwise. Across domains this is how
+    positives are formed: :math:`i`'s nearest prototype of domain :math:`b` must be the
+    prototype :math:`j` belongs to, and vice versa. One-sided agreement is ambiguous
+    (prototypes of different domains need not correspond one to one), so it is neither
+    pulled together nor pushed apart. With ``cross_domain=False`` only same-domain pairs
+    are mined.
+
+    Without ``ref_emb`` a sample is never its own positive (PML convention). With
+    ``ref_emb`` (e.g. momentum-encoder keys, ``ref_labels`` = the same global indices)
+    the pair (query :math:`i`, key :math:`i`) is always a positive.
+
+    Args:
+        memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
+            prototypes; the caller writes the batch keys into it (``memory.fill``) first.
+        cross_domain: also mine pairs whose members come from different domains.
+        type_of_tuple: ``"pairs"`` returns ``(a1, p, a2, n)``; ``"triplets"`` returns
+            every ``(a, p, n)`` with ``(a, p)`` positive and ``(a, n)`` negative.
+        update_prototypes: after the assignments, move every involved domain's
+            prototypes to the assignment-weighted bank means
+            (``memory.update_prototypes``), as ``ProtoOTLoss`` does each step; set it
+            when the miner drives training with a plain PML loss.
+        **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
+
+    Raises:
+        TypeError: ``labels`` / ``ref_labels`` are not integer tensors.
+        ValueError: bad ``type_of_tuple``, or indices outside the memory.
+
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning.losses import NTXentLoss
+        >>> from pml_protoot.memory import PrototypeMemory
+        >>> from pml_protoot.miners import ProtoOTMiner
+        >>> _ = torch.manual_seed(0)
+        >>> domains = torch.tensor([0] * 8 + [1] * 8)
+        >>> memory = PrototypeMemory(domains, dim=4, num_prototypes=2, kmeans_nredo=1)
+        >>> memory.fill(torch.nn.functional.normalize(torch.randn(16, 4), dim=1), torch.arange(16))
+        >>> memory.recluster(0)
+        >>> miner = ProtoOTMiner(memory)
+        >>> embeddings, indices = torch.randn(6, 4), torch.tensor([0, 1, 2, 8, 9, 10])
+        >>> a1, p, a2, n = miner(embeddings, indices)
+        >>> loss = NTXentLoss()(embeddings, indices, (a1, p, a2, n))
+        >>> bool(torch.isfinite(loss))
+        True
+    """
+
+    def __init__(self, memory, *, cross_domain=True, type_of_tuple="pairs", update_prototypes=False, **kwargs):
+        super().__init__(**kwargs)
+        check_choice("type_of_tuple", type_of_tuple, ("pairs", "triplets"))
+        self.memory = memory
+        self.cross_domain = bool(cross_domain)
+        self.type_of_tuple = type_of_tuple
+        self.update_prototypes = bool(update_prototypes)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """Return PML indices: ``(a1, p, a2, n)`` for pairs or ``(a, p, n)`` for triplets.
+
+        ``labels`` (B,) and ``ref_labels`` (R,) are global sample indices; the
+        anchors index ``embeddings`` (B, D), positives/negatives index ``ref_emb`` (R, D).
+        """
+        is_self_reference = ref_emb is embeddings
+        labels = self.memory.check_indices("labels", labels)
+        ref_labels = labels if is_self_reference else self.memory.check_indices("ref_labels", ref_labels)
+        slots, own, cross = self._pseudo_labels(torch.cat([labels, ref_labels]))
+        batch = len(labels)
+        positives, negatives = self._agreement_masks(
+            (slots[:batch], own[:batch], cross[:batch]), (slots[batch:], own[batch:], cross[batch:])
+        )
+        if is_self_reference:
+            # A sample is not its own positive (PML's convention for labels == ref_labels).
+            positives &= labels.unsqueeze(1) != ref_labels.unsqueeze(0)
+        positives, negatives = positives.to(embeddings.device), negatives.to(embeddings.device)
+        if self.type_of_tuple == "triplets":
+            anchors, positive, negative = torch.where(positives.unsqueeze(2) & negatives.unsqueeze(1))
+            return anchors, positive, negative
+        a1, p = torch.where(positives)
+        a2, n = torch.where(negatives)
+        return a1, p, a2, n
+
+    def _pseudo_labels(self, indices):
+        """Domain slot ``(M,)``, own-domain label ``(M,)`` and label under every domain's prototypes ``(M, D)``.
+
+        Entries of ``cross`` that are not computed (``cross_domain=False``) hold -1.
+        """
+        num_domains = self.memory.num_domains
+        device = indices.device
+        slots = torch.empty(len(indices), dtype=torch.long, device=device)
+        cross = torch.full((len(indices), num_domains), -1, dtype=torch.long, device=device)
+        own_assignments = []
+        for slot, positions, rows in self.memory.split_by_domain(indices):
+            slots[positions] = slot
+            for target in range(num_domains) if self.cross_domain else [slot]:
+                assignment = self.memory.assign(slot, prototype_domain=target)
+                cross[positions, target] = assignment.argmax(dim=1).to(device)[rows]
+                if target == slot:
+                    own_assignments.append((slot, assignment))
+        # Update after every label is read, so all pseudo-labels of this batch share one set of prototypes.
+        if self.update_prototypes:
+            for slot, assignment in own_assignments:
+                self.memory.update_prototypes(slot, assignment)
+        own = cross.gather(1, slots.unsqueeze(1)).squeeze(1)
+        return slots, own, cross
+
+    def _agreement_masks(self, anchors, refs):
+        """Positive and negative ``(B, R)`` masks from mutual agreement of pseudo-labels.
+
+        ``anchors`` and ``refs`` are ``(slots, own, cross)`` triples from :meth:`_pseudo_labels`.
+        """
+        anchor_slots, anchor_own, anchor_cross = anchors
+        ref_slots, ref_own, ref_cross = refs
+        # anchor i's label under ref j's prototypes equals j's own label, and vice versa
+        anchor_agrees = anchor_cross[:, ref_slots] == ref_own.unsqueeze(0)
+        ref_agrees = ref_cross[:, anchor_slots].T == anchor_own.unsqueeze(1)
+        positives = anchor_agrees & ref_agrees
+        negatives = ~anchor_agrees & ~ref_agrees
+        if not self.cross_domain:
+            same_domain = anchor_slots.unsqueeze(1) == ref_slots.unsqueeze(0)
+            positives &= same_domain
+            negatives &= same_domain
+        return positives, negatives
