@@ -1,0 +1,292 @@
+"""ProtoOT's in-domain and cross-domain prototype losses as a pytorch-metric-learning loss."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix
+from .memory import PrototypeMemory
+
+__all__ = ["ProtoOTLoss"]
+
+logger = logging.getLogger(__name__)
+
+NEIGHBOUR_ANCHORS = ("key", "query")
+
+
+class ProtoOTLoss(BaseMetricLossFunction):
+    r"""ProtoOT loss (Li et al., AAAI 2024): pull queries to keys, neighbours and OT prototypes.
+
+    ``loss(embeddings, labels, ref_emb=keys)``: ``embeddings`` are the query-encoder
+    outputs :math:`q` (B, dim), ``labels`` the (B,) *global sample indices* (domains and
+    bank rows come from ``memory``), ``ref_emb`` the momentum-encoder keys :math:`k`
+    (B, dim). Both are L2-normalised here (idempotent for normalised input). Each call
+
+    1. writes the keys into their bank rows (``memory.fill``), as the method does;
+    2. for every domain :math:`d` in the batch, in slot order: :math:`P =`
+       ``memory.assign(d)``, pseudo-labels :math:`y = \arg\max P`, and per sample
+
+       .. math::
+
+           \ell(p) = -\log \frac{e^{q\cdot p/\tau}}{e^{q\cdot p/\tau} + \sum_{j\ne y} e^{q\cdot c_j/\tau}},
+           \qquad L_{in} = w_1 \ell(k) + w_2 \ell(\mathrm{nn}) + w_3 \ell(c_y)
+
+       with nn the bank entry nearest to :math:`k`, own row excluded; then
+       :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)` (``memory.update_prototypes``);
+    3. cross-domain, with the updated prototypes, from epoch ``cross_domain_start_epoch``
+       (``memory.epoch``): for every other domain :math:`d'` in the batch,
+       :math:`y' = \arg\max` ``memory.assign(d, d')`` and :math:`\ell'(c'_{y'})` with the
+       other :math:`K-1` prototypes of :math:`d'` as negatives; :math:`L_{cross}` is the mean
+       over those :math:`d'` (one :math:`d'` with two domains, as the paper).
+
+    Total: :math:`\sum_d \mathrm{mean}_d L_{in} + \lambda \sum_d \mathrm{mean}_d L_{cross}`.
+    Sub-losses ``"in_domain"`` and ``"cross_domain"`` are per-element (reduction type
+    ``"element"``), each scaled by :math:`B / n_d` (:math:`n_d` = batch samples of the
+    element's domain) and the cross term also by :math:`\lambda`, so PML's default
+    ``MeanReducer`` gives exactly the official sum over domains of per-domain means.
+    ``"cross_domain"`` is PML's zero loss before the start epoch or when the batch holds
+    a single domain. Gradients flow to ``embeddings`` only (keys, bank and prototypes
+    are targets).
+
+    Presets. ``official=True`` reproduces the official code; the default fixes its quirks.
+    Every difference between the two:
+
+    * nearest neighbour ranked by the key :math:`k` (default, as the paper says) or by
+      the query :math:`q` (official); option ``nearest_neighbour_by``;
+    * Sinkhorn on raw scores :math:`M C^\top` (default) or on row-L2-normalised scores
+      (official); ``memory.normalize_scores``;
+    * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"matched"``)
+      or K-means sizes in K-means order (official, ``"official"``);
+    * cross-domain negatives :math:`q\cdot c'_j` raw (default) or taken from the
+      L2-normalised row :math:`\mathrm{normalise}(q C'^\top)` while the positive stays raw
+      (official); option ``normalize_cross_negatives``.
+
+    The memory settings are attributes of ``memory``: ``official=True`` sets
+    ``memory.normalize_scores = True`` and ``memory.marginal_rule = "official"`` (logged
+    at INFO); the default leaves the memory as constructed. Explicit
+    ``nearest_neighbour_by``/``normalize_cross_negatives`` override the preset. Beyond
+    the official two-domain code, for both presets: any number of domains (cross term =
+    mean over the other domains present in the batch), and a batch may miss domains.
+
+    Args:
+        memory: the :class:`~pml_protoot.memory.PrototypeMemory` (registered as a
+            submodule, so ``loss.to(device)`` moves it).
+        temperature: :math:`\tau` (0.2).
+        in_domain_weights: :math:`(w_1, w_2, w_3)` for key, neighbour and prototype (1, 0.5, 0.1).
+        cross_domain_weight: :math:`\lambda` once active (0.01).
+        cross_domain_start_epoch: first ``memory.epoch`` with the cross term (100).
+        official: the official preset (see above).
+        nearest_neighbour_by: ``"key"`` or ``"query"``; ``None`` follows the preset.
+        normalize_cross_negatives: ``None`` follows the preset.
+        **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``, ``embedding_regularizer``, ...).
+
+    Raises:
+        TypeError: ``memory`` is not a ``PrototypeMemory``.
+        ValueError: a bad option value.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.memory import PrototypeMemory
+        >>> from pml_protoot.losses import ProtoOTLoss
+        >>> memory = PrototypeMemory([0] * 8 + [1] * 8, dim=4, num_prototypes=2, kmeans_nredo=1)
+        >>> memory.fill(torch.randn(16, 4), torch.arange(16))
+        >>> memory.recluster(epoch=0)
+        >>> loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+        >>> embeddings = torch.randn(4, 4, requires_grad=True)
+        >>> loss = loss_func(embeddings, torch.tensor([0, 1, 8, 9]), ref_emb=torch.randn(4, 4))
+        >>> loss.backward()
+        >>> bool(torch.isfinite(loss)), embeddings.grad.shape
+        (True, torch.Size([4, 4]))
+    """
+
+    def __init__(
+        self,
+        memory: PrototypeMemory,
+        temperature: float = 0.2,
+        in_domain_weights=(1.0, 0.5, 0.1),
+        cross_domain_weight: float = 0.01,
+        cross_domain_start_epoch: int = 100,
+        official: bool = False,
+        *,
+        nearest_neighbour_by: str | None = None,
+        normalize_cross_negatives: bool | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(memory, PrototypeMemory):
+            raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+        self.memory = memory
+        self.temperature = _check_non_negative("temperature", temperature, strict=True)
+        self.in_domain_weights = _check_weights(in_domain_weights)
+        self.cross_domain_weight = _check_non_negative("cross_domain_weight", cross_domain_weight)
+        if isinstance(cross_domain_start_epoch, bool) or not isinstance(cross_domain_start_epoch, int):
+            raise ValueError(f"cross_domain_start_epoch must be an int, got {cross_domain_start_epoch!r}")
+        self.cross_domain_start_epoch = cross_domain_start_epoch
+        self.official = bool(official)
+        self.nearest_neighbour_by = nearest_neighbour_by or ("query" if official else "key")
+        check_choice("nearest_neighbour_by", self.nearest_neighbour_by, NEIGHBOUR_ANCHORS)
+        self.normalize_cross_negatives = self.official if normalize_cross_negatives is None else bool(normalize_cross_negatives)
+        if self.official:
+            self._apply_official_memory_settings()
+        self.add_to_recordable_attributes(
+            list_of_names=["temperature", "cross_domain_weight", "cross_domain_start_epoch"], is_stat=False
+        )
+
+    def _apply_official_memory_settings(self) -> None:
+        if not self.memory.normalize_scores or self.memory.marginal_rule != "official":
+            logger.info(
+                "official=True: setting memory.normalize_scores=True (was %s) and memory.marginal_rule='official' "
+                "(was %r)",
+                self.memory.normalize_scores,
+                self.memory.marginal_rule,
+            )
+        self.memory.normalize_scores = True
+        self.memory.marginal_rule = "official"
+
+    def _sub_loss_names(self):
+        return ["in_domain", "cross_domain"]
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """Validate everything, write the keys to the memory, then compute and reduce the loss.
+
+        Args:
+            embeddings: ``(B, dim)`` query-encoder outputs (gradients flow here).
+            labels: ``(B,)`` global sample indices.
+            indices_tuple: not used; must be ``None``.
+            ref_emb: ``(B, dim)`` momentum-encoder keys, same order as ``embeddings``; required.
+            ref_labels: ``None`` or equal to ``labels``.
+
+        Returns:
+            The reduced loss (a scalar with PML's default reducers).
+
+        Raises:
+            TypeError, ValueError: bad input (nothing is written to the memory then), or
+                a memory that was never reclustered.
+        """
+        self.reset_stats()
+        labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
+        loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def _check_inputs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> torch.Tensor:
+        """Raise on any bad input before anything is written; return labels as a long tensor."""
+        check_matrix("embeddings", embeddings, cols=self.memory.dim)
+        if labels is None:
+            raise ValueError("labels must be the (B,) global sample indices of the batch, got None")
+        labels = as_index_tensor("labels", labels, device=self.memory.domain_of.device)
+        if len(labels) != len(embeddings):
+            raise ValueError(f"labels must have length {len(embeddings)} (one per embedding), got {len(labels)}")
+        check_in_range("labels", labels, self.memory.num_samples)
+        if ref_emb is None:
+            raise ValueError("ref_emb must be the (B, dim) momentum-encoder keys of the batch, got None")
+        check_matrix("ref_emb", ref_emb, rows=len(embeddings), cols=self.memory.dim)
+        if indices_tuple is not None:
+            raise ValueError(f"indices_tuple must be None (ProtoOTLoss mines nothing), got {type(indices_tuple).__name__}")
+        if ref_labels is not None and not torch.equal(torch.as_tensor(ref_labels, device=labels.device), labels):
+            raise ValueError("ref_labels must be None or equal to labels (keys share the embeddings' indices)")
+        memory_device = self.memory.prototypes.device
+        if embeddings.device != memory_device or ref_emb.device != memory_device:
+            raise ValueError(
+                f"embeddings and ref_emb must be on the memory's device {memory_device}, "
+                f"got {embeddings.device} and {ref_emb.device}"
+            )
+        self.memory.check_ready()
+        return labels
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
+        queries = F.normalize(embeddings.to(dtype), dim=1)
+        keys = F.normalize(ref_emb.detach().to(dtype), dim=1)
+        groups = self.memory.split_by_domain(labels)
+        batch_size = len(labels)
+        in_domain = queries.new_zeros(batch_size)
+        for slot, positions, rows in groups:
+            domain_losses = self._in_domain_losses(slot, queries[positions], keys[positions], rows)
+            in_domain[positions] = domain_losses * (batch_size / len(positions))
+        indices = c_f.torch_arange_from_size(embeddings)
+        loss_dict = {"in_domain": {"losses": in_domain, "indices": indices, "reduction_type": "element"}}
+        cross_weight = self.current_cross_domain_weight()
+        if cross_weight > 0 and len(groups) > 1:
+            cross_domain = queries.new_zeros(batch_size)
+            for slot, positions, rows in groups:
+                others = [other for other, _, _ in groups if other != slot]
+                domain_losses = self._cross_domain_losses(slot, others, queries[positions], rows)
+                cross_domain[positions] = domain_losses * (cross_weight * batch_size / len(positions))
+            loss_dict["cross_domain"] = {"losses": cross_domain, "indices": indices, "reduction_type": "element"}
+        else:
+            loss_dict["cross_domain"] = self.zero_loss()
+        return loss_dict
+
+    def current_cross_domain_weight(self) -> float:
+        """:math:`\\lambda` at the memory's epoch: ``cross_domain_weight`` from the start epoch, else 0."""
+        return self.cross_domain_weight if int(self.memory.epoch) >= self.cross_domain_start_epoch else 0.0
+
+    def _in_domain_losses(self, slot, queries, keys, rows) -> torch.Tensor:
+        """Per-sample :math:`L_{in}` of one domain, then the prototype update with the same ``P``."""
+        assignment = self.memory.assign(slot)
+        targets = assignment[rows].argmax(dim=1)
+        # A copy: the in-place prototype update below must not touch tensors saved for backward.
+        prototypes = self.memory.prototypes[slot].to(queries.dtype, copy=True)
+        bank = self.memory.bank(slot).to(queries.dtype)
+        anchors = keys if self.nearest_neighbour_by == "key" else queries.detach()
+        neighbours = bank[_nearest_rows_excluding_own(anchors, bank, rows)]
+        key_weight, neighbour_weight, prototype_weight = self.in_domain_weights
+        losses = (
+            key_weight * self._prototype_contrast(queries, keys, prototypes, targets)
+            + neighbour_weight * self._prototype_contrast(queries, neighbours, prototypes, targets)
+            + prototype_weight * self._prototype_contrast(queries, prototypes[targets], prototypes, targets)
+        )
+        self.memory.update_prototypes(slot, assignment)
+        return losses
+
+    def _cross_domain_losses(self, slot, others, queries, rows) -> torch.Tensor:
+        """Per-sample :math:`L_{cross}` of one domain: mean over the other domains ``others``."""
+        per_other = []
+        for other in others:
+            targets = self.memory.assign(slot, other)[rows].argmax(dim=1)
+            prototypes = self.memory.prototypes[other].to(queries.dtype, copy=True)
+            per_other.append(
+                self._prototype_contrast(
+                    queries, prototypes[targets], prototypes, targets, normalize_negatives=self.normalize_cross_negatives
+                )
+            )
+        return torch.stack(per_other).mean(dim=0)
+
+    def _prototype_contrast(self, queries, positives, prototypes, targets, normalize_negatives=False) -> torch.Tensor:
+        """:math:`\\ell(p)`: cross-entropy of the positive against the K-1 non-target prototypes."""
+        positive_logits = (queries * positives).sum(dim=1, keepdim=True)
+        negative_logits = queries @ prototypes.T
+        if normalize_negatives:
+            negative_logits = F.normalize(negative_logits, dim=1)
+        own_prototype = F.one_hot(targets, len(prototypes)).bool()
+        negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
+        logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
+        return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def _nearest_rows_excluding_own(anchors, bank, own_rows) -> torch.Tensor:
+    """Bank row with the largest dot product to each anchor, never the anchor's own row."""
+    similarity = anchors @ bank.T
+    similarity[torch.arange(len(anchors), device=similarity.device), own_rows] = -math.inf
+    return similarity.argmax(dim=1)
+
+
+def _check_non_negative(name: str, value, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _check_weights(weights) -> tuple[float, float, float]:
+    if not isinstance(weights, (tuple, list)) or len(weights) != 3:
+        raise ValueError(f"in_domain_weights must be 3 numbers (key, neighbour, prototype), got {weights!r}")
+    return tuple(_check_non_negative("in_domain_weights", weight) for weight in weights)
