@@ -1,0 +1,188 @@
+"""ProtoOTMiner against brute-force pair enumeration and a plain-loop reference of its rule."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import NTXentLoss
+
+from pml_protoot.memory import PrototypeMemory
+from pml_protoot.miners import ProtoOTMiner
+
+DTYPES = [torch.float16, torch.float32, torch.float64]
+
+
+def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0):
+    """Memory whose banks hold tight class clusters and whose prototypes sit at the class means.
+
+    Returns the memory and the true class of every global index. Classes are assigned
+    cyclically within each domain, so every domain holds every class.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dim = num_classes + 2
+    centers = torch.eye(num_classes, dim)
+    domains = torch.cat([torch.full((n,), d) for d, n in enumerate(per_domain)])
+    classes = torch.cat([torch.arange(n) % num_classes for n in per_domain])
+    # Each domain adds its own small shift, so domains differ but classes stay separated.
+    shifts = 0.2 * torch.eye(dim)[num_classes : num_classes + len(per_domain)]
+    keys = F.normalize(centers[classes] + shifts[domains] + 0.05 * torch.randn(len(classes), dim, generator=generator), dim=1)
+    memory = PrototypeMemory(domains, dim=dim, num_prototypes=num_classes, kmeans_nredo=1)
+    memory.fill(keys, torch.arange(len(classes)))
+    memory.recluster(0)
+    for slot in range(len(per_domain)):
+        in_domain = domains == slot
+        means = torch.stack([keys[in_domain & (classes == c)].mean(0) for c in range(num_classes)])
+        memory.prototypes[slot] = F.normalize(means, dim=1)
+        memory.class_marginals[slot] = torch.bincount(classes[in_domain], minlength=num_classes) / in_domain.sum()
+    return memory.to(device=device, dtype=dtype), classes
+
+
+def pair_sets(a1, p, a2, n):
+    return set(zip(a1.tolist(), p.tolist())), set(zip(a2.tolist(), n.tolist()))
+
+
+def brute_force_pairs(anchor_classes, ref_classes, exclude_self):
+    positives, negatives = set(), set()
+    for i, j in itertools.product(range(len(anchor_classes)), range(len(ref_classes))):
+        if anchor_classes[i] != ref_classes[j]:
+            negatives.add((i, j))
+        elif not (exclude_self and i == j):
+            positives.add((i, j))
+    return positives, negatives
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perfect_prototypes_mine_exactly_the_class_pairs(device, dtype):
+    memory, classes = separated_memory(device, dtype)
+    batch = torch.tensor([0, 4, 5, 8, 9, 10, 14, 17, 20])
+    embeddings = torch.randn(len(batch), 5, device=device, dtype=dtype)
+    a1, p, a2, n = ProtoOTMiner(memory)(embeddings, batch.to(device))
+    positives, negatives = pair_sets(a1, p, a2, n)
+    expected_pos, expected_neg = brute_force_pairs(classes[batch].tolist(), classes[batch].tolist(), exclude_self=True)
+    assert positives == expected_pos and negatives == expected_neg
+    assert a1.device.type == torch.device(device).type
+    # The batch mixes domains, so cross-domain positives are part of the check.
+    assert any(memory.domain_of[batch[i]] != memory.domain_of[batch[j]] for i, j in positives)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_with_ref_emb_every_query_key_pair_of_a_sample_is_positive(device, dtype):
+    memory, classes = separated_memory(device, dtype)
+    batch = torch.tensor([1, 2, 3, 11, 12, 13])
+    refs = torch.tensor([2, 3, 13, 19, 1, 12, 11])
+    embeddings = torch.randn(len(batch), 5, device=device, dtype=dtype)
+    ref_emb = torch.randn(len(refs), 5, device=device, dtype=dtype)
+    mined = ProtoOTMiner(memory)(embeddings, batch.to(device), ref_emb, refs.to(device))
+    positives, negatives = pair_sets(*mined)
+    expected = brute_force_pairs(classes[batch].tolist(), classes[refs].tolist(), exclude_self=False)
+    assert (positives, negatives) == expected
+    same_sample = {(i, j) for i, j in itertools.product(range(len(batch)), range(len(refs))) if batch[i] == refs[j]}
+    assert same_sample and same_sample <= positives
+
+
+def test_triplets_are_every_anchor_positive_negative_combination(device):
+    memory, classes = separated_memory(device, torch.float32)
+    batch = torch.tensor([0, 1, 3, 9, 10, 12, 13])
+    anchors, positives, negatives = ProtoOTMiner(memory, type_of_tuple="triplets")(
+        torch.randn(len(batch), 5, device=device), batch.to(device)
+    )
+    y = classes[batch].tolist()
+    expected = {
+        (a, p, n)
+        for a, p, n in itertools.product(range(len(y)), repeat=3)
+        if a != p and y[a] == y[p] and y[a] != y[n]
+    }
+    assert set(zip(anchors.tolist(), positives.tolist(), negatives.tolist())) == expected
+
+
+def test_cross_domain_false_mines_same_domain_pairs_only(device):
+    memory, classes = separated_memory(device, torch.float32)
+    batch = torch.tensor([0, 4, 5, 9, 10, 13])
+    mined = ProtoOTMiner(memory, cross_domain=False)(torch.randn(len(batch), 5, device=device), batch.to(device))
+    domain = memory.domain_of.cpu()[batch]
+    expected_pos, expected_neg = brute_force_pairs(classes[batch].tolist(), classes[batch].tolist(), exclude_self=True)
+    same_domain = {(i, j) for i, j in itertools.product(range(len(batch)), repeat=2) if domain[i] == domain[j]}
+    assert pair_sets(*mined) == (expected_pos & same_domain, expected_neg & same_domain)
+
+
+def reference_pairs(memory, batch):
+    """The documented rule, pair by pair, from memory.pseudo_labels (no shared code with the miner)."""
+    domain_of, row_of = memory.domain_of.tolist(), memory.row_of.tolist()
+    labels = {
+        (a, b): memory.pseudo_labels(a, prototype_domain=b).tolist()
+        for a in range(memory.num_domains)
+        for b in range(memory.num_domains)
+    }
+    positives, negatives, one_sided = set(), set(), 0
+    for i, j in itertools.product(range(len(batch)), repeat=2):
+        a, b = domain_of[batch[i]], domain_of[batch[j]]
+        ri, rj = row_of[batch[i]], row_of[batch[j]]
+        i_agrees = labels[(a, b)][ri] == labels[(b, b)][rj]
+        j_agrees = labels[(b, a)][rj] == labels[(a, a)][ri]
+        if i_agrees and j_agrees and i != j:
+            positives.add((i, j))
+        elif not i_agrees and not j_agrees:
+            negatives.add((i, j))
+        one_sided += i_agrees != j_agrees
+    return positives, negatives, one_sided
+
+
+def test_random_memory_matches_plain_loop_reference_and_drops_one_sided_pairs(device):
+    torch.manual_seed(3)
+    domains = torch.tensor([0] * 15 + [1] * 10 + [2] * 12)
+    memory = PrototypeMemory(domains, dim=6, num_prototypes=4, kmeans_nredo=1)
+    memory.fill(F.normalize(torch.randn(len(domains), 6), dim=1), torch.arange(len(domains)))
+    memory.recluster(0)
+    memory.to(device)
+    batch = torch.randperm(len(domains))[:16]
+    positives, negatives = pair_sets(*ProtoOTMiner(memory)(torch.randn(16, 6, device=device), batch.to(device)))
+    expected_pos, expected_neg, one_sided = reference_pairs(memory, batch.tolist())
+    assert (positives, negatives) == (expected_pos, expected_neg)
+    assert one_sided > 0, "the data must contain one-sided pairs for this test to check their exclusion"
+
+
+def test_update_prototypes_moves_them_to_assignment_weighted_bank_means(device):
+    memory, _ = separated_memory(device, torch.float64)
+    memory.prototypes.add_(0.1 * torch.randn_like(memory.prototypes))
+    expected = []
+    for slot in range(memory.num_domains):
+        bank, assignment = memory.bank(slot), memory.assign(slot)
+        means = torch.stack([(assignment[:, k : k + 1] * bank).sum(0) for k in range(memory.num_prototypes)])
+        expected.append(means / means.norm(dim=1, keepdim=True))
+    ProtoOTMiner(memory, update_prototypes=True)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
+    torch.testing.assert_close(memory.prototypes, torch.stack(expected))
+
+
+def test_without_update_prototypes_memory_is_untouched(device):
+    memory, _ = separated_memory(device, torch.float32)
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    ProtoOTMiner(memory)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
+    for key, value in memory.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_pml_loss_trains_on_mined_pairs(device):
+    memory, _ = separated_memory(device, torch.float32)
+    batch = torch.tensor([0, 1, 2, 3, 9, 10, 11, 12])
+    embeddings = torch.randn(len(batch), 5, device=device, requires_grad=True)
+    mined = ProtoOTMiner(memory)(embeddings, batch.to(device))
+    loss = NTXentLoss()(embeddings, batch.to(device), mined)
+    loss.backward()
+    assert loss.item() > 0 and torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
+
+
+def test_bad_input_is_rejected_with_the_argument_name(device):
+    memory, _ = separated_memory(device, torch.float32)
+    with pytest.raises(ValueError, match="type_of_tuple"):
+        ProtoOTMiner(memory, type_of_tuple="quadruplets")
+    miner = ProtoOTMiner(memory)
+    embeddings = torch.randn(2, 5, device=device)
+    with pytest.raises(TypeError, match="labels"):
+        miner(embeddings, torch.tensor([0.0, 1.0], device=device))
+    with pytest.raises(ValueError, match="labels"):
+        miner(embeddings, torch.tensor([0, 999], device=device))
+    with pytest.raises(ValueError, match="ref_labels"):
+        miner(embeddings, torch.tensor([0, 1]), torch.randn(1, 5, device=device), torch.tensor([-1]))
+    fresh = PrototypeMemory([0, 0, 1, 1], dim=5, num_prototypes=2)
+    with pytest.raises(ValueError, match="reclustered"):
+        ProtoOTMiner(fresh)(torch.randn(2, 5), torch.tensor([0, 2]))
