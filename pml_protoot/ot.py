@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, check_positive_int
 
 __all__ = ["sinkhorn"]
 
@@ -89,12 +90,17 @@ def _check_arguments(scores, epsilon, iterations, tol) -> None:
     if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
         raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
     check_finite("scores", scores)
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be > 0 or None, got {tol!r}")
+    _check_positive_real("epsilon", epsilon)
+    check_positive_int("iterations", iterations)
+    if tol is not None:
+        _check_positive_real("tol", tol)
+
+
+def _check_positive_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
 def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
@@ -107,13 +113,22 @@ def _log_class_marginal(class_marginal, scores: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(scores)
     if class_marginal is None:
         return torch.full((1, num_prototypes), -math.log(num_prototypes), dtype=dtype, device=scores.device)
-    beta = torch.as_tensor(class_marginal, device=scores.device).to(dtype)
-    if beta.shape[-1] != num_prototypes or beta.dim() > scores.dim() - 1:
+    try:
+        beta = torch.as_tensor(class_marginal, dtype=dtype, device=scores.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"class_marginal must be a tensor or sequence of K = {num_prototypes} numbers, got {class_marginal!r}"
+        ) from err
+    batch_shape = tuple(scores.shape[:-2])
+    if beta.shape not in ((num_prototypes,), batch_shape + (num_prototypes,)):
         raise ValueError(
-            f"class_marginal must have shape (K,) or (B, K) with K = {num_prototypes}, got {tuple(beta.shape)}"
+            f"class_marginal must have shape (K,) or (B, K) = {batch_shape + (num_prototypes,)}, got {tuple(beta.shape)}"
         )
     if not torch.isfinite(beta).all() or (beta < 0).any() or (beta.sum(-1) <= 0).any():
-        raise ValueError("class_marginal must be finite, non-negative and not all zero")
+        raise ValueError(
+            "class_marginal must be finite, non-negative and not all zero, "
+            f"got min {beta.min().item():.3g} and sum {beta.sum().item():.3g}"
+        )
     beta = beta / beta.sum(-1, keepdim=True)
     return beta.log().unsqueeze(-2)
 

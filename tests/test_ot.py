@@ -1,0 +1,306 @@
+"""Tests for ``pml_protoot.ot.sinkhorn`` against references written plainly here.
+
+References:
+- ``official_sinkhorn``: the ProtoOT/SwAV formula of PROTOOT.md, line by line
+  (plain ``exp``, repeated division), valid where ``exp(scores / epsilon)`` is finite.
+- ``log_domain_official_sinkhorn``: the same rounds in the log domain, for epsilons where
+  the plain formula overflows; it is itself checked against the plain one.
+- POT (``ot.sinkhorn``, ``ot.bregman.sinkhorn_log``) for the converged plan.
+"""
+import math
+
+import ot as pot
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pml_protoot.ot as ot_module
+from pml_protoot.ot import sinkhorn
+
+NUM_SAMPLES, NUM_PROTOTYPES, DIM = 40, 7, 16
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def official_sinkhorn(scores, beta, epsilon, iterations, normalize_scores=False):
+    """PROTOOT.md: Q = exp(S/eps)^T, Q /= sum(Q); rows -> beta, columns -> 1/N; return N Q^T."""
+    if normalize_scores:
+        scores = F.normalize(scores, dim=1)
+    Q = torch.exp(scores / epsilon).t()
+    Q /= torch.sum(Q)
+    K, N = Q.shape
+    for _ in range(iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q *= beta.unsqueeze(1)
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= N
+    return (Q * N).t()
+
+
+def log_domain_official_sinkhorn(scores, beta, epsilon, iterations):
+    """The official rounds on log Q (no overflow); same result where the plain one is finite."""
+    log_q = scores / epsilon
+    num_samples = scores.shape[0]
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + beta.log()
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(num_samples)
+    return torch.exp(log_q + math.log(num_samples))
+
+
+def random_scores(seed, shape=(NUM_SAMPLES, NUM_PROTOTYPES), dtype=torch.float64, device="cpu"):
+    """Cosine similarities of random unit embeddings to random unit prototypes, in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    *batch, num_samples, num_prototypes = shape
+    embeddings = F.normalize(torch.randn(*batch, num_samples, DIM, generator=generator, dtype=torch.float64), dim=-1)
+    prototypes = F.normalize(torch.randn(*batch, num_prototypes, DIM, generator=generator, dtype=torch.float64), dim=-1)
+    return (embeddings @ prototypes.transpose(-1, -2)).to(device=device, dtype=dtype)
+
+
+def random_marginal(seed, num_prototypes=NUM_PROTOTYPES, batch=(), dtype=torch.float64, device="cpu"):
+    generator = torch.Generator().manual_seed(seed + 1000)
+    beta = torch.rand(*batch, num_prototypes, generator=generator, dtype=torch.float64) + 0.2
+    return (beta / beta.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+
+
+def column_error(plan, beta):
+    """L-infinity distance of the column marginal of Q = P / N from beta."""
+    return (plan.sum(-2) / plan.shape[-2] - beta).abs().max().item()
+
+
+@pytest.fixture
+def count_log_domain_calls(monkeypatch):
+    """Count calls of the log-domain fallback, so tests can prove which path ran."""
+    calls = []
+    original = ot_module._log_domain_sinkhorn
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ot_module, "_log_domain_sinkhorn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("iterations", range(1, 11))
+@pytest.mark.parametrize("normalize_scores", [False, True])
+def test_equals_official_formula_in_float64(iterations, normalize_scores, device):
+    scores = random_scores(iterations, device=device)
+    if normalize_scores:
+        scores = 3 * scores  # unnormalised rows, so the normalisation changes the result
+    beta = random_marginal(iterations, device=device)
+    expected = official_sinkhorn(scores, beta, 0.05, iterations, normalize_scores)
+    result = sinkhorn(scores, beta, 0.05, iterations, normalize_scores=normalize_scores)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.05, 0.02])
+def test_uniform_class_marginal_equals_official_formula(epsilon, device):
+    scores = random_scores(3, device=device)
+    uniform = torch.full((NUM_PROTOTYPES,), 1 / NUM_PROTOTYPES, dtype=torch.float64, device=device)
+    torch.testing.assert_close(
+        sinkhorn(scores, None, epsilon, 4), official_sinkhorn(scores, uniform, epsilon, 4), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("iterations", [1, 4])
+def test_zero_class_marginal_equals_problem_without_that_prototype(iterations, device):
+    """The official formula is 0/0 for beta_k = 0; the answer is the problem without prototype k."""
+    scores, beta = random_scores(3, device=device), random_marginal(3, device=device)
+    beta[2] = 0
+    kept = [k for k in range(NUM_PROTOTYPES) if k != 2]
+    expected = torch.zeros_like(scores)
+    expected[:, kept] = official_sinkhorn(scores[:, kept], beta[kept] / beta.sum(), 0.05, iterations)
+    torch.testing.assert_close(sinkhorn(scores, beta, 0.05, iterations), expected, rtol=0, atol=1e-6)
+
+
+def test_log_domain_reference_equals_plain_official_formula():
+    """The reference used below for tiny epsilons is itself the official formula."""
+    scores, beta = random_scores(5), random_marginal(5)
+    for iterations in (1, 3, 7):
+        torch.testing.assert_close(
+            log_domain_official_sinkhorn(scores, beta, 0.02, iterations),
+            official_sinkhorn(scores, beta, 0.02, iterations),
+            rtol=0,
+            atol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("solver", [pot.sinkhorn, pot.bregman.sinkhorn_log], ids=["sinkhorn", "sinkhorn_log"])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_converged_plan_matches_pot(solver, uniform, device):
+    scores = random_scores(11, device=device)
+    beta = None if uniform else random_marginal(11, device=device)
+    target = torch.full((NUM_PROTOTYPES,), 1 / NUM_PROTOTYPES, dtype=torch.float64, device=device) if uniform else beta
+    sample_marginal = torch.full((NUM_SAMPLES,), 1 / NUM_SAMPLES, dtype=torch.float64, device=device)
+    pot_plan = solver(sample_marginal, target, -scores, 0.05, numItermax=100_000, stopThr=1e-12)
+    result = sinkhorn(scores, beta, 0.05, iterations=100_000, tol=1e-12)
+    torch.testing.assert_close(result, pot_plan * NUM_SAMPLES, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
+def test_rows_sum_to_one_and_columns_converge_to_class_marginal(dtype, device):
+    scores = random_scores(4, dtype=dtype, device=device)
+    beta = random_marginal(4, device=device)
+    plan = sinkhorn(scores, beta, 0.05, iterations=500, tol=1e-6)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert plan.dtype == expected_dtype and plan.shape == scores.shape
+    torch.testing.assert_close(plan.sum(1), torch.ones(NUM_SAMPLES, dtype=expected_dtype, device=device))
+    assert column_error(plan, beta.to(expected_dtype)) < 1e-5
+    assert (plan >= 0).all()
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.01, 0.005, 0.001])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+def test_finite_and_accurate_for_small_epsilon(epsilon, dtype, device):
+    scores = random_scores(6, shape=(200, NUM_PROTOTYPES), dtype=dtype, device=device)
+    scores[0, 0], scores[1, 1] = 1.0, -1.0  # the extremes of cosine similarity
+    beta = random_marginal(6, device=device)
+    plan = sinkhorn(scores, beta.to(dtype), epsilon, iterations=3)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum(1), torch.ones(200, device=device))
+    # Reference: the official rounds in float64 on the same (rounded) inputs.
+    expected = log_domain_official_sinkhorn(scores.double(), beta.to(dtype).double() / beta.to(dtype).double().sum(), epsilon, 3)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-4 if epsilon >= 0.005 else 1e-3)
+
+
+def test_small_epsilon_is_where_the_plain_formula_overflows():
+    """Guards the meaning of the test above: the official formula is NaN there in float32."""
+    scores = random_scores(6, shape=(200, NUM_PROTOTYPES), dtype=torch.float32)
+    scores[0, 0] = 1.0
+    beta = random_marginal(6, dtype=torch.float32)
+    assert not torch.isfinite(official_sinkhorn(scores, beta, 0.01, 3)).all()
+    assert torch.isfinite(sinkhorn(scores, beta, 0.01, 3)).all()
+
+
+def test_autocast_computes_in_float32(device):
+    autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    generator = torch.Generator().manual_seed(7)
+    embeddings = F.normalize(torch.randn(NUM_SAMPLES, DIM, generator=generator), dim=1).to(device)
+    prototypes = F.normalize(torch.randn(NUM_PROTOTYPES, DIM, generator=generator), dim=1).to(device)
+    beta = random_marginal(7, dtype=torch.float32, device=device)
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+        scores = embeddings @ prototypes.t()
+        plan = sinkhorn(scores, beta, 0.01, iterations=3)
+    assert scores.dtype == autocast_dtype and plan.dtype == torch.float32
+    expected = log_domain_official_sinkhorn(scores.double(), beta.double(), 0.01, 3)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("marginal_shape", ["none", "shared", "per_item"])
+@pytest.mark.parametrize("normalize_scores", [False, True])
+def test_batched_equals_per_item_calls(marginal_shape, normalize_scores, device):
+    batch = 3
+    scores = random_scores(8, shape=(batch, NUM_SAMPLES, NUM_PROTOTYPES), dtype=torch.float32, device=device)
+    beta = {
+        "none": None,
+        "shared": random_marginal(8, dtype=torch.float32, device=device),
+        "per_item": random_marginal(8, batch=(batch,), dtype=torch.float32, device=device),
+    }[marginal_shape]
+    result = sinkhorn(scores, beta, 0.05, 5, normalize_scores=normalize_scores)
+    assert result.shape == scores.shape
+    for item in range(batch):
+        item_beta = beta[item] if marginal_shape == "per_item" else beta
+        expected = sinkhorn(scores[item], item_beta, 0.05, 5, normalize_scores=normalize_scores)
+        torch.testing.assert_close(result[item], expected)
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-6])
+def test_tolerance_stops_at_first_round_within_tol(tol, device):
+    scores = random_scores(9, device=device)
+    beta = random_marginal(9, device=device)
+    errors = [column_error(official_sinkhorn(scores, beta, 0.05, rounds), beta) for rounds in range(1, 200)]
+    rounds_needed = 1 + next(i for i, error in enumerate(errors) if error < tol)
+    result = sinkhorn(scores, beta, 0.05, iterations=200, tol=tol)
+    assert column_error(result, beta) < tol
+    torch.testing.assert_close(result, official_sinkhorn(scores, beta, 0.05, rounds_needed), rtol=0, atol=1e-9)
+    if rounds_needed > 1:  # the round before had not converged, so it did not stop too early
+        assert column_error(sinkhorn(scores, beta, 0.05, iterations=rounds_needed - 1), beta) >= tol
+
+
+def test_tolerance_never_exceeds_iterations(device):
+    scores, beta = random_scores(10, device=device), random_marginal(10, device=device)
+    torch.testing.assert_close(
+        sinkhorn(scores, beta, 0.05, iterations=2, tol=1e-12), official_sinkhorn(scores, beta, 0.05, 2), rtol=0, atol=1e-9
+    )
+
+
+def extreme_problem(device):
+    """A class marginal with a 1e-320 entry and epsilon 1e-4: the scaling vectors overflow."""
+    scores = random_scores(14, shape=(20, 4), device=device)
+    beta = torch.tensor([0.3, 0.3, 0.4, 1e-320], dtype=torch.float64, device=device)
+    return scores, beta, 1e-4
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_log_domain_fallback_equals_official_formula(iterations, count_log_domain_calls, device):
+    scores, beta, epsilon = extreme_problem(device)
+    result = sinkhorn(scores, beta, epsilon, iterations)
+    assert len(count_log_domain_calls) == (0 if iterations == 1 else 1)
+    assert torch.isfinite(result).all()
+    expected = log_domain_official_sinkhorn(scores, beta, epsilon, iterations)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+def test_log_domain_fallback_tolerance(count_log_domain_calls, device):
+    scores, beta, epsilon = extreme_problem(device)
+    tol = 0.15  # converging at epsilon 1e-4 is slow; what matters is where it stops
+    errors = [column_error(log_domain_official_sinkhorn(scores, beta, epsilon, rounds), beta) for rounds in range(1, 30)]
+    rounds_needed = 1 + next(i for i, error in enumerate(errors) if error < tol)
+    assert rounds_needed >= 2, "the fallback only runs from round 2 on"
+    result = sinkhorn(scores, beta, epsilon, iterations=30, tol=tol)
+    assert len(count_log_domain_calls) == 1
+    torch.testing.assert_close(
+        result, log_domain_official_sinkhorn(scores, beta, epsilon, rounds_needed), rtol=0, atol=1e-6
+    )
+
+
+def test_marginal_is_normalised_and_inputs_untouched(device):
+    scores, beta = random_scores(13, dtype=torch.float32, device=device), random_marginal(13, dtype=torch.float32, device=device)
+    scores.requires_grad_(True)
+    scores_before, beta_before = scores.detach().clone(), beta.clone()
+    result = sinkhorn(scores, 5 * beta, 0.05, 3, normalize_scores=True)
+    assert not result.requires_grad
+    torch.testing.assert_close(result, sinkhorn(scores, beta, 0.05, 3, normalize_scores=True))
+    assert torch.equal(scores.detach(), scores_before) and torch.equal(beta, beta_before)
+
+
+def test_class_marginal_accepts_a_list():
+    scores, beta = random_scores(14), random_marginal(14)
+    torch.testing.assert_close(sinkhorn(scores, beta.tolist()), sinkhorn(scores, beta))
+
+
+SCORES = torch.rand(5, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, argument",
+    [
+        ({"scores": SCORES.tolist()}, TypeError, "scores"),
+        ({"scores": torch.ones(5, 3, dtype=torch.long)}, TypeError, "scores"),
+        ({"scores": torch.rand(5)}, ValueError, "scores"),
+        ({"scores": torch.rand(2, 2, 5, 3)}, ValueError, "scores"),
+        ({"scores": torch.rand(0, 3)}, ValueError, "scores"),
+        ({"scores": torch.tensor([[0.1, float("nan")], [0.2, 0.3]])}, ValueError, "scores"),
+        ({"scores": torch.tensor([[0.1, float("inf")], [0.2, 0.3]])}, ValueError, "scores"),
+        ({"epsilon": 0.0}, ValueError, "epsilon"),
+        ({"epsilon": -0.05}, ValueError, "epsilon"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon"),
+        ({"epsilon": "0.05"}, TypeError, "epsilon"),
+        ({"iterations": 0}, ValueError, "iterations"),
+        ({"iterations": 2.0}, ValueError, "iterations"),
+        ({"iterations": True}, ValueError, "iterations"),
+        ({"tol": 0.0}, ValueError, "tol"),
+        ({"tol": "small"}, TypeError, "tol"),
+        ({"class_marginal": torch.tensor([0.5, 0.7, -0.2])}, ValueError, "class_marginal"),
+        ({"class_marginal": torch.tensor([0.5, 0.5])}, ValueError, "class_marginal"),
+        ({"class_marginal": torch.zeros(3)}, ValueError, "class_marginal"),
+        ({"class_marginal": torch.tensor([0.5, float("nan"), 0.5])}, ValueError, "class_marginal"),
+        ({"class_marginal": torch.ones(2, 3)}, ValueError, "class_marginal"),
+        ({"scores": torch.rand(2, 5, 3), "class_marginal": torch.ones(4, 3)}, ValueError, "class_marginal"),
+        ({"class_marginal": "uniform"}, TypeError, "class_marginal"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(kwargs, error, argument):
+    arguments = {"scores": SCORES, **kwargs}
+    with pytest.raises(error, match=argument):
+        sinkhorn(**arguments)
