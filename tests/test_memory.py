@@ -1,0 +1,301 @@
+"""PrototypeMemory against plain references: loops, the official Sinkhorn formula, brute-force matching."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_protoot.memory import PrototypeMemory
+
+FLOAT_DTYPES = [torch.float32, torch.float64]
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def official_sinkhorn(scores, beta, epsilon=0.05, iterations=3):
+    """The official formula, plainly, in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N."""
+    q = torch.exp(scores.double() / epsilon).T
+    q /= q.sum()
+    num_prototypes, num_samples = q.shape
+    for _ in range(iterations):
+        for k in range(num_prototypes):
+            q[k] *= beta[k].double() / q[k].sum()
+        for n in range(num_samples):
+            q[:, n] /= q[:, n].sum() * num_samples
+    return num_samples * q.T
+
+
+def filled_memory(domains, dim=4, num_prototypes=2, dtype=torch.float32, device="cpu", seed=0, **options):
+    memory = PrototypeMemory(domains, dim, num_prototypes, kmeans_nredo=2, **options).to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(len(domains), dim, generator=generator, dtype=dtype), dim=1)
+    memory.fill(keys.to(device), torch.arange(len(domains)))
+    return memory, keys
+
+
+def snapshot(memory):
+    return {name: buffer.clone() for name, buffer in memory.state_dict().items()}
+
+
+def assert_state_unchanged(memory, before):
+    for name, buffer in memory.state_dict().items():
+        assert torch.equal(buffer, before[name]), name
+
+
+def blobs(sizes, dim, seed):
+    """Well-separated unit-norm clusters: (points, cluster of each point)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(len(sizes), dim, generator=generator), dim=1) * 5
+    cluster = torch.cat([torch.full((size,), c) for c, size in enumerate(sizes)])
+    points = centres[cluster] + 0.05 * torch.randn(len(cluster), dim, generator=generator)
+    return F.normalize(points, dim=1), cluster
+
+
+def test_domains_map_to_sorted_slots_and_rank_rows():
+    domains = [5, 2, 5, 2, 9, 2, 9, 5]
+    memory = PrototypeMemory(domains, dim=3, num_prototypes=2)
+    distinct = sorted(set(domains))
+    for index, domain in enumerate(domains):
+        assert memory.domain_of[index] == distinct.index(domain)
+        assert memory.row_of[index] == domains[:index].count(domain)
+    assert memory.domain_ids.tolist() == distinct
+    assert memory.num_domains == 3
+    assert [memory.bank(slot).shape[0] for slot in range(3)] == [domains.count(d) for d in distinct]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float16])
+def test_fill_writes_each_key_to_its_row(dtype, device):
+    domains = [0, 1, 1, 0, 2, 1, 0, 2]
+    memory = PrototypeMemory(domains, dim=3, num_prototypes=2).to(device)
+    keys = torch.randn(5, 3, dtype=dtype, device=device)
+    indices = torch.tensor([6, 1, 4, 3, 7])
+    memory.fill(keys, indices)
+    for position, index in enumerate(indices.tolist()):
+        slot = sorted(set(domains)).index(domains[index])
+        row = domains[:index].count(domains[index])
+        assert torch.equal(memory.bank(slot)[row], keys[position].float())
+    assert memory.written.tolist() == [index in indices.tolist() for index in range(len(domains))]
+
+
+def test_fill_with_repeated_index_keeps_the_last_key():
+    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    memory.fill(keys, [3, 0, 3])
+    assert memory.bank(1)[1].tolist() == [3.0, 3.0]
+    assert memory.bank(0)[0].tolist() == [0.0, 1.0]
+
+
+def test_split_by_domain_matches_loop():
+    domains = [3, 1, 3, 1, 7, 7, 1]
+    memory = PrototypeMemory(domains, dim=2, num_prototypes=1)
+    indices = [4, 0, 1, 6, 2]
+    groups = memory.split_by_domain(indices)
+    expected = []
+    for slot, domain in enumerate(sorted(set(domains))):
+        positions = [p for p, i in enumerate(indices) if domains[i] == domain]
+        if positions:
+            rows = [domains[: indices[p]].count(domain) for p in positions]
+            expected.append((slot, positions, rows))
+    assert [(slot, positions.tolist(), rows.tolist()) for slot, positions, rows in groups] == expected
+
+
+def ready_memory(dtype, device, normalize_scores=False):
+    """Two domains, random banks, random unit prototypes and random marginals, epoch 0."""
+    memory, _ = filled_memory([0] * 7 + [1] * 5, dim=4, num_prototypes=3, dtype=dtype, device=device,
+                              normalize_scores=normalize_scores)
+    generator = torch.Generator().manual_seed(1)
+    memory.prototypes.copy_(F.normalize(torch.randn(2, 3, 4, generator=generator, dtype=dtype), dim=2))
+    memory.class_marginals.copy_(torch.softmax(torch.randn(2, 3, generator=generator, dtype=dtype), dim=1))
+    memory.epoch.fill_(0)
+    return memory
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("normalize_scores", [False, True])
+@pytest.mark.parametrize("domain, prototype_domain", [(0, None), (1, None), (0, 1), (1, 0)])
+def test_assign_equals_official_sinkhorn(dtype, normalize_scores, domain, prototype_domain, device):
+    memory = ready_memory(dtype, device, normalize_scores)
+    target = domain if prototype_domain is None else prototype_domain
+    scores = memory.bank(domain).double().cpu() @ memory.prototypes[target].double().cpu().T
+    if normalize_scores:
+        scores = scores / scores.norm(dim=1, keepdim=True)
+    expected = official_sinkhorn(scores, memory.class_marginals[domain].cpu())
+    assignment = memory.assign(domain, prototype_domain)
+    assert assignment.dtype == dtype and assignment.device.type == torch.device(device).type
+    torch.testing.assert_close(assignment.double().cpu(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    assert torch.equal(memory.pseudo_labels(domain, prototype_domain), assignment.argmax(1))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_update_prototypes_is_normalised_weighted_bank_sum(dtype, device):
+    memory = ready_memory(dtype, device)
+    assignment = torch.rand(5, 3, dtype=dtype, device=device)
+    memory.update_prototypes(1, assignment)
+    bank = memory.bank(1).cpu()
+    for k in range(3):
+        weighted = sum(assignment[n, k].cpu() * bank[n] for n in range(5))
+        torch.testing.assert_close(memory.prototypes[1, k].cpu(), weighted / weighted.norm())
+
+
+def blob_memory(marginal_rule, sizes=((6, 3, 11), (4, 9, 5)), dim=5):
+    """Memory whose domains are well-separated blobs, so K-means has one right answer."""
+    domains = sum(([slot] * sum(domain_sizes) for slot, domain_sizes in enumerate(sizes)), [])
+    memory = PrototypeMemory(domains, dim, num_prototypes=3, marginal_rule=marginal_rule, kmeans_nredo=3)
+    truths = []
+    for slot, domain_sizes in enumerate(sizes):
+        points, cluster = blobs(domain_sizes, dim, seed=slot)
+        memory.fill(points, torch.nonzero(memory.domain_of == slot).flatten())
+        means = torch.stack([points[cluster == c].mean(0) for c in range(len(domain_sizes))])
+        truths.append((F.normalize(means, dim=1), torch.tensor(domain_sizes, dtype=torch.float32)))
+    return memory, truths
+
+
+def true_cluster_of_each_prototype(prototypes, true_means):
+    return (prototypes @ true_means.T).argmax(1)
+
+
+@pytest.mark.parametrize("marginal_rule", ["official", "matched"])
+def test_first_recluster_sets_centroids_and_cluster_sizes(marginal_rule):
+    memory, truths = blob_memory(marginal_rule)
+    memory.recluster(epoch=0)
+    assert int(memory.epoch) == 0
+    for slot, (true_means, true_sizes) in enumerate(truths):
+        matched = true_cluster_of_each_prototype(memory.prototypes[slot], true_means)
+        assert sorted(matched.tolist()) == [0, 1, 2]
+        torch.testing.assert_close(memory.prototypes[slot], true_means[matched], atol=1e-2, rtol=0)
+        torch.testing.assert_close(memory.class_marginals[slot], true_sizes[matched] / true_sizes.sum())
+
+
+def brute_force_matched_marginal(centroids, sizes, prototypes):
+    """Cluster fractions in prototype order under the best cosine-sum permutation (all K! tried)."""
+    best = max(
+        itertools.permutations(range(len(sizes))),
+        key=lambda perm: sum(float(centroids[c] @ prototypes[perm[c]]) for c in range(len(sizes))),
+    )
+    marginal = torch.empty(len(sizes))
+    for cluster, prototype in enumerate(best):
+        marginal[prototype] = sizes[cluster] / sizes.sum()
+    return marginal
+
+
+def test_matched_rule_follows_permuted_prototypes_and_official_rule_does_not():
+    matched_memory, truths = blob_memory("matched")
+    official_memory, _ = blob_memory("official")
+    permutation = torch.tensor([2, 0, 1])
+    for memory in (matched_memory, official_memory):
+        memory.recluster(epoch=0)
+        memory.prototypes.copy_(memory.prototypes[:, permutation])  # prototype order no longer K-means order
+    official_before = official_memory.class_marginals.clone()
+    matched_memory.recluster(epoch=1)
+    official_memory.recluster(epoch=1)
+    for slot, (true_means, true_sizes) in enumerate(truths):
+        expected = brute_force_matched_marginal(true_means, true_sizes, matched_memory.prototypes[slot])
+        torch.testing.assert_close(matched_memory.class_marginals[slot], expected)
+    # The official rule keeps K-means order (same data and seed): stale w.r.t. the permuted prototypes.
+    torch.testing.assert_close(official_memory.class_marginals, official_before)
+    assert not torch.allclose(official_memory.class_marginals, matched_memory.class_marginals)
+
+
+def test_assignment_rule_is_column_mass_of_current_assignment():
+    memory, _ = blob_memory("assignment")
+    memory.recluster(epoch=0)
+    before = memory.class_marginals.clone()
+    expected = [
+        official_sinkhorn(memory.bank(slot) @ memory.prototypes[slot].T, before[slot]).sum(0) / len(memory.bank(slot))
+        for slot in range(2)
+    ]
+    memory.recluster(epoch=1)
+    torch.testing.assert_close(memory.class_marginals.double(), torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_rule_and_prototypes_kept_after_first_call():
+    memory, _ = blob_memory("uniform")
+    memory.recluster(epoch=0)
+    prototypes = memory.prototypes.clone()
+    memory.recluster(epoch=1)
+    assert torch.equal(memory.class_marginals, torch.full((2, 3), 1 / 3))
+    assert torch.equal(memory.prototypes, prototypes)
+    assert int(memory.epoch) == 1
+
+
+def test_kmeans_seed_is_used():
+    runs = []
+    for seed in (0, 0, 1):
+        memory, _ = filled_memory([0] * 40 + [1] * 40, dim=3, num_prototypes=4, kmeans_seed=seed)
+        memory.recluster(epoch=0)
+        runs.append(memory.prototypes)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_state_dict_round_trips_exactly_and_to_moves_everything(device):
+    memory, _ = filled_memory([1, 0, 1, 0, 1, 0, 2, 2], dim=3, num_prototypes=2, marginal_rule="official")
+    memory.recluster(epoch=3)
+    fresh = PrototypeMemory([1, 0, 1, 0, 1, 0, 2, 2], dim=3, num_prototypes=2)
+    fresh.load_state_dict(memory.state_dict())
+    expected_names = {"domain_ids", "domain_of", "row_of", "bank_0", "bank_1", "bank_2", "written", "prototypes",
+                      "class_marginals", "epoch"}
+    assert set(memory.state_dict()) == expected_names
+    for name, buffer in memory.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buffer), name
+    moved = fresh.to(device)
+    assert all(buffer.device.type == torch.device(device).type for buffer in moved.buffers())
+    torch.testing.assert_close(moved.assign(2).cpu(), memory.assign(2))
+
+
+def test_bad_construction_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="domains must be 1-D"):
+        PrototypeMemory([[0, 1], [1, 0]], dim=2, num_prototypes=1)
+    with pytest.raises(TypeError, match="domains must hold integers"):
+        PrototypeMemory([0.0, 1.0, 1.0, 0.0], dim=2, num_prototypes=1)
+    with pytest.raises(ValueError, match="domains must hold at least 2 distinct"):
+        PrototypeMemory([4, 4, 4], dim=2, num_prototypes=1)
+    with pytest.raises(ValueError, match=r"num_prototypes must be at most .*\(2, domain 7\), got 3"):
+        PrototypeMemory([0, 0, 0, 7, 7], dim=2, num_prototypes=3)
+    with pytest.raises(ValueError, match="domains must give every domain at least 2 samples"):
+        PrototypeMemory([0, 0, 1], dim=2, num_prototypes=1)
+    with pytest.raises(ValueError, match="marginal_rule must be one of"):
+        PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, marginal_rule="sizes")
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        PrototypeMemory([0, 0, 1, 1], dim=0, num_prototypes=1)
+
+
+def test_recluster_and_assign_refuse_an_unready_memory():
+    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1)
+    with pytest.raises(ValueError, match="memory must be filled and reclustered"):
+        memory.assign(0)
+    memory.fill(torch.randn(3, 2), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"memory must be filled before recluster: 1 of 4"):
+        memory.recluster(epoch=0)
+    memory.fill(torch.randn(1, 2), [3])
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        memory.recluster(epoch=-1)
+    with pytest.raises(ValueError, match=r"domain must be a domain slot in \[0, 2\)"):
+        memory.bank(2)
+
+
+@pytest.mark.parametrize(
+    "keys, indices, error, message",
+    [
+        (torch.ones(2, 3), [0, 4], ValueError, r"indices must lie in \[0, 4\), got \[4\]"),
+        (torch.ones(2, 3), [-1, 0], ValueError, "indices must lie in"),
+        (torch.ones(2, 3), [[0, 1]], ValueError, "indices must be 1-D"),
+        (torch.ones(2, 3), [0.0, 1.0], TypeError, "indices must hold integers"),
+        (torch.ones(2, 2), [0, 1], ValueError, r"keys must have shape \(2, 3\), got \(2, 2\)"),
+        (torch.ones(3, 3), [0, 1], ValueError, "keys must have shape"),
+        (torch.tensor([[1.0, float("nan"), 0.0], [1.0, 0.0, 0.0]]), [0, 1], ValueError, "keys must be finite"),
+        (torch.tensor([[1.0, float("inf"), 0.0], [1.0, 0.0, 0.0]]), [0, 1], ValueError, "keys must be finite"),
+        (torch.ones(2, 3, dtype=torch.long), [0, 1], TypeError, "keys must be a floating-point tensor"),
+    ],
+)
+def test_bad_fill_raises_and_writes_nothing(keys, indices, error, message):
+    memory = PrototypeMemory([0, 0, 1, 1], dim=3, num_prototypes=1)
+    before = snapshot(memory)
+    with pytest.raises(error, match=message):
+        memory.fill(keys, indices)
+    assert_state_unchanged(memory, before)
+
+
+def test_bad_update_prototypes_input_names_assignment():
+    memory = ready_memory(torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"assignment must have shape \(5, 3\)"):
+        memory.update_prototypes(1, torch.rand(7, 3))
