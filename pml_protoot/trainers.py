@@ -1,0 +1,375 @@
+"""ProtoOT training loop as a pytorch-metric-learning trainer: momentum keys, memory banks, reclustering."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.trainers import BaseTrainer
+from pytorch_metric_learning.utils import common_functions as c_f
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from .losses import ProtoOTLoss
+from .memory import PrototypeMemory
+
+__all__ = ["ProtoOTTrainer"]
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = (None, torch.bfloat16, torch.float16)
+CHECKPOINT_NAME = "last.pth"
+
+
+class ProtoOTTrainer(BaseTrainer):
+    r"""PML trainer for ProtoOT: query encoder, momentum key encoder, per-domain memory banks.
+
+    Dataset items are ``((query_view, key_view), global_index)``
+    (:class:`~pml_protoot.data.TwoViewDataset`): two augmentations of one sample and its
+    index, which addresses the memory bank row. Class labels are never read: training is
+    unsupervised, and the dataset need not carry them.
+
+    Each iteration, with the query encoder :math:`f_q` = ``embedder(trunk(x))`` and the
+    key encoder :math:`f_k` (an EMA copy of both):
+
+    * :math:`q = f_q(x_q)` and :math:`k = \mathrm{normalise}(f_k(x_k))` without gradient;
+    * with a :class:`~pml_protoot.losses.ProtoOTLoss`:
+      ``loss(q, indices, ref_emb=k)`` (the loss writes :math:`k` into the memory);
+      with any other PML loss: ``memory.fill(k, indices)``, then the optional
+      ``mining_funcs["tuple_miner"](q, indices, k, indices)`` (e.g.
+      :class:`~pml_protoot.miners.ProtoOTMiner`), then
+      ``loss(q, indices, indices_tuple, ref_emb=k, ref_labels=indices)``; without a miner
+      the only positive of :math:`q_i` is its own key, i.e. instance contrast (MoCo/InfoNCE);
+    * optimizer steps, then the momentum update of every parameter *and* buffer
+      :math:`\theta_k \leftarrow m\,\theta_k + (1 - m)\,\theta_q`
+      (``timm.utils.ModelEmaV3``).
+
+    BatchNorm for keys: :math:`f_k` always runs in eval mode, so BatchNorm normalises
+    with its running statistics (themselves the EMA of the query encoder's running
+    statistics). A key therefore never depends on the other samples of its batch: the
+    intra-batch leak that MoCo's shuffled BatchNorm works around cannot occur, and keys
+    written at bank filling and during training are computed the same way.
+
+    Epochs are PML's (1-based). Before the first epoch, if any bank row is unwritten,
+    the banks are filled with :math:`f_k` on ``fill_dataset`` (or on the training key
+    views) with a progress bar. At the start of epoch ``e``: ``sampler.set_epoch(e)``
+    when the sampler has it, a fresh data iterator, and ``memory.recluster(e - 1)`` (the
+    memory counts epochs from 0, as the official code, so ``cross_domain_start_epoch=100``
+    of the loss starts at PML epoch 101). The loss's cross-domain weight at that epoch is
+    logged and kept in ``self.cross_domain_weight``.
+
+    Args:
+        models: ``{"trunk": ..., "embedder": ...}`` (``embedder`` optional), as in PML.
+        optimizers: ``{"trunk_optimizer": ..., "embedder_optimizer": ...}``, as in PML.
+        batch_size: samples per batch.
+        loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss.
+        dataset: items ``((query_view, key_view), global_index)``.
+        memory: the :class:`~pml_protoot.memory.PrototypeMemory`; moved to ``data_device``.
+        momentum: EMA momentum :math:`m` of the key encoder in ``[0, 1]`` (settable later).
+        mining_funcs: optional ``{"tuple_miner": miner}``, called with keys as reference.
+        sampler: optional sampler (e.g. ``CrossDomainSampler``); ``set_epoch`` is called for you.
+        fill_dataset: dataset whose item ``i`` is ``(eval_view_of_sample_i, anything)`` in
+            global-index order, for the initial bank filling; ``None`` uses the key views.
+        amp_dtype: ``None``, ``torch.bfloat16`` or ``torch.float16`` autocast for the
+            forward passes (fp16 adds a gradient scaler); losses run in float32.
+        grad_clip_norm: clip the gradient norm of trunk + embedder parameters jointly
+            (after PML's own ``gradient_clippers``); ``None`` for no clipping.
+        checkpoint_dir: if given, :meth:`save_checkpoint` writes ``last.pth`` there at
+            the end of every epoch.
+        **pml_kwargs: any other ``BaseTrainer`` argument (``end_of_iteration_hook``,
+            ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
+
+    Raises:
+        TypeError: ``memory`` is not a ``PrototypeMemory``.
+        ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, or a
+            ``ProtoOTLoss`` on another memory.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.losses import ProtoOTLoss
+        >>> from pml_protoot.memory import PrototypeMemory
+        >>> from pml_protoot.trainers import ProtoOTTrainer
+        >>> _ = torch.manual_seed(0)
+        >>> features, domains = torch.randn(16, 8), torch.tensor([0] * 8 + [1] * 8)
+        >>> dataset = [((x + 0.1 * torch.randn(8), x), i) for i, x in enumerate(features)]
+        >>> memory = PrototypeMemory(domains, dim=4, num_prototypes=2, kmeans_nredo=1)
+        >>> trunk, embedder = torch.nn.Identity(), torch.nn.Linear(8, 4)
+        >>> trainer = ProtoOTTrainer(
+        ...     {"trunk": trunk, "embedder": embedder},
+        ...     {"embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.1)},
+        ...     batch_size=8, loss_funcs={"metric_loss": ProtoOTLoss(memory)}, dataset=dataset,
+        ...     memory=memory, momentum=0.9, data_device=torch.device("cpu"), dataloader_num_workers=0,
+        ... )
+        >>> trainer.train(num_epochs=1)
+        >>> bool(memory.written.all()), int(memory.epoch)
+        (True, 0)
+    """
+
+    def __init__(
+        self,
+        models,
+        optimizers,
+        batch_size,
+        loss_funcs,
+        dataset,
+        memory,
+        *,
+        momentum=0.999,
+        mining_funcs=None,
+        sampler=None,
+        fill_dataset=None,
+        amp_dtype=None,
+        grad_clip_norm=None,
+        checkpoint_dir=None,
+        **pml_kwargs,
+    ):
+        if not isinstance(memory, PrototypeMemory):
+            raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {amp_dtype!r}")
+        if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
+            raise ValueError(f"grad_clip_norm must be a positive number or None, got {grad_clip_norm!r}")
+        metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
+        if isinstance(metric_loss, ProtoOTLoss) and metric_loss.memory is not memory:
+            raise ValueError("loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory")
+        self.memory = memory
+        self.fill_dataset = fill_dataset
+        self.amp_dtype = amp_dtype
+        self.grad_clip_norm = grad_clip_norm
+        self.checkpoint_dir = checkpoint_dir
+        self._initial_momentum = momentum
+        self.cross_domain_weight = 0.0
+        super().__init__(models, optimizers, batch_size, loss_funcs, dataset, mining_funcs=mining_funcs, sampler=sampler, **pml_kwargs)
+
+    # ----- setup -------------------------------------------------------------------------
+    def initialize_models(self):
+        super().initialize_models()
+        self.query_encoder = torch.nn.Sequential(self.models["trunk"], self.models["embedder"])
+        self.key_encoder = ModelEmaV3(self.query_encoder, decay=0.0)
+        self.key_encoder.requires_grad_(False)
+        self.momentum = self._initial_momentum
+
+    def initialize_data_device(self):
+        super().initialize_data_device()
+        self.memory.to(self.data_device)
+        self.grad_scaler = torch.amp.GradScaler(self.data_device.type, enabled=self.amp_dtype == torch.float16)
+
+    @property
+    def momentum(self) -> float:
+        """EMA momentum :math:`m` of the key encoder; 1 freezes it, 0 copies the query encoder."""
+        return self.key_encoder.decay
+
+    @momentum.setter
+    def momentum(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"momentum must be a number in [0, 1], got {value!r}")
+        self.key_encoder.decay = float(value)
+
+    # ----- epoch loop ----------------------------------------------------------------------
+    def train(self, start_epoch=1, num_epochs=1):
+        """Fill the banks if needed, then run epochs ``start_epoch..num_epochs`` (PML's loop)."""
+        self.initialize_dataloader()
+        if not bool(self.memory.written.all()):
+            self.fill_memory()
+        for self.epoch in range(start_epoch, num_epochs + 1):
+            self.start_epoch()
+            progress = tqdm(range(self.iterations_per_epoch), desc=f"epoch {self.epoch}", disable=None)
+            for self.iteration in progress:
+                self.forward_and_backward()
+                self.end_of_iteration_hook(self)
+                progress.set_postfix(total_loss=float(torch.as_tensor(self.losses["total_loss"]).detach()))
+                self.step_lr_schedulers(end_of_epoch=False)
+            self.step_lr_schedulers(end_of_epoch=True)
+            self.zero_losses()
+            if self.checkpoint_dir is not None:
+                self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
+            if self.end_of_epoch_hook(self) is False:
+                break
+
+    def start_epoch(self):
+        """Train mode, sampler epoch, a fresh data iterator and reclustering for ``self.epoch``."""
+        self.set_to_train()
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+        # A fresh iterator per epoch makes an epoch's batches depend only on state saved at
+        # the previous epoch's end, which is what makes resuming exact.
+        self.dataloader_iter = iter(self.dataloader)
+        self.memory.recluster(self.epoch - 1)
+        metric_loss = self.loss_funcs["metric_loss"]
+        if isinstance(metric_loss, ProtoOTLoss):
+            self.cross_domain_weight = metric_loss.current_cross_domain_weight()
+        logger.info("epoch %d: memory epoch %d, cross-domain weight %g", self.epoch, self.epoch - 1, self.cross_domain_weight)
+
+    @torch.no_grad()
+    def fill_memory(self):
+        """Write the key encoder's output for every sample into its bank row (progress bar)."""
+        dataset = self.dataset if self.fill_dataset is None else self.fill_dataset
+        loader = c_f.get_eval_dataloader(dataset, self.batch_size, self.dataloader_num_workers, self.collate_fn)
+        start = 0
+        for batch in tqdm(loader, desc="filling memory banks", disable=None):
+            if self.fill_dataset is None:
+                (_, key_views), indices = self._split_batch(batch)
+            else:
+                key_views = batch[0]
+                indices = torch.arange(start, start + len(key_views))
+                start += len(key_views)
+            self.memory.fill(self.compute_keys(key_views), indices)
+        logger.info("filled memory banks with %d keys", int(self.memory.written.sum()))
+
+    # ----- one iteration ---------------------------------------------------------------------
+    def calculate_loss(self, curr_batch):
+        (query_views, key_views), indices = self._split_batch(curr_batch)
+        with self._autocast():
+            embeddings = self.compute_embeddings(query_views)
+        keys = self.compute_keys(key_views)
+        indices = c_f.to_device(torch.as_tensor(indices), device=self.data_device)
+        self.losses["metric_loss"] = self.maybe_get_metric_loss(embeddings.float(), indices, keys)
+
+    def maybe_get_metric_loss(self, embeddings, indices, keys):
+        if self.loss_weights.get("metric_loss", 0) <= 0:
+            return 0
+        loss_func = self.loss_funcs["metric_loss"]
+        if isinstance(loss_func, ProtoOTLoss):
+            return loss_func(embeddings, indices, ref_emb=keys)
+        self.memory.fill(keys, indices)
+        indices_tuple = self.maybe_mine_embeddings(embeddings, indices, keys)
+        return loss_func(embeddings, indices, indices_tuple, ref_emb=keys, ref_labels=indices)
+
+    def maybe_mine_embeddings(self, embeddings, labels, keys=None):
+        if "tuple_miner" in self.mining_funcs:
+            return self.mining_funcs["tuple_miner"](embeddings, labels, keys, labels)
+        return None
+
+    @torch.no_grad()
+    def compute_keys(self, data):
+        """L2-normalised float32 ``(B, dim)`` keys of the EMA encoder in eval mode (see BatchNorm above)."""
+        self.key_encoder.eval()
+        data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
+        with self._autocast():
+            keys = self.key_encoder.module(data)
+        return F.normalize(keys.float(), dim=1)
+
+    def _autocast(self):
+        return torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    @staticmethod
+    def _split_batch(batch):
+        try:
+            (query_views, key_views), indices = batch
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                "dataset items must be ((query_view, key_view), global_index), e.g. from TwoViewDataset; "
+                f"got a batch of type {type(batch).__name__}"
+            ) from err
+        return (query_views, key_views), indices
+
+    def backward(self):
+        self.grad_scaler.scale(self.losses["total_loss"]).backward()
+
+    def clip_gradients(self):
+        for optimizer in self.optimizers.values():
+            self.grad_scaler.unscale_(optimizer)  # no-op unless fp16: clip true gradients
+        super().clip_gradients()
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.query_encoder.parameters(), self.grad_clip_norm)
+
+    def step_optimizers(self):
+        for name, optimizer in self.optimizers.items():
+            if c_f.regex_replace("_optimizer$", "", name) not in self.freeze_these:
+                self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+        self.key_encoder.update(self.query_encoder)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path):
+        """Atomically write everything needed to resume after ``self.epoch`` to ``path``.
+
+        The state is written to a temporary file in the same folder, flushed, and moved
+        onto ``path`` with ``os.replace``: ``path`` holds either the previous checkpoint or
+        the new one, never a partial file; on failure the temporary file is removed.
+        """
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        state = self.checkpoint_state()
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+            raise
+        logger.info("saved checkpoint of epoch %d to %s", self.epoch, path)
+
+    def checkpoint_state(self) -> dict:
+        """Models, key encoder, memory, losses, optimizers, schedulers, scaler, sampler, epoch, RNG."""
+        return {
+            "epoch": self.epoch,
+            "momentum": self.momentum,
+            "models": _state_dicts(self.models),
+            "key_encoder": self.key_encoder.state_dict(),
+            "memory": self.memory.state_dict(),
+            "loss_funcs": _state_dicts(self.loss_funcs),
+            "optimizers": _state_dicts(self.optimizers),
+            "lr_schedulers": _state_dicts(self.lr_schedulers),
+            "grad_scaler": self.grad_scaler.state_dict(),
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "rng": _rng_state(),
+        }
+
+    def load_checkpoint(self, path) -> int:
+        """Restore a :meth:`save_checkpoint` file; return the epoch to pass to ``train`` as ``start_epoch``.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            KeyError, RuntimeError: the file is not a checkpoint of this trainer's setup.
+        """
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
+            for name, module in getattr(self, group).items():
+                module.load_state_dict(state[group][name])
+        self.key_encoder.load_state_dict(state["key_encoder"])
+        self.memory.load_state_dict(state["memory"])
+        self.grad_scaler.load_state_dict(state["grad_scaler"])
+        if state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self.momentum = state["momentum"]
+        self.epoch = state["epoch"]
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s after epoch %d", path, self.epoch)
+        return self.epoch + 1
+
+
+def _state_dicts(named) -> dict:
+    return {name: value.state_dict() for name, value in named.items()}
+
+
+def _rng_state() -> dict:
+    """torch, CUDA, numpy and python RNG states as tensors and plain values (``weights_only`` loadable)."""
+    _, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(numpy_keys.astype(np.int64)), numpy_position, numpy_has_gauss, numpy_gauss],
+        "python": [python_version, torch.tensor(python_internal, dtype=torch.int64), python_gauss],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = state["numpy"]
+    np.random.set_state(("MT19937", numpy_keys.numpy().astype(np.uint32), numpy_position, numpy_has_gauss, numpy_gauss))
+    python_version, python_internal, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_internal.tolist()), python_gauss))
