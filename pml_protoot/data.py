@@ -1,0 +1,624 @@
+"""Multi-domain image datasets, two-view wrapping, the synthetic demo set, transforms and a feature cache.
+
+Class labels are kept for evaluation only: :class:`TwoViewDataset` and
+:meth:`FeatureCache.train_dataset` replace them by the global sample index, so
+training code never sees them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm.auto import tqdm
+
+from ._checks import check_positive_int
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MultiDomainDataset",
+    "MultiDomainImageFolder",
+    "InMemoryMultiDomainDataset",
+    "TwoViewDataset",
+    "SYNTHETIC_SHAPES",
+    "SYNTHETIC_STYLES",
+    "make_synthetic_domains",
+    "moco_v2_transform",
+    "eval_transform",
+    "FeatureCache",
+    "CachedTwoViewDataset",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class MultiDomainDataset(torch.utils.data.Dataset):
+    """Images of several domains sharing one class list; item ``i`` is ``(image, class_label)``.
+
+    Subclasses provide the samples and :meth:`load_image`. ``samples[i]`` is
+    ``(path, class_label, domain_slot)``; ``domain_slot`` indexes :attr:`domains`.
+
+    Attributes:
+        domains: ``list[str]`` domain names (slot order).
+        classes: ``list[str]`` sorted union of class names over domains.
+        samples: ``list[(path, class_label, domain_slot)]``.
+        domain_ids: ``(N,)`` LongTensor, the domain slot of every index (for
+            :class:`~pml_protoot.samplers.CrossDomainSampler`).
+        targets: ``list[int]`` class label of every index (evaluation only).
+    """
+
+    def __init__(self, domains: list[str], classes: list[str], samples: list, transform: Callable | None):
+        if len(domains) < 2:
+            raise ValueError(f"domains must name at least two domains, got {domains}")
+        self.domains = list(domains)
+        self.classes = list(classes)
+        self.class_to_idx = {name: label for label, name in enumerate(self.classes)}
+        self.samples = list(samples)
+        self.domain_ids = torch.tensor([slot for _, _, slot in self.samples], dtype=torch.long)
+        self.targets = [label for _, label, _ in self.samples]
+        self.transform = transform
+        for slot, name in enumerate(self.domains):
+            if not bool((self.domain_ids == slot).any()):
+                raise ValueError(f"domain {name!r} holds no images")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label, _ = self.samples[index]
+        image = self.load_image(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+    def load_image(self, path: str) -> Image.Image:
+        raise NotImplementedError
+
+    def domain_indices(self, domain: str) -> torch.Tensor:
+        """Return the ``(N_d,)`` global indices of ``domain``'s samples, in order."""
+        if domain not in self.domains:
+            raise ValueError(f"domain must be one of {self.domains}, got {domain!r}")
+        return torch.nonzero(self.domain_ids == self.domains.index(domain)).flatten()
+
+    def subset(self, domain: str) -> torch.utils.data.Subset:
+        """Return the dataset of one domain (items ``(image, class_label)``), e.g. for a tester."""
+        return torch.utils.data.Subset(self, self.domain_indices(domain).tolist())
+
+    def fingerprint(self) -> str:
+        """Return a hex digest identifying the image content (used by :class:`FeatureCache`)."""
+        raise NotImplementedError
+
+
+class MultiDomainImageFolder(MultiDomainDataset):
+    """Images in ``<root>/<domain>/<class>/<file>`` (Office-Home, DomainNet, PACS layouts).
+
+    Classes are the sorted union of class folders over the chosen domains, so a label
+    means the same class in every domain even where a domain lacks a class.
+
+    Args:
+        root: dataset folder.
+        domains: domain folder names, in slot order; ``None`` takes every sub-folder
+            of ``root``, sorted.
+        transform: applied to each PIL image (RGB); ``None`` returns the image.
+        extensions: accepted file name endings (case-insensitive).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: a requested domain folder is missing (the available ones are
+            listed), fewer than two domains, or a domain without images.
+        OSError: on loading, an unreadable image (the message names the file).
+
+    Example:
+        >>> import tempfile
+        >>> from pml_protoot.data import MultiDomainImageFolder, make_synthetic_domains
+        >>> root = tempfile.mkdtemp()
+        >>> _ = make_synthetic_domains(root, num_classes=2, images_per_class=2)
+        >>> data = MultiDomainImageFolder(root)
+        >>> data.domains, data.classes, len(data), data.domain_ids.tolist()
+        (['filled', 'outline'], ['circle', 'triangle'], 8, [0, 0, 0, 0, 1, 1, 1, 1])
+    """
+
+    def __init__(self, root, domains: Sequence[str] | None = None, transform=None, extensions=IMG_EXTENSIONS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"root must be a folder of <domain>/<class>/ images, {str(root)!r} is not one")
+        available = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+        domains = available if domains is None else _check_domain_names(domains, available, self.root)
+        extensions = tuple(ext.lower() for ext in extensions)
+        class_dirs = {d: sorted(p.name for p in (self.root / d).iterdir() if p.is_dir()) for d in domains}
+        classes = sorted(set().union(*class_dirs.values()))
+        samples = []
+        for slot, domain in enumerate(domains):
+            for name in class_dirs[domain]:
+                folder = self.root / domain / name
+                files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
+                samples += [(str(folder / f), classes.index(name), slot) for f in files]
+        super().__init__(list(domains), classes, samples, transform)
+        logger.info("MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes))
+
+    def load_image(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise OSError(f"cannot read image file {path!r}: {err}") from err
+
+    def fingerprint(self) -> str:
+        """Digest of every file's path, size and modification time (not its bytes: fast)."""
+        digest = hashlib.sha256()
+        for path, _, _ in self.samples:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+def _check_domain_names(domains, available, root) -> list[str]:
+    if isinstance(domains, str) or not all(isinstance(d, str) for d in domains):
+        raise TypeError(f"domains must be a list of folder names, got {domains!r}")
+    missing = [d for d in domains if d not in available]
+    if missing:
+        raise ValueError(f"domains {missing} not found under {str(root)!r}; available domains: {available}")
+    return list(domains)
+
+
+class InMemoryMultiDomainDataset(MultiDomainDataset):
+    """A :class:`MultiDomainDataset` whose images live in memory (the synthetic demo set).
+
+    Args:
+        images: ``{(domain, class_name): [PIL images]}``.
+        domains: domain names in slot order.
+        classes: class names in label order.
+        transform: applied to each image.
+
+    Example:
+        >>> from PIL import Image
+        >>> from pml_protoot.data import InMemoryMultiDomainDataset
+        >>> blank = Image.new("RGB", (8, 8))
+        >>> data = InMemoryMultiDomainDataset({("a", "x"): [blank], ("b", "x"): [blank, blank]}, ["a", "b"], ["x"])
+        >>> len(data), data.domain_ids.tolist(), data[2][1]
+        (3, [0, 1, 1], 0)
+    """
+
+    def __init__(self, images: dict, domains: Sequence[str], classes: Sequence[str], transform=None):
+        self._images = {}
+        samples = []
+        for slot, domain in enumerate(domains):
+            for label, name in enumerate(classes):
+                for number, image in enumerate(images.get((domain, name), [])):
+                    key = f"{domain}/{name}/{number:05d}.png"
+                    self._images[key] = image
+                    samples.append((key, label, slot))
+        super().__init__(list(domains), list(classes), samples, transform)
+
+    def load_image(self, path: str) -> Image.Image:
+        return self._images[path].copy()
+
+    def fingerprint(self) -> str:
+        """Digest of every image's name and pixels."""
+        digest = hashlib.sha256()
+        for key, image in self._images.items():
+            digest.update(key.encode())
+            digest.update(image.tobytes())
+        return digest.hexdigest()
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Two augmented views of each image, labelled by index: item ``i`` is ``((query, key), i)``.
+
+    The global index replaces the class label (it is what ProtoOT's loss and miner take
+    as ``labels``), so training never reads class labels. ``domain_ids`` of the wrapped
+    dataset, when present, is exposed for :class:`~pml_protoot.samplers.CrossDomainSampler`.
+
+    Args:
+        dataset: any dataset whose items are ``(image, label)`` (the label is dropped).
+        query_transform: view for the query encoder.
+        key_transform: view for the momentum key encoder.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.data import TwoViewDataset
+        >>> base = torch.utils.data.TensorDataset(torch.arange(3.0), torch.tensor([7, 7, 9]))
+        >>> TwoViewDataset(base, lambda x: x + 1, lambda x: x - 1)[2]
+        ((tensor(3.), tensor(1.)), 2)
+    """
+
+    def __init__(self, dataset, query_transform: Callable, key_transform: Callable):
+        if not callable(query_transform) or not callable(key_transform):
+            raise TypeError("query_transform and key_transform must be callables (e.g. moco_v2_transform())")
+        self.dataset = dataset
+        self.query_transform = query_transform
+        self.key_transform = key_transform
+        if hasattr(dataset, "domain_ids"):
+            self.domain_ids = dataset.domain_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, _ = self.dataset[index]
+        return (self.query_transform(image), self.key_transform(image)), index
+
+
+# ---------------------------------------------------------------- synthetic demo set
+
+SYNTHETIC_SHAPES = ("circle", "triangle", "square", "star", "cross", "moon")
+SYNTHETIC_STYLES = ("filled", "outline", "dots")
+
+
+def _shape_outline(shape: str) -> np.ndarray:
+    """Return the ``(P, 2)`` closed outline of ``shape`` in unit coordinates (radius about 1)."""
+    angles = lambda n, start=0.0: start + np.linspace(0, 2 * np.pi, n, endpoint=False)  # noqa: E731
+    ring = lambda n, r=1.0, start=0.0: r * np.stack([np.cos(angles(n, start)), np.sin(angles(n, start))], 1)  # noqa: E731
+    if shape == "circle":
+        return ring(40)
+    if shape == "triangle":
+        return ring(3, start=-np.pi / 2)
+    if shape == "square":
+        return ring(4, start=np.pi / 4)
+    if shape == "star":
+        points = ring(10, start=-np.pi / 2)
+        points[1::2] *= 0.4
+        return points
+    if shape == "cross":
+        a, b = 0.33, 1.0
+        return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
+    # moon: outer arc of the unit circle, back along an inner arc of an offset circle.
+    outer = ring(24, start=np.pi / 2)[:13]
+    inner = 0.4 * np.array([1.0, 0.0]) + ring(24, r=0.9, start=np.pi / 2)[:13][::-1] * [0.75, 1.0]
+    return np.concatenate([outer, inner])
+
+
+def _draw_synthetic(shape: str, style: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one ``shape`` in ``style`` with random position, scale, rotation and colour."""
+    radius = rng.uniform(0.22, 0.38) * size
+    centre = rng.uniform(radius, size - radius, 2)
+    theta = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    points = [tuple(p) for p in _shape_outline(shape) @ rotation.T * radius + centre]
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if style == "filled":
+        noise = rng.integers(0, 256, (size, size, 3)) * 0.35 + rng.integers(100, 256, 3) * 0.65
+        image = Image.fromarray(noise.astype(np.uint8))
+        ImageDraw.Draw(image).polygon(points, fill=colour)
+        return image
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    ink = tuple(int(c) for c in rng.integers(0, 80, 3))
+    if style == "outline":
+        draw.line(points + points[:1], fill=ink, width=max(1, size // 32), joint="curve")
+        return image
+    dot = max(1.0, size / 40)
+    for x, y in _resample_closed(np.array(points), spacing=3 * dot):
+        draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=ink)
+    return image
+
+
+def _resample_closed(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Return points every ``spacing`` pixels along the closed polygon ``points`` (P, 2)."""
+    closed = np.concatenate([points, points[:1]])
+    lengths = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    cumulative = np.concatenate([[0.0], np.cumsum(lengths)])
+    distances = np.arange(0.0, cumulative[-1], spacing)
+    return np.stack([np.interp(distances, cumulative, closed[:, axis]) for axis in (0, 1)], 1)
+
+
+def _class_counts(images_per_class, num_classes: int, slot: int) -> list[int]:
+    """Per-class counts of domain ``slot``: linear from most to fewest, rotated by ``slot``."""
+    if isinstance(images_per_class, int):
+        return [check_positive_int("images_per_class", images_per_class)] * num_classes
+    most, fewest = images_per_class
+    check_positive_int("images_per_class[0]", most)
+    check_positive_int("images_per_class[1]", fewest)
+    counts = np.linspace(most, fewest, num_classes).round().astype(int).tolist()
+    shift = slot % num_classes
+    return counts[shift:] + counts[:shift]
+
+
+def make_synthetic_domains(
+    root=None,
+    *,
+    num_classes: int = 5,
+    images_per_class=(40, 20),
+    domains: Sequence[str] = ("filled", "outline"),
+    image_size: int = 64,
+    seed: int = 0,
+    transform=None,
+) -> MultiDomainDataset:
+    """Draw the embedded demo set: shape classes in visually different domains, no download.
+
+    Classes are :data:`SYNTHETIC_SHAPES` (circle, triangle, square, star, cross, moon);
+    domains are drawing styles from :data:`SYNTHETIC_STYLES`: ``"filled"`` (solid colour
+    shape on a noisy tinted background), ``"outline"`` (dark line drawing on white),
+    ``"dots"`` (dotted outline on white). Every image has a random position, size,
+    rotation and colour. Class counts differ per domain: with ``(most, fewest)``, counts
+    fall linearly from ``most`` to ``fewest`` over the classes, and domain ``d`` rotates
+    that order by ``d`` places, so each domain has a different imbalance.
+
+    Args:
+        root: ``None`` keeps the images in memory; a folder gets
+            ``<root>/<domain>/<class>/<n>.png`` files (the :class:`MultiDomainImageFolder`
+            layout) and the returned dataset reads them back from disk.
+        num_classes: first ``num_classes`` shapes, 1 to ``len(SYNTHETIC_SHAPES)``.
+        images_per_class: an int (balanced) or ``(most, fewest)``.
+        domains: two or more distinct names from :data:`SYNTHETIC_STYLES`.
+        image_size: square image side in pixels (>= 16).
+        seed: the same seed gives the same images.
+        transform: passed to the dataset.
+
+    Returns:
+        :class:`InMemoryMultiDomainDataset` (``root=None``) or :class:`MultiDomainImageFolder`.
+
+    Raises:
+        ValueError: bad ``num_classes``, ``images_per_class``, ``domains`` or ``image_size``.
+
+    Example:
+        >>> from pml_protoot.data import make_synthetic_domains
+        >>> data = make_synthetic_domains(num_classes=3, images_per_class=(4, 2))
+        >>> data.classes, [len(data.subset(d)) for d in data.domains]
+        (['circle', 'triangle', 'square'], [9, 9])
+        >>> data[0][0].size
+        (64, 64)
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(SYNTHETIC_SHAPES):
+        raise ValueError(f"num_classes must be an integer in [1, {len(SYNTHETIC_SHAPES)}], got {num_classes!r}")
+    domains = list(domains)
+    unknown = [d for d in domains if d not in SYNTHETIC_STYLES]
+    if unknown or len(set(domains)) != len(domains) or len(domains) < 2:
+        raise ValueError(f"domains must be two or more distinct names from {SYNTHETIC_STYLES}, got {domains}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+    classes = list(SYNTHETIC_SHAPES[:num_classes])
+    images = {}
+    for slot, domain in enumerate(domains):
+        rng = np.random.default_rng([seed, slot])
+        for name, count in zip(classes, _class_counts(images_per_class, num_classes, slot)):
+            images[domain, name] = [_draw_synthetic(name, domain, image_size, rng) for _ in range(count)]
+    if root is None:
+        return InMemoryMultiDomainDataset(images, domains, classes, transform)
+    for (domain, name), drawn in images.items():
+        folder = Path(root) / domain / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, image in enumerate(drawn):
+            image.save(folder / f"{number:05d}.png")
+    return MultiDomainImageFolder(root, domains, transform)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def moco_v2_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+    """MoCo-v2 augmentation as ProtoOT trains with it (PIL image -> ``(3, S, S)`` tensor).
+
+    RandomResizedCrop(scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale
+    p=0.2, Gaussian blur (sigma 0.1-2) with p=0.5, horizontal flip, then normalisation.
+
+    Args:
+        image_size: output side ``S``.
+        mean, std: per-channel normalisation (ImageNet by default; take
+            ``timm.data.resolve_data_config(model=trunk)`` for other trunks).
+
+    Example:
+        >>> from PIL import Image
+        >>> from pml_protoot.data import moco_v2_transform
+        >>> moco_v2_transform(32)(Image.new("RGB", (48, 40))).shape
+        torch.Size([3, 32, 32])
+    """
+    check_positive_int("image_size", image_size)
+    blur_kernel = 2 * (image_size // 20) + 1  # about 10% of the side, odd
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+    """Evaluation view: Resize(S * 256/224), CenterCrop(S), normalisation (Resize 256, crop 224 at S=224).
+
+    Args:
+        image_size: output side ``S``.
+        mean, std: per-channel normalisation.
+
+    Example:
+        >>> from PIL import Image
+        >>> from pml_protoot.data import eval_transform
+        >>> eval_transform(32)(Image.new("RGB", (48, 40))).shape
+        torch.Size([3, 32, 32])
+    """
+    check_positive_int("image_size", image_size)
+    return T.Compose([
+        T.Resize(math.floor(image_size * 256 / 224)),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+    r"""Frozen-trunk features of every image, for the eval view and ``V`` augmented views, computed once.
+
+    Training a head on cached trunk features turns hours of CPU feature extraction per
+    epoch into one pass. Features are extracted in batches with ``torch.no_grad()`` and
+    the trunk in eval mode (its mode is restored), augmented views under a forked RNG
+    seeded by ``seed``. With ``path``, the cache is saved as a ``.pt`` file and reused
+    while its key matches: the dataset's :meth:`~MultiDomainDataset.fingerprint`
+    (file paths, sizes, mtimes), both transforms' ``repr``, a digest of the trunk's
+    ``state_dict``, ``num_views`` and ``seed``; any change recomputes it.
+
+    Args:
+        dataset: a :class:`MultiDomainDataset` returning PIL images (``transform=None``).
+        trunk: the frozen feature extractor, ``(B, 3, H, W) -> (B, F)``.
+        train_view: augmentation for the cached training views (e.g. :func:`moco_v2_transform`).
+        eval_view: deterministic evaluation transform (e.g. :func:`eval_transform`).
+        num_views: ``V >= 2`` augmented views per image.
+        path: ``.pt`` cache file, or ``None`` for memory only.
+        batch_size: images per trunk call.
+        device: where the trunk runs.
+        seed: seed of the augmentations.
+        num_workers: ``DataLoader`` workers for image decoding.
+        progress: show tqdm progress bars.
+
+    Attributes:
+        eval_features: ``(N, F)`` float32 CPU tensor.
+        view_features: ``(V, N, F)`` float32 CPU tensor.
+
+    Raises:
+        TypeError: ``dataset`` is not a :class:`MultiDomainDataset`.
+        ValueError: ``num_views < 2`` or bad ``batch_size``.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.data import FeatureCache, eval_transform, make_synthetic_domains, moco_v2_transform
+        >>> data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16)
+        >>> trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+        >>> cache = FeatureCache(data, trunk, train_view=moco_v2_transform(16), eval_view=eval_transform(16),
+        ...                      num_views=2, progress=False)
+        >>> (views_a, views_b), index = cache.train_dataset()[5]
+        >>> views_a.shape, index, cache.view_features.shape
+        (torch.Size([4]), 5, torch.Size([2, 8, 4]))
+        >>> features, label = cache.eval_dataset("outline")[0]
+        >>> int(label) == data.targets[int(data.domain_indices("outline")[0])]
+        True
+    """
+
+    def __init__(
+        self,
+        dataset,
+        trunk: torch.nn.Module,
+        *,
+        train_view: Callable,
+        eval_view: Callable,
+        num_views: int = 4,
+        path=None,
+        batch_size: int = 64,
+        device="cpu",
+        seed: int = 0,
+        num_workers: int = 0,
+        progress: bool = True,
+    ):
+        if not isinstance(dataset, MultiDomainDataset):
+            raise TypeError(f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}")
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
+            raise ValueError(f"num_views must be an integer >= 2 (two views a sample), got {num_views!r}")
+        self.dataset = dataset
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.num_workers, self.progress, self.seed = num_workers, progress, seed
+        self.key = _digest([dataset.fingerprint(), repr(eval_view), repr(train_view), _weights_digest(trunk), str(num_views), str(seed)])
+        self.path = None if path is None else Path(path)
+        if not self._load():
+            self._compute(trunk, train_view, eval_view, num_views, torch.device(device))
+            self._save()
+
+    def _load(self) -> bool:
+        if self.path is None or not self.path.is_file():
+            return False
+        stored = torch.load(self.path, map_location="cpu", weights_only=True)
+        if stored.get("key") != self.key:
+            logger.info("feature cache %s is stale (data, transforms, weights or views changed): recomputing", self.path)
+            return False
+        self.eval_features, self.view_features = stored["eval"], stored["views"]
+        logger.info("loaded cached features from %s", self.path)
+        return True
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        torch.save({"key": self.key, "eval": self.eval_features, "views": self.view_features}, partial)
+        os.replace(partial, self.path)  # never leave a half-written cache behind
+        logger.info("saved feature cache to %s", self.path)
+
+    def _compute(self, trunk, train_view, eval_view, num_views, device) -> None:
+        was_training = trunk.training
+        trunk.eval()
+        try:
+            self.eval_features = self._extract(trunk, eval_view, device, "eval view")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.view_features = torch.stack([
+                    self._extract(trunk, train_view, device, f"augmented view {v + 1}/{num_views}")
+                    for v in range(num_views)
+                ])
+        finally:
+            trunk.train(was_training)
+
+    @torch.no_grad()
+    def _extract(self, trunk, transform, device, description) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            _Transformed(self.dataset, transform), batch_size=self.batch_size, num_workers=self.num_workers
+        )
+        features = [trunk(images.to(device)).float().cpu() for images in tqdm(loader, description, disable=not self.progress)]
+        return torch.cat(features)
+
+    def train_dataset(self, seed: int = 0) -> "CachedTwoViewDataset":
+        """Label-free training set: item ``i`` is ``((view_a, view_b), i)``, two distinct cached views."""
+        return CachedTwoViewDataset(self.view_features, self.dataset.domain_ids, seed=seed)
+
+    def eval_dataset(self, domain: str) -> torch.utils.data.TensorDataset:
+        """Items ``(eval_feature (F,), class_label)`` of one domain, for a tester."""
+        indices = self.dataset.domain_indices(domain)
+        labels = torch.tensor(self.dataset.targets, dtype=torch.long)[indices]
+        return torch.utils.data.TensorDataset(self.eval_features[indices], labels)
+
+
+class CachedTwoViewDataset(torch.utils.data.Dataset):
+    """Item ``i`` is ``((views[a, i], views[b, i]), i)`` with ``a != b`` drawn afresh on each call.
+
+    Args:
+        views: ``(V, N, F)`` cached features, ``V >= 2``.
+        domain_ids: ``(N,)`` domain slot of every index (for the sampler).
+        seed: seed of the view choice.
+    """
+
+    def __init__(self, views: torch.Tensor, domain_ids: torch.Tensor, seed: int = 0):
+        self.views = views
+        self.domain_ids = domain_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.views.shape[1]
+
+    def __getitem__(self, index: int):
+        first, second = torch.randperm(self.views.shape[0], generator=self.generator)[:2].tolist()
+        return (self.views[first, index], self.views[second, index]), index
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """Images of ``dataset`` through ``transform``, labels dropped."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.dataset[index][0])
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """Digest of every state-dict entry's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
