@@ -1,0 +1,344 @@
+"""ProtoOTLoss against a loop re-implementation of the official ProtoOT loss (HCVLab/ProtoOT builder.py)."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
+
+from pml_protoot.losses import ProtoOTLoss
+from pml_protoot.memory import PrototypeMemory
+
+DIM, K = 5, 3
+
+
+# ----------------------------------------------------------------------------- reference
+def official_sinkhorn(scores, beta, epsilon=0.05, iterations=3):
+    """The official formula in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N, return N Q^T."""
+    q = torch.exp(scores / epsilon).T
+    q = q / q.sum()
+    num_prototypes, num_samples = q.shape
+    for _ in range(iterations):
+        for k in range(num_prototypes):
+            q[k] = q[k] * beta[k] / q[k].sum()
+        for n in range(num_samples):
+            q[:, n] = q[:, n] / (q[:, n].sum() * num_samples)
+    return num_samples * q.T
+
+
+def ot_assignment(bank, prototypes, beta, normalize_scores):
+    scores = bank @ prototypes.T
+    if normalize_scores:
+        scores = torch.stack([row / math.sqrt(sum(float(s) ** 2 for s in row)) for row in scores])
+    return official_sinkhorn(scores, beta)
+
+
+def contrast(query, positive_logit, negative_logits, target, temperature):
+    """-log softmax of the positive against every negative but the target's, written out."""
+    positive = math.exp(positive_logit / temperature)
+    negatives = sum(math.exp(float(negative_logits[j]) / temperature) for j in range(len(negative_logits)) if j != target)
+    return -math.log(positive / (positive + negatives))
+
+
+def reference_loss(state, domains, queries, keys, labels, *, official, cross_weight, start_epoch,
+                   temperature=0.2, weights=(1.0, 0.5, 0.1)):
+    """Loop re-implementation of the official loss; returns (total loss, updated prototypes).
+
+    ``official=False`` flips exactly the documented switches: nearest neighbour by key,
+    raw Sinkhorn scores, raw cross-domain negatives. ``state`` is a memory state_dict
+    (float64, CPU); ``queries``/``keys`` are float64 and L2-normalised here.
+    """
+    queries = torch.stack([q / math.sqrt(float(q @ q)) for q in queries.double().cpu()])
+    keys = torch.stack([k / math.sqrt(float(k @ k)) for k in keys.double().cpu()])
+    distinct = sorted(set(domains))
+    slot_of = [distinct.index(d) for d in domains]
+    row_of = [domains[:i].count(d) for i, d in enumerate(domains)]
+    banks = [state[f"bank_{slot}"].double().clone() for slot in range(len(distinct))]
+    prototypes = state["prototypes"].double().clone()
+    betas = state["class_marginals"].double()
+    for position, index in enumerate(labels):  # keys are written before any loss term
+        banks[slot_of[index]][row_of[index]] = keys[position]
+    present = sorted({slot_of[index] for index in labels})
+    members = {d: [p for p, index in enumerate(labels) if slot_of[index] == d] for d in present}
+    total = 0.0
+    for d in present:
+        assignment = ot_assignment(banks[d], prototypes[d], betas[d], normalize_scores=official)
+        domain_sum = 0.0
+        for p in members[d]:
+            q, row = queries[p], row_of[labels[p]]
+            target = int(assignment[row].argmax())
+            anchor = q if official else keys[p]
+            neighbour = max((r for r in range(len(banks[d])) if r != row), key=lambda r: float(anchor @ banks[d][r]))
+            negative_logits = [float(q @ c) for c in prototypes[d]]
+            for weight, positive in zip(weights, (keys[p], banks[d][neighbour], prototypes[d][target])):
+                domain_sum += weight * contrast(q, float(q @ positive), negative_logits, target, temperature)
+        total += domain_sum / len(members[d])
+        updated = assignment.T @ banks[d]
+        prototypes[d] = torch.stack([c / math.sqrt(float(c @ c)) for c in updated])
+    if int(state["epoch"]) >= start_epoch and len(present) > 1:
+        for d in present:
+            others = [o for o in present if o != d]
+            targets = {o: ot_assignment(banks[d], prototypes[o], betas[d], normalize_scores=official) for o in others}
+            domain_sum = 0.0
+            for p in members[d]:
+                q, row = queries[p], row_of[labels[p]]
+                per_other = 0.0
+                for o in others:
+                    target = int(targets[o][row].argmax())
+                    logits = [float(q @ c) for c in prototypes[o]]
+                    norm = math.sqrt(sum(v * v for v in logits))
+                    negative_logits = [v / norm for v in logits] if official else logits
+                    per_other += contrast(q, logits[target], negative_logits, target, temperature)
+                domain_sum += per_other / len(others)
+            total += cross_weight * domain_sum / len(members[d])
+    return total, prototypes
+
+
+# ----------------------------------------------------------------------------- fixtures
+def random_memory(domains, dtype=torch.float64, device="cpu", epoch=5, seed=0, **options):
+    """A ready memory with random banks, prototypes and marginals (no K-means needed)."""
+    generator = torch.Generator().manual_seed(seed)
+    memory = PrototypeMemory(domains, DIM, K, **options).to(device=device, dtype=dtype)
+    memory.fill(F.normalize(torch.randn(len(domains), DIM, generator=generator, dtype=dtype), dim=1).to(device),
+                torch.arange(len(domains)))
+    num_domains = len(set(domains))
+    memory.prototypes.copy_(F.normalize(torch.randn(num_domains, K, DIM, generator=generator, dtype=dtype), dim=2))
+    memory.class_marginals.copy_(torch.softmax(torch.randn(num_domains, K, generator=generator, dtype=dtype), dim=1))
+    memory.epoch.fill_(epoch)
+    return memory
+
+
+def random_batch(labels, dtype=torch.float64, device="cpu", seed=1):
+    """Raw (not normalised) queries and keys, as encoders would give them."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = (3 * torch.randn(len(labels), DIM, generator=generator, dtype=torch.float64)).to(device, dtype)
+    keys = (3 * torch.randn(len(labels), DIM, generator=generator, dtype=torch.float64)).to(device, dtype)
+    return embeddings.requires_grad_(), keys, torch.tensor(labels, device=device)
+
+
+TWO_DOMAINS = [0] * 9 + [1] * 7
+BATCH = [3, 12, 0, 15, 8, 9, 1]  # shuffled, both domains
+
+
+def cpu_state(memory):
+    return {name: buffer.cpu() for name, buffer in memory.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("official", [True, False])
+@pytest.mark.parametrize("epoch", [4, 5])
+def test_loss_matches_loop_reference_float64(official, epoch, device):
+    memory = random_memory(TWO_DOMAINS, device=device, epoch=epoch)
+    loss_func = ProtoOTLoss(memory, cross_domain_weight=0.7, cross_domain_start_epoch=5, official=official)
+    embeddings, keys, labels = random_batch(BATCH, device=device)
+    expected, expected_prototypes = reference_loss(cpu_state(memory), TWO_DOMAINS, embeddings.detach(), keys,
+                                                   BATCH, official=official, cross_weight=0.7, start_epoch=5)
+    loss = loss_func(embeddings, labels, ref_emb=keys)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected) < 1e-5
+    torch.testing.assert_close(memory.prototypes.cpu(), expected_prototypes, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
+@pytest.mark.parametrize("official", [True, False])
+def test_loss_matches_reference_in_lower_precision(dtype, tolerance, official, device):
+    memory = random_memory(TWO_DOMAINS, dtype=torch.float32, device=device)
+    loss_func = ProtoOTLoss(memory, cross_domain_weight=0.7, cross_domain_start_epoch=0, official=official)
+    embeddings, keys, labels = random_batch(BATCH, dtype=dtype, device=device)
+    expected, _ = reference_loss(cpu_state(memory), TWO_DOMAINS, embeddings.detach(), keys, BATCH,
+                                 official=official, cross_weight=0.7, start_epoch=0)
+    loss = loss_func(embeddings, labels, ref_emb=keys)
+    assert loss.dtype == dtype
+    assert abs(loss.item() - expected) < tolerance * max(1.0, abs(expected))
+
+
+def test_three_domains_match_reference_with_mean_over_other_domains(device):
+    domains = [2, 0, 1, 2, 0, 1, 2, 0, 1, 0, 2, 1, 1]
+    memory = random_memory(domains, device=device)
+    loss_func = ProtoOTLoss(memory, cross_domain_weight=0.5, cross_domain_start_epoch=0)
+    for batch in ([0, 1, 2, 9, 12, 4], [0, 3, 1, 7]):  # all three domains; then only two of them
+        embeddings, keys, labels = random_batch(batch, device=device)
+        expected, _ = reference_loss(cpu_state(memory), domains, embeddings.detach(), keys, batch,
+                                     official=False, cross_weight=0.5, start_epoch=0)
+        assert abs(loss_func(embeddings, labels, ref_emb=keys).item() - expected) < 1e-5
+
+
+def test_one_domain_batch_has_no_cross_domain_term(device):
+    memory = random_memory(TWO_DOMAINS, device=device)
+    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0, reducer=DoNothingReducer())
+    batch = [10, 14, 9]
+    embeddings, keys, labels = random_batch(batch, device=device)
+    expected, _ = reference_loss(cpu_state(memory), TWO_DOMAINS, embeddings.detach(), keys, batch,
+                                 official=False, cross_weight=0.01, start_epoch=0)
+    loss_dict = loss_func(embeddings, labels, ref_emb=keys)
+    assert loss_dict["cross_domain"]["losses"] == 0
+    assert loss_dict["cross_domain"]["reduction_type"] == "already_reduced"
+    in_domain = loss_dict["in_domain"]["losses"]
+    assert torch.isfinite(in_domain).all()
+    assert abs(in_domain.mean().item() - expected) < 1e-5
+
+
+def test_sub_losses_reduce_like_any_pml_loss(device):
+    """Per-element losses are scaled by B / n_d: the mean is the sum over domains of per-domain means."""
+    state = cpu_state(random_memory(TWO_DOMAINS, epoch=0))
+    results = {}
+    for name, reducer in [("mean", None), ("nothing", DoNothingReducer()), ("sum", SumReducer())]:
+        memory = random_memory(TWO_DOMAINS, device=device)
+        memory.load_state_dict(state)
+        loss_func = ProtoOTLoss(memory, cross_domain_weight=0.3, cross_domain_start_epoch=0, reducer=reducer)
+        embeddings, keys, labels = random_batch(BATCH, device=device)
+        results[name] = loss_func(embeddings, labels, ref_emb=keys)
+    losses = results["nothing"]
+    assert set(losses) == {"in_domain", "cross_domain"}
+    for sub_loss in losses.values():
+        assert sub_loss["reduction_type"] == "element"
+        assert sub_loss["indices"].tolist() == list(range(len(BATCH)))
+    in_domain, cross = losses["in_domain"]["losses"], losses["cross_domain"]["losses"]
+    torch.testing.assert_close(results["mean"], in_domain.mean() + cross.mean())
+    torch.testing.assert_close(results["sum"], in_domain.sum() + cross.sum())
+    in_domain_only, _ = reference_loss(state, TWO_DOMAINS, embeddings.detach(), keys, BATCH, official=False,
+                                       cross_weight=0.3, start_epoch=1)
+    assert abs(in_domain.mean().item() - in_domain_only) < 1e-5
+
+
+def test_presets_differ_only_in_documented_switches(device):
+    """Default preset with the four documented switches flipped equals the official preset exactly."""
+    results = []
+    for official in (True, False):
+        memory = random_memory(TWO_DOMAINS, device=device)
+        options = {} if official else {"nearest_neighbour_by": "query", "normalize_cross_negatives": True}
+        loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0, cross_domain_weight=0.5, official=official,
+                                **options)
+        if not official:
+            memory.normalize_scores, memory.marginal_rule = True, "official"
+        embeddings, keys, labels = random_batch(BATCH, device=device)
+        results.append((loss_func(embeddings, labels, ref_emb=keys), memory.prototypes.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    default_memory = random_memory(TWO_DOMAINS, device=device)
+    default_loss = ProtoOTLoss(default_memory, cross_domain_start_epoch=0, cross_domain_weight=0.5)
+    embeddings, keys, labels = random_batch(BATCH, device=device)
+    assert not torch.allclose(default_loss(embeddings, labels, ref_emb=keys), results[0][0])
+
+
+def test_official_preset_configures_the_memory_and_logs(caplog):
+    memory = random_memory(TWO_DOMAINS)
+    assert (memory.normalize_scores, memory.marginal_rule) == (False, "matched")
+    with caplog.at_level(logging.INFO, logger="pml_protoot.losses"):
+        loss_func = ProtoOTLoss(memory, official=True)
+    assert (memory.normalize_scores, memory.marginal_rule) == (True, "official")
+    assert (loss_func.nearest_neighbour_by, loss_func.normalize_cross_negatives) == ("query", True)
+    assert "official=True" in caplog.text
+
+
+def test_cross_domain_term_starts_at_start_epoch():
+    weights = []
+    for epoch in (99, 100, 150):
+        memory = random_memory(TWO_DOMAINS, epoch=epoch)
+        weights.append(ProtoOTLoss(memory).current_cross_domain_weight())
+    assert weights == [0.0, 0.01, 0.01]
+
+
+# ----------------------------------------------------------------------------- gradients and state
+def test_gradients_reach_embeddings_only(device):
+    memory = random_memory(TWO_DOMAINS, device=device, epoch=0)
+    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+    embeddings, keys, labels = random_batch(BATCH, device=device)
+    keys.requires_grad_()
+    loss_func(embeddings, labels, ref_emb=keys).backward()
+    assert embeddings.grad is not None and torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
+    assert keys.grad is None
+    assert all(not buffer.requires_grad for buffer in memory.buffers())
+
+
+def test_gradcheck_small_double_case():
+    memory = random_memory(TWO_DOMAINS, epoch=0)
+    loss_func = ProtoOTLoss(memory, cross_domain_weight=0.5, cross_domain_start_epoch=0, official=True)
+    state = {name: buffer.clone() for name, buffer in memory.state_dict().items()}
+    embeddings, keys, labels = random_batch([2, 10, 5, 13])
+
+    def loss_from_fresh_memory(embeddings):
+        memory.load_state_dict(state)  # each call writes keys and updates prototypes
+        return loss_func(embeddings, labels, ref_emb=keys)
+
+    assert torch.autograd.gradcheck(loss_from_fresh_memory, (embeddings,))
+
+
+def test_state_round_trip_gives_identical_losses(device):
+    memory = random_memory(TWO_DOMAINS, epoch=0)
+    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+    embeddings, keys, labels = random_batch(BATCH)
+    fresh_memory = PrototypeMemory(TWO_DOMAINS, DIM, K).double()
+    fresh_loss = ProtoOTLoss(fresh_memory, cross_domain_start_epoch=0)
+    fresh_loss.load_state_dict(loss_func.state_dict())  # the memory is a submodule of the loss
+    fresh_loss.to(device)
+    assert all(buffer.device.type == torch.device(device).type for buffer in fresh_memory.buffers())
+    on_device = fresh_loss(embeddings.detach().to(device), labels.to(device), ref_emb=keys.to(device))
+    torch.testing.assert_close(on_device.cpu(), loss_func(embeddings.detach(), labels, ref_emb=keys))
+    torch.testing.assert_close(fresh_memory.prototypes.cpu(), memory.prototypes)
+
+
+# ----------------------------------------------------------------------------- bad input
+def bad_calls():
+    embeddings, keys, labels = random_batch(BATCH)
+    nan_embeddings = embeddings.detach().clone()
+    nan_embeddings[1, 2] = float("nan")
+    inf_keys = keys.clone()
+    inf_keys[0, 0] = float("inf")
+    return [
+        ("2-D labels", (embeddings, labels[None]), {"ref_emb": keys}, ValueError, "labels must be 1-D"),
+        ("float labels", (embeddings, labels.double()), {"ref_emb": keys}, TypeError, "labels must hold integers"),
+        ("labels out of range", (embeddings, labels + 10), {"ref_emb": keys}, ValueError, r"labels must lie in \[0, 16\)"),
+        ("no labels", (embeddings,), {"ref_emb": keys}, ValueError, "labels must be the"),
+        ("labels length", (embeddings, labels[:3]), {"ref_emb": keys}, ValueError, "labels must have length 7"),
+        ("missing ref_emb", (embeddings, labels), {}, ValueError, "ref_emb must be the .* keys"),
+        ("ref_emb rows", (embeddings, labels), {"ref_emb": keys[:3]}, ValueError, r"ref_emb must have shape \(7, 5\)"),
+        ("embeddings dim", (embeddings[:, :4], labels), {"ref_emb": keys}, ValueError, r"embeddings must have shape .*5\), got \(7, 4\)"),
+        ("ref_emb dim", (embeddings, labels), {"ref_emb": keys[:, :4]}, ValueError, "ref_emb must have shape"),
+        ("NaN embeddings", (nan_embeddings, labels), {"ref_emb": keys}, ValueError, "embeddings must be finite"),
+        ("inf keys", (embeddings, labels), {"ref_emb": inf_keys}, ValueError, "ref_emb must be finite"),
+        ("indices_tuple", (embeddings, labels, (labels, labels, labels)), {"ref_emb": keys}, ValueError,
+         "indices_tuple must be None"),
+        ("ref_labels", (embeddings, labels), {"ref_emb": keys, "ref_labels": labels.flip(0)}, ValueError,
+         "ref_labels must be None or equal to labels"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_calls())), ids=[case[0] for case in bad_calls()])
+def test_bad_input_raises_and_writes_nothing(case):
+    _, args, kwargs, error, message = bad_calls()[case]
+    memory = random_memory(TWO_DOMAINS)
+    loss_func = ProtoOTLoss(memory)
+    before = {name: buffer.clone() for name, buffer in memory.state_dict().items()}
+    with pytest.raises(error, match=message):
+        loss_func(*args, **kwargs)
+    for name, buffer in memory.state_dict().items():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_memory_never_reclustered_raises_and_writes_nothing():
+    memory = PrototypeMemory(TWO_DOMAINS, DIM, K).double()
+    loss_func = ProtoOTLoss(memory)
+    embeddings, keys, labels = random_batch(BATCH)
+    with pytest.raises(ValueError, match="memory must be filled and reclustered"):
+        loss_func(embeddings, labels, ref_emb=keys)
+    assert not memory.written.any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"memory": "bank"}, TypeError, "memory must be a PrototypeMemory, got str"),
+        ({"temperature": 0}, ValueError, "temperature must be > 0"),
+        ({"in_domain_weights": (1.0, 0.5)}, ValueError, "in_domain_weights must be 3 numbers"),
+        ({"in_domain_weights": (1.0, -0.5, 0.1)}, ValueError, "in_domain_weights must be >= 0"),
+        ({"cross_domain_weight": float("nan")}, ValueError, "cross_domain_weight must be a finite number"),
+        ({"cross_domain_start_epoch": 1.5}, ValueError, "cross_domain_start_epoch must be an int"),
+        ({"nearest_neighbour_by": "bank"}, ValueError, "nearest_neighbour_by must be one of"),
+    ],
+)
+def test_bad_options_name_the_argument(kwargs, error, message):
+    kwargs = {"memory": random_memory(TWO_DOMAINS), **kwargs}
+    with pytest.raises(error, match=message):
+        ProtoOTLoss(**kwargs)
