@@ -1,0 +1,231 @@
+"""Cross-domain retrieval testing: every ordered domain pair, as PML testers do for splits."""
+from __future__ import annotations
+
+import logging
+from itertools import permutations
+
+import numpy as np
+import torch
+from pytorch_metric_learning.testers.base_tester import BaseTester
+
+from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
+
+__all__ = ["CrossDomainTester"]
+
+logger = logging.getLogger(__name__)
+
+MEAN_KEY = "mean"
+
+
+class CrossDomainTester(BaseTester):
+    r"""Score retrieval from every domain into every other one (ProtoOT's protocol).
+
+    Each domain is embedded once (batched, tqdm bar, on the trunk's device, eval mode,
+    ``torch.no_grad``, optional autocast) and L2-normalised; then every ordered pair of
+    distinct domains ``(A, B)`` is scored with ``A``'s images as queries and ``B``'s as the
+    gallery. Results are keyed ``"A->B"`` plus ``"mean"`` (the unweighted mean over pairs),
+    each a ``{metric: float}`` dict; ``test`` also stores them, with ``"epoch"``, in
+    ``tester.all_accuracies`` so PML's ``HookContainer`` can track the best epoch, e.g.
+    ``HookContainer(record_keeper, primary_metric="precision_at_15",
+    validation_split_name="mean")``. Metric keys are the bare metric names.
+
+    Args:
+        accuracy_calculator: any PML ``AccuracyCalculator``; default
+            ``PrecisionAtKCalculator()`` (ProtoOT P@1/5/15 plus PML's metrics).
+        pairs: default ``(query_domain, gallery_domain)`` pairs; all ordered pairs when None.
+        autocast: run the models under ``torch.autocast`` on their device.
+        batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
+            data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
+            Datasets return ``(image, class_label)``.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.testers import CrossDomainTester
+        >>> tester = CrossDomainTester()
+        >>> embeddings = {"photo": torch.eye(3), "sketch": torch.eye(3) + 0.1}
+        >>> labels = {"photo": torch.tensor([0, 1, 2]), "sketch": torch.tensor([0, 1, 2])}
+        >>> results = tester.evaluate(embeddings, labels)
+        >>> sorted(results)
+        ['mean', 'photo->sketch', 'sketch->photo']
+        >>> results["mean"]["precision_at_1"]
+        1.0
+    """
+
+    def __init__(
+        self,
+        accuracy_calculator=None,
+        pairs=None,
+        autocast: bool = False,
+        batch_size: int = 32,
+        dataloader_num_workers: int = 2,
+        normalize_embeddings: bool = True,
+        use_trunk_output: bool = False,
+        data_and_label_getter=None,
+        end_of_testing_hook=None,
+    ):
+        super().__init__(
+            normalize_embeddings=normalize_embeddings,
+            use_trunk_output=use_trunk_output,
+            batch_size=batch_size,
+            dataloader_num_workers=dataloader_num_workers,
+            data_and_label_getter=data_and_label_getter,
+            end_of_testing_hook=end_of_testing_hook,
+            accuracy_calculator=accuracy_calculator or PrecisionAtKCalculator(),
+        )
+        self.pairs = pairs
+        self.autocast = autocast
+        self.label_levels = [0]
+
+    def test(self, dataset_dict, epoch, trunk_model, embedder_model=None, pairs=None, collate_fn=None) -> dict:
+        """Embed each needed domain once and score the pairs.
+
+        ``pairs`` sits where PML testers take ``splits_to_eval``, so HookContainer's
+        ``splits_to_eval`` argument is forwarded here.
+
+        Args:
+            dataset_dict: ``{domain_name: dataset}``; items are ``(image, class_label)``.
+            epoch: stored as ``"epoch"`` in every result dict.
+            trunk_model: ``(B, ...) -> (B, F)``; its device is where images go.
+            embedder_model: ``(B, F) -> (B, D)``; identity when None.
+            pairs: ``[(query_domain, gallery_domain), ...]``; ``self.pairs`` or all ordered
+                pairs when None.
+            collate_fn: passed to the DataLoader.
+
+        Returns:
+            ``tester.all_accuracies``: ``{"A->B": {"epoch": epoch, metric: value}, ..., "mean": {...}}``.
+
+        Raises:
+            TypeError: ``dataset_dict`` is not a dict.
+            ValueError: fewer than two domains, an empty domain, or a pair naming an
+                unknown domain or the same domain twice.
+        """
+        if not isinstance(dataset_dict, dict):
+            raise TypeError(f"dataset_dict must be a dict {{domain: dataset}}, got {type(dataset_dict).__name__}")
+        pairs = self._resolve_pairs(list(dataset_dict), pairs)
+        for name in {domain for pair in pairs for domain in pair}:
+            if len(dataset_dict[name]) == 0:
+                raise ValueError(f"dataset_dict[{name!r}] must hold at least one item, got an empty dataset")
+        embedder_model = torch.nn.Identity() if embedder_model is None else embedder_model
+        trunk_model.eval()
+        embedder_model.eval()
+        self.data_device = _model_device(trunk_model)
+        embeddings, labels = {}, {}
+        for name in sorted({domain for pair in pairs for domain in pair}):
+            logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
+            embeddings[name], domain_labels = self.get_all_embeddings(
+                dataset_dict[name], trunk_model, embedder_model, collate_fn
+            )
+            labels[name] = domain_labels[:, 0].long()
+        results = self.evaluate(embeddings, labels, pairs)
+        self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
+        self.reference_split_names = {f"{q}->{g}": [g] for q, g in pairs}
+        self.reference_split_names[MEAN_KEY] = sorted({g for _, g in pairs})
+        if self.end_of_testing_hook:
+            self.end_of_testing_hook(self)
+        return self.all_accuracies
+
+    def evaluate(self, embeddings_by_domain: dict, labels_by_domain: dict, pairs=None) -> dict:
+        """Score pairs from embeddings that are already computed.
+
+        Args:
+            embeddings_by_domain: ``{domain: (N_d, D) tensor}``.
+            labels_by_domain: ``{domain: (N_d,) integer class labels}``, same keys.
+            pairs: as in :meth:`test`.
+
+        Returns:
+            ``{"A->B": {metric: float}, ..., "mean": {metric: float}}`` (JSON-serialisable);
+            also kept in ``self.results``.
+
+        Raises:
+            TypeError, ValueError: missing or extra domains, bad embeddings or labels
+                (named by domain), or bad ``pairs``.
+        """
+        if not isinstance(embeddings_by_domain, dict) or not isinstance(labels_by_domain, dict):
+            raise TypeError("embeddings_by_domain and labels_by_domain must be dicts keyed by domain name")
+        if set(embeddings_by_domain) != set(labels_by_domain):
+            raise ValueError(
+                f"embeddings_by_domain and labels_by_domain must have the same domains, got "
+                f"{sorted(embeddings_by_domain)} and {sorted(labels_by_domain)}"
+            )
+        pairs = self._resolve_pairs(list(embeddings_by_domain), pairs)
+        embeddings, labels = {}, {}
+        for name in {domain for pair in pairs for domain in pair}:
+            embeddings[name] = _as_embeddings(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
+            labels[name] = _as_labels(
+                f"labels_by_domain[{name!r}]", labels_by_domain[name], len(embeddings[name]), f"{name!r}"
+            )
+        results = {}
+        for query_domain, gallery_domain in pairs:
+            logger.info("Scoring %s -> %s", query_domain, gallery_domain)
+            accuracies = self.accuracy_calculator.get_accuracy(
+                embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain], False
+            )
+            results[f"{query_domain}->{gallery_domain}"] = {k: _plain(v) for k, v in accuracies.items()}
+        results[MEAN_KEY] = _mean_over_pairs(list(results.values()))
+        self.results = results
+        logger.info("Cross-domain retrieval:\n%s", self.summary_table(results))
+        return results
+
+    def summary_table(self, results: dict | None = None) -> str:
+        """A plain-text table, one row per pair (and the mean), one column per metric.
+
+        Args:
+            results: the output of :meth:`evaluate`/:meth:`test`; the last results when None.
+
+        Returns:
+            The table as a string, values as percentages with two decimals.
+        """
+        results = self.results if results is None else results
+        metrics = [m for m in next(iter(results.values())) if m != "epoch"]
+        width = max(len(key) for key in results)
+        lines = ["  ".join([f"{'pair':<{width}}"] + [f"{m:>{len(m)}}" for m in metrics])]
+        for key, values in results.items():
+            cells = [f"{100 * values[m]:>{len(m)}.2f}" if isinstance(values[m], float) else f"{'-':>{len(m)}}" for m in metrics]
+            lines.append("  ".join([f"{key:<{width}}"] + cells))
+        return "\n".join(lines)
+
+    def accuracies_keyname(self, metric, label_hierarchy_level=0, average=False):
+        # Bare metric names, so HookContainer finds ``all_accuracies["mean"][primary_metric]``.
+        return f"AVERAGE_{metric}" if average else metric
+
+    def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
+        device = _model_device(trunk_model)
+        with torch.autocast(device_type=device.type, enabled=self.autocast):
+            trunk_output = trunk_model(input_imgs.to(device))
+            output = trunk_output if self.use_trunk_output else embedder_model(trunk_output)
+        return output.float()
+
+    def _resolve_pairs(self, domains: list, pairs) -> list[tuple]:
+        pairs = self.pairs if pairs is None else pairs
+        if pairs is None:
+            if len(domains) < 2:
+                raise ValueError(f"cross-domain testing needs at least two domains, got {domains}")
+            return list(permutations(domains, 2))
+        resolved = []
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"pairs must hold (query_domain, gallery_domain) pairs, got {pair!r}")
+            unknown = [name for name in pair if name not in domains]
+            if unknown:
+                raise ValueError(f"pairs names unknown domain(s) {unknown}; known domains are {domains}")
+            if pair[0] == pair[1]:
+                raise ValueError(f"pairs must name two different domains, got {tuple(pair)!r}")
+            resolved.append(tuple(pair))
+        if not resolved:
+            raise ValueError("pairs must hold at least one (query_domain, gallery_domain) pair, got none")
+        return resolved
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _plain(value):
+    """A JSON-friendly Python value (float or list of floats)."""
+    array = np.asarray(value, dtype=float)
+    return array.tolist() if array.ndim else float(array)
+
+
+def _mean_over_pairs(per_pair: list[dict]) -> dict:
+    return {metric: _plain(np.mean([values[metric] for values in per_pair], axis=0)) for metric in per_pair[0]}
