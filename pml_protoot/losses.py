@@ -201,6 +201,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         return labels
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
+        whose keys are already in the memory (``forward`` does both)."""
         dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
         queries = F.normalize(embeddings.to(dtype), dim=1)
         keys = F.normalize(ref_emb.detach().to(dtype), dim=1)
