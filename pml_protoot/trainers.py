@@ -171,6 +171,18 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder.decay = float(value)
 
     # ----- epoch loop ----------------------------------------------------------------------
+    def initialize_dataloader(self):
+        """Build the training ``DataLoader``; its iterator is made per epoch in :meth:`start_epoch`.
+
+        Unlike PML, no iterator is created here: creating one draws a seed from the torch
+        RNG, and an extra draw on resume would break exact reproduction.
+        """
+        self.dataloader = c_f.get_train_dataloader(
+            self.dataset, self.batch_size, self.sampler, self.dataloader_num_workers, self.collate_fn
+        )
+        if not self.iterations_per_epoch:
+            self.iterations_per_epoch = len(self.dataloader)
+
     def train(self, start_epoch=1, num_epochs=1):
         """Fill the banks if needed, then run epochs ``start_epoch..num_epochs`` (PML's loop)."""
         self.initialize_dataloader()

@@ -1,0 +1,285 @@
+"""ProtoOTTrainer: learning, exact resume, label blindness, EMA keys, AMP, clipping, atomic checkpoints.
+
+Data: two domains of low-dimensional synthetic "cached trunk features" (class centre +
+domain shift + noise), trunk = nn.Identity(), a tiny MLP embedder: the feature-cache mode.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import NTXentLoss
+
+from pml_protoot.losses import ProtoOTLoss
+from pml_protoot.memory import PrototypeMemory
+from pml_protoot.miners import ProtoOTMiner
+from pml_protoot.samplers import CrossDomainSampler
+from pml_protoot.trainers import ProtoOTTrainer
+
+NUM_CLASSES, PER_CLASS, FEATURE_DIM, EMBED_DIM, BATCH = 4, 12, 16, 8, 16
+
+
+def synthetic_features(seed=0):
+    """(features (N, 16), class labels (N,), domains (N,)) for two domains of 4 classes x 12."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(NUM_CLASSES, FEATURE_DIM, generator=generator)
+    domain_shift = 1.5 * torch.randn(2, FEATURE_DIM, generator=generator)
+    classes = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS).repeat(2)
+    domains = torch.arange(2).repeat_interleave(NUM_CLASSES * PER_CLASS)
+    noise = 0.7 * torch.randn(len(classes), FEATURE_DIM, generator=generator)
+    return centers[classes] + domain_shift[domains] + noise, classes, domains
+
+
+class LabelledFeatures(torch.utils.data.Dataset):
+    """Items (feature, class_label): what an evaluation dataset looks like."""
+
+    def __init__(self, features, classes):
+        self.features, self.classes = features, classes
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return self.features[index], int(self.classes[index])
+
+
+class TwoNoisyViews(torch.utils.data.Dataset):
+    """((query_view, key_view), index) of a labelled dataset: jittered copies, the label dropped."""
+
+    def __init__(self, dataset, jitter=0.1):
+        self.dataset, self.jitter = dataset, jitter
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        feature, _ = self.dataset[index]
+        return (feature + self.jitter * torch.randn_like(feature), feature + self.jitter * torch.randn_like(feature)), index
+
+
+def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, **kwargs):
+    """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries."""
+    features, true_classes, domains = synthetic_features()
+    labelled = LabelledFeatures(features, true_classes if classes is None else classes)
+    torch.manual_seed(seed)
+    trunk = torch.nn.Identity() if trunk is None else trunk
+    embedder = torch.nn.Sequential(torch.nn.Linear(FEATURE_DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, EMBED_DIM))
+    trunk, embedder = trunk.to(device), embedder.to(device)
+    memory = PrototypeMemory(domains, dim=EMBED_DIM, num_prototypes=NUM_CLASSES, kmeans_nredo=2)
+    mining_funcs = None
+    if loss == "protoot":
+        metric_loss = ProtoOTLoss(memory)
+    else:
+        metric_loss = NTXentLoss(temperature=0.2)
+        mining_funcs = {"tuple_miner": ProtoOTMiner(memory, update_prototypes=True)}
+    params = list(trunk.parameters()) + list(embedder.parameters())
+    options = dict(momentum=0.9, sampler=CrossDomainSampler(domains, BATCH, seed=seed), fill_dataset=labelled)
+    options.update(kwargs)
+    trainer = ProtoOTTrainer(
+        {"trunk": trunk, "embedder": embedder},
+        {"embedder_optimizer": torch.optim.Adam(params, lr=0.01)},
+        BATCH,
+        {"metric_loss": metric_loss},
+        TwoNoisyViews(labelled),
+        memory,
+        mining_funcs=mining_funcs,
+        data_device=torch.device(device),
+        dataloader_num_workers=0,
+        **options,
+    )
+    trainer.recorded_losses = []
+    trainer.end_of_iteration_hook = lambda t: t.recorded_losses.append(t.losses["total_loss"].item())
+    return trainer
+
+
+def precision_at_5(embeddings, classes, domains, query_domain, gallery_domain):
+    """ProtoOT's micro P@5 by brute force: every relevant set here has R >= 5, so min(5, R) = 5."""
+    queries, gallery = embeddings[domains == query_domain], embeddings[domains == gallery_domain]
+    query_classes, gallery_classes = classes[domains == query_domain], classes[domains == gallery_domain]
+    hits = 0
+    for query, query_class in zip(queries, query_classes):
+        nearest = sorted(range(len(gallery)), key=lambda j: -float(query @ gallery[j]))[:5]
+        hits += sum(int(gallery_classes[j] == query_class) for j in nearest)
+    return hits / (5 * len(queries))
+
+
+def model_weights(trainer):
+    return {f"{name}.{key}": value.clone() for name, model in trainer.models.items() for key, value in model.state_dict().items()}
+
+
+def test_short_training_raises_precision_at_5_on_every_domain_pair(device):
+    features, classes, domains = synthetic_features()
+    trainer = make_trainer(device)
+    before = trainer.compute_keys(features).cpu()
+    trainer.train(1, 3)
+    after = trainer.compute_keys(features).cpu()
+    for pair in [(0, 1), (1, 0)]:
+        untrained, trained = precision_at_5(before, classes, domains, *pair), precision_at_5(after, classes, domains, *pair)
+        assert trained > untrained + 0.2, (pair, untrained, trained)
+    assert int(trainer.memory.epoch) == 2 and trainer.cross_domain_weight == 0.0
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    uninterrupted = make_trainer("cpu")
+    uninterrupted.train(1, 3)
+
+    first_half = make_trainer("cpu", checkpoint_dir=tmp_path)
+    first_half.train(1, 1)
+    resumed = make_trainer("cpu", seed=123)  # other initial weights: everything must come from the file
+    start_epoch = resumed.load_checkpoint(tmp_path / "last.pth")
+    resumed.train(start_epoch, 3)
+
+    assert start_epoch == 2
+    assert first_half.recorded_losses + resumed.recorded_losses == uninterrupted.recorded_losses
+    expected, actual = model_weights(uninterrupted), model_weights(resumed)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    for key, value in uninterrupted.key_encoder.state_dict().items():
+        assert torch.equal(value, resumed.key_encoder.state_dict()[key]), key
+    for key, value in uninterrupted.memory.state_dict().items():
+        assert torch.equal(value, resumed.memory.state_dict()[key]), key
+
+
+def test_permuting_class_labels_leaves_training_identical(device):
+    _, classes, _ = synthetic_features()
+    permuted = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(1))]
+    assert not torch.equal(permuted, classes)
+    original = make_trainer(device)  # each make_trainer seeds torch: train before building the next
+    original.train(1, 2)
+    relabelled = make_trainer(device, classes=permuted)
+    relabelled.train(1, 2)
+    assert original.recorded_losses == relabelled.recorded_losses
+    expected, actual = model_weights(original), model_weights(relabelled)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_key_encoder_is_the_ema_of_parameters_and_buffers(device, dtype):
+    trunk = torch.nn.Sequential(torch.nn.Linear(FEATURE_DIM, FEATURE_DIM), torch.nn.BatchNorm1d(FEATURE_DIM))
+    trainer = make_trainer(device, trunk=trunk, momentum=0.75, dtype=dtype)
+    trainer.models["trunk"].to(dtype)
+    trainer.models["embedder"].to(dtype)
+    trainer.key_encoder.to(dtype)
+    trainer.key_encoder.module[0][0].weight.data.add_(1.0)  # make key and query encoders differ
+    trainer.initialize_dataloader()
+    trainer.fill_memory()
+    trainer.epoch = 1
+    trainer.start_epoch()
+    key_before = {k: v.clone() for k, v in trainer.key_encoder.module.state_dict().items()}
+    trainer.forward_and_backward()
+    query_after = trainer.query_encoder.state_dict()
+    for name, value in trainer.key_encoder.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.75 * key_before[name] + 0.25 * query_after[name])
+        else:  # BatchNorm's num_batches_tracked is copied
+            assert torch.equal(value, query_after[name])
+    assert "0.1.running_mean" in query_after and not torch.equal(query_after["0.1.running_mean"], key_before["0.1.running_mean"])
+
+
+def test_keys_use_running_batchnorm_statistics_not_the_batch(device):
+    trunk = torch.nn.Sequential(torch.nn.Linear(FEATURE_DIM, FEATURE_DIM), torch.nn.BatchNorm1d(FEATURE_DIM))
+    trainer = make_trainer(device, trunk=trunk)
+    trainer.key_encoder.module[0][1].running_mean.normal_()
+    features = synthetic_features()[0].to(device)
+    encoder = trainer.key_encoder.module
+    weight, bias = encoder[0][0].weight, encoder[0][0].bias
+    bn = encoder[0][1]
+    expected = F.normalize(encoder[1]((features[:5] @ weight.T + bias - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias), dim=1)
+    torch.testing.assert_close(trainer.compute_keys(features)[:5], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trainer.compute_keys(features[:5]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_banks_are_filled_in_global_index_order_before_training(device):
+    features, _, _ = synthetic_features()
+    trainer = make_trainer(device)
+    assert not trainer.memory.written.any()
+    trainer.initialize_dataloader()
+    trainer.fill_memory()
+    with torch.no_grad():
+        expected = F.normalize(trainer.key_encoder.module(features.to(device)), dim=1)
+    for index in range(len(features)):
+        slot, row = int(trainer.memory.domain_of[index]), int(trainer.memory.row_of[index])
+        torch.testing.assert_close(trainer.memory.bank(slot)[row], expected[index])
+
+
+def test_each_epoch_sets_the_sampler_epoch_and_reclusters(device, monkeypatch):
+    trainer = make_trainer(device)
+    sampler_epochs, recluster_epochs = [], []
+    monkeypatch.setattr(trainer.sampler, "set_epoch", sampler_epochs.append)
+    original_recluster = trainer.memory.recluster
+    monkeypatch.setattr(trainer.memory, "recluster", lambda epoch: (recluster_epochs.append(epoch), original_recluster(epoch)))
+    trainer.train(1, 2)
+    assert sampler_epochs == [1, 2] and recluster_epochs == [0, 1]
+
+
+def test_miner_with_a_pml_loss_trains(device):
+    trainer = make_trainer(device, loss="ntxent")
+    before = model_weights(trainer)
+    trainer.train(1, 1)
+    trainer.memory.check_ready()
+    assert len(trainer.recorded_losses) == trainer.iterations_per_epoch
+    assert all(torch.isfinite(torch.tensor(trainer.recorded_losses)))
+    assert trainer.mining_funcs["tuple_miner"].num_pos_pairs > 0
+    assert any(not torch.equal(value, model_weights(trainer)[key]) for key, value in before.items())
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_amp_runs_the_forward_pass_in_reduced_precision(device, amp_dtype):
+    trainer = make_trainer(device, amp_dtype=amp_dtype)
+    output_dtypes = []
+    trainer.models["embedder"].register_forward_hook(lambda module, args, output: output_dtypes.append(output.dtype))
+    trainer.train(1, 1)
+    assert output_dtypes and set(output_dtypes) == {amp_dtype}
+    assert all(torch.isfinite(torch.tensor(trainer.recorded_losses)))
+    assert trainer.grad_scaler.is_enabled() == (amp_dtype == torch.float16)
+
+
+def test_gradient_clipping_bounds_the_sgd_step(device):
+    trainer = make_trainer(device, grad_clip_norm=1e-3)
+    params = list(trainer.query_encoder.parameters())
+    trainer.optimizers = {"embedder_optimizer": torch.optim.SGD(params, lr=1.0)}
+    trainer.initialize_dataloader()
+    trainer.fill_memory()
+    trainer.epoch = 1
+    trainer.start_epoch()
+    before = [p.detach().clone() for p in params]
+    trainer.forward_and_backward()
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+    # With lr = 1 the SGD step is the clipped gradient itself: norm exactly grad_clip_norm.
+    assert float(step) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer("cpu")
+    trainer.train(1, 1)
+    path = tmp_path / "ckpt.pth"
+    trainer.save_checkpoint(path)
+    good = path.read_bytes()
+
+    def save_half_then_fail(obj, file):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(tmp_path / "new.pth")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
+    assert path.read_bytes() == good
+
+
+def test_bad_arguments_are_rejected_with_their_names(device):
+    with pytest.raises(ValueError, match="momentum"):
+        make_trainer(device, momentum=1.5)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        make_trainer(device, amp_dtype=torch.int8)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        make_trainer(device, grad_clip_norm=0)
+    trainer = make_trainer(device)
+    with pytest.raises(TypeError, match="memory"):
+        ProtoOTTrainer(trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, memory="bank")
+    other_memory = PrototypeMemory([0, 0, 1, 1], dim=EMBED_DIM, num_prototypes=2)
+    with pytest.raises(ValueError, match="another memory"):
+        ProtoOTTrainer(trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, memory=other_memory)
+    with pytest.raises(ValueError, match="query_view, key_view"):
+        trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
