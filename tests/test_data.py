@@ -1,0 +1,316 @@
+"""Multi-domain folders, two views, the synthetic demo set, transforms and the feature cache."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pml_protoot.data import (
+    FeatureCache,
+    MultiDomainImageFolder,
+    TwoViewDataset,
+    eval_transform,
+    make_synthetic_domains,
+    moco_v2_transform,
+)
+
+# domain -> class -> number of images; "zebra" exists in one domain only.
+LAYOUT = {"art": {"cat": 2, "dog": 1}, "photo": {"dog": 3, "zebra": 1}, "sketch": {"cat": 1}}
+
+
+def write_layout(root, layout=LAYOUT, size=8):
+    for d_index, (domain, classes) in enumerate(layout.items()):
+        for c_index, (name, count) in enumerate(classes.items()):
+            folder = root / domain / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                colour = (40 * d_index, 40 * c_index, 20 * k)
+                Image.new("RGB", (size, size), colour).save(folder / f"img{k}.jpg")
+    return root
+
+
+def test_folder_indexes_domains_classes_and_samples(tmp_path):
+    data = MultiDomainImageFolder(write_layout(tmp_path))
+    assert data.domains == ["art", "photo", "sketch"]
+    assert data.classes == ["cat", "dog", "zebra"]
+    # Reference built by walking the layout plainly.
+    expected = []
+    for slot, domain in enumerate(sorted(LAYOUT)):
+        for name in sorted(LAYOUT[domain]):
+            for k in range(LAYOUT[domain][name]):
+                expected.append((str(tmp_path / domain / name / f"img{k}.jpg"), ["cat", "dog", "zebra"].index(name), slot))
+    assert data.samples == expected
+    assert data.targets == [label for _, label, _ in expected]
+    assert data.domain_ids.dtype == torch.long and data.domain_ids.tolist() == [slot for *_, slot in expected]
+    image, label = data[3]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == expected[3][1]
+
+
+def test_folder_selected_domains_keep_given_order_and_transform(tmp_path):
+    data = MultiDomainImageFolder(write_layout(tmp_path), domains=["sketch", "art"], transform=eval_transform(8))
+    assert data.domains == ["sketch", "art"] and data.classes == ["cat", "dog"]
+    assert data.domain_ids.tolist() == [0, 1, 1, 1]
+    assert data[0][0].shape == (3, 8, 8)
+
+
+def test_subset_holds_one_domain_with_labels(tmp_path):
+    data = MultiDomainImageFolder(write_layout(tmp_path))
+    photo = data.subset("photo")
+    assert len(photo) == 4
+    assert [photo[i][1] for i in range(len(photo))] == [1, 1, 1, 2]
+    with pytest.raises(ValueError, match="domain must be one of"):
+        data.subset("cartoon")
+
+
+def test_folder_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="root"):
+        MultiDomainImageFolder(tmp_path / "absent")
+    root = write_layout(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"\['cartoon'\] not found.*available domains: \['art', 'photo', 'sketch'\]"):
+        MultiDomainImageFolder(root, domains=["art", "cartoon"])
+    with pytest.raises(ValueError, match="at least two domains"):
+        MultiDomainImageFolder(root, domains=["art"])
+    with pytest.raises(TypeError, match="domains"):
+        MultiDomainImageFolder(root, domains="art")
+    (root / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="'empty' holds no images"):
+        MultiDomainImageFolder(root, domains=["art", "empty"])
+
+
+def test_unreadable_image_error_names_the_file(tmp_path):
+    root = write_layout(tmp_path)
+    broken = root / "art" / "cat" / "img0.jpg"
+    broken.write_bytes(b"not a jpeg")
+    data = MultiDomainImageFolder(root)
+    with pytest.raises(OSError, match=str(broken)):
+        data[0]
+
+
+def test_pacs_mini_layout(pacs_mini):
+    data = MultiDomainImageFolder(pacs_mini)
+    counts = {d: len(data.subset(d)) for d in data.domains}
+    assert counts == {"art_painting": 411, "cartoon": 471, "photo": 337, "sketch": 788}
+    assert data.classes == ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+    assert len(data) == 2007
+    for domain in data.domains:  # every file on disk is indexed under its class folder
+        on_disk = sorted(str(p) for p in (pacs_mini / domain).rglob("*") if p.is_file())
+        assert sorted(data.samples[i][0] for i in data.domain_indices(domain).tolist()) == on_disk
+    image, label = data[int(data.domain_indices("sketch")[0])]
+    assert image.mode == "RGB" and data.classes[label] == "dog"
+
+
+def test_two_view_dataset_replaces_label_by_index():
+    class LabelTrap(torch.utils.data.Dataset):
+        domain_ids = torch.tensor([0, 1, 1])
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.full((2,), float(index)), object()  # an unusable label
+
+    views = TwoViewDataset(LabelTrap(), lambda x: x * 2, lambda x: x + 1)
+    (query, key), index = views[2]
+    assert index == 2 and torch.equal(query, torch.tensor([4.0, 4.0])) and torch.equal(key, torch.tensor([3.0, 3.0]))
+    assert torch.equal(views.domain_ids, LabelTrap.domain_ids) and len(views) == 3
+    with pytest.raises(TypeError, match="callable"):
+        TwoViewDataset(LabelTrap(), None, lambda x: x)
+
+
+def test_synthetic_set_is_seeded_imbalanced_and_fast():
+    start = time.perf_counter()
+    data = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), domains=("filled", "outline"), seed=3)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0
+    counts = {d: np.bincount(np.array(data.targets)[data.domain_indices(d).numpy()]).tolist() for d in data.domains}
+    assert counts == {"filled": [40, 35, 30, 25, 20], "outline": [35, 30, 25, 20, 40]}
+    again = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), seed=3)
+    other = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), seed=4)
+    assert np.array_equal(np.asarray(data[7][0]), np.asarray(again[7][0]))
+    assert not np.array_equal(np.asarray(data[7][0]), np.asarray(other[7][0]))
+    assert data.fingerprint() == again.fingerprint() != other.fingerprint()
+
+
+def test_synthetic_domains_look_different():
+    data = make_synthetic_domains(num_classes=3, images_per_class=6, domains=("filled", "outline", "dots"))
+    white_fraction = {}
+    for domain in data.domains:
+        pixels = np.stack([np.asarray(data[i][0]) for i in data.domain_indices(domain).tolist()])
+        white_fraction[domain] = float((pixels == 255).all(-1).mean())
+    # Line drawings sit on white; filled shapes sit on a noisy tinted background.
+    assert white_fraction["filled"] < 0.05
+    assert white_fraction["outline"] > 0.7 and white_fraction["dots"] > 0.7
+
+
+def test_synthetic_classes_differ_within_a_domain():
+    """Mean binary mask of the shape classes differ: the class is visible in the pixels."""
+    data = make_synthetic_domains(num_classes=3, images_per_class=30, domains=("outline", "dots"), image_size=32)
+    ink = np.stack([(np.asarray(data[i][0]) < 200).all(-1).mean() for i in range(len(data))])
+    labels = np.array(data.targets)
+    per_class = [ink[labels == c].mean() for c in range(3)]
+    # A circle outline is longer than a triangle's at equal radius: more ink.
+    assert per_class[0] > per_class[1]
+
+
+def test_synthetic_set_written_to_folder_reads_back_identically(tmp_path):
+    memory = make_synthetic_domains(num_classes=2, images_per_class=(3, 2), seed=1)
+    folder = make_synthetic_domains(tmp_path, num_classes=2, images_per_class=(3, 2), seed=1)
+    assert isinstance(folder, MultiDomainImageFolder)
+    assert folder.targets == memory.targets and folder.domain_ids.tolist() == memory.domain_ids.tolist()
+    for i in range(len(memory)):
+        assert np.array_equal(np.asarray(folder[i][0]), np.asarray(memory[i][0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=99), "num_classes"),
+        (dict(domains=("filled",)), "two or more"),
+        (dict(domains=("filled", "watercolour")), "two or more"),
+        (dict(images_per_class=(4, 0)), "images_per_class"),
+        (dict(image_size=4), "image_size"),
+    ],
+)
+def test_synthetic_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_synthetic_domains(**kwargs)
+
+
+def test_transforms_shapes_normalisation_and_randomness():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    evaluated = eval_transform(32)(image)
+    assert evaluated.shape == (3, 32, 32) and evaluated.dtype == torch.float32
+    assert torch.equal(evaluated, eval_transform(32)(image))
+    # Reference for the eval view: resize shorter side to 36 (=32*256/224), centre crop, ImageNet norm.
+    resized = image.resize((45, 36), Image.BILINEAR)
+    left, top = (45 - 32) // 2, 2
+    crop = np.asarray(resized.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1)).float()
+    torch.testing.assert_close(evaluated, expected, atol=0.05, rtol=0)
+    augment = moco_v2_transform(32)
+    torch.manual_seed(0)
+    first, second = augment(image), augment(image)
+    assert first.shape == (3, 32, 32) and not torch.equal(first, second)
+
+
+class CountingTrunk(torch.nn.Module):
+    """Mean colour and spatial statistics as features; counts forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1) * self.scale
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return make_synthetic_domains(tmp_path / "data", num_classes=2, images_per_class=(3, 2), image_size=16)
+
+
+def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, device="cpu"):
+    return FeatureCache(
+        dataset, trunk, train_view=moco_v2_transform(image_size), eval_view=eval_transform(image_size),
+        num_views=num_views, path=path, batch_size=4, seed=seed, progress=False, device=device,
+    )
+
+
+def test_feature_cache_computes_eval_and_views_then_reloads_without_trunk(tiny_folder, tmp_path, device):
+    trunk = CountingTrunk().to(device)
+    trunk.train()
+    cache = build_cache(tiny_folder, trunk, tmp_path / "cache.pt", device=device)
+    n = len(tiny_folder)
+    assert trunk.training  # mode restored
+    assert cache.eval_features.shape == (n, 6) and cache.view_features.shape == (3, n, 6)
+    assert cache.eval_features.device.type == "cpu" and cache.eval_features.dtype == torch.float32
+    # Reference: eval features written plainly, one image at a time.
+    images = [eval_transform(16)(tiny_folder[i][0])[None].to(device) for i in range(n)]
+    expected = torch.cat([trunk(image) for image in images]).detach().cpu()
+    torch.testing.assert_close(cache.eval_features, expected)
+    trunk.calls = 0
+    reloaded = build_cache(tiny_folder, trunk, tmp_path / "cache.pt", device=device)
+    assert trunk.calls == 0
+    assert torch.equal(reloaded.view_features, cache.view_features)
+    assert torch.equal(reloaded.eval_features, cache.eval_features)
+
+
+def test_feature_cache_is_seeded(tiny_folder):
+    a = build_cache(tiny_folder, CountingTrunk(), None, seed=1)
+    b = build_cache(tiny_folder, CountingTrunk(), None, seed=1)
+    c = build_cache(tiny_folder, CountingTrunk(), None, seed=2)
+    assert torch.equal(a.view_features, b.view_features)
+    assert not torch.equal(a.view_features, c.view_features)
+
+
+@pytest.mark.parametrize("change", ["file", "transform", "weights", "views"])
+def test_feature_cache_invalidated_by_changes(change, tiny_folder, tmp_path):
+    trunk = CountingTrunk()
+    path = tmp_path / "cache.pt"
+    original = build_cache(tiny_folder, trunk, path)
+    trunk.calls = 0
+    kwargs = {}
+    dataset = tiny_folder
+    if change == "file":
+        first = tiny_folder.samples[0][0]
+        Image.new("RGB", (16, 16), "red").save(first)
+        os.utime(first, ns=(time.time_ns(), time.time_ns() + 10**9))
+        dataset = MultiDomainImageFolder(tiny_folder.root)
+    elif change == "transform":
+        kwargs["image_size"] = 12
+    elif change == "weights":
+        with torch.no_grad():
+            trunk.scale.fill_(2.0)
+    else:
+        kwargs["num_views"] = 2
+    rebuilt = build_cache(dataset, trunk, path, **kwargs)
+    assert trunk.calls > 0
+    if change == "views":
+        assert rebuilt.view_features.shape[0] == 2
+    elif change == "weights":
+        torch.testing.assert_close(rebuilt.eval_features, 2 * original.eval_features)
+    else:
+        assert not torch.equal(rebuilt.eval_features[0], original.eval_features[0])
+    trunk.calls = 0
+    build_cache(dataset, trunk, path, **kwargs)  # the rebuilt cache was saved under the new key
+    assert trunk.calls == 0
+
+
+def test_feature_cache_train_dataset_gives_two_different_views_and_index(tiny_folder):
+    cache = build_cache(tiny_folder, CountingTrunk(), None, num_views=3)
+    train = cache.train_dataset(seed=5)
+    assert torch.equal(train.domain_ids, tiny_folder.domain_ids) and len(train) == len(tiny_folder)
+    for index in range(len(train)):
+        (view_a, view_b), returned = train[index]
+        assert returned == index
+        matches = [v for v in range(3) if torch.equal(cache.view_features[v, index], view_a)]
+        others = [v for v in range(3) if torch.equal(cache.view_features[v, index], view_b)]
+        assert matches and others and set(matches).isdisjoint(others)
+    draws = [cache.train_dataset(seed=s) for s in (7, 7, 8)]
+    sequences = [torch.stack([d[i % len(d)][0][0] for i in range(40)]) for d in draws]
+    assert torch.equal(sequences[0], sequences[1]) and not torch.equal(sequences[0], sequences[2])
+
+
+def test_feature_cache_eval_dataset_keeps_labels(tiny_folder):
+    cache = build_cache(tiny_folder, CountingTrunk(), None)
+    for domain in tiny_folder.domains:
+        indices = tiny_folder.domain_indices(domain).tolist()
+        evaluation = cache.eval_dataset(domain)
+        assert len(evaluation) == len(indices)
+        for row, index in enumerate(indices):
+            features, label = evaluation[row]
+            assert int(label) == tiny_folder.targets[index]
+            assert torch.equal(features, cache.eval_features[index])
+
+
+def test_feature_cache_bad_input(tiny_folder):
+    with pytest.raises(TypeError, match="MultiDomainDataset"):
+        build_cache(torch.utils.data.TensorDataset(torch.zeros(2)), CountingTrunk(), None)
+    with pytest.raises(ValueError, match="num_views"):
+        build_cache(tiny_folder, CountingTrunk(), None, num_views=1)
