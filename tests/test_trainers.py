@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
+from pml_protoot.data import TwoViewDataset
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.miners import ProtoOTMiner
@@ -43,18 +44,9 @@ class LabelledFeatures(torch.utils.data.Dataset):
         return self.features[index], int(self.classes[index])
 
 
-class TwoNoisyViews(torch.utils.data.Dataset):
-    """((query_view, key_view), index) of a labelled dataset: jittered copies, the label dropped."""
-
-    def __init__(self, dataset, jitter=0.1):
-        self.dataset, self.jitter = dataset, jitter
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        feature, _ = self.dataset[index]
-        return (feature + self.jitter * torch.randn_like(feature), feature + self.jitter * torch.randn_like(feature)), index
+def jitter(feature):
+    """A random view of a cached feature (the augmentation of feature-cache mode)."""
+    return feature + 0.1 * torch.randn_like(feature)
 
 
 def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, **kwargs):
@@ -80,7 +72,7 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, **kwa
         {"embedder_optimizer": torch.optim.Adam(params, lr=0.01)},
         BATCH,
         {"metric_loss": metric_loss},
-        TwoNoisyViews(labelled),
+        TwoViewDataset(labelled, jitter, jitter),
         memory,
         mining_funcs=mining_funcs,
         data_device=torch.device(device),
