@@ -1,0 +1,144 @@
+"""CrossDomainTester: pairs, one embedding pass per domain, PML hook compatibility, errors."""
+import json
+
+import pytest
+import torch
+from pytorch_metric_learning.utils.logging_presets import HookContainer
+
+from pml_protoot.accuracy import PrecisionAtKCalculator
+from pml_protoot.testers import CrossDomainTester
+
+
+class CountingTrunk(torch.nn.Module):
+    """Linear trunk that counts how many images it has embedded."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim_in, dim_out)
+        self.images_seen = 0
+
+    def forward(self, x):
+        self.images_seen += len(x)
+        return self.linear(x)
+
+
+def domain_datasets(sizes, dim=6, num_classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    datasets = {}
+    for name, size in sizes.items():
+        images = torch.randn(size, dim, generator=generator)
+        labels = torch.randperm(size, generator=generator) % num_classes  # every class in every domain
+        datasets[name] = torch.utils.data.TensorDataset(images, labels)
+    return datasets
+
+
+def make_tester(**kwargs):
+    calc = PrecisionAtKCalculator(k_values=(1, 5), exclude=("NMI", "AMI"), device=torch.device("cpu"))
+    return CrossDomainTester(accuracy_calculator=calc, batch_size=7, dataloader_num_workers=0, **kwargs)
+
+
+def test_three_domains_give_six_pairs_and_embed_each_once(device):
+    sizes = {"art": 11, "photo": 9, "sketch": 13}
+    datasets = domain_datasets(sizes)
+    trunk = CountingTrunk(6, 4).to(device)
+    tester = make_tester()
+    results = tester.test(datasets, 3, trunk)
+    expected_pairs = {f"{a}->{b}" for a in sizes for b in sizes if a != b}
+    assert set(results) == expected_pairs | {"mean"}
+    assert trunk.images_seen == sum(sizes.values())
+    assert all(values["epoch"] == 3 for values in results.values())
+    json.dumps(results)  # plain Python numbers only
+
+
+def test_pair_results_equal_calculator_on_model_embeddings(device):
+    datasets = domain_datasets({"photo": 10, "sketch": 12})
+    trunk = CountingTrunk(6, 4).to(device)
+    tester = make_tester()
+    results = tester.test(datasets, 0, trunk)
+    with torch.no_grad():
+        embeddings = {name: trunk(data.tensors[0].to(device)).cpu() for name, data in datasets.items()}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    direct = tester.accuracy_calculator.get_accuracy(embeddings["photo"], labels["photo"], embeddings["sketch"], labels["sketch"])
+    for metric, value in direct.items():
+        assert results["photo->sketch"][metric] == pytest.approx(value, rel=1e-5)
+    for metric in direct:
+        mean = (results["photo->sketch"][metric] + results["sketch->photo"][metric]) / 2
+        assert results["mean"][metric] == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_evaluate_matches_test_shape_and_restricts_pairs(dtype):
+    generator = torch.Generator().manual_seed(1)
+    embeddings = {name: torch.randn(8, 4, generator=generator, dtype=dtype) for name in ("a", "b", "c")}
+    labels = {name: torch.randint(0, 2, (8,), generator=generator) for name in ("a", "b", "c")}
+    tester = make_tester()
+    results = tester.evaluate(embeddings, labels, pairs=[("a", "c")])
+    assert set(results) == {"a->c", "mean"}
+    assert results["mean"] == results["a->c"]
+    expected = tester.accuracy_calculator.get_accuracy(embeddings["a"], labels["a"], embeddings["c"], labels["c"])
+    assert results["a->c"] == pytest.approx(expected)
+
+
+def test_pairs_restrict_embedding_to_named_domains():
+    datasets = domain_datasets({"art": 5, "photo": 6, "sketch": 7})
+    trunk = CountingTrunk(6, 4)
+    results = make_tester().test(datasets, 0, trunk, pairs=[("photo", "sketch")])
+    assert set(results) == {"photo->sketch", "mean"}
+    assert trunk.images_seen == 6 + 7
+
+
+def test_summary_table_lists_pairs_and_metrics():
+    datasets = domain_datasets({"photo": 6, "sketch": 7})
+    tester = make_tester()
+    tester.test(datasets, 0, CountingTrunk(6, 4))
+    table = tester.summary_table()
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "pair" and "precision_at_5" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["photo->sketch", "sketch->photo", "mean"]
+    assert float(lines[-1].split()[lines[0].split().index("precision_at_1")]) == pytest.approx(
+        100 * tester.results["mean"]["precision_at_1"], abs=0.005
+    )
+
+
+class MemoryRecordKeeper:
+    """The part of record-keeper's interface HookContainer.end_of_testing_hook uses."""
+
+    def __init__(self):
+        self.records, self.hash_map = [], {}
+
+    def update_records(self, record, epoch, parent_name=None, **kwargs):
+        self.records.append((parent_name, epoch, dict(record)))
+
+    def table_exists(self, name):
+        return False
+
+
+def test_hook_container_reads_mean_primary_metric():
+    hooks = HookContainer(MemoryRecordKeeper(), primary_metric="precision_at_5", validation_split_name="mean")
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook)
+    tester.test(domain_datasets({"photo": 6, "sketch": 7}), 2, CountingTrunk(6, 4))
+    assert hooks.get_curr_primary_metric(tester, "mean") == tester.all_accuracies["mean"]["precision_at_5"]
+    best = [record for name, _, record in hooks.record_keeper.records if "best_epoch" in record]
+    assert len(best) == 3 and all(record["best_epoch"] == 2 for record in best)
+
+
+def test_bad_input():
+    tester = make_tester()
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"labels_by_domain\['b'\] must have one label per 'b' embedding"):
+        tester.evaluate({"a": x, "b": x}, {"a": y, "b": y[:3]})
+    with pytest.raises(ValueError, match=r"labels_by_domain\['a'\] must be 1-D"):
+        tester.evaluate({"a": x, "b": x}, {"a": y[:, None], "b": y})
+    with pytest.raises(ValueError, match="unknown domain"):
+        tester.evaluate({"a": x, "b": x}, {"a": y, "b": y}, pairs=[("a", "photo")])
+    with pytest.raises(ValueError, match="two different domains"):
+        tester.evaluate({"a": x, "b": x}, {"a": y, "b": y}, pairs=[("a", "a")])
+    with pytest.raises(ValueError, match="same domains"):
+        tester.evaluate({"a": x, "b": x}, {"a": y})
+    with pytest.raises(ValueError, match="at least two domains"):
+        tester.evaluate({"a": x}, {"a": y})
+    with pytest.raises(ValueError, match=r"embeddings_by_domain\['b'\] must hold at least one"):
+        tester.evaluate({"a": x, "b": x[:0]}, {"a": y, "b": y[:0]})
+    datasets = domain_datasets({"photo": 3, "sketch": 0})
+    with pytest.raises(ValueError, match=r"dataset_dict\['sketch'\] must hold at least one item"):
+        tester.test(datasets, 0, CountingTrunk(6, 4))
