@@ -38,12 +38,14 @@ def sinkhorn(
     :math:`\beta` and then sample rows to :math:`1/N`, exactly as the official ProtoOT
     (and SwAV) code does, so a fixed number of rounds gives the official result.
 
-    Unlike the official formula (``exp(S / epsilon)`` then repeated division), the first
-    round is taken in the log domain and folded into a row-stabilised kernel whose
-    entries lie in ``[0, 1/N]``; the remaining rounds only update two scaling vectors
-    (two matrix-vector products a round, no rewrite of the N x K plan). Nothing
-    overflows for any ``scores / epsilon``; if a scaling vector still under- or
-    overflows (extreme ``epsilon``), the call falls back to plain log-domain rounds.
+    Unlike the official formula (``exp(S / epsilon)`` then repeated division of the whole
+    plan), round 1 builds a kernel :math:`W = e^{S/\varepsilon - c}` shifted by its column
+    log-sum-exp ``c`` (so nothing overflows for any ``scores / epsilon``) in a single N x K
+    buffer; later rounds only update the scaling vectors ``u, v`` of
+    :math:`Q = \operatorname{diag}(u) W \operatorname{diag}(v)` (two matrix-vector products
+    a round). If a scaling vector still under- or overflows (an extreme class marginal,
+    e.g. :math:`\beta_k < 10^{-38}` in float32 with tiny ``epsilon``), the call falls back
+    to plain log-domain rounds.
 
     Args:
         scores: ``(N, K)`` or batched ``(B, N, K)`` similarities of samples to prototypes.
@@ -62,17 +64,20 @@ def sinkhorn(
         ``P`` with the shape of ``scores``, float32 (float64 for float64 input), no gradient.
 
     Raises:
-        TypeError: ``scores`` is not a floating tensor.
-        ValueError: bad shapes, non-finite scores, ``epsilon <= 0``, ``iterations < 1``,
-            or a negative/all-zero ``class_marginal``.
+        TypeError: ``scores`` is not a floating tensor; ``epsilon``/``tol`` are not real
+            numbers; ``class_marginal`` is not numeric.
+        ValueError: bad shapes, non-finite scores, ``epsilon <= 0``, ``iterations`` not an
+            integer >= 1, ``tol <= 0``, or a negative/all-zero/mis-shaped ``class_marginal``.
 
     Example:
         >>> import torch
-        >>> from pml_protoot import sinkhorn
-        >>> P = sinkhorn(torch.randn(6, 3), torch.tensor([0.5, 0.25, 0.25]), iterations=50)
+        >>> from pml_protoot.ot import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> scores = torch.rand(6, 3) * 2 - 1  # cosine similarities
+        >>> P = sinkhorn(scores, torch.tensor([0.5, 0.25, 0.25]), iterations=1000, tol=1e-6)
         >>> torch.allclose(P.sum(1), torch.ones(6))
         True
-        >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-3)
+        >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-4)
         True
     """
     _check_arguments(scores, epsilon, iterations, tol)
@@ -89,7 +94,8 @@ def _check_arguments(scores, epsilon, iterations, tol) -> None:
         raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
         raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
-    check_finite("scores", scores)
+    if not torch.isfinite(scores.sum(dtype=_compute_dtype(scores))):  # one cheap pass; exact check only then
+        check_finite("scores", scores)
     _check_positive_real("epsilon", epsilon)
     check_positive_int("iterations", iterations)
     if tol is not None:
@@ -133,24 +139,54 @@ def _log_class_marginal(class_marginal, scores: torch.Tensor) -> torch.Tensor:
     return beta.log().unsqueeze(-2)
 
 
-def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool) -> torch.Tensor:
-    logits = scores.to(_compute_dtype(scores))
-    if normalize_scores:
-        logits = torch.nn.functional.normalize(logits, dim=-1)
-    return logits / epsilon
+def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=None) -> torch.Tensor:
+    """``scores / epsilon`` in the compute dtype (rows L2-normalised first if asked), into ``out``."""
+    dtype = _compute_dtype(scores)
+    if out is None:
+        out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
+    divisor = epsilon
+    if normalize_scores:  # as F.normalize(scores, dim=-1)
+        norms = torch.linalg.vector_norm(scores, dim=-1, keepdim=True, dtype=dtype)
+        divisor = norms.clamp_min(1e-12).mul_(epsilon)
+    if scores.dtype == dtype:
+        return torch.div(scores, divisor, out=out)
+    return out.copy_(scores).div_(divisor)  # upcast first: the quotient needs float32 precision
+
+
+# Round-1 kernel rows whose largest entry is below exp(-27) are rebuilt exactly: beyond
+# that, entries lost to underflow when shifting by the column max could matter.
+_MIN_ROW_MAX = math.exp(-27.0)
+
+
+def _round_one_kernel(scores, log_beta, epsilon, normalize_scores):
+    """Return ``W = exp(S/eps - c)`` up to a per-row factor, with ``c`` the round-1 column shift.
+
+    Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. Shifting
+    by the column max makes every ``exp`` safe and needs one N x K buffer; rows lying far below
+    every column max (tiny ``epsilon``) are instead rebuilt in that buffer, stabilised per row.
+    """
+    kernel = _logits(scores, epsilon, normalize_scores)
+    column_max = kernel.amax(dim=-2, keepdim=True)
+    kernel.sub_(column_max).exp_()
+    column_sum = kernel.sum(dim=-2, keepdim=True)
+    kernel.mul_(log_beta.exp() / column_sum)
+    if kernel.amax(dim=-1).min() >= _MIN_ROW_MAX:
+        return kernel
+    log_shift = column_max + column_sum.log() - log_beta
+    _logits(scores, epsilon, normalize_scores, out=kernel).sub_(log_shift)
+    return kernel.sub_(kernel.amax(dim=-1, keepdim=True)).exp_()
 
 
 def _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
-    """Scaling-vector Sinkhorn on a once-stabilised kernel; ``None`` if it under/overflows."""
-    logits = _logits(scores, epsilon, normalize_scores)
-    num_samples = logits.shape[-2]
-    # Round 1 in the log domain: columns to beta, then rows to 1/N, folded into the kernel.
-    logits += log_beta - torch.logsumexp(logits, dim=-2, keepdim=True)
-    logits -= logits.amax(dim=-1, keepdim=True)
-    kernel = logits.exp_()
-    kernel /= num_samples * kernel.sum(dim=-1, keepdim=True)
+    """Scaling-vector Sinkhorn on a once-stabilised kernel; ``None`` if it under/overflows.
+
+    The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
+    matrix-vector products instead of rewriting the N x K plan.
+    """
+    kernel = _round_one_kernel(scores, log_beta, epsilon, normalize_scores)
+    num_samples = kernel.shape[-2]
     beta = log_beta.exp()
-    u = torch.ones_like(kernel[..., :1])
+    u = 1.0 / (num_samples * kernel.sum(dim=-1, keepdim=True))  # round 1, rows to 1/N
     v = torch.ones_like(kernel[..., :1, :])
     for _ in range(iterations - 1):
         column_mass = torch.matmul(u.transpose(-1, -2), kernel)  # (..., 1, K)
@@ -160,7 +196,7 @@ def _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, to
         u = 1.0 / (num_samples * torch.matmul(kernel, v.transpose(-1, -2)))
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
             return None
-    return kernel.mul_(u).mul_(v).mul_(num_samples)
+    return kernel.mul_(u * num_samples).mul_(v)
 
 
 def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
