@@ -92,7 +92,6 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
     state, source = _read_state_dict(weights)
     expected = trunk.state_dict()
     state = _drop_absent_classifier(trunk, state, expected)
-    problems = []
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     mismatched = [
@@ -100,9 +99,8 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
         for key in expected
         if key in state and expected[key].shape != state[key].shape
     ]
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-        if items:
-            problems.append(f"{label} {items}")
+    checks = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    problems = [f"{label} {items}" for label, items in checks if items]
     if problems:
         raise ValueError(f"weights{source} do not match the model: " + "; ".join(problems))
     trunk.load_state_dict(state, strict=True)
@@ -119,7 +117,9 @@ def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
         raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
-        raise TypeError(f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}")
+        raise TypeError(
+            f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}"
+        )
     return state, f" from {os.fspath(weights)!r}"
 
 

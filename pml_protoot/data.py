@@ -128,7 +128,9 @@ class MultiDomainImageFolder(MultiDomainDataset):
     def __init__(self, root, domains: Sequence[str] | None = None, transform=None, extensions=IMG_EXTENSIONS):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"root must be a folder of <domain>/<class>/ images, {str(root)!r} is not one")
+            raise FileNotFoundError(
+                f"root must be a folder of <domain>/<class>/ images, {str(root)!r} is not one"
+            )
         available = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
         domains = available if domains is None else _check_domain_names(domains, available, self.root)
         extensions = tuple(ext.lower() for ext in extensions)
@@ -141,7 +143,9 @@ class MultiDomainImageFolder(MultiDomainDataset):
                 files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
                 samples += [(str(folder / f), classes.index(name), slot) for f in files]
         super().__init__(list(domains), classes, samples, transform)
-        logger.info("MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes))
+        logger.info(
+            "MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes)
+        )
 
     def load_image(self, path: str) -> Image.Image:
         try:
@@ -181,7 +185,8 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         >>> from PIL import Image
         >>> from pml_protoot.data import InMemoryMultiDomainDataset
         >>> blank = Image.new("RGB", (8, 8))
-        >>> data = InMemoryMultiDomainDataset({("a", "x"): [blank], ("b", "x"): [blank, blank]}, ["a", "b"], ["x"])
+        >>> images = {("a", "x"): [blank], ("b", "x"): [blank, blank]}
+        >>> data = InMemoryMultiDomainDataset(images, ["a", "b"], ["x"])
         >>> len(data), data.domain_ids.tolist(), data[2][1]
         (3, [0, 1, 1], 0)
     """
@@ -252,26 +257,32 @@ SYNTHETIC_SHAPES = ("circle", "triangle", "square", "star", "cross", "moon")
 SYNTHETIC_STYLES = ("filled", "outline", "dots")
 
 
+def _ring(n: int, radius: float = 1.0, start: float = 0.0) -> np.ndarray:
+    """Return ``n`` evenly spaced ``(n, 2)`` points on a circle, the first at angle ``start``."""
+    angles = start + np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return radius * np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
 def _shape_outline(shape: str) -> np.ndarray:
     """Return the ``(P, 2)`` closed outline of ``shape`` in unit coordinates (radius about 1)."""
-    angles = lambda n, start=0.0: start + np.linspace(0, 2 * np.pi, n, endpoint=False)  # noqa: E731
-    ring = lambda n, r=1.0, start=0.0: r * np.stack([np.cos(angles(n, start)), np.sin(angles(n, start))], 1)  # noqa: E731
     if shape == "circle":
-        return ring(40)
+        return _ring(40)
     if shape == "triangle":
-        return ring(3, start=-np.pi / 2)
+        return _ring(3, start=-np.pi / 2)
     if shape == "square":
-        return ring(4, start=np.pi / 4)
+        return _ring(4, start=np.pi / 4)
     if shape == "star":
-        points = ring(10, start=-np.pi / 2)
+        points = _ring(10, start=-np.pi / 2)
         points[1::2] *= 0.4
         return points
     if shape == "cross":
         a, b = 0.33, 1.0
-        return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
+        quarter = np.array([[-a, -b], [a, -b], [a, -a]])  # one arm; the others by 90-degree turns
+        turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+        return np.concatenate([quarter @ np.linalg.matrix_power(turn, k).T for k in range(4)])
     # moon: outer arc of the unit circle, back along an inner arc of an offset circle.
-    outer = ring(24, start=np.pi / 2)[:13]
-    inner = 0.4 * np.array([1.0, 0.0]) + ring(24, r=0.9, start=np.pi / 2)[:13][::-1] * [0.75, 1.0]
+    outer = _ring(24, start=np.pi / 2)[:13]
+    inner = 0.4 * np.array([1.0, 0.0]) + _ring(24, radius=0.9, start=np.pi / 2)[:13][::-1] * [0.75, 1.0]
     return np.concatenate([outer, inner])
 
 
@@ -313,6 +324,8 @@ def _class_counts(images_per_class, num_classes: int, slot: int) -> list[int]:
     """Per-class counts of domain ``slot``: linear from most to fewest, rotated by ``slot``."""
     if isinstance(images_per_class, int):
         return [check_positive_int("images_per_class", images_per_class)] * num_classes
+    if len(images_per_class) != 2:
+        raise ValueError(f"images_per_class must be an int or (most, fewest), got {images_per_class!r}")
     most, fewest = images_per_class
     check_positive_int("images_per_class[0]", most)
     check_positive_int("images_per_class[1]", fewest)
@@ -366,7 +379,9 @@ def make_synthetic_domains(
         >>> data[0][0].size
         (64, 64)
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(SYNTHETIC_SHAPES):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(
+        SYNTHETIC_SHAPES
+    ):
         raise ValueError(f"num_classes must be an integer in [1, {len(SYNTHETIC_SHAPES)}], got {num_classes!r}")
     domains = list(domains)
     unknown = [d for d in domains if d not in SYNTHETIC_STYLES]
@@ -393,7 +408,9 @@ def make_synthetic_domains(
 # ---------------------------------------------------------------- transforms
 
 
-def moco_v2_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+def moco_v2_transform(
+    image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+) -> T.Compose:
     """MoCo-v2 augmentation as ProtoOT trains with it (PIL image -> ``(3, S, S)`` tensor).
 
     RandomResizedCrop(scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale
@@ -482,7 +499,8 @@ class FeatureCache:
 
     Example:
         >>> import torch
-        >>> from pml_protoot.data import FeatureCache, eval_transform, make_synthetic_domains, moco_v2_transform
+        >>> from pml_protoot.data import FeatureCache, make_synthetic_domains
+        >>> from pml_protoot.data import eval_transform, moco_v2_transform
         >>> data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16)
         >>> trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
         >>> cache = FeatureCache(data, trunk, train_view=moco_v2_transform(16), eval_view=eval_transform(16),
@@ -511,13 +529,17 @@ class FeatureCache:
         progress: bool = True,
     ):
         if not isinstance(dataset, MultiDomainDataset):
-            raise TypeError(f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}")
+            raise TypeError(
+                f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}"
+            )
         if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
             raise ValueError(f"num_views must be an integer >= 2 (two views a sample), got {num_views!r}")
         self.dataset = dataset
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_workers, self.progress, self.seed = num_workers, progress, seed
-        self.key = _digest([dataset.fingerprint(), repr(eval_view), repr(train_view), _weights_digest(trunk), str(num_views), str(seed)])
+        self.key = _digest([
+            dataset.fingerprint(), repr(eval_view), repr(train_view), _weights_digest(trunk), str(num_views), str(seed)
+        ])
         self.path = None if path is None else Path(path)
         if not self._load():
             self._compute(trunk, train_view, eval_view, num_views, torch.device(device))
@@ -528,7 +550,7 @@ class FeatureCache:
             return False
         stored = torch.load(self.path, map_location="cpu", weights_only=True)
         if stored.get("key") != self.key:
-            logger.info("feature cache %s is stale (data, transforms, weights or views changed): recomputing", self.path)
+            logger.info("feature cache %s is stale (data, transforms, weights or views changed)", self.path)
             return False
         self.eval_features, self.view_features = stored["eval"], stored["views"]
         logger.info("loaded cached features from %s", self.path)
@@ -562,8 +584,8 @@ class FeatureCache:
         loader = torch.utils.data.DataLoader(
             _Transformed(self.dataset, transform), batch_size=self.batch_size, num_workers=self.num_workers
         )
-        features = [trunk(images.to(device)).float().cpu() for images in tqdm(loader, description, disable=not self.progress)]
-        return torch.cat(features)
+        batches = tqdm(loader, description, disable=not self.progress)
+        return torch.cat([trunk(images.to(device)).float().cpu() for images in batches])
 
     def train_dataset(self, seed: int = 0) -> "CachedTwoViewDataset":
         """Label-free training set: item ``i`` is ``((view_a, view_b), i)``, two distinct cached views."""

@@ -123,8 +123,7 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         """Concatenate (re)shuffled copies of ``indices`` until ``length`` entries exist."""
         copies = []
         for _ in range(math.ceil(length / len(indices))):
-            order = torch.randperm(len(indices), generator=generator) if self.shuffle else torch.arange(len(indices))
-            copies.append(indices[order])
+            copies.append(indices[torch.randperm(len(indices), generator=generator)] if self.shuffle else indices)
         return torch.cat(copies)[:length]
 
     def __iter__(self):
