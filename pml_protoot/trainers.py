@@ -136,7 +136,9 @@ class ProtoOTTrainer(BaseTrainer):
             raise ValueError(f"grad_clip_norm must be a positive number or None, got {grad_clip_norm!r}")
         metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
         if isinstance(metric_loss, ProtoOTLoss) and metric_loss.memory is not memory:
-            raise ValueError("loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory")
+            raise ValueError(
+                "loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory"
+            )
         self.memory = memory
         self.fill_dataset = fill_dataset
         self.amp_dtype = amp_dtype
@@ -144,7 +146,9 @@ class ProtoOTTrainer(BaseTrainer):
         self.checkpoint_dir = checkpoint_dir
         self._initial_momentum = momentum
         self.cross_domain_weight = 0.0
-        super().__init__(models, optimizers, batch_size, loss_funcs, dataset, mining_funcs=mining_funcs, sampler=sampler, **pml_kwargs)
+        super().__init__(
+            models, optimizers, batch_size, loss_funcs, dataset, mining_funcs=mining_funcs, sampler=sampler, **pml_kwargs
+        )
 
     # ----- setup -------------------------------------------------------------------------
     def initialize_models(self):
@@ -215,7 +219,9 @@ class ProtoOTTrainer(BaseTrainer):
         metric_loss = self.loss_funcs["metric_loss"]
         if isinstance(metric_loss, ProtoOTLoss):
             self.cross_domain_weight = metric_loss.current_cross_domain_weight()
-        logger.info("epoch %d: memory epoch %d, cross-domain weight %g", self.epoch, self.epoch - 1, self.cross_domain_weight)
+        logger.info(
+            "epoch %d: memory epoch %d, cross-domain weight %g", self.epoch, self.epoch - 1, self.cross_domain_weight
+        )
 
     @torch.no_grad()
     def fill_memory(self):
@@ -382,6 +388,7 @@ def _set_rng_state(state: dict) -> None:
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = state["numpy"]
-    np.random.set_state(("MT19937", numpy_keys.numpy().astype(np.uint32), numpy_position, numpy_has_gauss, numpy_gauss))
+    numpy_keys = numpy_keys.numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss))
     python_version, python_internal, python_gauss = state["python"]
     random.setstate((python_version, tuple(python_internal.tolist()), python_gauss))

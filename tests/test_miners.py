@@ -25,7 +25,8 @@ def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0):
     classes = torch.cat([torch.arange(n) % num_classes for n in per_domain])
     # Each domain adds its own small shift, so domains differ but classes stay separated.
     shifts = 0.2 * torch.eye(dim)[num_classes : num_classes + len(per_domain)]
-    keys = F.normalize(centers[classes] + shifts[domains] + 0.05 * torch.randn(len(classes), dim, generator=generator), dim=1)
+    noise = 0.05 * torch.randn(len(classes), dim, generator=generator)
+    keys = F.normalize(centers[classes] + shifts[domains] + noise, dim=1)
     memory = PrototypeMemory(domains, dim=dim, num_prototypes=num_classes, kmeans_nredo=1)
     memory.fill(keys, torch.arange(len(classes)))
     memory.recluster(0)
@@ -33,7 +34,8 @@ def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0):
         in_domain = domains == slot
         means = torch.stack([keys[in_domain & (classes == c)].mean(0) for c in range(num_classes)])
         memory.prototypes[slot] = F.normalize(means, dim=1)
-        memory.class_marginals[slot] = torch.bincount(classes[in_domain], minlength=num_classes) / in_domain.sum()
+        class_sizes = torch.bincount(classes[in_domain], minlength=num_classes)
+        memory.class_marginals[slot] = class_sizes / in_domain.sum()
     return memory.to(device=device, dtype=dtype), classes
 
 
@@ -58,7 +60,8 @@ def test_perfect_prototypes_mine_exactly_the_class_pairs(device, dtype):
     embeddings = torch.randn(len(batch), 5, device=device, dtype=dtype)
     a1, p, a2, n = ProtoOTMiner(memory)(embeddings, batch.to(device))
     positives, negatives = pair_sets(a1, p, a2, n)
-    expected_pos, expected_neg = brute_force_pairs(classes[batch].tolist(), classes[batch].tolist(), exclude_self=True)
+    batch_classes = classes[batch].tolist()
+    expected_pos, expected_neg = brute_force_pairs(batch_classes, batch_classes, exclude_self=True)
     assert positives == expected_pos and negatives == expected_neg
     assert a1.device.type == torch.device(device).type
     # The batch mixes domains, so cross-domain positives are part of the check.
@@ -76,7 +79,8 @@ def test_with_ref_emb_every_query_key_pair_of_a_sample_is_positive(device, dtype
     positives, negatives = pair_sets(*mined)
     expected = brute_force_pairs(classes[batch].tolist(), classes[refs].tolist(), exclude_self=False)
     assert (positives, negatives) == expected
-    same_sample = {(i, j) for i, j in itertools.product(range(len(batch)), range(len(refs))) if batch[i] == refs[j]}
+    all_pairs = itertools.product(range(len(batch)), range(len(refs)))
+    same_sample = {(i, j) for i, j in all_pairs if batch[i] == refs[j]}
     assert same_sample and same_sample <= positives
 
 
@@ -98,9 +102,11 @@ def test_triplets_are_every_anchor_positive_negative_combination(device):
 def test_cross_domain_false_mines_same_domain_pairs_only(device):
     memory, classes = separated_memory(device, torch.float32)
     batch = torch.tensor([0, 4, 5, 9, 10, 13])
-    mined = ProtoOTMiner(memory, cross_domain=False)(torch.randn(len(batch), 5, device=device), batch.to(device))
+    miner = ProtoOTMiner(memory, cross_domain=False)
+    mined = miner(torch.randn(len(batch), 5, device=device), batch.to(device))
     domain = memory.domain_of.cpu()[batch]
-    expected_pos, expected_neg = brute_force_pairs(classes[batch].tolist(), classes[batch].tolist(), exclude_self=True)
+    batch_classes = classes[batch].tolist()
+    expected_pos, expected_neg = brute_force_pairs(batch_classes, batch_classes, exclude_self=True)
     same_domain = {(i, j) for i, j in itertools.product(range(len(batch)), repeat=2) if domain[i] == domain[j]}
     assert pair_sets(*mined) == (expected_pos & same_domain, expected_neg & same_domain)
 
