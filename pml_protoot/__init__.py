@@ -1,6 +1,49 @@
 """ProtoOT (AAAI 2024) unsupervised cross-domain retrieval as pytorch-metric-learning parts."""
+from .accuracy import PrecisionAtKCalculator
+from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights
+from .data import (
+    CachedTwoViewDataset,
+    FeatureCache,
+    InMemoryMultiDomainDataset,
+    MultiDomainDataset,
+    MultiDomainImageFolder,
+    TwoViewDataset,
+    eval_transform,
+    make_synthetic_domains,
+    moco_v2_transform,
+)
+from .losses import ProtoOTLoss
+from .memory import PrototypeMemory
+from .miners import ProtoOTMiner
 from .ot import sinkhorn
+from .samplers import CrossDomainSampler
+from .testers import CrossDomainTester
+from .trainers import ProtoOTTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["sinkhorn"]
+__all__ = [
+    # the surface of DESIGN.md
+    "sinkhorn",
+    "PrototypeMemory",
+    "ProtoOTLoss",
+    "ProtoOTMiner",
+    "CrossDomainSampler",
+    "PrecisionAtKCalculator",
+    "CrossDomainTester",
+    "ProtoOTTrainer",
+    # data and backbones
+    "MultiDomainDataset",
+    "MultiDomainImageFolder",
+    "InMemoryMultiDomainDataset",
+    "TwoViewDataset",
+    "CachedTwoViewDataset",
+    "FeatureCache",
+    "make_synthetic_domains",
+    "moco_v2_transform",
+    "eval_transform",
+    "create_trunk",
+    "load_trunk_weights",
+    "convert_efficientnet_lite0_weights",
+    "embedding_head",
+]

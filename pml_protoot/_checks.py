@@ -40,7 +40,7 @@ def check_matrix(name: str, tensor, rows: int | None = None, cols: int | None = 
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    expected = (rows if rows is not None else "N", cols if cols is not None else "D")
+    expected = f"({rows if rows is not None else 'N'}, {cols if cols is not None else 'D'})"
     if tensor.dim() != 2 or (rows is not None and tensor.shape[0] != rows) or (
         cols is not None and tensor.shape[1] != cols
     ):
