@@ -37,12 +37,22 @@ class ProtoOTLoss(BaseMetricLossFunction):
            \qquad L_{in} = w_1 \ell(k) + w_2 \ell(\mathrm{nn}) + w_3 \ell(c_y)
 
        with nn the bank entry nearest to :math:`k`, own row excluded; then
-       :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)` (``memory.update_prototypes``);
+       :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)` (labels and update:
+       ``memory.step_pseudo_labels``);
     3. cross-domain, with the updated prototypes, from epoch ``cross_domain_start_epoch``
        (``memory.epoch``): for every other domain :math:`d'` in the batch,
-       :math:`y' = \arg\max` ``memory.assign(d, d')`` and :math:`\ell'(c'_{y'})` with the
-       other :math:`K-1` prototypes of :math:`d'` as negatives; :math:`L_{cross}` is the mean
-       over those :math:`d'` (one :math:`d'` with two domains, as the paper).
+       :math:`y' = \arg\max` ``memory.assign(d, d')`` (``memory.cross_pseudo_labels``) and
+       :math:`\ell'(c'_{y'})` with the other :math:`K-1` prototypes of :math:`d'` as
+       negatives; :math:`L_{cross}` is the mean over those :math:`d'` (one :math:`d'` with
+       two domains, as the paper).
+
+    Cost and scale: steps 2-3 are exact and :math:`O(N_d K)` per domain by default;
+    ``PrototypeMemory(..., refresh_every=R)`` runs the full OT every ``R`` steps and
+    labels batches from the cached plan in between (see ``PrototypeMemory``). The nearest
+    neighbour search stays an exact :math:`O(B N_d \cdot \text{dim})` matmul. Under
+    ``torch.distributed`` the memory all-gathers the keys, so every rank's banks,
+    prototypes and pseudo-labels are identical; the loss of each rank covers its own
+    batch (DDP averages the gradients).
 
     Total: :math:`\sum_d \mathrm{mean}_d L_{in} + \lambda \sum_d \mathrm{mean}_d L_{cross}`.
     Sub-losses ``"in_domain"`` and ``"cross_domain"`` are per-element (reduction type
@@ -232,10 +242,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
     def _in_domain_losses(self, slot, queries, keys, rows) -> torch.Tensor:
         """Per-sample :math:`L_{in}` of one domain, then the prototype update with the same ``P``."""
-        assignment = self.memory.assign(slot)
-        targets = assignment[rows].argmax(dim=1)
-        # A copy: the in-place prototype update below must not touch tensors saved for backward.
+        # A copy: the in-place prototype update in step_pseudo_labels must not touch tensors saved for backward.
         prototypes = self.memory.prototypes[slot].to(queries.dtype, copy=True)
+        targets = self.memory.step_pseudo_labels(slot, rows)
         bank = self.memory.bank(slot).to(queries.dtype)
         anchors = keys if self.nearest_neighbour_by == "key" else queries.detach()
         neighbours = bank[_nearest_rows_excluding_own(anchors, bank, rows)]
@@ -245,14 +254,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
             + neighbour_weight * self._prototype_contrast(queries, neighbours, prototypes, targets)
             + prototype_weight * self._prototype_contrast(queries, prototypes[targets], prototypes, targets)
         )
-        self.memory.update_prototypes(slot, assignment)
         return losses
 
     def _cross_domain_losses(self, slot, others, queries, rows) -> torch.Tensor:
         """Per-sample :math:`L_{cross}` of one domain: mean over the other domains ``others``."""
         per_other = []
         for other in others:
-            targets = self.memory.assign(slot, other)[rows].argmax(dim=1)
+            targets = self.memory.cross_pseudo_labels(slot, other, rows)
             prototypes = self.memory.prototypes[other].to(queries.dtype, copy=True)
             per_other.append(
                 self._prototype_contrast(

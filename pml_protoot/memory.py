@@ -11,9 +11,10 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix, check_positive_int
+from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import sinkhorn
 
-__all__ = ["PrototypeMemory", "MARGINAL_RULES"]
+__all__ = ["PrototypeMemory", "MARGINAL_RULES", "column_potentials"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ class PrototypeMemory(torch.nn.Module):
     Banks, prototypes, marginals, the ``written`` mask and ``epoch`` are buffers, so
     ``state_dict()``/``load_state_dict()`` round-trip exactly and ``.to()`` moves all.
 
+    Training steps (:meth:`step_pseudo_labels`, :meth:`cross_pseudo_labels`, used by
+    ``ProtoOTLoss``) cost :math:`O(N_d K)` per domain with ``refresh_every=1`` (exact
+    ProtoOT: full OT and prototype update every step). With ``refresh_every=R > 1``
+    the full OT runs once every ``R`` steps of a domain (and after every
+    :meth:`recluster`); in between, work is :math:`O(B K \cdot \text{dim})`:
+
+    * the plan's column potential :math:`g` (``K``) is kept from the last full OT: every
+      row of a Sinkhorn plan is :math:`P_n = \mathrm{softmax}(s_n/\varepsilon + g)`
+      (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
+      is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
+      not change since the full OT, an approximation for a new key;
+    * the prototype sums :math:`\Sigma = \tilde P^\top M_d` are updated as :meth:`fill`
+      writes rows (old rows' contributions out, new ones in, with that row formula),
+      and :math:`C_d = \mathrm{normalise}(\Sigma)` each step.
+
+    Many processes: with ``torch.distributed`` initialised, :meth:`fill` all-gathers keys
+    and indices (every rank writes every rank's batch, so banks stay identical) and
+    :meth:`recluster` runs K-means on rank 0 and broadcasts centroids and cluster sizes;
+    the OT is deterministic, so all ranks hold the same prototypes.
+
     Args:
         domains: ``(N,)`` integer sequence or tensor, the domain id of every global
             sample index; at least two distinct ids.
@@ -59,6 +80,8 @@ class PrototypeMemory(torch.nn.Module):
         kmeans_niter: K-means iterations per run (50 in ProtoOT).
         kmeans_nredo: K-means restarts, the best kept (20 in ProtoOT).
         kmeans_seed: K-means random seed (0 in ProtoOT).
+        refresh_every: training steps of a domain between full OT refreshes (see
+            above); 1 (default) is exact ProtoOT.
 
     Raises:
         TypeError: ``domains`` is not an integer sequence.
@@ -91,6 +114,7 @@ class PrototypeMemory(torch.nn.Module):
         kmeans_niter: int = 50,
         kmeans_nredo: int = 20,
         kmeans_seed: int = 0,
+        refresh_every: int = 1,
     ):
         super().__init__()
         domains = as_index_tensor("domains", domains, device="cpu")
@@ -108,6 +132,7 @@ class PrototypeMemory(torch.nn.Module):
         if isinstance(kmeans_seed, bool) or not isinstance(kmeans_seed, int):
             raise TypeError(f"kmeans_seed must be an int, got {type(kmeans_seed).__name__}")
         self.kmeans_seed = kmeans_seed
+        self.refresh_every = check_positive_int("refresh_every", refresh_every)
 
         domain_ids, domain_of, sizes = torch.unique(domains, sorted=True, return_inverse=True, return_counts=True)
         self._check_domain_sizes(domain_ids, sizes)
@@ -123,6 +148,19 @@ class PrototypeMemory(torch.nn.Module):
             "class_marginals", torch.full((self.num_domains, self.num_prototypes), 1.0 / self.num_prototypes)
         )
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
+        if self.refresh_every > 1:
+            self._register_refresh_cache()
+
+    def _register_refresh_cache(self) -> None:
+        """Buffers of the cached OT (``refresh_every > 1`` only: exact memories keep their state_dict)."""
+        domains, prototypes = self.num_domains, self.num_prototypes
+        # Steps of each domain until its next full OT; 0 = due.
+        self.register_buffer("refresh_countdown", torch.zeros(domains, dtype=torch.long))
+        # [d, d']: is the cached plan of bank d against prototypes of d' usable?
+        self.register_buffer("potentials_valid", torch.zeros(domains, domains, dtype=torch.bool))
+        self.register_buffer("column_potentials", torch.zeros(domains, domains, prototypes))
+        self.register_buffer("reference_prototypes", torch.zeros(domains, domains, prototypes, self.dim))
+        self.register_buffer("prototype_sums", torch.zeros(domains, prototypes, self.dim))
 
     def _check_domain_sizes(self, domain_ids: torch.Tensor, sizes: torch.Tensor) -> None:
         if len(domain_ids) < 2:
@@ -187,6 +225,10 @@ class PrototypeMemory(torch.nn.Module):
     def fill(self, keys: torch.Tensor, indices) -> None:
         """Write ``keys`` (detached, cast to the bank dtype, otherwise as given) into their bank rows.
 
+        Under ``torch.distributed`` (more than one process) this is a collective: every
+        rank's keys and indices are all-gathered (rank order) and written on every rank.
+        With ``refresh_every > 1`` the prototype sums follow the written rows (class docstring).
+
         Args:
             keys: ``(B, dim)`` finite floating tensor, e.g. L2-normalised momentum-encoder keys.
             indices: ``(B,)`` global sample indices; for a repeated index the last key wins.
@@ -196,12 +238,17 @@ class PrototypeMemory(torch.nn.Module):
         """
         indices = self.check_indices("indices", indices)
         check_matrix("keys", keys, rows=len(indices), cols=self.dim)
-        keys = keys.detach()
+        keys = all_gather_rows(keys.detach())
+        indices = all_gather_rows(indices)
         is_last = self._last_occurrence(indices)
         indices, keys = indices[is_last], keys[is_last.to(keys.device)]
         for slot, positions, rows in self.split_by_domain(indices):
             bank = self.bank(slot)
-            bank[rows] = keys[positions.to(keys.device)].to(device=bank.device, dtype=bank.dtype)
+            new_keys = keys[positions.to(keys.device)].to(device=bank.device, dtype=bank.dtype)
+            if self._has_cached_plan(slot, slot):
+                self.prototype_sums[slot] += self._plan_rows(slot, slot, new_keys).T @ new_keys
+                self.prototype_sums[slot] -= self._plan_rows(slot, slot, bank[rows]).T @ bank[rows]
+            bank[rows] = new_keys
         self.written[indices] = True
 
     @staticmethod
@@ -244,6 +291,99 @@ class PrototypeMemory(torch.nn.Module):
             normalize_scores=self.normalize_scores,
         )
 
+    def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:
+        """The logits Sinkhorn exponentiates: ``scores / epsilon`` (rows L2-normalised first if asked)."""
+        if self.normalize_scores:
+            scores = F.normalize(scores, dim=-1)
+        return scores / self.epsilon
+
+    def _has_cached_plan(self, domain: int, prototype_domain: int) -> bool:
+        return self.refresh_every > 1 and bool(self.potentials_valid[domain, prototype_domain])
+
+    def _plan_rows(self, domain: int, prototype_domain: int, keys: torch.Tensor) -> torch.Tensor:
+        r"""Rows of the cached plan for ``keys`` (B, dim): :math:`\mathrm{softmax}(s/\varepsilon + g)`, (B, K)."""
+        scores = keys @ self.reference_prototypes[domain, prototype_domain].T
+        return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
+
+    def _full_plan(self, domain: int, prototype_domain: int) -> torch.Tensor:
+        """:meth:`assign`, caching its column potentials and prototypes when ``refresh_every > 1``."""
+        assignment = self.assign(domain, prototype_domain)
+        if self.refresh_every > 1:
+            prototypes = self.prototypes[prototype_domain]
+            logits = self._ot_logits(self.bank(domain) @ prototypes.T)
+            self.column_potentials[domain, prototype_domain] = column_potentials(logits, assignment)
+            self.reference_prototypes[domain, prototype_domain] = prototypes
+            self.potentials_valid[domain, prototype_domain] = True
+        return assignment
+
+    def step_pseudo_labels(self, domain: int, rows) -> torch.Tensor:
+        r"""One training step of ``domain``: pseudo-labels of bank ``rows``, then the prototype update.
+
+        Exact (``refresh_every=1``, or a due refresh): :math:`P` = :meth:`assign`,
+        labels :math:`\arg\max_k P_{nk}` for ``rows``, then
+        :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)`. Between refreshes: labels
+        from the cached column potentials and :math:`C_d \leftarrow
+        \mathrm{normalise}(\Sigma)` (class docstring), :math:`O(B K \cdot \text{dim})`.
+
+        Args:
+            domain: domain slot ``d``.
+            rows: ``(B,)`` bank rows of the batch (already written by :meth:`fill`).
+
+        Returns:
+            ``(B,)`` long pseudo-labels in ``[0, K)``, computed before the update.
+
+        Raises:
+            ValueError: bad slot, or the memory was never reclustered.
+
+        Example:
+            >>> import torch
+            >>> from pml_protoot.memory import PrototypeMemory
+            >>> memory = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=2, kmeans_nredo=1, refresh_every=5)
+            >>> memory.fill(torch.nn.functional.normalize(torch.randn(8, 3), dim=1), torch.arange(8))
+            >>> memory.recluster(epoch=0)
+            >>> memory.step_pseudo_labels(0, torch.tensor([0, 3])).shape, int(memory.refresh_countdown[0])
+            (torch.Size([2]), 4)
+        """
+        domain = self._check_slot("domain", domain)
+        self.check_ready()
+        rows = torch.as_tensor(rows, device=self.row_of.device)
+        if self.refresh_every == 1:
+            assignment = self.assign(domain)
+            self.update_prototypes(domain, assignment)
+            return assignment[rows].argmax(dim=1)
+        if int(self.refresh_countdown[domain]) == 0:
+            assignment = self._full_plan(domain, domain)
+            labels = assignment[rows].argmax(dim=1)
+            bank = self.bank(domain)
+            self.prototype_sums[domain] = assignment.to(bank.dtype).T @ bank
+            # Cross-domain plans of this bank are refreshed on their next use, with the new prototypes.
+            self.potentials_valid[domain] = False
+            self.potentials_valid[domain, domain] = True
+            self.refresh_countdown[domain] = self.refresh_every - 1
+        else:
+            labels = self._plan_rows(domain, domain, self.bank(domain)[rows]).argmax(dim=1)
+            self.refresh_countdown[domain] -= 1
+        self.prototypes[domain] = F.normalize(self.prototype_sums[domain], dim=1)
+        return labels
+
+    def cross_pseudo_labels(self, domain: int, prototype_domain: int, rows) -> torch.Tensor:
+        r"""Pseudo-labels of bank ``rows`` of ``domain`` under ``prototype_domain``'s prototypes.
+
+        :math:`\arg\max` of ``assign(domain, prototype_domain)`` rows; with
+        ``refresh_every > 1`` the full OT runs only when no cached plan is valid (after
+        ``domain``'s refresh or a :meth:`recluster`), otherwise rows come from its potentials.
+
+        Returns:
+            ``(B,)`` long pseudo-labels in ``[0, K)``.
+        """
+        domain = self._check_slot("domain", domain)
+        prototype_domain = self._check_slot("prototype_domain", prototype_domain)
+        self.check_ready()
+        rows = torch.as_tensor(rows, device=self.row_of.device)
+        if self._has_cached_plan(domain, prototype_domain):
+            return self._plan_rows(domain, prototype_domain, self.bank(domain)[rows]).argmax(dim=1)
+        return self._full_plan(domain, prototype_domain)[rows].argmax(dim=1)
+
     def pseudo_labels(self, domain: int, prototype_domain: int | None = None) -> torch.Tensor:
         """Return the ``(N_d,)`` argmax over prototypes of :meth:`assign`."""
         return self.assign(domain, prototype_domain).argmax(dim=1)
@@ -282,15 +422,33 @@ class PrototypeMemory(torch.nn.Module):
                 f"memory must be filled before recluster: {missing} of {self.num_samples} indices were never "
                 "written by memory.fill(keys, indices)"
             )
-        slots = tqdm(range(self.num_domains), desc=f"K-means (epoch {epoch})", leave=False, disable=None)
-        clusterings = [self._kmeans(self.bank(slot)) for slot in slots]
+        clusterings = self._kmeans_on_rank_zero(epoch)
         if int(self.epoch) < 0:
             for slot, (centroids, _) in enumerate(clusterings):
                 self.prototypes[slot] = F.normalize(centroids, dim=1)
         self.epoch.fill_(epoch)  # before the marginals: the "assignment" rule calls assign()
         for slot, (centroids, sizes) in enumerate(clusterings):
             self.class_marginals[slot] = self._class_marginal(slot, centroids, sizes)
+        if self.refresh_every > 1:  # new marginals (and maybe prototypes): every cached plan is stale
+            self.refresh_countdown.zero_()
+            self.potentials_valid.zero_()
         logger.info("reclustered %d domains at epoch %d (marginal rule %r)", self.num_domains, epoch, self.marginal_rule)
+
+    def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K-means of every bank on rank 0, broadcast to the other ranks (one process: just K-means)."""
+        shape = (self.num_prototypes, self.dim)
+        like_bank = dict(device=self.prototypes.device, dtype=self.prototypes.dtype)
+        clusterings = []
+        for slot in tqdm(range(self.num_domains), desc=f"K-means (epoch {epoch})", leave=False, disable=None):
+            if get_rank() == 0:
+                centroids, sizes = self._kmeans(self.bank(slot))
+            else:
+                centroids, sizes = torch.empty(shape, **like_bank), torch.empty(shape[0], **like_bank)
+            if is_distributed():
+                broadcast_(centroids)
+                broadcast_(sizes)
+            clusterings.append((centroids, sizes))
+        return clusterings
 
     def _kmeans(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return K-means ``(K, dim)`` centroids and ``(K,)`` cluster sizes, as tensors like ``bank``."""
@@ -336,3 +494,46 @@ class PrototypeMemory(torch.nn.Module):
             f"epsilon={self.epsilon}, sinkhorn_iterations={self.sinkhorn_iterations}, "
             f"normalize_scores={self.normalize_scores}, marginal_rule={self.marginal_rule!r}"
         )
+
+
+def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+    r"""Recover the column potential :math:`g` of a Sinkhorn plan: :math:`P_n = \mathrm{softmax}(x_n + g)`.
+
+    Sinkhorn ends by normalising rows, so any number of rounds leaves
+    :math:`P_{nk} = e^{x_{nk} + g_k} / \sum_j e^{x_{nj} + g_j}` for one vector :math:`g`
+    (defined up to a constant). For a row ``n`` with argmax column ``j``,
+    :math:`g_k - g_j = \log P_{nk} - \log P_{nj} - (x_{nk} - x_{nj})`; every entry that
+    did not underflow gives one such difference, and :math:`g` is their least-squares
+    fit (a ``K x K`` graph-Laplacian system: exact, up to rounding, when the columns are
+    linked by non-negligible entries, as they are for cosine scores and
+    :math:`\varepsilon \geq 0.02`). Cost :math:`O(NK)`, run only at a refresh.
+
+    Args:
+        logits: ``(N, K)`` what Sinkhorn exponentiated, :math:`x = S/\varepsilon`.
+        plan: ``(N, K)`` its output :math:`P` (rows summing to 1).
+
+    Returns:
+        ``(K,)`` :math:`g` with mean 0, in ``plan``'s dtype.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.memory import column_potentials
+        >>> logits, g = torch.randn(50, 4, dtype=torch.float64), torch.tensor([0.5, -1.0, 0.0, 0.5], dtype=torch.float64)
+        >>> torch.allclose(column_potentials(logits, torch.softmax(logits + g, dim=1)), g)
+        True
+    """
+    logits = logits.to(plan.dtype)
+    # Entries this close to underflow carry no reliable logarithm.
+    usable = plan > torch.finfo(plan.dtype).tiny * 2**24
+    top = plan.argmax(dim=1, keepdim=True)
+    relative = plan.clamp_min(torch.finfo(plan.dtype).tiny).log_() - logits  # g_k - h_n on usable entries
+    relative -= relative.gather(1, top)  # g_k - g_top(n)
+    weights = usable.to(plan.dtype)
+    num_prototypes = plan.shape[1]
+    edge_weight = plan.new_zeros(num_prototypes, num_prototypes).index_add_(0, top.squeeze(1), weights)
+    edge_sum = plan.new_zeros(num_prototypes, num_prototypes).index_add_(0, top.squeeze(1), relative.mul_(weights))
+    degree = torch.diag(edge_weight.sum(dim=0) + edge_weight.sum(dim=1))
+    laplacian = degree - edge_weight - edge_weight.T
+    rhs = edge_sum.sum(dim=0) - edge_sum.sum(dim=1)
+    potentials = torch.linalg.pinv(laplacian.double()) @ rhs.double()
+    return (potentials - potentials.mean()).to(plan.dtype)
