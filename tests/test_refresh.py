@@ -1,0 +1,160 @@
+"""PrototypeMemory(refresh_every=R): the cached-plan approximation against the full OT, written plainly."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_protoot.losses import ProtoOTLoss
+from pml_protoot.memory import PrototypeMemory, column_potentials
+
+DTYPES = [torch.float32, torch.float64]
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+DOMAINS = [0] * 30 + [1] * 24
+DIM, K, EPSILON = 6, 3, 0.05
+
+
+def official_sinkhorn(scores, beta, epsilon=EPSILON, iterations=3):
+    """The official ProtoOT formula, in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N, return N Q^T."""
+    q = torch.exp(scores.double() / epsilon).T
+    q /= q.sum()
+    num_prototypes, num_samples = q.shape
+    for _ in range(iterations):
+        for k in range(num_prototypes):
+            q[k] *= beta[k].double() / q[k].sum()
+        for n in range(num_samples):
+            q[:, n] /= q[:, n].sum() * num_samples
+    return num_samples * q.T
+
+
+def unit_keys(count, seed, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, DIM, generator=generator, dtype=dtype), dim=1)
+
+
+def ready_memory(refresh_every, dtype, device, seed=0):
+    memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, refresh_every=refresh_every).to(device=device, dtype=dtype)
+    memory.fill(unit_keys(len(DOMAINS), seed, dtype).to(device), torch.arange(len(DOMAINS)))
+    memory.recluster(epoch=0)
+    return memory
+
+
+def plan_row(key, prototypes, potentials):
+    """One row of a cached plan, written out: p_k = exp(k.c_k/eps + g_k) / sum_j exp(k.c_j/eps + g_j)."""
+    logits = [float(key @ c) / EPSILON + float(g) for c, g in zip(prototypes.double(), potentials.double())]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    return torch.tensor([w / sum(weights) for w in weights], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_potentials_reproduce_every_row_of_the_official_plan(dtype):
+    generator = torch.Generator().manual_seed(1)
+    scores = (torch.rand(40, 5, generator=generator, dtype=torch.float64) * 2 - 1)
+    beta = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.1], dtype=torch.float64)
+    plan = official_sinkhorn(scores, beta)
+    potentials = column_potentials((scores / EPSILON).to(dtype), plan.to(dtype))
+    for n in range(len(scores)):
+        # With identity prototypes, key @ c_k is scores[n, k].
+        rebuilt = plan_row(scores[n], torch.eye(5, dtype=torch.float64), potentials)
+        assert torch.allclose(rebuilt, plan[n], atol=TOLERANCE[dtype] * 10), n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_refresh_every_one_gives_the_full_ot_assignments_every_step(dtype, device):
+    memory = ready_memory(1, dtype, device)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(4):
+        indices = torch.randperm(30, generator=generator)[:6]
+        memory.fill(unit_keys(6, 100 + step, dtype).to(device), indices)
+        bank, prototypes = memory.bank(0).cpu().double(), memory.prototypes[0].cpu().double()
+        plan = official_sinkhorn(bank @ prototypes.T, memory.class_marginals[0].cpu())
+        rows = memory.row_of[indices.to(device)]
+        labels = memory.step_pseudo_labels(0, rows)
+        assert labels.tolist() == plan[rows.cpu()].argmax(dim=1).tolist()
+        expected_prototypes = F.normalize(plan.T @ bank, dim=1)
+        assert torch.allclose(memory.prototypes[0].cpu().double(), expected_prototypes, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cached_plan_between_refreshes_matches_the_refresh_plan_and_tracks_written_rows(dtype, device):
+    refresh_every = 3
+    memory = ready_memory(refresh_every, dtype, device)
+    bank0, prototypes0 = memory.bank(0).cpu().double().clone(), memory.prototypes[0].cpu().double().clone()
+    refresh_plan = official_sinkhorn(bank0 @ prototypes0.T, memory.class_marginals[0].cpu())
+    all_rows = torch.arange(30, device=device)
+    # Step 1 refreshes: exact labels for every row.
+    assert memory.step_pseudo_labels(0, all_rows).tolist() == refresh_plan.argmax(dim=1).tolist()
+    potentials = memory.column_potentials[0, 0].cpu()
+    for n in range(30):  # unchanged rows: the cached formula is the refresh plan itself
+        assert torch.allclose(plan_row(bank0[n], prototypes0, potentials), refresh_plan[n], atol=TOLERANCE[dtype] * 10)
+    written = torch.tensor([2, 5, 7, 11])
+    memory.fill(unit_keys(4, 7, dtype).to(device), written)
+    labels = memory.step_pseudo_labels(0, all_rows)  # step 2: from the cache
+    bank = memory.bank(0).cpu().double()
+    expected_rows = torch.stack([plan_row(bank[n], prototypes0, potentials) for n in range(30)])
+    assert labels.tolist() == expected_rows.argmax(dim=1).tolist()
+    unchanged = [n for n in range(30) if n not in written.tolist()]
+    assert labels[unchanged].tolist() == refresh_plan[unchanged].argmax(dim=1).tolist()
+    # Prototypes: normalise(sum over the current bank of cached-plan rows times keys), by a loop.
+    sums = sum(expected_rows[n][:, None] * bank[n][None, :] for n in range(30))
+    assert torch.allclose(memory.prototypes[0].cpu().double(), F.normalize(sums, dim=1), atol=TOLERANCE[dtype])
+    assert int(memory.refresh_countdown[0]) == 1
+
+
+def test_refresh_is_due_every_r_steps_and_after_recluster(device):
+    memory = ready_memory(2, torch.float64, device)
+    rows = torch.arange(5, device=device)
+    for step in range(5):
+        memory.fill(unit_keys(5, 30 + step, torch.float64).to(device), torch.arange(5))
+        due = step % 2 == 0
+        bank, prototypes = memory.bank(0).cpu(), memory.prototypes[0].cpu()
+        full = official_sinkhorn(bank @ prototypes.T, memory.class_marginals[0].cpu())[:5].argmax(dim=1)
+        labels = memory.step_pseudo_labels(0, rows)
+        if due:
+            assert labels.tolist() == full.tolist(), step
+        assert int(memory.refresh_countdown[0]) == (1 if due else 0)
+    memory.recluster(epoch=1)
+    assert int(memory.refresh_countdown[0]) == 0 and not memory.potentials_valid.any()
+
+
+def test_cross_pseudo_labels_refresh_with_their_domain(device):
+    memory = ready_memory(4, torch.float64, device)
+    rows = torch.arange(6, device=device)
+    memory.step_pseudo_labels(0, rows)
+    memory.step_pseudo_labels(1, rows)
+    bank, prototypes = memory.bank(0).cpu(), memory.prototypes[1].cpu()
+    full = official_sinkhorn(bank @ prototypes.T, memory.class_marginals[0].cpu())
+    assert memory.cross_pseudo_labels(0, 1, rows).tolist() == full[:6].argmax(dim=1).tolist()
+    assert bool(memory.potentials_valid[0, 1])
+    memory.step_pseudo_labels(0, rows)  # not a refresh: the cross plan stays cached
+    assert bool(memory.potentials_valid[0, 1])
+    assert memory.cross_pseudo_labels(0, 1, rows).tolist() == full[:6].argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_with_refresh_every_one_equals_the_default_loss(dtype, device):
+    losses = []
+    for refresh_every in (None, 1):
+        options = {} if refresh_every is None else {"refresh_every": refresh_every}
+        memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, **options).to(device=device, dtype=dtype)
+        memory.fill(unit_keys(len(DOMAINS), 0, dtype).to(device), torch.arange(len(DOMAINS)))
+        memory.recluster(epoch=0)
+        loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+        indices = torch.tensor([0, 3, 9, 30, 33, 40], device=device)
+        queries, keys = unit_keys(6, 5, dtype).to(device), unit_keys(6, 6, dtype).to(device)
+        losses.append((loss_func(queries, indices, ref_emb=keys), memory.prototypes.clone()))
+    assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(losses[0][1], losses[1][1])
+
+
+def test_state_dict_round_trips_the_cache_and_bad_refresh_every_is_rejected(device):
+    memory = ready_memory(3, torch.float32, device)
+    memory.step_pseudo_labels(0, torch.arange(4, device=device))
+    restored = PrototypeMemory(DOMAINS, DIM, K, refresh_every=3).to(device)
+    restored.load_state_dict(memory.state_dict())
+    for name, buffer in memory.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], buffer), name
+    assert "column_potentials" not in PrototypeMemory(DOMAINS, DIM, K).state_dict()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="refresh_every"):
+            PrototypeMemory(DOMAINS, DIM, K, refresh_every=bad)
