@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.testers.base_tester import BaseTester
 
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
+from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
 
@@ -28,6 +29,11 @@ class CrossDomainTester(BaseTester):
     ``tester.all_accuracies`` so PML's ``HookContainer`` can track the best epoch, e.g.
     ``HookContainer(record_keeper, primary_metric="precision_at_15",
     validation_split_name="mean")``. Metric keys are the bare metric names.
+
+    Under ``torch.distributed`` (several processes) :meth:`test` splits each domain's
+    items over ranks (rank ``r`` embeds items ``r, r + W, ...``), all-gathers embeddings
+    and labels back into item order, and every rank scores the full sets (same results
+    on every rank).
 
     Args:
         accuracy_calculator: any PML ``AccuracyCalculator``; default
@@ -112,10 +118,7 @@ class CrossDomainTester(BaseTester):
         embeddings, labels = {}, {}
         for name in sorted({domain for pair in pairs for domain in pair}):
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
-            embeddings[name], domain_labels = self.get_all_embeddings(
-                dataset_dict[name], trunk_model, embedder_model, collate_fn
-            )
-            labels[name] = domain_labels[:, 0].long()
+            embeddings[name], labels[name] = self._embed_domain(dataset_dict[name], trunk_model, embedder_model, collate_fn)
         results = self.evaluate(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
         self.reference_split_names = {f"{q}->{g}": [g] for q, g in pairs}
@@ -123,6 +126,16 @@ class CrossDomainTester(BaseTester):
         if self.end_of_testing_hook:
             self.end_of_testing_hook(self)
         return self.all_accuracies
+
+    def _embed_domain(self, dataset, trunk_model, embedder_model, collate_fn):
+        """``(N, D)`` embeddings and ``(N,)`` labels of one domain; this rank's strided share, gathered."""
+        world_size = get_world_size()
+        if world_size > 1:
+            dataset = torch.utils.data.Subset(dataset, range(get_rank(), len(dataset), world_size))
+        shard_embeddings, shard_labels = self.get_all_embeddings(dataset, trunk_model, embedder_model, collate_fn)
+        shard_labels = shard_labels[:, 0].long().to(shard_embeddings.device)
+        total = len(dataset.dataset) if world_size > 1 else len(dataset)
+        return gather_strided(shard_embeddings, total), gather_strided(shard_labels, total)
 
     def evaluate(self, embeddings_by_domain: dict, labels_by_domain: dict, pairs=None) -> dict:
         """Score pairs from embeddings that are already computed.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import tempfile
@@ -13,8 +14,10 @@ import torch.nn.functional as F
 from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils import common_functions as c_f
 from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .distributed import get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
 
@@ -62,6 +65,15 @@ class ProtoOTTrainer(BaseTrainer):
     memory counts epochs from 0, as the official code, so ``cross_domain_start_epoch=100``
     of the loss starts at PML epoch 101). The loss's cross-domain weight at that epoch is
     logged and kept in ``self.cross_domain_weight``.
+
+    Many processes (``torchrun``, ``torch.distributed`` initialised before the trainer is
+    built): the query encoder ``Sequential(trunk, embedder)`` is wrapped in
+    ``DistributedDataParallel`` (unless ``trunk`` or ``embedder`` already is one), so
+    gradients are averaged over ranks; the memory all-gathers every rank's keys, so
+    banks and prototypes stay identical; the initial bank filling is split over ranks;
+    only rank 0 writes checkpoints. Give each rank its shard with
+    ``CrossDomainSampler(..., num_replicas=world_size, rank=rank)`` and ``batch_size``
+    = the per-rank batch.
 
     Args:
         models: ``{"trunk": ..., "embedder": ...}`` (``embedder`` optional), as in PML.
@@ -157,6 +169,17 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder = ModelEmaV3(self.query_encoder, decay=0.0)
         self.key_encoder.requires_grad_(False)
         self.momentum = self._initial_momentum
+        already_wrapped = any(isinstance(model, DistributedDataParallel) for model in self.query_encoder)
+        self.distributed_query_encoder = None
+        if is_distributed() and not already_wrapped:
+            self.distributed_query_encoder = DistributedDataParallel(self.query_encoder)
+            logger.info("wrapped trunk + embedder in DistributedDataParallel (world size %d)", get_world_size())
+
+    def compute_embeddings(self, data):
+        """Query embeddings ``embedder(trunk(data))``, through DDP when it wraps the query encoder."""
+        if self.distributed_query_encoder is None:
+            return super().compute_embeddings(data)
+        return self.distributed_query_encoder(c_f.to_device(data, device=self.data_device, dtype=self.dtype))
 
     def initialize_data_device(self):
         super().initialize_data_device()
@@ -202,7 +225,7 @@ class ProtoOTTrainer(BaseTrainer):
                 self.step_lr_schedulers(end_of_epoch=False)
             self.step_lr_schedulers(end_of_epoch=True)
             self.zero_losses()
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None and get_rank() == 0:
                 self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
             if self.end_of_epoch_hook(self) is False:
                 break
@@ -225,18 +248,28 @@ class ProtoOTTrainer(BaseTrainer):
 
     @torch.no_grad()
     def fill_memory(self):
-        """Write the key encoder's output for every sample into its bank row (progress bar)."""
+        """Write the key encoder's output for every sample into its bank row (progress bar).
+
+        With several processes rank ``r`` embeds items ``r, r + W, ...``; ``memory.fill``
+        all-gathers them, and ranks with fewer batches make empty calls to match.
+        """
         dataset = self.dataset if self.fill_dataset is None else self.fill_dataset
-        loader = c_f.get_eval_dataloader(dataset, self.batch_size, self.dataloader_num_workers, self.collate_fn)
+        world_size, rank = get_world_size(), get_rank()
+        positions = torch.arange(rank, len(dataset), world_size)
+        shard = torch.utils.data.Subset(dataset, positions.tolist()) if world_size > 1 else dataset
+        loader = c_f.get_eval_dataloader(shard, self.batch_size, self.dataloader_num_workers, self.collate_fn)
         start = 0
         for batch in tqdm(loader, desc="filling memory banks", disable=None):
             if self.fill_dataset is None:
                 (_, key_views), indices = self._split_batch(batch)
             else:
                 key_views = batch[0]
-                indices = torch.arange(start, start + len(key_views))
+                indices = positions[start : start + len(key_views)]
                 start += len(key_views)
             self.memory.fill(self.compute_keys(key_views), indices)
+        most_batches = math.ceil(len(range(0, len(dataset), world_size)) / self.batch_size)  # rank 0's count
+        for _ in range(most_batches - len(loader)):  # fill is a collective: every rank calls it equally often
+            self.memory.fill(torch.zeros(0, self.memory.dim, device=self.data_device), torch.zeros(0, dtype=torch.long))
         logger.info("filled memory banks with %d keys", int(self.memory.written.sum()))
 
     # ----- one iteration ---------------------------------------------------------------------
