@@ -3,7 +3,9 @@
 The modules write math and cross-references the Sphinx way (``:math:`\\beta```,
 ``.. math::`` blocks, ``:class:`~pkg.Name```), which Markdown would print verbatim.
 This rewrites them, at load time and for the docs only, into arithmatex math
-(``\\( \\)`` inline, ``$$`` blocks) and inline code; the source stays untouched.
+(``\\( \\)`` inline, ``$$`` blocks) and inline code, and names the ``Example:``
+sections ``Examples:`` so that griffe renders them as code, and joins Args entries whose
+parameter names wrap onto a second line; the source stays untouched.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ import griffe
 _INLINE_MATH = re.compile(r":math:`([^`]+)`")
 _ROLE = re.compile(r":(?:class|meth|func|data|attr|mod|obj|exc):`(~?)([^`]+)`")
 _MATH_DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*$")
+# Griffe reads "Examples:" as doctest code but "Example:" as a prose admonition.
+_EXAMPLE_SECTION = re.compile(r"^Example:[ \t]*$", re.M)
+# An Args entry naming several parameters over two lines ("a, b,\n    c: text"): griffe
+# needs the names on one line.
+_WRAPPED_NAMES = re.compile(r"^( +)((?:\w+, )*\w+,)\n +(?=(?:\w+, )*\w+:)", re.M)
 
 
 def _role_to_code(match: re.Match) -> str:
@@ -47,7 +54,8 @@ def _math_blocks(text: str) -> str:
 
 def rst_to_markdown(text: str) -> str:
     """Markdown for a docstring written with Sphinx math and cross-reference roles."""
-    text = _math_blocks(text)
+    text = _EXAMPLE_SECTION.sub("Examples:", _math_blocks(text))
+    text = _WRAPPED_NAMES.sub(r"\1\2 ", text)
     text = _INLINE_MATH.sub(lambda m: rf"\({m.group(1)}\)", text)
     return _ROLE.sub(_role_to_code, text)
 
