@@ -1,0 +1,183 @@
+"""One training step: ProtoOTTrainer vs PML MetricLossOnly + NTXentLoss on the same two views.
+
+Both methods see the same batch (64 images per domain, 2 domains) as two augmented views,
+both views through the trained model for NTXent (PML's self-supervised recipe); ProtoOT
+runs the query view with gradient and the key view through its momentum encoder
+without. Banks hold ``--bank-sizes`` samples per domain (random unit keys written
+directly: the step cost, not the bank filling, is measured). ProtoOT is timed exact
+(``refresh_every=1``) and with ``--refresh-every``; a refresh step is one of every R, so
+the amortised per-step time is the mean over R consecutive steps (reported beside the
+median). Images are random tensors made per item (data loading is negligible).
+
+CPU:  python benchmarks/bench_step.py                        (resnet18, 112 px)
+GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.trainers import MetricLossOnly
+
+from _common import command_line, markdown_table, peak_rss_mb, pin_threads, write_results
+from pml_protoot.backbones import create_trunk, embedding_head
+from pml_protoot.losses import ProtoOTLoss
+from pml_protoot.memory import PrototypeMemory
+from pml_protoot.samplers import CrossDomainSampler
+from pml_protoot.trainers import ProtoOTTrainer
+
+NUM_DOMAINS = 2
+
+
+class RandomTwoViews(torch.utils.data.Dataset):
+    """Item ``i``: ``((view_1, view_2), i)``, random images seeded by ``i`` (made on access)."""
+
+    def __init__(self, size: int, image_size: int):
+        self.size, self.image_size = size, image_size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        views = torch.randn(2, 3, self.image_size, self.image_size, generator=generator)
+        return (views[0], views[1]), index
+
+
+def both_views_with_labels(items):
+    """Collate for NTXent: the 2B views as one batch, each view labelled by its sample index."""
+    first = torch.stack([views[0] for views, _ in items])
+    second = torch.stack([views[1] for views, _ in items])
+    indices = torch.tensor([index for _, index in items])
+    return torch.cat([first, second]), torch.cat([indices, indices])
+
+
+def models(args):
+    trunk, num_features = create_trunk(args.trunk)
+    trunk = trunk.to(args.device)
+    embedder = embedding_head(num_features).to(args.device)
+    optimizers = {
+        f"{name}_optimizer": torch.optim.Adam(model.parameters(), lr=2.5e-4, amsgrad=True, weight_decay=5e-4)
+        for name, model in (("trunk", trunk), ("embedder", embedder))
+    }
+    return {"trunk": trunk, "embedder": embedder}, optimizers
+
+
+def time_steps(trainer, num_steps: int) -> list[float]:
+    times = []
+    for _ in range(num_steps):
+        if args.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.forward_and_backward()
+        if args.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ntxent_step(args) -> list[float]:
+    total = args.batch_per_domain * NUM_DOMAINS * 4
+    dataset = RandomTwoViews(total, args.image_size)
+    model_dict, optimizers = models(args)
+    trainer = MetricLossOnly(
+        model_dict, optimizers, args.batch_per_domain * NUM_DOMAINS, {"metric_loss": NTXentLoss(0.2)}, dataset,
+        data_device=args.device, dataloader_num_workers=0, collate_fn=both_views_with_labels,
+    )
+    trainer.initialize_dataloader()
+    trainer.dataloader_iter = iter(trainer.dataloader)
+    trainer.set_to_train()
+    time_steps(trainer, args.warmup)
+    trainer.dataloader_iter = iter(trainer.dataloader)
+    return time_steps(trainer, args.steps)
+
+
+def protoot_step(args, bank_size: int, refresh_every: int) -> list[float]:
+    domains = torch.arange(NUM_DOMAINS).repeat_interleave(bank_size)
+    memory = PrototypeMemory(domains, 128, args.num_prototypes, kmeans_niter=10, kmeans_nredo=1,
+                             refresh_every=refresh_every)
+    for slot in range(NUM_DOMAINS):  # random unit keys, written per domain to bound peak memory
+        indices = torch.arange(slot * bank_size, (slot + 1) * bank_size)
+        memory.fill(F.normalize(torch.randn(bank_size, 128), dim=1), indices)
+    model_dict, optimizers = models(args)
+    batch_size = args.batch_per_domain * NUM_DOMAINS
+    trainer = ProtoOTTrainer(
+        model_dict, optimizers, batch_size, {"metric_loss": ProtoOTLoss(memory, cross_domain_start_epoch=0)},
+        RandomTwoViews(len(domains), args.image_size), memory,
+        sampler=CrossDomainSampler(domains, batch_size), data_device=args.device, dataloader_num_workers=0,
+    )
+    trainer.initialize_dataloader()
+    trainer.epoch = 1
+    trainer.start_epoch()  # K-means + first prototypes: once an epoch, not part of a step
+    time_steps(trainer, args.warmup)
+    return time_steps(trainer, max(args.steps, refresh_every))
+
+
+def summarise(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "steps": len(times),
+            "times_s": times}
+
+
+def main(args):
+    threads = pin_threads(args.threads)
+    torch.manual_seed(0)
+    results = {"ntxent": summarise(ntxent_step(args))}
+    print("ntxent", results["ntxent"]["median_s"], flush=True)
+    for bank_size in args.bank_sizes:
+        for refresh_every in sorted({1, args.refresh_every}):
+            key = f"protoot_bank{bank_size}_refresh{refresh_every}"
+            results[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
+                            **summarise(protoot_step(args, bank_size, refresh_every))}
+            print(key, results[key]["median_s"], results[key]["mean_s"], flush=True)
+    payload = {
+        "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
+        "device": str(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
+        "batch_per_domain": args.batch_per_domain, "num_domains": NUM_DOMAINS,
+        "num_prototypes": args.num_prototypes, "peak_rss_mb": peak_rss_mb(), "results": results,
+    }
+    write_results(args.name, payload, report(payload))
+
+
+def report(payload: dict) -> str:
+    results = payload["results"]
+    ntxent = results["ntxent"]["median_s"]
+    rows = [["NTXent (MetricLossOnly, 2 views)", "-", "-", f"{ntxent:.3f}", f"{results['ntxent']['mean_s']:.3f}", "1.00"]]
+    for key, value in results.items():
+        if key != "ntxent":
+            rows.append(["ProtoOTTrainer", value["bank_size"], value["refresh_every"], f"{value['median_s']:.3f}",
+                         f"{value['mean_s']:.3f}", f"{value['mean_s'] / ntxent:.2f}"])
+    header = ["method", "bank / domain", "refresh_every", "median step (s)", "mean step (s)", "mean / NTXent median"]
+    return (
+        f"# bench_step\n\n`{payload['command']}`\n\n"
+        f"Machine: {payload['machine']} ({payload['device']}), torch threads {payload['torch_threads']}, faiss "
+        f"threads {payload['faiss_threads']}. {payload['trunk']} at {payload['image_size']} px, "
+        f"{payload['batch_per_domain']} images x {payload['num_domains']} domains, K = {payload['num_prototypes']}, "
+        f"peak RSS {payload['peak_rss_mb']:.0f} MiB. Mean over >= refresh_every steps is the amortised cost.\n\n"
+        + markdown_table(header, rows)
+    )
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--trunk", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--batch-per-domain", type=int, default=64)
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument("--num-prototypes", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--name", default="bench_step")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    main(args)
