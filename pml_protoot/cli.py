@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # --help and argparse's own errors
         return int(exit_.code or 0)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     # The command prints the result tables itself; the tester's log copy would repeat them.
     logging.getLogger("pml_protoot.testers").setLevel(logging.WARNING)
@@ -209,6 +209,9 @@ def _one_line(err: BaseException) -> str:
 
 def train(args) -> dict:
     """``protoot train``: resolve options, evaluate, train, evaluate, write ``--out``.
+
+    Args:
+        args: the parsed options, e.g. ``build_parser().parse_args(["train", "--epochs", "5"])``.
 
     Returns:
         ``{"before": results, "after": results}`` as written to ``results.json``.
@@ -399,6 +402,9 @@ def _write_json(path: Path, value) -> None:
 
 def evaluate(args) -> dict:
     """``protoot eval``: score a train run's checkpoint or a timm model's raw features.
+
+    Args:
+        args: the parsed options, e.g. ``build_parser().parse_args(["eval", "--checkpoint", path])``.
 
     Returns:
         The :class:`~pml_protoot.testers.CrossDomainTester` results (also written to ``--out``).
