@@ -199,6 +199,24 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     assert not (out / "last.pth").exists() and not (out.exists() and any(out.iterdir()))
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_config", "no config.json next to the checkpoint"),
+        ("other_backbone", "does not match the model of its config.json: Error(s) in loading state_dict"),
+    ],
+)
+def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, demo_run, tmp_path, capsys):
+    shutil.copy(demo_run / "last.pth", tmp_path / "last.pth")
+    if case == "other_backbone":
+        config = json.loads((demo_run / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "backbone": "resnet10t", "weights": None}))
+    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--quiet"], capsys)
+    assert status == 2
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("protoot: error: ") and expected in message, err
+
+
 def test_eval_needs_exactly_one_model_source(capsys):
     status, _, err = run_main(["eval", "--quiet"], capsys)
     assert status == 2 and "exactly one of --checkpoint PATH or --backbone NAME" in err
