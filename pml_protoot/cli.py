@@ -94,8 +94,6 @@ FOLDER_DEFAULTS = {
 }
 MODEL_OPTIONS = ("backbone", "weights", "freeze_trunk")
 FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
-
-
 #: Entries of config.json that ``protoot eval --checkpoint`` rebuilds the model and data from.
 TRAIN_CONFIG_KEYS = ("backbone", "pretrained", "weights", "freeze_trunk", "seed", "image_size", "data", "domains")
 
