@@ -128,6 +128,20 @@ def test_end_to_end_training_on_a_folder_and_eval_of_its_checkpoint(image_folder
     assert scored["mean"]["precision_at_1"] == pytest.approx(after["mean"]["precision_at_1"], abs=1e-6)
 
 
+def test_frozen_random_trunk_run_saves_its_cache_and_eval_rebuilds_the_trunk(image_folder, tmp_path, capsys):
+    # A random trunk is not saved: eval rebuilds it from the seed in config.json.
+    out, cache = tmp_path / "run", tmp_path / "features.pt"
+    argv = ["train", "--data", image_folder, "--epochs", "2", "--batch-size", "4", "--freeze-trunk", "--views", "2",
+            "--feature-cache", cache, "--seed", "5", "--out", out, *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    assert torch.load(cache, weights_only=True)["views"].shape[:2] == (2, 16)
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)[0] == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    for pair, metrics in after.items():
+        assert scored[pair]["mean_average_precision_at_r"] == pytest.approx(metrics["mean_average_precision_at_r"])
+
+
 def trained_head(out):
     return torch.load(out / "last.pth", map_location="cpu", weights_only=True)["models"]["embedder"]
 
