@@ -245,9 +245,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         # A copy: the in-place prototype update in step_pseudo_labels must not touch tensors saved for backward.
         prototypes = self.memory.prototypes[slot].to(queries.dtype, copy=True)
         targets = self.memory.step_pseudo_labels(slot, rows)
-        bank = self.memory.bank(slot).to(queries.dtype)
         anchors = keys if self.nearest_neighbour_by == "key" else queries.detach()
-        neighbours = bank[_nearest_rows_excluding_own(anchors, bank, rows)]
+        neighbours = self.memory.bank(slot)[self.memory.nearest_rows(slot, anchors, rows)].to(queries.dtype)
         key_weight, neighbour_weight, prototype_weight = self.in_domain_weights
         losses = (
             key_weight * self._prototype_contrast(queries, keys, prototypes, targets)
@@ -279,13 +278,6 @@ class ProtoOTLoss(BaseMetricLossFunction):
         negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
         logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
-
-
-def _nearest_rows_excluding_own(anchors, bank, own_rows) -> torch.Tensor:
-    """Bank row with the largest dot product to each anchor, never the anchor's own row."""
-    similarity = anchors @ bank.T
-    similarity[torch.arange(len(anchors), device=similarity.device), own_rows] = -math.inf
-    return similarity.argmax(dim=1)
 
 
 def _check_non_negative(name: str, value, strict: bool = False) -> float:

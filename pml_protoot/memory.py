@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import faiss
 import numpy as np
@@ -14,12 +16,18 @@ from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import sinkhorn
 
-__all__ = ["PrototypeMemory", "MARGINAL_RULES", "column_potentials"]
+__all__ = ["PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"]
 
 logger = logging.getLogger(__name__)
 
 #: Ways ``PrototypeMemory.recluster`` can set the class marginals (see its docstring).
 MARGINAL_RULES = ("official", "matched", "assignment", "uniform")
+
+#: Ways ``PrototypeMemory.nearest_rows`` can search a bank (see the class docstring).
+NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
+
+#: ``neighbour_search="auto"`` uses the IVF index for banks with at least this many rows.
+AUTO_IVF_MIN_ROWS = 100_000
 
 
 class PrototypeMemory(torch.nn.Module):
@@ -115,6 +123,10 @@ class PrototypeMemory(torch.nn.Module):
         kmeans_nredo: int = 20,
         kmeans_seed: int = 0,
         refresh_every: int = 1,
+        neighbour_search: str = "exact",
+        ivf_nlist: int | None = None,
+        ivf_nprobe: int = 32,
+        ivf_buffer_rows: int = 4096,
     ):
         super().__init__()
         domains = as_index_tensor("domains", domains, device="cpu")
@@ -150,6 +162,17 @@ class PrototypeMemory(torch.nn.Module):
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
         if self.refresh_every > 1:
             self._register_refresh_cache()
+        self._set_neighbour_search(neighbour_search, ivf_nlist, ivf_nprobe, ivf_buffer_rows)
+
+    def _set_neighbour_search(self, neighbour_search, ivf_nlist, ivf_nprobe, ivf_buffer_rows) -> None:
+        check_choice("neighbour_search", neighbour_search, NEIGHBOUR_SEARCHES)
+        self.neighbour_search = neighbour_search
+        self.ivf_nlist = None if ivf_nlist is None else check_positive_int("ivf_nlist", ivf_nlist)
+        self.ivf_nprobe = check_positive_int("ivf_nprobe", ivf_nprobe)
+        self.ivf_buffer_rows = check_positive_int("ivf_buffer_rows", ivf_buffer_rows)
+        # Per-slot BankIndex: derived state, rebuilt by recluster() or on first use (not in the state_dict).
+        self._bank_indexes: dict[int, BankIndex] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._bank_indexes.clear())
 
     def _register_refresh_cache(self) -> None:
         """Buffers of the cached OT (``refresh_every > 1`` only: exact memories keep their state_dict)."""
@@ -249,15 +272,21 @@ class PrototypeMemory(torch.nn.Module):
                 self.prototype_sums[slot] += self._plan_rows(slot, slot, new_keys).T @ new_keys
                 self.prototype_sums[slot] -= self._plan_rows(slot, slot, bank[rows]).T @ bank[rows]
             bank[rows] = new_keys
+            if slot in self._bank_indexes:
+                self._bank_indexes[slot].mark_written(rows, bank)
         self.written[indices] = True
 
     @staticmethod
     def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
-        """Mask of the positions holding the last occurrence of each index (deterministic writes)."""
+        r"""Mask of the positions holding the last occurrence of each index (deterministic writes).
+
+        :math:`O(B \log B)`: indexed by the batch's distinct indices, not by the bank size.
+        """
         positions = torch.arange(len(indices), device=indices.device)
-        last = torch.full((int(indices.max()) + 1 if len(indices) else 0,), -1, device=indices.device)
-        last = last.scatter_reduce(0, indices, positions, reduce="amax")
-        return last[indices] == positions
+        distinct, slot_of = torch.unique(indices, return_inverse=True)
+        last = torch.full((len(distinct),), -1, device=indices.device)
+        last = last.scatter_reduce(0, slot_of, positions, reduce="amax")
+        return last[slot_of] == positions
 
     def check_ready(self) -> None:
         """Raise ``ValueError`` unless :meth:`recluster` has set the prototypes."""
@@ -384,6 +413,61 @@ class PrototypeMemory(torch.nn.Module):
             return self._plan_rows(domain, prototype_domain, self.bank(domain)[rows]).argmax(dim=1)
         return self._full_plan(domain, prototype_domain)[rows].argmax(dim=1)
 
+    def uses_ivf(self, domain: int) -> bool:
+        """Whether :meth:`nearest_rows` searches bank ``domain`` through a :class:`BankIndex`."""
+        if self.neighbour_search == "auto":
+            return len(self.bank(domain)) >= AUTO_IVF_MIN_ROWS
+        return self.neighbour_search == "ivf"
+
+    def nearest_rows(self, domain: int, anchors: torch.Tensor, own_rows) -> torch.Tensor:
+        r"""Bank rows most similar (dot product) to each anchor, never the anchor's own row.
+
+        ``"exact"`` (or ``"auto"`` below ``AUTO_IVF_MIN_ROWS`` rows): brute force,
+        :math:`O(B N_d \cdot \text{dim})`. Otherwise the domain's :class:`BankIndex`
+        (built at :meth:`recluster`, or here when missing, e.g. after
+        ``load_state_dict``): exact for rows written since the build, approximate
+        through IVF probing only, exact with ``ivf_nprobe >= nlist``.
+
+        Args:
+            domain: domain slot ``d``.
+            anchors: ``(B, dim)`` floating tensor (keys or queries), no gradient needed.
+            own_rows: ``(B,)`` bank rows of the anchors' own samples, excluded.
+
+        Returns:
+            ``(B,)`` long bank rows on ``own_rows``' device.
+
+        Example:
+            >>> import torch
+            >>> from pml_protoot.memory import PrototypeMemory
+            >>> memory = PrototypeMemory([0] * 50 + [1] * 50, dim=4, num_prototypes=2, kmeans_nredo=1,
+            ...                          neighbour_search="ivf", ivf_nlist=5, ivf_nprobe=5)
+            >>> memory.fill(torch.nn.functional.normalize(torch.randn(100, 4), dim=1), torch.arange(100))
+            >>> memory.recluster(epoch=0)
+            >>> bank = memory.bank(0)
+            >>> rows = memory.nearest_rows(0, bank[:2], torch.tensor([0, 1]))
+            >>> bool((rows == (bank[:2] @ bank.T).fill_diagonal_(-2).argmax(dim=1)).all())
+            True
+        """
+        domain = self._check_slot("domain", domain)
+        check_matrix("anchors", anchors, cols=self.dim)
+        own_rows = torch.as_tensor(own_rows, device=self.row_of.device)
+        bank = self.bank(domain)
+        anchors = anchors.detach()
+        if not self.uses_ivf(domain):
+            return exact_nearest_rows(anchors, bank, own_rows)
+        if domain not in self._bank_indexes:
+            self._bank_indexes[domain] = self._build_bank_index(domain)
+        return self._bank_indexes[domain].search(anchors, own_rows, bank)
+
+    def _build_bank_index(self, domain: int) -> "BankIndex":
+        bank = self.bank(domain)
+        nlist = min(self.ivf_nlist or max(1, round(math.sqrt(len(bank)))), len(bank))
+        start = time.perf_counter()
+        index = BankIndex(bank, nlist, min(self.ivf_nprobe, nlist), self.ivf_buffer_rows)
+        logger.info("built IVF index of bank %d (%d rows, nlist %d) in %.1f s", domain, len(bank), nlist,
+                    time.perf_counter() - start)
+        return index
+
     def pseudo_labels(self, domain: int, prototype_domain: int | None = None) -> torch.Tensor:
         """Return the ``(N_d,)`` argmax over prototypes of :meth:`assign`."""
         return self.assign(domain, prototype_domain).argmax(dim=1)
@@ -432,6 +516,7 @@ class PrototypeMemory(torch.nn.Module):
         if self.refresh_every > 1:  # new marginals (and maybe prototypes): every cached plan is stale
             self.refresh_countdown.zero_()
             self.potentials_valid.zero_()
+        self._bank_indexes = {slot: self._build_bank_index(slot) for slot in range(self.num_domains) if self.uses_ivf(slot)}
         logger.info("reclustered %d domains at epoch %d (marginal rule %r)", self.num_domains, epoch, self.marginal_rule)
 
     def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -537,3 +622,116 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     rhs = edge_sum.sum(dim=0) - edge_sum.sum(dim=1)
     potentials = torch.linalg.pinv(laplacian.double()) @ rhs.double()
     return (potentials - potentials.mean()).to(plan.dtype)
+
+
+class BankIndex:
+    r"""Approximate inner-product search over one bank: a faiss IVF plus an exact side buffer.
+
+    At construction the bank's rows go into a faiss ``IndexIVFFlat`` (inner product,
+    ``nlist`` lists trained by K-means on a subsample, rows stored in float32 on the
+    CPU). Rows written afterwards (:meth:`mark_written`) leave the IVF and wait in a
+    *pending* buffer that is searched exactly against the current bank; when the buffer
+    holds more than ``buffer_rows`` rows, all but the newest batch go back into the IVF
+    with their current values. So every search is exact for rows changed since the
+    build and approximate only through IVF probing (``nprobe`` of ``nlist`` lists;
+    ``nprobe = nlist`` is exhaustive, hence exact). Per call, :meth:`search` costs
+    :math:`O(B\,(\text{nlist} + \text{nprobe}\,N/\text{nlist} + \text{buffer}) \cdot \text{dim})`
+    and :meth:`mark_written` :math:`O(B)` plus, once every ``buffer_rows / B`` calls, a
+    flush of :math:`O(\text{buffer} \cdot \text{nlist} \cdot \text{dim})`: never a pass
+    over the whole bank. Building costs one K-means of ``nlist`` centroids on
+    ``64 nlist`` rows plus :math:`O(N\,\text{nlist}\cdot\text{dim})` to file the rows
+    (about 9 s for :math:`N = 10^6`, ``dim`` 128, ``nlist`` 1000 on one CPU thread).
+
+    Args:
+        bank: ``(N, dim)`` floating tensor (any device or dtype; copied to float32 CPU).
+        nlist: number of IVF lists, in ``[1, N]``.
+        nprobe: lists searched per query, in ``[1, nlist]``.
+        buffer_rows: pending rows kept before a flush into the IVF.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.memory import BankIndex
+        >>> bank = torch.nn.functional.normalize(torch.randn(100, 8), dim=1)
+        >>> index = BankIndex(bank, nlist=4, nprobe=4, buffer_rows=16)
+        >>> rows = index.search(bank[:3], torch.tensor([0, 1, 2]), bank)
+        >>> bool((rows == (bank[:3] @ bank.T).fill_diagonal_(-2).argmax(dim=1)).all())
+        True
+    """
+
+    #: K-means training rows per IVF list (faiss subsamples the bank to this many).
+    TRAINING_ROWS_PER_LIST = 64
+
+    def __init__(self, bank: torch.Tensor, nlist: int, nprobe: int, buffer_rows: int):
+        num_rows, dim = bank.shape
+        if not 1 <= check_positive_int("nlist", nlist) <= num_rows:
+            raise ValueError(f"nlist must be at most the bank's {num_rows} rows, got {nlist}")
+        if not 1 <= check_positive_int("nprobe", nprobe) <= nlist:
+            raise ValueError(f"nprobe must be at most nlist ({nlist}), got {nprobe}")
+        self.buffer_rows = check_positive_int("buffer_rows", buffer_rows)
+        self._quantizer = faiss.IndexFlatIP(dim)  # the IVF keeps a pointer: keep it alive
+        self.index = faiss.IndexIVFFlat(self._quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.max_points_per_centroid = self.TRAINING_ROWS_PER_LIST
+        self.index.cp.seed = 0
+        self.index.nprobe = nprobe
+        vectors = _as_faiss_rows(bank)
+        self.index.train(vectors)
+        self.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # removal by id in O(1) per row
+        self.index.add_with_ids(vectors, np.arange(num_rows, dtype=np.int64))
+        self.pending = torch.zeros(0, dtype=torch.long)
+
+    def mark_written(self, rows: torch.Tensor, bank: torch.Tensor) -> None:
+        """Move ``rows`` (just written into ``bank``) out of the IVF into the exact pending buffer."""
+        rows = rows.cpu()
+        new_rows = torch.unique(rows[~torch.isin(rows, self.pending)])
+        if len(new_rows):
+            ids = np.ascontiguousarray(new_rows.numpy(), dtype=np.int64)
+            self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+        self.pending = torch.cat([self.pending, new_rows])
+        if len(self.pending) > self.buffer_rows:
+            # The newest rows stay pending, so a batch's own rows are always searched exactly.
+            settled = self.pending[~torch.isin(self.pending, rows)]
+            self.index.add_with_ids(_as_faiss_rows(bank[settled.to(bank.device)]), settled.numpy())
+            self.pending = torch.unique(rows)
+
+    def search(self, anchors: torch.Tensor, own_rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Return the ``(B,)`` rows of ``bank`` with the largest dot product to each anchor, never its own row.
+
+        ``own_rows`` are marked written first, so they are searched exactly (and excluded
+        exactly); an anchor for which the probed lists and the buffer hold no other row
+        falls back to an exact search.
+        """
+        if not len(anchors):
+            return own_rows.new_zeros(0)
+        self.mark_written(own_rows, bank)
+        ivf_scores, ivf_rows = self.index.search(_as_faiss_rows(anchors), 1)
+        best_scores = torch.from_numpy(ivf_scores[:, 0]).double()
+        best_rows = torch.from_numpy(ivf_rows[:, 0])
+        best_scores[best_rows < 0] = -math.inf  # faiss's "nothing in the probed lists"
+        pending = self.pending.to(bank.device)
+        dtype = torch.promote_types(anchors.dtype, bank.dtype)
+        pending_scores = anchors.to(dtype) @ bank[pending].to(dtype).T
+        pending_scores[pending[None, :] == own_rows.to(bank.device)[:, None]] = -math.inf
+        pending_best_scores, pending_best = pending_scores.max(dim=1)
+        take_pending = pending_best_scores.cpu().double() > best_scores
+        best_scores = torch.where(take_pending, pending_best_scores.cpu().double(), best_scores)
+        best_rows = torch.where(take_pending, self.pending[pending_best.cpu()], best_rows).to(own_rows.device)
+        missing = ~torch.isfinite(best_scores).to(own_rows.device)
+        if missing.any():
+            best_rows[missing] = exact_nearest_rows(anchors[missing], bank, own_rows[missing])
+        return best_rows
+
+
+def _as_faiss_rows(tensor: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy copy of a 2-D tensor (what faiss accepts)."""
+    return np.ascontiguousarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
+
+
+def exact_nearest_rows(anchors: torch.Tensor, bank: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
+    r"""Brute-force :math:`\arg\max_{r \ne \text{own}} a \cdot M_r`: ``(B,)`` bank rows for ``(B, dim)`` anchors.
+
+    One ``(B, N)`` similarity matrix in the promoted dtype of ``anchors`` and ``bank``.
+    """
+    dtype = torch.promote_types(anchors.dtype, bank.dtype)
+    similarity = anchors.to(dtype) @ bank.to(dtype).T
+    similarity[torch.arange(len(anchors), device=similarity.device), own_rows.to(similarity.device)] = -math.inf
+    return similarity.argmax(dim=1).to(own_rows.device)
