@@ -1,0 +1,457 @@
+"""Cross-domain retrieval accuracy on pacs-mini: raw features, instance contrast and ProtoOT variants side by side.
+
+CPU protocol of DESIGN.md: the offline ImageNet EfficientNet-Lite0 trunk is frozen and run
+once (:class:`~pml_protoot.data.FeatureCache`: the eval view and ``--views`` MoCo-v2 views
+of every image, ImageNet mean/std, cached under ``benchmarks/cache/``); only ProtoOT's MLP
+head 1280 -> 1280 -> ReLU -> 128 trains, through the package's public API
+(``ProtoOTTrainer`` with ``ProtoOTLoss`` or a PML loss + ``ProtoOTMiner``; scores from
+``CrossDomainTester``, evaluating the momentum key encoder after the final epoch). Every
+method sees the same cached features, the same sampler order and the same number of steps.
+
+Training sets: the paper's domain pairs (each scored in both directions, 8 directions) and
+all four domains jointly (12 directions). Metrics: ProtoOT's P@1/5/15/50 and full-ranking mAP.
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py                 # full run, 3 seeds
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick         # one pair, one seed
+
+Add a row (e.g. an ablation) by adding an entry to ``METHODS`` or ``ABLATIONS``: a function
+``(domain_ids, epochs) -> Recipe``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_metric_learning.losses import MultiSimilarityLoss, NTXentLoss
+
+from pml_protoot import (
+    CachedTwoViewDataset,
+    CrossDomainSampler,
+    CrossDomainTester,
+    FeatureCache,
+    MultiDomainDataset,
+    MultiDomainImageFolder,
+    PrecisionAtKCalculator,
+    PrototypeMemory,
+    ProtoOTLoss,
+    ProtoOTMiner,
+    ProtoOTTrainer,
+    convert_efficientnet_lite0_weights,
+    create_trunk,
+    embedding_head,
+    eval_transform,
+    moco_v2_transform,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, markdown_table, pin_threads  # noqa: E402
+
+logger = logging.getLogger("benchmarks.accuracy")
+
+BENCHMARKS = Path(__file__).resolve().parent
+DATA = BENCHMARKS.parents[1] / "shared" / "data" / "pacs-mini"
+CACHE_DIR = BENCHMARKS / "cache"
+DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini"
+
+#: The paper's PACS pairs; each is trained once and scored in both directions.
+PAIRS = (("photo", "art_painting"), ("photo", "cartoon"), ("photo", "sketch"), ("art_painting", "sketch"))
+QUICK_PAIR = ("photo", "sketch")
+JOINT = ("art_painting", "cartoon", "photo", "sketch")
+
+BACKBONE, FEATURE_DIM, EMBEDDING_DIM = "tf_efficientnet_lite0", 1280, 128
+BATCH_PER_DOMAIN = 64
+LR, WEIGHT_DECAY = 2.5e-4, 5e-4
+TEMPERATURE = 0.2  # ProtoOT's tau, also used for InfoNCE (MoCo v2's value)
+PAPER_EPOCHS = 200  # the paper's schedule; cross-domain start is scaled from it
+OFFICIAL_MOMENTUM = 0.999
+K_VALUES = (1, 5, 15, 50)
+METRICS = {f"P@{k}": f"precision_at_{k}" for k in K_VALUES} | {"mAP": "mean_average_precision"}
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+@dataclass
+class Recipe:
+    """What one method trains with: memory, loss, optional miner and key-encoder momentum."""
+
+    memory: PrototypeMemory
+    loss: torch.nn.Module
+    momentum: float
+    mining_funcs: dict = field(default_factory=dict)
+
+
+def package_default(function, name: str):
+    """The default of ``function``'s argument ``name``, read from the code (the defaults evolve)."""
+    return inspect.signature(function).parameters[name].default
+
+
+def scaled_cross_domain_start(epochs: int) -> int:
+    """The loss's default start epoch (100 of the paper's 200) scaled to ``epochs``."""
+    return package_default(ProtoOTLoss, "cross_domain_start_epoch") * epochs // PAPER_EPOCHS
+
+
+def num_classes_memory(domain_ids, **options) -> PrototypeMemory:
+    """A memory with K = number of classes (7) unless ``num_prototypes`` is given."""
+    options.setdefault("num_prototypes", 7)
+    return PrototypeMemory(domain_ids, dim=EMBEDDING_DIM, **options)
+
+
+def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None):
+    memory = num_classes_memory(domain_ids, **(memory_options or {}))
+    loss = ProtoOTLoss(
+        memory, temperature=TEMPERATURE, cross_domain_start_epoch=scaled_cross_domain_start(epochs),
+        official=official, **(loss_options or {}),
+    )
+    if momentum is None:
+        momentum = OFFICIAL_MOMENTUM if official else package_default(ProtoOTTrainer, "momentum")
+    return Recipe(memory, loss, momentum)
+
+
+def instance_contrast(domain_ids, epochs):
+    """InfoNCE between each query and its own key (in-batch negatives), the default momentum encoder."""
+    return Recipe(num_classes_memory(domain_ids), NTXentLoss(TEMPERATURE), package_default(ProtoOTTrainer, "momentum"))
+
+
+def miner_with(loss_class, **loss_options):
+    """A recipe: ProtoOTMiner pseudo-label pairs with the PML loss ``loss_class(**loss_options)``."""
+
+    def recipe(domain_ids, epochs):
+        memory = num_classes_memory(domain_ids)
+        miner = ProtoOTMiner(memory, update_prototypes=True)  # no ProtoOTLoss moves the prototypes here
+        loss = loss_class(**loss_options)
+        return Recipe(memory, loss, package_default(ProtoOTTrainer, "momentum"), {"tuple_miner": miner})
+
+    return recipe
+
+
+#: name -> ``(domain_ids, epochs) -> Recipe``; None scores the frozen trunk's features untrained.
+METHODS = {
+    "raw features": None,
+    "InfoNCE (NTXentLoss)": instance_contrast,
+    "ProtoOT official": partial(protoot, official=True),
+    "ProtoOT default": protoot,
+    "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),
+}
+#: Extra rows, run only when named in ``--methods`` or with ``--ablation``.
+ABLATIONS = {
+    # PML's NTXentLoss builds a (positive pairs x negative pairs) matrix: with K = 7 pseudo-classes
+    # about 2 s a step on one core, 20x the others, so it is not in the default set.
+    "ProtoOTMiner + NTXentLoss": miner_with(NTXentLoss, temperature=TEMPERATURE),
+}
+ALL_METHODS = METHODS | ABLATIONS
+
+
+# ------------------------------------------------------------------------------ features
+
+
+@dataclass
+class Features:
+    """Cached trunk features of the whole dataset, CPU tensors."""
+
+    domains: list
+    domain_ids: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    eval: torch.Tensor  # (N, F)
+    views: torch.Tensor  # (V, N, F)
+
+
+def limit_per_domain(dataset: MultiDomainDataset, limit: int) -> MultiDomainDataset:
+    """A copy of ``dataset`` with ``limit`` images per domain, evenly spaced (so every class stays)."""
+    keep = []
+    for domain in dataset.domains:
+        indices = dataset.domain_indices(domain)
+        spread = torch.linspace(0, len(indices) - 1, min(limit, len(indices))).round().long()
+        keep += indices[spread].tolist()
+    limited = copy.copy(dataset)
+    MultiDomainDataset.__init__(
+        limited, dataset.domains, dataset.classes, [dataset.samples[i] for i in keep], dataset.transform
+    )
+    return limited
+
+
+def extract_features(data, cache_dir, views, image_size, limit, device) -> tuple[Features, float]:
+    """Features of every image (from the cache file when it matches) and the seconds it took."""
+    dataset = MultiDomainImageFolder(data, JOINT)
+    if limit:
+        dataset = limit_per_domain(dataset, limit)
+    trunk, feature_dim = create_trunk(BACKBONE, weights=convert_efficientnet_lite0_weights())
+    assert feature_dim == FEATURE_DIM, feature_dim
+    name = f"pacs_mini_lite0_{image_size}px_v{views}" + (f"_limit{limit}" if limit else "") + ".pt"
+    start = time.perf_counter()
+    cache = FeatureCache(
+        dataset, trunk.to(device), train_view=moco_v2_transform(image_size), eval_view=eval_transform(image_size),
+        num_views=views, path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
+    )
+    seconds = time.perf_counter() - start
+    labels = torch.tensor(dataset.targets, dtype=torch.long)
+    return Features(dataset.domains, dataset.domain_ids, labels, cache.eval_features, cache.view_features), seconds
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_tester(device) -> CrossDomainTester:
+    calculator = PrecisionAtKCalculator(k_values=K_VALUES, include=list(METRICS.values()), device=device)
+    return CrossDomainTester(calculator, batch_size=256, dataloader_num_workers=0)
+
+
+def run_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> dict:
+    """Train ``method`` on ``train_domains`` (or not, for raw features); score every direction among them."""
+    start = time.perf_counter()
+    slots = [features.domains.index(name) for name in train_domains]
+    rows = torch.cat([torch.nonzero(features.domain_ids == slot).flatten() for slot in slots])
+    domain_ids = torch.cat([torch.full((int((features.domain_ids == s).sum()),), i) for i, s in enumerate(slots)])
+    eval_features, labels = features.eval[rows], features.labels[rows]
+    eval_sets = {
+        name: torch.utils.data.TensorDataset(eval_features[domain_ids == i], labels[domain_ids == i])
+        for i, name in enumerate(train_domains)
+    }
+    seed_everything(seed)
+    build = ALL_METHODS[method]
+    recipe = None if build is None else build(domain_ids, epochs)
+    if recipe is None:
+        model = torch.nn.Identity()
+    else:
+        model = train_head(recipe, features.views[:, rows], eval_features, domain_ids, seed, epochs, device)
+    results = make_tester(device).test(eval_sets, epochs if recipe else 0, model.to(device))
+    return {
+        "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
+        "momentum": recipe.momentum if recipe else None, "wall_time_s": round(time.perf_counter() - start, 2),
+        "directions": {
+            direction: {short: values[metric] for short, metric in METRICS.items()}
+            for direction, values in results.items() if direction != "mean"
+        },
+    }
+
+
+def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, device) -> torch.nn.Module:
+    """Train a fresh head on cached ``views`` ``(V, N, F)``; return the momentum key encoder's head."""
+    head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
+    optimizer = torch.optim.Adam(head.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
+    batch_size = BATCH_PER_DOMAIN * int(domain_ids.max() + 1)
+    trainer = ProtoOTTrainer(
+        {"trunk": torch.nn.Identity(), "embedder": head.to(device)},
+        {"embedder_optimizer": optimizer},
+        batch_size,
+        {"metric_loss": recipe.loss},
+        CachedTwoViewDataset(views, domain_ids, seed=seed),
+        recipe.memory,
+        momentum=recipe.momentum,
+        mining_funcs=recipe.mining_funcs,
+        sampler=CrossDomainSampler(domain_ids, batch_size, seed=seed),
+        fill_dataset=torch.utils.data.TensorDataset(eval_features, torch.arange(len(eval_features))),
+        data_device=torch.device(device),
+        dataloader_num_workers=0,
+    )
+    trainer.train(num_epochs=epochs)
+    return trainer.key_encoder.module[1]  # Sequential(trunk, embedder): the trunk is the identity
+
+
+def run_task(task, methods, epochs, device) -> list[dict]:
+    """Every method on one ``(train_domains, seed)``; in a worker process when ``--jobs > 1``."""
+    train_domains, seed = task
+    records = []
+    for method in methods:
+        if ALL_METHODS[method] is None and seed != min(TASK_SEEDS):
+            continue  # untrained features do not depend on the seed
+        record = run_method(FEATURES, train_domains, method, seed, epochs, device)
+        logger.info(
+            "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
+            100 * statistics.mean(v["P@15"] for v in record["directions"].values()), record["wall_time_s"],
+        )
+        records.append(record)
+    return records
+
+
+FEATURES: Features | None = None  # set before the worker processes fork
+TASK_SEEDS: list = [0]
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def direction_names(train_domains) -> list[str]:
+    return [f"{q}->{g}" for q in train_domains for g in train_domains if q != g]
+
+
+def summarise(runs: list[dict], methods, directions, metric: str) -> list[list[str]]:
+    """Rows ``[method, mean±std per direction..., mean±std of the per-seed means]`` in percent."""
+    rows = []
+    for method in methods:
+        per_seed = {}
+        for run in runs:
+            if run["method"] == method:
+                per_seed.setdefault(run["seed"], {}).update(
+                    {d: v[metric] for d, v in run["directions"].items() if d in directions}
+                )
+        per_seed = {seed: values for seed, values in per_seed.items() if len(values) == len(directions)}
+        if not per_seed:
+            continue
+        cells = [format_spread([values[d] for values in per_seed.values()]) for d in directions]
+        cells.append(format_spread([statistics.mean(values.values()) for values in per_seed.values()]))
+        rows.append([method, *cells])
+    return rows
+
+
+def format_spread(values) -> str:
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def markdown(payload: dict) -> str:
+    config, runs = payload["config"], payload["runs"]
+    methods = config["methods"]
+    pair_directions = [d for pair in config["pairs"] for d in direction_names(pair)]
+    lines = [
+        "# Cross-domain retrieval accuracy on pacs-mini\n",
+        f"`{payload['command']}`\n",
+        f"Wall time {payload['wall_time_s'] / 60:.1f} min for training and scoring; feature extraction (or reading "
+        f"its cache) {payload['feature_extraction_s']:.0f} s before that. "
+        f"Machine: {payload['machine']}, torch threads {payload['threads']['torch_threads']}, "
+        f"{config['jobs']} process(es).\n",
+        f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
+        f"of the eval view and {config['views']} MoCo-v2 views cached once; head 1280 -> 1280 -> ReLU -> 128 trained "
+        f"{config['epochs']} epochs (epoch = largest domain / {BATCH_PER_DOMAIN} steps, {BATCH_PER_DOMAIN} images of "
+        f"every domain per step), Adam (amsgrad) lr {LR} wd {WEIGHT_DECAY}, tau {TEMPERATURE}, K = 7, cross-domain "
+        f"term from epoch {config['cross_domain_start']} (the paper's 100 of 200, scaled). Seeds {config['seeds']}: "
+        "mean ± std over seeds (raw features: seed-independent, one run). Scores of the momentum key encoder after "
+        "the final epoch (no best-epoch selection). mAP is over the full ranking. Key-encoder momentum per method: "
+        + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ".\n",
+    ]
+    if not payload.get("complete", True):
+        lines.append(f"**Partial results: the run was cut short after {len(runs)} runs.**\n")
+    for metric in METRICS:
+        title = f"Domain pairs, {metric} (%)" + (" — main table" if metric == "P@15" else "")
+        rows = summarise(runs, methods, pair_directions, metric)
+        if rows:
+            lines += [f"## {title}\n", markdown_table(["method", *pair_directions, "mean"], rows)]
+    if config["joint"]:
+        joint_directions = direction_names(JOINT)
+        for metric in ("P@15", "mAP"):
+            rows = summarise(runs, methods, joint_directions, metric)
+            if rows:
+                lines += [f"## All four domains trained jointly, {metric} (%)\n",
+                          markdown_table(["method", *joint_directions, "mean"], rows)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help=f"one pair ({'<->'.join(QUICK_PAIR)}), one seed, no joint run"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS))
+    parser.add_argument("--ablation", action="store_true", help="also run the ABLATIONS rows")
+    parser.add_argument("--no-joint", action="store_true", help="skip the four-domain joint run")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
+    parser.add_argument("--views", type=int, default=4, help="augmented views cached per image")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--limit-per-domain", type=int, help="use only N images per domain (smoke tests)")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix: writes <out>.json and <out>.md")
+    return parser
+
+
+def main(argv=None) -> dict:
+    global FEATURES, TASK_SEEDS
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
+    logging.getLogger("PML").setLevel(logging.ERROR)  # "optimizers is missing trunk_optimizer": the trunk is frozen
+    threads = pin_threads(1)
+    seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, list(PAIRS))
+    joint = not (args.quick or args.no_joint)
+    methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
+    FEATURES, extraction_s = extract_features(
+        args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
+    )
+    TASK_SEEDS = seeds
+    # The joint runs are the longest: first, so that parallel workers finish together.
+    tasks = [(JOINT, seed) for seed in seeds if joint] + [(pair, seed) for seed in seeds for pair in pairs]
+    config = {
+        "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
+        "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
+        "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
+    }
+    start, runs = time.perf_counter(), []
+    work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device)
+    for records in run_tasks(work, tasks, args.jobs):
+        runs += records
+        payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
+        payload["complete"] = len(runs) == sum(1 for _ in expected_runs(tasks, methods, seeds))
+        write_outputs(Path(args.out), payload)  # after every task: a cut-short run still leaves its results
+    logger.info("wrote %s.json and %s.md", args.out, args.out)
+    return payload
+
+
+def run_tasks(work, tasks, jobs):
+    """Yield ``work(task)`` as tasks finish, in ``jobs`` forked processes (one thread each) when ``jobs > 1``."""
+    if jobs == 1:
+        yield from map(work, tasks)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
+        for future in as_completed([pool.submit(work, task) for task in tasks]):
+            yield future.result()
+
+
+def expected_runs(tasks, methods, seeds):
+    for train_domains, seed in tasks:
+        for method in methods:
+            if ALL_METHODS[method] is not None or seed == min(seeds):
+                yield method, train_domains, seed
+
+
+def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
+    order = {method: position for position, method in enumerate(config["methods"])}
+    runs = sorted(
+        runs, key=lambda run: (run["seed"], len(run["train_domains"]), run["train_domains"], order[run["method"]])
+    )
+    return {
+        "command": command_line(),
+        "wall_time_s": round(wall_time_s, 1),
+        "feature_extraction_s": round(extraction_s, 1),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({device})",
+        "threads": threads,
+        "config": {**config, "momentum": {run["method"]: run["momentum"] for run in runs}},
+        "runs": runs,
+    }
+
+
+def write_outputs(out: Path, payload: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".json").write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_name(out.name + ".md").write_text(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Smoke test of benchmarks/accuracy.py ``--quick`` on a few pacs-mini images per domain."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ACCURACY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+LIMIT_PER_DOMAIN = 24
+
+
+def load_accuracy_module():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ACCURACY_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return load_accuracy_module()
+
+
+def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_path, device):
+    out = tmp_path / "results" / "accuracy"
+    payload = accuracy.main([
+        "--quick", "--epochs", "2", "--limit-per-domain", str(LIMIT_PER_DOMAIN), "--views", "2",
+        "--image-size", "64", "--data", str(pacs_mini), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+        "--device", str(device),
+    ])
+
+    written = json.loads(out.with_name("accuracy.json").read_text())
+    assert written == json.loads(json.dumps(payload))
+    assert written["complete"] is True
+    query, gallery = accuracy.QUICK_PAIR
+    expected_directions = {f"{query}->{gallery}", f"{gallery}->{query}"}
+    assert [run["method"] for run in written["runs"]] == list(accuracy.METHODS)
+    for run in written["runs"]:
+        assert run["train_domains"] == list(accuracy.QUICK_PAIR) and run["seed"] == 0
+        assert set(run["directions"]) == expected_directions
+        for metrics in run["directions"].values():
+            assert set(metrics) == set(accuracy.METRICS)
+            assert all(math.isfinite(value) and 0 <= value <= 1 for value in metrics.values()), (run["method"], metrics)
+    trained = [run for run in written["runs"] if run["method"] != "raw features"]
+    assert all(run["epochs"] == 2 and 0 < run["momentum"] <= 1 for run in trained)
+
+    markdown = out.with_name("accuracy.md").read_text()
+    assert markdown.count("## Domain pairs") == len(accuracy.METRICS)
+    assert "jointly" not in markdown  # --quick has no four-domain run
+    for method in accuracy.METHODS:
+        assert markdown.count(f"| {method} |") == len(accuracy.METRICS)
+    assert written["command"] in markdown
+
+
+def test_feature_cache_is_reused(accuracy, pacs_mini, tmp_path):
+    options = dict(data=pacs_mini, cache_dir=tmp_path, views=2, image_size=32, limit=8, device="cpu")
+    first, _ = accuracy.extract_features(**options)
+    second, _ = accuracy.extract_features(**options)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert first.views.shape == (2, 8 * len(accuracy.JOINT), accuracy.FEATURE_DIM)
+    assert (first.eval == second.eval).all() and (first.views == second.views).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*no item of their class")
+def test_raw_features_score_as_a_brute_force_search(accuracy, pacs_mini, tmp_path):
+    """P@1 of the untrained method equals a plain nearest-neighbour loop over cosine similarities.
+
+    Queries whose class is absent from the gallery are left out, as ProtoOT's protocol does.
+    """
+    import torch
+
+    features, _ = accuracy.extract_features(pacs_mini, tmp_path, 2, 32, 8, "cpu")
+    record = accuracy.run_method(features, accuracy.QUICK_PAIR, "raw features", 0, 1, torch.device("cpu"))
+    query, gallery = (features.domains.index(name) for name in accuracy.QUICK_PAIR)
+    normalised = torch.nn.functional.normalize(features.eval, dim=1)
+    hits = []
+    gallery_rows = torch.nonzero(features.domain_ids == gallery).flatten()
+    for row in torch.nonzero(features.domain_ids == query).flatten():
+        if not bool((features.labels[gallery_rows] == features.labels[row]).any()):
+            continue
+        nearest = gallery_rows[int(torch.argmax(normalised[gallery_rows] @ normalised[row]))]
+        hits.append(bool(features.labels[nearest] == features.labels[row]))
+    direction = f"{accuracy.QUICK_PAIR[0]}->{accuracy.QUICK_PAIR[1]}"
+    assert record["directions"][direction]["P@1"] == pytest.approx(sum(hits) / len(hits))
