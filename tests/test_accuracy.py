@@ -4,7 +4,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from pml_protoot.accuracy import PrecisionAtKCalculator, _top_ranked
+from pml_protoot.accuracy import PrecisionAtKCalculator, _estimated_thresholds, _ranked_payload
 
 R_METRICS = ("r_precision", "mean_average_precision_at_r", "mean_average_precision", "mean_reciprocal_rank")
 
@@ -97,7 +97,9 @@ def test_threshold_selection_equals_full_stable_sort(device):
     similarities = torch.randint(0, 6, (40, 3000), device=device).float()
     similarities[0] = torch.linspace(0, 1, 3000, device=device)  # a row the sample misjudges least
     expected = torch.sort(similarities.cpu(), dim=1, descending=True, stable=True).indices[:, :50]
-    assert torch.equal(_top_ranked(similarities, 50).cpu(), expected)
+    everything = slice(0, 3000)  # every item relevant: the fallback threshold is the 50th overall
+    ranked = _ranked_payload(similarities, _estimated_thresholds(similarities, 50), 50, everything, torch.arange(3000, device=device))
+    assert torch.equal((ranked[:, :50] >> 1).cpu(), expected)
 
 
 def test_queries_without_relevant_items_are_excluded_with_warning(device):
