@@ -77,9 +77,9 @@ JOINT = ("art_painting", "cartoon", "photo", "sketch")
 BACKBONE, FEATURE_DIM, EMBEDDING_DIM = "tf_efficientnet_lite0", 1280, 128
 BATCH_PER_DOMAIN = 64
 LR, WEIGHT_DECAY = 2.5e-4, 5e-4
-TEMPERATURE = 0.2  # ProtoOT's tau, also used for InfoNCE (MoCo v2's value)
+TEMPERATURE = 0.2  # InfoNCE's (MoCo v2's value)
 PAPER_EPOCHS = 200  # the paper's schedule; cross-domain start is scaled from it
-OFFICIAL_MOMENTUM = 0.999
+OFFICIAL_MOMENTUM, OFFICIAL_TEMPERATURE = 0.999, 0.2
 K_VALUES = (1, 5, 15, 50)
 METRICS = {f"P@{k}": f"precision_at_{k}" for k in K_VALUES} | {"mAP": "mean_average_precision"}
 
@@ -114,10 +114,11 @@ def num_classes_memory(domain_ids, **options) -> PrototypeMemory:
 
 
 def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None):
+    """ProtoOTLoss; ``official`` takes the official code's preset, tau and momentum, else the package defaults."""
     memory = num_classes_memory(domain_ids, **(memory_options or {}))
+    loss_options = ({"temperature": OFFICIAL_TEMPERATURE} if official else {}) | (loss_options or {})
     loss = ProtoOTLoss(
-        memory, temperature=TEMPERATURE, cross_domain_start_epoch=scaled_cross_domain_start(epochs),
-        official=official, **(loss_options or {}),
+        memory, cross_domain_start_epoch=scaled_cross_domain_start(epochs), official=official, **loss_options
     )
     if momentum is None:
         momentum = OFFICIAL_MOMENTUM if official else package_default(ProtoOTTrainer, "momentum")
@@ -335,12 +336,15 @@ def markdown(payload: dict) -> str:
         f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
         f"of the eval view and {config['views']} MoCo-v2 views cached once; head 1280 -> 1280 -> ReLU -> 128 trained "
         f"{config['epochs']} epochs (epoch = largest domain / {BATCH_PER_DOMAIN} steps, {BATCH_PER_DOMAIN} images of "
-        f"every domain per step), Adam (amsgrad) lr {LR} wd {WEIGHT_DECAY}, tau {TEMPERATURE}, K = 7, cross-domain "
-        f"term from epoch {config['cross_domain_start']} (the paper's 100 of 200, scaled). Seeds {config['seeds']}: "
+        f"every domain per step), Adam (amsgrad) lr {LR} wd {WEIGHT_DECAY}, tau {TEMPERATURE} (ProtoOT "
+        f"default: the package's {package_default(ProtoOTLoss, 'temperature')}), K = 7, cross-domain "
+        f"term from 0-based epoch {config['cross_domain_start']} (the paper's 100 of 200, scaled). Seeds {config['seeds']}: "
         "mean ± std over seeds (raw features: seed-independent, one run). Scores of the momentum key encoder after "
         "the final epoch (no best-epoch selection). mAP is over the full ranking. Key-encoder momentum per method: "
         + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ".\n",
     ]
+    if config.get("note"):
+        lines.append(f"Note: {config['note']}\n")
     if not payload.get("complete", True):
         lines.append(f"**Partial results: the run was cut short after {len(runs)} runs.**\n")
     for metric in METRICS:
@@ -379,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix: writes <out>.json and <out>.md")
+    parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
     return parser
 
 
@@ -402,6 +407,7 @@ def main(argv=None) -> dict:
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
+        "note": args.note,
     }
     start, runs = time.perf_counter(), []
     work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device)
