@@ -5,9 +5,15 @@ both views through the trained model for NTXent (PML's self-supervised recipe); 
 runs the query view with gradient and the key view through its momentum encoder
 without. Banks hold ``--bank-sizes`` samples per domain (random unit keys written
 directly: the step cost, not the bank filling, is measured). ProtoOT is timed exact
-(``refresh_every=1``) and with ``--refresh-every``; a refresh step is one of every R, so
-the amortised per-step time is the mean over R consecutive steps (reported beside the
-median). Images are random tensors made per item (data loading is negligible).
+(``refresh_every=1``, ``neighbour_search="exact"``) and scaled (``--refresh-every`` R and
+``--neighbour-search``, "auto" = faiss IVF from 100k rows); a refresh step is one of
+every R, so the amortised per-step time is the mean over R consecutive steps (reported
+beside the median). Images are random tensors made per item (data loading is negligible).
+
+A second table times ``ProtoOTLoss`` alone (forward + backward on random queries and
+keys, no CNN), which shows the memory's own scaling with the bank size, and reports the
+IVF's recall@1 against the exact neighbour search on the last batch's keys (random unit
+keys: no cluster structure, the IVF's worst case).
 
 CPU:  python benchmarks/bench_step.py                        (resnet18, 112 px)
 GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224
@@ -27,7 +33,7 @@ from pytorch_metric_learning.trainers import MetricLossOnly
 from _common import command_line, markdown_table, peak_rss_mb, pin_threads, write_results
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
-from pml_protoot.memory import PrototypeMemory
+from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
 from pml_protoot.samplers import CrossDomainSampler
 from pml_protoot.trainers import ProtoOTTrainer
 
@@ -97,13 +103,20 @@ def ntxent_step(args) -> list[float]:
     return time_steps(trainer, args.steps)
 
 
-def protoot_step(args, bank_size: int, refresh_every: int) -> list[float]:
+def filled_memory(args, bank_size: int, refresh_every: int, neighbour_search: str) -> PrototypeMemory:
     domains = torch.arange(NUM_DOMAINS).repeat_interleave(bank_size)
     memory = PrototypeMemory(domains, 128, args.num_prototypes, kmeans_niter=10, kmeans_nredo=1,
-                             refresh_every=refresh_every)
+                             refresh_every=refresh_every, neighbour_search=neighbour_search,
+                             ivf_nprobe=args.ivf_nprobe).to(args.device)
     for slot in range(NUM_DOMAINS):  # random unit keys, written per domain to bound peak memory
         indices = torch.arange(slot * bank_size, (slot + 1) * bank_size)
-        memory.fill(F.normalize(torch.randn(bank_size, 128), dim=1), indices)
+        memory.fill(F.normalize(torch.randn(bank_size, 128, device=args.device), dim=1), indices)
+    return memory
+
+
+def protoot_step(args, bank_size: int, refresh_every: int, neighbour_search: str) -> list[float]:
+    memory = filled_memory(args, bank_size, refresh_every, neighbour_search)
+    domains = memory.domain_of.cpu()
     model_dict, optimizers = models(args)
     batch_size = args.batch_per_domain * NUM_DOMAINS
     trainer = ProtoOTTrainer(
@@ -118,6 +131,29 @@ def protoot_step(args, bank_size: int, refresh_every: int) -> list[float]:
     return time_steps(trainer, max(args.steps, refresh_every))
 
 
+def loss_only_step(args, bank_size: int, refresh_every: int, neighbour_search: str) -> dict:
+    """Time ProtoOTLoss forward + backward alone; recall@1 of the memory's search vs exact (last batch)."""
+    memory = filled_memory(args, bank_size, refresh_every, neighbour_search)
+    memory.recluster(epoch=0)
+    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+    batch = args.batch_per_domain
+    times = []
+    for step in range(args.warmup + max(args.loss_only_steps, refresh_every)):
+        indices = torch.cat([torch.randint(0, bank_size, (batch,)) + slot * bank_size for slot in range(NUM_DOMAINS)])
+        queries = torch.randn(len(indices), 128, device=args.device, requires_grad=True)
+        keys = F.normalize(torch.randn(len(indices), 128, device=args.device), dim=1)
+        start = time.perf_counter()
+        loss_func(queries, indices.to(args.device), ref_emb=keys).backward()
+        if args.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    own_rows = memory.row_of[indices[:batch].to(args.device)]
+    found = memory.nearest_rows(0, keys[:batch], own_rows)
+    recall = float((found == exact_nearest_rows(keys[:batch], memory.bank(0), own_rows)).float().mean())
+    return {**summarise(times), "ivf": memory.uses_ivf(0), "recall_at_1": recall}
+
+
 def summarise(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "steps": len(times),
             "times_s": times}
@@ -126,40 +162,73 @@ def summarise(times: list[float]) -> dict:
 def main(args):
     threads = pin_threads(args.threads)
     torch.manual_seed(0)
-    results = {"ntxent": summarise(ntxent_step(args))}
-    print("ntxent", results["ntxent"]["median_s"], flush=True)
+    settings = [(1, "exact"), (args.refresh_every, args.neighbour_search)]
+    loss_only = {}
     for bank_size in args.bank_sizes:
-        for refresh_every in sorted({1, args.refresh_every}):
-            key = f"protoot_bank{bank_size}_refresh{refresh_every}"
-            results[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
-                            **summarise(protoot_step(args, bank_size, refresh_every))}
-            print(key, results[key]["median_s"], results[key]["mean_s"], flush=True)
+        for refresh_every, neighbour_search in settings:
+            key = f"loss_bank{bank_size}_refresh{refresh_every}_{neighbour_search}"
+            loss_only[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
+                              "neighbour_search": neighbour_search,
+                              **loss_only_step(args, bank_size, refresh_every, neighbour_search)}
+            print(key, loss_only[key]["mean_s"], loss_only[key]["recall_at_1"], flush=True)
+    results = {}
+    if not args.loss_only:
+        results["ntxent"] = summarise(ntxent_step(args))
+        print("ntxent", results["ntxent"]["median_s"], flush=True)
+        for bank_size in args.bank_sizes:
+            for refresh_every, neighbour_search in settings:
+                key = f"protoot_bank{bank_size}_refresh{refresh_every}_{neighbour_search}"
+                results[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
+                                "neighbour_search": neighbour_search,
+                                **summarise(protoot_step(args, bank_size, refresh_every, neighbour_search))}
+                print(key, results[key]["median_s"], results[key]["mean_s"], flush=True)
     payload = {
         "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
         "device": str(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
         "batch_per_domain": args.batch_per_domain, "num_domains": NUM_DOMAINS,
-        "num_prototypes": args.num_prototypes, "peak_rss_mb": peak_rss_mb(), "results": results,
+        "num_prototypes": args.num_prototypes, "ivf_nprobe": args.ivf_nprobe, "peak_rss_mb": peak_rss_mb(),
+        "results": results, "loss_only": loss_only,
     }
     write_results(args.name, payload, report(payload))
 
 
 def report(payload: dict) -> str:
-    results = payload["results"]
-    ntxent = results["ntxent"]["median_s"]
-    rows = [["NTXent (MetricLossOnly, 2 views)", "-", "-", f"{ntxent:.3f}", f"{results['ntxent']['mean_s']:.3f}", "1.00"]]
-    for key, value in results.items():
-        if key != "ntxent":
-            rows.append(["ProtoOTTrainer", value["bank_size"], value["refresh_every"], f"{value['median_s']:.3f}",
-                         f"{value['mean_s']:.3f}", f"{value['mean_s'] / ntxent:.2f}"])
-    header = ["method", "bank / domain", "refresh_every", "median step (s)", "mean step (s)", "mean / NTXent median"]
-    return (
+    results, loss_only = payload["results"], payload["loss_only"]
+    text = (
         f"# bench_step\n\n`{payload['command']}`\n\n"
         f"Machine: {payload['machine']} ({payload['device']}), torch threads {payload['torch_threads']}, faiss "
         f"threads {payload['faiss_threads']}. {payload['trunk']} at {payload['image_size']} px, "
         f"{payload['batch_per_domain']} images x {payload['num_domains']} domains, K = {payload['num_prototypes']}, "
-        f"peak RSS {payload['peak_rss_mb']:.0f} MiB. Mean over >= refresh_every steps is the amortised cost.\n\n"
-        + markdown_table(header, rows)
+        f"IVF nprobe {payload['ivf_nprobe']} of sqrt(N) lists, peak RSS {payload['peak_rss_mb']:.0f} MiB. Mean over "
+        ">= refresh_every steps is the amortised cost; 'x smallest bank' divides by the same setting's mean at the "
+        "smallest bank, 'x exact smallest' by the exact setting's (refresh_every 1, exact search) mean there.\n\n"
     )
+    if results:
+        ntxent = results["ntxent"]["median_s"]
+        trainer = {key: value for key, value in results.items() if key != "ntxent"}
+        rows = [["NTXent (MetricLossOnly, 2 views)", "-", "-", "-", f"{ntxent:.3f}",
+                 f"{results['ntxent']['mean_s']:.3f}", "1.00", "-", "-"]]
+        rows += [["ProtoOTTrainer", *cells, f"{value['mean_s'] / ntxent:.2f}", *ratios]
+                 for cells, value, ratios in _rows_with_ratios(trainer)]
+        header = ["method", "bank / domain", "refresh_every", "neighbour_search", "median step (s)", "mean step (s)",
+                  "mean / NTXent median", "x smallest bank", "x exact smallest"]
+        text += "## Training step (ProtoOTTrainer, CNN included)\n\n" + markdown_table(header, rows) + "\n"
+    rows = [[*cells, "yes" if value["ivf"] else "no", f"{value['recall_at_1']:.2f}", *ratios]
+            for cells, value, ratios in _rows_with_ratios(loss_only)]
+    header = ["bank / domain", "refresh_every", "neighbour_search", "median (s)", "mean (s)", "IVF used",
+              "recall@1 vs exact", "x smallest bank", "x exact smallest"]
+    return text + "## ProtoOTLoss alone (forward + backward, no CNN)\n\n" + markdown_table(header, rows)
+
+
+def _rows_with_ratios(results: dict):
+    """Yield (setting and time cells, result, ratio cells) per result, ratios against the smallest bank."""
+    smallest = min(value["bank_size"] for value in results.values())
+    base = {(v["refresh_every"], v["neighbour_search"]): v["mean_s"] for v in results.values() if v["bank_size"] == smallest}
+    exact_base = base[(1, "exact")]
+    for value in results.values():
+        setting = (value["refresh_every"], value["neighbour_search"])
+        cells = [value["bank_size"], *setting, f"{value['median_s']:.3f}", f"{value['mean_s']:.3f}"]
+        yield cells, value, [f"{value['mean_s'] / base[setting]:.2f}", f"{value['mean_s'] / exact_base:.2f}"]
 
 
 def parse_args():
@@ -170,6 +239,10 @@ def parse_args():
     parser.add_argument("--batch-per-domain", type=int, default=64)
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument("--neighbour-search", choices=["exact", "ivf", "auto"], default="auto")
+    parser.add_argument("--ivf-nprobe", type=int, default=32)
+    parser.add_argument("--loss-only-steps", type=int, default=20)
+    parser.add_argument("--loss-only", action="store_true", help="only the ProtoOTLoss table (no CNN, no NTXent)")
     parser.add_argument("--num-prototypes", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
