@@ -271,13 +271,16 @@ def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, d
     return trainer.key_encoder.module[1]  # Sequential(trunk, embedder): the trunk is the identity
 
 
-def run_task(task, methods, epochs, device) -> list[dict]:
+def methods_to_run(methods, seed, first_seed) -> list[str]:
+    """Untrained features do not depend on the seed: they run with the first seed only."""
+    return [method for method in methods if ALL_METHODS[method] is not None or seed == first_seed]
+
+
+def run_task(task, methods, epochs, device, first_seed) -> list[dict]:
     """Every method on one ``(train_domains, seed)``; in a worker process when ``--jobs > 1``."""
     train_domains, seed = task
     records = []
-    for method in methods:
-        if ALL_METHODS[method] is None and seed != min(TASK_SEEDS):
-            continue  # untrained features do not depend on the seed
+    for method in methods_to_run(methods, seed, first_seed):
         record = run_method(FEATURES, train_domains, method, seed, epochs, device)
         logger.info(
             "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
@@ -287,8 +290,7 @@ def run_task(task, methods, epochs, device) -> list[dict]:
     return records
 
 
-FEATURES: Features | None = None  # set before the worker processes fork
-TASK_SEEDS: list = [0]
+FEATURES: Features | None = None  # set before the worker processes fork, which inherit it
 
 
 # ------------------------------------------------------------------------------ report
@@ -338,7 +340,8 @@ def markdown(payload: dict) -> str:
         f"{config['epochs']} epochs (epoch = largest domain / {BATCH_PER_DOMAIN} steps, {BATCH_PER_DOMAIN} images of "
         f"every domain per step), Adam (amsgrad) lr {LR} wd {WEIGHT_DECAY}, tau {TEMPERATURE} (ProtoOT "
         f"default: the package's {package_default(ProtoOTLoss, 'temperature')}), K = 7, cross-domain "
-        f"term from 0-based epoch {config['cross_domain_start']} (the paper's 100 of 200, scaled). Seeds {config['seeds']}: "
+        f"term from 0-based epoch {config['cross_domain_start']} (the paper's 100 of 200, scaled). "
+        f"Seeds {config['seeds']}: "
         "mean ± std over seeds (raw features: seed-independent, one run). Scores of the momentum key encoder after "
         "the final epoch (no best-epoch selection). mAP is over the full ranking. Key-encoder momentum per method: "
         + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ".\n",
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    global FEATURES, TASK_SEEDS
+    global FEATURES
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
@@ -400,7 +403,6 @@ def main(argv=None) -> dict:
     FEATURES, extraction_s = extract_features(
         args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
     )
-    TASK_SEEDS = seeds
     # The joint runs are the longest: first, so that parallel workers finish together.
     tasks = [(JOINT, seed) for seed in seeds if joint] + [(pair, seed) for seed in seeds for pair in pairs]
     config = {
@@ -410,11 +412,11 @@ def main(argv=None) -> dict:
         "note": args.note,
     }
     start, runs = time.perf_counter(), []
-    work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device)
+    work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device, first_seed=seeds[0])
     for records in run_tasks(work, tasks, args.jobs):
         runs += records
         payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
-        payload["complete"] = len(runs) == sum(1 for _ in expected_runs(tasks, methods, seeds))
+        payload["complete"] = len(runs) == sum(len(methods_to_run(methods, seed, seeds[0])) for _, seed in tasks)
         write_outputs(Path(args.out), payload)  # after every task: a cut-short run still leaves its results
     logger.info("wrote %s.json and %s.md", args.out, args.out)
     return payload
@@ -428,13 +430,6 @@ def run_tasks(work, tasks, jobs):
     with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
         for future in as_completed([pool.submit(work, task) for task in tasks]):
             yield future.result()
-
-
-def expected_runs(tasks, methods, seeds):
-    for train_domains, seed in tasks:
-        for method in methods:
-            if ALL_METHODS[method] is not None or seed == min(seeds):
-                yield method, train_domains, seed
 
 
 def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
