@@ -403,8 +403,8 @@ def main(argv=None) -> dict:
     FEATURES, extraction_s = extract_features(
         args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
     )
-    # The joint runs are the longest: first, so that parallel workers finish together.
-    tasks = [(JOINT, seed) for seed in seeds if joint] + [(pair, seed) for seed in seeds for pair in pairs]
+    # Seed by seed (a run cut short leaves whole seeds), the longest (joint) task first in each.
+    tasks = [(domains, seed) for seed in seeds for domains in ([JOINT] if joint else []) + pairs]
     config = {
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
