@@ -488,10 +488,18 @@ class FeatureCache:
         seed: seed of the augmentations.
         num_workers: ``DataLoader`` workers for image decoding.
         progress: show tqdm progress bars.
+        center_domains: subtract each domain's mean eval-view feature :math:`\mu_d` from
+            every feature of that domain (all views) in :meth:`train_dataset` and
+            :meth:`eval_dataset`. Domains are known in unsupervised cross-domain
+            retrieval, at training and at test time; removing the per-domain offset of a
+            frozen trunk's features is what lets prototypes of different domains line up
+            (on pacs-mini it alone lifts raw cross-domain P@15 from 41.2 to 46.2, and it is
+            part of the package's default pipeline: see the accuracy benchmark).
 
     Attributes:
-        eval_features: ``(N, F)`` float32 CPU tensor.
-        view_features: ``(V, N, F)`` float32 CPU tensor.
+        eval_features: ``(N, F)`` float32 CPU tensor (as extracted, never centred).
+        view_features: ``(V, N, F)`` float32 CPU tensor (as extracted, never centred).
+        domain_means: ``(D, F)`` mean eval-view feature of each domain slot.
 
     Raises:
         TypeError: ``dataset`` is not a :class:`MultiDomainDataset`.
@@ -527,6 +535,7 @@ class FeatureCache:
         seed: int = 0,
         num_workers: int = 0,
         progress: bool = True,
+        center_domains: bool = False,
     ):
         if not isinstance(dataset, MultiDomainDataset):
             raise TypeError(
@@ -544,6 +553,16 @@ class FeatureCache:
         if not self._load():
             self._compute(trunk, train_view, eval_view, num_views, torch.device(device))
             self._save()
+        self.center_domains = center_domains
+        self.domain_means = torch.stack([
+            self.eval_features[dataset.domain_indices(domain)].mean(0) for domain in dataset.domains
+        ])
+
+    def _centred(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``features`` of samples ``indices`` (last dim F), less their domain's mean when centring."""
+        if not self.center_domains:
+            return features
+        return features - self.domain_means[self.dataset.domain_ids[indices]]
 
     def _load(self) -> bool:
         if self.path is None or not self.path.is_file():
@@ -589,13 +608,15 @@ class FeatureCache:
 
     def train_dataset(self, seed: int = 0) -> "CachedTwoViewDataset":
         """Label-free training set: item ``i`` is ``((view_a, view_b), i)``, two distinct cached views."""
-        return CachedTwoViewDataset(self.view_features, self.dataset.domain_ids, seed=seed)
+        every_sample = torch.arange(self.view_features.shape[1])
+        views = self._centred(self.view_features, every_sample)
+        return CachedTwoViewDataset(views, self.dataset.domain_ids, seed=seed)
 
     def eval_dataset(self, domain: str) -> torch.utils.data.TensorDataset:
         """Items ``(eval_feature (F,), class_label)`` of one domain, for a tester."""
         indices = self.dataset.domain_indices(domain)
         labels = torch.tensor(self.dataset.targets, dtype=torch.long)[indices]
-        return torch.utils.data.TensorDataset(self.eval_features[indices], labels)
+        return torch.utils.data.TensorDataset(self._centred(self.eval_features[indices], indices), labels)
 
 
 class CachedTwoViewDataset(torch.utils.data.Dataset):

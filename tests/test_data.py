@@ -314,3 +314,24 @@ def test_feature_cache_bad_input(tiny_folder):
         build_cache(torch.utils.data.TensorDataset(torch.zeros(2)), CountingTrunk(), None)
     with pytest.raises(ValueError, match="num_views"):
         build_cache(tiny_folder, CountingTrunk(), None, num_views=1)
+
+
+def test_feature_cache_centres_each_domain_by_its_eval_mean():
+    data = make_synthetic_domains(num_classes=2, images_per_class=(3, 2), image_size=16, seed=3)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    plain = FeatureCache(data, trunk, train_view=eval_transform(16), eval_view=eval_transform(16),
+                         num_views=2, progress=False)
+    centred = FeatureCache(data, trunk, train_view=eval_transform(16), eval_view=eval_transform(16),
+                           num_views=2, progress=False, center_domains=True)
+    for slot, domain in enumerate(data.domains):
+        members = [i for i in range(len(data)) if int(data.domain_ids[i]) == slot]
+        mean = sum(plain.eval_features[i] for i in members) / len(members)
+        features = torch.stack([f for f, _ in centred.eval_dataset(domain)])
+        expected = torch.stack([plain.eval_features[i] - mean for i in members])
+        torch.testing.assert_close(features, expected)
+        torch.testing.assert_close(features.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+        (view_a, view_b), index = centred.train_dataset()[members[0]]
+        assert index == members[0]
+        candidates = plain.view_features[:, members[0]] - mean
+        for view in (view_a, view_b):
+            assert any(torch.allclose(view, candidate, atol=1e-6) for candidate in candidates)
