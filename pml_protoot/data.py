@@ -21,9 +21,10 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from ._checks import check_positive_int
+from ._checks import as_index_tensor, check_positive_int
 
 __all__ = [
+    "domain_means",
     "IMG_EXTENSIONS",
     "MultiDomainDataset",
     "MultiDomainImageFolder",
@@ -554,9 +555,7 @@ class FeatureCache:
             self._compute(trunk, train_view, eval_view, num_views, torch.device(device))
             self._save()
         self.center_domains = center_domains
-        self.domain_means = torch.stack([
-            self.eval_features[dataset.domain_indices(domain)].mean(0) for domain in dataset.domains
-        ])
+        self.domain_means = domain_means(self.eval_features, dataset.domain_ids)
 
     def _centred(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``features`` of samples ``indices`` (last dim F), less their domain's mean when centring."""
@@ -617,6 +616,37 @@ class FeatureCache:
         indices = self.dataset.domain_indices(domain)
         labels = torch.tensor(self.dataset.targets, dtype=torch.long)[indices]
         return torch.utils.data.TensorDataset(self._centred(self.eval_features[indices], indices), labels)
+
+
+def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
+    r"""Mean feature of every domain slot: :math:`\mu_d = \frac{1}{N_d}\sum_{i: d_i = d} x_i`.
+
+    Subtract ``domain_means(x, d)[d]`` from ``x`` to centre each domain (see
+    ``FeatureCache(center_domains=True)``).
+
+    Args:
+        features: ``(N, F)`` features.
+        domain_ids: ``(N,)`` domain slot ``0..D-1`` of every row; every slot must occur.
+
+    Returns:
+        ``(D, F)`` means, in the dtype of ``features``.
+
+    Example:
+        >>> import torch
+        >>> domain_means(torch.tensor([[0.0, 2.0], [2.0, 2.0], [5.0, 1.0]]), torch.tensor([0, 0, 1]))
+        tensor([[1., 2.],
+                [5., 1.]])
+    """
+    domain_ids = as_index_tensor("domain_ids", domain_ids)
+    if domain_ids.numel() != features.shape[0]:
+        raise ValueError(f"domain_ids must have one entry per row of features ({features.shape[0]}), "
+                         f"got {domain_ids.numel()}")
+    counts = torch.bincount(domain_ids)
+    if (counts == 0).any():
+        raise ValueError(f"domain_ids must use every slot 0..{len(counts) - 1}; empty: "
+                         f"{torch.nonzero(counts == 0).flatten().tolist()}")
+    sums = torch.zeros(len(counts), features.shape[1], dtype=features.dtype).index_add_(0, domain_ids, features)
+    return sums / counts[:, None].to(features.dtype)
 
 
 class CachedTwoViewDataset(torch.utils.data.Dataset):

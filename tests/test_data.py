@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pml_protoot.data import (
+    domain_means,
     FeatureCache,
     MultiDomainImageFolder,
     TwoViewDataset,
@@ -335,3 +336,15 @@ def test_feature_cache_centres_each_domain_by_its_eval_mean():
         candidates = plain.view_features[:, members[0]] - mean
         for view in (view_a, view_b):
             assert any(torch.allclose(view, candidate, atol=1e-6) for candidate in candidates)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype):
+    features = torch.randn(9, 3, dtype=dtype)
+    domain_ids = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0])
+    expected = torch.stack([features[domain_ids == d].mean(0) for d in range(3)])
+    torch.testing.assert_close(domain_means(features, domain_ids), expected)
+    with pytest.raises(ValueError, match="domain_ids"):
+        domain_means(features, torch.tensor([0, 2] * 4 + [2]))  # slot 1 empty
+    with pytest.raises(ValueError, match="domain_ids"):
+        domain_means(features, domain_ids[:5])
