@@ -54,6 +54,7 @@ from pml_protoot import (
     ProtoOTTrainer,
     convert_efficientnet_lite0_weights,
     create_trunk,
+    domain_means,
     embedding_head,
     eval_transform,
     moco_v2_transform,
@@ -95,6 +96,7 @@ class Recipe:
     loss: torch.nn.Module
     momentum: float
     mining_funcs: dict = field(default_factory=dict)
+    center_domains: bool = False  # train and score on domain-centred trunk features (``domain_means``)
 
 
 def package_default(function, name: str):
@@ -113,8 +115,12 @@ def num_classes_memory(domain_ids, **options) -> PrototypeMemory:
     return PrototypeMemory(domain_ids, dim=EMBEDDING_DIM, **options)
 
 
-def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None):
-    """ProtoOTLoss; ``official`` takes the official code's preset, tau and momentum, else the package defaults."""
+def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None,
+            center_domains=None):
+    """ProtoOTLoss; ``official`` takes the official code's preset, tau and momentum, else the package defaults.
+
+    The package's default pipeline trains on domain-centred features; the official code does not centre.
+    """
     memory = num_classes_memory(domain_ids, **(memory_options or {}))
     loss_options = ({"temperature": OFFICIAL_TEMPERATURE} if official else {}) | (loss_options or {})
     loss = ProtoOTLoss(
@@ -122,7 +128,9 @@ def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options
     )
     if momentum is None:
         momentum = OFFICIAL_MOMENTUM if official else package_default(ProtoOTTrainer, "momentum")
-    return Recipe(memory, loss, momentum)
+    if center_domains is None:
+        center_domains = not official
+    return Recipe(memory, loss, momentum, center_domains=center_domains)
 
 
 def instance_contrast(domain_ids, epochs):
@@ -142,6 +150,7 @@ def miner_with(loss_class, **loss_options):
     return recipe
 
 
+CENTRED_RAW = "raw features, domain-centred"
 #: name -> ``(domain_ids, epochs) -> Recipe``; None scores the frozen trunk's features untrained.
 METHODS = {
     "raw features": None,
@@ -152,6 +161,13 @@ METHODS = {
 }
 #: Extra rows, run only when named in ``--methods`` or with ``--ablation``.
 ABLATIONS = {
+    CENTRED_RAW: None,
+    "ProtoOT default, not centred": partial(protoot, center_domains=False),
+    "ProtoOT official, centred, momentum 0.99": partial(protoot, official=True, momentum=0.99, center_domains=True),
+    "ProtoOT default, momentum 0.999": partial(protoot, momentum=0.999),
+    "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
+    "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
+    "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
     # PML's NTXentLoss builds a (positive pairs x negative pairs) matrix: with K = 7 pseudo-classes
     # about 2 s a step on one core, 20x the others, so it is not in the default set.
     "ProtoOTMiner + NTXentLoss": miner_with(NTXentLoss, temperature=TEMPERATURE),
@@ -225,18 +241,21 @@ def run_method(features: Features, train_domains, method: str, seed: int, epochs
     slots = [features.domains.index(name) for name in train_domains]
     rows = torch.cat([torch.nonzero(features.domain_ids == slot).flatten() for slot in slots])
     domain_ids = torch.cat([torch.full((int((features.domain_ids == s).sum()),), i) for i, s in enumerate(slots)])
-    eval_features, labels = features.eval[rows], features.labels[rows]
+    eval_features, labels, views = features.eval[rows], features.labels[rows], features.views[:, rows]
+    seed_everything(seed)
+    build = ALL_METHODS[method]
+    recipe = None if build is None else build(domain_ids, epochs)
+    if method == CENTRED_RAW or (recipe is not None and recipe.center_domains):
+        means = domain_means(eval_features, domain_ids)[domain_ids]
+        eval_features, views = eval_features - means, views - means
     eval_sets = {
         name: torch.utils.data.TensorDataset(eval_features[domain_ids == i], labels[domain_ids == i])
         for i, name in enumerate(train_domains)
     }
-    seed_everything(seed)
-    build = ALL_METHODS[method]
-    recipe = None if build is None else build(domain_ids, epochs)
     if recipe is None:
         model = torch.nn.Identity()
     else:
-        model = train_head(recipe, features.views[:, rows], eval_features, domain_ids, seed, epochs, device)
+        model = train_head(recipe, views, eval_features, domain_ids, seed, epochs, device)
     results = make_tester(device).test(eval_sets, epochs if recipe else 0, model.to(device))
     return {
         "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
