@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-trunk", action=argparse.BooleanOptionalAction,
         help="train the head on cached trunk features (default: on for the demo, off for --data)",
     )
+    training.add_argument(
+        "--center-domains", action=argparse.BooleanOptionalAction, default=True,
+        help="subtract each domain's mean trunk feature (--freeze-trunk; default on, see FeatureCache)",
+    )
     training.add_argument("--views", type=int, default=4, help="augmented views cached per image (--freeze-trunk)")
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
     training.add_argument("--epochs", type=int)
@@ -341,10 +345,13 @@ def _training_data(config, dataset, trunk, normalisation, device):
         cache = FeatureCache(
             dataset, trunk.to(device), train_view=train_view, eval_view=eval_view, num_views=config["views"],
             path=config["feature_cache"], batch_size=config["batch_size"], device=device, seed=config["seed"],
-            num_workers=config["workers"], progress=not config["quiet"],
+            num_workers=config["workers"], progress=not config["quiet"], center_domains=config["center_domains"],
         )
-        fill_set = torch.utils.data.TensorDataset(cache.eval_features, torch.arange(len(dataset)))
         eval_sets = {domain: cache.eval_dataset(domain) for domain in dataset.domains}
+        fill_features = torch.empty_like(cache.eval_features)  # the eval view, centred like everything else
+        for domain, eval_set in eval_sets.items():
+            fill_features[dataset.domain_indices(domain)] = eval_set.tensors[0]
+        fill_set = torch.utils.data.TensorDataset(fill_features, torch.arange(len(dataset)))
         return cache.train_dataset(seed=config["seed"]), fill_set, eval_sets, torch.nn.Identity()
     eval_images = copy.copy(dataset)
     eval_images.transform = eval_view
@@ -439,10 +446,25 @@ def evaluate(args) -> dict:
     dataset = _load_dataset(config)
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
+    if config.get("freeze_trunk") and config.get("center_domains"):
+        eval_sets, trunk = _centred_trunk_features(eval_sets, trunk, device, config["batch_size"]), torch.nn.Identity()
     results = _score(_tester(config), eval_sets, trunk, head, device, epoch=0)
     if args.out:
         _write_json(Path(args.out), results)
     return results
+
+
+@torch.no_grad()
+def _centred_trunk_features(eval_sets: dict, trunk, device, batch_size) -> dict:
+    """``{domain: TensorDataset(trunk features less the domain's mean, labels)}``, as training saw them."""
+    trunk = trunk.to(device).eval()
+    centred = {}
+    for domain, eval_set in eval_sets.items():
+        loader = torch.utils.data.DataLoader(eval_set, batch_size=batch_size)
+        features, labels = zip(*((trunk(images.to(device)).float().cpu(), targets) for images, targets in loader))
+        features = torch.cat(features)
+        centred[domain] = torch.utils.data.TensorDataset(features - features.mean(0), torch.cat(labels))
+    return centred
 
 
 def _checkpoint_config(args) -> dict:
