@@ -1,6 +1,7 @@
 """ProtoOT's precision at k next to PML's retrieval metrics, from one exact chunked ranking."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -22,11 +23,17 @@ _DEPTH_METRICS = ("r_precision", "mean_average_precision_at_r")
 # Metrics that need the whole ranking (every relevant item's rank): one full sort per query.
 _FULL_RANKING_METRICS = ("mean_average_precision", "mean_reciprocal_rank")
 # Sampled items expected above the cut when estimating a row's threshold (accuracy vs sample size).
-_SAMPLED_HITS = 32
+_SAMPLED_HITS = 16
 # Candidates per row aimed at for small depths, where a sample cannot estimate the cut.
 _MIN_CANDIDATES = 64
+# Bytes of one (queries x gallery columns) similarity tile on CPU (fits the L3 cache; 8 MiB
+# ran faster than 2 MiB, which makes more tiles, and than 32 MiB at N = 50k).
+_CACHE_TILE_BYTES = 2**23
+# Queries per chunk at most (the product is then large enough to run at full speed).
+_MAX_CHUNK_ROWS = 256
 # The low 32 bits of a ranking key: (gallery index << 1) | relevant.
 _PAYLOAD_BITS = 32
+_INT32_MAX = 2**31 - 1  # padding of int32 ranking keys: flag bit set (not relevant), sorts last
 _PADDING_PAYLOAD = 2**_PAYLOAD_BITS - 2  # not relevant, an index no gallery has
 _PADDING_KEY = 2**63 - 2**_PAYLOAD_BITS + _PADDING_PAYLOAD  # sorts after every real key
 
@@ -198,41 +205,57 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             return stats
         gallery = _ClassSortedGallery(reference, reference_labels, self.device)
         query = _normalised(query, self.device)
-        rows_per_chunk = max(1, self.chunk_bytes // (16 * len(reference)))
-        buffer = query.new_empty(min(rows_per_chunk, len(query)), len(reference))
+        rows_per_chunk = max(1, min(_MAX_CHUNK_ROWS, self.chunk_bytes // (16 * len(reference))))
         rows_done, per_chunk = [], []
         for rows in tqdm.tqdm(
             list(_class_chunks(query_labels, valid, rows_per_chunk)), desc="ranking", disable=not self.progress
         ):
+            own_columns = gallery.position[rows] if ref_includes_query else None
             block = gallery.block(int(query_labels[rows[0]]))
-            similarities = torch.mm(query[rows.to(query.device)], gallery.embeddings.T, out=buffer[: len(rows)])
-            if ref_includes_query:
-                # Each query's own gallery row ranks last and is outside its R.
-                similarities[torch.arange(len(rows), device=query.device), gallery.position[rows].to(query.device)] = -math.inf
-            per_chunk.append(self._chunk_statistics(similarities, block, gallery.ids, int(relevant_counts[rows[0]])))
+            chunk = _QueryChunk(query[rows.to(query.device)], gallery, block, own_columns)
+            per_chunk.append(self._chunk_statistics(chunk, int(relevant_counts[rows[0]])))
             rows_done.append(rows)
         # Chunks follow classes; put the statistics back in query order (that of valid_query_labels).
         order = torch.argsort(torch.cat(rows_done))
         stats.update({name: torch.cat([c[name] for c in per_chunk])[order] for name in per_chunk[0]})
         return stats
 
-    def _chunk_statistics(self, similarities, block, gallery_ids, relevant_count) -> dict:
-        """Statistics of a chunk of queries of one class from their (C, G) similarities.
+    def _chunk_statistics(self, chunk: "_QueryChunk", relevant_count: int) -> dict:
+        """Statistics of a chunk of queries of one class.
 
         Every gallery item at or above a per-query threshold is ranked exactly; the threshold
-        is low enough that the ranked list covers what the requested metrics read.
+        is low enough that the ranked list covers what the requested metrics read. Queries
+        whose estimated threshold turns out too high are ranked again over the whole gallery.
         """
         metrics = set(self.get_curr_metrics())
         depth = self._required_depth(relevant_count, metrics)
-        relevant = similarities[:, block.start : block.stop]
-        thresholds = _estimated_thresholds(similarities, depth)
-        if "mean_average_precision" in metrics:  # every relevant item's rank is needed
+        needs_all_relevant = "mean_average_precision" in metrics
+        needs_first_relevant = "mean_reciprocal_rank" in metrics
+        relevant = chunk.relevant_similarities
+        thresholds = _estimated_thresholds(chunk.query, chunk.gallery.embeddings, depth)
+        if needs_all_relevant:
             thresholds = torch.minimum(thresholds, relevant.masked_fill(relevant == -math.inf, math.inf).amin(1))
-        elif "mean_reciprocal_rank" in metrics:  # the first relevant item's rank is needed
+        elif needs_first_relevant:
             thresholds = torch.minimum(thresholds, relevant.amax(1))
-        ranked = _ranked_payload(similarities, thresholds, depth, block, gallery_ids)
-        width = ranked.shape[1] if metrics & set(_FULL_RANKING_METRICS) else depth
-        is_relevant = (ranked[:, :width] & 1).bool().cpu()
+        candidates = chunk.candidates(thresholds)
+        complete = candidates.counts >= depth
+        if needs_all_relevant:
+            complete &= candidates.relevant_counts == relevant_count
+        if needs_first_relevant:
+            complete &= candidates.relevant_counts > 0
+        stats = self._list_statistics(candidates, depth, relevant_count, metrics)
+        if not bool(complete.all()):
+            # Thresholds too high for some queries (rare): rank those over every finite similarity.
+            redo = (~complete).cpu()
+            lowest = torch.full((int(redo.sum()),), torch.finfo(thresholds.dtype).min, device=thresholds.device)
+            redone = self._list_statistics(chunk.subset(redo).candidates(lowest), depth, relevant_count, metrics)
+            for name, values in stats.items():
+                values[redo] = redone[name]
+        return stats
+
+    def _list_statistics(self, candidates: "_Candidates", depth: int, relevant_count: int, metrics: set) -> dict:
+        width = None if metrics & set(_FULL_RANKING_METRICS) else depth
+        is_relevant = candidates.ranked_relevance(width).cpu()
         return _list_statistics(is_relevant, torch.full((len(is_relevant),), relevant_count), self.k_values)
 
     def _required_depth(self, relevant_count: int, metrics: set) -> int:
@@ -391,20 +414,76 @@ def _class_chunks(query_labels, valid, rows_per_chunk):
         yield from torch.split(same_class, rows_per_chunk)
 
 
-def _estimated_thresholds(similarities: torch.Tensor, depth: int) -> torch.Tensor:
-    """A per-row similarity that a little more than ``depth`` items reach, from a column sample.
+class _QueryChunk:
+    """Queries of one class against the class-sorted gallery, similarities computed tile by tile.
 
-    Every ``stride``-th column is sampled, so that about ``_SAMPLED_HITS`` sampled items lie
+    Args:
+        query: ``(C, D)`` normalised query rows.
+        gallery: the class-sorted gallery.
+        block: the gallery columns of the queries' class.
+        own_columns: ``(C,)`` each query's own gallery column (left out of its ranking), or None.
+    """
+
+    def __init__(self, query, gallery: _ClassSortedGallery, block: slice, own_columns=None):
+        self.query, self.gallery, self.block, self.own_columns = query, gallery, block, own_columns
+
+    def subset(self, mask) -> "_QueryChunk":
+        own_columns = None if self.own_columns is None else self.own_columns[mask.cpu()]
+        return _QueryChunk(self.query[mask.to(self.query.device)], self.gallery, self.block, own_columns)
+
+    @functools.cached_property
+    def relevant_similarities(self) -> torch.Tensor:
+        """``(C, R_block)`` similarities to the class block; a query's own item is -inf."""
+        similarities = self.query @ self.gallery.embeddings[self.block].T
+        if self.own_columns is not None:
+            rows = torch.arange(len(similarities), device=similarities.device)
+            similarities[rows, (self.own_columns - self.block.start).to(similarities.device)] = -math.inf
+        return similarities
+
+    def candidates(self, thresholds) -> "_Candidates":
+        """Every item at or above its row's threshold: the block first, then the other columns
+        in tiles small enough to stay in cache for the selection that follows the product."""
+        candidates = _Candidates(self.gallery.ids, len(self.query))
+        candidates.add(self.relevant_similarities, thresholds, self.block.start, relevant=True)
+        gallery_size = len(self.gallery.embeddings)
+        tile = gallery_size
+        if self.query.device.type == "cpu":
+            tile = max(1, _CACHE_TILE_BYTES // (self.query.element_size() * len(self.query)))
+        buffer = self.query.new_empty(len(self.query) * min(tile, gallery_size))
+        for start, stop in _tiles(gallery_size, self.block, tile):
+            out = buffer[: len(self.query) * (stop - start)].view(len(self.query), stop - start)
+            candidates.add(torch.mm(self.query, self.gallery.embeddings[start:stop].T, out=out), thresholds, start)
+        return candidates
+
+
+def _tiles(size: int, skip: slice, tile: int):
+    """(start, stop) column ranges of at most ``tile`` covering ``[0, size)`` except ``skip``."""
+    for low, high in ((0, skip.start), (skip.stop, size)):
+        for start in range(low, high, tile):
+            yield start, min(start + tile, high)
+
+
+def _estimated_thresholds(query: torch.Tensor, gallery: torch.Tensor, depth: int) -> torch.Tensor:
+    """A per-query similarity that a little more than ``depth`` gallery items reach, from a sample.
+
+    Every ``stride``-th gallery row is sampled, so that about ``_SAMPLED_HITS`` sampled items lie
     above the row's true cut; the threshold is taken 3 binomial standard deviations further
     down, so it is rarely too high (the caller checks) and rows keep about
     ``depth * (1 + 3 / sqrt(_SAMPLED_HITS))`` candidates. Small depths use a sparser sample
-    and its ``depth``-th value, which is never too high, for about ``_MIN_CANDIDATES``.
+    and its ``depth``-th value (never above the row's own ``depth``-th) for about
+    ``_MIN_CANDIDATES``.
+
+    Args:
+        query: ``(C, D)`` normalised queries.
+        gallery: ``(G, D)`` normalised gallery.
+        depth: how many items must reach the threshold, ``<= G``.
+
+    Returns:
+        ``(C,)`` thresholds, the dtype of ``query``.
     """
-    gallery_size = similarities.shape[1]
     stride = max(1, depth // _SAMPLED_HITS, _MIN_CANDIDATES // depth)
-    sample = similarities[:, ::stride]
-    expected = depth * sample.shape[1] / gallery_size
-    # The depth-th largest of a subset is never above the row's own depth-th largest.
+    sample = query @ gallery[::stride].T
+    expected = depth * sample.shape[1] / len(gallery)
     rank = min(depth, sample.shape[1], math.ceil(expected + 3 * math.sqrt(expected) + 1))
     return _kth_largest(sample, rank)
 
@@ -417,78 +496,126 @@ def _kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(rows, k, dim=1).values[:, -1]
 
 
-def _ranked_payload(similarities, thresholds, depth, relevant_block, column_ids) -> torch.Tensor:
-    """The ranked list of every row down to (at least) ``depth`` and to its threshold.
+class _Candidates:
+    """Items of ``C`` query rows that reach the rows' thresholds, collected tile by tile.
 
     Args:
-        similarities: ``(C, G)`` similarities (-inf for excluded items).
-        thresholds: ``(C,)`` candidates are the items at or above them; rows where fewer than
-            ``depth`` items reach it get their ``depth``-th relevant similarity instead (a safe
-            lower bound of the ``depth``-th similarity, as the relevant items themselves reach it).
-        depth: at most the number of finite relevant similarities of every row.
-        relevant_block: the columns of the relevant items.
         column_ids: ``(G,)`` gallery index of each column (ties rank by ascending index).
-
-    Returns:
-        ``(C, L)`` int64, ``L >= depth``: ``(index << 1) | relevant`` in ranking order
-        (similarity descending, index ascending); ``_PADDING_PAYLOAD`` after a row's candidates.
-    """
-    candidates = _Candidates(similarities, thresholds)
-    short = candidates.counts < depth
-    if bool(short.any()):
-        relevant = similarities[:, relevant_block.start : relevant_block.stop]
-        thresholds = thresholds.clone()
-        thresholds[short] = torch.topk(relevant[short], depth, dim=1).values[:, -1]
-        candidates = _Candidates(similarities, thresholds)
-    return candidates.ranked_payload(column_ids, relevant_block)
-
-
-class _Candidates:
-    """The items of each row of ``similarities`` at or above that row's threshold.
+        num_rows: ``C``.
 
     Attributes:
-        flat, rows, columns: 1-D positions, row-major order (so ascending column within a row).
         counts: ``(C,)`` candidates per row.
+        relevant_counts: ``(C,)`` relevant candidates per row.
     """
 
-    def __init__(self, similarities, thresholds):
-        self.similarities = similarities
-        self.flat = _flat_nonzero(similarities >= thresholds[:, None])
-        self.rows = torch.div(self.flat, similarities.shape[1], rounding_mode="floor")
-        self.columns = self.flat - self.rows * similarities.shape[1]
-        self.counts = torch.bincount(self.rows, minlength=len(similarities))
+    def __init__(self, column_ids, num_rows: int):
+        self.column_ids = column_ids
+        self.counts = torch.zeros(num_rows, dtype=torch.long, device=column_ids.device)
+        self.relevant_counts = torch.zeros_like(self.counts)
+        # Per tile: flat positions in the tile (row-major), similarities, per-row counts,
+        # and per row the offset turning a flat position into a gallery column.
+        self._flat, self._values, self._tile_counts, self._column_offsets, self._relevant = [], [], [], [], []
 
-    def ranked_payload(self, column_ids, relevant_block) -> torch.Tensor:
-        """(C, max count) int64: per row, ``(id << 1) | relevant`` of the candidates in ranking
-        order (similarity descending, id ascending); padding ``_PADDING_PAYLOAD`` (not relevant)."""
-        columns = self.columns
-        is_relevant = (columns >= relevant_block.start) & (columns < relevant_block.stop)
-        payload = (column_ids[columns] << 1) | is_relevant.long()
-        # +0.0 turns -0.0 into 0.0, which the comparison above treats as equal.
-        values = self.similarities.view(-1)[self.flat] + 0.0
-        width = int(self.counts.max())
-        starts = torch.cumsum(self.counts, 0) - self.counts
-        slots = torch.arange(len(columns), device=columns.device) - starts[self.rows]
-        if values.dtype == torch.float32:
-            # One int64 key per item, (descending value, id, flag): one plain sort ranks exactly.
-            keys = torch.full((len(self.counts), width), _PADDING_KEY, dtype=torch.long, device=columns.device)
-            keys[self.rows, slots] = (_descending_key(values) << _PAYLOAD_BITS) | payload
-            return _sort_rows(keys) & (2**_PAYLOAD_BITS - 1)
-        # float64 values need all 64 bits: order by id, then stably by value.
-        keys = torch.full((len(self.counts), width), _PADDING_KEY, dtype=torch.long, device=columns.device)
-        keys[self.rows, slots] = _descending_key(values)
-        packed = torch.full_like(keys, _PADDING_PAYLOAD)
-        packed[self.rows, slots] = payload
-        by_id = torch.sort(packed, dim=1)
-        by_value = torch.sort(keys.gather(1, by_id.indices), dim=1, stable=True).indices
-        return by_id.values.gather(1, by_value)
+    def add(self, similarities, thresholds, first_column: int, relevant: bool = False) -> None:
+        """Keep the items of a ``(C, T)`` tile of columns ``first_column...`` at or above
+        ``thresholds``; ``relevant``: the tile holds relevant items only."""
+        num_rows, width = similarities.shape
+        flat = _flat_at_least(similarities, thresholds)
+        row_starts = torch.arange(num_rows + 1, device=flat.device) * width
+        counts = torch.diff(torch.searchsorted(flat, row_starts))
+        self._flat.append(flat)
+        self._values.append(_take(similarities.reshape(-1), flat) + 0.0)  # -0.0 -> 0.0, equal as they compare
+        self._tile_counts.append(counts)
+        self._column_offsets.append(first_column - row_starts[:-1])
+        self._relevant.append(torch.full_like(counts, int(relevant), dtype=torch.int32))
+        self.counts += counts
+        if relevant:
+            self.relevant_counts += counts
+
+    def ranked_relevance(self, width: int | None = None) -> torch.Tensor:
+        """``(C, width)`` bool: is the item at each rank relevant (ranking by similarity
+        descending, gallery index ascending; False past a row's candidates). ``width=None``:
+        every candidate."""
+        full_width = int(self.counts.max())
+        width = full_width if width is None else width
+        if full_width == 0:  # thresholds nothing reaches (the caller ranks these rows again)
+            return torch.zeros((len(self.counts), width), dtype=torch.bool, device=self.counts.device)
+        values, segment_counts = torch.cat(self._values), torch.stack(self._tile_counts).flatten()
+        positions = self._positions(full_width)
+        if values.dtype == torch.float64 or bool(values.abs().max() >= 1.5):
+            return (self._ranked_payload(values, positions, full_width)[:, :width] & 1).bool()
+        # (descending value, irrelevant) in one int32: |s| < 2 leaves the value key's top bit free.
+        irrelevant = 1 - _repeat(torch.stack(self._relevant).flatten(), segment_counts)
+        keys = torch.full((len(self.counts), full_width), _INT32_MAX, dtype=torch.int32, device=values.device)
+        _scatter(keys.view(-1), positions, (_descending_key(values).int() << 1) | irrelevant)
+        keys = _sort_rows(keys)
+        # A relevant and an irrelevant item with equal similarity (keys that differ in the flag
+        # only) at or above the cut: their order needs the ids.
+        last_value = keys[:, min(width, full_width) - 1, None] >> 1
+        tied = (((keys[:, 1:] ^ keys[:, :-1]) == 1) & ((keys[:, :-1] >> 1) <= last_value)).any(1)
+        ranked = (keys[:, :width] & 1) == 0
+        if bool(tied.any()):
+            ranked[tied] = (self._ranked_payload(values, positions, full_width, tied)[:, :width] & 1).bool()
+        return ranked
+
+    def _positions(self, full_width: int) -> torch.Tensor:
+        """Flat position of every item in a ``(C, full_width)`` matrix: row by row, in the
+        order the tiles came (any order within a row will do, the rows get sorted)."""
+        tile_counts = torch.stack(self._tile_counts)  # (tiles, C)
+        earlier = torch.cumsum(tile_counts, 0) - tile_counts
+        segment_counts = tile_counts.flatten()
+        segment_starts = torch.cumsum(segment_counts, 0) - segment_counts
+        rows = torch.arange(len(self.counts), device=tile_counts.device)
+        offsets = (rows * full_width + earlier).flatten() - segment_starts
+        return torch.arange(int(segment_counts.sum()), device=rows.device) + _repeat(offsets, segment_counts)
+
+    def _ranked_payload(self, values, positions, full_width: int, rows=None) -> torch.Tensor:
+        """``(C or rows.sum(), full_width)`` payloads ``(index << 1) | relevant`` in ranking
+        order, for every row or the rows where the bool ``rows`` is True."""
+        segment_counts = torch.stack(self._tile_counts).flatten()
+        column_offsets = _repeat(torch.stack(self._column_offsets).flatten(), segment_counts)
+        relevant = _repeat(torch.stack(self._relevant).flatten(), segment_counts)
+        flat, num_rows = torch.cat(self._flat), len(self.counts)
+        if rows is not None:
+            keep = _repeat(rows.repeat(len(self._tile_counts)), segment_counts)
+            flat, column_offsets, relevant, values = flat[keep], column_offsets[keep], relevant[keep], values[keep]
+            # Row r of the full matrix becomes row (number of kept rows before r) of the subset.
+            old_rows = torch.div(positions[keep], full_width, rounding_mode="floor")
+            positions = positions[keep] + ((torch.cumsum(rows.long(), 0) - 1)[old_rows] - old_rows) * full_width
+            num_rows = int(rows.sum())
+        payload = (self.column_ids[flat + column_offsets] << 1) | relevant
+        return _rank_by_value_and_id(values, payload, positions, (num_rows, full_width))
+
+
+def _rank_by_value_and_id(values, payload, positions, shape) -> torch.Tensor:
+    """``(C, L)`` int64 ``payload`` (``(index << 1) | relevant``) in ranking order: similarity
+    descending, gallery index ascending; ``_PADDING_PAYLOAD`` (not relevant) past a row's items.
+
+    Args:
+        values: ``(n,)`` float32 or float64 similarities.
+        payload: ``(n,)`` int64, indices below ``2**31``.
+        positions: ``(n,)`` flat positions in the ``shape`` result.
+        shape: ``(C, L)``.
+    """
+    keys = torch.full(shape, _PADDING_KEY, dtype=torch.long, device=values.device)
+    if values.dtype == torch.float32:
+        # One int64 key per item, (descending value, index, flag): one plain sort ranks exactly.
+        keys.view(-1)[positions] = (_descending_key(values) << _PAYLOAD_BITS) | payload
+        return _sort_rows(keys) & (2**_PAYLOAD_BITS - 1)
+    # float64 values need all 64 bits: order by index, then stably by value.
+    keys.view(-1)[positions] = _descending_key(values)
+    packed = torch.full_like(keys, _PADDING_PAYLOAD)
+    packed.view(-1)[positions] = payload
+    by_id = torch.sort(packed, dim=1)
+    by_value = torch.sort(keys.gather(1, by_id.indices), dim=1, stable=True).indices
+    return by_id.values.gather(1, by_value)
 
 
 def _descending_key(values: torch.Tensor) -> torch.Tensor:
     """int64 keys whose ascending order is the descending order of the (finite) float values.
 
     IEEE bits read as a signed integer order positive floats; flipping the magnitude bits of
-    negative ones orders those too; bitwise NOT reverses the order.
+    negative ones orders those too; bitwise NOT reverses the order. (-0.0 and 0.0 differ.)
     """
     int_dtype = torch.int32 if values.dtype == torch.float32 else torch.int64
     bits = values.view(int_dtype)
@@ -497,11 +624,34 @@ def _descending_key(values: torch.Tensor) -> torch.Tensor:
     return (~ascending).long()
 
 
-def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the True entries (numpy on CPU: ~7x torch.nonzero there)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return torch.nonzero(mask.flatten()).flatten()
+def _flat_at_least(similarities: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) positions where ``similarities[i, j] >= thresholds[i]``
+    (numpy on CPU: ~3x torch's comparison and nonzero there)."""
+    if similarities.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(similarities.numpy() >= thresholds.numpy()[:, None]))
+    return torch.nonzero((similarities >= thresholds[:, None]).flatten()).flatten()
+
+
+def _take(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``values[indices]`` for 1-D tensors (numpy on CPU: ~3x torch indexing there)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.take(values.numpy(), indices.numpy()))
+    return values[indices]
+
+
+def _scatter(target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """``target[indices] = values`` for 1-D tensors (numpy on CPU: ~5x torch there)."""
+    if target.device.type == "cpu":
+        target.numpy()[indices.numpy()] = values.numpy()
+    else:
+        target[indices] = values
+
+
+def _repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each ``values[i]`` ``counts[i]`` times (numpy on CPU: ~10x torch there)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts)
 
 
 def _sort_rows(keys: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from pml_protoot.accuracy import PrecisionAtKCalculator, _estimated_thresholds, _ranked_payload
+from pml_protoot import accuracy
+from pml_protoot.accuracy import PrecisionAtKCalculator, _Candidates
 
 R_METRICS = ("r_precision", "mean_average_precision_at_r", "mean_average_precision", "mean_reciprocal_rank")
 
@@ -92,14 +93,47 @@ def test_ref_includes_query_leaves_each_query_out(device):
         assert got[name] == pytest.approx(expected[name], rel=1e-12), name
 
 
-def test_threshold_selection_equals_full_stable_sort(device):
-    # Large gallery, small depth: the sampled-threshold path; many exact ties at the cut.
-    similarities = torch.randint(0, 6, (40, 3000), device=device).float()
-    similarities[0] = torch.linspace(0, 1, 3000, device=device)  # a row the sample misjudges least
-    expected = torch.sort(similarities.cpu(), dim=1, descending=True, stable=True).indices[:, :50]
-    everything = slice(0, 3000)  # every item relevant: the fallback threshold is the 50th overall
-    ranked = _ranked_payload(similarities, _estimated_thresholds(similarities, 50), 50, everything, torch.arange(3000, device=device))
-    assert torch.equal((ranked[:, :50] >> 1).cpu(), expected)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidates_rank_like_a_full_stable_sort(dtype, device):
+    # Six distinct values: ties everywhere, also between relevant and irrelevant items, which
+    # the float32 fast path must hand to the ranking by gallery index.
+    generator = torch.Generator().manual_seed(18)
+    similarities = (torch.randint(0, 6, (40, 300), generator=generator) / 8).to(device=device, dtype=dtype)
+    ids = torch.randperm(300, generator=generator)  # gallery index of each column
+    block = slice(100, 160)  # the relevant columns
+    threshold = 2 / 8
+    candidates = _Candidates(ids.to(device), 40)
+    thresholds = torch.full((40,), threshold, dtype=dtype, device=device)
+    candidates.add(similarities[:, block].contiguous(), thresholds, block.start, relevant=True)
+    for start, stop in ((0, 64), (64, 100), (160, 300)):
+        candidates.add(similarities[:, start:stop].contiguous(), thresholds, start)
+    got = candidates.ranked_relevance().cpu()
+    for row, ranked in zip(similarities.cpu().tolist(), got):
+        # Full stable sort by (similarity descending, gallery index ascending), then the cut.
+        order = sorted(range(300), key=lambda column: (-row[column], int(ids[column])))
+        expected = [block.start <= column < block.stop for column in order if row[column] >= threshold]
+        assert ranked[: len(expected)].tolist() == expected
+        assert not ranked[len(expected) :].any()
+    assert candidates.counts.tolist() == [sum(value >= threshold for value in row) for row in similarities.cpu().tolist()]
+
+
+@pytest.mark.filterwarnings("ignore:.*R = 0")
+@pytest.mark.parametrize("include", [(), ("precision_at_3", "r_precision", "mean_average_precision_at_r")])
+def test_small_tiles_and_thresholds_set_too_high(include, device, monkeypatch):
+    query, reference = tied_embeddings(50, 19, torch.float32), tied_embeddings(80, 20, torch.float32)
+    query_labels, reference_labels = imbalanced_labels(50, 21), imbalanced_labels(80, 22)
+    calc = calculator((1, 3, 10), device, include=include, chunk_bytes=16 * 80 * 9)
+    expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 3, 10))
+    # Tiles of 5 columns for chunks of 9 queries (on CPU).
+    monkeypatch.setattr(accuracy, "_CACHE_TILE_BYTES", 4 * 9 * 5)
+    tiled = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    # A threshold no similarity reaches: every query is ranked again over the whole gallery.
+    monkeypatch.setattr(accuracy, "_estimated_thresholds", lambda q, g, depth: torch.full((len(q),), 2.0, device=q.device))
+    rescued = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    for got in (tiled, rescued):
+        assert got.keys() == (set(include) or expected.keys())
+        for name in got:
+            assert got[name] == pytest.approx(expected[name], rel=1e-12), name
 
 
 def test_queries_without_relevant_items_are_excluded_with_warning(device):
