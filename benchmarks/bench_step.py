@@ -8,7 +8,10 @@ directly: the step cost, not the bank filling, is measured). ProtoOT is timed ex
 (``refresh_every=1``, ``neighbour_search="exact"``) and scaled (``--refresh-every`` R and
 ``--neighbour-search``, "auto" = faiss IVF from 100k rows); a refresh step is one of
 every R, so the amortised per-step time is the mean over R consecutive steps (reported
-beside the median). Images are random tensors made per item (data loading is negligible).
+beside the median). The training steps are timed in interleaved rounds (every round times
+one step of every trainer), so that the load of a shared machine hits all settings alike
+and the ratios stay meaningful. Images are random tensors made per item (data loading is
+negligible).
 
 A second table times ``ProtoOTLoss`` alone (forward + backward on random queries and
 keys, no CNN), which shows the memory's own scaling with the bank size, and reports the
@@ -27,6 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
@@ -74,20 +78,18 @@ def models(args):
     return {"trunk": trunk, "embedder": embedder}, optimizers
 
 
-def time_steps(trainer, num_steps: int) -> list[float]:
-    times = []
-    for _ in range(num_steps):
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.forward_and_backward()
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def time_step(trainer) -> float:
+    """Seconds of one ``forward_and_backward`` (the optimizer step included), synchronised on CUDA."""
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.forward_and_backward()
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def ntxent_step(args) -> list[float]:
+def ntxent_trainer(args) -> MetricLossOnly:
     total = args.batch_per_domain * NUM_DOMAINS * 4
     dataset = RandomTwoViews(total, args.image_size)
     model_dict, optimizers = models(args)
@@ -98,9 +100,7 @@ def ntxent_step(args) -> list[float]:
     trainer.initialize_dataloader()
     trainer.dataloader_iter = iter(trainer.dataloader)
     trainer.set_to_train()
-    time_steps(trainer, args.warmup)
-    trainer.dataloader_iter = iter(trainer.dataloader)
-    return time_steps(trainer, args.steps)
+    return trainer
 
 
 def filled_memory(args, bank_size: int, refresh_every: int, neighbour_search: str) -> PrototypeMemory:
@@ -114,7 +114,7 @@ def filled_memory(args, bank_size: int, refresh_every: int, neighbour_search: st
     return memory
 
 
-def protoot_step(args, bank_size: int, refresh_every: int, neighbour_search: str) -> list[float]:
+def protoot_trainer(args, bank_size: int, refresh_every: int, neighbour_search: str) -> ProtoOTTrainer:
     memory = filled_memory(args, bank_size, refresh_every, neighbour_search)
     domains = memory.domain_of.cpu()
     model_dict, optimizers = models(args)
@@ -126,9 +126,20 @@ def protoot_step(args, bank_size: int, refresh_every: int, neighbour_search: str
     )
     trainer.initialize_dataloader()
     trainer.epoch = 1
-    trainer.start_epoch()  # K-means + first prototypes: once an epoch, not part of a step
-    time_steps(trainer, args.warmup)
-    return time_steps(trainer, max(args.steps, refresh_every))
+    trainer.start_epoch()  # K-means, first prototypes, IVF build: once an epoch, not part of a step
+    return trainer
+
+
+def interleaved_step_times(trainers: dict, warmup: int, rounds: int) -> dict:
+    """Per trainer, the times of ``rounds`` steps; each round steps every trainer once, so load hits all alike."""
+    for _ in range(warmup):
+        for trainer in trainers.values():
+            time_step(trainer)
+    times = {key: [] for key in trainers}
+    for _ in tqdm(range(rounds), desc="interleaved rounds"):
+        for key, trainer in trainers.items():
+            times[key].append(time_step(trainer))
+    return times
 
 
 def loss_only_step(args, bank_size: int, refresh_every: int, neighbour_search: str) -> dict:
@@ -173,15 +184,17 @@ def main(args):
             print(key, loss_only[key]["mean_s"], loss_only[key]["recall_at_1"], flush=True)
     results = {}
     if not args.loss_only:
-        results["ntxent"] = summarise(ntxent_step(args))
-        print("ntxent", results["ntxent"]["median_s"], flush=True)
-        for bank_size in args.bank_sizes:
+        trainers, settings_of = {"ntxent": ntxent_trainer(args)}, {"ntxent": {}}
+        for bank_size in args.trainer_bank_sizes:
             for refresh_every, neighbour_search in settings:
                 key = f"protoot_bank{bank_size}_refresh{refresh_every}_{neighbour_search}"
-                results[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
-                                "neighbour_search": neighbour_search,
-                                **summarise(protoot_step(args, bank_size, refresh_every, neighbour_search))}
-                print(key, results[key]["median_s"], results[key]["mean_s"], flush=True)
+                trainers[key] = protoot_trainer(args, bank_size, refresh_every, neighbour_search)
+                settings_of[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
+                                    "neighbour_search": neighbour_search}
+        times = interleaved_step_times(trainers, args.warmup, max(args.steps, args.refresh_every))
+        results = {key: {**settings_of[key], **summarise(times[key])} for key in trainers}
+        for key, value in results.items():
+            print(key, value["median_s"], value["mean_s"], flush=True)
     payload = {
         "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
         "device": str(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
@@ -237,7 +250,10 @@ def parse_args():
     parser.add_argument("--trunk", default="resnet18")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch-per-domain", type=int, default=64)
-    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="banks of the ProtoOTLoss-only table")
+    parser.add_argument("--trainer-bank-sizes", type=int, nargs="+", default=[10_000, 1_000_000],
+                        help="banks of the training-step table (all trainers live at once: memory)")
     parser.add_argument("--refresh-every", type=int, default=10)
     parser.add_argument("--neighbour-search", choices=["exact", "ivf", "auto"], default="auto")
     parser.add_argument("--ivf-nprobe", type=int, default=32)

@@ -49,7 +49,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
     Cost and scale: steps 2-3 are exact and :math:`O(N_d K)` per domain by default;
     ``PrototypeMemory(..., refresh_every=R)`` runs the full OT every ``R`` steps and
     labels batches from the cached plan in between (see ``PrototypeMemory``). The nearest
-    neighbour search stays an exact :math:`O(B N_d \cdot \text{dim})` matmul. Under
+    neighbour comes from ``memory.nearest_rows``: an exact :math:`O(B N_d \cdot \text{dim})`
+    matmul for banks under 100,000 rows (``neighbour_search="auto"``, the default, or
+    ``"exact"`` at any size), else a faiss IVF index that is exact for rows written
+    since its build and approximate only through its probing. Exact ProtoOT at any size:
+    ``PrototypeMemory(..., refresh_every=1, neighbour_search="exact")``; at a million rows,
+    ``refresh_every=10`` with the default ``"auto"`` removes every per-step full-bank pass
+    (measured costs in ``PrototypeMemory``'s docstring). Under
     ``torch.distributed`` the memory all-gathers the keys, so every rank's banks,
     prototypes and pseudo-labels are identical; the loss of each rank covers its own
     batch (DDP averages the gradients).
