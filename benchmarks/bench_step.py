@@ -236,7 +236,8 @@ def report(payload: dict) -> str:
 def _rows_with_ratios(results: dict):
     """Yield (setting and time cells, result, ratio cells) per result, ratios against the smallest bank."""
     smallest = min(value["bank_size"] for value in results.values())
-    base = {(v["refresh_every"], v["neighbour_search"]): v["mean_s"] for v in results.values() if v["bank_size"] == smallest}
+    base = {(v["refresh_every"], v["neighbour_search"]): v["mean_s"]
+            for v in results.values() if v["bank_size"] == smallest}
     exact_base = base[(1, "exact")]
     for value in results.values():
         setting = (value["refresh_every"], value["neighbour_search"])

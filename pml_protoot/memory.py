@@ -16,7 +16,9 @@ from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import sinkhorn
 
-__all__ = ["PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"]
+__all__ = [
+    "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -552,7 +554,8 @@ class PrototypeMemory(torch.nn.Module):
         if self.refresh_every > 1:  # new marginals (and maybe prototypes): every cached plan is stale
             self.refresh_countdown.zero_()
             self.potentials_valid.zero_()
-        self._bank_indexes = {slot: self._build_bank_index(slot) for slot in range(self.num_domains) if self.uses_ivf(slot)}
+        self._bank_indexes = {slot: self._build_bank_index(slot) for slot in range(self.num_domains)
+                              if self.uses_ivf(slot)}
         logger.info("reclustered %d domains at epoch %d (marginal rule %r)", self.num_domains, epoch, self.marginal_rule)
 
     def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
