@@ -83,7 +83,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
       (official); option ``normalize_cross_negatives``.
 
     The memory settings are attributes of ``memory``: ``official=True`` sets
-    ``memory.normalize_scores = True`` and ``memory.marginal_rule = "official"`` (logged
+    ``memory.normalize_scores = True``, ``memory.marginal_rule = "official"`` and
+    ``memory.neighbour_search = "exact"`` (logged
     at INFO); the default leaves the memory as constructed. Explicit
     ``nearest_neighbour_by``/``normalize_cross_negatives`` override the preset. Beyond
     the official two-domain code, for both presets: any number of domains (cross term =
@@ -154,15 +155,18 @@ class ProtoOTLoss(BaseMetricLossFunction):
         )
 
     def _apply_official_memory_settings(self) -> None:
-        if not self.memory.normalize_scores or self.memory.marginal_rule != "official":
+        memory = self.memory
+        if not memory.normalize_scores or memory.marginal_rule != "official" or memory.neighbour_search != "exact":
             logger.info(
-                "official=True: setting memory.normalize_scores=True (was %s) and memory.marginal_rule='official' "
-                "(was %r)",
-                self.memory.normalize_scores,
-                self.memory.marginal_rule,
+                "official=True: setting memory.normalize_scores=True (was %s), memory.marginal_rule='official' "
+                "(was %r) and memory.neighbour_search='exact' (was %r)",
+                memory.normalize_scores,
+                memory.marginal_rule,
+                memory.neighbour_search,
             )
-        self.memory.normalize_scores = True
-        self.memory.marginal_rule = "official"
+        memory.normalize_scores = True
+        memory.marginal_rule = "official"
+        memory.neighbour_search = "exact"  # the official code searches the whole bank at any size
 
     def _sub_loss_names(self):
         return ["in_domain", "cross_domain"]

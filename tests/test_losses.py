@@ -224,10 +224,10 @@ def test_presets_differ_only_in_documented_switches(device):
 
 def test_official_preset_configures_the_memory_and_logs(caplog):
     memory = random_memory(TWO_DOMAINS)
-    assert (memory.normalize_scores, memory.marginal_rule) == (False, "matched")
+    assert (memory.normalize_scores, memory.marginal_rule, memory.neighbour_search) == (False, "matched", "auto")
     with caplog.at_level(logging.INFO, logger="pml_protoot.losses"):
         loss_func = ProtoOTLoss(memory, official=True)
-    assert (memory.normalize_scores, memory.marginal_rule) == (True, "official")
+    assert (memory.normalize_scores, memory.marginal_rule, memory.neighbour_search) == (True, "official", "exact")
     assert (loss_func.nearest_neighbour_by, loss_func.normalize_cross_negatives) == ("query", True)
     assert "official=True" in caplog.text
 
