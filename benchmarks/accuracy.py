@@ -319,13 +319,16 @@ def direction_names(train_domains) -> list[str]:
     return [f"{q}->{g}" for q in train_domains for g in train_domains if q != g]
 
 
-def summarise(runs: list[dict], methods, directions, metric: str) -> list[list[str]]:
-    """Rows ``[method, mean±std per direction..., mean±std of the per-seed means]`` in percent."""
+def summarise(runs: list[dict], methods, train_sets, directions, metric: str) -> list[list[str]]:
+    """Rows ``[method, mean±std per direction..., mean±std of the per-seed means]`` in percent.
+
+    Only runs trained on one of ``train_sets`` count: a joint run also scores the pairs' directions.
+    """
     rows = []
     for method in methods:
         per_seed = {}
         for run in runs:
-            if run["method"] == method:
+            if run["method"] == method and run["train_domains"] in train_sets:
                 per_seed.setdefault(run["seed"], {}).update(
                     {d: v[metric] for d, v in run["directions"].items() if d in directions}
                 )
@@ -371,13 +374,13 @@ def markdown(payload: dict) -> str:
         lines.append(f"**Partial results: the run was cut short after {len(runs)} runs.**\n")
     for metric in METRICS:
         title = f"Domain pairs, {metric} (%)" + (" — main table" if metric == "P@15" else "")
-        rows = summarise(runs, methods, pair_directions, metric)
+        rows = summarise(runs, methods, config["pairs"], pair_directions, metric)
         if rows:
             lines += [f"## {title}\n", markdown_table(["method", *pair_directions, "mean"], rows)]
     if config["joint"]:
         joint_directions = direction_names(JOINT)
         for metric in ("P@15", "mAP"):
-            rows = summarise(runs, methods, joint_directions, metric)
+            rows = summarise(runs, methods, [list(JOINT)], joint_directions, metric)
             if rows:
                 lines += [f"## All four domains trained jointly, {metric} (%)\n",
                           markdown_table(["method", *joint_directions, "mean"], rows)]
@@ -406,12 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix: writes <out>.json and <out>.md")
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown beside this results JSON")
     return parser
 
 
 def main(argv=None) -> dict:
     global FEATURES
     args = build_parser().parse_args(argv)
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(payload))
+        return payload
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
     logging.getLogger("PML").setLevel(logging.ERROR)  # "optimizers is missing trunk_optimizer": the trunk is frozen

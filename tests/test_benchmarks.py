@@ -85,3 +85,26 @@ def test_raw_features_score_as_a_brute_force_search(accuracy, pacs_mini, tmp_pat
         hits.append(bool(features.labels[nearest] == features.labels[row]))
     direction = f"{accuracy.QUICK_PAIR[0]}->{accuracy.QUICK_PAIR[1]}"
     assert record["directions"][direction]["P@1"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_pair_tables_use_pair_runs_only(accuracy):
+    """A joint run also scores the pairs' directions; the pair table must not take those values."""
+    import statistics
+
+    def run(train_domains, seed, value):
+        metrics = {metric: value for metric in accuracy.METRICS}
+        directions = {direction: metrics for direction in accuracy.direction_names(train_domains)}
+        return {"method": "m", "train_domains": list(train_domains), "seed": seed, "directions": directions}
+
+    pair, joint = list(accuracy.PAIRS[0]), list(accuracy.JOINT)
+    pair_values, joint_values = [0.2, 0.4], [0.9, 0.7]
+    runs = [run(pair, seed, value) for seed, value in enumerate(pair_values)]
+    runs += [run(joint, seed, value) for seed, value in enumerate(joint_values)]
+
+    def expected(values):
+        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    (pair_row,) = accuracy.summarise(runs, ["m"], [pair], accuracy.direction_names(pair), "P@15")
+    assert pair_row == ["m"] + [expected(pair_values)] * 3  # two directions and the mean
+    (joint_row,) = accuracy.summarise(runs, ["m"], [joint], accuracy.direction_names(joint), "mAP")
+    assert joint_row == ["m"] + [expected(joint_values)] * 13
