@@ -138,14 +138,19 @@ def instance_contrast(domain_ids, epochs):
     return Recipe(num_classes_memory(domain_ids), NTXentLoss(TEMPERATURE), package_default(ProtoOTTrainer, "momentum"))
 
 
-def miner_with(loss_class, **loss_options):
-    """A recipe: ProtoOTMiner pseudo-label pairs with the PML loss ``loss_class(**loss_options)``."""
+def miner_with(loss_class, center_domains=True, miner_options=None, **loss_options):
+    """A recipe: ProtoOTMiner pseudo-label pairs with the PML loss ``loss_class(**loss_options)``.
+
+    The package's default pipeline (domain-centred features) unless ``center_domains=False``.
+    """
 
     def recipe(domain_ids, epochs):
         memory = num_classes_memory(domain_ids)
-        miner = ProtoOTMiner(memory, update_prototypes=True)  # no ProtoOTLoss moves the prototypes here
+        # no ProtoOTLoss moves the prototypes here
+        miner = ProtoOTMiner(memory, update_prototypes=True, **(miner_options or {}))
         loss = loss_class(**loss_options)
-        return Recipe(memory, loss, package_default(ProtoOTTrainer, "momentum"), {"tuple_miner": miner})
+        momentum = package_default(ProtoOTTrainer, "momentum")
+        return Recipe(memory, loss, momentum, {"tuple_miner": miner}, center_domains=center_domains)
 
     return recipe
 
@@ -171,6 +176,10 @@ ABLATIONS = {
     # PML's NTXentLoss builds a (positive pairs x negative pairs) matrix: with K = 7 pseudo-classes
     # about 2 s a step on one core, 20x the others, so it is not in the default set.
     "ProtoOTMiner + NTXentLoss": miner_with(NTXentLoss, temperature=TEMPERATURE),
+    "ProtoOTMiner (in-domain pairs only) + MultiSimilarityLoss": miner_with(
+        MultiSimilarityLoss, miner_options={"cross_domain": False}
+    ),
+    "ProtoOTMiner + MultiSimilarityLoss, not centred": miner_with(MultiSimilarityLoss, center_domains=False),
 }
 ALL_METHODS = METHODS | ABLATIONS
 
