@@ -9,29 +9,19 @@ from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
 
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
+from references import official_sinkhorn
 
 DIM, K = 5, 3
 
 
 # ----------------------------------------------------------------------------- reference
-def official_sinkhorn(scores, beta, epsilon=0.05, iterations=3):
-    """The official formula in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N, return N Q^T."""
-    q = torch.exp(scores / epsilon).T
-    q = q / q.sum()
-    num_prototypes, num_samples = q.shape
-    for _ in range(iterations):
-        for k in range(num_prototypes):
-            q[k] = q[k] * beta[k] / q[k].sum()
-        for n in range(num_samples):
-            q[:, n] = q[:, n] / (q[:, n].sum() * num_samples)
-    return num_samples * q.T
 
 
 def ot_assignment(bank, prototypes, beta, normalize_scores):
     scores = bank @ prototypes.T
     if normalize_scores:
         scores = torch.stack([row / math.sqrt(sum(float(s) ** 2 for s in row)) for row in scores])
-    return official_sinkhorn(scores, beta)
+    return official_sinkhorn(scores, beta).to(scores.dtype)
 
 
 def contrast(query, positive_logit, negative_logits, target, temperature):

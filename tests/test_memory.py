@@ -6,22 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from pml_protoot.memory import PrototypeMemory
+from references import official_sinkhorn
 
 FLOAT_DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-def official_sinkhorn(scores, beta, epsilon=0.05, iterations=3):
-    """The official formula, plainly, in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N."""
-    q = torch.exp(scores.double() / epsilon).T
-    q /= q.sum()
-    num_prototypes, num_samples = q.shape
-    for _ in range(iterations):
-        for k in range(num_prototypes):
-            q[k] *= beta[k].double() / q[k].sum()
-        for n in range(num_samples):
-            q[:, n] /= q[:, n].sum() * num_samples
-    return num_samples * q.T
 
 
 def filled_memory(domains, dim=4, num_prototypes=2, dtype=torch.float32, device="cpu", seed=0, **options):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, column_potentials
+from references import official_sinkhorn
 
 DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -14,17 +15,6 @@ DOMAINS = [0] * 30 + [1] * 24
 DIM, K, EPSILON = 6, 3, 0.05
 
 
-def official_sinkhorn(scores, beta, epsilon=EPSILON, iterations=3):
-    """The official ProtoOT formula, in float64: Q = exp(S/eps)^T, rows to beta, columns to 1/N, return N Q^T."""
-    q = torch.exp(scores.double() / epsilon).T
-    q /= q.sum()
-    num_prototypes, num_samples = q.shape
-    for _ in range(iterations):
-        for k in range(num_prototypes):
-            q[k] *= beta[k].double() / q[k].sum()
-        for n in range(num_samples):
-            q[:, n] /= q[:, n].sum() * num_samples
-    return num_samples * q.T
 
 
 def unit_keys(count, seed, dtype=torch.float32):
