@@ -244,9 +244,20 @@ def make_tester(device) -> CrossDomainTester:
     return CrossDomainTester(calculator, batch_size=256, dataloader_num_workers=0)
 
 
-def run_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> dict:
-    """Train ``method`` on ``train_domains`` (or not, for raw features); score every direction among them."""
-    start = time.perf_counter()
+@dataclass
+class FittedMethod:
+    """One method trained on some domains, with the features it is scored on."""
+
+    model: torch.nn.Module  # the trained head, or the identity for untrained features
+    recipe: Recipe | None  # None for untrained features
+    rows: torch.Tensor  # (N,) indices into ``Features`` of the training domains' images
+    eval_features: torch.Tensor  # (N, F) their eval features, domain-centred when the method centres
+    labels: torch.Tensor  # (N,)
+    domain_ids: torch.Tensor  # (N,) position of each image's domain in ``train_domains``
+
+
+def fit_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> FittedMethod:
+    """Train ``method`` on ``train_domains`` (or not, for raw features): what :func:`run_method` scores."""
     slots = [features.domains.index(name) for name in train_domains]
     rows = torch.cat([torch.nonzero(features.domain_ids == slot).flatten() for slot in slots])
     domain_ids = torch.cat([torch.full((int((features.domain_ids == s).sum()),), i) for i, s in enumerate(slots)])
@@ -257,15 +268,23 @@ def run_method(features: Features, train_domains, method: str, seed: int, epochs
     if method == CENTRED_RAW or (recipe is not None and recipe.center_domains):
         means = domain_means(eval_features, domain_ids)[domain_ids]
         eval_features, views = eval_features - means, views - means
-    eval_sets = {
-        name: torch.utils.data.TensorDataset(eval_features[domain_ids == i], labels[domain_ids == i])
-        for i, name in enumerate(train_domains)
-    }
     if recipe is None:
         model = torch.nn.Identity()
     else:
         model = train_head(recipe, views, eval_features, domain_ids, seed, epochs, device)
-    results = make_tester(device).test(eval_sets, epochs if recipe else 0, model.to(device))
+    return FittedMethod(model.to(device), recipe, rows, eval_features, labels, domain_ids)
+
+
+def run_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> dict:
+    """Train ``method`` on ``train_domains`` (or not, for raw features); score every direction among them."""
+    start = time.perf_counter()
+    fitted = fit_method(features, train_domains, method, seed, epochs, device)
+    recipe, domain_ids = fitted.recipe, fitted.domain_ids
+    eval_sets = {
+        name: torch.utils.data.TensorDataset(fitted.eval_features[domain_ids == i], fitted.labels[domain_ids == i])
+        for i, name in enumerate(train_domains)
+    }
+    results = make_tester(device).test(eval_sets, epochs if recipe else 0, fitted.model)
     return {
         "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
         "momentum": recipe.momentum if recipe else None, "wall_time_s": round(time.perf_counter() - start, 2),
