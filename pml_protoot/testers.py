@@ -191,10 +191,15 @@ class CrossDomainTester(BaseTester):
         results = self.results if results is None else results
         metrics = [m for m in next(iter(results.values())) if m != "epoch"]
         width = max(len(key) for key in results)
-        lines = ["  ".join([f"{'pair':<{width}}"] + [f"{m:>{len(m)}}" for m in metrics])]
-        for key, values in results.items():
-            cells = [f"{100 * values[m]:>{len(m)}.2f}" if isinstance(values[m], float) else f"{'-':>{len(m)}}" for m in metrics]
-            lines.append("  ".join([f"{key:<{width}}"] + cells))
+        cells = {
+            key: [f"{100 * values[m]:.2f}" if isinstance(values[m], float) else "-" for m in metrics]
+            for key, values in results.items()
+        }
+        # Each column as wide as its header or its widest value (e.g. a negative AMI).
+        widths = [max([len(m)] + [len(row[i]) for row in cells.values()]) for i, m in enumerate(metrics)]
+        lines = ["  ".join([f"{'pair':<{width}}"] + [f"{m:>{w}}" for m, w in zip(metrics, widths)])]
+        for key, row in cells.items():
+            lines.append("  ".join([f"{key:<{width}}"] + [f"{c:>{w}}" for c, w in zip(row, widths)]))
         return "\n".join(lines)
 
     def accuracies_keyname(self, metric, label_hierarchy_level=0, average=False):

@@ -359,6 +359,7 @@ class ProtoOTTrainer(BaseTrainer):
                 torch.save(state, file)
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -142,3 +142,11 @@ def test_bad_input():
     datasets = domain_datasets({"photo": 3, "sketch": 0})
     with pytest.raises(ValueError, match=r"dataset_dict\['sketch'\] must hold at least one item"):
         tester.test(datasets, 0, CountingTrunk(6, 4))
+
+
+def test_summary_table_columns_fit_values_wider_than_their_header():
+    tester = make_tester()
+    results = {"a->b": {"nmi": -0.5, "precision_at_1": 1.0}, "mean": {"nmi": -0.5, "precision_at_1": 1.0}}
+    lines = tester.summary_table(results).splitlines()
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header: columns line up
+    assert lines[1].split() == ["a->b", "-50.00", "100.00"]

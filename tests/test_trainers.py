@@ -252,6 +252,14 @@ def test_gradient_clipping_bounds_the_sgd_step(device):
     assert float(step) == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_checkpoint_is_an_ordinary_readable_file(tmp_path):
+    trainer = make_trainer("cpu")
+    trainer.train(1, 1)
+    path = tmp_path / "last.pth"
+    trainer.save_checkpoint(path)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer("cpu")
     trainer.train(1, 1)
