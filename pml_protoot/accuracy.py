@@ -566,7 +566,8 @@ class _Candidates:
         tied = (((keys[:, 1:] ^ keys[:, :-1]) == 1) & ((keys[:, :-1] >> 1) <= last_value)).any(1)
         ranked = (keys[:, :width] & 1) == 0
         if bool(tied.any()):
-            ranked[tied] = (self._ranked_payload(values, positions, full_width, tied)[:, :width] & 1).bool()
+            columns = ranked.shape[1]
+            ranked[tied] = (self._ranked_payload_of_rows(values, tied, columns)[:, :columns] & 1).bool()
         return ranked
 
     def _positions(self, full_width: int) -> torch.Tensor:
@@ -580,22 +581,40 @@ class _Candidates:
         offsets = (rows * full_width + earlier).flatten() - segment_starts
         return torch.arange(int(segment_counts.sum()), device=rows.device) + _repeat(offsets, segment_counts)
 
-    def _ranked_payload(self, values, positions, full_width: int, rows=None) -> torch.Tensor:
-        """``(C or rows.sum(), full_width)`` payloads ``(index << 1) | relevant`` in ranking
-        order, for every row or the rows where the bool ``rows`` is True."""
+    def _ranked_payload(self, values, positions, full_width: int) -> torch.Tensor:
+        """``(C, full_width)`` payloads ``(index << 1) | relevant`` in ranking order."""
         segment_counts = torch.stack(self._tile_counts).flatten()
         column_offsets = _repeat(torch.stack(self._column_offsets).flatten(), segment_counts)
         relevant = _repeat(torch.stack(self._relevant).flatten(), segment_counts)
-        flat, num_rows = torch.cat(self._flat), len(self.counts)
-        if rows is not None:
-            keep = _repeat(rows.repeat(len(self._tile_counts)), segment_counts)
-            flat, column_offsets, relevant, values = flat[keep], column_offsets[keep], relevant[keep], values[keep]
-            # Row r of the full matrix becomes row (number of kept rows before r) of the subset.
-            old_rows = torch.div(positions[keep], full_width, rounding_mode="floor")
-            positions = positions[keep] + ((torch.cumsum(rows.long(), 0) - 1)[old_rows] - old_rows) * full_width
-            num_rows = int(rows.sum())
+        payload = (self.column_ids[torch.cat(self._flat) + column_offsets] << 1) | relevant
+        return _rank_by_value_and_id(values, payload, positions, (len(self.counts), full_width))
+
+    def _ranked_payload_of_rows(self, values, rows, min_width: int) -> torch.Tensor:
+        """``(rows.sum(), L)`` payloads as ``_ranked_payload`` gives them, for the rows where
+        the bool ``rows`` is True only (``L``: their most candidates, at least ``min_width``).
+        Only those rows' items are gathered: the other rows' are never touched."""
+        tile_counts = torch.stack(self._tile_counts)  # (tiles, C)
+        segment_counts = tile_counts.flatten()
+        segment_starts = (torch.cumsum(segment_counts, 0) - segment_counts).view(tile_counts.shape)
+        row_ids = torch.nonzero(rows).flatten()
+        counts = tile_counts[:, row_ids]  # (tiles, C'), segments in the order the items lie
+        starts = segment_starts[:, row_ids].flatten()
+        kept_counts = counts.flatten()
+        kept_starts = torch.cumsum(kept_counts, 0) - kept_counts
+        total = int(kept_counts.sum())
+        # Item i of the subset is item (i - kept_start + start) of the full arrays.
+        items = torch.arange(total, device=values.device) + _repeat(starts - kept_starts, kept_counts)
+        width = max(int(counts.sum(0).max()), min_width)
+        earlier = torch.cumsum(counts, 0) - counts
+        new_rows = torch.arange(len(row_ids), device=values.device)
+        positions = torch.arange(total, device=values.device) + _repeat(
+            (new_rows * width + earlier).flatten() - kept_starts, kept_counts
+        )
+        column_offsets = _repeat(torch.stack(self._column_offsets)[:, row_ids].flatten(), kept_counts)
+        relevant = _repeat(torch.stack(self._relevant)[:, row_ids].flatten(), kept_counts)
+        flat = _take(torch.cat(self._flat), items)
         payload = (self.column_ids[flat + column_offsets] << 1) | relevant
-        return _rank_by_value_and_id(values, payload, positions, (num_rows, full_width))
+        return _rank_by_value_and_id(_take(values, items), payload, positions, (len(row_ids), width))
 
 
 def _rank_by_value_and_id(values, payload, positions, shape) -> torch.Tensor:
