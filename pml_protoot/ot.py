@@ -1,6 +1,7 @@
 """Entropic optimal transport between samples and prototypes (ProtoOT's assignment step)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -81,10 +82,14 @@ def sinkhorn(
         True
     """
     _check_arguments(scores, epsilon, iterations, tol)
-    with torch.no_grad(), torch.autocast(device_type=scores.device.type, enabled=False):
-        log_beta = _log_class_marginal(class_marginal, scores)
-        plan = _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
+    autocast = torch.is_autocast_enabled(scores.device.type)
+    with torch.no_grad(), (
+        torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
+    ):
+        beta, has_zero = _class_marginal(class_marginal, scores)
+        plan = _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
         if plan is None:
+            log_beta = beta.mT.log()  # (..., 1, K)
             plan = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
         return plan
 
@@ -94,7 +99,7 @@ def _check_arguments(scores, epsilon, iterations, tol) -> None:
         raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
         raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
-    if not torch.isfinite(scores.sum(dtype=_compute_dtype(scores))):  # one cheap pass; exact check only then
+    if not math.isfinite(scores.sum(dtype=_compute_dtype(scores)).item()):  # one cheap pass; exact check only then
         check_finite("scores", scores)
     _check_positive_real("epsilon", epsilon)
     check_positive_int("iterations", iterations)
@@ -113,12 +118,12 @@ def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 
-def _log_class_marginal(class_marginal, scores: torch.Tensor) -> torch.Tensor:
-    """Return log(beta) shaped (..., 1, K) in the compute dtype."""
+def _class_marginal(class_marginal, scores: torch.Tensor):
+    """Return ``(beta, has_zero)``: beta shaped (..., K, 1), normalised, in the compute dtype."""
     num_prototypes = scores.shape[-1]
     dtype = _compute_dtype(scores)
     if class_marginal is None:
-        return torch.full((1, num_prototypes), -math.log(num_prototypes), dtype=dtype, device=scores.device)
+        return torch.full((num_prototypes, 1), 1.0 / num_prototypes, dtype=dtype, device=scores.device), False
     try:
         beta = torch.as_tensor(class_marginal, dtype=dtype, device=scores.device)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -130,13 +135,19 @@ def _log_class_marginal(class_marginal, scores: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"class_marginal must have shape (K,) or (B, K) = {batch_shape + (num_prototypes,)}, got {tuple(beta.shape)}"
         )
-    if not torch.isfinite(beta).all() or (beta < 0).any() or (beta.sum(-1) <= 0).any():
+    total = beta.sum(-1, keepdim=True)
+    # min entry (NaN fails ">= 0"), min total (> 0) and finiteness (entries >= 0, so of the largest total)
+    smallest = beta.amin().item()
+    if total.numel() == 1:
+        smallest_total = largest_total = total.item()
+    else:
+        smallest_total, largest_total = total.amin().item(), total.amax().item()
+    if not (smallest >= 0 and smallest_total > 0 and math.isfinite(largest_total)):
         raise ValueError(
             "class_marginal must be finite, non-negative and not all zero, "
             f"got min {beta.min().item():.3g} and sum {beta.sum().item():.3g}"
         )
-    beta = beta / beta.sum(-1, keepdim=True)
-    return beta.log().unsqueeze(-2)
+    return (beta / total).unsqueeze(-1), smallest == 0
 
 
 def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=None) -> torch.Tensor:
@@ -153,50 +164,79 @@ def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=No
     return out.copy_(scores).div_(divisor)  # upcast first: the quotient needs float32 precision
 
 
+# Up to this many prototypes the kernel is stored prototype-major (K, N): with few
+# prototypes, reductions over samples on the (N, K) layout are strided and slow.
+_PROTOTYPE_MAJOR_MAX_K = 16
+
 # Round-1 kernel rows whose largest entry is below exp(-27) are rebuilt exactly: beyond
 # that, entries lost to underflow when shifting by the column max could matter.
 _MIN_ROW_MAX = math.exp(-27.0)
 
 
-def _round_one_kernel(scores, log_beta, epsilon, normalize_scores):
-    """Return ``W = exp(S/eps - c)`` up to a per-row factor, with ``c`` the round-1 column shift.
+def _round_one_kernel(scores, beta, epsilon, normalize_scores):
+    """Return ``W^T = exp(S/eps - c)^T`` (..., K, N) up to a per-sample factor, and its sample sums.
 
     Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. Shifting
-    by the column max makes every ``exp`` safe and needs one N x K buffer; rows lying far below
-    every column max (tiny ``epsilon``) are instead rebuilt in that buffer, stabilised per row.
+    by the column max makes every ``exp`` safe and needs one N x K buffer; samples lying far below
+    every column max (tiny ``epsilon``) are instead rebuilt in that buffer, stabilised per sample.
+    The buffer is prototype-major so that every reduction over samples reads contiguous memory.
     """
-    kernel = _logits(scores, epsilon, normalize_scores)
-    column_max = kernel.amax(dim=-2, keepdim=True)
+    dtype = _compute_dtype(scores)
+    if scores.shape[-1] <= _PROTOTYPE_MAJOR_MAX_K:
+        shape = scores.shape[:-2] + (scores.shape[-1], scores.shape[-2])
+        kernel = torch.empty(shape, dtype=dtype, device=scores.device)
+        _logits(scores, epsilon, normalize_scores, out=kernel.mT)
+    else:  # many prototypes: reductions over samples vectorise anyway, a transposing copy would not pay
+        kernel = _logits(scores, epsilon, normalize_scores).mT
+    column_max = kernel.amax(dim=-1, keepdim=True)  # (..., K, 1)
     kernel.sub_(column_max).exp_()
-    column_sum = kernel.sum(dim=-2, keepdim=True)
-    kernel.mul_(log_beta.exp() / column_sum)
-    if kernel.amax(dim=-1).min() >= _MIN_ROW_MAX:
-        return kernel
-    log_shift = column_max + column_sum.log() - log_beta
-    _logits(scores, epsilon, normalize_scores, out=kernel).sub_(log_shift)
-    return kernel.sub_(kernel.amax(dim=-1, keepdim=True)).exp_()
+    column_sum = kernel.sum(dim=-1, keepdim=True)
+    kernel.mul_(beta / column_sum)
+    sample_sum = kernel.sum(dim=-2, keepdim=True)  # (..., 1, N)
+    # max over prototypes >= sum / K: the exact max is needed only when some sum is small
+    if sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX:
+        return kernel, sample_sum
+    log_shift = column_max + column_sum.log() - beta.log()
+    _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
+    kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
+    return kernel, kernel.sum(dim=-2, keepdim=True)
 
 
-def _scaled_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
+def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol):
     """Scaling-vector Sinkhorn on a once-stabilised kernel; ``None`` if it under/overflows.
 
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    kernel = _round_one_kernel(scores, log_beta, epsilon, normalize_scores)
-    num_samples = kernel.shape[-2]
-    beta = log_beta.exp()
-    u = 1.0 / (num_samples * kernel.sum(dim=-1, keepdim=True))  # round 1, rows to 1/N
-    v = torch.ones_like(kernel[..., :1, :])
+    kernel, sample_sum = _round_one_kernel(scores, beta, epsilon, normalize_scores)
+    num_samples = kernel.shape[-1]
+    # u holds N times the row scaling (so P = diag(u) W diag(v) directly) and v is computed
+    # from N * beta: no per-round multiplication by N.
+    u = sample_sum.reciprocal_()  # round 1, samples to 1/N; (..., 1, N)
+    v = None  # (..., K, 1); all ones after round 1
+    scaled_beta = beta * num_samples
+    zero_mass = beta == 0 if has_zero else None
     for _ in range(iterations - 1):
-        column_mass = torch.matmul(u.transpose(-1, -2), kernel)  # (..., 1, K)
-        if tol is not None and (column_mass * v - beta).abs().max() < tol:
-            break
-        v = torch.where(beta > 0, beta / column_mass, torch.zeros_like(beta))
-        u = 1.0 / (num_samples * torch.matmul(kernel, v.transpose(-1, -2)))
-        if not torch.isfinite(u.sum() + v.sum()):  # u, v >= 0: one sync per round instead of two
+        column_mass = torch.matmul(kernel, u.mT)  # (..., K, 1), N times the true mass
+        if tol is not None:
+            error = column_mass / num_samples if v is None else column_mass * v / num_samples
+            if error.sub_(beta).abs().max() < tol:
+                break
+        v = torch.div(scaled_beta, column_mass)
+        if zero_mass is not None:
+            v.masked_fill_(zero_mass, 0.0)
+        u = torch.matmul(v.mT, kernel).reciprocal_()
+        # non-finite u or v propagates to the last round (u, v >= 0): one sync at the end
+        if tol is not None and not math.isfinite(u.sum().item() + v.sum().item()):
             return None
-    return kernel.mul_(u * num_samples).mul_(v)
+    if v is not None and tol is None and not math.isfinite(u.sum().item() + v.sum().item()):
+        return None
+    plan = kernel.mT
+    if plan.is_contiguous():  # sample-major kernel: scale in place
+        plan.mul_(u.mT)
+    else:  # prototype-major: the first scaling also transposes into a fresh (N, K) plan
+        plan = torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device))
+    return plan if v is None else plan.mul_(v.mT)
 
 
 def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
