@@ -71,7 +71,8 @@ class ProtoOTTrainer(BaseTrainer):
     ``DistributedDataParallel`` (unless ``trunk`` or ``embedder`` already is one), so
     gradients are averaged over ranks; the memory all-gathers every rank's keys, so
     banks and prototypes stay identical; the initial bank filling is split over ranks;
-    only rank 0 writes checkpoints. Give each rank its shard with
+    only rank 0 writes checkpoints; models named in ``freeze_these`` are frozen before
+    the wrapping (DDP must not wait for their gradients). Give each rank its shard with
     ``CrossDomainSampler(..., num_replicas=world_size, rank=rank)`` and ``batch_size``
     = the per-rank batch.
 
@@ -175,6 +176,12 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder.requires_grad_(False)
         self.momentum = self._initial_momentum
         already_wrapped = any(isinstance(model, DistributedDataParallel) for model in self.query_encoder)
+        # DDP expects a gradient every step for each parameter that required one when it was
+        # built. PML freezes freeze_these only in set_to_train (each epoch, after this), and
+        # DDP then fails at the second step: freeze them first.
+        for name in self.freeze_these:
+            if name in self.models:
+                c_f.set_requires_grad(self.models[name], requires_grad=False)
         self.distributed_query_encoder = None
         if is_distributed() and not already_wrapped:
             self.distributed_query_encoder = DistributedDataParallel(self.query_encoder)

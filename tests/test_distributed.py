@@ -1,4 +1,5 @@
 """Two gloo processes (spawned here, CPU) against one process with the same global batch."""
+import operator
 import os
 
 import pytest
@@ -11,7 +12,9 @@ from pml_protoot.distributed import all_gather_rows, gather_strided, get_world_s
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.samplers import CrossDomainSampler
+from pml_protoot.data import TwoViewDataset
 from pml_protoot.testers import CrossDomainTester
+from pml_protoot.trainers import ProtoOTTrainer
 
 WORLD_SIZE = 2
 DOMAINS = [0] * 16 + [1] * 16
@@ -95,6 +98,72 @@ def retrieval_scores(weight):
     return tester.test(domain_datasets(), 0, make_model(weight))
 
 
+TRAINER_EPOCHS = 2
+HIDDEN = 6
+
+
+def run_trainer(freeze_trunk=False):
+    """``ProtoOTTrainer`` on a linear trunk + linear embedder, on this process's share.
+
+    The sampler shards per-rank blocks of ``PER_RANK_BATCH``: rank ``r`` trains on blocks
+    ``r, r + W, ...``, so global step ``t`` is blocks ``W t .. W t + W - 1``. One process
+    with ``batch_size = W * PER_RANK_BATCH`` over the unsharded blocks sees exactly that
+    global batch, in the same order. Views are fixed (query = noisy copy, key = clean
+    feature) so both runs read identical data. Every rank's batch holds the same number
+    of samples of each domain, so the mean of the ranks' ProtoOT losses (sum over domains
+    of per-domain means) is the global batch's loss, and DDP's gradient average is its
+    gradient. Returns everything the runs must share.
+    """
+    world_size, rank = get_world_size(), _rank()
+    features, views, _ = make_inputs()
+    generator = torch.Generator().manual_seed(1)
+    trunk = torch.nn.Linear(DIM_IN, HIDDEN)
+    embedder = torch.nn.Linear(HIDDEN, DIM)
+    with torch.no_grad():
+        for parameter in [*trunk.parameters(), *embedder.parameters()]:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1)
+    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0, cross_domain_weight=0.5)
+    trained = [embedder] if freeze_trunk else [trunk, embedder]
+    optimizer = torch.optim.SGD([p for model in trained for p in model.parameters()], lr=0.5)
+    losses = []
+
+    def record_loss(trainer):  # a collective: every rank records every step
+        losses.append(all_gather_rows(trainer.losses["total_loss"].detach()[None]).mean())
+
+    trainer = ProtoOTTrainer(
+        {"trunk": trunk, "embedder": embedder},
+        {"embedder_optimizer": optimizer},
+        PER_RANK_BATCH * (WORLD_SIZE // world_size),
+        {"metric_loss": loss_func},
+        TwoViewDataset(
+            torch.utils.data.TensorDataset(torch.stack([views, features], dim=1), torch.zeros(len(DOMAINS))),
+            operator.itemgetter(0),
+            operator.itemgetter(1),
+        ),
+        memory,
+        momentum=0.5,
+        sampler=CrossDomainSampler(DOMAINS, PER_RANK_BATCH, num_replicas=world_size, rank=rank, seed=3),
+        fill_dataset=torch.utils.data.TensorDataset(features, torch.zeros(len(DOMAINS))),
+        freeze_these=("trunk",) if freeze_trunk else (),
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        end_of_iteration_hook=record_loss,
+    )
+    initial = {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()}
+    trainer.train(1, TRAINER_EPOCHS)
+    return {
+        "initial": initial,
+        "wrapped_in_ddp": trainer.distributed_query_encoder is not None,
+        "banks": [memory.bank(slot).clone() for slot in range(memory.num_domains)],
+        "prototypes": memory.prototypes.clone(),
+        "class_marginals": memory.class_marginals.clone(),
+        "losses": torch.stack(losses),
+        "query_encoder": {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()},
+        "key_encoder": {k: v.clone() for k, v in trainer.key_encoder.module.state_dict().items()},
+    }
+
+
 def worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
@@ -104,6 +173,8 @@ def worker(rank, init_file, out_dir):
         state["tester"] = retrieval_scores(make_inputs()[2])
         state["gathered"] = all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # uneven row counts
         state["strided"] = gather_strided(torch.arange(rank, 5, WORLD_SIZE), 5)
+        state["trainer"] = run_trainer()
+        state["trainer_frozen_trunk"] = run_trainer(freeze_trunk=True)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -143,3 +214,30 @@ def test_gather_helpers_concatenate_in_rank_order(two_process_states):
     for state in two_process_states:
         assert torch.equal(state["gathered"], expected_rows)
         assert state["strided"].tolist() == list(range(5))
+
+
+def assert_same_trainer_state(state, expected, label):
+    for slot, bank in enumerate(expected["banks"]):
+        assert torch.allclose(state["banks"][slot], bank, atol=1e-5), (label, slot)
+    for name in ("prototypes", "class_marginals", "losses"):
+        assert torch.allclose(state[name], expected[name], atol=1e-5), (label, name)
+    for encoder in ("query_encoder", "key_encoder"):
+        assert state[encoder].keys() == expected[encoder].keys()
+        for key, value in expected[encoder].items():
+            assert torch.allclose(state[encoder][key], value, atol=1e-5), (label, encoder, key)
+
+
+@pytest.mark.parametrize("variant", ["trainer", "trainer_frozen_trunk"])
+def test_two_process_trainer_matches_one_process_with_the_global_batch(two_process_states, variant):
+    single = run_trainer(freeze_trunk=variant == "trainer_frozen_trunk")
+    assert not single["wrapped_in_ddp"]
+    assert len(single["losses"]) == TRAINER_EPOCHS * len(DOMAINS) // (WORLD_SIZE * PER_RANK_BATCH)
+    for rank, state in enumerate(two_process_states):
+        assert state[variant]["wrapped_in_ddp"], rank
+        assert_same_trainer_state(state[variant], single, (variant, rank))
+    # Training moved the trained weights and the key encoder (the comparison is not
+    # between untouched copies), and a frozen trunk stayed put.
+    for key, initial in single["initial"].items():
+        frozen = variant == "trainer_frozen_trunk" and key.startswith("0.")
+        assert torch.equal(single["query_encoder"][key], initial) == frozen, key
+        assert torch.equal(single["key_encoder"][key], initial) == frozen, key
