@@ -56,6 +56,22 @@ def test_folder_selected_domains_keep_given_order_and_transform(tmp_path):
     assert data[0][0].shape == (3, 8, 8)
 
 
+def test_folder_fingerprint_follows_content_not_location_or_mtime(tmp_path):
+    import shutil
+
+    root = write_layout(tmp_path / "a")
+    fingerprint = MultiDomainImageFolder(root).fingerprint()
+    copy = shutil.copytree(root, tmp_path / "b")  # a fresh copy: new paths and mtimes
+    image = copy / "photo" / "dog" / "img0.jpg"
+    os.utime(image, ns=(0, 0))
+    assert MultiDomainImageFolder(copy).fingerprint() == fingerprint
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(image)  # same name, new pixels
+    edited = MultiDomainImageFolder(copy).fingerprint()
+    assert edited != fingerprint
+    image.rename(image.with_name("img9.jpg"))  # same bytes, new name
+    assert MultiDomainImageFolder(copy).fingerprint() not in (fingerprint, edited)
+
+
 def test_subset_holds_one_domain_with_labels(tmp_path):
     data = MultiDomainImageFolder(write_layout(tmp_path))
     photo = data.subset("photo")
