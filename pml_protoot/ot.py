@@ -40,13 +40,18 @@ def sinkhorn(
     (and SwAV) code does, so a fixed number of rounds gives the official result.
 
     Unlike the official formula (``exp(S / epsilon)`` then repeated division of the whole
-    plan), round 1 builds a kernel :math:`W = e^{S/\varepsilon - c}` shifted by its column
-    log-sum-exp ``c`` (so nothing overflows for any ``scores / epsilon``) in a single N x K
-    buffer; later rounds only update the scaling vectors ``u, v`` of
-    :math:`Q = \operatorname{diag}(u) W \operatorname{diag}(v)` (two matrix-vector products
-    a round). If a scaling vector still under- or overflows (an extreme class marginal,
+    plan), rounds only update the scaling vectors ``u, v`` of
+    :math:`Q = \operatorname{diag}(u)\, W \operatorname{diag}(v)` (two matrix-vector
+    products a round) and the plan is formed once at the end. While
+    :math:`\max |S| / \varepsilon` is at most a quarter of the compute dtype's exponent
+    range (22.2 in float32: cosine scores with :math:`\varepsilon \ge 0.046`, ProtoOT's
+    0.05 included; 177 in float64), ``W`` is the plain kernel :math:`e^{S/\varepsilon}`:
+    nothing can overflow, the arithmetic is the official one and the operations fewest.
+    Beyond that, round 1 builds a kernel :math:`W = e^{S/\varepsilon - c}` shifted by its
+    column log-sum-exp ``c`` (so nothing overflows for any ``scores / epsilon``) in a single
+    N x K buffer. If a scaling vector still under- or overflows (an extreme class marginal,
     e.g. :math:`\beta_k < 10^{-38}` in float32 with tiny ``epsilon``), the call falls back
-    to plain log-domain rounds.
+    to the shifted kernel, then to plain log-domain rounds.
 
     Args:
         scores: ``(N, K)`` or batched ``(B, N, K)`` similarities of samples to prototypes.
@@ -81,30 +86,40 @@ def sinkhorn(
         >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-4)
         True
     """
-    _check_arguments(scores, epsilon, iterations, tol)
+    largest_score = _check_arguments(scores, epsilon, iterations, tol)
+    largest_logit = (1.0 if normalize_scores else largest_score) / epsilon  # normalised rows: |S| <= 1
     autocast = torch.is_autocast_enabled(scores.device.type)
     with torch.no_grad(), (
         torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
     ):
         beta, has_zero = _class_marginal(class_marginal, scores)
-        plan = _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
+        arguments = (scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
+        plan = None
+        if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[_compute_dtype(scores)]:
+            plan = _scaled_sinkhorn(*arguments, shift=False)
+        if plan is None:
+            plan = _scaled_sinkhorn(*arguments, shift=True)
         if plan is None:
             log_beta = beta.mT.log()  # (..., 1, K)
             plan = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
         return plan
 
 
-def _check_arguments(scores, epsilon, iterations, tol) -> None:
+def _check_arguments(scores, epsilon, iterations, tol) -> float:
+    """Raise on bad arguments; return ``max |scores|``."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
         raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
-    if not math.isfinite(scores.sum(dtype=_compute_dtype(scores)).item()):  # one cheap pass; exact check only then
+    # one pass and one sync give both the range and finiteness (min and max propagate NaN)
+    smallest, largest = torch.stack(torch.aminmax(scores)).tolist()
+    if not math.isfinite(smallest + largest):
         check_finite("scores", scores)
     _check_positive_real("epsilon", epsilon)
     check_positive_int("iterations", iterations)
     if tol is not None:
         _check_positive_real("tol", tol)
+    return max(-smallest, largest)
 
 
 def _check_positive_real(name: str, value) -> None:
@@ -164,6 +179,12 @@ def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=No
     return out.copy_(scores).div_(divisor)  # upcast first: the quotient needs float32 precision
 
 
+# The unshifted kernel exp(S / eps) is used up to this max |S| / eps: a quarter of the
+# exponent range, so kernel entries (e^{+-x}), their sums over a million samples and the
+# scaling vectors (within about e^{+-2x} of their scale) stay far from under- and overflow.
+_PLAIN_KERNEL_MAX_LOGIT = {dtype: math.log(torch.finfo(dtype).max) / 4 for dtype in (torch.float32, torch.float64)}
+
+
 # Up to this many prototypes the kernel is stored prototype-major (K, N): with few
 # prototypes, reductions over samples on the (N, K) layout are strided and slow.
 _PROTOTYPE_MAJOR_MAX_K = 16
@@ -173,13 +194,17 @@ _PROTOTYPE_MAJOR_MAX_K = 16
 _MIN_ROW_MAX = math.exp(-27.0)
 
 
-def _round_one_kernel(scores, beta, epsilon, normalize_scores):
+def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
     """Return ``W^T = exp(S/eps - c)^T`` (..., K, N) up to a per-sample factor, and its sample sums.
 
-    Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. Shifting
-    by the column max makes every ``exp`` safe and needs one N x K buffer; samples lying far below
-    every column max (tiny ``epsilon``) are instead rebuilt in that buffer, stabilised per sample.
-    The buffer is prototype-major so that every reduction over samples reads contiguous memory.
+    ``c`` is 0 without ``shift``.
+
+    Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. With
+    ``shift``, shifting by the column max makes every ``exp`` safe and needs one N x K buffer;
+    samples lying far below every column max (tiny ``epsilon``) are instead rebuilt in that
+    buffer, stabilised per sample. Without, ``exp(S/eps)`` is taken as is (the caller knows it
+    cannot overflow): two passes and a sync fewer. With few prototypes the buffer is
+    prototype-major so that every reduction over samples reads contiguous memory.
     """
     dtype = _compute_dtype(scores)
     if scores.shape[-1] <= _PROTOTYPE_MAJOR_MAX_K:
@@ -188,11 +213,15 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores):
         _logits(scores, epsilon, normalize_scores, out=kernel.mT)
     else:  # many prototypes: reductions over samples vectorise anyway, a transposing copy would not pay
         kernel = _logits(scores, epsilon, normalize_scores).mT
-    column_max = kernel.amax(dim=-1, keepdim=True)  # (..., K, 1)
-    kernel.sub_(column_max).exp_()
+    if shift:
+        column_max = kernel.amax(dim=-1, keepdim=True)  # (..., K, 1)
+        kernel.sub_(column_max)
+    kernel.exp_()
     column_sum = kernel.sum(dim=-1, keepdim=True)
     kernel.mul_(beta / column_sum)
     sample_sum = kernel.sum(dim=-2, keepdim=True)  # (..., 1, N)
+    if not shift:  # no underflow below the caller's bound
+        return kernel, sample_sum
     # max over prototypes >= sum / K: the exact max is needed only when some sum is small
     if sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX:
         return kernel, sample_sum
@@ -202,13 +231,13 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores):
     return kernel, kernel.sum(dim=-2, keepdim=True)
 
 
-def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol):
-    """Scaling-vector Sinkhorn on a once-stabilised kernel; ``None`` if it under/overflows.
+def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift):
+    """Scaling-vector Sinkhorn on a round-1 kernel (column-shifted if ``shift``); ``None`` if it under/overflows.
 
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    kernel, sample_sum = _round_one_kernel(scores, beta, epsilon, normalize_scores)
+    kernel, sample_sum = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift)
     num_samples = kernel.shape[-1]
     # u holds N times the row scaling (so P = diag(u) W diag(v) directly) and v is computed
     # from N * beta: no per-round multiplication by N.

@@ -80,9 +80,36 @@ def count_log_domain_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """Record every scaling-vector run: ``(shift, answered)``, the kernel kind and whether it
+    returned a plan (``False``: it under/overflowed and the call fell back)."""
+    runs = []
+    original = ot_module._scaled_sinkhorn
+
+    def spy(*args, shift):
+        plan = original(*args, shift=shift)
+        runs.append((shift, plan is not None))
+        return plan
+
+    monkeypatch.setattr(ot_module, "_scaled_sinkhorn", spy)
+    return runs
+
+
+@pytest.fixture(params=["plain", "shifted"])
+def kernel(request, monkeypatch, kernel_runs):
+    """Run a test on each round-1 kernel: plain ``exp(S/eps)`` (checked to have answered every
+    call), or shifted by the column max (the plain kernel switched off)."""
+    if request.param == "shifted":
+        monkeypatch.setattr(ot_module, "_PLAIN_KERNEL_MAX_LOGIT", {torch.float32: -1.0, torch.float64: -1.0})
+    yield request.param
+    expected_run = (False, True) if request.param == "plain" else (True, True)
+    assert kernel_runs and set(kernel_runs) == {expected_run}
+
+
 @pytest.mark.parametrize("iterations", range(1, 11))
 @pytest.mark.parametrize("normalize_scores", [False, True])
-def test_equals_official_formula_in_float64(iterations, normalize_scores, device):
+def test_equals_official_formula_in_float64(iterations, normalize_scores, kernel, device):
     scores = random_scores(iterations, device=device)
     if normalize_scores:
         scores = 3 * scores  # unnormalised rows, so the normalisation changes the result
@@ -103,7 +130,7 @@ def test_uniform_class_marginal_equals_official_formula(epsilon, device):
 
 
 @pytest.mark.parametrize("iterations", [1, 4])
-def test_zero_class_marginal_equals_problem_without_that_prototype(iterations, device):
+def test_zero_class_marginal_equals_problem_without_that_prototype(iterations, kernel, device):
     """The official formula is 0/0 for beta_k = 0; the answer is the problem without prototype k."""
     scores, beta = random_scores(3, device=device), random_marginal(3, device=device)
     beta[2] = 0
@@ -127,7 +154,7 @@ def test_log_domain_reference_equals_plain_official_formula():
 
 @pytest.mark.parametrize("solver", [pot.sinkhorn, pot.bregman.sinkhorn_log], ids=["sinkhorn", "sinkhorn_log"])
 @pytest.mark.parametrize("uniform", [False, True])
-def test_converged_plan_matches_pot(solver, uniform, device):
+def test_converged_plan_matches_pot(solver, uniform, kernel, device):
     scores = random_scores(11, device=device)
     beta = None if uniform else random_marginal(11, device=device)
     target = torch.full((NUM_PROTOTYPES,), 1 / NUM_PROTOTYPES, dtype=torch.float64, device=device) if uniform else beta
@@ -138,7 +165,7 @@ def test_converged_plan_matches_pot(solver, uniform, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *LOW_PRECISION])
-def test_rows_sum_to_one_and_columns_converge_to_class_marginal(dtype, device):
+def test_rows_sum_to_one_and_columns_converge_to_class_marginal(dtype, kernel, device):
     scores = random_scores(4, dtype=dtype, device=device)
     beta = random_marginal(4, device=device)
     plan = sinkhorn(scores, beta, 0.05, iterations=500, tol=1e-6)
@@ -161,6 +188,43 @@ def test_finite_and_accurate_for_small_epsilon(epsilon, dtype, device):
     # Reference: the official rounds in float64 on the same (rounded) inputs.
     expected = log_domain_official_sinkhorn(scores.double(), beta.to(dtype).double() / beta.to(dtype).double().sum(), epsilon, 3)
     torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-4 if epsilon >= 0.005 else 1e-3)
+
+
+@pytest.mark.parametrize(
+    "dtype, epsilon, normalize_scores, plain",
+    [
+        (torch.float32, 0.05, False, True),  # max |S| / eps = 20 <= log(3.4e38) / 4 = 22.2
+        (torch.float32, 0.04, False, False),  # 25
+        (torch.float16, 0.05, False, True),  # computed in float32
+        (torch.float32, 0.05, True, True),  # rows normalised: |S| <= 1 whatever the raw scale
+        (torch.float64, 0.01, False, True),  # 100 <= log(1.8e308) / 4 = 177.4
+        (torch.float64, 0.005, False, False),  # 200
+    ],
+)
+def test_plain_kernel_runs_where_a_quarter_of_the_exponent_range_bounds_scores(
+    dtype, epsilon, normalize_scores, plain, kernel_runs, device
+):
+    scores = random_scores(15, dtype=torch.float64, device=device)
+    scores[0, 0] = 1.0
+    scale = 100.0 if normalize_scores else 1.0  # raw |S| up to 100: only the normalised rows are bounded
+    scores, beta = (scale * scores).to(dtype), random_marginal(15, device=device)
+    plan = sinkhorn(scores, beta, epsilon, 3, normalize_scores=normalize_scores)
+    assert kernel_runs == [(not plain, True)]
+    expected_scores = F.normalize(scores.double(), dim=1) if normalize_scores else scores.double()
+    expected = log_domain_official_sinkhorn(expected_scores, beta, epsilon, 3)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-9 if dtype == torch.float64 else 1e-5)
+
+
+def test_overflowing_plain_kernel_falls_back_to_the_shifted_one(kernel_runs, monkeypatch, device):
+    """With the bound lifted, exp(S/eps) overflows at eps 0.001: the plain path gives up, the answer stays right."""
+    monkeypatch.setattr(ot_module, "_PLAIN_KERNEL_MAX_LOGIT", {torch.float32: math.inf, torch.float64: math.inf})
+    scores = random_scores(16, dtype=torch.float32, device=device)
+    scores[0, 0] = 1.0
+    beta = random_marginal(16, dtype=torch.float32, device=device)
+    plan = sinkhorn(scores, beta, 0.001, 3)
+    assert kernel_runs == [(False, False), (True, True)]
+    expected = log_domain_official_sinkhorn(scores.double(), beta.double(), 0.001, 3)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-4)
 
 
 def test_small_epsilon_is_where_the_plain_formula_overflows():
@@ -188,7 +252,7 @@ def test_autocast_computes_in_float32(device):
 
 @pytest.mark.parametrize("marginal_shape", ["none", "shared", "per_item"])
 @pytest.mark.parametrize("normalize_scores", [False, True])
-def test_batched_equals_per_item_calls(marginal_shape, normalize_scores, device):
+def test_batched_equals_per_item_calls(marginal_shape, normalize_scores, kernel, device):
     batch = 3
     scores = random_scores(8, shape=(batch, NUM_SAMPLES, NUM_PROTOTYPES), dtype=torch.float32, device=device)
     beta = {
@@ -205,7 +269,7 @@ def test_batched_equals_per_item_calls(marginal_shape, normalize_scores, device)
 
 
 @pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-6])
-def test_tolerance_stops_at_first_round_within_tol(tol, device):
+def test_tolerance_stops_at_first_round_within_tol(tol, kernel, device):
     scores = random_scores(9, device=device)
     beta = random_marginal(9, device=device)
     errors = [column_error(official_sinkhorn(scores, beta, 0.05, rounds), beta) for rounds in range(1, 200)]
@@ -217,7 +281,7 @@ def test_tolerance_stops_at_first_round_within_tol(tol, device):
         assert column_error(sinkhorn(scores, beta, 0.05, iterations=rounds_needed - 1), beta) >= tol
 
 
-def test_tolerance_never_exceeds_iterations(device):
+def test_tolerance_never_exceeds_iterations(kernel, device):
     scores, beta = random_scores(10, device=device), random_marginal(10, device=device)
     torch.testing.assert_close(
         sinkhorn(scores, beta, 0.05, iterations=2, tol=1e-12), official_sinkhorn(scores, beta, 0.05, 2), rtol=0, atol=1e-9
