@@ -260,12 +260,13 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
             return None
     if v is not None and tol is None and not math.isfinite(u.sum().item() + v.sum().item()):
         return None
+    if v is not None:  # prototype-major: scaling rows of (K, N) reads contiguous memory
+        kernel.mul_(v)
     plan = kernel.mT
     if plan.is_contiguous():  # sample-major kernel: scale in place
-        plan.mul_(u.mT)
-    else:  # prototype-major: the first scaling also transposes into a fresh (N, K) plan
-        plan = torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device))
-    return plan if v is None else plan.mul_(v.mT)
+        return plan.mul_(u.mT)
+    # prototype-major: the last scaling also transposes into a fresh (N, K) plan
+    return torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device))
 
 
 def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
