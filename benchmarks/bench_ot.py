@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -239,6 +240,7 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
+    load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times
     threads = pin_threads(1)
     sizes = SIZES[:2] if args.quick else SIZES
     started = time.perf_counter()
@@ -250,7 +252,8 @@ def main():
         "command": command_line(), "machine": machine, **threads, "device": str(device), "dtype": "float32",
         "epsilon": 0.05, "repeats": args.repeats, "tol": TOL, "pot_max_entries": POT_MAX_ENTRIES,
         "speed": speed, "rounds_to_converge": convergence, "stability": stability,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - started, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
     }
     markdown = "\n".join([
         f"# sinkhorn benchmark\n\nCommand: `OMP_NUM_THREADS=1 {command_line()}`\n",
@@ -264,7 +267,9 @@ def main():
         markdown_table(list(convergence[0]), [list(entry.values()) for entry in convergence]),
         "## Stability (3 rounds, N=10k, K=65, max score 1; error vs float64 log-domain rounds)\n",
         stability_markdown(stability),
-        f"Wall time {payload['wall_seconds']:.0f} s.\n",
+        f"Wall time {payload['wall_seconds']:.0f} s; load average (1, 5, 15 min) before "
+        f"{'/'.join(f'{value:.2f}' for value in load_before)}, after "
+        f"{'/'.join(f'{value:.2f}' for value in payload['load_average_after'])}.\n",
     ])
     json_path, md_path = write_results("bench_ot", payload, markdown)
     logger.info("wrote %s and %s", json_path, md_path)

@@ -24,6 +24,7 @@ GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-siz
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -171,6 +172,8 @@ def summarise(times: list[float]) -> dict:
 
 
 def main(args):
+    load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times
+    started = time.perf_counter()
     threads = pin_threads(args.threads)
     torch.manual_seed(0)
     settings = [(1, "exact"), (args.refresh_every, args.neighbour_search)]
@@ -200,7 +203,8 @@ def main(args):
         "device": str(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
         "batch_per_domain": args.batch_per_domain, "num_domains": NUM_DOMAINS,
         "num_prototypes": args.num_prototypes, "ivf_nprobe": args.ivf_nprobe, "peak_rss_mb": peak_rss_mb(),
-        "results": results, "loss_only": loss_only,
+        "results": results, "loss_only": loss_only, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - started,
     }
     write_results(args.name, payload, report(payload))
 
@@ -215,6 +219,8 @@ def report(payload: dict) -> str:
         f"IVF nprobe {payload['ivf_nprobe']} of sqrt(N) lists, peak RSS {payload['peak_rss_mb']:.0f} MiB. Mean over "
         ">= refresh_every steps is the amortised cost; 'x smallest bank' divides by the same setting's mean at the "
         "smallest bank, 'x exact smallest' by the exact setting's (refresh_every 1, exact search) mean there.\n\n"
+        f"Load average (1, 5, 15 min) before {_load(payload['load_average_before'])}, after "
+        f"{_load(payload['load_average_after'])}; wall time {payload['wall_seconds'] / 60:.1f} min.\n\n"
     )
     if results:
         ntxent = results["ntxent"]["median_s"]
@@ -231,6 +237,10 @@ def report(payload: dict) -> str:
     header = ["bank / domain", "refresh_every", "neighbour_search", "median (s)", "mean (s)", "IVF used",
               "recall@1 vs exact", "x smallest bank", "x exact smallest"]
     return text + "## ProtoOTLoss alone (forward + backward, no CNN)\n\n" + markdown_table(header, rows)
+
+
+def _load(averages) -> str:
+    return "/".join(f"{value:.2f}" for value in averages)
 
 
 def _rows_with_ratios(results: dict):
@@ -253,7 +263,7 @@ def parse_args():
     parser.add_argument("--batch-per-domain", type=int, default=64)
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="banks of the ProtoOTLoss-only table")
-    parser.add_argument("--trainer-bank-sizes", type=int, nargs="+", default=[10_000, 1_000_000],
+    parser.add_argument("--trainer-bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="banks of the training-step table (all trainers live at once: memory)")
     parser.add_argument("--refresh-every", type=int, default=10)
     parser.add_argument("--neighbour-search", choices=["exact", "ivf", "auto"], default="auto")
