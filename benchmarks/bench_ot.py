@@ -12,6 +12,8 @@ Methods, side by side on the same scores: ``sinkhorn`` (this package), ``officia
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import logging
 import math
 import os
@@ -101,12 +103,20 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_seconds(function, repeats, device):
-    """Median over ``repeats`` of the seconds per call; a repeat loops over enough calls to last
-    at least ``MIN_REPEAT_SECONDS``, so that sub-millisecond calls are not timed one by one
-    (a single 0.1 ms call is mostly timer, cache and scheduler noise)."""
-    calls = max(1, math.ceil(MIN_REPEAT_SECONDS / _seconds(function, 1, device)))
-    return statistics.median(_seconds(function, calls, device) for _ in range(repeats))
+def interleaved_median_seconds(functions: dict, repeats, device) -> dict:
+    """Median over ``repeats`` of the seconds per call of every function, timed in rounds.
+
+    Each round times every function once, so the load of a shared machine hits all of them
+    alike and their ratios stay meaningful. A function's turn loops over enough calls to last
+    at least ``MIN_REPEAT_SECONDS``: a single sub-millisecond call is mostly timer, cache and
+    scheduler noise.
+    """
+    calls = {name: max(1, math.ceil(MIN_REPEAT_SECONDS / _seconds(f, 1, device))) for name, f in functions.items()}
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(_seconds(function, calls[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _seconds(function, calls, device):
@@ -129,31 +139,34 @@ def methods_for(num_entries):
 def speed_rows(sizes, prototypes, repeats, device):
     """Median time of every method at 3 rounds and to convergence (column error < TOL)."""
     rows = []
-    for num_samples in sizes:
-        for num_prototypes in prototypes:
-            scores, beta = realistic_problem(num_samples, num_prototypes, device)
-            entries = num_samples * num_prototypes
-            for mode in ("3 rounds", "converged"):
-                if mode == "converged" and entries > CONVERGENCE_MAX_ENTRIES:
-                    continue
-                for name in tqdm(methods_for(entries), desc=f"N={num_samples} K={num_prototypes} {mode}", leave=False):
-                    rows.append(time_method(name, mode, scores, beta, repeats, device))
-            del scores
+    for num_samples, num_prototypes in tqdm(list(itertools.product(sizes, prototypes)), desc="speed"):
+        scores, beta = realistic_problem(num_samples, num_prototypes, device)
+        entries = num_samples * num_prototypes
+        for mode in ("3 rounds", "converged"):
+            if mode == "converged" and entries > CONVERGENCE_MAX_ENTRIES:
+                continue
+            rows.extend(time_methods(methods_for(entries), mode, scores, beta, repeats, device))
+        del scores
     return rows
 
 
-def time_method(name, mode, scores, beta, repeats, device):
+def time_methods(names, mode, scores, beta, repeats, device):
+    """One row per method: interleaved median time, rounds run, column error and finiteness."""
     iterations, tol = (3, None) if mode == "3 rounds" else (MAX_ROUNDS, TOL)
-    method = METHODS[name]
-    plan, rounds = method(scores, beta, 0.05, iterations, tol)
-    if name == "sinkhorn" and tol is not None:
-        _, rounds = official_sinkhorn(scores.double(), beta.double(), 0.05, iterations, tol)  # same rounds
-    seconds = median_seconds(lambda: method(scores, beta, 0.05, iterations, tol), repeats, device)
-    return {
-        "N": scores.shape[0], "K": scores.shape[1], "mode": mode, "method": name, "seconds": seconds,
-        "rounds": rounds if tol is not None else 3, "column_error": column_error(plan, beta),
-        "finite": bool(torch.isfinite(plan).all()),
-    }
+    rows = {}
+    for name in names:
+        plan, rounds = METHODS[name](scores, beta, 0.05, iterations, tol)
+        if name == "sinkhorn" and tol is not None:
+            _, rounds = official_sinkhorn(scores.double(), beta.double(), 0.05, iterations, tol)  # same rounds
+        rows[name] = {
+            "N": scores.shape[0], "K": scores.shape[1], "mode": mode, "method": name,
+            "rounds": rounds if tol is not None else 3, "column_error": column_error(plan, beta),
+            "finite": bool(torch.isfinite(plan).all()),
+        }
+    functions = {name: functools.partial(METHODS[name], scores, beta, 0.05, iterations, tol) for name in names}
+    for name, seconds in interleaved_median_seconds(functions, repeats, device).items():
+        rows[name]["seconds"] = seconds
+    return list(rows.values())
 
 
 def rounds_to_converge(sizes, prototypes, device):
@@ -232,6 +245,10 @@ def stability_markdown(rows):
     return markdown_table(["epsilon", "input dtype", *METHODS], table)
 
 
+def _load(averages) -> str:
+    return "/".join(f"{value:.2f}" for value in averages)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -258,7 +275,8 @@ def main():
     markdown = "\n".join([
         f"# sinkhorn benchmark\n\nCommand: `OMP_NUM_THREADS=1 {command_line()}`\n",
         f"Machine: {machine}; torch threads {threads['torch_threads']}; float32; epsilon 0.05; "
-        f"median of {args.repeats} repeats (a repeat loops a fast call for >= {MIN_REPEAT_SECONDS * 1e3:.0f} ms); "
+        f"median of {args.repeats} repeats, methods interleaved (each repeat times every method once, looping a "
+        f"fast call for >= {MIN_REPEAT_SECONDS * 1e3:.0f} ms); "
         f"realistic scores (L2-normalised 128-d bank around K prototypes, "
         f"imbalanced beta). POT runs only where N*K <= {POT_MAX_ENTRIES:.0e}; 'converged' = column error "
         f"< {TOL:g} (POT: L2 error, checked every 10 rounds), only where N*K <= {CONVERGENCE_MAX_ENTRIES:.0e}.\n",
@@ -267,9 +285,10 @@ def main():
         markdown_table(list(convergence[0]), [list(entry.values()) for entry in convergence]),
         "## Stability (3 rounds, N=10k, K=65, max score 1; error vs float64 log-domain rounds)\n",
         stability_markdown(stability),
-        f"Wall time {payload['wall_seconds']:.0f} s; load average (1, 5, 15 min) before "
-        f"{'/'.join(f'{value:.2f}' for value in load_before)}, after "
-        f"{'/'.join(f'{value:.2f}' for value in payload['load_average_after'])}.\n",
+        (
+            f"Wall time {payload['wall_seconds']:.0f} s; load average (1, 5, 15 min) before "
+            f"{_load(load_before)}, after {_load(payload['load_average_after'])}.\n"
+        ),
     ])
     json_path, md_path = write_results("bench_ot", payload, markdown)
     logger.info("wrote %s and %s", json_path, md_path)
