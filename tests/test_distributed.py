@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from pml_protoot.data import TwoViewDataset
 from pml_protoot.distributed import all_gather_rows, gather_strided, get_world_size
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.samplers import CrossDomainSampler
-from pml_protoot.data import TwoViewDataset
 from pml_protoot.testers import CrossDomainTester
 from pml_protoot.trainers import ProtoOTTrainer
 
