@@ -133,9 +133,12 @@ def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options
     return Recipe(memory, loss, momentum, center_domains=center_domains)
 
 
-def instance_contrast(domain_ids, epochs):
-    """InfoNCE between each query and its own key (in-batch negatives), the default momentum encoder."""
-    return Recipe(num_classes_memory(domain_ids), NTXentLoss(TEMPERATURE), package_default(ProtoOTTrainer, "momentum"))
+def instance_contrast(domain_ids, epochs, *, momentum=None, center_domains=False):
+    """InfoNCE between each query and its own key (in-batch negatives); the default momentum encoder
+    and the raw (not centred) features unless told otherwise."""
+    if momentum is None:
+        momentum = package_default(ProtoOTTrainer, "momentum")
+    return Recipe(num_classes_memory(domain_ids), NTXentLoss(TEMPERATURE), momentum, center_domains=center_domains)
 
 
 def miner_with(loss_class, center_domains=True, miner_options=None, **loss_options):
@@ -162,7 +165,7 @@ METHODS = {
     "InfoNCE (NTXentLoss)": instance_contrast,
     "ProtoOT official": partial(protoot, official=True),
     "ProtoOT default": protoot,
-    "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),
+    "ProtoOTMiner + NTXentLoss": miner_with(NTXentLoss, temperature=TEMPERATURE),
 }
 #: Extra rows, run only when named in ``--methods`` or with ``--ablation``.
 ABLATIONS = {
@@ -173,13 +176,12 @@ ABLATIONS = {
     "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
     "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
     "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
-    # PML's NTXentLoss builds a (positive pairs x negative pairs) matrix: with K = 7 pseudo-classes
-    # about 2 s a step on one core, 20x the others, so it is not in the default set.
-    "ProtoOTMiner + NTXentLoss": miner_with(NTXentLoss, temperature=TEMPERATURE),
-    "ProtoOTMiner (in-domain pairs only) + MultiSimilarityLoss": miner_with(
-        MultiSimilarityLoss, miner_options={"cross_domain": False}
+    "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
+    "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),
+    "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),
+    "ProtoOTMiner (agreement positives) + MultiSimilarityLoss": miner_with(
+        MultiSimilarityLoss, miner_options={"positives": "agreement"}
     ),
-    "ProtoOTMiner + MultiSimilarityLoss, not centred": miner_with(MultiSimilarityLoss, center_domains=False),
 }
 ALL_METHODS = METHODS | ABLATIONS
 

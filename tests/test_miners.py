@@ -58,7 +58,7 @@ def test_perfect_prototypes_mine_exactly_the_class_pairs(device, dtype):
     memory, classes = separated_memory(device, dtype)
     batch = torch.tensor([0, 4, 5, 8, 9, 10, 14, 17, 20])
     embeddings = torch.randn(len(batch), 5, device=device, dtype=dtype)
-    a1, p, a2, n = ProtoOTMiner(memory)(embeddings, batch.to(device))
+    a1, p, a2, n = ProtoOTMiner(memory, positives="agreement")(embeddings, batch.to(device))
     positives, negatives = pair_sets(a1, p, a2, n)
     batch_classes = classes[batch].tolist()
     expected_pos, expected_neg = brute_force_pairs(batch_classes, batch_classes, exclude_self=True)
@@ -75,7 +75,7 @@ def test_with_ref_emb_every_query_key_pair_of_a_sample_is_positive(device, dtype
     refs = torch.tensor([2, 3, 13, 19, 1, 12, 11])
     embeddings = torch.randn(len(batch), 5, device=device, dtype=dtype)
     ref_emb = torch.randn(len(refs), 5, device=device, dtype=dtype)
-    mined = ProtoOTMiner(memory)(embeddings, batch.to(device), ref_emb, refs.to(device))
+    mined = ProtoOTMiner(memory, positives="agreement")(embeddings, batch.to(device), ref_emb, refs.to(device))
     positives, negatives = pair_sets(*mined)
     expected = brute_force_pairs(classes[batch].tolist(), classes[refs].tolist(), exclude_self=False)
     assert (positives, negatives) == expected
@@ -87,7 +87,7 @@ def test_with_ref_emb_every_query_key_pair_of_a_sample_is_positive(device, dtype
 def test_triplets_are_every_anchor_positive_negative_combination(device):
     memory, classes = separated_memory(device, torch.float32)
     batch = torch.tensor([0, 1, 3, 9, 10, 12, 13])
-    anchors, positives, negatives = ProtoOTMiner(memory, type_of_tuple="triplets")(
+    anchors, positives, negatives = ProtoOTMiner(memory, positives="agreement", type_of_tuple="triplets")(
         torch.randn(len(batch), 5, device=device), batch.to(device)
     )
     y = classes[batch].tolist()
@@ -102,7 +102,7 @@ def test_triplets_are_every_anchor_positive_negative_combination(device):
 def test_cross_domain_false_mines_same_domain_pairs_only(device):
     memory, classes = separated_memory(device, torch.float32)
     batch = torch.tensor([0, 4, 5, 9, 10, 13])
-    miner = ProtoOTMiner(memory, cross_domain=False)
+    miner = ProtoOTMiner(memory, positives="agreement", cross_domain=False)
     mined = miner(torch.randn(len(batch), 5, device=device), batch.to(device))
     domain = memory.domain_of.cpu()[batch]
     batch_classes = classes[batch].tolist()
@@ -111,21 +111,23 @@ def test_cross_domain_false_mines_same_domain_pairs_only(device):
     assert pair_sets(*mined) == (expected_pos & same_domain, expected_neg & same_domain)
 
 
-def reference_pairs(memory, batch):
-    """The documented rule, pair by pair, from memory.pseudo_labels (no shared code with the miner)."""
+def reference_pairs(memory, batch, refs=None):
+    """The documented agreement rule, pair by pair, from memory.pseudo_labels (no shared code with
+    the miner). ``refs=None``: the batch against itself, an embedding never its own positive."""
     domain_of, row_of = memory.domain_of.tolist(), memory.row_of.tolist()
     labels = {
         (a, b): memory.pseudo_labels(a, prototype_domain=b).tolist()
         for a in range(memory.num_domains)
         for b in range(memory.num_domains)
     }
+    self_reference, refs = refs is None, batch if refs is None else refs
     positives, negatives, one_sided = set(), set(), 0
-    for i, j in itertools.product(range(len(batch)), repeat=2):
-        a, b = domain_of[batch[i]], domain_of[batch[j]]
-        ri, rj = row_of[batch[i]], row_of[batch[j]]
+    for i, j in itertools.product(range(len(batch)), range(len(refs))):
+        a, b = domain_of[batch[i]], domain_of[refs[j]]
+        ri, rj = row_of[batch[i]], row_of[refs[j]]
         i_agrees = labels[(a, b)][ri] == labels[(b, b)][rj]
         j_agrees = labels[(b, a)][rj] == labels[(a, a)][ri]
-        if i_agrees and j_agrees and i != j:
+        if i_agrees and j_agrees and not (self_reference and i == j):
             positives.add((i, j))
         elif not i_agrees and not j_agrees:
             negatives.add((i, j))
@@ -133,18 +135,59 @@ def reference_pairs(memory, batch):
     return positives, negatives, one_sided
 
 
-def test_random_memory_matches_plain_loop_reference_and_drops_one_sided_pairs(device):
+def random_memory(device):
     torch.manual_seed(3)
     domains = torch.tensor([0] * 15 + [1] * 10 + [2] * 12)
     memory = PrototypeMemory(domains, dim=6, num_prototypes=4, kmeans_nredo=1)
     memory.fill(F.normalize(torch.randn(len(domains), 6), dim=1), torch.arange(len(domains)))
     memory.recluster(0)
-    memory.to(device)
-    batch = torch.randperm(len(domains))[:16]
-    positives, negatives = pair_sets(*ProtoOTMiner(memory)(torch.randn(16, 6, device=device), batch.to(device)))
+    return memory.to(device), len(domains)
+
+
+def test_random_memory_matches_plain_loop_reference_and_drops_one_sided_pairs(device):
+    memory, size = random_memory(device)
+    batch = torch.randperm(size)[:16]
+    miner = ProtoOTMiner(memory, positives="agreement")
+    positives, negatives = pair_sets(*miner(torch.randn(16, 6, device=device), batch.to(device)))
     expected_pos, expected_neg, one_sided = reference_pairs(memory, batch.tolist())
     assert (positives, negatives) == (expected_pos, expected_neg)
     assert one_sided > 0, "the data must contain one-sided pairs for this test to check their exclusion"
+
+
+def test_instance_positives_are_views_of_one_sample_and_negatives_keep_the_rule(device):
+    memory, size = random_memory(device)
+    samples = torch.randperm(size)[:8].tolist()
+    two_views = samples + samples  # PML's two-view layout: both views, equal indices
+    mined = ProtoOTMiner(memory)(torch.randn(16, 6, device=device), torch.tensor(two_views, device=device))
+    expected_pos = {(i, j) for i in range(16) for j in range(16) if i != j and two_views[i] == two_views[j]}
+    _, expected_neg, _ = reference_pairs(memory, two_views)
+    assert pair_sets(*mined) == (expected_pos, expected_neg)
+    assert len(expected_pos) == 16
+
+
+def test_instance_positives_with_momentum_keys_as_references(device):
+    memory, size = random_memory(device)
+    batch, refs = torch.randperm(size)[:8].tolist(), torch.randperm(size)[:12].tolist()
+    refs[3] = batch[5]  # at least one shared sample
+    mined = ProtoOTMiner(memory)(
+        torch.randn(8, 6, device=device), torch.tensor(batch, device=device),
+        torch.randn(12, 6, device=device), torch.tensor(refs, device=device),
+    )
+    expected_pos = {(i, j) for i in range(8) for j in range(12) if batch[i] == refs[j]}
+    _, expected_neg, _ = reference_pairs(memory, batch, refs)
+    assert pair_sets(*mined) == (expected_pos, expected_neg)
+    agreement = ProtoOTMiner(memory, positives="agreement")(
+        torch.randn(8, 6, device=device), torch.tensor(batch, device=device),
+        torch.randn(12, 6, device=device), torch.tensor(refs, device=device),
+    )
+    assert pair_sets(*agreement)[0] > expected_pos  # agreement adds pseudo-label pairs
+
+
+def test_instance_positives_warn_when_no_sample_repeats(device):
+    memory, _ = separated_memory(device, torch.float32)
+    with pytest.warns(UserWarning, match="no positive pair"):
+        a1, _, a2, _ = ProtoOTMiner(memory)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
+    assert len(a1) == 0 and len(a2) > 0
 
 
 def test_update_prototypes_moves_them_to_assignment_weighted_bank_means(device):
@@ -155,14 +198,15 @@ def test_update_prototypes_moves_them_to_assignment_weighted_bank_means(device):
         bank, assignment = memory.bank(slot), memory.assign(slot)
         means = torch.stack([(assignment[:, k : k + 1] * bank).sum(0) for k in range(memory.num_prototypes)])
         expected.append(means / means.norm(dim=1, keepdim=True))
-    ProtoOTMiner(memory, update_prototypes=True)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
+    miner = ProtoOTMiner(memory, positives="agreement", update_prototypes=True)
+    miner(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
     torch.testing.assert_close(memory.prototypes, torch.stack(expected))
 
 
 def test_without_update_prototypes_memory_is_untouched(device):
     memory, _ = separated_memory(device, torch.float32)
     before = {k: v.clone() for k, v in memory.state_dict().items()}
-    ProtoOTMiner(memory)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
+    ProtoOTMiner(memory, positives="agreement")(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
     for key, value in memory.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -171,7 +215,7 @@ def test_a_pml_loss_trains_on_mined_pairs(device):
     memory, _ = separated_memory(device, torch.float32)
     batch = torch.tensor([0, 1, 2, 3, 9, 10, 11, 12])
     embeddings = torch.randn(len(batch), 5, device=device, requires_grad=True)
-    mined = ProtoOTMiner(memory)(embeddings, batch.to(device))
+    mined = ProtoOTMiner(memory, positives="agreement")(embeddings, batch.to(device))
     loss = NTXentLoss()(embeddings, batch.to(device), mined)
     loss.backward()
     assert loss.item() > 0 and torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
@@ -181,6 +225,8 @@ def test_bad_input_is_rejected_with_the_argument_name(device):
     memory, _ = separated_memory(device, torch.float32)
     with pytest.raises(ValueError, match="type_of_tuple"):
         ProtoOTMiner(memory, type_of_tuple="quadruplets")
+    with pytest.raises(ValueError, match="positives"):
+        ProtoOTMiner(memory, positives="pseudo_labels")
     miner = ProtoOTMiner(memory)
     embeddings = torch.randn(2, 5, device=device)
     with pytest.raises(TypeError, match="labels"):
