@@ -81,10 +81,10 @@ class PrototypeMemory(torch.nn.Module):
     one refresh in ``R``, and the other per-step terms are :math:`O(B K \cdot \text{dim})`.
     Measured on one shared CPU thread (``benchmarks/bench_step.py``, K = 7, 64 keys x 2
     domains, ``refresh_every=10``, ``"auto"``, ``ivf_nprobe=32``): ProtoOTLoss alone
-    takes 0.37 s a step at :math:`10^6` rows a domain (exact: 3.7 s; 0.05 s at
+    takes 0.23 s a step at :math:`10^6` rows a domain (mean; exact: 2.4 s; 0.03 s at
     :math:`10^4`), and the whole resnet18 training step at :math:`10^6` rows costs
-    0.94x (mean; median 1.02x) the exact step at :math:`10^4` (exact at :math:`10^6`:
-    1.32x), timed in interleaved rounds on a loaded machine. The IVF's recall@1 depends
+    1.02x (mean) the exact step at :math:`10^4` (exact at :math:`10^6`: 1.31x; at
+    :math:`10^5`: 1.05x and 1.01x), timed in interleaved rounds on a loaded machine. The IVF's recall@1 depends
     on the data: 0.31 on random unit keys at :math:`10^6` (its worst case: no cluster
     structure), 0.66-0.95 on pacs-mini Lite0 features probing 1-4 of 37 lists; training on pacs-mini
     (photo-sketch, 3 seeds) with a deliberately coarse IVF (1 of 8 lists, 64-row buffer)
