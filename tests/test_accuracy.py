@@ -235,3 +235,222 @@ def test_bad_inputs():
         calc.get_accuracy(x, labels, torch.randn(5, 3), labels, ref_includes_query=True)
     with pytest.raises(ValueError, match="finite"):
         calc.get_accuracy(torch.full((5, 3), float("nan")), labels, x, labels)
+
+
+# ------------------------------------------------------------------ bfloat16 screening
+def plain_bf16_error_bound(q, g):
+    """The screening bound written out for one query row and gallery rows, in float64:
+    |q̃-q| max|g̃| + |q| max|g̃-g| + gamma_D (|q̃| max|g̃| + |q| max|g|) + D 2^-125."""
+    qd, gd = q.double(), g.double()
+    qr, gr = q.bfloat16().double(), g.bfloat16().double()
+    dim = q.shape[-1]
+    gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+
+    def gmax(rows):
+        return float(max(np.linalg.norm(row) for row in rows.numpy()))
+
+    return [
+        float(np.linalg.norm((a - b).numpy())) * gmax(gr)
+        + float(np.linalg.norm(b.numpy())) * gmax(gr - gd)
+        + gamma * (float(np.linalg.norm(a.numpy())) * gmax(gr) + float(np.linalg.norm(b.numpy())) * gmax(gd))
+        + dim * 2.0**-125
+        for a, b in zip(qr, qd)
+    ]
+
+
+def adversarial_bf16_rows(num, dim, seed):
+    """Rows of one mantissa just above a bfloat16 rounding midpoint, times powers of two: each
+    entry rounds up by almost 2^-8 relative, so a row's rounding error is parallel to the row
+    and the errors of a row's product with itself add up to nearly the bound. Every row has the
+    same exponents (permuted), hence the same norm."""
+    rng = np.random.default_rng(seed)
+    mantissa = 1 + (rng.integers(0, 127) + 0.5 + 2.0**-10) / 128
+    exponents = rng.integers(-6, -2, size=dim)
+    rows = [mantissa * 2.0 ** rng.permutation(exponents) for _ in range(num)]
+    return torch.tensor(np.array(rows), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("rows", ["adversarial", "random", "mixed_signs"])
+def test_bf16_error_bound_holds_and_is_nearly_reached(rows):
+    dim = 128
+    if rows == "adversarial":
+        q = adversarial_bf16_rows(8, dim, 30)
+        g = torch.cat([adversarial_bf16_rows(300, dim, 30)[8:], q])  # the queries' own rows too
+    else:
+        generator = torch.Generator().manual_seed(32)
+        q, g = torch.randn(8, dim, generator=generator), torch.randn(300, dim, generator=generator)
+        if rows == "random":
+            q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+    bound = accuracy._bf16_product_error(q, accuracy._bf16_rounding_norms(g))
+    assert bound.tolist() == pytest.approx(plain_bf16_error_bound(q, g), rel=1e-6)
+    exact = (q @ g.T).double()  # the float32 similarities the ranking uses
+    # p before its output rounding: float32 accumulation of the exact bf16 x bf16 terms.
+    p = (q.bfloat16().float() @ g.bfloat16().float().T).double()
+    worst = ((p - exact).abs().amax(1) / bound).max().item()
+    assert worst <= 1.0
+    if rows == "adversarial":
+        assert worst > 0.99  # all errors aligned: the bound is tight, not a loose cap
+    # What torch's bfloat16 product returns (rounded output) never falls below the floor.
+    screened = (q.bfloat16() @ g.bfloat16().T).float()
+    floors = torch.stack([accuracy._bf16_screen_floor(exact[:, j].float(), bound) for j in range(len(g))], 1)
+    assert bool((screened >= floors).all())
+
+
+def test_bf16_screen_floor_is_the_largest_bfloat16_below():
+    thresholds = torch.tensor([0.3, -0.2, 0.0, 1.0, 0.123456])
+    error = torch.tensor([0.004, 0.004, 0.0, 1e-3, 2.0**-30], dtype=torch.float64)
+    floors = accuracy._bf16_screen_floor(thresholds, error)
+    for floor, t, e in zip(floors.tolist(), thresholds.double().tolist(), error.tolist()):
+        # Brute force over every finite bfloat16 value.
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()
+        below = every[torch.isfinite(every) & (every <= t - e)]
+        assert floor == below.max().item()
+
+
+# 16 odd integers of 9-10 significant bits whose squares sum to 4^11: v = N / 2048 is a unit
+# vector in float32 exactly, none of its entries is a bfloat16 value, and every inner product
+# of two signed permutations of v is a multiple of 2^-22 that float32 computes exactly.
+UNIT_NUMERATORS = np.array([691, 581, 517, 395, 415, 279, 297, 267, 347, 671, 587, 721, 257, 257, 505, 851])
+
+
+def near_tie_data(seed, dtype):
+    """Signed permutations of v: exact float32 similarities, spaced far below the bfloat16
+    screening error (so the screen cannot separate them), many exactly tied, plus duplicated
+    rows of the other class (ties between relevant and irrelevant items)."""
+    assert (UNIT_NUMERATORS**2).sum() == 4**11
+    rng = np.random.default_rng(seed)
+
+    def rows(num):
+        signs = rng.choice([-1.0, 1.0], size=(num, 16))
+        return np.array([UNIT_NUMERATORS[rng.permutation(16)] for _ in range(num)]) * signs / 2048
+
+    gallery = rows(1500)
+    labels = (rng.random(1500) < 0.7).astype(np.int64)  # class 0: R about 450 of 1600
+    duplicates = rng.choice(1500, size=100, replace=False)
+    gallery = np.concatenate([gallery, gallery[duplicates]])
+    labels = np.concatenate([labels, 1 - labels[duplicates]])
+    order = rng.permutation(len(gallery))
+    return (
+        torch.tensor(rows(30), dtype=dtype),
+        torch.tensor(rng.integers(0, 2, size=30)),
+        torch.tensor(gallery[order], dtype=dtype),
+        torch.tensor(labels[order]),
+    )
+
+
+SCREENED_METRICS = (
+    "precision_at_1", "precision_at_5", "precision_at_300", "r_precision", "mean_average_precision_at_r"
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prefilter", [None, "bf16"])
+@pytest.mark.parametrize("include", [SCREENED_METRICS, ("mean_reciprocal_rank", "precision_at_5")])
+def test_screened_and_exact_rankings_match_naive_ranking_at_near_ties(prefilter, include, dtype, device, monkeypatch):
+    if prefilter == "bf16" and device.type != "cpu":
+        pytest.skip("bfloat16 screening runs on CPU only")
+    query, query_labels, reference, reference_labels = near_tie_data(33, dtype)
+    # Several tiles and rescoring groups per chunk.
+    monkeypatch.setattr(accuracy, "_CACHE_TILE_BYTES", 4 * 24 * 128)
+    monkeypatch.setattr(accuracy, "_RESCORE_ROWS", 5)
+    screened_calls = []
+    original = accuracy._QueryChunk.screened_candidates
+    monkeypatch.setattr(
+        accuracy._QueryChunk, "screened_candidates", lambda *args: screened_calls.append(1) or original(*args)
+    )
+    calc = calculator((1, 5, 300), device, include=include, prefilter=prefilter)
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 5, 300))
+    # One chunk per query class; float64 keeps the exact path.
+    assert len(screened_calls) == 2 * (prefilter == "bf16" and dtype == torch.float32)
+    assert got.keys() == set(include)
+    for name in include:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+
+
+@pytest.mark.parametrize("ref_includes_query", [False, True])
+def test_screened_path_matches_naive_ranking_with_ties_and_imbalance(ref_includes_query):
+    query, reference = tied_embeddings(60, 34, torch.float32), tied_embeddings(200, 35, torch.float32)
+    query_labels, reference_labels = imbalanced_labels(60, 36), imbalanced_labels(200, 37)
+    if ref_includes_query:
+        reference, reference_labels = torch.cat([query, reference]), torch.cat([query_labels, reference_labels])
+    k_values = (1, 3, 10, 40)
+    include = ("precision_at_1", "precision_at_3", "precision_at_40", "r_precision", "mean_average_precision_at_r")
+    calc = calculator(k_values, torch.device("cpu"), include=include, prefilter="bf16")
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query)
+    expected = reference_metrics(
+        query, query_labels, reference, reference_labels, k_values, exclude_self=ref_includes_query
+    )
+    for name in got:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+
+
+def test_screened_rows_short_of_depth_are_ranked_again(monkeypatch):
+    # A raised threshold that nothing reaches: every row falls short and is ranked in full.
+    query, query_labels, reference, reference_labels = near_tie_data(38, torch.float32)
+    monkeypatch.setattr(accuracy, "_likely_reach", lambda kth, error: torch.full_like(kth, 2.0))
+    calc = calculator((1, 5, 300), torch.device("cpu"), include=SCREENED_METRICS, prefilter="bf16")
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 5, 300))
+    for name in SCREENED_METRICS:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+
+
+@pytest.mark.parametrize(
+    "prefilter, native, dtype, include, gallery_size, screened",
+    [
+        ("auto", True, torch.float32, SCREENED_METRICS, 2**14, True),
+        ("auto", False, torch.float32, SCREENED_METRICS, 2**14, False),  # no native bfloat16
+        ("auto", True, torch.float32, SCREENED_METRICS, 2**14 - 1, False),  # small gallery
+        ("auto", True, torch.float32, ("mean_average_precision",), 2**14, False),  # every item kept
+        ("auto", True, torch.float64, SCREENED_METRICS, 2**14, False),
+        ("bf16", False, torch.float32, SCREENED_METRICS, 100, True),
+        ("bf16", True, torch.float64, SCREENED_METRICS, 100, False),
+        (None, True, torch.float32, SCREENED_METRICS, 2**14, False),
+    ],
+)
+def test_which_rankings_are_screened(prefilter, native, dtype, include, gallery_size, screened, monkeypatch):
+    monkeypatch.setattr(accuracy, "_native_bf16_matmul", lambda: native)
+    calls = []
+
+    def stop(screened_path):
+        def record(*args):
+            calls.append(int(screened_path))
+            raise ZeroDivisionError  # stop at the first chunk: which path did it take?
+
+        return record
+
+    monkeypatch.setattr(accuracy._QueryChunk, "screened_candidates", stop(True))
+    monkeypatch.setattr(accuracy._QueryChunk, "candidates", stop(False))
+    generator = torch.Generator().manual_seed(39)
+    reference = torch.randn(gallery_size, 4, generator=generator, dtype=dtype)
+    calc = calculator((1, 5, 300), torch.device("cpu"), include=include, prefilter=prefilter)
+    with pytest.raises(ZeroDivisionError):
+        calc.get_accuracy(reference[:3], torch.zeros(3, dtype=torch.long), reference, torch.arange(gallery_size) % 40)
+    assert calls == [int(screened)]
+
+
+def test_bad_prefilter():
+    with pytest.raises(ValueError, match="prefilter must be one of"):
+        PrecisionAtKCalculator(prefilter="fp16")
+    with pytest.raises(ValueError, match="prefilter='bf16' runs on CPU only"):
+        PrecisionAtKCalculator(prefilter="bf16", device=torch.device("cuda"))
+
+
+@pytest.mark.parametrize("rank", [1, 60, 450])
+def test_screen_keeps_every_item_at_or_above_the_threshold(rank):
+    # Thresholds exactly at a row's rank-th similarity (the tightest that keeps rank items):
+    # a screen that loses any item at the threshold shows in the counts and the ranking.
+    query, query_labels, reference, reference_labels = near_tie_data(40, torch.float32)
+    gallery = accuracy._ClassSortedGallery(reference, reference_labels, torch.device("cpu"))
+    rows = torch.nonzero(query_labels == 1).flatten()
+    chunk = accuracy._QueryChunk(query[rows], gallery, gallery.block(1))
+    exact = query[rows].double().numpy() @ reference.double().numpy().T  # exact: multiples of 2^-22
+    thresholds = torch.tensor(-np.sort(-exact, axis=1)[:, rank - 1], dtype=torch.float32)
+    candidates = chunk.screened_candidates(thresholds)
+    got = candidates.ranked_relevance()
+    for row, similarities in enumerate(exact):
+        order = np.lexsort((np.arange(len(similarities)), -similarities))
+        expected = [reference_labels[j] == 1 for j in order if similarities[j] >= thresholds[row]]
+        assert candidates.counts[row] == len(expected)
+        assert got[row, : len(expected)].tolist() == expected
