@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
 
-METHODS = ("protoot", "pml", "torch_brute_force")
+METHODS = ("protoot", "protoot_float32", "pml", "torch_brute_force")
 K_VALUES = (1, 5, 15, 50, 100, 200)
 PML_K = 200
 R_METRICS = ("r_precision", "mean_average_precision_at_r")
@@ -39,13 +40,18 @@ def make_data(size: int, seed: int = 0):
     return (*domain(), *domain())
 
 
-def run_protoot(query, query_labels, gallery, gallery_labels):
+def run_protoot(query, query_labels, gallery, gallery_labels, prefilter="auto"):
     import torch
     from pml_protoot.accuracy import PrecisionAtKCalculator
 
     include = ("precision_at_1",) + R_METRICS + tuple(f"precision_at_{k}" for k in K_VALUES[1:])
-    calc = PrecisionAtKCalculator(k_values=K_VALUES, include=include, device=torch.device("cpu"))
+    calc = PrecisionAtKCalculator(k_values=K_VALUES, include=include, device=torch.device("cpu"), prefilter=prefilter)
     return calc.get_accuracy(query, query_labels, gallery, gallery_labels)
+
+
+def run_protoot_float32(query, query_labels, gallery, gallery_labels):
+    """The calculator without its bfloat16 screen: the float32 path on every machine."""
+    return run_protoot(query, query_labels, gallery, gallery_labels, prefilter=None)
 
 
 def run_pml(query, query_labels, gallery, gallery_labels):
@@ -95,7 +101,10 @@ def worker(method: str, size: int) -> dict:
 
     data = make_data(size)
     max_r = int(torch.bincount(data[3]).max())
-    runner = {"protoot": run_protoot, "pml": run_pml, "torch_brute_force": run_torch_brute_force}[method]
+    runner = {
+        "protoot": run_protoot, "protoot_float32": run_protoot_float32, "pml": run_pml,
+        "torch_brute_force": run_torch_brute_force,
+    }[method]
     # Both libraries are imported before the clock starts: the comparison is of the computation.
     import pml_protoot.accuracy  # noqa: F401
     import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401
@@ -127,7 +136,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = []
+    runs, load_before, started = [], os.getloadavg(), time.perf_counter()
     for size in args.sizes:
         for method in args.methods:
             output = subprocess.run(
@@ -135,10 +144,10 @@ def main() -> None:
             ).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             logger.info("%s N=%d: %.2f s, %.0f MB", method, size, runs[-1]["seconds"], runs[-1]["peak_rss_mb"])
-    write_report(runs, args)
+    write_report(runs, load_before, os.getloadavg(), time.perf_counter() - started)
 
 
-def write_report(runs: list[dict], args) -> None:
+def write_report(runs: list[dict], load_before, load_after, wall_seconds) -> None:
     baseline = {run["size"]: run for run in runs if run["method"] == "pml"}
     rows = []
     for run in runs:
@@ -161,10 +170,17 @@ def write_report(runs: list[dict], args) -> None:
         f"N queries x N gallery, 128-d, 65 classes; torch and faiss pinned to 1 thread; each run in a fresh "
         f"subprocess (peak RSS includes the data), libraries imported before timing; seconds are wall "
         f"time, CPU s the process's CPU time (the machine is shared, so wall time carries others' load). "
-        f"PML: `AccuracyCalculator(k={PML_K})`.\n\n"
+        f"PML: `AccuracyCalculator(k={PML_K})`. protoot: the default (`prefilter=\"auto\"`: bfloat16 screen where "
+        f"the CPU has native bfloat16); protoot_float32: `prefilter=None`.\n\n"
+        f"Load average (1, 5, 15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{'/'.join(f'{x:.2f}' for x in load_after)}; wall time {wall_seconds / 60:.1f} min.\n\n"
         + markdown_table(header, rows)
     )
-    paths = write_results("bench_eval", {"command": command_line(), "pml_k": PML_K, "k_values": K_VALUES, "runs": runs}, markdown)
+    payload = {
+        "command": command_line(), "pml_k": PML_K, "k_values": K_VALUES, "runs": runs,
+        "load_average_before": load_before, "load_average_after": load_after, "wall_seconds": wall_seconds,
+    }
+    paths = write_results("bench_eval", payload, markdown)
     logger.info("wrote %s and %s", *paths)
 
 
