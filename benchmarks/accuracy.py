@@ -371,6 +371,30 @@ def summarise(runs: list[dict], methods, train_sets, directions, metric: str) ->
     return rows
 
 
+def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[str]]:
+    """Rows ``[method, then per metric (P@15, mAP): mean and max of the per-direction std, std of the mean]``
+    for methods with at least two seeds, in percent points."""
+    rows = []
+    for method in methods:
+        cells = []
+        for metric in ("P@15", "mAP"):
+            per_seed = {}
+            for run in runs:
+                if run["method"] == method and run["train_domains"] in train_sets:
+                    per_seed.setdefault(run["seed"], {}).update(
+                        {d: 100 * v[metric] for d, v in run["directions"].items() if d in directions}
+                    )
+            per_seed = [values for values in per_seed.values() if len(values) == len(directions)]
+            if len(per_seed) < 2:
+                break
+            stds = [statistics.stdev(values[d] for values in per_seed) for d in directions]
+            mean_std = statistics.stdev(statistics.mean(values.values()) for values in per_seed)
+            cells += [f"{statistics.mean(stds):.1f}", f"{max(stds):.1f}", f"{mean_std:.1f}"]
+        if len(cells) == 6:
+            rows.append([method, *cells])
+    return rows
+
+
 def format_spread(values) -> str:
     mean = 100 * statistics.mean(values)
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
@@ -410,6 +434,15 @@ def markdown(payload: dict) -> str:
         rows = summarise(runs, methods, pairs, pair_directions, metric)
         if rows:
             lines += [f"## {title}\n", markdown_table(["method", *pair_directions, "mean"], rows)]
+    spread = seed_spread(runs, methods, pairs, pair_directions)
+    if spread:
+        lines += [
+            "## Seed spread over the 8 paired directions\n",
+            "Std over seeds per direction, then the mean (and max) of those over the directions; beside it the "
+            "std over seeds of the 8-direction mean, where directions' errors can cancel.\n",
+            markdown_table(["method", "P@15: mean of std", "P@15: max std", "P@15: std of mean",
+                            "mAP: mean of std", "mAP: max std", "mAP: std of mean"], spread),
+        ]
     if config["joint"]:
         joint_directions = direction_names(JOINT)
         for metric in ("P@15", "mAP"):
