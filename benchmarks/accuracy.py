@@ -476,7 +476,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix: writes <out>.json and <out>.md")
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown beside this results JSON")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only combine the --methods runs of these results JSONs (e.g. more seeds) into --out"
+    )
     return parser
+
+
+def merged(payloads: list[dict], methods) -> dict:
+    """One payload holding the runs of ``methods`` from every one of ``payloads`` (same protocol,
+    e.g. other seeds); its command lists the source commands, its wall time is their sum."""
+    present = {m for p in payloads for m in p["config"]["methods"]}
+    config = dict(payloads[0]["config"])
+    config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
+    config["methods"] = [m for m in methods if m in present]
+    config["momentum"] = {k: v for p in payloads for k, v in p["config"]["momentum"].items() if k in methods}
+    config["joint"] = any(p["config"]["joint"] for p in payloads)
+    return payloads[0] | {
+        "command": " + ".join(p["command"] for p in payloads),
+        "wall_time_s": sum(p["wall_time_s"] for p in payloads),
+        "complete": all(p.get("complete", True) for p in payloads),
+        "config": config,
+        "runs": [run for p in payloads for run in p["runs"] if run["method"] in methods],
+    }
 
 
 def main(argv=None) -> dict:
@@ -485,6 +506,10 @@ def main(argv=None) -> dict:
     if args.render:
         payload = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(payload))
+        return payload
+    if args.merge:
+        payload = merged([json.loads(Path(path).read_text()) for path in args.merge], args.methods)
+        write_outputs(Path(args.out), payload)
         return payload
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary

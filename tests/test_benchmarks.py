@@ -108,3 +108,42 @@ def test_pair_tables_use_pair_runs_only(accuracy):
     assert pair_row == ["m"] + [expected(pair_values)] * 3  # two directions and the mean
     (joint_row,) = accuracy.summarise(runs, ["m"], [joint], accuracy.direction_names(joint), "mAP")
     assert joint_row == ["m"] + [expected(joint_values)] * 13
+
+
+def fake_run(accuracy, method, seed, values):
+    """A pair run of ``method`` whose every metric of direction i is ``values[i]``."""
+    pair = list(accuracy.PAIRS[0])
+    directions = accuracy.direction_names(pair)
+    return {
+        "method": method, "train_domains": pair, "seed": seed,
+        "directions": {d: {metric: v for metric in accuracy.METRICS} for d, v in zip(directions, values)},
+    }
+
+
+def test_seed_spread_against_plain_statistics(accuracy):
+    import statistics
+
+    per_seed = [(0.30, 0.50), (0.36, 0.40), (0.33, 0.42)]
+    runs = [fake_run(accuracy, "m", seed, values) for seed, values in enumerate(per_seed)]
+    pair = list(accuracy.PAIRS[0])
+    (row,) = accuracy.seed_spread(runs, ["m"], [pair], accuracy.direction_names(pair))
+    stds = [100 * statistics.stdev(column) for column in zip(*per_seed)]
+    mean_std = 100 * statistics.stdev(statistics.mean(values) for values in per_seed)
+    expected = [f"{statistics.mean(stds):.1f}", f"{max(stds):.1f}", f"{mean_std:.1f}"]
+    assert row == ["m", *expected, *expected]  # P@15 and mAP carry the same fake values
+    assert accuracy.seed_spread(runs[:1], ["m"], [pair], accuracy.direction_names(pair)) == []  # one seed: no spread
+
+
+def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
+    def payload(seeds, methods, command):
+        runs = [fake_run(accuracy, m, s, (0.1 * s, 0.2)) for s in seeds for m in methods]
+        config = {"seeds": seeds, "methods": methods, "momentum": {m: 0.99 for m in methods}, "joint": False}
+        return {"command": command, "wall_time_s": 60.0, "config": config, "runs": runs, "complete": True}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(payload([0, 1], ["m", "other"], "run a")))
+    second.write_text(json.dumps(payload([2], ["m"], "run b")))
+    merged = accuracy.merged([json.loads(first.read_text()), json.loads(second.read_text())], ["m"])
+    assert [(run["method"], run["seed"]) for run in merged["runs"]] == [("m", 0), ("m", 1), ("m", 2)]
+    assert merged["config"]["seeds"] == [0, 1, 2] and merged["config"]["methods"] == ["m"]
+    assert merged["command"] == "run a + run b" and merged["wall_time_s"] == 120.0
