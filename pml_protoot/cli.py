@@ -161,7 +161,7 @@ def _add_data_options(parser) -> None:
         "--threads", type=int, help="CPU threads for torch and faiss (default: torch's, which follows "
         "OMP_NUM_THREADS); on a busy machine 1 can be several times faster",
     )
-    group.add_argument("--quiet", action="store_true", help="log warnings only")
+    group.add_argument("--quiet", action="store_true", help="log warnings only; no feature-extraction or evaluation progress bars")
     group.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -383,7 +383,9 @@ def _trainer(config, trunk, head, memory, sampler, training_set, fill_set, devic
 def _tester(config) -> CrossDomainTester:
     metrics = [f"precision_at_{k}" for k in config["k"]] + ["mean_average_precision_at_r"]
     calculator = PrecisionAtKCalculator(k_values=config["k"], include=metrics, device=torch.device(config["device"]))
-    return CrossDomainTester(calculator, batch_size=64, dataloader_num_workers=config["workers"])
+    return CrossDomainTester(
+        calculator, batch_size=64, dataloader_num_workers=config["workers"], progress=not config["quiet"]
+    )
 
 
 def _score(tester, eval_sets, trunk, head, device, epoch) -> dict:

@@ -6,7 +6,9 @@ from itertools import permutations
 
 import numpy as np
 import torch
+import tqdm
 from pytorch_metric_learning.testers.base_tester import BaseTester
+from pytorch_metric_learning.utils import common_functions as c_f
 
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
 from .distributed import gather_strided, get_rank, get_world_size
@@ -40,6 +42,7 @@ class CrossDomainTester(BaseTester):
             ``PrecisionAtKCalculator()`` (ProtoOT P@1/5/15 plus PML's metrics).
         pairs: default ``(query_domain, gallery_domain)`` pairs; all ordered pairs when None.
         autocast: run the models under ``torch.autocast`` on their device.
+        progress: show a tqdm bar while embedding each domain.
         batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
             data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
             Datasets return ``(image, class_label)``.
@@ -68,6 +71,7 @@ class CrossDomainTester(BaseTester):
         use_trunk_output: bool = False,
         data_and_label_getter=None,
         end_of_testing_hook=None,
+        progress: bool = True,
     ):
         super().__init__(
             normalize_embeddings=normalize_embeddings,
@@ -80,6 +84,7 @@ class CrossDomainTester(BaseTester):
         )
         self.pairs = pairs
         self.autocast = autocast
+        self.progress = bool(progress)
         self.label_levels = [0]
 
     def test(self, dataset_dict, epoch, trunk_model, embedder_model=None, pairs=None, collate_fn=None) -> dict:
@@ -205,6 +210,20 @@ class CrossDomainTester(BaseTester):
     def accuracies_keyname(self, metric, label_hierarchy_level=0, average=False):
         # Bare metric names, so HookContainer finds ``all_accuracies["mean"][primary_metric]``.
         return f"AVERAGE_{metric}" if average else metric
+
+    def compute_all_embeddings(self, dataloader, trunk_model, embedder_model):
+        """``(N, D)`` embeddings and ``(N, 1)`` labels of every batch, in order, without gradients.
+
+        PML's version always draws a tqdm bar; this one follows ``progress``.
+        """
+        embeddings, labels = [], []
+        with torch.no_grad():
+            for data in tqdm.tqdm(dataloader, desc="embedding", disable=not self.progress):
+                images, label = self.data_and_label_getter(data)
+                embeddings.append(self.get_embeddings_for_eval(trunk_model, embedder_model, images))
+                label = c_f.process_label(label, "all", self.label_mapper)
+                labels.append(label.reshape(len(label), -1).to(embeddings[-1].device))
+        return torch.cat(embeddings), torch.cat(labels)
 
     def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
         device = _model_device(trunk_model)

@@ -150,3 +150,16 @@ def test_summary_table_columns_fit_values_wider_than_their_header():
     lines = tester.summary_table(results).splitlines()
     assert len({len(line) for line in lines}) == 1  # every row as wide as the header: columns line up
     assert lines[1].split() == ["a->b", "-50.00", "100.00"]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_embeddings_follow_dataset_order_and_progress_switch(device, capsys, progress):
+    datasets = domain_datasets({"photo": 10, "sketch": 12})
+    trunk = CountingTrunk(6, 4).to(device)
+    tester = make_tester(progress=progress)
+    embeddings, labels = tester._embed_domain(datasets["sketch"], trunk, torch.nn.Identity(), None)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(trunk(datasets["sketch"].tensors[0].to(device)), dim=1)
+    torch.testing.assert_close(embeddings, expected)
+    assert torch.equal(labels.cpu(), datasets["sketch"].tensors[1])
+    assert ("embedding" in capsys.readouterr().err) == progress
