@@ -262,7 +262,6 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             return stats
         gallery = _ClassSortedGallery(reference, reference_labels, self.device)
         query = _normalised(query, self.device)
-        self._screen = self._bf16_screening_allowed(query.dtype)
         rows_per_chunk = max(1, min(_MAX_CHUNK_ROWS, self.chunk_bytes // (16 * len(reference))))
         rows_done, per_chunk = [], []
         for rows in tqdm.tqdm(
@@ -290,7 +289,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         needs_all_relevant = "mean_average_precision" in metrics
         needs_first_relevant = "mean_reciprocal_rank" in metrics
         relevant = chunk.relevant_similarities
-        screen = self._screen and not needs_all_relevant
+        screen = self._bf16_screening_allowed(chunk.query.dtype) and not needs_all_relevant
         gallery_size = len(chunk.gallery.embeddings)
         screen &= self.prefilter == "bf16" or (
             gallery_size >= _PREFILTER_MIN_GALLERY and depth <= _PREFILTER_MAX_DEPTH_FRACTION * gallery_size
@@ -529,19 +528,26 @@ class _QueryChunk:
         return similarities
 
     def candidates(self, thresholds) -> "_Candidates":
-        """Every item at or above its row's threshold: the block first, then the other columns
-        in tiles small enough to stay in cache for the selection that follows the product."""
+        """Every item at or above its row's threshold: the block first, then the other columns."""
         candidates = _Candidates(self.gallery.ids, len(self.query))
         candidates.add(self.relevant_similarities, thresholds, self.block.start, relevant=True)
-        gallery_size = len(self.gallery.embeddings)
+        for start, products in self._other_class_products(self.query, self.gallery.embeddings):
+            candidates.add(products, thresholds, start)
+        return candidates
+
+    def _other_class_products(self, query, gallery_embeddings):
+        """Yield ``(first column, (C, T) products)`` of ``query`` with the other-class columns of
+        ``gallery_embeddings``, tile by tile in one reused buffer (consume each before the next).
+        On CPU the tiles are small enough (sized for the float32 chunk) to stay in cache for the
+        selection that follows each product."""
+        gallery_size = len(gallery_embeddings)
         tile = gallery_size
         if self.query.device.type == "cpu":
             tile = max(1, _CACHE_TILE_BYTES // (self.query.element_size() * len(self.query)))
-        buffer = self.query.new_empty(len(self.query) * min(tile, gallery_size))
+        buffer = query.new_empty(len(query) * min(tile, gallery_size))
         for start, stop in _tiles(gallery_size, self.block, tile):
-            out = buffer[: len(self.query) * (stop - start)].view(len(self.query), stop - start)
-            candidates.add(torch.mm(self.query, self.gallery.embeddings[start:stop].T, out=out), thresholds, start)
-        return candidates
+            out = buffer[: len(query) * (stop - start)].view(len(query), stop - start)
+            yield start, torch.mm(query, gallery_embeddings[start:stop].T, out=out)
 
 
     def screened_candidates(self, thresholds, depth: int | None = None) -> "_Candidates":
@@ -561,16 +567,10 @@ class _QueryChunk:
         error = _bf16_product_error(self.query, self.gallery.bf16_rounding_norms)
         floors = _bf16_screen_floor(thresholds, error)
         screened = _Candidates(self.gallery.ids, len(self.query))  # other-class items, bfloat16 values
-        query = self.query.bfloat16()
-        tile = max(1, _CACHE_TILE_BYTES // (self.query.element_size() * len(self.query)))
-        gallery_size = len(self.gallery.embeddings)
-        buffer = query.new_empty(len(query) * min(tile, gallery_size))
-        for start, stop in _tiles(gallery_size, self.block, tile):
-            out = buffer[: len(query) * (stop - start)].view(len(query), stop - start)
-            torch.mm(query, self.gallery.embeddings_bf16[start:stop].T, out=out)
-            flat = _flat_at_least_bf16(out, floors)
-            values = _take(out.view(torch.int16).reshape(-1), flat).int() << 16  # bfloat16 -> float32 bits
-            screened.add_flat(flat, values.view(torch.float32), stop - start, start)
+        for start, products in self._other_class_products(self.query.bfloat16(), self.gallery.embeddings_bf16):
+            flat = _flat_at_least_bf16(products, floors)
+            values = _take(products.view(torch.int16).reshape(-1), flat).int() << 16  # bfloat16 -> float32 bits
+            screened.add_flat(flat, values.view(torch.float32), products.shape[1], start)
         relevant = self.relevant_similarities
         if depth is not None:
             kth = _kth_largest(torch.cat([relevant, screened.padded_values()], 1), depth)
@@ -618,6 +618,7 @@ class _QueryChunk:
         return np.take(products.numpy(), item) + 0.0  # -0.0 -> 0.0, as ``_Candidates.add`` stores them
 
 
+@functools.cache
 def _native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
     capabilities = torch.cpu.get_capabilities()
