@@ -356,19 +356,25 @@ def summarise(runs: list[dict], methods, train_sets, directions, metric: str) ->
     """
     rows = []
     for method in methods:
-        per_seed = {}
-        for run in runs:
-            if run["method"] == method and run["train_domains"] in train_sets:
-                per_seed.setdefault(run["seed"], {}).update(
-                    {d: v[metric] for d, v in run["directions"].items() if d in directions}
-                )
-        per_seed = {seed: values for seed, values in per_seed.items() if len(values) == len(directions)}
+        per_seed = seed_values(runs, method, train_sets, directions, metric)
         if not per_seed:
             continue
-        cells = [format_spread([values[d] for values in per_seed.values()]) for d in directions]
-        cells.append(format_spread([statistics.mean(values.values()) for values in per_seed.values()]))
+        cells = [format_spread([values[d] for values in per_seed]) for d in directions]
+        cells.append(format_spread([statistics.mean(values.values()) for values in per_seed]))
         rows.append([method, *cells])
     return rows
+
+
+def seed_values(runs: list[dict], method: str, train_sets, directions, metric: str) -> list[dict]:
+    """``[{direction: value}]``, one dict per seed of ``method`` that scored every one of ``directions``
+    in runs trained on one of ``train_sets``."""
+    per_seed = {}
+    for run in runs:
+        if run["method"] == method and run["train_domains"] in train_sets:
+            per_seed.setdefault(run["seed"], {}).update(
+                {d: v[metric] for d, v in run["directions"].items() if d in directions}
+            )
+    return [values for values in per_seed.values() if len(values) == len(directions)]
 
 
 def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[str]]:
@@ -378,17 +384,11 @@ def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[
     for method in methods:
         cells = []
         for metric in ("P@15", "mAP"):
-            per_seed = {}
-            for run in runs:
-                if run["method"] == method and run["train_domains"] in train_sets:
-                    per_seed.setdefault(run["seed"], {}).update(
-                        {d: 100 * v[metric] for d, v in run["directions"].items() if d in directions}
-                    )
-            per_seed = [values for values in per_seed.values() if len(values) == len(directions)]
+            per_seed = seed_values(runs, method, train_sets, directions, metric)
             if len(per_seed) < 2:
                 break
-            stds = [statistics.stdev(values[d] for values in per_seed) for d in directions]
-            mean_std = statistics.stdev(statistics.mean(values.values()) for values in per_seed)
+            stds = [100 * statistics.stdev(values[d] for values in per_seed) for d in directions]
+            mean_std = 100 * statistics.stdev(statistics.mean(values.values()) for values in per_seed)
             cells += [f"{statistics.mean(stds):.1f}", f"{max(stds):.1f}", f"{mean_std:.1f}"]
         if len(cells) == 6:
             rows.append([method, *cells])
