@@ -78,13 +78,15 @@ class ProtoOTLoss(BaseMetricLossFunction):
       (official); ``memory.normalize_scores``;
     * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"matched"``)
       or K-means sizes in K-means order (official, ``"official"``);
+    * prototypes reset to the matched K-means centroids at every recluster (default) or
+      set by K-means at epoch 0 only (official); ``memory.reset_prototypes``;
     * cross-domain negatives :math:`q\cdot c'_j` raw (default) or taken from the
       L2-normalised row :math:`\mathrm{normalise}(q C'^\top)` while the positive stays raw
       (official); option ``normalize_cross_negatives``.
 
     The memory settings are attributes of ``memory``: ``official=True`` sets
-    ``memory.normalize_scores = True``, ``memory.marginal_rule = "official"`` and
-    ``memory.neighbour_search = "exact"`` (logged
+    ``memory.normalize_scores = True``, ``memory.marginal_rule = "official"``,
+    ``memory.reset_prototypes = False`` and ``memory.neighbour_search = "exact"`` (logged
     at INFO); the default leaves the memory as constructed. Explicit
     ``nearest_neighbour_by``/``normalize_cross_negatives`` override the preset. Beyond
     the official two-domain code, for both presets: any number of domains (cross term =
@@ -155,18 +157,15 @@ class ProtoOTLoss(BaseMetricLossFunction):
         )
 
     def _apply_official_memory_settings(self) -> None:
-        memory = self.memory
-        if not memory.normalize_scores or memory.marginal_rule != "official" or memory.neighbour_search != "exact":
-            logger.info(
-                "official=True: setting memory.normalize_scores=True (was %s), memory.marginal_rule='official' "
-                "(was %r) and memory.neighbour_search='exact' (was %r)",
-                memory.normalize_scores,
-                memory.marginal_rule,
-                memory.neighbour_search,
-            )
-        memory.normalize_scores = True
-        memory.marginal_rule = "official"
-        memory.neighbour_search = "exact"  # the official code searches the whole bank at any size
+        # neighbour_search: the official code searches the whole bank at any size
+        official = {"normalize_scores": True, "marginal_rule": "official", "reset_prototypes": False,
+                    "neighbour_search": "exact"}
+        changed = [f"memory.{name}={value!r} (was {getattr(self.memory, name)!r})"
+                   for name, value in official.items() if getattr(self.memory, name) != value]
+        if changed:
+            logger.info("official=True: setting %s", ", ".join(changed))
+        for name, value in official.items():
+            setattr(self.memory, name, value)
 
     def _sub_loss_names(self):
         return ["in_domain", "cross_domain"]
