@@ -214,12 +214,14 @@ def test_presets_differ_only_in_documented_switches(device):
 
 def test_official_preset_configures_the_memory_and_logs(caplog):
     memory = random_memory(TWO_DOMAINS)
-    assert (memory.normalize_scores, memory.marginal_rule, memory.neighbour_search) == (False, "matched", "auto")
+    settings = ("normalize_scores", "marginal_rule", "reset_prototypes", "neighbour_search")
+    assert [getattr(memory, name) for name in settings] == [False, "matched", True, "auto"]
     with caplog.at_level(logging.INFO, logger="pml_protoot.losses"):
         loss_func = ProtoOTLoss(memory, official=True)
-    assert (memory.normalize_scores, memory.marginal_rule, memory.neighbour_search) == (True, "official", "exact")
+    assert [getattr(memory, name) for name in settings] == [True, "official", False, "exact"]
     assert (loss_func.nearest_neighbour_by, loss_func.normalize_cross_negatives) == ("query", True)
-    assert "official=True" in caplog.text
+    assert "official=True: setting memory.normalize_scores=True (was False)" in caplog.text
+    assert "memory.reset_prototypes=False (was True)" in caplog.text
 
 
 def test_cross_domain_term_starts_at_start_epoch():

@@ -126,10 +126,10 @@ def test_update_prototypes_is_normalised_weighted_bank_sum(dtype, device):
         torch.testing.assert_close(memory.prototypes[1, k].cpu(), weighted / weighted.norm())
 
 
-def blob_memory(marginal_rule, sizes=((6, 3, 11), (4, 9, 5)), dim=5):
+def blob_memory(marginal_rule, sizes=((6, 3, 11), (4, 9, 5)), dim=5, **options):
     """Memory whose domains are well-separated blobs, so K-means has one right answer."""
     domains = sum(([slot] * sum(domain_sizes) for slot, domain_sizes in enumerate(sizes)), [])
-    memory = PrototypeMemory(domains, dim, num_prototypes=3, marginal_rule=marginal_rule, kmeans_nredo=3)
+    memory = PrototypeMemory(domains, dim, num_prototypes=3, marginal_rule=marginal_rule, kmeans_nredo=3, **options)
     truths = []
     for slot, domain_sizes in enumerate(sizes):
         points, cluster = blobs(domain_sizes, dim, seed=slot)
@@ -155,16 +155,28 @@ def test_first_recluster_sets_centroids_and_cluster_sizes(marginal_rule):
         torch.testing.assert_close(memory.class_marginals[slot], true_sizes[matched] / true_sizes.sum())
 
 
-def brute_force_matched_marginal(centroids, sizes, prototypes):
-    """Cluster fractions in prototype order under the best cosine-sum permutation (all K! tried)."""
-    best = max(
-        itertools.permutations(range(len(sizes))),
-        key=lambda perm: sum(float(centroids[c] @ prototypes[perm[c]]) for c in range(len(sizes))),
+def brute_force_matching(centroids, prototypes):
+    """``perm[cluster] = prototype`` maximising the summed cosine (all K! permutations tried)."""
+    return max(
+        itertools.permutations(range(len(centroids))),
+        key=lambda perm: sum(float(centroids[c] @ prototypes[perm[c]]) for c in range(len(centroids))),
     )
+
+
+def brute_force_matched_marginal(centroids, sizes, prototypes):
+    """Cluster fractions in prototype order under the best cosine-sum permutation."""
     marginal = torch.empty(len(sizes))
-    for cluster, prototype in enumerate(best):
+    for cluster, prototype in enumerate(brute_force_matching(centroids, prototypes)):
         marginal[prototype] = sizes[cluster] / sizes.sum()
     return marginal
+
+
+def scrambled_prototypes(memory, seed=3):
+    """Permuted, perturbed unit prototypes: neither K-means order nor centroids, but still
+    closest to one centroid each (so the matching is well defined)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(memory.prototypes.shape, generator=generator)
+    return F.normalize(memory.prototypes[:, torch.tensor([1, 2, 0])] + 0.3 * noise, dim=2)
 
 
 def test_matched_rule_follows_permuted_prototypes_and_official_rule_does_not():
@@ -197,14 +209,36 @@ def test_assignment_rule_is_column_mass_of_current_assignment():
     torch.testing.assert_close(memory.class_marginals.double(), torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_uniform_rule_and_prototypes_kept_after_first_call():
-    memory, _ = blob_memory("uniform")
+def test_uniform_rule_and_prototypes_kept_after_first_call_without_reset():
+    memory, _ = blob_memory("uniform", reset_prototypes=False)
     memory.recluster(epoch=0)
+    memory.prototypes.copy_(scrambled_prototypes(memory))
     prototypes = memory.prototypes.clone()
     memory.recluster(epoch=1)
     assert torch.equal(memory.class_marginals, torch.full((2, 3), 1 / 3))
     assert torch.equal(memory.prototypes, prototypes)
     assert int(memory.epoch) == 1
+
+
+@pytest.mark.parametrize("marginal_rule", ["matched", "official", "uniform"])
+def test_reset_prototypes_takes_the_centroids_matched_to_the_current_prototypes(marginal_rule):
+    memory, truths = blob_memory(marginal_rule)
+    assert memory.reset_prototypes  # the default
+    memory.recluster(epoch=0)
+    memory.prototypes.copy_(scrambled_prototypes(memory))
+    before = memory.prototypes.clone()
+    memory.recluster(epoch=1)
+    for slot, (true_means, true_sizes) in enumerate(truths):
+        matching = brute_force_matching(true_means, before[slot])
+        expected = torch.empty_like(true_means)
+        for cluster, prototype in enumerate(matching):
+            expected[prototype] = true_means[cluster]
+        torch.testing.assert_close(memory.prototypes[slot], expected, atol=1e-2, rtol=0)
+        if marginal_rule == "matched":  # the marginals follow the same matching: beta_k is prototype k's cluster
+            torch.testing.assert_close(
+                memory.class_marginals[slot], brute_force_matched_marginal(true_means, true_sizes, before[slot])
+            )
+    assert torch.allclose(memory.prototypes.norm(dim=2), torch.ones(2, 3))
 
 
 def test_kmeans_seed_is_used():

@@ -104,8 +104,13 @@ def test_refresh_is_due_every_r_steps_and_after_recluster(device):
         if due:
             assert labels.tolist() == full.tolist(), step
         assert int(memory.refresh_countdown[0]) == (1 if due else 0)
-    memory.recluster(epoch=1)
+    memory.fill(unit_keys(len(DOMAINS), 50, torch.float64).to(device), torch.arange(len(DOMAINS)))
+    memory.recluster(epoch=1)  # resets the prototypes: the next step must use them, not the cached sums
     assert int(memory.refresh_countdown[0]) == 0 and not memory.potentials_valid.any()
+    bank, prototypes = memory.bank(0).cpu(), memory.prototypes[0].cpu().clone()
+    full = official_sinkhorn(bank @ prototypes.T, memory.class_marginals[0].cpu())
+    assert memory.step_pseudo_labels(0, rows).tolist() == full[:5].argmax(dim=1).tolist()
+    torch.testing.assert_close(memory.prototypes[0].cpu(), F.normalize(full.T @ bank, dim=1))
 
 
 def test_cross_pseudo_labels_refresh_with_their_domain(device):
