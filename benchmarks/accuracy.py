@@ -13,6 +13,13 @@ all four domains jointly (12 directions). Metrics: ProtoOT's P@1/5/15/50 and ful
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py                 # full run, 3 seeds
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick         # one pair, one seed
+    python benchmarks/accuracy.py --finetune --device cuda          # trunk trained end to end (GPU)
+
+``--finetune`` is the same protocol with the trunk unfrozen: no feature cache, every step
+draws fresh MoCo-v2 views of the images (DataLoader workers), the trunk and head train
+together from the same ImageNet weights (one Adam over both, bf16 autocast on CUDA), and
+the key encoder's trunk + head are scored on eval-view images. Domain centring needs
+fixed trunk features, so no method centres end to end.
 
 Add a row (e.g. an ablation) by adding an entry to ``METHODS`` or ``ABLATIONS``: a function
 ``(domain_ids, epochs) -> Recipe``.
@@ -52,6 +59,7 @@ from pml_protoot import (
     ProtoOTLoss,
     ProtoOTMiner,
     ProtoOTTrainer,
+    TwoViewDataset,
     convert_efficientnet_lite0_weights,
     create_trunk,
     domain_means,
@@ -69,6 +77,8 @@ BENCHMARKS = Path(__file__).resolve().parent
 DATA = BENCHMARKS.parents[1] / "shared" / "data" / "pacs-mini"
 CACHE_DIR = BENCHMARKS / "cache"
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini"
+FINETUNE_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_finetune"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 #: The paper's PACS pairs; each is trained once and scored in both directions.
 PAIRS = (("photo", "art_painting"), ("photo", "cartoon"), ("photo", "sketch"), ("art_painting", "sketch"))
@@ -242,9 +252,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_tester(device) -> CrossDomainTester:
+def make_tester(device, num_workers: int = 0) -> CrossDomainTester:
     calculator = PrecisionAtKCalculator(k_values=K_VALUES, include=list(METRICS.values()), device=device)
-    return CrossDomainTester(calculator, batch_size=256, dataloader_num_workers=0)
+    return CrossDomainTester(calculator, batch_size=256, dataloader_num_workers=num_workers)
 
 
 @dataclass
@@ -257,6 +267,23 @@ class FittedMethod:
     eval_features: torch.Tensor  # (N, F) their eval features, domain-centred when the method centres
     labels: torch.Tensor  # (N,)
     domain_ids: torch.Tensor  # (N,) position of each image's domain in ``train_domains``
+
+
+@dataclass
+class Images:
+    """pacs-mini as images, for ``--finetune``: the trunk trains end to end on fresh views."""
+
+    root: Path
+    limit: int | None  # images per domain (smoke tests)
+    image_size: int
+    workers: int  # DataLoader processes for training views and eval images
+    amp_dtype: torch.dtype | None
+    weights: dict  # the trunk's ImageNet state dict, converted once
+
+    def dataset(self, train_domains) -> MultiDomainDataset:
+        """The images of ``train_domains``; ``domain_ids`` are positions in ``train_domains``."""
+        dataset = MultiDomainImageFolder(self.root, train_domains)
+        return limit_per_domain(dataset, self.limit) if self.limit else dataset
 
 
 def fit_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> FittedMethod:
@@ -278,16 +305,20 @@ def fit_method(features: Features, train_domains, method: str, seed: int, epochs
     return FittedMethod(model.to(device), recipe, rows, eval_features, labels, domain_ids)
 
 
-def run_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> dict:
+def run_method(source: Features | Images, train_domains, method: str, seed: int, epochs: int, device) -> dict:
     """Train ``method`` on ``train_domains`` (or not, for raw features); score every direction among them."""
     start = time.perf_counter()
-    fitted = fit_method(features, train_domains, method, seed, epochs, device)
-    recipe, domain_ids = fitted.recipe, fitted.domain_ids
-    eval_sets = {
-        name: torch.utils.data.TensorDataset(fitted.eval_features[domain_ids == i], fitted.labels[domain_ids == i])
-        for i, name in enumerate(train_domains)
-    }
-    results = make_tester(device).test(eval_sets, epochs if recipe else 0, fitted.model)
+    if isinstance(source, Images):
+        recipe, eval_sets, trunk, head = finetune_method(source, train_domains, method, seed, epochs, device)
+        results = make_tester(device, source.workers).test(eval_sets, epochs if recipe else 0, trunk, head)
+    else:
+        fitted = fit_method(source, train_domains, method, seed, epochs, device)
+        recipe, domain_ids = fitted.recipe, fitted.domain_ids
+        eval_sets = {
+            name: torch.utils.data.TensorDataset(fitted.eval_features[domain_ids == i], fitted.labels[domain_ids == i])
+            for i, name in enumerate(train_domains)
+        }
+        results = make_tester(device).test(eval_sets, epochs if recipe else 0, fitted.model)
     return {
         "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
         "momentum": recipe.momentum if recipe else None, "wall_time_s": round(time.perf_counter() - start, 2),
@@ -321,6 +352,44 @@ def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, d
     return trainer.key_encoder.module[1]  # Sequential(trunk, embedder): the trunk is the identity
 
 
+def finetune_method(images: Images, train_domains, method: str, seed: int, epochs: int, device):
+    """``(recipe, {domain: eval-view images}, trunk, head)``: the key encoder after training the trunk and a
+    fresh head end to end with ``method``, or the untrained trunk (head ``None``) for raw features."""
+    dataset = images.dataset(train_domains)
+    seed_everything(seed)
+    trunk, _ = create_trunk(BACKBONE, weights=images.weights)
+    build = ALL_METHODS[method]
+    recipe = None if build is None else build(dataset.domain_ids, epochs)
+    eval_images = copy.copy(dataset)
+    eval_images.transform = eval_transform(images.image_size)
+    eval_sets = {domain: eval_images.subset(domain) for domain in train_domains}
+    if recipe is None:
+        return None, eval_sets, trunk.to(device), None
+    head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
+    parameters = [*trunk.parameters(), *head.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
+    batch_size = BATCH_PER_DOMAIN * len(train_domains)
+    views = moco_v2_transform(images.image_size)
+    trainer = ProtoOTTrainer(
+        {"trunk": trunk.to(device), "embedder": head.to(device)},
+        {"embedder_optimizer": optimizer},  # over trunk and head, as the CLI trains end to end
+        batch_size,
+        {"metric_loss": recipe.loss},
+        TwoViewDataset(dataset, views, views),
+        recipe.memory,
+        momentum=recipe.momentum,
+        mining_funcs=recipe.mining_funcs,
+        sampler=CrossDomainSampler(dataset.domain_ids, batch_size, seed=seed),
+        fill_dataset=eval_images,
+        amp_dtype=images.amp_dtype,
+        data_device=torch.device(device),
+        dataloader_num_workers=images.workers,
+    )
+    trainer.train(num_epochs=epochs)
+    key_trunk, key_head = trainer.key_encoder.module
+    return recipe, eval_sets, key_trunk, key_head
+
+
 def methods_to_run(methods, seed, first_seed) -> list[str]:
     """Untrained features do not depend on the seed: they run with the first seed only."""
     return [method for method in methods if ALL_METHODS[method] is not None or seed == first_seed]
@@ -331,7 +400,7 @@ def run_task(task, methods, epochs, device, first_seed) -> list[dict]:
     train_domains, seed = task
     records = []
     for method in methods_to_run(methods, seed, first_seed):
-        record = run_method(FEATURES, train_domains, method, seed, epochs, device)
+        record = run_method(SOURCE, train_domains, method, seed, epochs, device)
         logger.info(
             "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
             100 * statistics.mean(v["P@15"] for v in record["directions"].values()), record["wall_time_s"],
@@ -340,7 +409,7 @@ def run_task(task, methods, epochs, device, first_seed) -> list[dict]:
     return records
 
 
-FEATURES: Features | None = None  # set before the worker processes fork, which inherit it
+SOURCE: Features | Images | None = None  # set before the worker processes fork, which inherit it
 
 
 # ------------------------------------------------------------------------------ report
@@ -401,6 +470,20 @@ def format_spread(values) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def protocol_sentence(config: dict) -> str:
+    """How the trunk and the head were trained (the start of the markdown's protocol paragraph)."""
+    if config.get("finetune"):
+        return (
+            f"Protocol: ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std) and head "
+            f"1280 -> 1280 -> ReLU -> 128 trained end to end on fresh MoCo-v2 views of the images (autocast "
+            f"{config['amp']}; no domain centring, which needs a frozen trunk), "
+        )
+    return (
+        f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
+        f"of the eval view and {config['views']} MoCo-v2 views cached once; head 1280 -> 1280 -> ReLU -> 128 trained "
+    )
+
+
 def markdown(payload: dict) -> str:
     config, runs = payload["config"], payload["runs"]
     methods = config["methods"]
@@ -415,8 +498,7 @@ def markdown(payload: dict) -> str:
         f"its cache) {payload['feature_extraction_s']:.0f} s before that. "
         f"Machine: {payload['machine']}, torch threads {payload['threads']['torch_threads']}, "
         f"{config['jobs']} process(es).\n",
-        f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
-        f"of the eval view and {config['views']} MoCo-v2 views cached once; head 1280 -> 1280 -> ReLU -> 128 trained "
+        protocol_sentence(config) +
         f"{config['epochs']} epochs (epoch = largest domain / {BATCH_PER_DOMAIN} steps, {BATCH_PER_DOMAIN} images of "
         f"every domain per step), Adam (amsgrad) lr {LR} wd {WEIGHT_DECAY}, tau {TEMPERATURE} (ProtoOT "
         f"default: the package's {package_default(ProtoOTLoss, 'temperature')}), K = 7, cross-domain "
@@ -474,7 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix: writes <out>.json and <out>.md")
+    parser.add_argument(
+        "--finetune", action="store_true", help="train the trunk end to end on image views (no feature cache; GPU)"
+    )
+    parser.add_argument("--workers", type=int, default=8, help="--finetune: DataLoader processes")
+    parser.add_argument(
+        "--amp", choices=list(AMP_DTYPES), help="--finetune: autocast dtype (default bf16 on CUDA, none on CPU)"
+    )
+    parser.add_argument(
+        "--out", help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
+        f"{FINETUNE_OUT.name} with --finetune, under benchmarks/results)"
+    )
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown beside this results JSON")
     parser.add_argument(
@@ -502,7 +594,7 @@ def merged(payloads: list[dict], methods) -> dict:
 
 
 def main(argv=None) -> dict:
-    global FEATURES
+    global SOURCE
     args = build_parser().parse_args(argv)
     if args.render:
         payload = json.loads(Path(args.render).read_text())
@@ -510,7 +602,7 @@ def main(argv=None) -> dict:
         return payload
     if args.merge:
         payload = merged([json.loads(Path(path).read_text()) for path in args.merge], args.methods)
-        write_outputs(Path(args.out), payload)
+        write_outputs(Path(args.out or DEFAULT_OUT), payload)
         return payload
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
@@ -519,16 +611,26 @@ def main(argv=None) -> dict:
     seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, list(PAIRS))
     joint = not (args.quick or args.no_joint)
     methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
-    FEATURES, extraction_s = extract_features(
-        args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
-    )
+    out = Path(args.out or (FINETUNE_OUT if args.finetune else DEFAULT_OUT))
+    if args.finetune:
+        if args.jobs != 1:
+            raise SystemExit(f"--finetune runs in one process (DataLoader workers load the images), got --jobs {args.jobs}")
+        args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
+        SOURCE, extraction_s = Images(
+            Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_DTYPES[args.amp],
+            convert_efficientnet_lite0_weights(),
+        ), 0.0
+    else:
+        SOURCE, extraction_s = extract_features(
+            args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
+        )
     # Seed by seed (a run cut short leaves whole seeds), the longest (joint) task first in each.
     tasks = [(domains, seed) for seed in seeds for domains in ([JOINT] if joint else []) + pairs]
     config = {
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
-        "note": args.note,
+        "note": args.note, "finetune": args.finetune, "amp": args.amp,
     }
     start, runs = time.perf_counter(), []
     work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device, first_seed=seeds[0])
@@ -536,8 +638,8 @@ def main(argv=None) -> dict:
         runs += records
         payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
         payload["complete"] = len(runs) == sum(len(methods_to_run(methods, seed, seeds[0])) for _, seed in tasks)
-        write_outputs(Path(args.out), payload)  # after every task: a cut-short run still leaves its results
-    logger.info("wrote %s.json and %s.md", args.out, args.out)
+        write_outputs(out, payload)  # after every task: a cut-short run still leaves its results
+    logger.info("wrote %s.json and %s.md", out, out)
     return payload
 
 

@@ -147,3 +147,34 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     assert [(run["method"], run["seed"]) for run in merged["runs"]] == [("m", 0), ("m", 1), ("m", 2)]
     assert merged["config"]["seeds"] == [0, 1, 2] and merged["config"]["methods"] == ["m"]
     assert merged["command"] == "run a + run b" and merged["wall_time_s"] == 120.0
+
+
+@pytest.mark.filterwarnings("ignore:.*no item of their class")
+def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_mini, tmp_path, device):
+    """``--finetune``: the trunk moves from its ImageNet weights (trained end to end); raw features keep them."""
+    import torch
+
+    images = accuracy.Images(pacs_mini, 8, 32, 0, None, accuracy.convert_efficientnet_lite0_weights())
+    _, _, raw_trunk, raw_head = accuracy.finetune_method(images, accuracy.QUICK_PAIR, "raw features", 0, 1, device)
+    recipe, eval_sets, key_trunk, key_head = accuracy.finetune_method(
+        images, accuracy.QUICK_PAIR, "ProtoOT default", 0, 1, device
+    )
+    assert raw_head is None and isinstance(key_head, torch.nn.Sequential)
+    assert recipe.memory.num_prototypes == 7 and set(eval_sets) == set(accuracy.QUICK_PAIR)
+    assert all(len(eval_set) == 8 for eval_set in eval_sets.values())
+    raw_state, key_state = raw_trunk.state_dict(), key_trunk.state_dict()
+    for name, value in images.weights.items():
+        assert torch.equal(raw_state[name].cpu(), value)
+    convolutions = [name for name, value in images.weights.items() if value.dim() == 4]
+    still = [name for name in convolutions if torch.equal(key_state[name].cpu(), raw_state[name].cpu())]
+    assert convolutions and not still  # every convolution learned, not only BatchNorm statistics
+
+    out = tmp_path / "finetune"
+    payload = accuracy.main([
+        "--finetune", "--quick", "--epochs", "1", "--limit-per-domain", "8", "--image-size", "32", "--workers", "0",
+        "--methods", "raw features", "ProtoOT default", "--data", str(pacs_mini), "--out", str(out),
+        "--device", str(device),
+    ])
+    assert payload["complete"] and payload["config"]["finetune"]
+    assert [run["method"] for run in payload["runs"]] == ["raw features", "ProtoOT default"]
+    assert "trained end to end" in out.with_name("finetune.md").read_text()
