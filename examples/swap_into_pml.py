@@ -39,10 +39,10 @@ IMAGE_SIZE = 32
 BATCH_SIZE = 32
 
 
-def make_models_and_optimizers():
-    """The same trunk, embedder and optimizers for both scripts."""
-    trunk = timm.create_model("resnet10t", num_classes=0)
-    embedder = embedding_head(trunk.num_features, out_dim=128)
+def make_models_and_optimizers(device: torch.device):
+    """The same trunk, embedder and optimizers for both scripts, on ``device`` (PML's trainers never move models)."""
+    trunk = timm.create_model("resnet10t", num_classes=0).to(device)
+    embedder = embedding_head(trunk.num_features, out_dim=128).to(device)
     optimizers = {
         "trunk_optimizer": torch.optim.Adam(trunk.parameters(), lr=1e-3, weight_decay=5e-4, amsgrad=True),
         "embedder_optimizer": torch.optim.Adam(embedder.parameters(), lr=1e-3, weight_decay=5e-4, amsgrad=True),
@@ -64,7 +64,7 @@ def score(trunk, embedder, device):
 def pml_baseline(iterations: int, device: torch.device):
     """PML's canonical supervised script; returns ``(trainer, results)``."""
     train_dataset = make_synthetic_domains(image_size=IMAGE_SIZE, transform=moco_v2_transform(IMAGE_SIZE))
-    models, optimizers = make_models_and_optimizers()
+    models, optimizers = make_models_and_optimizers(device)
     loss = losses.NTXentLoss(temperature=0.07)
     sampler = samplers.MPerClassSampler(train_dataset.targets, m=8, length_before_new_iter=len(train_dataset))
     trainer = trainers.MetricLossOnly(
@@ -87,7 +87,7 @@ def protoot_swap(iterations: int, device: torch.device):
     images = make_synthetic_domains(image_size=IMAGE_SIZE)  # ProtoOT: PIL images; two views come below
     eval_images = make_synthetic_domains(image_size=IMAGE_SIZE, transform=eval_transform(IMAGE_SIZE))  # ProtoOT
     train_dataset = TwoViewDataset(images, moco_v2_transform(IMAGE_SIZE), moco_v2_transform(IMAGE_SIZE))  # ProtoOT
-    models, optimizers = make_models_and_optimizers()
+    models, optimizers = make_models_and_optimizers(device)
     memory = PrototypeMemory(images.domain_ids, dim=128, num_prototypes=len(images.classes))  # ProtoOT
     loss = ProtoOTLoss(memory)  # ProtoOT: replaces NTXentLoss
     sampler = CrossDomainSampler(images.domain_ids, batch_size=BATCH_SIZE)  # ProtoOT: replaces MPerClassSampler

@@ -61,7 +61,7 @@ def test_swap_into_pml_main_parses_iterations(monkeypatch):
     assert calls == [("pml", 5, torch.device("cpu")), ("protoot", 5, torch.device("cpu"))]
 
 
-def test_evaluate_your_model_matches_pml_accuracy_calculator(device):
+def test_evaluate_your_model_matches_pml_accuracy_calculator(device, exact_float32):
     example = load_example("evaluate_your_model")
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=0).to(device).eval()

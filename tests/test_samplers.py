@@ -155,7 +155,7 @@ def test_never_reads_class_labels():
     assert len(list(sampler)) == len(sampler)
 
 
-def test_works_as_sampler_of_pml_metric_loss_only_trainer():
+def test_works_as_sampler_of_pml_metric_loss_only_trainer(device):
     domains = make_domains()
     n, dim, batch_size = len(domains), 4, 6
     features = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
@@ -170,7 +170,7 @@ def test_works_as_sampler_of_pml_metric_loss_only_trainer():
             return features[index], index  # the global index stands in for the label
 
     sampler = CrossDomainSampler(domains, batch_size, seed=4)
-    trunk = torch.nn.Linear(dim, 3)
+    trunk = torch.nn.Linear(dim, 3).to(device)  # PML's trainers never move models; data goes to data_device
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": torch.nn.Identity()},
         optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
@@ -179,6 +179,7 @@ def test_works_as_sampler_of_pml_metric_loss_only_trainer():
         dataset=RecordingDataset(),
         sampler=sampler,
         iterations_per_epoch=2,
+        data_device=device,
         dataloader_num_workers=0,
         end_of_epoch_hook=lambda t: sampler.set_epoch(t.epoch),
     )
