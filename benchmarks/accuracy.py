@@ -66,6 +66,7 @@ from pml_protoot import (
     embedding_head,
     eval_transform,
     moco_v2_transform,
+    pca_init_,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,6 +108,7 @@ class Recipe:
     momentum: float
     mining_funcs: dict = field(default_factory=dict)
     center_domains: bool = False  # train and score on domain-centred trunk features (``domain_means``)
+    pca_head: bool = False  # start the head at the features' principal components (``pca_init_``)
 
 
 def package_default(function, name: str):
@@ -126,10 +128,11 @@ def num_classes_memory(domain_ids, **options) -> PrototypeMemory:
 
 
 def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None,
-            center_domains=None):
+            center_domains=None, pca_head=None):
     """ProtoOTLoss; ``official`` takes the official code's preset, tau and momentum, else the package defaults.
 
-    The package's default pipeline trains on domain-centred features; the official code does not centre.
+    The package's default pipeline trains on domain-centred features with a head started at their principal
+    components; the official code does neither.
     """
     memory = num_classes_memory(domain_ids, **(memory_options or {}))
     loss_options = ({"temperature": OFFICIAL_TEMPERATURE} if official else {}) | (loss_options or {})
@@ -140,7 +143,9 @@ def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options
         momentum = OFFICIAL_MOMENTUM if official else package_default(ProtoOTTrainer, "momentum")
     if center_domains is None:
         center_domains = not official
-    return Recipe(memory, loss, momentum, center_domains=center_domains)
+    if pca_head is None:
+        pca_head = not official
+    return Recipe(memory, loss, momentum, center_domains=center_domains, pca_head=pca_head)
 
 
 def instance_contrast(domain_ids, epochs, *, momentum=None, center_domains=False):
@@ -151,10 +156,10 @@ def instance_contrast(domain_ids, epochs, *, momentum=None, center_domains=False
     return Recipe(num_classes_memory(domain_ids), NTXentLoss(TEMPERATURE), momentum, center_domains=center_domains)
 
 
-def miner_with(loss_class, center_domains=True, miner_options=None, **loss_options):
+def miner_with(loss_class, center_domains=True, pca_head=True, miner_options=None, **loss_options):
     """A recipe: ProtoOTMiner pseudo-label pairs with the PML loss ``loss_class(**loss_options)``.
 
-    The package's default pipeline (domain-centred features) unless ``center_domains=False``.
+    The package's default pipeline (domain-centred features, PCA-started head) unless told otherwise.
     """
 
     def recipe(domain_ids, epochs):
@@ -163,7 +168,9 @@ def miner_with(loss_class, center_domains=True, miner_options=None, **loss_optio
         miner = ProtoOTMiner(memory, update_prototypes=True, **(miner_options or {}))
         loss = loss_class(**loss_options)
         momentum = package_default(ProtoOTTrainer, "momentum")
-        return Recipe(memory, loss, momentum, {"tuple_miner": miner}, center_domains=center_domains)
+        return Recipe(
+            memory, loss, momentum, {"tuple_miner": miner}, center_domains=center_domains, pca_head=pca_head
+        )
 
     return recipe
 
@@ -187,6 +194,7 @@ ABLATIONS = {
     "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
     "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
     "ProtoOT default, prototypes from epoch 0 only": partial(protoot, memory_options={"reset_prototypes": False}),
+    "ProtoOT default, random head init": partial(protoot, pca_head=False),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
     "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),
     "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),
@@ -321,7 +329,8 @@ def run_method(source: Features | Images, train_domains, method: str, seed: int,
         results = make_tester(device).test(eval_sets, epochs if recipe else 0, fitted.model)
     return {
         "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
-        "momentum": recipe.momentum if recipe else None, "wall_time_s": round(time.perf_counter() - start, 2),
+        "momentum": recipe.momentum if recipe else None, "pca_head": recipe.pca_head if recipe else None,
+        "wall_time_s": round(time.perf_counter() - start, 2),
         "directions": {
             direction: {short: values[metric] for short, metric in METRICS.items()}
             for direction, values in results.items() if direction != "mean"
@@ -332,6 +341,8 @@ def run_method(source: Features | Images, train_domains, method: str, seed: int,
 def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, device) -> torch.nn.Module:
     """Train a fresh head on cached ``views`` ``(V, N, F)``; return the momentum key encoder's head."""
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
+    if recipe.pca_head:
+        pca_init_(head, eval_features)
     optimizer = torch.optim.Adam(head.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * int(domain_ids.max() + 1)
     trainer = ProtoOTTrainer(
@@ -366,6 +377,8 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     if recipe is None:
         return None, eval_sets, trunk.to(device), None
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
+    if recipe.pca_head:
+        pca_init_(head, trunk_features(trunk.to(device), eval_images, device, images.workers))
     parameters = [*trunk.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
@@ -388,6 +401,16 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     trainer.train(num_epochs=epochs)
     key_trunk, key_head = trainer.key_encoder.module
     return recipe, eval_sets, key_trunk, key_head
+
+
+@torch.no_grad()
+def trunk_features(trunk, images, device, workers) -> torch.Tensor:
+    """``(N, F)`` features of the untrained ``trunk`` (eval mode) on ``images``, in order."""
+    trunk.eval()
+    loader = torch.utils.data.DataLoader(images, batch_size=256, num_workers=workers)
+    features = torch.cat([trunk(batch.to(device)).float().cpu() for batch, _ in loader])
+    trunk.train()
+    return features
 
 
 def methods_to_run(methods, seed, first_seed) -> list[str]:
@@ -484,6 +507,16 @@ def protocol_sentence(config: dict) -> str:
     )
 
 
+def head_init_sentence(config: dict) -> str:
+    """Which methods start the head at the features' principal components (older results did not record it)."""
+    if "pca_head" not in config:
+        return ""
+    started = [method for method, pca in config["pca_head"].items() if pca]
+    return "Head started at the training features' principal components (`pca_init_`): " + (
+        ", ".join(started) if started else "none"
+    ) + "; the others at random."
+
+
 def markdown(payload: dict) -> str:
     config, runs = payload["config"], payload["runs"]
     methods = config["methods"]
@@ -506,7 +539,8 @@ def markdown(payload: dict) -> str:
         f"Seeds {config['seeds']}: "
         "mean ± std over seeds (raw features: seed-independent, one run). Scores of the momentum key encoder after "
         "the final epoch (no best-epoch selection). mAP is over the full ranking. Key-encoder momentum per method: "
-        + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ".\n",
+        + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ". "
+        + head_init_sentence(config) + "\n",
     ]
     if config.get("note"):
         lines.append(f"Note: {config['note']}\n")
@@ -582,7 +616,9 @@ def merged(payloads: list[dict], methods) -> dict:
     config = dict(payloads[0]["config"])
     config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
     config["methods"] = [m for m in methods if m in present]
-    config["momentum"] = {k: v for p in payloads for k, v in p["config"]["momentum"].items() if k in methods}
+    for setting in ("momentum", "pca_head"):
+        if any(setting in p["config"] for p in payloads):  # results older than pca_head lack it
+            config[setting] = {k: v for p in payloads for k, v in p["config"].get(setting, {}).items() if k in methods}
     config["joint"] = any(p["config"]["joint"] for p in payloads)
     return payloads[0] | {
         "command": " + ".join(p["command"] for p in payloads),
@@ -664,7 +700,11 @@ def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
         "feature_extraction_s": round(extraction_s, 1),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({device})",
         "threads": threads,
-        "config": {**config, "momentum": {run["method"]: run["momentum"] for run in runs}},
+        "config": {
+            **config,
+            "momentum": {run["method"]: run["momentum"] for run in runs},
+            "pca_head": {run["method"]: run["pca_head"] for run in runs},
+        },
         "runs": runs,
     }
 

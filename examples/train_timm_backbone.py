@@ -3,7 +3,8 @@
 The library pieces, wired by hand (``protoot train`` does the same and more: feature
 caching with ``--freeze-trunk``, JSON outputs, ``protoot eval``):
 
-* ``create_trunk(name)``: any timm model without its classifier, plus ``embedding_head``;
+* ``create_trunk(name)``: any timm model without its classifier, plus ``embedding_head``
+  started at the principal components of the trunk's features (``pca_init_``);
 * ``MultiDomainImageFolder(root, domains)`` (``<root>/<domain>/<class>/<image>``) or the
   synthetic demo set; ``TwoViewDataset`` gives two MoCo-v2 views and the sample index;
 * ``PrototypeMemory``, ``ProtoOTLoss``, ``CrossDomainSampler``, ``ProtoOTTrainer``;
@@ -34,6 +35,7 @@ from pml_protoot import (
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
+    pca_init_,
 )
 
 
@@ -49,6 +51,15 @@ def score(tester, eval_images, encoder):
     results = tester.test(dataset_dict, 0, encoder)
     print(tester.summary_table(results))
     return results
+
+
+@torch.no_grad()
+def trunk_features(trunk, eval_images, device):
+    """``(N, F)`` features of the untrained trunk on the eval view: what ``pca_init_`` starts the head from."""
+    loader = torch.utils.data.DataLoader(eval_images, batch_size=64)
+    features = torch.cat([trunk.eval()(images.to(device)).cpu() for images, _ in loader])
+    trunk.train()
+    return features
 
 
 def main(argv=None):
@@ -75,6 +86,7 @@ def main(argv=None):
     images = load_images(args.data, args.domains, size)
     eval_images = load_images(args.data, args.domains, size, transform=eval_transform(size, mean, std))
     views = moco_v2_transform(size, mean, std)
+    pca_init_(embedder, trunk_features(trunk.to(device), eval_images, device))
 
     memory = PrototypeMemory(images.domain_ids, dim=128, num_prototypes=len(images.classes))
     parameters = list(trunk.parameters()) + list(embedder.parameters())
@@ -94,7 +106,7 @@ def main(argv=None):
     )
     metrics = ("precision_at_1", "precision_at_5", "precision_at_15", "mean_average_precision_at_r")
     tester = CrossDomainTester(PrecisionAtKCalculator(include=metrics), dataloader_num_workers=0)
-    print(f"{args.backbone}, untrained head:")
+    print(f"{args.backbone}, head at its PCA start:")
     before = score(tester, eval_images, trainer.key_encoder.module)
     trainer.train(num_epochs=args.epochs)
     print(f"{args.backbone}, after {args.epochs} epochs (momentum key encoder):")

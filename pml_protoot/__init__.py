@@ -1,6 +1,6 @@
 """ProtoOT (AAAI 2024) unsupervised cross-domain retrieval as pytorch-metric-learning parts."""
 from .accuracy import PrecisionAtKCalculator
-from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights
+from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights, pca_init_
 from .data import (
     CachedTwoViewDataset,
     FeatureCache,
@@ -48,4 +48,5 @@ __all__ = [
     "load_trunk_weights",
     "convert_efficientnet_lite0_weights",
     "embedding_head",
+    "pca_init_",
 ]

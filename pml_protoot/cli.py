@@ -52,7 +52,7 @@ import timm
 import torch
 
 from .accuracy import PrecisionAtKCalculator
-from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head
+from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, pca_init_
 from .data import (
     SYNTHETIC_STYLES,
     FeatureCache,
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--center-domains", action=argparse.BooleanOptionalAction, default=True,
         help="subtract each domain's mean trunk feature (--freeze-trunk; default on, see FeatureCache)",
     )
+    training.add_argument(
+        "--pca-head", action=argparse.BooleanOptionalAction, default=True,
+        help="start the head at the principal components of the training images' trunk features "
+        "(pca_init_; default on; the official code starts it at random)",
+    )
     training.add_argument("--views", type=int, default=4, help="augmented views cached per image (--freeze-trunk)")
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
     training.add_argument("--epochs", type=int)
@@ -133,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--momentum", type=float, help="EMA momentum of the key encoder")
     training.add_argument("--cross-domain-start", type=int, help="first epoch (0-based) of the cross-domain term "
                           "(default: half of --epochs, as the paper's 100 of 200)")
-    training.add_argument("--official", action="store_true", help="the official code's loss and memory settings")
+    training.add_argument(
+        "--official", action="store_true",
+        help="the official code's loss and memory settings (its whole pipeline: add --no-pca-head, and "
+        "--no-center-domains with --freeze-trunk)",
+    )
     training.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--out", metavar="DIR", help="output folder (default: runs/protoot-<time>)")
@@ -239,8 +248,11 @@ def train(args) -> dict:
     memory = PrototypeMemory(dataset.domain_ids, dim=EMBEDDING_DIM, num_prototypes=num_prototypes)
     trunk, head, normalisation = _build_encoder(config)
     training_set, fill_set, eval_sets, trunk = _training_data(config, dataset, trunk, normalisation, device)
+    if config["pca_head"]:
+        features, _ = _trunk_outputs(fill_set, trunk, device, config["batch_size"], config["workers"])
+        pca_init_(head, features)
     tester = _tester(config)
-    print(f"Before training ({config['backbone']}, untrained head):")
+    print(f"Before training ({config['backbone']}, head at {'PCA' if config['pca_head'] else 'random'} init):")
     before = _score(tester, eval_sets, trunk, head, device, epoch=0)
     trainer = _trainer(config, trunk, head, memory, sampler, training_set, fill_set, device)
     out = Path(config["out"])
@@ -456,17 +468,25 @@ def evaluate(args) -> dict:
     return results
 
 
-@torch.no_grad()
 def _centred_trunk_features(eval_sets: dict, trunk, device, batch_size) -> dict:
     """``{domain: TensorDataset(trunk features less the domain's mean, labels)}``, as training saw them."""
-    trunk = trunk.to(device).eval()
     centred = {}
     for domain, eval_set in eval_sets.items():
-        loader = torch.utils.data.DataLoader(eval_set, batch_size=batch_size)
-        features, labels = zip(*((trunk(images.to(device)).float().cpu(), targets) for images, targets in loader))
-        features = torch.cat(features)
-        centred[domain] = torch.utils.data.TensorDataset(features - features.mean(0), torch.cat(labels))
+        features, labels = _trunk_outputs(eval_set, trunk, device, batch_size)
+        centred[domain] = torch.utils.data.TensorDataset(features - features.mean(0), labels)
     return centred
+
+
+@torch.no_grad()
+def _trunk_outputs(dataset, trunk, device, batch_size, workers=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(trunk(x) (N, F) on the CPU, targets (N,))`` over ``dataset``'s ``(x, target)`` items, the trunk
+    in eval mode (its mode is restored)."""
+    training = trunk.training
+    trunk = trunk.to(device).eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    features, targets = zip(*((trunk(inputs.to(device)).float().cpu(), batch_targets) for inputs, batch_targets in loader))
+    trunk.train(training)
+    return torch.cat(features), torch.cat(targets)
 
 
 def _checkpoint_config(args) -> dict:

@@ -1,4 +1,5 @@
 """timm trunks, strict local weights, the Lite0 converter and the MLP head."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -11,6 +12,7 @@ from pml_protoot.backbones import (
     create_trunk,
     embedding_head,
     load_trunk_weights,
+    pca_init_,
 )
 
 DTYPES = [torch.float32, torch.float64]
@@ -171,3 +173,72 @@ def test_embedding_head_hidden_defaults_to_in_dim():
     assert head[0].weight.shape == (7, 7) and head[2].weight.shape == (128, 7)
     with pytest.raises(ValueError, match="out_dim"):
         embedding_head(7, out_dim=0)
+
+
+def numpy_principal_directions(features):
+    """Eigenvectors of the covariance matrix, largest eigenvalue first (independent of torch's SVD)."""
+    centred = features - features.mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    return vectors[:, ::-1].T, values[::-1]
+
+
+def random_part(head, x, k):
+    """The head's output through every hidden unit but the first 2k (the part pca_init_ keeps random)."""
+    first, _, second = head
+    hidden = torch.relu(x @ first.weight[2 * k :].T + first.bias[2 * k :])
+    return hidden @ second.weight[:, 2 * k :].T + second.bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pca_init_starts_the_head_at_the_principal_components(dtype, device):
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.linspace(3.0, 0.5, 10, dtype=torch.float64)  # distinct variances: directions are unique
+    features = (torch.randn(200, 10, generator=generator, dtype=torch.float64) * scales) @ torch.linalg.qr(
+        torch.randn(10, 10, generator=generator, dtype=torch.float64)
+    )[0] + 5.0
+    torch.manual_seed(0)
+    head = embedding_head(10, 12, 4).to(device=device, dtype=dtype)
+    untouched = [head[0].weight[8:].clone(), head[0].bias[8:].clone(), head[2].weight[:, 8:].clone(), head[2].bias.clone()]
+    assert pca_init_(head, features.to(device=device, dtype=dtype)) is head
+
+    x = features.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        pca_part = (head(x) - random_part(head, x, 4)).double().cpu()
+    directions, _ = numpy_principal_directions(features.numpy())
+    expected = (features - features.mean(0)).numpy() @ directions[:4].T
+    expected = torch.from_numpy(expected / expected.std(ddof=1))
+    signs = torch.sign((pca_part * expected).sum(0))  # a direction's sign is arbitrary
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(pca_part, expected * signs, atol=tolerance, rtol=tolerance)
+    after = [head[0].weight[8:], head[0].bias[8:], head[2].weight[:, 8:], head[2].bias]
+    assert all(torch.equal(a, b) for a, b in zip(untouched, after))
+
+
+@pytest.mark.parametrize(
+    "rows,hidden_dim,components",
+    [(3, 8, 2), (20, 5, 2)],  # rank 2 once centred / room for 2 components (5 // 2) in the hidden layer
+)
+def test_pca_init_with_fewer_components_than_outputs_keeps_the_rest_random(rows, hidden_dim, components):
+    features = torch.randn(rows, 6, generator=torch.Generator().manual_seed(1))
+    head = pca_init_(embedding_head(6, hidden_dim, 4), features)
+    with torch.no_grad():
+        pca_part = head(features) - random_part(head, features, components)
+    assert pca_part[:, components:].abs().max() < 1e-6  # the other outputs come from random units only
+    assert pca_part[:, :components].std() == pytest.approx(1.0, rel=1e-4)
+    assert pca_part[:, :components].abs().min(dim=0).values.max() > 0  # every started output is a live component
+
+
+@pytest.mark.parametrize(
+    "head,features,error,match",
+    [
+        (embedding_head(6, 8, 4), torch.randn(10, 5), ValueError, "features must have shape \\(N, 6\\)"),
+        (embedding_head(6, 8, 4), torch.randn(1, 6), ValueError, "at least 2 rows, got 1"),
+        (embedding_head(6, 8, 4), torch.ones(5, 6), ValueError, "must vary"),
+        (embedding_head(6, 8, 4), torch.full((5, 6), float("nan")), ValueError, "finite"),
+        (embedding_head(6, 8, 4), torch.ones(5, 6, dtype=torch.long), TypeError, "floating-point"),
+        (torch.nn.Linear(6, 4), torch.randn(10, 6), TypeError, "Linear -> ReLU -> Linear"),
+    ],
+)
+def test_pca_init_bad_input(head, features, error, match):
+    with pytest.raises(error, match=match):
+        pca_init_(head, features)

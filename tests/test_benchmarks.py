@@ -46,6 +46,8 @@ def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_pa
             assert all(math.isfinite(value) and 0 <= value <= 1 for value in metrics.values()), (run["method"], metrics)
     trained = [run for run in written["runs"] if run["method"] != "raw features"]
     assert all(run["epochs"] == 2 and 0 < run["momentum"] <= 1 for run in trained)
+    pca_started = {run["method"] for run in trained if run["pca_head"]}
+    assert pca_started == {"ProtoOT default", "ProtoOTMiner + NTXentLoss"}  # the package's pipeline only
 
     markdown = out.with_name("accuracy.md").read_text()
     assert markdown.count("## Domain pairs") == len(accuracy.METRICS)
@@ -53,6 +55,7 @@ def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_pa
     for method in accuracy.METHODS:
         assert markdown.count(f"| {method} |") == len(accuracy.METRICS)
     assert written["command"] in markdown
+    assert "principal components (`pca_init_`): ProtoOT default, ProtoOTMiner + NTXentLoss;" in markdown
 
 
 def test_feature_cache_is_reused(accuracy, pacs_mini, tmp_path):
@@ -178,3 +181,25 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     assert payload["complete"] and payload["config"]["finetune"]
     assert [run["method"] for run in payload["runs"]] == ["raw features", "ProtoOT default"]
     assert "trained end to end" in out.with_name("finetune.md").read_text()
+
+
+@pytest.mark.parametrize("method,started", [("ProtoOT default", True), ("ProtoOT official", False)])
+def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monkeypatch, method, started):
+    """The default recipe calls ``pca_init_`` on the domain-centred eval features it trains on; official does not."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    n = 8 * len(accuracy.JOINT)
+    domain_ids = torch.arange(len(accuracy.JOINT)).repeat_interleave(8)
+    features = accuracy.Features(
+        list(accuracy.JOINT), domain_ids, torch.arange(n) % 7,
+        torch.randn(n, accuracy.FEATURE_DIM, generator=generator) + 3 * domain_ids[:, None],
+        torch.randn(2, n, accuracy.FEATURE_DIM, generator=generator),
+    )
+    calls = []
+    monkeypatch.setattr(accuracy, "pca_init_", lambda head, x: calls.append(x.clone()) or head)
+    fitted = accuracy.fit_method(features, accuracy.QUICK_PAIR, method, 0, 1, torch.device("cpu"))
+    assert bool(calls) == started
+    if started:
+        torch.testing.assert_close(calls[0], fitted.eval_features)  # what the head sees in training and scoring
+        assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
