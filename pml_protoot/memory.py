@@ -124,8 +124,11 @@ class PrototypeMemory(torch.nn.Module):
             the L2-normalised centroids, each matched to the prototype it is most similar
             to (Hungarian assignment); ``True`` by default. ``False`` is the official code:
             prototypes come from K-means once, at epoch 0, and then only follow the OT
-            updates, so they keep whatever the untrained encoder's clustering gave them
-            (pacs-mini ablation, ``benchmarks/accuracy.py``: mean P@15 55.6 with the reset, 53.4 without).
+            updates, so they keep whatever the untrained encoder's clustering gave them.
+            It matters most when that clustering is poor: with a random head it was worth
+            +2.2 mean P@15 in the pacs-mini ablation (``benchmarks/accuracy.py``); with the
+            head started by :func:`~pml_protoot.backbones.pca_init_` it is within a seed's
+            spread at 30 epochs (55.5 with, 56.4 without).
         refresh_every: training steps of a domain between full OT refreshes (see
             above); 1 (default) is exact ProtoOT.
         neighbour_search: ``"auto"`` (default), ``"exact"`` or ``"ivf"`` (see above).
