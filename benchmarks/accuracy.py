@@ -193,7 +193,7 @@ ABLATIONS = {
     "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
     "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
     "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
-    "ProtoOT default, prototypes from epoch 0 only": partial(protoot, memory_options={"reset_prototypes": False}),
+    "ProtoOT default, prototypes reset every epoch": partial(protoot, memory_options={"reset_prototypes": True}),
     "ProtoOT default, random head init": partial(protoot, pca_head=False),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
     "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),

@@ -78,8 +78,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
       (official); ``memory.normalize_scores``;
     * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"matched"``)
       or K-means sizes in K-means order (official, ``"official"``);
-    * prototypes reset to the matched K-means centroids at every recluster (default) or
-      set by K-means at epoch 0 only (official); ``memory.reset_prototypes``;
+    * prototypes set by K-means at epoch 0 only (default and official) or reset to the
+      matched K-means centroids at every recluster (``memory.reset_prototypes=True``; the
+      official preset turns it off);
     * cross-domain negatives :math:`q\cdot c'_j` raw (default) or taken from the
       L2-normalised row :math:`\mathrm{normalise}(q C'^\top)` while the positive stays raw
       (official); option ``normalize_cross_negatives``.

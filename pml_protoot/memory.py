@@ -48,7 +48,7 @@ class PrototypeMemory(torch.nn.Module):
     * :meth:`update_prototypes`: :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)`;
     * :meth:`recluster`: faiss K-means per bank; the first call sets :math:`C_d` to the
       L2-normalised centroids, every call sets :math:`\beta_d` by ``marginal_rule`` and,
-      with ``reset_prototypes`` (default), later calls reset :math:`C_d` to the new
+      with ``reset_prototypes=True``, later calls reset :math:`C_d` to the new
       centroids matched to the current prototypes (Hungarian on cosine similarity), so
       prototype :math:`k` stays prototype :math:`k` while escaping its first clustering.
 
@@ -122,13 +122,13 @@ class PrototypeMemory(torch.nn.Module):
         kmeans_seed: K-means random seed (0 in ProtoOT).
         reset_prototypes: every :meth:`recluster` after the first also sets :math:`C_d` to
             the L2-normalised centroids, each matched to the prototype it is most similar
-            to (Hungarian assignment); ``True`` by default. ``False`` is the official code:
+            to (Hungarian assignment). ``False`` (default) is the official code:
             prototypes come from K-means once, at epoch 0, and then only follow the OT
-            updates, so they keep whatever the untrained encoder's clustering gave them.
-            It matters most when that clustering is poor: with a random head it was worth
-            +2.2 mean P@15 in the pacs-mini ablation (``benchmarks/accuracy.py``); with the
-            head started by :func:`~pml_protoot.backbones.pca_init_` it is within a seed's
-            spread at 30 epochs (55.5 with, 56.4 without).
+            updates, so they keep the untrained encoder's first clustering. The reset helps
+            when that clustering is poor (with a random head it was worth +2.2 mean P@15
+            in the pacs-mini ablation, ``benchmarks/accuracy.py``); with the head started by
+            :func:`~pml_protoot.backbones.pca_init_` it cost 0.9 there (55.5 with, 56.4
+            without; ablation row "prototypes reset every epoch").
         refresh_every: training steps of a domain between full OT refreshes (see
             above); 1 (default) is exact ProtoOT.
         neighbour_search: ``"auto"`` (default), ``"exact"`` or ``"ivf"`` (see above).
@@ -168,7 +168,7 @@ class PrototypeMemory(torch.nn.Module):
         kmeans_niter: int = 50,
         kmeans_nredo: int = 20,
         kmeans_seed: int = 0,
-        reset_prototypes: bool = True,
+        reset_prototypes: bool = False,
         refresh_every: int = 1,
         neighbour_search: str = "auto",
         ivf_nlist: int | None = None,

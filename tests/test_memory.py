@@ -210,7 +210,8 @@ def test_assignment_rule_is_column_mass_of_current_assignment():
 
 
 def test_uniform_rule_and_prototypes_kept_after_first_call_without_reset():
-    memory, _ = blob_memory("uniform", reset_prototypes=False)
+    memory, _ = blob_memory("uniform")
+    assert not memory.reset_prototypes  # the default, as the official code
     memory.recluster(epoch=0)
     memory.prototypes.copy_(scrambled_prototypes(memory))
     prototypes = memory.prototypes.clone()
@@ -222,8 +223,7 @@ def test_uniform_rule_and_prototypes_kept_after_first_call_without_reset():
 
 @pytest.mark.parametrize("marginal_rule", ["matched", "official", "uniform"])
 def test_reset_prototypes_takes_the_centroids_matched_to_the_current_prototypes(marginal_rule):
-    memory, truths = blob_memory(marginal_rule)
-    assert memory.reset_prototypes  # the default
+    memory, truths = blob_memory(marginal_rule, reset_prototypes=True)
     memory.recluster(epoch=0)
     memory.prototypes.copy_(scrambled_prototypes(memory))
     before = memory.prototypes.clone()

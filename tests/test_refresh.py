@@ -22,8 +22,10 @@ def unit_keys(count, seed, dtype=torch.float32):
     return F.normalize(torch.randn(count, DIM, generator=generator, dtype=dtype), dim=1)
 
 
-def ready_memory(refresh_every, dtype, device, seed=0):
-    memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, refresh_every=refresh_every).to(device=device, dtype=dtype)
+def ready_memory(refresh_every, dtype, device, seed=0, **options):
+    memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, refresh_every=refresh_every, **options).to(
+        device=device, dtype=dtype
+    )
     memory.fill(unit_keys(len(DOMAINS), seed, dtype).to(device), torch.arange(len(DOMAINS)))
     memory.recluster(epoch=0)
     return memory
@@ -93,7 +95,7 @@ def test_cached_plan_between_refreshes_matches_the_refresh_plan_and_tracks_writt
 
 
 def test_refresh_is_due_every_r_steps_and_after_recluster(device):
-    memory = ready_memory(2, torch.float64, device)
+    memory = ready_memory(2, torch.float64, device, reset_prototypes=True)
     rows = torch.arange(5, device=device)
     for step in range(5):
         memory.fill(unit_keys(5, 30 + step, torch.float64).to(device), torch.arange(5))
