@@ -67,6 +67,7 @@ from pml_protoot import (
     eval_transform,
     moco_v2_transform,
     pca_init_,
+    trunk_features,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -378,7 +379,7 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
         return None, eval_sets, trunk.to(device), None
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
     if recipe.pca_head:
-        pca_init_(head, trunk_features(trunk.to(device), eval_images, device, images.workers))
+        pca_init_(head, trunk_features(trunk.to(device), eval_images, batch_size=256, num_workers=images.workers))
     parameters = [*trunk.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
@@ -401,16 +402,6 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     trainer.train(num_epochs=epochs)
     key_trunk, key_head = trainer.key_encoder.module
     return recipe, eval_sets, key_trunk, key_head
-
-
-@torch.no_grad()
-def trunk_features(trunk, images, device, workers) -> torch.Tensor:
-    """``(N, F)`` features of the untrained ``trunk`` (eval mode) on ``images``, in order."""
-    trunk.eval()
-    loader = torch.utils.data.DataLoader(images, batch_size=256, num_workers=workers)
-    features = torch.cat([trunk(batch.to(device)).float().cpu() for batch, _ in loader])
-    trunk.train()
-    return features
 
 
 def methods_to_run(methods, seed, first_seed) -> list[str]:

@@ -36,6 +36,7 @@ from pml_protoot import (
     make_synthetic_domains,
     moco_v2_transform,
     pca_init_,
+    trunk_features,
 )
 
 
@@ -51,15 +52,6 @@ def score(tester, eval_images, encoder):
     results = tester.test(dataset_dict, 0, encoder)
     print(tester.summary_table(results))
     return results
-
-
-@torch.no_grad()
-def trunk_features(trunk, eval_images, device):
-    """``(N, F)`` features of the untrained trunk on the eval view: what ``pca_init_`` starts the head from."""
-    loader = torch.utils.data.DataLoader(eval_images, batch_size=64)
-    features = torch.cat([trunk.eval()(images.to(device)).cpu() for images, _ in loader])
-    trunk.train()
-    return features
 
 
 def main(argv=None):
@@ -86,7 +78,7 @@ def main(argv=None):
     images = load_images(args.data, args.domains, size)
     eval_images = load_images(args.data, args.domains, size, transform=eval_transform(size, mean, std))
     views = moco_v2_transform(size, mean, std)
-    pca_init_(embedder, trunk_features(trunk.to(device), eval_images, device))
+    pca_init_(embedder, trunk_features(trunk.to(device), eval_images))  # the untrained trunk's features
 
     memory = PrototypeMemory(images.domain_ids, dim=128, num_prototypes=len(images.classes))
     parameters = list(trunk.parameters()) + list(embedder.parameters())

@@ -12,6 +12,7 @@ from .data import (
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
+    trunk_features,
 )
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -41,6 +42,7 @@ __all__ = [
     "CachedTwoViewDataset",
     "FeatureCache",
     "domain_means",
+    "trunk_features",
     "make_synthetic_domains",
     "moco_v2_transform",
     "eval_transform",

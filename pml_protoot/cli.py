@@ -58,9 +58,11 @@ from .data import (
     FeatureCache,
     MultiDomainImageFolder,
     TwoViewDataset,
+    domain_means,
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
+    trunk_features,
 )
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -249,8 +251,9 @@ def train(args) -> dict:
     trunk, head, normalisation = _build_encoder(config)
     training_set, fill_set, eval_sets, trunk = _training_data(config, dataset, trunk, normalisation, device)
     if config["pca_head"]:
-        features, _ = _trunk_outputs(fill_set, trunk, device, config["batch_size"], config["workers"])
-        pca_init_(head, features)
+        pca_init_(head, trunk_features(
+            trunk.to(device), fill_set, batch_size=config["batch_size"], num_workers=config["workers"]
+        ))
     tester = _tester(config)
     print(f"Before training ({config['backbone']}, head at {'PCA' if config['pca_head'] else 'random'} init):")
     before = _score(tester, eval_sets, trunk, head, device, epoch=0)
@@ -461,32 +464,23 @@ def evaluate(args) -> dict:
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
     if config.get("freeze_trunk") and config.get("center_domains"):
-        eval_sets, trunk = _centred_trunk_features(eval_sets, trunk, device, config["batch_size"]), torch.nn.Identity()
+        eval_sets, trunk = _centred_trunk_features(dataset, trunk, device, config["batch_size"]), torch.nn.Identity()
     results = _score(_tester(config), eval_sets, trunk, head, device, epoch=0)
     if args.out:
         _write_json(Path(args.out), results)
     return results
 
 
-def _centred_trunk_features(eval_sets: dict, trunk, device, batch_size) -> dict:
+def _centred_trunk_features(dataset, trunk, device, batch_size) -> dict:
     """``{domain: TensorDataset(trunk features less the domain's mean, labels)}``, as training saw them."""
+    features = trunk_features(trunk.to(device), dataset, batch_size=batch_size)
+    features = features - domain_means(features, dataset.domain_ids)[dataset.domain_ids]
+    labels = torch.as_tensor(dataset.targets)
     centred = {}
-    for domain, eval_set in eval_sets.items():
-        features, labels = _trunk_outputs(eval_set, trunk, device, batch_size)
-        centred[domain] = torch.utils.data.TensorDataset(features - features.mean(0), labels)
+    for domain in dataset.domains:
+        rows = dataset.domain_indices(domain)
+        centred[domain] = torch.utils.data.TensorDataset(features[rows], labels[rows])
     return centred
-
-
-@torch.no_grad()
-def _trunk_outputs(dataset, trunk, device, batch_size, workers=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(trunk(x) (N, F) on the CPU, targets (N,))`` over ``dataset``'s ``(x, target)`` items, the trunk
-    in eval mode (its mode is restored)."""
-    training = trunk.training
-    trunk = trunk.to(device).eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    features, targets = zip(*((trunk(inputs.to(device)).float().cpu(), batch_targets) for inputs, batch_targets in loader))
-    trunk.train(training)
-    return torch.cat(features), torch.cat(targets)
 
 
 def _checkpoint_config(args) -> dict:

@@ -35,6 +35,7 @@ __all__ = [
     "make_synthetic_domains",
     "moco_v2_transform",
     "eval_transform",
+    "trunk_features",
     "FeatureCache",
     "CachedTwoViewDataset",
 ]
@@ -470,6 +471,84 @@ def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGEN
 # ---------------------------------------------------------------- feature cache
 
 
+@torch.no_grad()
+def trunk_features(
+    trunk: torch.nn.Module,
+    dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    description: str = "trunk features",
+) -> torch.Tensor:
+    r"""``(N, F)`` outputs ``trunk(x)`` of every item of ``dataset``, in order, on the CPU.
+
+    What :func:`~pml_protoot.backbones.pca_init_` starts a head from, and what
+    :class:`FeatureCache` stores. Inputs go to the trunk's device (that of its first
+    parameter; the CPU for a parameter-free trunk), as in
+    :class:`~pml_protoot.testers.CrossDomainTester`. The trunk runs in eval mode
+    (batch-norm running statistics, no dropout) under ``torch.no_grad()``; its
+    train/eval mode is restored afterwards. Half-precision outputs (e.g. under autocast) are returned as
+    float32; float32 and float64 outputs keep their dtype.
+
+    Args:
+        trunk: ``(B, *input_shape) -> (B, F)``, e.g. from :func:`~pml_protoot.backbones.create_trunk`.
+        dataset: items ``x`` or tuples ``(x, ...)`` (e.g. ``(image, class_label)``); only ``x`` is used.
+        batch_size: items per trunk call.
+        num_workers: ``DataLoader`` worker processes (image decoding and transforms).
+        progress: show a tqdm progress bar.
+        description: the progress bar's label.
+
+    Returns:
+        ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
+
+    Raises:
+        TypeError: ``trunk`` is not a ``torch.nn.Module``.
+        ValueError: ``dataset`` is empty, or bad ``batch_size`` / ``num_workers``.
+
+    Example:
+        >>> import torch
+        >>> from pml_protoot.data import trunk_features
+        >>> dataset = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.arange(10))
+        >>> trunk = torch.nn.Linear(3, 4)
+        >>> features = trunk_features(trunk, dataset, batch_size=4)
+        >>> features.shape, torch.allclose(features, trunk(dataset.tensors[0]))
+        (torch.Size([10, 4]), True)
+    """
+    if not isinstance(trunk, torch.nn.Module):
+        raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
+    check_positive_int("batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: there is nothing to extract features from")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = _model_device(trunk)
+    batches = tqdm(loader, description, disable=not progress)
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        outputs = [_upcast_half(trunk(_inputs(batch).to(device))).cpu() for batch in batches]
+    finally:
+        trunk.train(was_training)
+    return torch.cat(outputs)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives; the CPU for a parameter-free model."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _inputs(batch):
+    """The model inputs of a collated batch: the batch itself, or its first field for ``(x, ...)`` items."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _upcast_half(features: torch.Tensor) -> torch.Tensor:
+    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+
+
 class FeatureCache:
     r"""Frozen-trunk features of every image, for the eval view and ``V`` augmented views, computed once.
 
@@ -489,7 +568,7 @@ class FeatureCache:
         num_views: ``V >= 2`` augmented views per image.
         path: ``.pt`` cache file, or ``None`` for memory only.
         batch_size: images per trunk call.
-        device: where the trunk runs.
+        device: where the trunk runs: it is moved there (``None``: where it is).
         seed: seed of the augmentations.
         num_workers: ``DataLoader`` workers for image decoding.
         progress: show tqdm progress bars.
@@ -536,7 +615,7 @@ class FeatureCache:
         num_views: int = 4,
         path=None,
         batch_size: int = 64,
-        device="cpu",
+        device=None,
         seed: int = 0,
         num_workers: int = 0,
         progress: bool = True,
@@ -556,7 +635,7 @@ class FeatureCache:
         ])
         self.path = None if path is None else Path(path)
         if not self._load():
-            self._compute(trunk, train_view, eval_view, num_views, torch.device(device))
+            self._compute(trunk if device is None else trunk.to(device), train_view, eval_view, num_views)
             self._save()
         self.center_domains = center_domains
         self.domain_means = domain_means(self.eval_features, dataset.domain_ids)
@@ -587,27 +666,21 @@ class FeatureCache:
         os.replace(partial, self.path)  # never leave a half-written cache behind
         logger.info("saved feature cache to %s", self.path)
 
-    def _compute(self, trunk, train_view, eval_view, num_views, device) -> None:
-        was_training = trunk.training
-        trunk.eval()
-        try:
-            self.eval_features = self._extract(trunk, eval_view, device, "eval view")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self.view_features = torch.stack([
-                    self._extract(trunk, train_view, device, f"augmented view {v + 1}/{num_views}")
-                    for v in range(num_views)
-                ])
-        finally:
-            trunk.train(was_training)
+    def _compute(self, trunk, train_view, eval_view, num_views) -> None:
+        self.eval_features = self._extract(trunk, eval_view, "eval view")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.view_features = torch.stack([
+                self._extract(trunk, train_view, f"augmented view {v + 1}/{num_views}")
+                for v in range(num_views)
+            ])
 
-    @torch.no_grad()
-    def _extract(self, trunk, transform, device, description) -> torch.Tensor:
-        loader = torch.utils.data.DataLoader(
-            _Transformed(self.dataset, transform), batch_size=self.batch_size, num_workers=self.num_workers
+    def _extract(self, trunk, transform, description) -> torch.Tensor:
+        features = trunk_features(
+            trunk, _Transformed(self.dataset, transform), batch_size=self.batch_size,
+            num_workers=self.num_workers, progress=self.progress, description=description,
         )
-        batches = tqdm(loader, description, disable=not self.progress)
-        return torch.cat([trunk(images.to(device)).float().cpu() for images in batches])
+        return features.float()  # the cache's documented dtype, whatever the trunk's
 
     def train_dataset(self, seed: int = 0) -> "CachedTwoViewDataset":
         """Label-free training set: item ``i`` is ``((view_a, view_b), i)``, two distinct cached views."""

@@ -11,6 +11,7 @@ from pytorch_metric_learning.testers.base_tester import BaseTester
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
+from .data import _model_device
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -251,11 +252,6 @@ class CrossDomainTester(BaseTester):
         if not resolved:
             raise ValueError("pairs must hold at least one (query_domain, gallery_domain) pair, got none")
         return resolved
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _plain(value):

@@ -1,4 +1,4 @@
-"""Multi-domain folders, two views, the synthetic demo set, transforms and the feature cache."""
+"""Multi-domain folders, two views, the synthetic demo set, transforms, trunk features and the feature cache."""
 import os
 import time
 
@@ -15,6 +15,7 @@ from pml_protoot.data import (
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
+    trunk_features,
 )
 
 # domain -> class -> number of images; "zebra" exists in one domain only.
@@ -214,6 +215,72 @@ def test_transforms_shapes_normalisation_and_randomness():
     assert first.shape == (3, 32, 32) and not torch.equal(first, second)
 
 
+def batch_norm_trunk(dtype, device):
+    """Linear + batch norm in train mode with running statistics unlike any batch's: eval mode shows."""
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5)).to(device, dtype)
+    trunk[1].running_mean.fill_(0.5)
+    trunk[1].running_var.fill_(4.0)
+    return trunk.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_trunk_features_equal_the_eval_mode_trunk_one_item_at_a_time(dtype, labelled, device):
+    inputs = torch.randn(10, 3, dtype=dtype)
+    dataset = torch.utils.data.TensorDataset(inputs, torch.arange(10)) if labelled else inputs
+    trunk = batch_norm_trunk(dtype, device)
+    features = trunk_features(trunk, dataset, batch_size=4)  # 4 + 4 + 2: a short last batch
+    assert trunk.training  # mode restored
+    assert features.shape == (10, 5) and features.dtype == dtype and features.device.type == "cpu"
+    assert not features.requires_grad
+    linear, norm = trunk
+    expected = torch.stack([  # eval-mode batch norm written plainly, item by item
+        (linear(x.to(device)) - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        for x in inputs
+    ]).detach().cpu()
+    torch.testing.assert_close(features, expected)
+    assert trunk[1].running_mean.eq(0.5).all()  # running statistics untouched
+
+
+def test_trunk_features_upcast_half_outputs_and_use_worker_processes():
+    inputs = torch.randn(6, 3)
+    trunk = torch.nn.Linear(3, 2)
+    half = torch.nn.Sequential(trunk, Cast(torch.bfloat16))
+    features = trunk_features(half, inputs, batch_size=4, num_workers=1)
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, trunk(inputs).detach().to(torch.bfloat16).float())
+
+
+class Cast(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
+
+
+def test_trunk_features_progress_bar(capsys):
+    trunk_features(torch.nn.Linear(3, 2), torch.randn(6, 3), batch_size=2, progress=True, description="eval view")
+    assert "eval view" in capsys.readouterr().err
+    trunk_features(torch.nn.Linear(3, 2), torch.randn(6, 3), batch_size=2)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "trunk, dataset, kwargs, error, match",
+    [
+        (lambda x: x, torch.randn(2, 3), {}, TypeError, "trunk must be a torch.nn.Module, got function"),
+        (torch.nn.Linear(3, 2), torch.randn(2, 3), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
+        (torch.nn.Linear(3, 2), torch.randn(2, 3), {"num_workers": -1}, ValueError, "num_workers must be an integer"),
+        (torch.nn.Linear(3, 2), torch.randn(0, 3), {}, ValueError, "dataset is empty"),
+    ],
+)
+def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        trunk_features(trunk, dataset, **kwargs)
+
+
 class CountingTrunk(torch.nn.Module):
     """Mean colour and spatial statistics as features; counts forward calls."""
 
@@ -240,11 +307,11 @@ def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, dev
 
 
 def test_feature_cache_computes_eval_and_views_then_reloads_without_trunk(tiny_folder, tmp_path, device):
-    trunk = CountingTrunk().to(device)
+    trunk = CountingTrunk()
     trunk.train()
     cache = build_cache(tiny_folder, trunk, tmp_path / "cache.pt", device=device)
     n = len(tiny_folder)
-    assert trunk.training  # mode restored
+    assert trunk.training and trunk.scale.device.type == device.type  # mode restored, moved to ``device``
     assert cache.eval_features.shape == (n, 6) and cache.view_features.shape == (3, n, 6)
     assert cache.eval_features.device.type == "cpu" and cache.eval_features.dtype == torch.float32
     # Reference: eval features written plainly, one image at a time.
