@@ -1,12 +1,16 @@
-"""Small helpers shared by the benchmarks: thread pinning, peak memory, JSON + markdown output."""
+"""Small helpers shared by the benchmarks: thread pinning, peak memory, interleaved timing, JSON + markdown output."""
 from __future__ import annotations
 
 import json
+import math
 import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIN_REPEAT_SECONDS = 0.02
 
 
 def pin_threads(num_threads: int = 1) -> dict:
@@ -41,3 +45,36 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def synchronize(device):
+    """Wait for ``device``'s queued kernels (CUDA runs asynchronously), so timers see them."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_median_seconds(functions: dict, repeats, device) -> dict:
+    """Median over ``repeats`` of the seconds per call of every function, timed in rounds.
+
+    Each round times every function once, so the load of a shared machine hits all of them
+    alike and their ratios stay meaningful. A function's turn loops over enough calls to last
+    at least ``MIN_REPEAT_SECONDS``: a single sub-millisecond call is mostly timer, cache and
+    scheduler noise.
+    """
+    calls = {name: max(1, math.ceil(MIN_REPEAT_SECONDS / _seconds(f, 1, device))) for name, f in functions.items()}
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(_seconds(function, calls[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _seconds(function, calls, device):
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls

@@ -16,7 +16,9 @@ all four domains jointly (12 directions). Metrics: ProtoOT's P@1/5/15/50 and ful
     python benchmarks/accuracy.py --finetune --device cuda          # trunk trained end to end (GPU)
 
 ``--finetune`` is the same protocol with the trunk unfrozen: no feature cache, every step
-draws fresh MoCo-v2 views of the images (DataLoader workers), the trunk and head train
+draws fresh MoCo-v2 views of the images (``--augment batched``, the default: images decoded
+once, ``MoCoV2Augment`` on each batch on the device; ``--augment pil``: the PIL pipeline in
+DataLoader workers, which left an H200 waiting on the CPU), the trunk and head train
 together from the same ImageNet weights (one Adam over both, bf16 autocast on CUDA), and
 the key encoder's trunk + head are scored on eval-view images. Domain centring needs
 fixed trunk features, so no method centres end to end.
@@ -46,12 +48,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss, NTXentLoss
+from torchvision import transforms as T
 
 from pml_protoot import (
     CachedTwoViewDataset,
     CrossDomainSampler,
     CrossDomainTester,
     FeatureCache,
+    MoCoV2Augment,
     MultiDomainDataset,
     MultiDomainImageFolder,
     PrecisionAtKCalculator,
@@ -194,6 +198,7 @@ ABLATIONS = {
     "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
     "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
     "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
+    "ProtoOT default, beta uniform": partial(protoot, memory_options={"marginal_rule": "uniform"}),
     "ProtoOT default, prototypes reset every epoch": partial(protoot, memory_options={"reset_prototypes": True}),
     "ProtoOT default, random head init": partial(protoot, pca_head=False),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
@@ -288,11 +293,32 @@ class Images:
     workers: int  # DataLoader processes for training views and eval images
     amp_dtype: torch.dtype | None
     weights: dict  # the trunk's ImageNet state dict, converted once
+    augment: str = "batched"  # MoCo-v2 views: "batched" on the device, or "pil" in DataLoader workers
 
     def dataset(self, train_domains) -> MultiDomainDataset:
         """The images of ``train_domains``; ``domain_ids`` are positions in ``train_domains``."""
         dataset = MultiDomainImageFolder(self.root, train_domains)
         return limit_per_domain(dataset, self.limit) if self.limit else dataset
+
+
+class DecodedTwoViews(torch.utils.data.Dataset):
+    """Item ``i`` is ``((image_i, image_i), i)``, ``image_i`` a ``(3, S, S)`` uint8 tensor decoded once:
+    ``MoCoV2Augment`` turns each batch of them into views on the training device."""
+
+    def __init__(self, dataset: MultiDomainDataset, side: int):
+        decode = T.Compose([T.Resize((side, side)), T.PILToTensor()])
+        self.images = torch.stack([decode(dataset[i][0]) for i in range(len(dataset))])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return (self.images[index], self.images[index]), index
+
+
+def decoded_side(image_size: int) -> int:
+    """Side of the decoded images the crops come from: the eval view's resize (256 for 224)."""
+    return round(image_size * 256 / 224)
 
 
 def fit_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> FittedMethod:
@@ -383,21 +409,27 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     parameters = [*trunk.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
-    views = moco_v2_transform(images.image_size)
+    if images.augment == "batched":
+        training_set = DecodedTwoViews(dataset, decoded_side(images.image_size))
+        batch_transform, loader_workers = MoCoV2Augment(images.image_size).to(device), 0
+    else:
+        views = moco_v2_transform(images.image_size)
+        training_set, batch_transform, loader_workers = TwoViewDataset(dataset, views, views), None, images.workers
     trainer = ProtoOTTrainer(
         {"trunk": trunk.to(device), "embedder": head.to(device)},
         {"embedder_optimizer": optimizer},  # over trunk and head, as the CLI trains end to end
         batch_size,
         {"metric_loss": recipe.loss},
-        TwoViewDataset(dataset, views, views),
+        training_set,
         recipe.memory,
         momentum=recipe.momentum,
         mining_funcs=recipe.mining_funcs,
         sampler=CrossDomainSampler(dataset.domain_ids, batch_size, seed=seed),
         fill_dataset=eval_images,
+        batch_transform=batch_transform,
         amp_dtype=images.amp_dtype,
         data_device=torch.device(device),
-        dataloader_num_workers=images.workers,
+        dataloader_num_workers=loader_workers,
     )
     trainer.train(num_epochs=epochs)
     key_trunk, key_head = trainer.key_encoder.module
@@ -484,13 +516,20 @@ def format_spread(values) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def augment_phrase(config: dict) -> str:
+    if config.get("augment", "pil") == "pil":  # results written before --augment existed used PIL
+        return "PIL augmentation in DataLoader workers"
+    side = decoded_side(config["image_size"])
+    return f"MoCoV2Augment on each batch on the device, images decoded once at {side} x {side}"
+
+
 def protocol_sentence(config: dict) -> str:
     """How the trunk and the head were trained (the start of the markdown's protocol paragraph)."""
     if config.get("finetune"):
         return (
             f"Protocol: ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std) and head "
-            f"1280 -> 1280 -> ReLU -> 128 trained end to end on fresh MoCo-v2 views of the images (autocast "
-            f"{config['amp']}; no domain centring, which needs a frozen trunk), "
+            f"1280 -> 1280 -> ReLU -> 128 trained end to end on fresh MoCo-v2 views of the images ({augment_phrase(config)}; "
+            f"autocast {config['amp']}; no domain centring, which needs a frozen trunk), "
         )
     return (
         f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
@@ -586,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=8, help="--finetune: DataLoader processes")
     parser.add_argument(
+        "--augment", choices=["batched", "pil"], default="batched",
+        help="--finetune: MoCo-v2 views by MoCoV2Augment on the device (images decoded once) or by PIL in workers",
+    )
+    parser.add_argument(
         "--amp", choices=list(AMP_DTYPES), help="--finetune: autocast dtype (default bf16 on CUDA, none on CPU)"
     )
     parser.add_argument(
@@ -645,7 +688,7 @@ def main(argv=None) -> dict:
         args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
         SOURCE, extraction_s = Images(
             Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_DTYPES[args.amp],
-            convert_efficientnet_lite0_weights(),
+            convert_efficientnet_lite0_weights(), args.augment,
         ), 0.0
     else:
         SOURCE, extraction_s = extract_features(
@@ -657,7 +700,7 @@ def main(argv=None) -> dict:
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
-        "note": args.note, "finetune": args.finetune, "amp": args.amp,
+        "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
     }
     start, runs = time.perf_counter(), []
     work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device, first_seed=seeds[0])

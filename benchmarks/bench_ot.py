@@ -15,10 +15,8 @@ import argparse
 import functools
 import itertools
 import logging
-import math
 import os
 import platform
-import statistics
 import time
 
 import ot as pot
@@ -26,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from _common import command_line, markdown_table, pin_threads, write_results
+from _common import (
+    MIN_REPEAT_SECONDS,
+    command_line,
+    interleaved_median_seconds,
+    markdown_table,
+    pin_threads,
+    write_results,
+)
 from pml_protoot.ot import sinkhorn
 
 logger = logging.getLogger(__name__)
@@ -38,7 +43,6 @@ POT_MAX_ENTRIES = 10_000_000  # POT beyond N*K = 1e7 would take minutes per call
 CONVERGENCE_MAX_ENTRIES = 4_000_000  # up to N=10k x K=345: POT needs hundreds of rounds
 TOL = 1e-4
 MAX_ROUNDS = 2_000
-MIN_REPEAT_SECONDS = 0.02
 
 
 def official_sinkhorn(scores, beta, epsilon, iterations, tol=None):
@@ -96,36 +100,6 @@ def realistic_problem(num_samples, num_prototypes, device, seed=0):
         bank = F.normalize(prototypes[chunk] + noise, dim=1)
         scores[start : start + len(chunk)] = bank @ prototypes.t()
     return scores.to(device), (beta / beta.sum()).to(device)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_median_seconds(functions: dict, repeats, device) -> dict:
-    """Median over ``repeats`` of the seconds per call of every function, timed in rounds.
-
-    Each round times every function once, so the load of a shared machine hits all of them
-    alike and their ratios stay meaningful. A function's turn loops over enough calls to last
-    at least ``MIN_REPEAT_SECONDS``: a single sub-millisecond call is mostly timer, cache and
-    scheduler noise.
-    """
-    calls = {name: max(1, math.ceil(MIN_REPEAT_SECONDS / _seconds(f, 1, device))) for name, f in functions.items()}
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            times[name].append(_seconds(function, calls[name], device))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _seconds(function, calls, device):
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - start) / calls
 
 
 def column_error(plan, beta):

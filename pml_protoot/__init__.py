@@ -1,5 +1,6 @@
 """ProtoOT (AAAI 2024) unsupervised cross-domain retrieval as pytorch-metric-learning parts."""
 from .accuracy import PrecisionAtKCalculator
+from .augment import MoCoV2Augment
 from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights, pca_init_
 from .data import (
     CachedTwoViewDataset,
@@ -46,6 +47,7 @@ __all__ = [
     "make_synthetic_domains",
     "moco_v2_transform",
     "eval_transform",
+    "MoCoV2Augment",
     "create_trunk",
     "load_trunk_weights",
     "convert_efficientnet_lite0_weights",

@@ -414,6 +414,23 @@ def make_synthetic_domains(
 # ---------------------------------------------------------------- transforms
 
 
+#: MoCo-v2's augmentation parameters, shared by :func:`moco_v2_transform` and
+#: :class:`~pml_protoot.augment.MoCoV2Augment`.
+MOCO_V2 = {
+    "crop_scale": (0.2, 1.0),
+    "jitter": (0.4, 0.4, 0.4, 0.1),  # brightness, contrast, saturation, hue
+    "jitter_p": 0.8,
+    "grayscale_p": 0.2,
+    "blur_p": 0.5,
+    "blur_sigma": (0.1, 2.0),
+}
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """MoCo-v2's Gaussian blur kernel: about a tenth of the image side, odd."""
+    return 2 * (image_size // 20) + 1
+
+
 def moco_v2_transform(
     image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
 ) -> T.Compose:
@@ -421,6 +438,7 @@ def moco_v2_transform(
 
     RandomResizedCrop(scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale
     p=0.2, Gaussian blur (sigma 0.1-2) with p=0.5, horizontal flip, then normalisation.
+    :class:`~pml_protoot.augment.MoCoV2Augment` is the same on whole batches on a GPU.
 
     Args:
         image_size: output side ``S``.
@@ -434,12 +452,11 @@ def moco_v2_transform(
         torch.Size([3, 32, 32])
     """
     check_positive_int("image_size", image_size)
-    blur_kernel = 2 * (image_size // 20) + 1  # about 10% of the side, odd
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomResizedCrop(image_size, scale=MOCO_V2["crop_scale"]),
+        T.RandomApply([T.ColorJitter(*MOCO_V2["jitter"])], p=MOCO_V2["jitter_p"]),
+        T.RandomGrayscale(p=MOCO_V2["grayscale_p"]),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=MOCO_V2["blur_sigma"])], p=MOCO_V2["blur_p"]),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),

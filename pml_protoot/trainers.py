@@ -93,6 +93,12 @@ class ProtoOTTrainer(BaseTrainer):
         sampler: optional sampler (e.g. ``CrossDomainSampler``); ``set_epoch`` is called for you.
         fill_dataset: dataset whose item ``i`` is ``(eval_view_of_sample_i, anything)`` in
             global-index order, for the initial bank filling; ``None`` uses the key views.
+        batch_transform: optional callable applied on ``data_device`` to each step's batch
+            of query views and, separately, to its batch of key views, before the encoders
+            (and to the key views of the bank filling when ``fill_dataset`` is ``None``):
+            augmentation on the GPU, e.g. :class:`~pml_protoot.augment.MoCoV2Augment` with a
+            dataset of decoded ``uint8`` images. Every call must draw its own random
+            parameters; ``None`` uses the views as the dataset gives them.
         amp_dtype: ``None``, ``torch.bfloat16`` or ``torch.float16`` autocast for the
             forward passes (fp16 adds a gradient scaler); losses run in float32.
         grad_clip_norm: clip the gradient norm of trunk + embedder parameters jointly
@@ -141,6 +147,7 @@ class ProtoOTTrainer(BaseTrainer):
         mining_funcs=None,
         sampler=None,
         fill_dataset=None,
+        batch_transform=None,
         amp_dtype=None,
         grad_clip_norm=None,
         checkpoint_dir=None,
@@ -150,6 +157,8 @@ class ProtoOTTrainer(BaseTrainer):
             raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
         if amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {amp_dtype!r}")
+        if batch_transform is not None and not callable(batch_transform):
+            raise TypeError(f"batch_transform must be callable or None, got {type(batch_transform).__name__}")
         if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
             raise ValueError(f"grad_clip_norm must be a positive number or None, got {grad_clip_norm!r}")
         metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
@@ -159,6 +168,7 @@ class ProtoOTTrainer(BaseTrainer):
             )
         self.memory = memory
         self.fill_dataset = fill_dataset
+        self.batch_transform = batch_transform
         self.amp_dtype = amp_dtype
         self.grad_clip_norm = grad_clip_norm
         self.checkpoint_dir = checkpoint_dir
@@ -274,6 +284,7 @@ class ProtoOTTrainer(BaseTrainer):
         for batch in tqdm(loader, desc="filling memory banks", disable=None):
             if self.fill_dataset is None:
                 (_, key_views), indices = self._split_batch(batch)
+                key_views = self._transformed(key_views)
             else:
                 key_views = batch[0]
                 indices = positions[start : start + len(key_views)]
@@ -287,6 +298,7 @@ class ProtoOTTrainer(BaseTrainer):
     # ----- one iteration ---------------------------------------------------------------------
     def calculate_loss(self, curr_batch):
         (query_views, key_views), indices = self._split_batch(curr_batch)
+        query_views, key_views = self._transformed(query_views), self._transformed(key_views)
         with self._autocast():
             embeddings = self.compute_embeddings(query_views)
         keys = self.compute_keys(key_views)
@@ -316,6 +328,13 @@ class ProtoOTTrainer(BaseTrainer):
         with self._autocast():
             keys = self.key_encoder.module(data)
         return F.normalize(keys.float(), dim=1)
+
+    @torch.no_grad()
+    def _transformed(self, views):
+        """``batch_transform(views)`` on ``data_device``, or ``views`` unchanged without one."""
+        if self.batch_transform is None:
+            return views
+        return self.batch_transform(c_f.to_device(views, device=self.data_device))
 
     def _autocast(self):
         return torch.autocast(self.data_device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -153,11 +153,12 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
-def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_mini, tmp_path, device):
+@pytest.mark.parametrize("augment", ["batched", "pil"])
+def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_mini, tmp_path, device, augment):
     """``--finetune``: the trunk moves from its ImageNet weights (trained end to end); raw features keep them."""
     import torch
 
-    images = accuracy.Images(pacs_mini, 8, 32, 0, None, accuracy.convert_efficientnet_lite0_weights())
+    images = accuracy.Images(pacs_mini, 8, 32, 0, None, accuracy.convert_efficientnet_lite0_weights(), augment)
     _, _, raw_trunk, raw_head = accuracy.finetune_method(images, accuracy.QUICK_PAIR, "raw features", 0, 1, device)
     recipe, eval_sets, key_trunk, key_head = accuracy.finetune_method(
         images, accuracy.QUICK_PAIR, "ProtoOT default", 0, 1, device
@@ -176,11 +177,30 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     payload = accuracy.main([
         "--finetune", "--quick", "--epochs", "1", "--limit-per-domain", "8", "--image-size", "32", "--workers", "0",
         "--methods", "raw features", "ProtoOT default", "--data", str(pacs_mini), "--out", str(out),
-        "--device", str(device),
+        "--device", str(device), "--augment", augment,
     ])
-    assert payload["complete"] and payload["config"]["finetune"]
+    assert payload["complete"] and payload["config"]["finetune"] and payload["config"]["augment"] == augment
     assert [run["method"] for run in payload["runs"]] == ["raw features", "ProtoOT default"]
-    assert "trained end to end" in out.with_name("finetune.md").read_text()
+    markdown = out.with_name("finetune.md").read_text()
+    assert "trained end to end" in markdown
+    assert ("MoCoV2Augment on each batch on the device, images decoded once at 37 x 37" in markdown) == (augment == "batched")
+
+
+def test_decoded_two_views_hold_each_image_once_as_uint8(accuracy, pacs_mini):
+    """Both views of item ``i`` are image ``i`` resized as torchvision's ``Resize`` does it on PIL images."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    dataset = accuracy.Images(pacs_mini, 3, 32, 0, None, {}).dataset(accuracy.QUICK_PAIR)
+    decoded = accuracy.DecodedTwoViews(dataset, 37)
+    assert len(decoded) == len(dataset) and accuracy.decoded_side(224) == 256
+    for index in (0, 4):
+        (query, key), returned = decoded[index]
+        assert returned == index and torch.equal(query, key)
+        assert query.dtype == torch.uint8 and query.shape == (3, 37, 37)
+        expected = np.asarray(dataset[index][0].resize((37, 37), Image.BILINEAR))
+        assert np.array_equal(query.permute(1, 2, 0).numpy(), expected)
 
 
 @pytest.mark.parametrize("method,started", [("ProtoOT default", True), ("ProtoOT official", False)])
@@ -203,3 +223,20 @@ def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monk
     if started:
         torch.testing.assert_close(calls[0], fitted.eval_features)  # what the head sees in training and scoring
         assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
+
+
+def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
+    """``benchmarks/bench_augment.py`` on four images: both methods timed, the ratio reported."""
+    script = ACCURACY_SCRIPT.with_name("bench_augment.py")
+    monkeypatch.syspath_prepend(str(script.parent))  # for its ``_common`` import, as when run as a script
+    spec = importlib.util.spec_from_file_location("benchmark_bench_augment", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = []
+    monkeypatch.setattr(module, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
+    payload = module.main(["--images", "4", "--batch-size", "2", "--repeats", "1"])
+    assert [row["method"].split(" ")[0] for row in payload["rows"]] == ["moco_v2_transform", "MoCoV2Augment"]
+    assert all(row["items_per_s"] > 0 and math.isclose(row["items_per_s"] * row["ms_per_item"], 1e3)
+               for row in payload["rows"])
+    (name, written_payload, markdown), = written
+    assert name == "bench_augment" and written_payload is payload and "× PIL" in markdown

@@ -3,6 +3,7 @@
 Data: two domains of low-dimensional synthetic "cached trunk features" (class centre +
 domain shift + noise), trunk = nn.Identity(), a tiny MLP embedder: the feature-cache mode.
 """
+import math
 import os
 
 import pytest
@@ -49,7 +50,7 @@ def jitter(feature):
     return feature + 0.1 * torch.randn_like(feature)
 
 
-def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, **kwargs):
+def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, **kwargs):
     """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries."""
     features, true_classes, domains = synthetic_features()
     labelled = LabelledFeatures(features, true_classes if classes is None else classes)
@@ -74,7 +75,7 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, **kwa
         {"embedder_optimizer": torch.optim.Adam(params, lr=0.01)},
         BATCH,
         {"metric_loss": metric_loss},
-        TwoViewDataset(labelled, jitter, jitter),
+        TwoViewDataset(labelled, views, views),
         memory,
         mining_funcs=mining_funcs,
         data_device=torch.device(device),
@@ -280,6 +281,34 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == good
 
 
+def test_batch_transform_equals_transforming_in_the_dataset(device):
+    """Views transformed on the data device by the trainer train exactly as views transformed by the dataset."""
+    calls = []
+
+    def affine(views):
+        calls.append((views.device.type, views.shape))
+        return 2 * views + 1
+
+    in_trainer = make_trainer(device, batch_transform=affine, fill_dataset=None)
+    in_dataset = make_trainer(device, views=lambda feature: 2 * jitter(feature) + 1, fill_dataset=None)
+    for trainer in (in_trainer, in_dataset):
+        torch.manual_seed(1)
+        trainer.train(num_epochs=2)
+    steps = len(in_trainer.recorded_losses)
+    fill_batches = math.ceil(len(in_trainer.dataset) / BATCH)
+    assert len(calls) == fill_batches + 2 * steps  # bank filling's key views, then query and key views each step
+    assert {device_type for device_type, _ in calls} == {device.type}
+    torch.testing.assert_close(in_trainer.recorded_losses, in_dataset.recorded_losses)
+    torch.testing.assert_close(model_weights(in_trainer), model_weights(in_dataset))
+
+
+def test_batch_transform_leaves_the_fill_dataset_alone(device):
+    calls = []
+    trainer = make_trainer(device, batch_transform=lambda views: calls.append(len(views)) or views, iterations_per_epoch=1)
+    trainer.train(num_epochs=1)
+    assert calls == [BATCH, BATCH]  # one step's query and key views; the eval-view fill set is not transformed
+
+
 def test_bad_arguments_are_rejected_with_their_names(device):
     with pytest.raises(ValueError, match="momentum"):
         make_trainer(device, momentum=1.5)
@@ -287,6 +316,8 @@ def test_bad_arguments_are_rejected_with_their_names(device):
         make_trainer(device, amp_dtype=torch.int8)
     with pytest.raises(ValueError, match="grad_clip_norm"):
         make_trainer(device, grad_clip_norm=0)
+    with pytest.raises(TypeError, match="batch_transform must be callable or None, got str"):
+        make_trainer(device, batch_transform="moco")
     trainer = make_trainer(device)
     pml_arguments = (trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset)
     with pytest.raises(TypeError, match="memory"):
