@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss, NTXentLoss
-from torchvision import transforms as T
 
 from pml_protoot import (
     CachedTwoViewDataset,
@@ -66,6 +65,7 @@ from pml_protoot import (
     TwoViewDataset,
     convert_efficientnet_lite0_weights,
     create_trunk,
+    decode_transform,
     domain_means,
     embedding_head,
     eval_transform,
@@ -73,6 +73,7 @@ from pml_protoot import (
     pca_init_,
     trunk_features,
 )
+from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, markdown_table, pin_threads  # noqa: E402
@@ -305,8 +306,8 @@ class DecodedTwoViews(torch.utils.data.Dataset):
     """Item ``i`` is ``((image_i, image_i), i)``, ``image_i`` a ``(3, S, S)`` uint8 tensor decoded once:
     ``MoCoV2Augment`` turns each batch of them into views on the training device."""
 
-    def __init__(self, dataset: MultiDomainDataset, side: int):
-        decode = T.Compose([T.Resize((side, side)), T.PILToTensor()])
+    def __init__(self, dataset: MultiDomainDataset, image_size: int):
+        decode = decode_transform(image_size)
         self.images = torch.stack([decode(dataset[i][0]) for i in range(len(dataset))])
 
     def __len__(self) -> int:
@@ -314,11 +315,6 @@ class DecodedTwoViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return (self.images[index], self.images[index]), index
-
-
-def decoded_side(image_size: int) -> int:
-    """Side of the decoded images the crops come from: the eval view's resize (256 for 224)."""
-    return round(image_size * 256 / 224)
 
 
 def fit_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> FittedMethod:
@@ -410,7 +406,7 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
     if images.augment == "batched":
-        training_set = DecodedTwoViews(dataset, decoded_side(images.image_size))
+        training_set = DecodedTwoViews(dataset, images.image_size)
         batch_transform, loader_workers = MoCoV2Augment(images.image_size).to(device), 0
     else:
         views = moco_v2_transform(images.image_size)

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision import transforms as T
 
 from _common import command_line, interleaved_median_seconds, markdown_table, pin_threads, write_results
-from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, make_synthetic_domains, moco_v2_transform
+from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, decode_transform, make_synthetic_domains, moco_v2_transform
+from pml_protoot.augment import decoded_side
 
 PACS_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs-mini"
 IMAGE_SIZE = 224
-DECODED_SIDE = 256
 
 
 def load_images(count: int) -> tuple[list, str]:
@@ -64,7 +63,7 @@ def main(argv=None) -> dict:
     threads = pin_threads(1)
     started, load_before = time.perf_counter(), os.getloadavg()
     images, source = load_images(args.images)
-    decode = T.Compose([T.Resize((DECODED_SIDE, DECODED_SIDE)), T.PILToTensor()])
+    decode = decode_transform(IMAGE_SIZE)
     decoded = torch.stack([decode(image) for image in images])
     decoded = decoded.pin_memory() if args.device.type == "cuda" else decoded
     augment = MoCoV2Augment(IMAGE_SIZE).to(args.device)
@@ -105,8 +104,8 @@ def report(payload: dict) -> str:
         f"`{payload['command']}`\n\n"
         f"{payload['images']} images of {payload['source']}, two {IMAGE_SIZE}-px views each; {where} "
         f"({payload['machine']}), torch threads {payload['threads']['torch_threads']}, one process; median of "
-        f"{payload['repeats']} interleaved rounds. Batched: images decoded once to uint8 {DECODED_SIDE} x "
-        f"{DECODED_SIDE}, copied to the device per batch. Load average before/after "
+        f"{payload['repeats']} interleaved rounds. Batched: images decoded once to uint8 {decoded_side(IMAGE_SIZE)} px "
+        f"squares, copied to the device per batch. Load average before/after "
         f"{payload['load_average_before'][0]:.1f}/{payload['load_average_after'][0]:.1f}; wall "
         f"{payload['wall_seconds']:.0f} s.\n\n" + table
     )

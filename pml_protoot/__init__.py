@@ -1,6 +1,6 @@
 """ProtoOT (AAAI 2024) unsupervised cross-domain retrieval as pytorch-metric-learning parts."""
 from .accuracy import PrecisionAtKCalculator
-from .augment import MoCoV2Augment
+from .augment import MoCoV2Augment, decode_transform
 from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights, pca_init_
 from .data import (
     CachedTwoViewDataset,
@@ -48,6 +48,7 @@ __all__ = [
     "moco_v2_transform",
     "eval_transform",
     "MoCoV2Augment",
+    "decode_transform",
     "create_trunk",
     "load_trunk_weights",
     "convert_efficientnet_lite0_weights",

@@ -20,12 +20,15 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
 
 from ._checks import check_positive_int
 from .data import MOCO_V2, blur_kernel_size
 
 __all__ = [
     "MoCoV2Augment",
+    "decode_transform",
+    "decoded_side",
     "MoCoV2Params",
     "random_resized_crop_boxes",
     "resized_crop",
@@ -293,7 +296,7 @@ class MoCoV2Augment(torch.nn.Module):
         x = self._jitter(x, params)
         x = torch.where(_per_image(params.grayscale), rgb_to_grayscale(x).expand_as(x), x)
         x = gaussian_blur(x, self.blur_kernel, torch.where(params.blur, params.sigma, 0.0))
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
 
     def forward(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         _check_images(images)
@@ -315,6 +318,33 @@ class MoCoV2Augment(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, blur_kernel={self.blur_kernel}"
+
+
+def decode_transform(image_size: int = 224) -> T.Compose:
+    """PIL image -> ``(3, R, R)`` uint8 tensor, ``R = round(image_size * 256 / 224)`` (the eval
+    view's resize side; 256 for 224): what a dataset gives :class:`MoCoV2Augment` ``(image_size)``.
+
+    Squaring the image changes its aspect, as the eval view's ``Resize(256)`` does not;
+    the random crop's aspect range (3/4 to 4/3) covers most photographs' difference.
+
+    Example:
+        >>> from PIL import Image
+        >>> from pml_protoot.augment import decode_transform
+        >>> image = decode_transform(224)(Image.new("RGB", (300, 200)))
+        >>> image.shape, image.dtype
+        (torch.Size([3, 256, 256]), torch.uint8)
+    """
+    side = decoded_side(check_positive_int("image_size", image_size))
+    return T.Compose([T.Lambda(_rgb), T.Resize((side, side)), T.PILToTensor()])
+
+
+def decoded_side(image_size: int) -> int:
+    """Side of :func:`decode_transform`'s square images for views of ``image_size`` (256 for 224)."""
+    return round(image_size * 256 / 224)
+
+
+def _rgb(image):
+    return image.convert("RGB")
 
 
 def _check_images(images) -> None:

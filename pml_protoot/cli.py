@@ -52,6 +52,7 @@ import timm
 import torch
 
 from .accuracy import PrecisionAtKCalculator
+from .augment import MoCoV2Augment, decode_transform
 from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, pca_init_
 from .data import (
     SYNTHETIC_STYLES,
@@ -146,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-center-domains with --freeze-trunk)",
     )
     training.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype")
+    training.add_argument(
+        "--augment", choices=["batched", "pil"],
+        help="end-to-end training views: MoCoV2Augment on each batch on --device (default on CUDA; workers only "
+        "decode) or the PIL pipeline in --workers processes (default on CPU)",
+    )
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--out", metavar="DIR", help="output folder (default: runs/protoot-<time>)")
     train_parser.set_defaults(handler=train)
@@ -249,7 +255,9 @@ def train(args) -> dict:
     num_prototypes = config["num_prototypes"] or len(dataset.classes)
     memory = PrototypeMemory(dataset.domain_ids, dim=EMBEDDING_DIM, num_prototypes=num_prototypes)
     trunk, head, normalisation = _build_encoder(config)
-    training_set, fill_set, eval_sets, trunk = _training_data(config, dataset, trunk, normalisation, device)
+    training_set, batch_transform, fill_set, eval_sets, trunk = _training_data(
+        config, dataset, trunk, normalisation, device
+    )
     if config["pca_head"]:
         pca_init_(head, trunk_features(
             trunk.to(device), fill_set, batch_size=config["batch_size"], num_workers=config["workers"]
@@ -257,7 +265,7 @@ def train(args) -> dict:
     tester = _tester(config)
     print(f"Before training ({config['backbone']}, head at {'PCA' if config['pca_head'] else 'random'} init):")
     before = _score(tester, eval_sets, trunk, head, device, epoch=0)
-    trainer = _trainer(config, trunk, head, memory, sampler, training_set, fill_set, device)
+    trainer = _trainer(config, trunk, head, memory, sampler, training_set, batch_transform, fill_set, device)
     out = Path(config["out"])
     _write_json(out / CONFIG_NAME, config)
     trainer.train(num_epochs=config["epochs"])
@@ -288,6 +296,8 @@ def _resolve_train_config(args) -> dict:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
     if config["cross_domain_start"] is None:
         config["cross_domain_start"] = config["epochs"] // 2
+    if config["augment"] is None:
+        config["augment"] = "batched" if torch.device(config["device"]).type == "cuda" else "pil"
     for name in ("epochs", "batch_size", "image_size", "views"):
         if config[name] < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]}")
@@ -349,10 +359,12 @@ def _build_encoder(config: dict):
 
 
 def _training_data(config, dataset, trunk, normalisation, device):
-    """``(training set, bank-filling set, {domain: eval set}, trunk the trainer sees)``.
+    """``(training set, batch transform, bank-filling set, {domain: eval set}, trunk the trainer sees)``.
 
-    End to end: MoCo-v2 views of images and eval-view images. With ``--freeze-trunk``:
-    cached trunk features and ``nn.Identity()`` as the trainer's trunk.
+    End to end: MoCo-v2 views of images (``--augment pil``) or decoded images and
+    :class:`MoCoV2Augment` as the batch transform (``--augment batched``), and eval-view
+    images. With ``--freeze-trunk``: cached trunk features, no batch transform and
+    ``nn.Identity()`` as the trainer's trunk.
     """
     size, (mean, std) = config["image_size"], normalisation
     train_view, eval_view = moco_v2_transform(size, mean, std), eval_transform(size, mean, std)
@@ -367,14 +379,18 @@ def _training_data(config, dataset, trunk, normalisation, device):
         for domain, eval_set in eval_sets.items():
             fill_features[dataset.domain_indices(domain)] = eval_set.tensors[0]
         fill_set = torch.utils.data.TensorDataset(fill_features, torch.arange(len(dataset)))
-        return cache.train_dataset(seed=config["seed"]), fill_set, eval_sets, torch.nn.Identity()
+        return cache.train_dataset(seed=config["seed"]), None, fill_set, eval_sets, torch.nn.Identity()
     eval_images = copy.copy(dataset)
     eval_images.transform = eval_view
     eval_sets = {domain: eval_images.subset(domain) for domain in dataset.domains}
-    return TwoViewDataset(dataset, train_view, train_view), eval_images, eval_sets, trunk
+    if config["augment"] == "batched":
+        views, batch_transform = decode_transform(size), MoCoV2Augment(size, mean, std)
+    else:
+        views, batch_transform = train_view, None
+    return TwoViewDataset(dataset, views, views), batch_transform, eval_images, eval_sets, trunk
 
 
-def _trainer(config, trunk, head, memory, sampler, training_set, fill_set, device) -> ProtoOTTrainer:
+def _trainer(config, trunk, head, memory, sampler, training_set, batch_transform, fill_set, device) -> ProtoOTTrainer:
     loss = ProtoOTLoss(memory, cross_domain_start_epoch=config["cross_domain_start"], official=config["official"])
     parameters = list(trunk.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
@@ -388,6 +404,7 @@ def _trainer(config, trunk, head, memory, sampler, training_set, fill_set, devic
         momentum=config["momentum"],
         sampler=sampler,
         fill_dataset=fill_set,
+        batch_transform=batch_transform,
         amp_dtype=AMP_DTYPES.get(config["amp"]),
         checkpoint_dir=config["out"],
         data_device=device,

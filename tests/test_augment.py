@@ -1,14 +1,17 @@
 """Batched MoCo-v2 augmentation against torchvision's single-image functional ops."""
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import RandomResizedCrop
 
 from pml_protoot.augment import (
     MoCoV2Augment,
     adjust_brightness,
+    decode_transform,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
@@ -207,3 +210,16 @@ def test_blur_kernel_matches_the_pil_pipeline():
     assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3
     assert MoCoV2Augment(224).blur_kernel == 23
     assert math.isclose(MOCO_V2["jitter_p"], 0.8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_decode_transform_is_an_rgb_uint8_square_resized_as_pil_does(mode):
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    decoded = decode_transform(32)(image)  # round(32 * 256 / 224) = 37
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 37, 37)
+    expected = np.asarray(image.convert("RGB").resize((37, 37), Image.BILINEAR))
+    assert np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
+    assert decode_transform().transforms[1].size == (256, 256)
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        decode_transform(-1)

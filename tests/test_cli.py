@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from pml_protoot.augment import MoCoV2Augment
 from pml_protoot.cli import main
 from pml_protoot.data import eval_transform, make_synthetic_domains
 
@@ -117,12 +118,24 @@ def test_eval_of_a_timm_model_matches_brute_force_precision(tmp_path, capsys, de
             assert scored[f"{query}->{gallery}"][f"precision_at_{k}"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_end_to_end_training_on_a_folder_and_eval_of_its_checkpoint(image_folder, tmp_path, capsys, device):
+@pytest.mark.parametrize("augment", [None, "pil", "batched"])
+def test_end_to_end_training_on_a_folder_and_eval_of_its_checkpoint(
+    image_folder, tmp_path, capsys, device, augment, monkeypatch
+):
+    batches = []
+    forward = MoCoV2Augment.forward
+    monkeypatch.setattr(MoCoV2Augment, "forward", lambda self, images: batches.append(images) or forward(self, images))
     out = tmp_path / "run"
     argv = ["train", "--data", image_folder, "--epochs", "1", "--batch-size", "4", "--no-freeze-trunk",
-            "--device", device, "--out", out, *TINY_MODEL]
+            "--device", device, "--out", out, *TINY_MODEL, *(["--augment", augment] if augment else [])]
     status, printed, _ = run_main(argv, capsys)
     assert status == 0
+    default = "batched" if torch.device(device).type == "cuda" else "pil"
+    assert json.loads((out / "config.json").read_text())["augment"] == (augment or default)
+    if (augment or default) == "batched":  # decoded uint8 images, augmented per batch on the device
+        assert batches and all(b.dtype == torch.uint8 and b.device.type == torch.device(device).type for b in batches)
+    else:
+        assert not batches
     assert printed.count("filled->outline") == 2  # the before and after tables
     after = json.loads((out / "results.json").read_text())["after"]
     assert run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)[0] == 0
