@@ -291,9 +291,10 @@ class MoCoV2Augment(torch.nn.Module):
     def apply(self, images: torch.Tensor, params: MoCoV2Params) -> torch.Tensor:
         """The augmentation of ``images`` with the given parameters (see the class docstring)."""
         x = _as_unit_float(images)
+        jitter_order = params.jitter_order.tolist()  # read on the CPU: no device sync
         params = params.to(x.device)
         x = resized_crop(x, params.boxes, self.image_size, params.flip)
-        x = self._jitter(x, params)
+        x = self._jitter(x, params, jitter_order)
         x = torch.where(_per_image(params.grayscale), rgb_to_grayscale(x).expand_as(x), x)
         x = gaussian_blur(x, self.blur_kernel, torch.where(params.blur, params.sigma, 0.0))
         return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
@@ -303,7 +304,7 @@ class MoCoV2Augment(torch.nn.Module):
         return self.apply(images, self.sample_params(len(images), *images.shape[-2:], generator=generator))
 
     @staticmethod
-    def _jitter(x: torch.Tensor, params: MoCoV2Params) -> torch.Tensor:
+    def _jitter(x: torch.Tensor, params: MoCoV2Params, order: list[int]) -> torch.Tensor:
         """Brightness, contrast, saturation and hue in ``jitter_order``; images without jitter pass unchanged."""
         identity = torch.ones_like(params.brightness)
         operations = [
@@ -312,7 +313,7 @@ class MoCoV2Augment(torch.nn.Module):
             lambda y: adjust_saturation(y, torch.where(params.jitter, params.saturation, identity)),
             lambda y: torch.where(_per_image(params.jitter), adjust_hue(y, params.hue), y),  # HSV round trips are inexact
         ]
-        for index in params.jitter_order.tolist():
+        for index in order:
             x = operations[index](x)
         return x
 
