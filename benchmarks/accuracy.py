@@ -199,7 +199,7 @@ ABLATIONS = {
     "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
     "ProtoOT default, beta official": partial(protoot, memory_options={"marginal_rule": "official"}),
     "ProtoOT default, beta assignment": partial(protoot, memory_options={"marginal_rule": "assignment"}),
-    "ProtoOT default, beta uniform": partial(protoot, memory_options={"marginal_rule": "uniform"}),
+    "ProtoOT default, beta matched": partial(protoot, memory_options={"marginal_rule": "matched"}),
     "ProtoOT default, prototypes reset every epoch": partial(protoot, memory_options={"reset_prototypes": True}),
     "ProtoOT default, random head init": partial(protoot, pca_head=False),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),

@@ -76,7 +76,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
       the query :math:`q` (official); option ``nearest_neighbour_by``;
     * Sinkhorn on raw scores :math:`M C^\top` (default) or on row-L2-normalised scores
       (official); ``memory.normalize_scores``;
-    * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"matched"``)
+    * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"uniform"``)
       or K-means sizes in K-means order (official, ``"official"``);
     * prototypes set by K-means at epoch 0 only (default and official) or reset to the
       matched K-means centroids at every recluster (``memory.reset_prototypes=True``; the

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: Ways ``PrototypeMemory.recluster`` can set the class marginals (see its docstring).
 MARGINAL_RULES = ("official", "matched", "assignment", "uniform")
+#: The rules that read K-means cluster sizes at every recluster.
+CLUSTER_SIZE_RULES = ("official", "matched")
 
 #: Ways ``PrototypeMemory.nearest_rows`` can search a bank (see the class docstring).
 NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
@@ -111,12 +113,17 @@ class PrototypeMemory(torch.nn.Module):
         sinkhorn_iterations: Sinkhorn rounds (3 in ProtoOT).
         normalize_scores: L2-normalise each row of :math:`M_d C^\top` before Sinkhorn,
             as the official code does (``False`` by default: raw cosine similarities).
-        marginal_rule: how :meth:`recluster` sets :math:`\beta_d`: ``"official"``
-            (K-means cluster sizes in K-means order: the original code, mis-ordered
-            after the first epoch), ``"matched"`` (cluster sizes reordered to the
-            current prototypes by Hungarian matching of centroid-prototype cosine
-            similarity; default), ``"assignment"`` (column sums of the current
-            :meth:`assign` divided by :math:`N_d`) or ``"uniform"`` (:math:`1/K`).
+        marginal_rule: how :meth:`recluster` sets :math:`\beta_d`: ``"uniform"``
+            (:math:`1/K`, equal-sized classes; default), ``"official"`` (K-means cluster
+            sizes in K-means order: the original code, mis-ordered after the first epoch),
+            ``"matched"`` (cluster sizes reordered to the current prototypes by Hungarian
+            matching of centroid-prototype cosine similarity) or ``"assignment"`` (column
+            sums of the current :meth:`assign` divided by :math:`N_d`). Uniform scored best
+            in the pacs-mini accuracy benchmark (``benchmarks/accuracy.py``, ablation rows
+            "beta ..."): K-means sizes of an untrained or half-trained encoder are a noisy
+            estimate of the class sizes, and the OT follows them. With ``"uniform"`` or
+            ``"assignment"`` and no ``reset_prototypes``, only the first :meth:`recluster`
+            runs K-means.
         kmeans_niter: K-means iterations per run (50 in ProtoOT).
         kmeans_nredo: K-means restarts, the best kept (20 in ProtoOT).
         kmeans_seed: K-means random seed (0 in ProtoOT).
@@ -127,7 +134,7 @@ class PrototypeMemory(torch.nn.Module):
             updates, so they keep the untrained encoder's first clustering. The reset helps
             when that clustering is poor (with a random head it was worth +2.2 mean P@15
             in the pacs-mini ablation, ``benchmarks/accuracy.py``); with the head started by
-            :func:`~pml_protoot.backbones.pca_init_` it cost 0.9 there (55.5 with, 56.4
+            :func:`~pml_protoot.backbones.pca_init_` it cost 0.7 there (56.6 with, 57.3
             without; ablation row "prototypes reset every epoch").
         refresh_every: training steps of a domain between full OT refreshes (see
             above); 1 (default) is exact ProtoOT.
@@ -164,7 +171,7 @@ class PrototypeMemory(torch.nn.Module):
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
         normalize_scores: bool = False,
-        marginal_rule: str = "matched",
+        marginal_rule: str = "uniform",
         kmeans_niter: int = 50,
         kmeans_nredo: int = 20,
         kmeans_seed: int = 0,
@@ -561,13 +568,19 @@ class PrototypeMemory(torch.nn.Module):
                 f"memory must be filled before recluster: {missing} of {self.num_samples} indices were never "
                 "written by memory.fill(keys, indices)"
             )
-        clusterings = self._kmeans_on_rank_zero(epoch)
         first = int(self.epoch) < 0
+        # After the first call, K-means only feeds the cluster-size marginals and the reset.
+        needs_kmeans = first or self.reset_prototypes or self.marginal_rule in CLUSTER_SIZE_RULES
+        clusterings = self._kmeans_on_rank_zero(epoch) if needs_kmeans else None
         if first:
             for slot, (centroids, _) in enumerate(clusterings):
                 self.prototypes[slot] = F.normalize(centroids, dim=1)
         self.epoch.fill_(epoch)  # before the marginals: the "assignment" rule calls assign()
-        for slot, (centroids, sizes) in enumerate(clusterings):
+        for slot in range(self.num_domains):
+            if clusterings is None:
+                self.class_marginals[slot] = self._class_marginal(slot)
+                continue
+            centroids, sizes = clusterings[slot]
             # One matching serves the "matched" marginal and the reset; both use the prototypes before it.
             cluster_of_prototype = self._cluster_of_prototype(slot, centroids)
             self.class_marginals[slot] = self._class_marginal(slot, sizes, cluster_of_prototype)
@@ -614,15 +627,15 @@ class PrototypeMemory(torch.nn.Module):
         as_bank = dict(device=bank.device, dtype=bank.dtype)
         return torch.from_numpy(kmeans.centroids).to(**as_bank), torch.from_numpy(sizes).to(**as_bank)
 
-    def _class_marginal(self, slot: int, sizes: torch.Tensor, cluster_of_prototype: torch.Tensor) -> torch.Tensor:
-        fractions = sizes / sizes.sum()
-        if self.marginal_rule == "official":
-            return fractions
-        if self.marginal_rule == "matched":
-            return fractions[cluster_of_prototype]
+    def _class_marginal(self, slot: int, sizes=None, cluster_of_prototype=None) -> torch.Tensor:
+        """``(K,)`` marginal of ``slot`` by ``marginal_rule``; the cluster-size rules need ``sizes``
+        (cluster order) and, for ``"matched"``, ``cluster_of_prototype``."""
+        if self.marginal_rule == "uniform":
+            return torch.full_like(self.class_marginals[slot], 1.0 / self.num_prototypes)
         if self.marginal_rule == "assignment":
             return self.assign(slot).sum(dim=0) / len(self.bank(slot))
-        return torch.full_like(fractions, 1.0 / self.num_prototypes)
+        fractions = sizes / sizes.sum()
+        return fractions if self.marginal_rule == "official" else fractions[cluster_of_prototype]
 
     def _cluster_of_prototype(self, slot: int, centroids: torch.Tensor) -> torch.Tensor:
         """``(K,)`` long: the K-means cluster matched to each current prototype of ``slot``

@@ -215,7 +215,7 @@ def test_presets_differ_only_in_documented_switches(device):
 def test_official_preset_configures_the_memory_and_logs(caplog):
     memory = random_memory(TWO_DOMAINS, reset_prototypes=True)  # the preset overrides an explicit choice
     settings = ("normalize_scores", "marginal_rule", "reset_prototypes", "neighbour_search")
-    assert [getattr(memory, name) for name in settings] == [False, "matched", True, "auto"]
+    assert [getattr(memory, name) for name in settings] == [False, "uniform", True, "auto"]
     with caplog.at_level(logging.INFO, logger="pml_protoot.losses"):
         loss_func = ProtoOTLoss(memory, official=True)
     assert [getattr(memory, name) for name in settings] == [True, "official", False, "exact"]

@@ -221,6 +221,25 @@ def test_uniform_rule_and_prototypes_kept_after_first_call_without_reset():
     assert int(memory.epoch) == 1
 
 
+def test_uniform_is_the_default_rule():
+    assert PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1).marginal_rule == "uniform"
+
+
+@pytest.mark.parametrize(
+    "marginal_rule, reset_prototypes, later_runs",
+    [("uniform", False, 0), ("assignment", False, 0), ("uniform", True, 2), ("matched", False, 2), ("official", False, 2)],
+)
+def test_later_reclusters_run_kmeans_only_when_sizes_or_reset_need_it(marginal_rule, reset_prototypes, later_runs):
+    memory, _ = blob_memory(marginal_rule, reset_prototypes=reset_prototypes)
+    runs = []
+    kmeans = memory._kmeans
+    memory._kmeans = lambda bank: runs.append(len(bank)) or kmeans(bank)
+    memory.recluster(epoch=0)
+    assert runs == [20, 18]  # the first call always clusters both domains: it sets the prototypes
+    memory.recluster(epoch=1)
+    assert len(runs) == 2 + later_runs and int(memory.epoch) == 1
+
+
 @pytest.mark.parametrize("marginal_rule", ["matched", "official", "uniform"])
 def test_reset_prototypes_takes_the_centroids_matched_to_the_current_prototypes(marginal_rule):
     memory, truths = blob_memory(marginal_rule, reset_prototypes=True)
