@@ -63,6 +63,13 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_non_negative_int(name: str, value) -> int:
+    """Return ``value`` as an int, raising unless it is an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from ._checks import as_index_tensor, check_positive_int
+from ._checks import as_index_tensor, check_non_negative_int, check_positive_int
 
 __all__ = [
     "domain_means",
@@ -535,8 +535,7 @@ def trunk_features(
     if not isinstance(trunk, torch.nn.Module):
         raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
     check_positive_int("batch_size", batch_size)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    check_non_negative_int("num_workers", num_workers)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)

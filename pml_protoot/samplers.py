@@ -7,7 +7,7 @@ import math
 import numpy
 import torch
 
-from ._checks import as_index_tensor, check_positive_int
+from ._checks import as_index_tensor, check_non_negative_int, check_positive_int
 
 __all__ = ["CrossDomainSampler"]
 
@@ -104,9 +104,7 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         Raises:
             ValueError: ``epoch`` is not a non-negative integer.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_non_negative_int("epoch", epoch)
 
     def epoch_blocks(self) -> torch.Tensor:
         """Return the whole epoch (all ranks) as a ``(total_blocks, batch_size)`` LongTensor."""

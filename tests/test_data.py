@@ -272,7 +272,7 @@ def test_trunk_features_progress_bar(capsys):
     [
         (lambda x: x, torch.randn(2, 3), {}, TypeError, "trunk must be a torch.nn.Module, got function"),
         (torch.nn.Linear(3, 2), torch.randn(2, 3), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
-        (torch.nn.Linear(3, 2), torch.randn(2, 3), {"num_workers": -1}, ValueError, "num_workers must be an integer"),
+        (torch.nn.Linear(3, 2), torch.randn(2, 3), {"num_workers": -1}, ValueError, "num_workers must be a non-negative integer, got -1"),
         (torch.nn.Linear(3, 2), torch.randn(0, 3), {}, ValueError, "dataset is empty"),
     ],
 )
