@@ -295,11 +295,32 @@ class Images:
     amp_dtype: torch.dtype | None
     weights: dict  # the trunk's ImageNet state dict, converted once
     augment: str = "batched"  # MoCo-v2 views: "batched" on the device, or "pil" in DataLoader workers
+    # Per train_domains, what every method and seed of a run shares: the decoded images and
+    # the untrained trunk's eval-view features (the trunk always starts from ``weights``).
+    _decoded: dict = field(default_factory=dict, repr=False)
+    _untrained_features: dict = field(default_factory=dict, repr=False)
 
     def dataset(self, train_domains) -> MultiDomainDataset:
         """The images of ``train_domains``; ``domain_ids`` are positions in ``train_domains``."""
         dataset = MultiDomainImageFolder(self.root, train_domains)
         return limit_per_domain(dataset, self.limit) if self.limit else dataset
+
+    def decoded(self, train_domains) -> "DecodedTwoViews":
+        """:class:`DecodedTwoViews` of ``train_domains``'s images, decoded on the first call only."""
+        key = tuple(train_domains)
+        if key not in self._decoded:
+            self._decoded[key] = DecodedTwoViews(self.dataset(train_domains), self.image_size)
+        return self._decoded[key]
+
+    def untrained_features(self, train_domains, trunk, eval_images) -> torch.Tensor:
+        """``(N, F)`` features of the untrained ``trunk`` on ``eval_images`` (``pca_init_``'s input), extracted
+        on the first call only."""
+        key = tuple(train_domains)
+        if key not in self._untrained_features:
+            self._untrained_features[key] = trunk_features(
+                trunk, eval_images, batch_size=256, num_workers=self.workers
+            )
+        return self._untrained_features[key]
 
 
 class DecodedTwoViews(torch.utils.data.Dataset):
@@ -401,12 +422,12 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
         return None, eval_sets, trunk.to(device), None
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
     if recipe.pca_head:
-        pca_init_(head, trunk_features(trunk.to(device), eval_images, batch_size=256, num_workers=images.workers))
+        pca_init_(head, images.untrained_features(train_domains, trunk.to(device), eval_images))
     parameters = [*trunk.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=True)
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
     if images.augment == "batched":
-        training_set = DecodedTwoViews(dataset, images.image_size)
+        training_set = images.decoded(train_domains)
         batch_transform, loader_workers = MoCoV2Augment(images.image_size).to(device), 0
     else:
         views = moco_v2_transform(images.image_size)

@@ -186,6 +186,27 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     assert ("MoCoV2Augment on each batch on the device, images decoded once at 37 x 37" in markdown) == (augment == "batched")
 
 
+@pytest.mark.filterwarnings("ignore:.*no item of their class")
+def test_finetune_decodes_and_extracts_once_per_pair_for_every_method_and_seed(accuracy, pacs_mini, monkeypatch):
+    """The decoded images and the untrained trunk's features are the same for every run on a pair."""
+    import torch
+
+    decodes, extractions = [], []
+    decoded_two_views, trunk_features = accuracy.DecodedTwoViews, accuracy.trunk_features
+    monkeypatch.setattr(accuracy, "DecodedTwoViews", lambda *a: decodes.append(a) or decoded_two_views(*a))
+    monkeypatch.setattr(accuracy, "trunk_features", lambda *a, **k: extractions.append(a) or trunk_features(*a, **k))
+    images = accuracy.Images(pacs_mini, 8, 32, 0, None, accuracy.convert_efficientnet_lite0_weights())
+    features = []
+    for method, seed in [("ProtoOT default", 0), ("ProtoOTMiner + NTXentLoss", 1)]:
+        accuracy.finetune_method(images, accuracy.QUICK_PAIR, method, seed, 1, "cpu")
+        features.append(images.untrained_features(accuracy.QUICK_PAIR, None, None))
+    assert len(decodes) == 1 and len(extractions) == 1 and features[0] is features[1]
+    fresh_trunk, _ = accuracy.create_trunk(accuracy.BACKBONE, weights=images.weights)
+    eval_images = images.dataset(accuracy.QUICK_PAIR)
+    eval_images.transform = accuracy.eval_transform(32)
+    torch.testing.assert_close(features[0], trunk_features(fresh_trunk, eval_images, batch_size=256))
+
+
 def test_decoded_two_views_hold_each_image_once_as_uint8(accuracy, pacs_mini):
     """Both views of item ``i`` are image ``i`` resized as torchvision's ``Resize`` does it on PIL images."""
     import numpy as np
