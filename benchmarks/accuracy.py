@@ -630,7 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS))
     parser.add_argument("--ablation", action="store_true", help="also run the ABLATIONS rows")
     parser.add_argument("--no-joint", action="store_true", help="skip the four-domain joint run")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="processes running (pair, seed) tasks side by side (one thread each; with --finetune they share the GPU)",
+    )
     parser.add_argument("--views", type=int, default=4, help="augmented views cached per image")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--limit-per-domain", type=int, help="use only N images per domain (smoke tests)")
@@ -691,17 +694,15 @@ def main(argv=None) -> dict:
         payload = merged([json.loads(Path(path).read_text()) for path in args.merge], args.methods)
         write_outputs(Path(args.out or DEFAULT_OUT), payload)
         return payload
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
-    logging.getLogger("PML").setLevel(logging.ERROR)  # "optimizers is missing trunk_optimizer": the trunk is frozen
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be a positive number of processes, got {args.jobs}")
+    configure_logging()
     threads = pin_threads(1)
     seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, list(PAIRS))
     joint = not (args.quick or args.no_joint)
     methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
     out = Path(args.out or (FINETUNE_OUT if args.finetune else DEFAULT_OUT))
     if args.finetune:
-        if args.jobs != 1:
-            raise SystemExit(f"--finetune runs in one process (DataLoader workers load the images), got --jobs {args.jobs}")
         args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
         SOURCE, extraction_s = Images(
             Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_DTYPES[args.amp],
@@ -721,7 +722,7 @@ def main(argv=None) -> dict:
     }
     start, runs = time.perf_counter(), []
     work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device, first_seed=seeds[0])
-    for records in run_tasks(work, tasks, args.jobs):
+    for records in run_tasks(work, tasks, args.jobs, start_method(SOURCE, args.device)):
         runs += records
         payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
         payload["complete"] = len(runs) == sum(len(methods_to_run(methods, seed, seeds[0])) for _, seed in tasks)
@@ -730,14 +731,39 @@ def main(argv=None) -> dict:
     return payload
 
 
-def run_tasks(work, tasks, jobs):
-    """Yield ``work(task)`` as tasks finish, in ``jobs`` forked processes (one thread each) when ``jobs > 1``."""
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
+    logging.getLogger("PML").setLevel(logging.ERROR)  # "optimizers is missing trunk_optimizer": the trunk is frozen
+
+
+def start_method(source: Features | Images, device: torch.device) -> str:
+    """How ``--jobs`` processes start: forked children share the cached features' memory, but a forked
+    child cannot use CUDA once its parent has, so CUDA runs and ``--finetune`` (a GPU protocol) spawn."""
+    return "fork" if isinstance(source, Features) and device.type == "cpu" else "spawn"
+
+
+def run_tasks(work, tasks, jobs, start="fork"):
+    """Yield ``work(task)`` as tasks finish; in ``jobs`` processes started by ``start`` when ``jobs > 1``.
+
+    With ``--finetune --device cuda`` the processes share the GPU, which pays where one run's steps
+    leave it idle (small batches, Python between kernels); it is not measured here.
+    """
     if jobs == 1:
         yield from map(work, tasks)
         return
-    with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
+    context = get_context(start)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker, initargs=(SOURCE,)) as pool:
         for future in as_completed([pool.submit(work, task) for task in tasks]):
             yield future.result()
+
+
+def start_worker(source: Features | Images) -> None:
+    """Set up a ``--jobs`` process as ``main`` set up itself: a spawned one inherits none of it."""
+    global SOURCE
+    SOURCE = source
+    configure_logging()
+    pin_threads(1)
 
 
 def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:

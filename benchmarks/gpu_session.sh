@@ -13,6 +13,7 @@ OUT=${OUT:-/tmp/out}
 PACS=${PACS:-/tmp/pacs-mini}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-30}
 FINETUNE_SECONDS=${FINETUNE_SECONDS:-300}
+FINETUNE_JOBS=${FINETUNE_JOBS:-3}  # runs sharing the GPU; 1 runs them one after another
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,7 +28,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests_cuda.log"
 python3 benchmarks/bench_augment.py --device cuda 2>&1 | tail -8
 cp benchmarks/results/bench_augment_cuda.* "$OUT/"
-timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint --workers 8 \
+timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint \
+    --jobs "$FINETUNE_JOBS" --workers 4 \
     --epochs "$FINETUNE_EPOCHS" --methods "raw features" "ProtoOT official" "ProtoOT default" \
     --data "$PACS" >"$OUT/finetune.log" 2>&1
 tail -3 "$OUT/finetune.log"

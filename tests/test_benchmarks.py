@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,6 +185,29 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     markdown = out.with_name("finetune.md").read_text()
     assert "trained end to end" in markdown
     assert ("MoCoV2Augment on each batch on the device, images decoded once at 37 x 37" in markdown) == (augment == "batched")
+
+
+@pytest.mark.filterwarnings("ignore:.*no item of their class")
+def test_finetune_jobs_spawn_processes_that_reproduce_the_one_process_run(accuracy, pacs_mini, tmp_path):
+    """``--finetune --jobs 2`` as a user runs it: spawned processes, every task, the same numbers."""
+    arguments = [
+        "--finetune", "--seeds", "0", "--no-joint", "--epochs", "1", "--limit-per-domain", "8", "--image-size", "32",
+        "--workers", "0", "--methods", "raw features", "ProtoOT default", "--data", str(pacs_mini),
+    ]
+    assert accuracy.start_method(accuracy.Images(pacs_mini, 8, 32, 0, None, {}), accuracy.torch.device("cpu")) == "spawn"
+    one_process = accuracy.main([*arguments, "--out", str(tmp_path / "one")])
+    subprocess.run(
+        [sys.executable, str(ACCURACY_SCRIPT), *arguments, "--jobs", "2", "--out", str(tmp_path / "two")],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    two_processes = json.loads((tmp_path / "two.json").read_text())
+
+    def without_times(runs):
+        return [{key: value for key, value in run.items() if key != "wall_time_s"} for run in runs]
+
+    assert two_processes["complete"] and two_processes["config"]["jobs"] == 2
+    assert len(two_processes["runs"]) == 2 * len(accuracy.PAIRS)
+    assert without_times(two_processes["runs"]) == without_times(json.loads(json.dumps(one_process["runs"])))
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
