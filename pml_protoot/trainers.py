@@ -313,7 +313,9 @@ class ProtoOTTrainer(BaseTrainer):
             return loss_func(embeddings, indices, ref_emb=keys)
         self.memory.fill(keys, indices)
         indices_tuple = self.maybe_mine_embeddings(embeddings, indices, keys)
-        return loss_func(embeddings, indices, indices_tuple, ref_emb=keys, ref_labels=indices)
+        # A copy: PML takes ``ref_labels is labels`` for "the references are the embeddings" and
+        # drops the diagonal pairs, which here are each query's own key, InfoNCE's positives.
+        return loss_func(embeddings, indices, indices_tuple, ref_emb=keys, ref_labels=indices.clone())
 
     def maybe_mine_embeddings(self, embeddings, labels, keys=None):
         if "tuple_miner" in self.mining_funcs:

@@ -50,6 +50,19 @@ def jitter(feature):
     return feature + 0.1 * torch.randn_like(feature)
 
 
+class RecordingNTXentLoss(NTXentLoss):
+    """NTXentLoss that keeps each call's ``(embeddings, labels, ref_emb, loss)``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.calls.append((embeddings.detach(), labels.clone(), ref_emb.detach(), loss.detach()))
+        return loss
+
+
 def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, **kwargs):
     """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries."""
     features, true_classes, domains = synthetic_features()
@@ -64,6 +77,8 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
     mining_funcs = None
     if loss == "protoot":
         metric_loss = ProtoOTLoss(memory)
+    elif loss == "infonce":
+        metric_loss = RecordingNTXentLoss(temperature=0.2)
     else:
         metric_loss = NTXentLoss(temperature=0.2)
         mining_funcs = {"tuple_miner": ProtoOTMiner(memory, update_prototypes=True)}
@@ -225,6 +240,20 @@ def test_miner_with_a_pml_loss_trains(device):
     assert all(torch.isfinite(torch.tensor(trainer.recorded_losses)))
     assert trainer.mining_funcs["tuple_miner"].num_pos_pairs > 0
     assert any(not torch.equal(value, model_weights(trainer)[key]) for key, value in before.items())
+
+
+def test_pml_loss_without_a_miner_is_infonce_with_each_querys_own_key_as_positive(device):
+    """No miner: query i's positive is key i, every other key of the batch a negative (MoCo's InfoNCE)."""
+    trainer = make_trainer(device, loss="infonce")
+    trainer.train(1, 1)
+    calls = trainer.loss_funcs["metric_loss"].calls
+    assert len(calls) == trainer.iterations_per_epoch
+    for embeddings, indices, keys, loss in calls:
+        assert len(set(indices.tolist())) == len(indices)  # the sampler repeats no sample in a batch here
+        logits = F.normalize(embeddings, dim=1) @ keys.T / 0.2
+        infonce = -torch.diagonal(torch.log_softmax(logits, dim=1)).mean()
+        assert float(loss) > 0.1
+        torch.testing.assert_close(loss, infonce, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
