@@ -42,6 +42,10 @@ PREFILTERS = ("auto", "bf16", None)
 # Unit roundoffs (half the spacing at 1, relative): bfloat16 keeps 8 significant bits, float32 24.
 _BF16_UNIT_ROUNDOFF = 2.0**-8
 _FP32_UNIT_ROUNDOFF = 2.0**-24
+_FP64_UNIT_ROUNDOFF = 2.0**-53
+# Unit roundoff of the terms of a float32 product under torch.get_float32_matmul_precision():
+# "high" allows TF32 (10 mantissa bits), "medium" bfloat16.
+_MATMUL_UNIT_ROUNDOFF = {"highest": _FP32_UNIT_ROUNDOFF, "high": 2.0**-11, "medium": 2.0**-8}
 # "auto" screens with bfloat16 only where a row keeps at most this fraction of the gallery: the
 # exact rescoring of the survivors must stay much cheaper than the float32 product it replaces.
 _PREFILTER_MAX_DEPTH_FRACTION = 1 / 16
@@ -74,7 +78,10 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     ProtoOT protocol, in float32 (float64 for float64 input); ties are broken by gallery index
     (similarity descending, index ascending), deterministically. "Exact" means exact for the
     float32 similarities ``torch.mm`` computes: their last bit can depend on the product's
-    shape, so two float32 implementations may order a near-tie differently. The gallery is grouped by
+    shape, so two float32 implementations may order a near-tie differently. Identical gallery
+    rows (duplicate images, a collapsed model) tie exactly all the same: each copy takes the
+    largest of the copies' similarities, so a model that maps everything to one point scores as
+    its gallery order, not better. The gallery is grouped by
     class so that a query's relevant items are one block of columns, and queries of one class
     are processed in chunks of at most ``C`` rows: their relevant block first, then the other
     gallery columns in cache-sized tiles. Every item at or above a per-query threshold (a
@@ -303,6 +310,9 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             thresholds = torch.minimum(thresholds, relevant.masked_fill(relevant == -math.inf, math.inf).amin(1))
         elif needs_first_relevant:
             thresholds = torch.minimum(thresholds, relevant.amax(1))
+        if chunk.gallery.duplicate_groups is not None:
+            # Copies of an item score up to a few roundings apart; all of them must be kept to tie.
+            thresholds = thresholds - _duplicate_spread(chunk.query)
         if screen:
             # Raising the threshold to what ``depth`` items provably reach would drop the first
             # relevant item that mean_reciprocal_rank needs; it keeps the estimate then.
@@ -318,7 +328,9 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         if not bool(complete.all()):
             # Thresholds too high for some queries (rare): rank those over every finite similarity.
             redo = (~complete).cpu()
-            lowest = torch.full((int(redo.sum()),), torch.finfo(thresholds.dtype).min, device=thresholds.device)
+            lowest = torch.full(
+                (int(redo.sum()),), torch.finfo(thresholds.dtype).min, dtype=thresholds.dtype, device=thresholds.device
+            )
             redone = self._list_statistics(chunk.subset(redo).candidates(lowest), depth, relevant_count, metrics)
             for name, values in stats.items():
                 values[redo] = redone[name]
@@ -487,6 +499,12 @@ class _ClassSortedGallery:
         """``_bf16_rounding_norms`` of the rows, for the screening's error bound."""
         return _bf16_rounding_norms(self.embeddings)
 
+    @functools.cached_property
+    def duplicate_groups(self) -> torch.Tensor | None:
+        """``(G,)`` a group number per row, the same for identical rows; None when all rows differ."""
+        distinct, groups = torch.unique(self.embeddings, dim=0, return_inverse=True)
+        return groups if len(distinct) < len(groups) else None
+
     def block(self, label: int) -> slice:
         start = int(torch.searchsorted(self._labels, label))
         return slice(start, int(torch.searchsorted(self._labels, label, right=True)))
@@ -529,7 +547,7 @@ class _QueryChunk:
 
     def candidates(self, thresholds) -> "_Candidates":
         """Every item at or above its row's threshold: the block first, then the other columns."""
-        candidates = _Candidates(self.gallery.ids, len(self.query))
+        candidates = _Candidates(self.gallery.ids, len(self.query), self.gallery.duplicate_groups)
         candidates.add(self.relevant_similarities, thresholds, self.block.start, relevant=True)
         for start, products in self._other_class_products(self.query, self.gallery.embeddings):
             candidates.add(products, thresholds, start)
@@ -581,7 +599,7 @@ class _QueryChunk:
         survivors = np.flatnonzero(screened.values().numpy() >= floors.numpy()[rows])
         exact = self._rescored(rows[survivors], columns[survivors])
         kept = exact >= thresholds.numpy()[rows[survivors]]
-        candidates = _Candidates(self.gallery.ids, len(self.query))
+        candidates = _Candidates(self.gallery.ids, len(self.query), self.gallery.duplicate_groups)
         candidates.add(relevant, thresholds, self.block.start, relevant=True)
         candidates.extend(screened, torch.from_numpy(survivors[kept]), torch.from_numpy(exact[kept]))
         return candidates
@@ -695,6 +713,18 @@ def _likely_reach(screened_kth: torch.Tensor, error: torch.Tensor) -> torch.Tens
     return (a - u * a.abs() / (1 - u) - error / 2).float()
 
 
+def _duplicate_spread(query: torch.Tensor) -> float:
+    """How far apart two computed similarities of a query row with identical unit gallery rows
+    may lie: each is within ``gamma_D = D u / (1 - D u)`` of the exact value (``u`` the unit
+    roundoff of the product, any summation order), so twice that, padded for the rows' norms."""
+    dim = query.shape[1]
+    if query.dtype == torch.float64:
+        u = _FP64_UNIT_ROUNDOFF
+    else:
+        u = _MATMUL_UNIT_ROUNDOFF.get(torch.get_float32_matmul_precision(), _BF16_UNIT_ROUNDOFF)
+    return 2.5 * dim * u / (1 - dim * u)
+
+
 def _tiles(size: int, skip: slice, tile: int):
     """(start, stop) column ranges of at most ``tile`` covering ``[0, size)`` except ``skip``."""
     for low, high in ((0, skip.start), (skip.stop, size)):
@@ -743,14 +773,16 @@ class _Candidates:
     Args:
         column_ids: ``(G,)`` gallery index of each column (ties rank by ascending index).
         num_rows: ``C``.
+        column_groups: ``(G,)`` equal for identical gallery rows (their items are ranked with
+            the largest of their values in the row, exact ties), or None.
 
     Attributes:
         counts: ``(C,)`` candidates per row.
         relevant_counts: ``(C,)`` relevant candidates per row.
     """
 
-    def __init__(self, column_ids, num_rows: int):
-        self.column_ids = column_ids
+    def __init__(self, column_ids, num_rows: int, column_groups=None):
+        self.column_ids, self.column_groups = column_ids, column_groups
         self.counts = torch.zeros(num_rows, dtype=torch.long, device=column_ids.device)
         self.relevant_counts = torch.zeros_like(self.counts)
         # Per tile: flat positions in the tile (row-major), similarities, per-row counts,
@@ -823,7 +855,7 @@ class _Candidates:
         width = full_width if width is None else width
         if full_width == 0:  # thresholds nothing reaches (the caller ranks these rows again)
             return torch.zeros((len(self.counts), width), dtype=torch.bool, device=self.counts.device)
-        values, segment_counts = torch.cat(self._values), torch.stack(self._tile_counts).flatten()
+        values, segment_counts = self._tied_values(), torch.stack(self._tile_counts).flatten()
         positions = self._positions(full_width)
         if values.dtype == torch.float64 or bool(values.abs().max() >= 1.5):
             return (self._ranked_payload(values, positions, full_width)[:, :width] & 1).bool()
@@ -841,6 +873,17 @@ class _Candidates:
             columns = ranked.shape[1]
             ranked[tied] = (self._ranked_payload_of_rows(values, tied, columns)[:, :columns] & 1).bool()
         return ranked
+
+    def _tied_values(self) -> torch.Tensor:
+        """``(n,)`` the items' values in storage order; with ``column_groups``, an item's value is
+        the largest among the items of identical gallery rows in its row."""
+        values = self.values()
+        if self.column_groups is None:
+            return values
+        rows, columns = self.items()
+        _, copies = torch.unique(rows * len(self.column_groups) + self.column_groups[columns], return_inverse=True)
+        largest = values.new_full((int(copies.max()) + 1,), -math.inf).scatter_reduce_(0, copies, values, "amax")
+        return largest[copies]
 
     def _positions(self, full_width: int) -> torch.Tensor:
         """Flat position of every item in a ``(C, full_width)`` matrix: row by row, in the

@@ -34,7 +34,9 @@ def reference_ranking(query, reference, exclude_self):
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     rankings = []
     for i, row in enumerate(q):
-        order = [j for j in np.lexsort((np.arange(len(g)), -(g @ row))) if not (exclude_self and j == i)]
+        # Row by row, the same summation for every gallery row: identical rows score identically.
+        similarities = (g * row).sum(axis=1)
+        order = [j for j in np.lexsort((np.arange(len(g)), -similarities)) if not (exclude_self and j == i)]
         rankings.append(order)
     return rankings
 
@@ -84,6 +86,34 @@ def test_matches_naive_ranking_with_ties_and_imbalance(dtype, device):
         assert got[name] == pytest.approx(expected[name], rel=1e-12), name
 
 
+def duplicated_rows(num, distinct, seed, dtype):
+    """``num`` rows drawn from ``distinct`` random unit vectors: exact duplicates, whose float
+    products ``torch.mm`` may round differently from column to column."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.nn.functional.normalize(torch.randn(distinct, 24, generator=generator, dtype=torch.float64), dim=1)
+    return pool[torch.randint(0, distinct, (num,), generator=generator)].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prefilter", [None, "bf16"])
+@pytest.mark.parametrize("gallery_size, distinct", [(20, 1), (50, 1), (50, 6), (500, 1), (500, 40)])
+def test_duplicate_gallery_rows_tie_and_rank_by_index(gallery_size, distinct, prefilter, dtype, device):
+    """A collapsed model (every embedding the same) or duplicated images: identical rows are
+    exact ties, ranked by gallery index, however the products round (PML's ranking is the same)."""
+    if prefilter == "bf16" and device.type != "cpu":
+        pytest.skip("bfloat16 screening runs on CPU only")
+    query, reference = duplicated_rows(40, distinct, 40, dtype), duplicated_rows(gallery_size, distinct, 41, dtype)
+    query_labels, reference_labels = torch.arange(40) % 4, torch.arange(gallery_size) % 5
+    k_values = (1, 5, 15)
+    calc = calculator(k_values, device, prefilter=prefilter)
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    expected = reference_metrics(query, query_labels, reference, reference_labels, k_values)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+    if distinct == 1:  # every item ties: the ranking is the gallery order, class 0 first
+        assert got["precision_at_1"] == pytest.approx(0.25)
+
+
 def test_ref_includes_query_leaves_each_query_out(device):
     embeddings, labels = tied_embeddings(70, 4, torch.float32), imbalanced_labels(70, 5)
     k_values = (1, 5, 30)
@@ -118,9 +148,10 @@ def test_candidates_rank_like_a_full_stable_sort(dtype, device):
 
 
 @pytest.mark.filterwarnings("ignore:.*R = 0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("include", [(), ("precision_at_3", "r_precision", "mean_average_precision_at_r")])
-def test_small_tiles_and_thresholds_set_too_high(include, device, monkeypatch):
-    query, reference = tied_embeddings(50, 19, torch.float32), tied_embeddings(80, 20, torch.float32)
+def test_small_tiles_and_thresholds_set_too_high(include, dtype, device, monkeypatch):
+    query, reference = tied_embeddings(50, 19, dtype), tied_embeddings(80, 20, dtype)
     query_labels, reference_labels = imbalanced_labels(50, 21), imbalanced_labels(80, 22)
     calc = calculator((1, 3, 10), device, include=include, chunk_bytes=16 * 80 * 9)
     expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 3, 10))
