@@ -83,6 +83,12 @@ class CrossDomainTester(BaseTester):
             end_of_testing_hook=end_of_testing_hook,
             accuracy_calculator=accuracy_calculator or PrecisionAtKCalculator(),
         )
+        if getattr(self.accuracy_calculator, "return_per_class", False):
+            raise ValueError(
+                "accuracy_calculator must give one value per metric (return_per_class=False): the tester "
+                "averages each metric over pairs, whose query classes differ; for per-class values call the "
+                "calculator on one pair"
+            )
         self.pairs = pairs
         self.autocast = autocast
         self.progress = bool(progress)
@@ -144,7 +150,8 @@ class CrossDomainTester(BaseTester):
         return gather_strided(shard_embeddings, total), gather_strided(shard_labels, total)
 
     def evaluate(self, embeddings_by_domain: dict, labels_by_domain: dict, pairs=None) -> dict:
-        """Score pairs from embeddings that are already computed.
+        """Score pairs from embeddings that are already computed (L2-normalised first when
+        ``normalize_embeddings``, as :meth:`test` does).
 
         Args:
             embeddings_by_domain: ``{domain: (N_d, D) tensor}``.
@@ -170,6 +177,8 @@ class CrossDomainTester(BaseTester):
         embeddings, labels = {}, {}
         for name in {domain for pair in pairs for domain in pair}:
             embeddings[name] = _as_embeddings(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
+            if self.normalize_embeddings:  # as test() embeds: the same embeddings score the same
+                embeddings[name] = torch.nn.functional.normalize(embeddings[name], dim=1)
             labels[name] = _as_labels(
                 f"labels_by_domain[{name!r}]", labels_by_domain[name], len(embeddings[name]), f"{name!r}"
             )
@@ -235,6 +244,8 @@ class CrossDomainTester(BaseTester):
 
     def _resolve_pairs(self, domains: list, pairs) -> list[tuple]:
         pairs = self.pairs if pairs is None else pairs
+        if isinstance(pairs, str):
+            raise ValueError(f"pairs must be a list of (query_domain, gallery_domain) pairs, got the string {pairs!r}")
         if pairs is None:
             if len(domains) < 2:
                 raise ValueError(f"cross-domain testing needs at least two domains, got {domains}")

@@ -139,9 +139,33 @@ def test_bad_input():
         tester.evaluate({"a": x}, {"a": y})
     with pytest.raises(ValueError, match=r"embeddings_by_domain\['b'\] must hold at least one"):
         tester.evaluate({"a": x, "b": x[:0]}, {"a": y, "b": y[:0]})
+    with pytest.raises(ValueError, match="got the string 'a->b'"):
+        tester.evaluate({"a": x, "b": x}, {"a": y, "b": y}, pairs="a->b")
     datasets = domain_datasets({"photo": 3, "sketch": 0})
     with pytest.raises(ValueError, match=r"dataset_dict\['sketch'\] must hold at least one item"):
         tester.test(datasets, 0, CountingTrunk(6, 4))
+    with pytest.raises(ValueError, match="return_per_class=False"):
+        CrossDomainTester(PrecisionAtKCalculator(return_per_class=True))
+
+
+def test_evaluate_normalises_as_test_does_for_any_calculator():
+    """With a PML calculator on Euclidean distance, evaluate(E) scores what test() of a model
+    giving E scores: both L2-normalise (normalize_embeddings=True), or neither does."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    datasets = domain_datasets({"photo": 10, "sketch": 12}, seed=3)
+    scale = torch.nn.Linear(6, 6, bias=False)
+    with torch.no_grad():
+        scale.weight.copy_(torch.diag(torch.tensor([9.0, 0.1, 5.0, 0.2, 1.0, 3.0])))
+    embeddings = {name: scale(data.tensors[0]).detach() for name, data in datasets.items()}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    for normalize in (True, False):
+        calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k=5, device=torch.device("cpu"))
+        tester = CrossDomainTester(calc, batch_size=4, dataloader_num_workers=0, normalize_embeddings=normalize)
+        tested = tester.test(datasets, 0, scale)
+        evaluated = tester.evaluate(embeddings, labels)
+        for key, values in evaluated.items():
+            assert {k: v for k, v in tested[key].items() if k != "epoch"} == pytest.approx(values, rel=1e-6), key
 
 
 def test_summary_table_columns_fit_values_wider_than_their_header():
