@@ -6,8 +6,10 @@ error three calls deeper.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -57,17 +59,37 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as an int, raising unless it is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Return ``value`` as an int, raising unless it is a positive integer (Python, NumPy or a
+    0-d integer tensor, e.g. ``labels.max() + 1``)."""
+    integer = _integer(value)
+    if integer is None or integer <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return integer
 
 
 def check_non_negative_int(name: str, value) -> int:
-    """Return ``value`` as an int, raising unless it is an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Return ``value`` as an int, raising unless it is an integer >= 0 (as ``check_positive_int``)."""
+    integer = _integer(value)
+    if integer is None or integer < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    return integer
+
+
+def _integer(value) -> int | None:
+    """``value`` as an int when it is an integer of any kind but bool; None otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool, raising unless it is one (``bool("no")`` would be True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

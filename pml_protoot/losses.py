@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix
+from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_matrix
 from .memory import PrototypeMemory
 
 __all__ = ["ProtoOTLoss"]
@@ -147,10 +147,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
         if isinstance(cross_domain_start_epoch, bool) or not isinstance(cross_domain_start_epoch, int):
             raise ValueError(f"cross_domain_start_epoch must be an int, got {cross_domain_start_epoch!r}")
         self.cross_domain_start_epoch = cross_domain_start_epoch
-        self.official = bool(official)
+        self.official = check_bool("official", official)
         self.nearest_neighbour_by = nearest_neighbour_by or ("query" if official else "key")
         check_choice("nearest_neighbour_by", self.nearest_neighbour_by, NEIGHBOUR_ANCHORS)
-        self.normalize_cross_negatives = self.official if normalize_cross_negatives is None else bool(normalize_cross_negatives)
+        self.normalize_cross_negatives = (
+            self.official if normalize_cross_negatives is None
+            else check_bool("normalize_cross_negatives", normalize_cross_negatives)
+        )
         if self.official:
             self._apply_official_memory_settings()
         self.add_to_recordable_attributes(
@@ -223,6 +226,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
         whose keys are already in the memory (``forward`` does both)."""
+        if len(labels) == 0:  # PML's losses give 0, not the NaN mean of no terms, for an empty batch
+            return {"in_domain": self.zero_loss(), "cross_domain": self.zero_loss()}
         dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
         queries = F.normalize(embeddings.to(dtype), dim=1)
         keys = F.normalize(ref_emb.detach().to(dtype), dim=1)

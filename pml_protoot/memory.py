@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from ._checks import as_index_tensor, check_choice, check_in_range, check_matrix, check_positive_int
+from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_matrix, check_positive_int
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import sinkhorn
 
@@ -190,7 +190,7 @@ class PrototypeMemory(torch.nn.Module):
             raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
         self.epsilon = float(epsilon)
         self.sinkhorn_iterations = check_positive_int("sinkhorn_iterations", sinkhorn_iterations)
-        self.normalize_scores = bool(normalize_scores)
+        self.normalize_scores = check_bool("normalize_scores", normalize_scores)
         check_choice("marginal_rule", marginal_rule, MARGINAL_RULES)
         self.marginal_rule = marginal_rule
         self.kmeans_niter = check_positive_int("kmeans_niter", kmeans_niter)
@@ -198,7 +198,7 @@ class PrototypeMemory(torch.nn.Module):
         if isinstance(kmeans_seed, bool) or not isinstance(kmeans_seed, int):
             raise TypeError(f"kmeans_seed must be an int, got {type(kmeans_seed).__name__}")
         self.kmeans_seed = kmeans_seed
-        self.reset_prototypes = bool(reset_prototypes)
+        self.reset_prototypes = check_bool("reset_prototypes", reset_prototypes)
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
 
         domain_ids, domain_of, sizes = torch.unique(domains, sorted=True, return_inverse=True, return_counts=True)

@@ -7,7 +7,8 @@ import warnings
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
-from ._checks import check_choice
+from ._checks import check_bool, check_choice
+from .memory import PrototypeMemory
 
 __all__ = ["ProtoOTMiner"]
 
@@ -103,11 +104,13 @@ class ProtoOTMiner(BaseMiner):
         super().__init__(**kwargs)
         check_choice("positives", positives, ("instance", "agreement"))
         check_choice("type_of_tuple", type_of_tuple, ("pairs", "triplets"))
+        if not isinstance(memory, PrototypeMemory):
+            raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
         self.memory = memory
         self.positives = positives
-        self.cross_domain = bool(cross_domain)
+        self.cross_domain = check_bool("cross_domain", cross_domain)
         self.type_of_tuple = type_of_tuple
-        self.update_prototypes = bool(update_prototypes)
+        self.update_prototypes = check_bool("update_prototypes", update_prototypes)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         """Return PML indices: ``(a1, p, a2, n)`` for pairs or ``(a, p, n)`` for triplets.

@@ -108,7 +108,8 @@ def sinkhorn(
 def _check_arguments(scores, epsilon, iterations, tol) -> float:
     """Raise on bad arguments; return ``max |scores|``."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
+        given = f"dtype {scores.dtype}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise TypeError(f"scores must be a floating-point torch.Tensor, got {given}")
     if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
         raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
     # one pass and one sync give both the range and finiteness (min and max propagate NaN)

@@ -328,9 +328,22 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
         ({"cross_domain_weight": float("nan")}, ValueError, "cross_domain_weight must be a finite number"),
         ({"cross_domain_start_epoch": 1.5}, ValueError, "cross_domain_start_epoch must be an int"),
         ({"nearest_neighbour_by": "bank"}, ValueError, "nearest_neighbour_by must be one of"),
+        ({"official": "no"}, TypeError, "official must be True or False, got 'no'"),
+        ({"normalize_cross_negatives": 1}, TypeError, "normalize_cross_negatives must be True or False"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, error, message):
     kwargs = {"memory": random_memory(TWO_DOMAINS), **kwargs}
     with pytest.raises(error, match=message):
         ProtoOTLoss(**kwargs)
+
+
+def test_empty_batch_gives_zero_loss_and_writes_nothing():
+    """As PML's losses: an empty batch is a zero loss with a gradient path, not the NaN mean of nothing."""
+    memory = random_memory(TWO_DOMAINS)
+    state_before = {name: value.clone() for name, value in memory.state_dict().items()}
+    embeddings = torch.zeros(0, memory.dim, requires_grad=True)
+    loss = ProtoOTLoss(memory)(embeddings, torch.zeros(0, dtype=torch.long), ref_emb=torch.zeros(0, memory.dim))
+    loss.backward()
+    assert loss.item() == 0.0 and embeddings.grad.shape == (0, memory.dim)
+    assert all(torch.equal(value, state_before[name]) for name, value in memory.state_dict().items())

@@ -1,6 +1,7 @@
 """PrototypeMemory against plain references: loops, the official Sinkhorn formula, brute-force matching."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,6 +301,18 @@ def test_bad_construction_arguments_name_the_argument():
         PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, marginal_rule="sizes")
     with pytest.raises(ValueError, match="dim must be a positive integer"):
         PrototypeMemory([0, 0, 1, 1], dim=0, num_prototypes=1)
+    with pytest.raises(ValueError, match=r"num_prototypes must be a positive integer, got np.int64\(0\)"):
+        PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=np.int64(0))
+    with pytest.raises(TypeError, match="reset_prototypes must be True or False, got 'False'"):
+        PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, reset_prototypes="False")
+
+
+def test_integer_arguments_may_be_numpy_or_tensor_scalars():
+    """``labels.max() + 1`` and friends: NumPy integers and 0-d integer tensors are integers."""
+    labels = np.array([0, 1, 2, 1])
+    memory = PrototypeMemory([0, 0, 1, 1], dim=torch.tensor(4), num_prototypes=labels.max())
+    assert (memory.dim, memory.num_prototypes) == (4, 2)
+    assert type(memory.dim) is int and type(memory.num_prototypes) is int
 
 
 def test_recluster_and_assign_refuse_an_unready_memory():

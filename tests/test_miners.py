@@ -227,6 +227,12 @@ def test_bad_input_is_rejected_with_the_argument_name(device):
         ProtoOTMiner(memory, type_of_tuple="quadruplets")
     with pytest.raises(ValueError, match="positives"):
         ProtoOTMiner(memory, positives="pseudo_labels")
+    with pytest.raises(TypeError, match="memory must be a PrototypeMemory, got NoneType"):
+        ProtoOTMiner(None)
+    with pytest.raises(TypeError, match="cross_domain must be True or False, got 'no'"):
+        ProtoOTMiner(memory, cross_domain="no")
+    with pytest.raises(TypeError, match="update_prototypes must be True or False"):
+        ProtoOTMiner(memory, update_prototypes=None)
     miner = ProtoOTMiner(memory)
     embeddings = torch.randn(2, 5, device=device)
     with pytest.raises(TypeError, match="labels"):

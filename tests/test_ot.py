@@ -368,3 +368,10 @@ def test_bad_input_raises_naming_the_argument(kwargs, error, argument):
     arguments = {"scores": SCORES, **kwargs}
     with pytest.raises(error, match=argument):
         sinkhorn(**arguments)
+
+
+def test_non_tensor_scores_are_named_by_their_type():
+    with pytest.raises(TypeError, match="scores must be a floating-point torch.Tensor, got ndarray"):
+        sinkhorn(SCORES.numpy())
+    with pytest.raises(TypeError, match="got dtype torch.int64"):
+        sinkhorn(torch.ones(3, 2, dtype=torch.long))
