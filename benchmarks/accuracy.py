@@ -665,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def merged(payloads: list[dict], methods) -> dict:
     """One payload holding the runs of ``methods`` from every one of ``payloads`` (same protocol,
-    e.g. other seeds); its command lists the source commands, its wall time is their sum."""
+    e.g. other seeds, or a rerun of some rows: a later payload's run replaces an earlier one of the
+    same method, training domains and seed); its command lists the source commands, its wall time
+    is their sum."""
     present = {m for p in payloads for m in p["config"]["methods"]}
     config = dict(payloads[0]["config"])
     config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
@@ -679,8 +681,18 @@ def merged(payloads: list[dict], methods) -> dict:
         "wall_time_s": sum(p["wall_time_s"] for p in payloads),
         "complete": all(p.get("complete", True) for p in payloads),
         "config": config,
-        "runs": [run for p in payloads for run in p["runs"] if run["method"] in methods],
+        "runs": list(latest_runs(payloads, methods).values()),
     }
+
+
+def latest_runs(payloads: list[dict], methods) -> dict:
+    """``{(method, train_domains, seed): run}`` of ``methods``, a later payload's run replacing an earlier one."""
+    runs = {}
+    for payload in payloads:
+        for run in payload["runs"]:
+            if run["method"] in methods:
+                runs[(run["method"], tuple(run["train_domains"]), run["seed"])] = run
+    return runs
 
 
 def main(argv=None) -> dict:

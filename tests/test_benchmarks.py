@@ -151,6 +151,13 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     assert [(run["method"], run["seed"]) for run in merged["runs"]] == [("m", 0), ("m", 1), ("m", 2)]
     assert merged["config"]["seeds"] == [0, 1, 2] and merged["config"]["methods"] == ["m"]
     assert merged["command"] == "run a + run b" and merged["wall_time_s"] == 120.0
+    # A rerun of one row replaces that row's runs and keeps the others.
+    third = payload([0, 1], ["other"], "rerun other")
+    for run in third["runs"]:
+        run["directions"] = {"x->y": {"P@15": 0.9}}
+    rerun = accuracy.merged([json.loads(first.read_text()), third], ["m", "other"])
+    assert [(run["method"], run["seed"]) for run in rerun["runs"]] == [("m", 0), ("other", 0), ("m", 1), ("other", 1)]
+    assert [run["directions"] for run in rerun["runs"] if run["method"] == "other"] == [{"x->y": {"P@15": 0.9}}] * 2
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
