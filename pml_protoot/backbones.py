@@ -43,7 +43,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     Raises:
         TypeError: ``name`` is not a string.
         ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
-            ``num_classes``, or ``weights`` whose keys/shapes do not match (listed).
+            ``num_classes``, ``weights`` whose keys/shapes do not match (listed), or a
+            ``weights`` file that ``torch.save`` did not write.
         FileNotFoundError: ``weights`` names a missing file.
 
     Example:
@@ -57,7 +58,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         raise TypeError(f"name must be a timm model name (str), got {type(name).__name__}")
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
-        raise ValueError(f"name must be a timm model name, got {name!r}; similar names: {close}")
+        hint = f"; similar names: {close}" if close else " (see timm.list_models())"
+        raise ValueError(f"name must be a timm model name, got {name!r}{hint}")
     if pretrained and weights is not None:
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:
@@ -78,7 +80,8 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
     Raises:
         FileNotFoundError: ``weights`` names a missing file.
         TypeError: ``weights`` is neither a path nor a mapping of tensors.
-        ValueError: missing keys, unexpected keys or shape mismatches, all listed.
+        ValueError: missing keys, unexpected keys or shape mismatches, all listed, or a
+            file that ``torch.save`` did not write.
 
     Example:
         >>> from torch import nn
@@ -115,7 +118,15 @@ def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
         raise TypeError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # pickle, zip and torch errors alike: a file that torch.save did not write
+        # torch's own message is pages of advice on weights_only: the exception's name says enough
+        raise ValueError(
+            f"weights file {os.fspath(weights)!r} is not a state dict saved with torch.save ({type(err).__name__})"
+        ) from err
     if not isinstance(state, Mapping):
         raise TypeError(
             f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}"

@@ -36,10 +36,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -50,6 +52,7 @@ import faiss
 import numpy as np
 import timm
 import torch
+from pytorch_metric_learning.utils import common_functions as c_f
 
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
@@ -86,14 +89,16 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEMO_DATA = {"num_classes": 5, "images_per_class": (40, 20), "domains": ("filled", "outline"), "seed": 0}
 #: Defaults of options left unset. The demo trains a head on cached features of the offline
 #: ImageNet EfficientNet-Lite0 (a trunk trained from scratch on 300 unlabelled images does
-#: not learn cross-domain shape in minutes); a user's folder gets the paper's settings.
+#: not learn cross-domain shape in minutes); a user's folder gets the paper's settings, except the
+#: key-encoder momentum: 0.99, the package's default (ProtoOTTrainer), as the paper's 0.999 measured
+#: clearly worse (a short run's key encoder stays half at its initialisation; see the README).
 DEMO_DEFAULTS = {
     "backbone": LITE0_BACKBONE, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
     "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
 }
 FOLDER_DEFAULTS = {
     "backbone": "resnet50", "weights": None, "freeze_trunk": False, "image_size": 224, "epochs": 200,
-    "batch_size": None, "lr": 2.5e-4, "momentum": 0.999,
+    "batch_size": None, "lr": 2.5e-4, "momentum": 0.99,
 }
 MODEL_OPTIONS = ("backbone", "weights", "freeze_trunk")
 FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
@@ -117,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train ProtoOT (no arguments: the embedded demo)")
     _add_data_options(train_parser)
     _add_model_options(train_parser)
-    training = train_parser.add_argument_group("training (unset: demo defaults, or the paper's for --data)")
+    training = train_parser.add_argument_group(
+        "training (unset: demo defaults, or the paper's for --data except --momentum 0.99)"
+    )
     training.add_argument(
         "--freeze-trunk", action=argparse.BooleanOptionalAction,
         help="train the head on cached trunk features (default: on for the demo, off for --data)",
@@ -131,16 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the head at the principal components of the training images' trunk features "
         "(pca_init_; default on; the official code starts it at random)",
     )
-    training.add_argument("--views", type=int, default=4, help="augmented views cached per image (--freeze-trunk)")
+    training.add_argument(
+        "--views", type=_int_at_least(2), default=4,
+        help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
+    )
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
-    training.add_argument("--epochs", type=int)
-    training.add_argument("--batch-size", type=int, help="images per step, all domains together")
-    training.add_argument("--num-prototypes", type=int, help="K per domain (default: number of classes)")
-    training.add_argument("--lr", type=float, help="Adam (amsgrad) learning rate")
-    training.add_argument("--weight-decay", type=float, default=5e-4)
-    training.add_argument("--momentum", type=float, help="EMA momentum of the key encoder")
-    training.add_argument("--cross-domain-start", type=int, help="first epoch (0-based) of the cross-domain term "
-                          "(default: half of --epochs, as the paper's 100 of 200)")
+    training.add_argument("--epochs", type=_int_at_least(1), help=_defaults_help("epochs"))
+    training.add_argument(
+        "--batch-size", type=_int_at_least(1),
+        help=f"images per step, all domains together (default: {DEMO_DEFAULTS['batch_size']} for the demo, "
+        f"{FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
+    )
+    training.add_argument(
+        "--num-prototypes", type=_int_at_least(1), help="K per domain (default: number of classes)"
+    )
+    training.add_argument(
+        "--lr", type=_number("a positive number", lambda x: x > 0),
+        help=f"Adam (amsgrad) learning rate ({_defaults_help('lr')})",
+    )
+    training.add_argument(
+        "--weight-decay", type=_number("a number >= 0", lambda x: x >= 0), default=5e-4,
+        help="Adam weight decay (default: 5e-4)",
+    )
+    training.add_argument(
+        "--momentum", type=_number("a number in [0, 1]", lambda x: 0 <= x <= 1),
+        help=f"EMA momentum of the key encoder ({_defaults_help('momentum')}; the paper's 0.999 measured worse)",
+    )
+    training.add_argument("--cross-domain-start", type=_int_at_least(0), help="first epoch (0-based) of the "
+                          "cross-domain term (default: half of --epochs, as the paper's 100 of 200)")
     training.add_argument(
         "--official", action="store_true",
         help="the official code's loss and memory settings (its whole pipeline: add --no-pca-head, and "
@@ -153,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "decode) or the PIL pipeline in --workers processes (default on CPU)",
     )
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--out", metavar="DIR", help="output folder (default: runs/protoot-<time>)")
+    training.add_argument(
+        "--out", metavar="DIR", help="output folder, new or without a run in it (default: runs/protoot-<time>)"
+    )
     train_parser.set_defaults(handler=train)
 
     eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
@@ -170,16 +197,70 @@ def _add_data_options(parser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
     group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
-    group.add_argument("--image-size", type=int)
+    group.add_argument("--image-size", type=_int_at_least(1))
     group.add_argument("--k", type=int, nargs="+", default=[1, 5, 15], help="P@k values to report")
     group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where available)",
+    )
     group.add_argument(
         "--threads", type=int, help="CPU threads for torch and faiss (default: torch's, which follows "
         "OMP_NUM_THREADS); on a busy machine 1 can be several times faster",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings only; no feature-extraction or evaluation progress bars")
     group.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _defaults_help(name: str) -> str:
+    return f"default: {DEMO_DEFAULTS[name]} for the demo, {FOLDER_DEFAULTS[name]} for --data"
+
+
+# Option types: argparse then names the option in its error ("argument --lr: ..."), before any work.
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse's fallback message uses it
+    return parse
+
+
+def _number(expected: str, accept):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and accept(value)):  # nan and inf pass no range check of their own
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+def _device(text: str) -> str:
+    """``text`` if it names a torch device this machine has; kept a string for config.json."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return text
 
 
 def _add_model_options(parser) -> None:
@@ -247,12 +328,14 @@ def train(args) -> dict:
         ValueError, OSError, ...: bad input; no checkpoint is written before training starts.
     """
     config = _resolve_train_config(args)
+    _check_new_run_folder(Path(config["out"]))
     _seed_everything(config["seed"])
     _share_threads(config["threads"])
     device = torch.device(config["device"])
     dataset = _load_dataset(config)
+    num_prototypes = len(dataset.classes) if config["num_prototypes"] is None else config["num_prototypes"]
+    _check_domain_sizes(dataset, num_prototypes)
     sampler = CrossDomainSampler(dataset.domain_ids, config["batch_size"], seed=config["seed"])
-    num_prototypes = config["num_prototypes"] or len(dataset.classes)
     memory = PrototypeMemory(dataset.domain_ids, dim=EMBEDDING_DIM, num_prototypes=num_prototypes)
     trunk, head, normalisation = _build_encoder(config)
     training_set, batch_transform, fill_set, eval_sets, trunk = _training_data(
@@ -292,15 +375,17 @@ def _resolve_train_config(args) -> dict:
     config["freeze_trunk"] = bool(config["freeze_trunk"])
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
+    _check_backbone(config["backbone"])
+    if config["data"] is not None and not config["pretrained"] and config["weights"] is None:
+        logger.warning(
+            "training a randomly initialised %s trunk on --data (no --pretrained or --weights)", config["backbone"]
+        )
     if config["batch_size"] is None:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
     if config["cross_domain_start"] is None:
         config["cross_domain_start"] = config["epochs"] // 2
     if config["augment"] is None:
         config["augment"] = "batched" if torch.device(config["device"]).type == "cuda" else "pil"
-    for name in ("epochs", "batch_size", "image_size", "views"):
-        if config[name] < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {config[name]}")
     if config["out"] is None:
         config["out"] = os.path.join("runs", datetime.datetime.now().strftime("protoot-%Y%m%d-%H%M%S"))
     if config["data"] is None:
@@ -308,11 +393,59 @@ def _resolve_train_config(args) -> dict:
     return config
 
 
+def _check_backbone(name: str) -> None:
+    """Before any work: create_trunk's own error comes after the data is read and cannot name the option."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
+        hint = f"; similar names: {close}" if close else " (see timm.list_models())"
+        raise CommandError(f"--backbone must be a timm model name, got {name!r}{hint}")
+
+
+def _check_new_run_folder(out: Path) -> None:
+    """Refuse an ``--out`` that holds an older run (its files would mix with this one's) or cannot be made.
+
+    Checked before any work, not when the first file is written after the "before" evaluation.
+    """
+    previous = [name for name in (CONFIG_NAME, CHECKPOINT_NAME, RESULTS_NAME) if (out / name).exists()]
+    if previous:
+        free = next(f"{out}-{n}" for n in range(2, 10_000) if not Path(f"{out}-{n}").exists())
+        raise CommandError(
+            f"--out {str(out)!r} already holds a run ({', '.join(previous)}); pass a new folder, e.g. --out {free}"
+        )
+    _check_creatable("--out", out, folder=True)
+
+
+def _check_creatable(option: str, path: Path, folder: bool) -> None:
+    """Raise unless ``path`` is (or can be made) a folder (``folder``) or a file in a writable folder."""
+    if path.exists() and path.is_dir() != folder:
+        raise CommandError(f"{option} {str(path)!r} is {'a file' if folder else 'a folder'}, expected a "
+                           f"{'folder' if folder else 'file name'}")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())  # the root always exists
+    if not existing.is_dir():
+        raise CommandError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise CommandError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+
+
 def _folder_domains(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data must be a folder of <domain>/<class>/ images, {str(root)!r} is not one")
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    # hidden folders (.git, .ipynb_checkpoints) are not domains, as in MultiDomainImageFolder
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _check_domain_sizes(dataset, num_prototypes: int) -> None:
+    """PrototypeMemory's own check names neither the folder nor the option; this one does."""
+    sizes = {domain: len(dataset.domain_indices(domain)) for domain in dataset.domains}
+    domain, smallest = min(sizes.items(), key=lambda item: item[1])
+    if smallest < 2:
+        raise CommandError(f"every domain needs at least 2 images, domain {domain!r} holds {smallest}")
+    if num_prototypes > smallest:
+        raise CommandError(
+            f"--num-prototypes (default: the number of classes) must be at most the image count of the smallest "
+            f"domain ({domain!r}: {smallest}), got {num_prototypes}"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -352,7 +485,12 @@ def _build_encoder(config: dict):
         if config["backbone"] != LITE0_BACKBONE:
             raise CommandError(f"--weights {LITE0_PACKAGE} needs --backbone {LITE0_BACKBONE}, got {config['backbone']}")
         weights = convert_efficientnet_lite0_weights()
-    trunk, feature_dim = create_trunk(config["backbone"], pretrained=config["pretrained"], weights=weights)
+    try:
+        trunk, feature_dim = create_trunk(config["backbone"], pretrained=config["pretrained"], weights=weights)
+    except (ValueError, TypeError, OSError) as err:
+        if config["weights"] in (None, LITE0_PACKAGE):
+            raise
+        raise CommandError(f"--weights: {_one_line(err)}") from err  # the file's message names its path
     data_config = timm.data.resolve_data_config(model=trunk)
     head = embedding_head(feature_dim, out_dim=EMBEDDING_DIM)
     return trunk, head, (data_config["mean"], data_config["std"])
@@ -394,22 +532,38 @@ def _trainer(config, trunk, head, memory, sampler, training_set, batch_transform
     loss = ProtoOTLoss(memory, cross_domain_start_epoch=config["cross_domain_start"], official=config["official"])
     parameters = list(trunk.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(parameters, lr=config["lr"], weight_decay=config["weight_decay"], amsgrad=True)
-    return ProtoOTTrainer(
-        {"trunk": trunk.to(device), "embedder": head.to(device)},
-        {"embedder_optimizer": optimizer},
-        config["batch_size"],
-        {"metric_loss": loss},
-        training_set,
-        memory,
-        momentum=config["momentum"],
-        sampler=sampler,
-        fill_dataset=fill_set,
-        batch_transform=batch_transform,
-        amp_dtype=AMP_DTYPES.get(config["amp"]),
-        checkpoint_dir=config["out"],
-        data_device=device,
-        dataloader_num_workers=config["workers"],
-    )
+    with _pml_log_filter(_one_optimizer_on_purpose):
+        return ProtoOTTrainer(
+            {"trunk": trunk.to(device), "embedder": head.to(device)},
+            {"embedder_optimizer": optimizer},
+            config["batch_size"],
+            {"metric_loss": loss},
+            training_set,
+            memory,
+            momentum=config["momentum"],
+            sampler=sampler,
+            fill_dataset=fill_set,
+            batch_transform=batch_transform,
+            amp_dtype=AMP_DTYPES.get(config["amp"]),
+            checkpoint_dir=config["out"],
+            data_device=device,
+            dataloader_num_workers=config["workers"],
+        )
+
+
+def _one_optimizer_on_purpose(record: logging.LogRecord) -> bool:
+    """Drop PML's note that trunk has no optimizer: one Adam over trunk and head steps both, on purpose."""
+    return record.getMessage() != 'optimizers is missing "trunk_optimizer"'
+
+
+@contextlib.contextmanager
+def _pml_log_filter(log_filter):
+    """Apply ``log_filter`` to PML's logger while the block runs (PML checks its dict keys in ``__init__``)."""
+    c_f.LOGGER.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        c_f.LOGGER.removeFilter(log_filter)
 
 
 def _tester(config) -> CrossDomainTester:
@@ -468,21 +622,24 @@ def evaluate(args) -> dict:
     _share_threads(args.threads)
     if (args.checkpoint is None) == (args.backbone is None):
         raise CommandError("protoot eval needs exactly one of --checkpoint PATH or --backbone NAME")
+    if args.out:
+        _check_creatable("--out", Path(args.out), folder=False)
     device = torch.device(args.device)
     if args.checkpoint is not None:
         config = _checkpoint_config(args)
         trunk, head, normalisation = _build_encoder(config)
-        _load_key_encoder(args.checkpoint, trunk, head, config["freeze_trunk"])
+        epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
     else:
+        _check_backbone(args.backbone)
         config = {**vars(args), "seed": 0, "image_size": args.image_size or 224}
         trunk, _, normalisation = _build_encoder(config)
-        head = torch.nn.Identity()
+        head, epoch = torch.nn.Identity(), 0
     dataset = _load_dataset(config)
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
     if config.get("freeze_trunk") and config.get("center_domains"):
         eval_sets, trunk = _centred_trunk_features(dataset, trunk, device, config["batch_size"]), torch.nn.Identity()
-    results = _score(_tester(config), eval_sets, trunk, head, device, epoch=0)
+    results = _score(_tester(config), eval_sets, trunk, head, device, epoch=epoch)
     if args.out:
         _write_json(Path(args.out), results)
     return results
@@ -520,23 +677,58 @@ def _checkpoint_config(args) -> dict:
     return config
 
 
-def _load_key_encoder(path, trunk, head, trunk_is_frozen: bool) -> None:
+def _load_key_encoder(path, trunk, head, config: dict) -> int:
     """Load the checkpoint's momentum key encoder (``Sequential(trunk, head)``) into ``trunk`` and ``head``.
 
     A frozen-trunk run trained on cached features (its trainer's trunk was ``nn.Identity``),
     so only the head comes from the checkpoint; the trunk is the one ``config.json`` names.
+
+    Returns:
+        The epoch the checkpoint was saved after (0 if it does not say).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        key_state = state["key_encoder"]
-    except (KeyError, TypeError) as err:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # pickle, zip and torch errors alike: a file that torch.save did not write
+        # torch's own message is pages of advice on weights_only: the exception's name says enough
+        raise CommandError(
+            f"--checkpoint {str(path)!r} is not a protoot train checkpoint: torch.load cannot read it "
+            f"({type(err).__name__})"
+        ) from err
+    try:
+        key_state = {key.removeprefix("module."): value for key, value in state["key_encoder"].items()}
+    except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry)") from err
-    encoder = torch.nn.Sequential(torch.nn.Identity() if trunk_is_frozen else trunk, head)
-    try:
-        encoder.load_state_dict({key.removeprefix("module."): value for key, value in key_state.items()})
-    except RuntimeError as err:  # names every missing/unexpected key and shape mismatch
-        details = " ".join(str(err).split())  # load_state_dict's message spans lines; keep it on one
-        raise ValueError(f"checkpoint {str(path)!r} does not match the model of its config.json: {details}") from err
+    encoder = torch.nn.Sequential(torch.nn.Identity() if config["freeze_trunk"] else trunk, head)
+    problems = _state_dict_mismatch(encoder.state_dict(), key_state)
+    if problems:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match the model of its config.json "
+            f"(backbone {config['backbone']!r}, freeze_trunk {config['freeze_trunk']}): {problems}"
+        )
+    encoder.load_state_dict(key_state)
+    return int(state.get("epoch", 0))
+
+
+def _state_dict_mismatch(expected: dict, loaded: dict, shown: int = 3) -> str:
+    """Counts and the first few of the missing, unexpected and mis-shaped keys; "" when all fit.
+
+    load_state_dict's own message lists every key: thousands of characters for another backbone.
+    """
+    missing = [key for key in expected if key not in loaded]
+    unexpected = [key for key in loaded if key not in expected]
+    shapes = [
+        f"{key} {tuple(loaded[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in loaded and loaded[key].shape != expected[key].shape
+    ]
+    groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint vs model)", shapes))
+    return "; ".join(
+        f"{len(items)} {label} ({', '.join(items[:shown])}{', ...' if len(items) > shown else ''})"
+        for label, items in groups
+        if items
+    )
 
 
 if __name__ == "__main__":

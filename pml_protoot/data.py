@@ -107,7 +107,8 @@ class MultiDomainImageFolder(MultiDomainDataset):
     Args:
         root: dataset folder.
         domains: domain folder names, in slot order; ``None`` takes every sub-folder
-            of ``root``, sorted.
+            of ``root``, sorted. Hidden folders (names starting with ``.``) are neither
+            domains nor classes.
         transform: applied to each PIL image (RGB); ``None`` returns the image.
         extensions: accepted file name endings (case-insensitive).
 
@@ -133,10 +134,10 @@ class MultiDomainImageFolder(MultiDomainDataset):
             raise FileNotFoundError(
                 f"root must be a folder of <domain>/<class>/ images, {str(root)!r} is not one"
             )
-        available = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+        available = _visible_folders(self.root)
         domains = available if domains is None else _check_domain_names(domains, available, self.root)
         extensions = tuple(ext.lower() for ext in extensions)
-        class_dirs = {d: sorted(p.name for p in (self.root / d).iterdir() if p.is_dir()) for d in domains}
+        class_dirs = {d: _visible_folders(self.root / d) for d in domains}
         classes = sorted(set().union(*class_dirs.values()))
         samples = []
         for slot, domain in enumerate(domains):
@@ -167,6 +168,11 @@ class MultiDomainImageFolder(MultiDomainDataset):
             digest.update(f"{Path(path).relative_to(self.root).as_posix()}\0".encode())
             digest.update(Path(path).read_bytes())
         return digest.hexdigest()
+
+
+def _visible_folders(folder: Path) -> list[str]:
+    """Sorted sub-folder names, without hidden ones (``.git``, ``.ipynb_checkpoints``): never domains or classes."""
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
 def _check_domain_names(domains, available, root) -> list[str]:

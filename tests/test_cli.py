@@ -92,6 +92,7 @@ def test_eval_of_the_checkpoint_reproduces_the_after_numbers(demo_run, tmp_path,
         for metric in ("precision_at_1", "precision_at_5", "precision_at_15"):
             assert scored[pair][metric] == pytest.approx(metrics[metric], abs=1e-6), (pair, metric)
     assert "filled->outline" in out and "precision_at_5" in out  # the table is printed
+    assert {metrics["epoch"] for metrics in scored.values()} == {5}  # the checkpoint's epoch, not 0
 
 
 def test_eval_of_a_timm_model_matches_brute_force_precision(tmp_path, capsys, device, exact_float32):
@@ -204,6 +205,10 @@ def corrupt_one_image(root: Path) -> Path:
         ("unreadable_image", "cannot read image file"),
         ("batch_not_divisible", "batch_size must be divisible by the number of domains (2), got 5"),
         ("missing_weights", "weights file not found"),
+        ("unknown_backbone", "--backbone must be a timm model name, got 'notamodel' (see timm.list_models())"),
+        ("one_image_domain", "every domain needs at least 2 images, domain 'outline' holds 1"),
+        ("too_many_prototypes", "--num-prototypes (default: the number of classes) must be at most the image count "
+         "of the smallest domain ('filled': 8), got 9"),
     ],
 )
 def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected, image_folder, tmp_path, capsys):
@@ -219,6 +224,13 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
         expected += f" {str(corrupt_one_image(image_folder))!r}"
     elif case == "batch_not_divisible":
         argv[argv.index("--batch-size") + 1] = "5"
+    elif case == "unknown_backbone":
+        argv += ["--backbone", "notamodel"]
+    elif case == "one_image_domain":
+        for path in sorted((image_folder / "outline").glob("*/*"))[1:]:
+            path.unlink()
+    elif case == "too_many_prototypes":
+        argv += ["--num-prototypes", "9"]
     else:
         argv += ["--weights", tmp_path / "absent.pth"]
     status, _, err = run_main(argv, capsys)
@@ -233,18 +245,44 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     "case, expected",
     [
         ("no_config", "no config.json next to the checkpoint"),
-        ("other_backbone", "does not match the model of its config.json: Error(s) in loading state_dict"),
+        ("other_backbone", "does not match the model of its config.json (backbone 'resnet10t', freeze_trunk True): "
+         "3 shape mismatches (checkpoint vs model) (1.0.weight (1280, 1280) vs (512, 512), 1.0.bias (1280,) vs "
+         "(512,), 1.2.weight (128, 1280) vs (128, 512))"),
+        ("other_end_to_end_backbone", "does not match the model of its config.json (backbone 'resnet10t', "
+         "freeze_trunk False): {missing} missing keys (0.conv1.0.weight, 0.conv1.1.weight, 0.conv1.1.bias, ...); "
+         "3 shape mismatches"),
+        ("json_file", "--checkpoint {path!r} is not a protoot train checkpoint: torch.load cannot read it"),
+        ("text_file", "--checkpoint {path!r} is not a protoot train checkpoint: torch.load cannot read it"),
     ],
 )
 def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, demo_run, tmp_path, capsys):
-    shutil.copy(demo_run / "last.pth", tmp_path / "last.pth")
-    if case == "other_backbone":
-        config = json.loads((demo_run / "config.json").read_text())
-        (tmp_path / "config.json").write_text(json.dumps({**config, "backbone": "resnet10t", "weights": None}))
-    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--quiet"], capsys)
+    path = tmp_path / "last.pth"
+    shutil.copy(demo_run / "last.pth", path)
+    config = json.loads((demo_run / "config.json").read_text())
+    if case.startswith("other"):
+        freeze = case == "other_backbone"
+        config = {**config, "backbone": "resnet10t", "weights": None, "freeze_trunk": freeze}
+    if case != "no_config":
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if case == "json_file":
+        path.write_text(json.dumps(config))
+    elif case == "text_file":
+        path.write_text("garbage")
+    status, _, err = run_main(["eval", "--checkpoint", path, "--quiet"], capsys)
     assert status == 2
     message = err.strip().splitlines()[-1]
-    assert message.startswith("protoot: error: ") and expected in message, err
+    missing = len(timm.create_model("resnet10t", num_classes=0).state_dict())  # the whole trunk
+    assert message.startswith("protoot: error: ") and expected.format(path=str(path), missing=missing) in message, err
+    assert "Traceback" not in err and len(message) < 500  # not every key of the model
+
+
+@pytest.mark.parametrize("content", ['{"conv1.weight": 1}', "garbage"])
+def test_weights_file_not_written_by_torch_save_is_a_one_line_error(content, tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    weights.write_text(content)
+    status, _, err = run_main(["eval", "--backbone", "resnet10t", "--weights", weights, "--quiet"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"protoot: error: --weights: weights file {str(weights)!r} is not")
 
 
 def test_eval_needs_exactly_one_model_source(capsys):
@@ -292,3 +330,85 @@ def test_pca_head_starts_the_head_from_the_cached_features(tmp_path, capsys, mon
     (features,) = calls
     assert features.shape[1] == 1280 and features.shape[0] == 300  # the demo's images, Lite0 features
     assert features.mean(0).abs().max() < 1e-4  # domain-centred (--center-domains): as the head will see them
+
+
+def folder_run(image_folder, out, *extra):
+    """argv of a one-epoch end-to-end run of the tiny model on the folder, on the CPU."""
+    return ["train", "--data", image_folder, "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--out", out, *TINY_MODEL, *extra]
+
+
+def test_folder_runs_default_to_key_encoder_momentum_0_99(image_folder, tmp_path, capsys):
+    # 0.99 is ProtoOTTrainer's default; the paper's 0.999 measured clearly worse (see the README)
+    assert run_main(folder_run(image_folder, tmp_path / "run"), capsys)[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["momentum"] == 0.99
+    status, printed, _ = run_main(["train", "--help"], capsys)
+    assert status == 0 and "0.9 for the demo, 0.99 for --data" in " ".join(printed.split())
+
+
+def test_folder_run_warns_of_a_random_trunk_but_not_of_its_single_optimizer(image_folder, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    assert run_main(folder_run(image_folder, tmp_path / "run"), capsys)[0] == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert any("randomly initialised resnet10t trunk" in warning for warning in warnings), warnings
+    assert not any("trunk_optimizer" in warning for warning in warnings), warnings  # one optimizer, on purpose
+
+
+def test_hidden_folders_under_data_are_not_domains(image_folder, tmp_path, capsys):
+    from pml_protoot import cli
+
+    for hidden in (image_folder / ".git" / "objects", image_folder / "filled" / ".ipynb_checkpoints"):
+        hidden.mkdir(parents=True)
+    assert cli._folder_domains(image_folder) == ["filled", "outline"]  # the default batch size counts domains
+    status, printed, err = run_main(folder_run(image_folder, tmp_path / "run"), capsys)
+    assert status == 0, err
+    assert ".git" not in printed and printed.count("filled->outline") == 2
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--lr", "-1", "expected a positive number, got '-1'"),
+        ("--lr", "nan", "expected a positive number, got 'nan'"),
+        ("--weight-decay", "-1", "expected a number >= 0, got '-1'"),
+        ("--momentum", "1.5", "expected a number in [0, 1], got '1.5'"),
+        ("--views", "1", "expected an integer >= 2, got '1'"),
+        ("--num-prototypes", "0", "expected an integer >= 1, got '0'"),
+        ("--num-prototypes", "-3", "expected an integer >= 1, got '-3'"),
+        ("--cross-domain-start", "-4", "expected an integer >= 0, got '-4'"),
+        ("--epochs", "0", "expected an integer >= 1, got '0'"),
+        ("--device", "tpu", "expected a torch device such as cpu, cuda or cuda:1, got 'tpu'"),
+    ],
+)
+def test_bad_option_values_are_refused_before_any_work(option, value, expected, tmp_path, capsys, monkeypatch):
+    from pml_protoot import cli
+
+    monkeypatch.setattr(cli, "_load_dataset", lambda config: pytest.fail("read the data before checking options"))
+    status, _, err = run_main(["train", option, value, "--out", tmp_path / "run", "--quiet"], capsys)
+    assert status == 2 and f"argument {option}: {expected}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_cuda_device_without_cuda_is_refused_naming_device(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, _, err = run_main([command, "--device", "cuda", "--backbone", "resnet10t", "--quiet"], capsys)
+    assert status == 2 and "argument --device: 'cuda' asked for, but CUDA is not available here" in err, err
+
+
+@pytest.mark.parametrize("case", ["holds_a_run", "under_a_file"])
+def test_unusable_out_folder_is_refused_before_any_work(case, demo_run, tmp_path, capsys, monkeypatch):
+    from pml_protoot import cli
+
+    monkeypatch.setattr(cli, "_load_dataset", lambda config: pytest.fail("read the data before checking --out"))
+    if case == "holds_a_run":  # an older run's results.json would sit beside the new files
+        out, expected = demo_run, f"--out {str(demo_run)!r} already holds a run (config.json, last.pth, results.json); " \
+            f"pass a new folder, e.g. --out {demo_run}-2"
+    else:
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "run"
+        expected = f"--out {str(out)!r} cannot be created: {str(tmp_path / 'file')!r} is not a folder"
+    config = (demo_run / "config.json").read_text()
+    status, _, err = run_main(["train", "--out", out, "--epochs", "1", "--quiet"], capsys)
+    assert status == 2 and err.strip() == f"protoot: error: {expected}"
+    assert (demo_run / "config.json").read_text() == config

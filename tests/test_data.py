@@ -97,6 +97,16 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains=["art", "empty"])
 
 
+def test_hidden_folders_are_neither_domains_nor_classes(tmp_path):
+    root = write_layout(tmp_path)
+    for hidden in (root / ".git" / "objects", root / "art" / ".ipynb_checkpoints"):
+        hidden.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(hidden / "stray.jpg")
+    data = MultiDomainImageFolder(root)
+    assert data.domains == ["art", "photo", "sketch"] and data.classes == ["cat", "dog", "zebra"]
+    assert not any("/." in path for path, _, _ in data.samples)
+
+
 def test_unreadable_image_error_names_the_file(tmp_path):
     root = write_layout(tmp_path)
     broken = root / "art" / "cat" / "img0.jpg"
