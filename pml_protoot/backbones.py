@@ -95,19 +95,50 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
     state, source = _read_state_dict(weights)
     expected = trunk.state_dict()
     state = _drop_absent_classifier(trunk, state, expected)
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: model {tuple(expected[key].shape)} vs weights {tuple(state[key].shape)}"
-        for key in expected
-        if key in state and expected[key].shape != state[key].shape
-    ]
-    checks = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-    problems = [f"{label} {items}" for label, items in checks if items]
+    problems = state_dict_mismatch(expected, state, "weights")
     if problems:
-        raise ValueError(f"weights{source} do not match the model: " + "; ".join(problems))
+        raise ValueError(f"weights{source} do not match the model: {problems}")
     trunk.load_state_dict(state, strict=True)
     logger.info("loaded %d weight tensors%s", len(state), source)
+
+
+def load_saved(path, what: str):
+    """``torch.load`` of ``path`` on the CPU, tensors and containers only (``weights_only``).
+
+    Raises:
+        ValueError: a file ``torch.save`` did not write, named as ``what``.
+        OSError: the file cannot be read.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # pickle, zip and torch errors alike
+        # torch's own message is pages of advice on weights_only: the exception's name says enough
+        raise ValueError(f"{what} {os.fspath(path)!r} is not a file saved with torch.save ({type(err).__name__})") from err
+
+
+def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, shown: int | None = None) -> str:
+    """The missing, unexpected and mis-shaped keys of ``loaded`` against ``expected`` ("" when it fits).
+
+    Each group lists its first ``shown`` keys (all when None) and how many more there are:
+    another backbone's checkpoint differs in thousands of keys.
+    """
+    mismatched = [
+        f"{key}: model {tuple(expected[key].shape)} vs {loaded_name} {tuple(loaded[key].shape)}"
+        for key in expected
+        if key in loaded and expected[key].shape != loaded[key].shape
+    ]
+    groups = (
+        ("missing keys", [key for key in expected if key not in loaded]),
+        ("unexpected keys", [key for key in loaded if key not in expected]),
+        ("shape mismatches", mismatched),
+    )
+    return "; ".join(
+        f"{label} {items[:shown]}" + (f" and {len(items) - shown} more" if shown is not None and len(items) > shown else "")
+        for label, items in groups
+        if items
+    )
 
 
 def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
@@ -118,15 +149,7 @@ def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
         raise TypeError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and torch errors alike: a file that torch.save did not write
-        # torch's own message is pages of advice on weights_only: the exception's name says enough
-        raise ValueError(
-            f"weights file {os.fspath(weights)!r} is not a state dict saved with torch.save ({type(err).__name__})"
-        ) from err
+    state = load_saved(weights, "weights file")
     if not isinstance(state, Mapping):
         raise TypeError(
             f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}"

@@ -56,7 +56,14 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
-from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, pca_init_
+from .backbones import (
+    convert_efficientnet_lite0_weights,
+    create_trunk,
+    embedding_head,
+    load_saved,
+    pca_init_,
+    state_dict_mismatch,
+)
 from .data import (
     SYNTHETIC_STYLES,
     FeatureCache,
@@ -686,22 +693,13 @@ def _load_key_encoder(path, trunk, head, config: dict) -> int:
     Returns:
         The epoch the checkpoint was saved after (0 if it does not say).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and torch errors alike: a file that torch.save did not write
-        # torch's own message is pages of advice on weights_only: the exception's name says enough
-        raise CommandError(
-            f"--checkpoint {str(path)!r} is not a protoot train checkpoint: torch.load cannot read it "
-            f"({type(err).__name__})"
-        ) from err
+    state = load_saved(path, "--checkpoint")
     try:
         key_state = {key.removeprefix("module."): value for key, value in state["key_encoder"].items()}
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry)") from err
     encoder = torch.nn.Sequential(torch.nn.Identity() if config["freeze_trunk"] else trunk, head)
-    problems = _state_dict_mismatch(encoder.state_dict(), key_state)
+    problems = state_dict_mismatch(encoder.state_dict(), key_state, "checkpoint", shown=3)
     if problems:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match the model of its config.json "
@@ -709,26 +707,6 @@ def _load_key_encoder(path, trunk, head, config: dict) -> int:
         )
     encoder.load_state_dict(key_state)
     return int(state.get("epoch", 0))
-
-
-def _state_dict_mismatch(expected: dict, loaded: dict, shown: int = 3) -> str:
-    """Counts and the first few of the missing, unexpected and mis-shaped keys; "" when all fit.
-
-    load_state_dict's own message lists every key: thousands of characters for another backbone.
-    """
-    missing = [key for key in expected if key not in loaded]
-    unexpected = [key for key in loaded if key not in expected]
-    shapes = [
-        f"{key} {tuple(loaded[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in expected
-        if key in loaded and loaded[key].shape != expected[key].shape
-    ]
-    groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint vs model)", shapes))
-    return "; ".join(
-        f"{len(items)} {label} ({', '.join(items[:shown])}{', ...' if len(items) > shown else ''})"
-        for label, items in groups
-        if items
-    )
 
 
 if __name__ == "__main__":
