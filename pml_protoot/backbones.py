@@ -38,7 +38,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
 
     Returns:
         ``(trunk, feature_dim)``: the ``nn.Module`` and the size of its output rows
-        (``trunk.num_features`` for ``num_classes=0``, else ``num_classes``).
+        (for ``num_classes=0`` the pre-logits width ``trunk.head_hidden_size`` where timm
+        defines one, e.g. MobileNetV3's 1280, else ``trunk.num_features``; else ``num_classes``).
 
     Raises:
         TypeError: ``name`` is not a string.
@@ -67,7 +68,9 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     if weights is not None:
         load_trunk_weights(trunk, weights)
-    return trunk, num_classes or trunk.num_features
+    # Models with a pre-logits layer (MobileNetV3, GhostNet, ...) output head_hidden_size features
+    # without a classifier, not the num_features of their last stage.
+    return trunk, num_classes or getattr(trunk, "head_hidden_size", None) or trunk.num_features
 
 
 def load_trunk_weights(trunk: nn.Module, weights) -> None:

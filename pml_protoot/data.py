@@ -547,12 +547,13 @@ def trunk_features(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device = _model_device(trunk)
     batches = tqdm(loader, description, disable=not progress)
-    was_training = trunk.training
+    modes = [(module, module.training) for module in trunk.modules()]  # per module: modes may be mixed
     trunk.eval()
     try:
         outputs = [_upcast_half(trunk(_inputs(batch).to(device))).cpu() for batch in batches]
     finally:
-        trunk.train(was_training)
+        for module, training in modes:
+            module.training = training
     return torch.cat(outputs)
 
 
@@ -653,7 +654,8 @@ class FeatureCache:
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_workers, self.progress, self.seed = num_workers, progress, seed
         self.key = _digest([
-            dataset.fingerprint(), repr(eval_view), repr(train_view), _weights_digest(trunk), str(num_views), str(seed)
+            dataset.fingerprint(), repr(eval_view), repr(train_view), repr(trunk), _weights_digest(trunk),
+            str(num_views), str(seed),
         ])
         self.path = None if path is None else Path(path)
         if not self._load():
@@ -744,12 +746,16 @@ def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tens
     if (counts == 0).any():
         raise ValueError(f"domain_ids must use every slot 0..{len(counts) - 1}; empty: "
                          f"{torch.nonzero(counts == 0).flatten().tolist()}")
-    sums = torch.zeros(len(counts), features.shape[1], dtype=features.dtype).index_add_(0, domain_ids, features)
+    sums = features.new_zeros(len(counts), features.shape[1]).index_add_(0, domain_ids, features)
     return sums / counts[:, None].to(features.dtype)
 
 
 class CachedTwoViewDataset(torch.utils.data.Dataset):
     """Item ``i`` is ``((views[a, i], views[b, i]), i)`` with ``a != b`` drawn afresh on each call.
+
+    The draw uses the dataset's own generator in the main process (its state is in
+    :meth:`state_dict`, which ``ProtoOTTrainer`` checkpoints) and torch's generator in a
+    DataLoader worker, which the DataLoader seeds per worker and per epoch.
 
     Args:
         views: ``(V, N, F)`` cached features, ``V >= 2``.
@@ -766,8 +772,16 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
         return self.views.shape[1]
 
     def __getitem__(self, index: int):
-        first, second = torch.randperm(self.views.shape[0], generator=self.generator)[:2].tolist()
+        # A worker's copy of self.generator would repeat the same draws in every worker and epoch.
+        generator = None if torch.utils.data.get_worker_info() is not None else self.generator
+        first, second = torch.randperm(self.views.shape[0], generator=generator)[:2].tolist()
         return (self.views[first, index], self.views[second, index]), index
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 class _Transformed(torch.utils.data.Dataset):

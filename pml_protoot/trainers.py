@@ -247,9 +247,12 @@ class ProtoOTTrainer(BaseTrainer):
                 self.step_lr_schedulers(end_of_epoch=False)
             self.step_lr_schedulers(end_of_epoch=True)
             self.zero_losses()
+            # After the hook: a tester or a plateau scheduler in it draws random numbers and steps
+            # state that a resumed run must start from.
+            stop = self.end_of_epoch_hook(self) is False
             if self.checkpoint_dir is not None and get_rank() == 0:
                 self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
-            if self.end_of_epoch_hook(self) is False:
+            if stop:
                 break
 
     def start_epoch(self):
@@ -396,7 +399,8 @@ class ProtoOTTrainer(BaseTrainer):
         logger.info("saved checkpoint of epoch %d to %s", self.epoch, path)
 
     def checkpoint_state(self) -> dict:
-        """Models, key encoder, memory, losses, optimizers, schedulers, scaler, sampler, epoch, RNG."""
+        """Models, key encoder, memory, losses, optimizers, schedulers, scaler, sampler and dataset
+        states (where they have ``state_dict``), epoch, RNG."""
         return {
             "epoch": self.epoch,
             "momentum": self.momentum,
@@ -407,7 +411,8 @@ class ProtoOTTrainer(BaseTrainer):
             "optimizers": _state_dicts(self.optimizers),
             "lr_schedulers": _state_dicts(self.lr_schedulers),
             "grad_scaler": self.grad_scaler.state_dict(),
-            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "sampler": _state_or_none(self.sampler),
+            "dataset": _state_or_none(self.dataset),
             "rng": _rng_state(),
         }
 
@@ -425,13 +430,19 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.memory.load_state_dict(state["memory"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
-        if state["sampler"] is not None:
-            self.sampler.load_state_dict(state["sampler"])
+        for name in ("sampler", "dataset"):
+            if state.get(name) is not None:  # "dataset" is absent from older checkpoints
+                getattr(self, name).load_state_dict(state[name])
         self.momentum = state["momentum"]
         self.epoch = state["epoch"]
         _set_rng_state(state["rng"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
+
+
+def _state_or_none(stateful):
+    """``stateful.state_dict()`` for a sampler or dataset that has one (random draws of its own)."""
+    return stateful.state_dict() if hasattr(stateful, "state_dict") else None
 
 
 def _state_dicts(named) -> dict:

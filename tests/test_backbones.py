@@ -36,6 +36,15 @@ def test_create_trunk_returns_headless_model_and_its_feature_dim(name, dtype, de
     assert out.shape == (2, reference_dim) and out.dtype == dtype
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "ghostnet_100"])
+def test_create_trunk_reports_the_pre_logits_width_of_models_that_have_one(name):
+    """Without a classifier these output head_hidden_size features, not their last stage's num_features."""
+    trunk, dim = create_trunk(name)
+    assert dim != trunk.num_features  # the case the report must not fall back to
+    with torch.no_grad():
+        assert trunk.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dim)
+
+
 def test_create_trunk_with_classifier_reports_num_classes():
     trunk, dim = create_trunk("resnet18", num_classes=5)
     assert dim == 5

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pml_protoot.data import (
+    CachedTwoViewDataset,
     domain_means,
     FeatureCache,
     MultiDomainImageFolder,
@@ -252,6 +253,13 @@ def test_trunk_features_equal_the_eval_mode_trunk_one_item_at_a_time(dtype, labe
     assert trunk[1].running_mean.eq(0.5).all()  # running statistics untouched
 
 
+def test_trunk_features_restore_each_modules_own_mode():
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout()).train()
+    trunk[1].eval()  # e.g. frozen batch norm statistics inside a training model
+    trunk_features(trunk, torch.randn(4, 3))
+    assert [module.training for module in trunk.modules()] == [True, True, False, True]
+
+
 def test_trunk_features_upcast_half_outputs_and_use_worker_processes():
     inputs = torch.randn(6, 3)
     trunk = torch.nn.Linear(3, 2)
@@ -292,16 +300,21 @@ def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
 
 
 class CountingTrunk(torch.nn.Module):
-    """Mean colour and spatial statistics as features; counts forward calls."""
+    """Mean colour and spatial statistics as features (``pool="max"``: maxima for the means, the
+    same weights computing something else); counts forward calls."""
 
-    def __init__(self):
+    def __init__(self, pool="mean"):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(1))
-        self.calls = 0
+        self.calls, self.pool = 0, pool
 
     def forward(self, images):
         self.calls += 1
-        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1) * self.scale
+        pooled = images.mean((2, 3)) if self.pool == "mean" else images.amax((2, 3))
+        return torch.cat([pooled, images.std((2, 3))], 1) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}"
 
 
 @pytest.fixture
@@ -343,7 +356,7 @@ def test_feature_cache_is_seeded(tiny_folder):
     assert not torch.equal(a.view_features, c.view_features)
 
 
-@pytest.mark.parametrize("change", ["file", "transform", "weights", "views"])
+@pytest.mark.parametrize("change", ["file", "transform", "weights", "architecture", "views"])
 def test_feature_cache_invalidated_by_changes(change, tiny_folder, tmp_path):
     trunk = CountingTrunk()
     path = tmp_path / "cache.pt"
@@ -361,6 +374,8 @@ def test_feature_cache_invalidated_by_changes(change, tiny_folder, tmp_path):
     elif change == "weights":
         with torch.no_grad():
             trunk.scale.fill_(2.0)
+    elif change == "architecture":  # same state dict, other computation
+        trunk = CountingTrunk(pool="max")
     else:
         kwargs["num_views"] = 2
     rebuilt = build_cache(dataset, trunk, path, **kwargs)
@@ -389,6 +404,27 @@ def test_feature_cache_train_dataset_gives_two_different_views_and_index(tiny_fo
     draws = [cache.train_dataset(seed=s) for s in (7, 7, 8)]
     sequences = [torch.stack([d[i % len(d)][0][0] for i in range(40)]) for d in draws]
     assert torch.equal(sequences[0], sequences[1]) and not torch.equal(sequences[0], sequences[2])
+
+
+def test_cached_views_are_drawn_afresh_in_every_worker_and_epoch():
+    """Workers must not replay one copy of the dataset's generator: each epoch and worker draws anew."""
+    views = torch.arange(4.0)[:, None, None].expand(4, 64, 1)  # view v of every item holds the value v
+    dataset = CachedTwoViewDataset(views, torch.zeros(64, dtype=torch.long), seed=0)
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)
+    epochs = [torch.cat([torch.cat(pair, 1) for pair, _ in loader]) for _ in range(2)]
+    assert not torch.equal(epochs[0], epochs[1])
+    first_worker, second_worker = epochs[0][:8], epochs[0][8:16]  # batches alternate between workers
+    assert not torch.equal(first_worker, second_worker)
+    assert all(len(set(row.tolist())) == 2 for epoch in epochs for row in epoch)  # two different views
+
+
+def test_cached_views_state_dict_replays_the_draws():
+    dataset = CachedTwoViewDataset(torch.randn(4, 10, 3), torch.zeros(10, dtype=torch.long), seed=1)
+    state = dataset.state_dict()
+    first = [dataset[i][0][0] for i in range(10)]
+    dataset.load_state_dict(state)
+    assert all(torch.equal(a, dataset[i][0][0]) for i, a in enumerate(first))
 
 
 def test_feature_cache_eval_dataset_keeps_labels(tiny_folder):
@@ -432,9 +468,9 @@ def test_feature_cache_centres_each_domain_by_its_eval_mean():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype):
-    features = torch.randn(9, 3, dtype=dtype)
-    domain_ids = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0])
+def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype, device):
+    features = torch.randn(9, 3, dtype=dtype, device=device)
+    domain_ids = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0], device=device)
     expected = torch.stack([features[domain_ids == d].mean(0) for d in range(3)])
     torch.testing.assert_close(domain_means(features, domain_ids), expected)
     with pytest.raises(ValueError, match="domain_ids"):

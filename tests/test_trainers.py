@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
-from pml_protoot.data import TwoViewDataset
+from pml_protoot.data import CachedTwoViewDataset, TwoViewDataset
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.miners import ProtoOTMiner
@@ -63,8 +63,9 @@ class RecordingNTXentLoss(NTXentLoss):
         return loss
 
 
-def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, **kwargs):
-    """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries."""
+def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, cached_views=False, **kwargs):
+    """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries;
+    ``cached_views``: a ``CachedTwoViewDataset`` of 4 fixed jittered views instead of fresh views."""
     features, true_classes, domains = synthetic_features()
     labelled = LabelledFeatures(features, true_classes if classes is None else classes)
     torch.manual_seed(seed)
@@ -90,7 +91,7 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
         {"embedder_optimizer": torch.optim.Adam(params, lr=0.01)},
         BATCH,
         {"metric_loss": metric_loss},
-        TwoViewDataset(labelled, views, views),
+        cached_dataset(features, domains) if cached_views else TwoViewDataset(labelled, views, views),
         memory,
         mining_funcs=mining_funcs,
         data_device=torch.device(device),
@@ -100,6 +101,18 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
     trainer.recorded_losses = []
     trainer.end_of_iteration_hook = lambda t: t.recorded_losses.append(t.losses["total_loss"].item())
     return trainer
+
+
+def cached_dataset(features, domains):
+    generator = torch.Generator().manual_seed(7)
+    views = features + 0.1 * torch.randn(4, *features.shape, generator=generator)
+    return CachedTwoViewDataset(views, domains, seed=3)
+
+
+def draw_in_a_dataloader(trainer):
+    """An end_of_epoch_hook doing what a PML tester does: iterate a DataLoader (it draws a seed)."""
+    for _ in torch.utils.data.DataLoader(list(range(4)), batch_size=2, shuffle=True):
+        pass
 
 
 def precision_at_5(embeddings, classes, domains, query_domain, gallery_domain):
@@ -134,13 +147,18 @@ def test_short_training_raises_precision_at_5_on_every_domain_pair(device):
     assert int(trainer.memory.epoch) == 2 and trainer.cross_domain_weight == 0.0
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
-    uninterrupted = make_trainer("cpu")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"end_of_epoch_hook": draw_in_a_dataloader}, {"cached_views": True}],
+    ids=["plain", "hook drawing random numbers", "cached views"],
+)
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, options):
+    uninterrupted = make_trainer("cpu", **options)
     uninterrupted.train(1, 3)
 
-    first_half = make_trainer("cpu", checkpoint_dir=tmp_path)
+    first_half = make_trainer("cpu", checkpoint_dir=tmp_path, **options)
     first_half.train(1, 1)
-    resumed = make_trainer("cpu", seed=123)  # other initial weights: everything must come from the file
+    resumed = make_trainer("cpu", seed=123, **options)  # other initial weights: everything must come from the file
     start_epoch = resumed.load_checkpoint(tmp_path / "last.pth")
     resumed.train(start_epoch, 3)
 
