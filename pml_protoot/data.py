@@ -181,6 +181,8 @@ def _check_domain_names(domains, available, root) -> list[str]:
     missing = [d for d in domains if d not in available]
     if missing:
         raise ValueError(f"domains {missing} not found under {str(root)!r}; available domains: {available}")
+    if len(set(domains)) != len(domains):  # a domain twice would retrieve its images from themselves
+        raise ValueError(f"domains must be distinct, got {list(domains)}")
     return list(domains)
 
 
@@ -367,9 +369,10 @@ def make_synthetic_domains(
     that order by ``d`` places, so each domain has a different imbalance.
 
     Args:
-        root: ``None`` keeps the images in memory; a folder gets
+        root: ``None`` keeps the images in memory; a new or empty folder gets
             ``<root>/<domain>/<class>/<n>.png`` files (the :class:`MultiDomainImageFolder`
-            layout) and the returned dataset reads them back from disk.
+            layout) and the returned dataset reads them back from disk, its classes in
+            alphabetical order as with any folder (in memory they follow :data:`SYNTHETIC_SHAPES`).
         num_classes: first ``num_classes`` shapes, 1 to ``len(SYNTHETIC_SHAPES)``.
         images_per_class: an int (balanced) or ``(most, fewest)``.
         domains: two or more distinct names from :data:`SYNTHETIC_STYLES`.
@@ -381,7 +384,8 @@ def make_synthetic_domains(
         :class:`InMemoryMultiDomainDataset` (``root=None``) or :class:`MultiDomainImageFolder`.
 
     Raises:
-        ValueError: bad ``num_classes``, ``images_per_class``, ``domains`` or ``image_size``.
+        ValueError: bad ``num_classes``, ``images_per_class``, ``domains`` or ``image_size``, or a
+            ``root`` that already holds files (they would join the returned dataset).
 
     Example:
         >>> from pml_protoot.data import make_synthetic_domains
@@ -401,6 +405,8 @@ def make_synthetic_domains(
         raise ValueError(f"domains must be two or more distinct names from {SYNTHETIC_STYLES}, got {domains}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+    if root is not None and Path(root).is_dir() and any(Path(root).iterdir()):
+        raise ValueError(f"root must be a new or empty folder, {str(root)!r} already holds files")
     classes = list(SYNTHETIC_SHAPES[:num_classes])
     images = {}
     for slot, domain in enumerate(domains):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .distributed import get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
+from .miners import ProtoOTMiner
 
 __all__ = ["ProtoOTTrainer"]
 
@@ -80,7 +81,8 @@ class ProtoOTTrainer(BaseTrainer):
         models: ``{"trunk": ..., "embedder": ...}`` (``embedder`` optional), as in PML.
         optimizers: ``{"trunk_optimizer": ..., "embedder_optimizer": ...}``, as in PML.
         batch_size: samples per batch.
-        loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss.
+        loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss that
+            takes ``ref_emb`` (the keys; PML's ``FastAPLoss`` and ``HistogramLoss`` do not).
         dataset: items ``((query_view, key_view), global_index)``.
         memory: the :class:`~pml_protoot.memory.PrototypeMemory`; moved to ``data_device``.
         momentum: EMA momentum :math:`m` of the key encoder in ``[0, 1]`` (settable later).
@@ -165,6 +167,11 @@ class ProtoOTTrainer(BaseTrainer):
         if isinstance(metric_loss, ProtoOTLoss) and metric_loss.memory is not memory:
             raise ValueError(
                 "loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory"
+            )
+        miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
+        if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
+            raise ValueError(
+                "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
             )
         self.memory = memory
         self.fill_dataset = fill_dataset

@@ -93,6 +93,8 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains=["art"])
     with pytest.raises(TypeError, match="domains"):
         MultiDomainImageFolder(root, domains="art")
+    with pytest.raises(ValueError, match=r"domains must be distinct, got \['art', 'art'\]"):
+        MultiDomainImageFolder(root, domains=["art", "art"])
     (root / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="'empty' holds no images"):
         MultiDomainImageFolder(root, domains=["art", "empty"])
@@ -206,6 +208,12 @@ def test_synthetic_set_written_to_folder_reads_back_identically(tmp_path):
 def test_synthetic_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_synthetic_domains(**kwargs)
+
+
+def test_synthetic_set_refuses_a_folder_with_files(tmp_path):
+    make_synthetic_domains(tmp_path, num_classes=2, images_per_class=3)
+    with pytest.raises(ValueError, match="root must be a new or empty folder"):
+        make_synthetic_domains(tmp_path, num_classes=2, images_per_class=3, seed=1)
 
 
 def test_transforms_shapes_normalisation_and_randomness():

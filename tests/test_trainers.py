@@ -372,5 +372,10 @@ def test_bad_arguments_are_rejected_with_their_names(device):
     other_memory = PrototypeMemory([0, 0, 1, 1], dim=EMBED_DIM, num_prototypes=2)
     with pytest.raises(ValueError, match="another memory"):
         ProtoOTTrainer(*pml_arguments, memory=other_memory)
+    with pytest.raises(ValueError, match=r"mining_funcs\['tuple_miner'\] is a ProtoOTMiner on another memory"):
+        ProtoOTTrainer(
+            trainer.models, trainer.optimizers, BATCH, {"metric_loss": NTXentLoss()}, trainer.dataset,
+            memory=trainer.memory, mining_funcs={"tuple_miner": ProtoOTMiner(other_memory)},
+        )
     with pytest.raises(ValueError, match="query_view, key_view"):
         trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
