@@ -217,13 +217,13 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         super().__init__(list(domains), list(classes), samples, transform)
 
     def load_image(self, path: str) -> Image.Image:
-        return self._images[path].copy()
+        return self._images[path].convert("RGB")  # a copy, RGB as MultiDomainImageFolder reads files
 
     def fingerprint(self) -> str:
-        """Digest of every image's name and pixels."""
+        """Digest of every image's name, mode, size and pixels (a 4 x 2 and a 2 x 4 image share bytes)."""
         digest = hashlib.sha256()
         for key, image in self._images.items():
-            digest.update(key.encode())
+            digest.update(f"{key}\0{image.mode}\0{image.size}".encode())
             digest.update(image.tobytes())
         return digest.hexdigest()
 

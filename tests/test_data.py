@@ -9,6 +9,7 @@ from PIL import Image
 
 from pml_protoot.data import (
     CachedTwoViewDataset,
+    InMemoryMultiDomainDataset,
     domain_means,
     FeatureCache,
     MultiDomainImageFolder,
@@ -485,3 +486,11 @@ def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype, device):
         domain_means(features, torch.tensor([0, 2] * 4 + [2]))  # slot 1 empty
     with pytest.raises(ValueError, match="domain_ids"):
         domain_means(features, domain_ids[:5])
+
+
+def test_in_memory_images_are_rgb_and_fingerprinted_with_their_size():
+    grey, wide, tall = Image.new("L", (4, 2), 7), Image.new("RGB", (4, 2), "red"), Image.new("RGB", (2, 4), "red")
+    data = InMemoryMultiDomainDataset({("a", "x"): [grey], ("b", "x"): [wide]}, ["a", "b"], ["x"])
+    assert data[0][0].mode == "RGB" and data[0][0].getpixel((0, 0)) == (7, 7, 7)
+    other = InMemoryMultiDomainDataset({("a", "x"): [grey], ("b", "x"): [tall]}, ["a", "b"], ["x"])
+    assert data.fingerprint() != other.fingerprint()
