@@ -96,6 +96,9 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
         ValueError: weights do not match the model: missing keys ['bias']
     """
     state, source = _read_state_dict(weights)
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"weights{source} must map names to tensors; not tensors: {not_tensors[:5]}")
     expected = trunk.state_dict()
     state = _drop_absent_classifier(trunk, state, expected)
     problems = state_dict_mismatch(expected, state, "weights")
@@ -292,7 +295,8 @@ def pca_init_(head: nn.Sequential, features: torch.Tensor) -> nn.Sequential:
 
     Raises:
         TypeError: ``head`` is not ``Linear -> ReLU -> Linear``, or ``features`` not a float tensor.
-        ValueError: ``features`` of the wrong shape, fewer than two rows, constant, or not finite.
+        ValueError: ``features`` of the wrong shape, fewer than two rows, constant, or not finite;
+            a hidden width below 2 (no room for a component and its negation).
 
     Example:
         >>> import torch
@@ -304,6 +308,8 @@ def pca_init_(head: nn.Sequential, features: torch.Tensor) -> nn.Sequential:
     """
     first, second = _head_layers(head)
     out_dim, hidden_dim = second.weight.shape
+    if hidden_dim < 2:  # each component takes two hidden units, ReLU(p.x) and ReLU(-p.x)
+        raise ValueError(f"head must have a hidden width of at least 2, got {hidden_dim}")
     check_matrix("features", features, cols=first.in_features)
     if features.shape[0] < 2:
         raise ValueError(f"features must have at least 2 rows, got {features.shape[0]}")

@@ -268,3 +268,14 @@ def test_pca_init_with_fewer_components_than_outputs_keeps_the_rest_random(rows,
 def test_pca_init_bad_input(head, features, error, match):
     with pytest.raises(error, match=match):
         pca_init_(head, features)
+
+
+def test_pca_init_refuses_a_hidden_width_below_two():
+    with pytest.raises(ValueError, match="hidden width of at least 2, got 1"):
+        pca_init_(embedding_head(4, hidden_dim=1, out_dim=2), torch.randn(10, 4))
+
+
+def test_load_trunk_weights_refuses_values_that_are_not_tensors():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"must map names to tensors; not tensors: \['weight'\]"):
+        load_trunk_weights(model, {"weight": [[1.0, 0.0], [0.0, 1.0]], "bias": torch.zeros(2)})
