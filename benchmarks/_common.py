@@ -1,7 +1,8 @@
-"""Small helpers shared by the benchmarks: thread pinning, peak memory, interleaved timing, JSON + markdown output."""
+"""Small helpers shared by the benchmarks: logging, thread pinning, peak memory, interleaved timing, JSON + markdown output."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import statistics
@@ -11,6 +12,13 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIN_REPEAT_SECONDS = 0.02
+
+
+def configure_logging() -> None:
+    """INFO logs of the benchmark; the package's and PML's per-epoch and per-run logs would drown them."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pml_protoot").setLevel(logging.WARNING)
+    logging.getLogger("PML").setLevel(logging.ERROR)  # e.g. "optimizers is missing trunk_optimizer": a frozen trunk
 
 
 def pin_threads(num_threads: int = 1) -> dict:

@@ -76,7 +76,7 @@ from pml_protoot import (
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, markdown_table, pin_threads  # noqa: E402
+from _common import command_line, configure_logging, markdown_table, pin_threads  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -741,12 +741,6 @@ def main(argv=None) -> dict:
         write_outputs(out, payload)  # after every task: a cut-short run still leaves its results
     logger.info("wrote %s.json and %s.md", out, out)
     return payload
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("pml_protoot").setLevel(logging.WARNING)  # per-epoch logs of every run drown the summary
-    logging.getLogger("PML").setLevel(logging.ERROR)  # "optimizers is missing trunk_optimizer": the trunk is frozen
 
 
 def start_method(source: Features | Images, device: torch.device) -> str:

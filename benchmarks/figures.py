@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from _common import pin_threads  # noqa: E402
+from _common import configure_logging, pin_threads  # noqa: E402
 
 logger = logging.getLogger("benchmarks.figures")
 
@@ -209,9 +209,7 @@ def save(figure: plt.Figure, path: Path, dpi: int = DPI) -> Path:
 
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("pml_protoot").setLevel(logging.WARNING)
-    logging.getLogger("PML").setLevel(logging.ERROR)
+    configure_logging()
     written = [save(accuracy_bars(json.loads(args.results.read_text()), args.metric), args.out / "accuracy_bars.png")]
     if not args.no_strip:
         pin_threads(1)

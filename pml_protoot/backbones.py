@@ -57,10 +57,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a timm model name (str), got {type(name).__name__}")
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
-        hint = f"; similar names: {close}" if close else " (see timm.list_models())"
-        raise ValueError(f"name must be a timm model name, got {name!r}{hint}")
+    check_model_name(name)
     if pretrained and weights is not None:
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:
@@ -106,6 +103,14 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
         raise ValueError(f"weights{source} do not match the model: {problems}")
     trunk.load_state_dict(state, strict=True)
     logger.info("loaded %d weight tensors%s", len(state), source)
+
+
+def check_model_name(name: str, argument: str = "name") -> None:
+    """Raise ``ValueError`` naming ``argument`` (and similar timm names) unless timm has model ``name``."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
+        hint = f"; similar names: {close}" if close else " (see timm.list_models())"
+        raise ValueError(f"{argument} must be a timm model name, got {name!r}{hint}")
 
 
 def load_saved(path, what: str):

@@ -57,6 +57,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
+    check_model_name,
     convert_efficientnet_lite0_weights,
     create_trunk,
     embedding_head,
@@ -69,6 +70,7 @@ from .data import (
     FeatureCache,
     MultiDomainImageFolder,
     TwoViewDataset,
+    _visible_folders,
     domain_means,
     eval_transform,
     make_synthetic_domains,
@@ -382,7 +384,7 @@ def _resolve_train_config(args) -> dict:
     config["freeze_trunk"] = bool(config["freeze_trunk"])
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
-    _check_backbone(config["backbone"])
+    check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
     if config["data"] is not None and not config["pretrained"] and config["weights"] is None:
         logger.warning(
             "training a randomly initialised %s trunk on --data (no --pretrained or --weights)", config["backbone"]
@@ -398,14 +400,6 @@ def _resolve_train_config(args) -> dict:
     if config["data"] is None:
         config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
     return config
-
-
-def _check_backbone(name: str) -> None:
-    """Before any work: create_trunk's own error comes after the data is read and cannot name the option."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
-        hint = f"; similar names: {close}" if close else " (see timm.list_models())"
-        raise CommandError(f"--backbone must be a timm model name, got {name!r}{hint}")
 
 
 def _check_new_run_folder(out: Path) -> None:
@@ -438,8 +432,7 @@ def _folder_domains(root) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data must be a folder of <domain>/<class>/ images, {str(root)!r} is not one")
-    # hidden folders (.git, .ipynb_checkpoints) are not domains, as in MultiDomainImageFolder
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    return _visible_folders(root)  # the domains MultiDomainImageFolder would find
 
 
 def _check_domain_sizes(dataset, num_prototypes: int) -> None:
@@ -637,7 +630,7 @@ def evaluate(args) -> dict:
         trunk, head, normalisation = _build_encoder(config)
         epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
     else:
-        _check_backbone(args.backbone)
+        check_model_name(args.backbone, "--backbone")
         config = {**vars(args), "seed": 0, "image_size": args.image_size or 224}
         trunk, _, normalisation = _build_encoder(config)
         head, epoch = torch.nn.Identity(), 0
