@@ -31,6 +31,14 @@ def pin_threads(num_threads: int = 1) -> dict:
     return {"torch_threads": torch.get_num_threads(), "faiss_threads": num_threads}
 
 
+def device_name(device) -> str:
+    """``"cpu"``, or e.g. ``"cuda: NVIDIA H200"``: the results name the accelerator they ran on."""
+    import torch
+
+    device = torch.device(device)
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -76,7 +76,7 @@ from pml_protoot import (
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, configure_logging, markdown_table, pin_threads  # noqa: E402
+from _common import command_line, configure_logging, device_name, markdown_table, pin_threads  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -453,23 +453,28 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     return recipe, eval_sets, key_trunk, key_head
 
 
-def methods_to_run(methods, seed, first_seed) -> list[str]:
-    """Untrained features do not depend on the seed: they run with the first seed only."""
-    return [method for method in methods if ALL_METHODS[method] is not None or seed == first_seed]
+def run_task(task, epochs, device) -> dict:
+    """One method on one ``(train_domains, seed)``; in a worker process when ``--jobs > 1``."""
+    train_domains, seed, method = task
+    record = run_method(SOURCE, train_domains, method, seed, epochs, device)
+    logger.info(
+        "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
+        100 * statistics.mean(v["P@15"] for v in record["directions"].values()), record["wall_time_s"],
+    )
+    return record
 
 
-def run_task(task, methods, epochs, device, first_seed) -> list[dict]:
-    """Every method on one ``(train_domains, seed)``; in a worker process when ``--jobs > 1``."""
-    train_domains, seed = task
-    records = []
-    for method in methods_to_run(methods, seed, first_seed):
-        record = run_method(SOURCE, train_domains, method, seed, epochs, device)
-        logger.info(
-            "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
-            100 * statistics.mean(v["P@15"] for v in record["directions"].values()), record["wall_time_s"],
-        )
-        records.append(record)
-    return records
+def make_tasks(seeds, methods, train_sets) -> list[tuple]:
+    """``(train_domains, seed, method)`` seed by seed, then method by method, so that a run cut short leaves
+    whole seeds, and within one whole methods; the longest (joint) training first. Untrained features do
+    not depend on the seed: they run with the first seed only."""
+    return [
+        (domains, seed, method)
+        for seed in seeds
+        for method in methods
+        if ALL_METHODS[method] is not None or seed == seeds[0]
+        for domains in train_sets
+    ]
 
 
 SOURCE: Features | Images | None = None  # set before the worker processes fork, which inherit it
@@ -626,13 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help=f"one pair ({'<->'.join(QUICK_PAIR)}), one seed, no joint run"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--pairs", nargs="+", choices=["+".join(pair) for pair in PAIRS], default=["+".join(pair) for pair in PAIRS],
+        help="the domain pairs to train (e.g. to finish a run cut short, then --merge)",
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS))
     parser.add_argument("--ablation", action="store_true", help="also run the ABLATIONS rows")
     parser.add_argument("--no-joint", action="store_true", help="skip the four-domain joint run")
     parser.add_argument(
         "--jobs", type=int, default=1,
-        help="processes running (pair, seed) tasks side by side (one thread each; with --finetune they share the GPU)",
+        help="processes running (pair, seed, method) tasks side by side (one thread each; with --finetune they share the GPU)",
     )
     parser.add_argument("--views", type=int, default=4, help="augmented views cached per image")
     parser.add_argument("--image-size", type=int, default=224)
@@ -671,6 +680,7 @@ def merged(payloads: list[dict], methods) -> dict:
     present = {m for p in payloads for m in p["config"]["methods"]}
     config = dict(payloads[0]["config"])
     config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
+    config["pairs"] = [list(pair) for pair in PAIRS if any(list(pair) in p["config"]["pairs"] for p in payloads)]
     config["methods"] = [m for m in methods if m in present]
     for setting in ("momentum", "pca_head"):
         if any(setting in p["config"] for p in payloads):  # results older than pca_head lack it
@@ -710,7 +720,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--jobs must be a positive number of processes, got {args.jobs}")
     configure_logging()
     threads = pin_threads(1)
-    seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, list(PAIRS))
+    pairs = [tuple(pair.split("+")) for pair in args.pairs]
+    seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, pairs)
     joint = not (args.quick or args.no_joint)
     methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
     out = Path(args.out or (FINETUNE_OUT if args.finetune else DEFAULT_OUT))
@@ -724,8 +735,7 @@ def main(argv=None) -> dict:
         SOURCE, extraction_s = extract_features(
             args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
         )
-    # Seed by seed (a run cut short leaves whole seeds), the longest (joint) task first in each.
-    tasks = [(domains, seed) for seed in seeds for domains in ([JOINT] if joint else []) + pairs]
+    tasks = make_tasks(seeds, methods, ([JOINT] if joint else []) + pairs)
     config = {
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
@@ -733,12 +743,12 @@ def main(argv=None) -> dict:
         "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
     }
     start, runs = time.perf_counter(), []
-    work = partial(run_task, methods=methods, epochs=args.epochs, device=args.device, first_seed=seeds[0])
-    for records in run_tasks(work, tasks, args.jobs, start_method(SOURCE, args.device)):
-        runs += records
+    work = partial(run_task, epochs=args.epochs, device=args.device)
+    for record in run_tasks(work, tasks, args.jobs, start_method(SOURCE, args.device)):
+        runs.append(record)
         payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
-        payload["complete"] = len(runs) == sum(len(methods_to_run(methods, seed, seeds[0])) for _, seed in tasks)
-        write_outputs(out, payload)  # after every task: a cut-short run still leaves its results
+        payload["complete"] = len(runs) == len(tasks)
+        write_outputs(out, payload)  # after every run: a cut-short run still leaves its results
     logger.info("wrote %s.json and %s.md", out, out)
     return payload
 
@@ -781,7 +791,7 @@ def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
         "command": command_line(),
         "wall_time_s": round(wall_time_s, 1),
         "feature_extraction_s": round(extraction_s, 1),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({device})",
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({device_name(device)})",
         "threads": threads,
         "config": {
             **config,

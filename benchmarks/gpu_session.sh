@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one device lease, most valuable first, each under its own time limit:
-#   1. the --finetune accuracy table (cut by FINETUNE_SECONDS; accuracy.py writes after every task,
-#      and tasks go seed by seed, so a cut run keeps whole seeds first),
+#   1. the --finetune accuracy table (cut by FINETUNE_SECONDS; accuracy.py writes after every run,
+#      and runs go seed by seed, then method by method; FINETUNE_ARGS adds options, e.g. "--seeds 1"),
 #   2. the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
 #   3. bench_augment.py on CUDA.
 # Run from the repository root on the device machine, with .devpack/ carried: benchmarks/pack_device.sh
@@ -36,7 +36,7 @@ python3 -c "import torch, torchvision, timm, pytorch_metric_learning as p, faiss
 timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint \
     --jobs "$FINETUNE_JOBS" --workers 2 \
     --epochs "$FINETUNE_EPOCHS" --methods "raw features" "ProtoOT official" "ProtoOT default" \
-    --data "$PACS" >"$OUT/finetune.log" 2>&1
+    --data "$PACS" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
 tail -4 "$OUT/finetune.log"
 cp benchmarks/results/accuracy_pacs_mini_finetune.* "$OUT/"
 

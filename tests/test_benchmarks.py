@@ -36,6 +36,10 @@ def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_pa
     written = json.loads(out.with_name("accuracy.json").read_text())
     assert written == json.loads(json.dumps(payload))
     assert written["complete"] is True
+    import torch  # the machine names the accelerator, not only "cuda"
+
+    expected_device = f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    assert written["machine"].endswith(f"CPUs ({expected_device})")
     query, gallery = accuracy.QUICK_PAIR
     expected_directions = {f"{query}->{gallery}", f"{gallery}->{query}"}
     assert [run["method"] for run in written["runs"]] == list(accuracy.METHODS)
@@ -141,7 +145,10 @@ def test_seed_spread_against_plain_statistics(accuracy):
 def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     def payload(seeds, methods, command):
         runs = [fake_run(accuracy, m, s, (0.1 * s, 0.2)) for s in seeds for m in methods]
-        config = {"seeds": seeds, "methods": methods, "momentum": {m: 0.99 for m in methods}, "joint": False}
+        config = {
+            "seeds": seeds, "methods": methods, "momentum": {m: 0.99 for m in methods}, "joint": False,
+            "pairs": [list(accuracy.PAIRS[0])],
+        }
         return {"command": command, "wall_time_s": 60.0, "config": config, "runs": runs, "complete": True}
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
@@ -158,6 +165,59 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     rerun = accuracy.merged([json.loads(first.read_text()), third], ["m", "other"])
     assert [(run["method"], run["seed"]) for run in rerun["runs"]] == [("m", 0), ("other", 0), ("m", 1), ("other", 1)]
     assert [run["directions"] for run in rerun["runs"] if run["method"] == "other"] == [{"x->y": {"P@15": 0.9}}] * 2
+
+
+def test_merge_lists_the_pairs_of_every_file_in_the_benchmark_order(accuracy):
+    def payload(pairs):
+        config = {"seeds": [0], "methods": ["m"], "joint": False, "pairs": [list(p) for p in pairs]}
+        return {"command": "run", "wall_time_s": 1.0, "config": config, "runs": []}
+
+    first, last = accuracy.PAIRS[0], accuracy.PAIRS[-1]
+    merged = accuracy.merged([payload([last]), payload([first])], ["m"])
+    assert merged["config"]["pairs"] == [list(first), list(last)]
+
+
+def test_tasks_go_seed_by_seed_then_method_by_method(accuracy):
+    """A run cut short keeps whole seeds first, then whole methods; raw features run with the first seed."""
+    pairs = [("a", "b"), ("c", "d")]
+    tasks = accuracy.make_tasks([3, 4], ["raw features", "ProtoOT default"], pairs)
+    assert tasks == [
+        (("a", "b"), 3, "raw features"), (("c", "d"), 3, "raw features"),
+        (("a", "b"), 3, "ProtoOT default"), (("c", "d"), 3, "ProtoOT default"),
+        (("a", "b"), 4, "ProtoOT default"), (("c", "d"), 4, "ProtoOT default"),
+    ]
+
+
+def test_a_run_cut_short_keeps_every_finished_run_of_the_chosen_pairs(accuracy, tmp_path, monkeypatch):
+    """Results are written after every (pair, seed, method) run; --pairs picks the pairs."""
+    finished = []
+
+    def run_method(source, train_domains, method, seed, epochs, device):
+        if len(finished) == 3:
+            raise KeyboardInterrupt  # the session's time ran out
+        finished.append((tuple(train_domains), seed, method))
+        return fake_run(accuracy, method, seed, (0.5, 0.5)) | {
+            "train_domains": list(train_domains), "epochs": epochs, "momentum": None, "pca_head": None,
+            "wall_time_s": 1.0, "directions": {
+                d: {metric: 0.5 for metric in accuracy.METRICS} for d in accuracy.direction_names(train_domains)
+            },
+        }
+
+    monkeypatch.setattr(accuracy, "extract_features", lambda *args: (None, 0.0))
+    monkeypatch.setattr(accuracy, "run_method", run_method)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main([
+            "--pairs", "photo+sketch", "art_painting+sketch", "--no-joint", "--seeds", "0", "1",
+            "--methods", "raw features", "ProtoOT default", "--out", str(out),
+        ])
+    written = json.loads(out.with_name("cut.json").read_text())
+    assert finished == [
+        (("photo", "sketch"), 0, "raw features"), (("art_painting", "sketch"), 0, "raw features"),
+        (("photo", "sketch"), 0, "ProtoOT default"),
+    ]
+    assert sorted((tuple(r["train_domains"]), r["seed"], r["method"]) for r in written["runs"]) == sorted(finished)
+    assert not written["complete"] and written["config"]["pairs"] == [["photo", "sketch"], ["art_painting", "sketch"]]
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
