@@ -177,6 +177,33 @@ def test_merge_lists_the_pairs_of_every_file_in_the_benchmark_order(accuracy):
     assert merged["config"]["pairs"] == [list(first), list(last)]
 
 
+def test_cut_short_tables_hold_the_pairs_every_method_finished(accuracy):
+    """Rows compare: a pair only some methods finished is named, not tabulated; a method that never ran
+    does not hide the others."""
+    first, second = (list(pair) for pair in accuracy.PAIRS[:2])
+
+    def run(method, pair):
+        directions = {d: {metric: 0.5 for metric in accuracy.METRICS} for d in accuracy.direction_names(pair)}
+        return {"method": method, "train_domains": pair, "seed": 0, "directions": directions}
+
+    runs = [run("a", first), run("b", first), run("a", second)]
+    pairs, unfinished = accuracy.tabulated_pairs(runs, ["a", "b", "never ran"], [first, second])
+    assert pairs == [first] and unfinished == {tuple(second): ["a"]}
+    payload = {
+        "command": "cut", "wall_time_s": 1.0, "feature_extraction_s": 0.0, "machine": "m", "complete": False,
+        "threads": {"torch_threads": 1}, "runs": runs,
+        "config": {
+            "methods": ["a", "b", "never ran"], "pairs": [first, second], "seeds": [0, 1, 2], "joint": False,
+            "epochs": 1, "cross_domain_start": 0, "momentum": {"a": 0.99}, "jobs": 1, "image_size": 224, "views": 2,
+        },
+    }
+    markdown = accuracy.markdown(payload)
+    header = "| method | " + " | ".join(accuracy.direction_names(first)) + " | mean |"
+    assert markdown.count(header) == len(accuracy.METRICS) and "| b |" in markdown
+    assert f"finished by only some methods: {'+'.join(second)} (a;" in markdown
+    assert "Seeds [0]:" in markdown  # the seeds that ran, not the seeds asked for
+
+
 def test_tasks_go_seed_by_seed_then_method_by_method(accuracy):
     """A run cut short keeps whole seeds first, then whole methods; raw features run with the first seed."""
     pairs = [("a", "b"), ("c", "d")]
