@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one device lease, most valuable first, each under its own time limit:
 #   1. the --finetune accuracy table (cut by FINETUNE_SECONDS; accuracy.py writes after every run,
-#      and runs go seed by seed, then method by method; FINETUNE_ARGS adds options, e.g. "--seeds 1"),
+#      and runs go seed by seed, then method by method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS
+#      adds options, e.g. "--seeds 1 --pairs art_painting+sketch"),
 #   2. the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
 #   3. bench_augment.py on CUDA.
 # Run from the repository root on the device machine, with .devpack/ carried: benchmarks/pack_device.sh
@@ -14,6 +15,9 @@ PACS=${PACS:-/tmp/pacs-mini}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-30}
 FINETUNE_SECONDS=${FINETUNE_SECONDS:-420}
 FINETUNE_JOBS=${FINETUNE_JOBS:-4}  # runs sharing the GPU: one per pair, so a seed's 4 pairs run together
+# '|'-separated, in the order they run; later seeds need no "raw features" (it does not depend on the seed)
+FINETUNE_METHODS=${FINETUNE_METHODS:-raw features|ProtoOT official|ProtoOT default}
+IFS='|' read -r -a finetune_methods <<<"$FINETUNE_METHODS"
 TEST_SECONDS=${TEST_SECONDS:-100}
 BENCH_SECONDS=${BENCH_SECONDS:-45}  # 45 s cut bench_augment short on an H200: give it more when the finetune leaves time
 mkdir -p "$OUT"
@@ -36,7 +40,7 @@ python3 -c "import torch, torchvision, timm, pytorch_metric_learning as p, faiss
 # timeout signals the whole process group: the --jobs worker processes end with the script.
 timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint \
     --jobs "$FINETUNE_JOBS" --workers 2 \
-    --epochs "$FINETUNE_EPOCHS" --methods "raw features" "ProtoOT official" "ProtoOT default" \
+    --epochs "$FINETUNE_EPOCHS" --methods "${finetune_methods[@]}" \
     --data "$PACS" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
 tail -4 "$OUT/finetune.log"
 cp benchmarks/results/accuracy_pacs_mini_finetune.* "$OUT/"
