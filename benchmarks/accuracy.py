@@ -573,7 +573,8 @@ def tabulated_pairs(runs, methods, pairs) -> tuple[list, dict]:
     """``(pairs every method that ran has finished, {other pair: methods that finished it})``: a run cut
     short tabulates only pairs whose rows compare (every pair of the command when complete)."""
     ran = {(run["method"], tuple(run["train_domains"])) for run in runs}
-    methods = [method for method in methods if any(method == m for m, _ in ran)]
+    ran_methods = {method for method, _ in ran}
+    methods = [method for method in methods if method in ran_methods]
     done = {tuple(pair): [m for m in methods if (m, tuple(pair)) in ran] for pair in pairs}
     tabulated = [pair for pair in pairs if len(done[tuple(pair)]) == len(methods)]
     unfinished = {pair: names for pair, names in done.items() if names and len(names) < len(methods)}

@@ -26,7 +26,7 @@ rm -f benchmarks/results/bench_augment_cuda.* benchmarks/results/accuracy_pacs_m
 export PYTHONUNBUFFERED=1
 if [ -f .devpack/site.tar.xz ]; then
     tar xJf .devpack/site.tar.xz -C /tmp || exit 1
-    tar xJf .devpack/pacs-mini.tar.xz -C "$(dirname "$PACS")" || exit 1
+    mkdir -p "$PACS" && tar xJf .devpack/pacs-mini.tar.xz -C "$PACS" --strip-components=1 || exit 1
 elif ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
