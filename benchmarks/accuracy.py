@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context, set_start_method
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +282,7 @@ class FittedMethod:
     eval_features: torch.Tensor  # (N, F) their eval features, domain-centred when the method centres
     labels: torch.Tensor  # (N,)
     domain_ids: torch.Tensor  # (N,) position of each image's domain in ``train_domains``
+    training_s: dict  # :func:`timed_training`'s seconds; empty for untrained features
 
 
 @dataclass
@@ -351,30 +352,37 @@ def fit_method(features: Features, train_domains, method: str, seed: int, epochs
         means = domain_means(eval_features, domain_ids)[domain_ids]
         eval_features, views = eval_features - means, views - means
     if recipe is None:
-        model = torch.nn.Identity()
+        model, training_s = torch.nn.Identity(), {}
     else:
-        model = train_head(recipe, views, eval_features, domain_ids, seed, epochs, device)
-    return FittedMethod(model.to(device), recipe, rows, eval_features, labels, domain_ids)
+        model, training_s = train_head(recipe, views, eval_features, domain_ids, seed, epochs, device)
+    return FittedMethod(model.to(device), recipe, rows, eval_features, labels, domain_ids, training_s)
 
 
 def run_method(source: Features | Images, train_domains, method: str, seed: int, epochs: int, device) -> dict:
     """Train ``method`` on ``train_domains`` (or not, for raw features); score every direction among them."""
     start = time.perf_counter()
     if isinstance(source, Images):
-        recipe, eval_sets, trunk, head = finetune_method(source, train_domains, method, seed, epochs, device)
-        results = make_tester(device, source.workers).test(eval_sets, epochs if recipe else 0, trunk, head)
+        finetuned = finetune_method(source, train_domains, method, seed, epochs, device)
+        recipe, training_s, fit_end = finetuned.recipe, finetuned.training_s, time.perf_counter()
+        results = make_tester(device, source.workers).test(
+            finetuned.eval_sets, epochs if recipe else 0, finetuned.trunk, finetuned.head
+        )
     else:
         fitted = fit_method(source, train_domains, method, seed, epochs, device)
-        recipe, domain_ids = fitted.recipe, fitted.domain_ids
+        recipe, domain_ids, training_s = fitted.recipe, fitted.domain_ids, fitted.training_s
+        fit_end = time.perf_counter()
         eval_sets = {
             name: torch.utils.data.TensorDataset(fitted.eval_features[domain_ids == i], fitted.labels[domain_ids == i])
             for i, name in enumerate(train_domains)
         }
         results = make_tester(device).test(eval_sets, epochs if recipe else 0, fitted.model)
+    end = time.perf_counter()
+    setup_s = fit_end - start - sum(training_s.values())
     return {
         "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs if recipe else 0,
         "momentum": recipe.momentum if recipe else None, "pca_head": recipe.pca_head if recipe else None,
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        "wall_time_s": round(end - start, 2),
+        "phase_s": {"setup": round(setup_s, 2), **training_s, "score": round(end - fit_end, 2)},
         "directions": {
             direction: {short: values[metric] for short, metric in METRICS.items()}
             for direction, values in results.items() if direction != "mean"
@@ -382,8 +390,20 @@ def run_method(source: Features | Images, train_domains, method: str, seed: int,
     }
 
 
-def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, device) -> torch.nn.Module:
-    """Train a fresh head on cached ``views`` ``(V, N, F)``; return the momentum key encoder's head."""
+def timed_training(trainer: ProtoOTTrainer, epochs: int) -> dict:
+    """Train ``epochs`` epochs; return ``{"first_epoch": s, "later_epochs": s}``. The first epoch also fills
+    the memory banks and pays each process's one-off device costs (e.g. CUDA kernel loading), which
+    the per-epoch cost of longer schedules does not include."""
+    epoch_ends = []
+    trainer.end_of_epoch_hook = lambda _: epoch_ends.append(time.perf_counter())
+    start = time.perf_counter()
+    trainer.train(num_epochs=epochs)
+    return {"first_epoch": round(epoch_ends[0] - start, 2), "later_epochs": round(epoch_ends[-1] - epoch_ends[0], 2)}
+
+
+def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, device) -> tuple[torch.nn.Module, dict]:
+    """Train a fresh head on cached ``views`` ``(V, N, F)``; return the momentum key encoder's head and
+    :func:`timed_training`'s seconds."""
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
     if recipe.pca_head:
         pca_init_(head, eval_features)
@@ -403,13 +423,24 @@ def train_head(recipe: Recipe, views, eval_features, domain_ids, seed, epochs, d
         data_device=torch.device(device),
         dataloader_num_workers=0,
     )
-    trainer.train(num_epochs=epochs)
-    return trainer.key_encoder.module[1]  # Sequential(trunk, embedder): the trunk is the identity
+    training_s = timed_training(trainer, epochs)
+    return trainer.key_encoder.module[1], training_s  # Sequential(trunk, embedder): the trunk is the identity
 
 
-def finetune_method(images: Images, train_domains, method: str, seed: int, epochs: int, device):
-    """``(recipe, {domain: eval-view images}, trunk, head)``: the key encoder after training the trunk and a
-    fresh head end to end with ``method``, or the untrained trunk (head ``None``) for raw features."""
+@dataclass
+class Finetuned:
+    """The key encoder after training a trunk and a fresh head end to end, with what it is scored on."""
+
+    recipe: Recipe | None  # None for untrained features
+    eval_sets: dict  # {domain: eval-view images}
+    trunk: torch.nn.Module
+    head: torch.nn.Module | None  # None for untrained features
+    training_s: dict  # :func:`timed_training`'s seconds; empty for untrained features
+
+
+def finetune_method(images: Images, train_domains, method: str, seed: int, epochs: int, device) -> Finetuned:
+    """Train the trunk and a fresh head end to end with ``method`` (or nothing, for raw features: the
+    untrained trunk, no head)."""
     dataset = images.dataset(train_domains)
     seed_everything(seed)
     trunk, _ = create_trunk(BACKBONE, weights=images.weights)
@@ -419,7 +450,7 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     eval_images.transform = eval_transform(images.image_size)
     eval_sets = {domain: eval_images.subset(domain) for domain in train_domains}
     if recipe is None:
-        return None, eval_sets, trunk.to(device), None
+        return Finetuned(None, eval_sets, trunk.to(device), None, {})
     head = embedding_head(FEATURE_DIM, out_dim=EMBEDDING_DIM)
     if recipe.pca_head:
         pca_init_(head, images.untrained_features(train_domains, trunk.to(device), eval_images))
@@ -448,9 +479,9 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
         data_device=torch.device(device),
         dataloader_num_workers=loader_workers,
     )
-    trainer.train(num_epochs=epochs)
+    training_s = timed_training(trainer, epochs)
     key_trunk, key_head = trainer.key_encoder.module
-    return recipe, eval_sets, key_trunk, key_head
+    return Finetuned(recipe, eval_sets, key_trunk, key_head, training_s)
 
 
 def run_task(task, epochs, device) -> dict:
@@ -458,8 +489,9 @@ def run_task(task, epochs, device) -> dict:
     train_domains, seed, method = task
     record = run_method(SOURCE, train_domains, method, seed, epochs, device)
     logger.info(
-        "%s on %s, seed %d: mean P@15 %.1f (%.0f s)", method, "+".join(train_domains), seed,
+        "%s on %s, seed %d: mean P@15 %.1f (%.0f s: %s)", method, "+".join(train_domains), seed,
         100 * statistics.mean(v["P@15"] for v in record["directions"].values()), record["wall_time_s"],
+        ", ".join(f"{phase} {seconds:.0f}" for phase, seconds in record["phase_s"].items()),
     )
     return record
 
@@ -559,6 +591,19 @@ def protocol_sentence(config: dict) -> str:
     )
 
 
+def phase_sentence(runs: list[dict], methods) -> str:
+    """Median seconds of each phase of a run, per method."""
+    timed = [run for run in runs if "phase_s" in run]
+    parts = []
+    for method in methods:
+        phases = [run["phase_s"] for run in timed if run["method"] == method]
+        if phases:
+            medians = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
+            parts.append(f"{method}: " + ", ".join(f"{name.replace('_', ' ')} {s:.0f}" for name, s in medians.items()))
+    return ("Median seconds per run by phase (setup is all before training; the first epoch includes filling "
+            "the memory banks): " + "; ".join(parts) + ".\n")
+
+
 def head_init_sentence(config: dict) -> str:
     """Which methods start the head at the features' principal components (older results did not record it)."""
     if "pca_head" not in config:
@@ -604,6 +649,8 @@ def markdown(payload: dict) -> str:
         + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ". "
         + head_init_sentence(config) + "\n",
     ]
+    if any("phase_s" in run for run in runs):  # results written before phase_s existed have none
+        lines.append(phase_sentence(runs, methods))
     if config.get("note"):
         lines.append(f"Note: {config['note']}\n")
     if not payload.get("complete", True):
@@ -678,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"{FINETUNE_OUT.name} with --finetune, under benchmarks/results)"
     )
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in <out>.json (same protocol) and run only the (pair, seed, method) tasks it "
+        "lacks, e.g. to go on with a run cut short; <out> then holds both",
+    )
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown beside this results JSON")
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="only combine the --methods runs of these results JSONs (e.g. more seeds) into --out"
@@ -688,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 def merged(payloads: list[dict], methods) -> dict:
     """One payload holding the runs of ``methods`` from every one of ``payloads`` (same protocol,
     e.g. other seeds, or a rerun of some rows: a later payload's run replaces an earlier one of the
-    same method, training domains and seed); its command lists the source commands, its wall time
+    same method, training domains and seed); its command and machine list the sources', its wall time
     is their sum."""
     present = {m for p in payloads for m in p["config"]["methods"]}
     config = dict(payloads[0]["config"])
@@ -701,6 +753,7 @@ def merged(payloads: list[dict], methods) -> dict:
     config["joint"] = any(p["config"]["joint"] for p in payloads)
     return payloads[0] | {
         "command": " + ".join(p["command"] for p in payloads),
+        "machine": " + ".join(dict.fromkeys(p["machine"] for p in payloads)),
         "wall_time_s": sum(p["wall_time_s"] for p in payloads),
         "complete": all(p.get("complete", True) for p in payloads),
         "config": config,
@@ -716,6 +769,35 @@ def latest_runs(payloads: list[dict], methods) -> dict:
             if run["method"] in methods:
                 runs[(run["method"], tuple(run["train_domains"]), run["seed"])] = run
     return runs
+
+
+#: Settings that change what a run measures: ``--resume`` only continues a file made with the same ones.
+PROTOCOL = ("epochs", "finetune", "image_size", "views", "limit_per_domain", "amp", "augment", "cross_domain_start")
+
+
+def resumed(out: Path, config: dict) -> dict | None:
+    """The payload of ``<out>.json`` to go on from, or ``None`` when there is none yet.
+
+    Raises:
+        SystemExit: the file was made with another protocol (see ``PROTOCOL``).
+    """
+    path = out.with_name(out.name + ".json")
+    if not path.exists():
+        logger.info("--resume: no %s yet, running every task", path)
+        return None
+    previous = json.loads(path.read_text())
+    differing = {key: (previous["config"].get(key), config[key]) for key in PROTOCOL
+                 if previous["config"].get(key) != config[key]}
+    if differing:
+        settings = "; ".join(f"{key} {was!r} there, {now!r} here" for key, (was, now) in differing.items())
+        raise SystemExit(f"--resume: {path} was made with other settings ({settings}); pass them, or another --out")
+    return previous
+
+
+def remaining(tasks: list[tuple], previous: dict | None) -> list[tuple]:
+    """``tasks`` whose ``(method, train_domains, seed)`` has no run in ``previous``."""
+    done = set(latest_runs([previous], ALL_METHODS)) if previous else set()
+    return [(domains, seed, method) for domains, seed, method in tasks if (method, tuple(domains), seed) not in done]
 
 
 def main(argv=None) -> dict:
@@ -755,12 +837,21 @@ def main(argv=None) -> dict:
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
         "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
     }
+    previous = resumed(out, config) if args.resume else None
+    todo = remaining(tasks, previous)
+    if previous:
+        logger.info("--resume: %d of %d tasks already in %s.json", len(tasks) - len(todo), len(tasks), out)
+        if not todo:
+            return previous
+        kept_methods = [m for m in ALL_METHODS if m in {*methods, *previous["config"]["methods"]}]
     start, runs = time.perf_counter(), []
     work = partial(run_task, epochs=args.epochs, device=args.device)
-    for record in run_tasks(work, tasks, args.jobs, start_method(SOURCE, args.device)):
+    for record in run_tasks(work, todo, args.jobs, start_method(SOURCE, args.device)):
         runs.append(record)
         payload = report(runs, config, extraction_s, time.perf_counter() - start, threads, args.device)
-        payload["complete"] = len(runs) == len(tasks)
+        if previous:
+            payload = merged([previous, payload], kept_methods)
+        payload["complete"] = len(runs) == len(todo)
         write_outputs(out, payload)  # after every run: a cut-short run still leaves its results
     logger.info("wrote %s.json and %s.md", out, out)
     return payload
@@ -793,6 +884,19 @@ def start_worker(source: Features | Images) -> None:
     SOURCE = source
     configure_logging()
     pin_threads(1)
+    fork_data_loader_workers()
+
+
+def fork_data_loader_workers() -> None:
+    """Make this process's DataLoaders fork their workers, as the parent's do.
+
+    A spawned process inherits ``spawn`` as its default start method, and a DataLoader would then
+    spawn its workers, each importing this script (torch, timm, faiss, ...) again: on an H200 with
+    four such processes the first eval batch waited 22-28 s, at every DataLoader pass. Forking a
+    process that uses CUDA is safe for workers that do not (decoding and transforms only).
+    """
+    if "fork" in get_all_start_methods():
+        set_start_method("fork", force=True)
 
 
 def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:

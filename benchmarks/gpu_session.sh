@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of one device lease, most valuable first, each under its own time limit:
-#   1. the --finetune accuracy table (cut by FINETUNE_SECONDS; accuracy.py writes after every run,
-#      and runs go seed by seed, then method by method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS
-#      adds options, e.g. "--seeds 1 --pairs art_painting+sketch"),
-#   2. the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
-#   3. bench_augment.py on CUDA.
+# The GPU checks of one device lease, most valuable first, each under its own time limit
+# (STEPS picks them, default "finetune tests bench"):
+#   finetune: the --finetune accuracy table, going on from the committed
+#      benchmarks/results/accuracy_pacs_mini_finetune.json (--resume: only the runs it lacks; cut by
+#      FINETUNE_SECONDS; accuracy.py writes after every run, and runs go seed by seed, then method by
+#      method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS adds options, e.g. "--pairs art_painting+sketch"),
+#   tests: the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
+#   bench: bench_augment.py on CUDA.
 # Run from the repository root on the device machine, with .devpack/ carried: benchmarks/pack_device.sh
 # writes it (the wheels the image lacks and pacs-mini, xz-compressed to fit one call's 64 MiB).
 # Without .devpack it falls back to wheels in .whl/ and pacs-mini at $PACS.
@@ -20,9 +22,10 @@ FINETUNE_METHODS=${FINETUNE_METHODS:-raw features|ProtoOT official|ProtoOT defau
 IFS='|' read -r -a finetune_methods <<<"$FINETUNE_METHODS"
 TEST_SECONDS=${TEST_SECONDS:-100}
 BENCH_SECONDS=${BENCH_SECONDS:-45}  # 45 s cut bench_augment short on an H200: give it more when the finetune leaves time
+STEPS=${STEPS:-finetune tests bench}
 mkdir -p "$OUT"
 # The committed results would be copied to $OUT in place of a step that wrote nothing.
-rm -f benchmarks/results/bench_augment_cuda.* benchmarks/results/accuracy_pacs_mini_finetune.*
+rm -f benchmarks/results/bench_augment_cuda.*
 export PYTHONUNBUFFERED=1
 if [ -f .devpack/site.tar.xz ]; then
     tar xJf .devpack/site.tar.xz -C /tmp || exit 1
@@ -37,16 +40,21 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision, timm, pytorch_metric_learning as p, faiss, ot; print(torch.__version__, torchvision.__version__, timm.__version__, p.__version__, faiss.__version__, ot.__version__)" | tee -a "$OUT/gpu.txt"
 
-# timeout signals the whole process group: the --jobs worker processes end with the script.
-timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint \
-    --jobs "$FINETUNE_JOBS" --workers 2 \
-    --epochs "$FINETUNE_EPOCHS" --methods "${finetune_methods[@]}" \
-    --data "$PACS" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
-tail -4 "$OUT/finetune.log"
-cp benchmarks/results/accuracy_pacs_mini_finetune.* "$OUT/"
-
-parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-TEST_DEVICE=cuda timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider $parallel tests 2>&1 \
-    | tail -25 | tee "$OUT/tests_cuda.log"
-timeout "$BENCH_SECONDS" python3 benchmarks/bench_augment.py --device cuda 2>&1 | tail -8
-cp benchmarks/results/bench_augment_cuda.* "$OUT/"
+if [[ " $STEPS " == *" finetune "* ]]; then
+    # timeout signals the whole process group: the --jobs worker processes end with the script.
+    timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint --resume \
+        --jobs "$FINETUNE_JOBS" --workers 2 \
+        --epochs "$FINETUNE_EPOCHS" --methods "${finetune_methods[@]}" \
+        --data "$PACS" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
+    tr '\r' '\n' <"$OUT/finetune.log" | grep -v "it/s\|s/it\|^ *$" | tail -20  # without progress bars
+    cp benchmarks/results/accuracy_pacs_mini_finetune.* "$OUT/"
+fi
+if [[ " $STEPS " == *" tests "* ]]; then
+    parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    TEST_DEVICE=cuda timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider $parallel tests 2>&1 \
+        | tail -25 | tee "$OUT/tests_cuda.log"
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+    timeout "$BENCH_SECONDS" python3 benchmarks/bench_augment.py --device cuda 2>&1 | tail -8
+    cp benchmarks/results/bench_augment_cuda.* "$OUT/"
+fi

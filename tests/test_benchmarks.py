@@ -51,6 +51,10 @@ def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_pa
             assert all(math.isfinite(value) and 0 <= value <= 1 for value in metrics.values()), (run["method"], metrics)
     trained = [run for run in written["runs"] if run["method"] != "raw features"]
     assert all(run["epochs"] == 2 and 0 < run["momentum"] <= 1 for run in trained)
+    for run in written["runs"]:  # the phases of a run add up to its wall time
+        expected = {"setup", "score"} | ({"first_epoch", "later_epochs"} if run in trained else set())
+        assert set(run["phase_s"]) == expected and min(run["phase_s"].values()) >= 0
+        assert sum(run["phase_s"].values()) == pytest.approx(run["wall_time_s"], abs=0.05)
     pca_started = {run["method"] for run in trained if run["pca_head"]}
     assert pca_started == {"ProtoOT default", "ProtoOTMiner + NTXentLoss"}  # the package's pipeline only
 
@@ -60,6 +64,7 @@ def test_quick_run_writes_every_method_and_direction(accuracy, pacs_mini, tmp_pa
     for method in accuracy.METHODS:
         assert markdown.count(f"| {method} |") == len(accuracy.METRICS)
     assert written["command"] in markdown
+    assert "Median seconds per run by phase" in markdown
     assert "principal components (`pca_init_`): ProtoOT default, ProtoOTMiner + NTXentLoss;" in markdown
 
 
@@ -143,13 +148,16 @@ def test_seed_spread_against_plain_statistics(accuracy):
 
 
 def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
-    def payload(seeds, methods, command):
+    def payload(seeds, methods, command, machine="gpu"):
         runs = [fake_run(accuracy, m, s, (0.1 * s, 0.2)) for s in seeds for m in methods]
         config = {
             "seeds": seeds, "methods": methods, "momentum": {m: 0.99 for m in methods}, "joint": False,
             "pairs": [list(accuracy.PAIRS[0])],
         }
-        return {"command": command, "wall_time_s": 60.0, "config": config, "runs": runs, "complete": True}
+        return {
+            "command": command, "machine": machine, "wall_time_s": 60.0, "config": config, "runs": runs,
+            "complete": True,
+        }
 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(payload([0, 1], ["m", "other"], "run a")))
@@ -158,19 +166,21 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     assert [(run["method"], run["seed"]) for run in merged["runs"]] == [("m", 0), ("m", 1), ("m", 2)]
     assert merged["config"]["seeds"] == [0, 1, 2] and merged["config"]["methods"] == ["m"]
     assert merged["command"] == "run a + run b" and merged["wall_time_s"] == 120.0
+    assert merged["machine"] == "gpu"  # each machine named once
     # A rerun of one row replaces that row's runs and keeps the others.
-    third = payload([0, 1], ["other"], "rerun other")
+    third = payload([0, 1], ["other"], "rerun other", machine="another gpu")
     for run in third["runs"]:
         run["directions"] = {"x->y": {"P@15": 0.9}}
     rerun = accuracy.merged([json.loads(first.read_text()), third], ["m", "other"])
     assert [(run["method"], run["seed"]) for run in rerun["runs"]] == [("m", 0), ("other", 0), ("m", 1), ("other", 1)]
     assert [run["directions"] for run in rerun["runs"] if run["method"] == "other"] == [{"x->y": {"P@15": 0.9}}] * 2
+    assert rerun["machine"] == "gpu + another gpu"
 
 
 def test_merge_lists_the_pairs_of_every_file_in_the_benchmark_order(accuracy):
     def payload(pairs):
         config = {"seeds": [0], "methods": ["m"], "joint": False, "pairs": [list(p) for p in pairs]}
-        return {"command": "run", "wall_time_s": 1.0, "config": config, "runs": []}
+        return {"command": "run", "machine": "m", "wall_time_s": 1.0, "config": config, "runs": []}
 
     first, last = accuracy.PAIRS[0], accuracy.PAIRS[-1]
     merged = accuracy.merged([payload([last]), payload([first])], ["m"])
@@ -204,6 +214,15 @@ def test_cut_short_tables_hold_the_pairs_every_method_finished(accuracy):
     assert "Seeds [0]:" in markdown  # the seeds that ran, not the seeds asked for
 
 
+def test_phase_sentence_gives_each_methods_median_seconds(accuracy):
+    runs = [
+        {"method": "m", "phase_s": {"setup": setup, "first_epoch": 10.0 * setup}} for setup in (1.0, 2.0, 30.0)
+    ] + [{"method": "raw", "phase_s": {"setup": 4.0, "score": 6.0}}, {"method": "old"}]  # old: written before phase_s
+    assert accuracy.phase_sentence(runs, ["raw", "m", "old"]).endswith(
+        "raw: setup 4, score 6; m: setup 2, first epoch 20.\n"
+    )
+
+
 def test_tasks_go_seed_by_seed_then_method_by_method(accuracy):
     """A run cut short keeps whole seeds first, then whole methods; raw features run with the first seed."""
     pairs = [("a", "b"), ("c", "d")]
@@ -215,36 +234,87 @@ def test_tasks_go_seed_by_seed_then_method_by_method(accuracy):
     ]
 
 
-def test_a_run_cut_short_keeps_every_finished_run_of_the_chosen_pairs(accuracy, tmp_path, monkeypatch):
-    """Results are written after every (pair, seed, method) run; --pairs picks the pairs."""
-    finished = []
+class FakeRuns:
+    """``run_method`` without training: records each task and scores it ``score``; raises
+    ``KeyboardInterrupt`` (the session's time ran out) once ``stop_after`` tasks have finished."""
 
-    def run_method(source, train_domains, method, seed, epochs, device):
-        if len(finished) == 3:
-            raise KeyboardInterrupt  # the session's time ran out
-        finished.append((tuple(train_domains), seed, method))
-        return fake_run(accuracy, method, seed, (0.5, 0.5)) | {
-            "train_domains": list(train_domains), "epochs": epochs, "momentum": None, "pca_head": None,
-            "wall_time_s": 1.0, "directions": {
-                d: {metric: 0.5 for metric in accuracy.METRICS} for d in accuracy.direction_names(train_domains)
-            },
+    def __init__(self, accuracy, monkeypatch, score=0.5, stop_after=None):
+        self.accuracy, self.score, self.stop_after, self.finished = accuracy, score, stop_after, []
+        monkeypatch.setattr(accuracy, "extract_features", lambda *args: (None, 0.0))
+        monkeypatch.setattr(accuracy, "run_method", self)
+
+    def __call__(self, source, train_domains, method, seed, epochs, device):
+        if len(self.finished) == self.stop_after:
+            raise KeyboardInterrupt
+        self.finished.append((tuple(train_domains), seed, method))
+        directions = self.accuracy.direction_names(train_domains)
+        return {
+            "method": method, "train_domains": list(train_domains), "seed": seed, "epochs": epochs,
+            "momentum": None, "pca_head": None, "wall_time_s": 1.0, "phase_s": {"setup": 0.5, "score": 0.5},
+            "directions": {d: {metric: self.score for metric in self.accuracy.METRICS} for d in directions},
         }
 
-    monkeypatch.setattr(accuracy, "extract_features", lambda *args: (None, 0.0))
-    monkeypatch.setattr(accuracy, "run_method", run_method)
+
+def task_keys(payload) -> list[tuple]:
+    return sorted((tuple(run["train_domains"]), run["seed"], run["method"]) for run in payload["runs"])
+
+
+CUT_COMMAND = [
+    "--pairs", "photo+sketch", "art_painting+sketch", "--no-joint", "--seeds", "0", "1",
+    "--methods", "raw features", "ProtoOT default",
+]
+
+
+def test_a_run_cut_short_keeps_every_finished_run_of_the_chosen_pairs(accuracy, tmp_path, monkeypatch):
+    """Results are written after every (pair, seed, method) run; --pairs picks the pairs."""
+    runs = FakeRuns(accuracy, monkeypatch, stop_after=3)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        accuracy.main([
-            "--pairs", "photo+sketch", "art_painting+sketch", "--no-joint", "--seeds", "0", "1",
-            "--methods", "raw features", "ProtoOT default", "--out", str(out),
-        ])
+        accuracy.main([*CUT_COMMAND, "--out", str(out)])
     written = json.loads(out.with_name("cut.json").read_text())
-    assert finished == [
+    assert runs.finished == [
         (("photo", "sketch"), 0, "raw features"), (("art_painting", "sketch"), 0, "raw features"),
         (("photo", "sketch"), 0, "ProtoOT default"),
     ]
-    assert sorted((tuple(r["train_domains"]), r["seed"], r["method"]) for r in written["runs"]) == sorted(finished)
+    assert task_keys(written) == sorted(runs.finished)
     assert not written["complete"] and written["config"]["pairs"] == [["photo", "sketch"], ["art_painting", "sketch"]]
+
+
+def test_resume_runs_only_the_missing_tasks_and_keeps_the_earlier_runs(accuracy, tmp_path, monkeypatch):
+    out = tmp_path / "cut"
+    FakeRuns(accuracy, monkeypatch, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main([*CUT_COMMAND, "--out", str(out)])
+    first = json.loads(out.with_name("cut.json").read_text())
+
+    resumed = FakeRuns(accuracy, monkeypatch, score=0.25)  # a later session: its runs score differently
+    payload = accuracy.main([*CUT_COMMAND, "--out", str(out), "--resume"])
+    assert resumed.finished == [
+        (("art_painting", "sketch"), 0, "ProtoOT default"),
+        (("photo", "sketch"), 1, "ProtoOT default"), (("art_painting", "sketch"), 1, "ProtoOT default"),
+    ]
+    written = json.loads(out.with_name("cut.json").read_text())
+    assert written == json.loads(json.dumps(payload)) and written["complete"]
+    assert task_keys(written) == sorted(task_keys(first) + resumed.finished)
+    for run in first["runs"]:  # the earlier runs, unchanged
+        assert run in written["runs"]
+    assert written["command"] == f"{first['command']} + {first['command']}"  # both sessions' command lines
+
+    nothing_left = FakeRuns(accuracy, monkeypatch)
+    assert accuracy.main([*CUT_COMMAND, "--out", str(out), "--resume"]) == written and nothing_left.finished == []
+
+
+def test_resume_refuses_a_file_made_with_another_protocol_and_starts_one_that_is_missing(
+    accuracy, tmp_path, monkeypatch
+):
+    out = tmp_path / "cut"
+    runs = FakeRuns(accuracy, monkeypatch)
+    accuracy.main([*CUT_COMMAND, "--out", str(out), "--resume", "--epochs", "3"])  # no file yet: every task
+    assert sorted(runs.finished) == task_keys(json.loads(out.with_name("cut.json").read_text()))
+    assert len(runs.finished) == 2 + 2 * 2
+    with pytest.raises(SystemExit, match="epochs 3 there, 4 here.*cross_domain_start"):
+        accuracy.main([*CUT_COMMAND, "--out", str(out), "--resume", "--epochs", "4"])
+    assert len(runs.finished) == 6  # nothing ran
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
@@ -254,14 +324,13 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     import torch
 
     images = accuracy.Images(pacs_mini, 8, 32, 0, None, accuracy.convert_efficientnet_lite0_weights(), augment)
-    _, _, raw_trunk, raw_head = accuracy.finetune_method(images, accuracy.QUICK_PAIR, "raw features", 0, 1, device)
-    recipe, eval_sets, key_trunk, key_head = accuracy.finetune_method(
-        images, accuracy.QUICK_PAIR, "ProtoOT default", 0, 1, device
-    )
-    assert raw_head is None and isinstance(key_head, torch.nn.Sequential)
-    assert recipe.memory.num_prototypes == 7 and set(eval_sets) == set(accuracy.QUICK_PAIR)
-    assert all(len(eval_set) == 8 for eval_set in eval_sets.values())
-    raw_state, key_state = raw_trunk.state_dict(), key_trunk.state_dict()
+    raw = accuracy.finetune_method(images, accuracy.QUICK_PAIR, "raw features", 0, 1, device)
+    trained = accuracy.finetune_method(images, accuracy.QUICK_PAIR, "ProtoOT default", 0, 1, device)
+    assert raw.head is None and raw.training_s == {} and isinstance(trained.head, torch.nn.Sequential)
+    assert trained.recipe.memory.num_prototypes == 7 and set(trained.eval_sets) == set(accuracy.QUICK_PAIR)
+    assert all(len(eval_set) == 8 for eval_set in trained.eval_sets.values())
+    assert set(trained.training_s) == {"first_epoch", "later_epochs"} and trained.training_s["later_epochs"] == 0
+    raw_state, key_state = raw.trunk.state_dict(), trained.trunk.state_dict()
     for name, value in images.weights.items():
         assert torch.equal(raw_state[name].cpu(), value)
     convolutions = [name for name, value in images.weights.items() if value.dim() == 4]
@@ -297,11 +366,41 @@ def test_finetune_jobs_spawn_processes_that_reproduce_the_one_process_run(accura
     two_processes = json.loads((tmp_path / "two.json").read_text())
 
     def without_times(runs):
-        return [{key: value for key, value in run.items() if key != "wall_time_s"} for run in runs]
+        return [{key: value for key, value in run.items() if key not in ("wall_time_s", "phase_s")} for run in runs]
 
     assert two_processes["complete"] and two_processes["config"]["jobs"] == 2
     assert len(two_processes["runs"]) == 2 * len(accuracy.PAIRS)
     assert without_times(two_processes["runs"]) == without_times(json.loads(json.dumps(one_process["runs"])))
+
+
+class StartMethodOfEachItem:
+    """Item ``i`` is the start method of the process that loads it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import multiprocessing
+
+        return multiprocessing.get_start_method()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_job_processes_fork_their_data_loader_workers(accuracy):
+    """A spawned ``--jobs`` process inherits ``spawn``: its DataLoaders would re-import the script in fresh
+    workers at every pass (22-28 s each on an H200) unless set back to fork."""
+    import multiprocessing
+
+    import torch
+
+    before = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)  # what a spawned process starts with
+    try:
+        accuracy.fork_data_loader_workers()
+        loader = torch.utils.data.DataLoader(StartMethodOfEachItem(), batch_size=2, num_workers=1)
+        assert next(iter(loader)) == ["fork", "fork"]
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
