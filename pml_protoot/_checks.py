@@ -58,26 +58,34 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite, got {bad} NaN/inf entries")
 
 
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as an int, raising unless it is a positive integer (Python, NumPy or a
-    0-d integer tensor, e.g. ``labels.max() + 1``)."""
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int, raising unless it is an integer in ``[low, high]`` (either bound
+    optional): a Python or NumPy integer or a 0-d integer tensor (e.g. ``labels.max() + 1``), not a bool."""
     integer = _integer(value)
-    if integer is None or integer <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if integer is None or (low is not None and integer < low) or (high is not None and integer > high):
+        raise ValueError(f"{name} must be {_integer_phrase(low, high)}, got {value!r}")
     return integer
+
+
+def check_positive_int(name: str, value) -> int:
+    """``check_int(name, value, low=1)``."""
+    return check_int(name, value, low=1)
 
 
 def check_non_negative_int(name: str, value) -> int:
-    """Return ``value`` as an int, raising unless it is an integer >= 0 (as ``check_positive_int``)."""
-    integer = _integer(value)
-    if integer is None or integer < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return integer
+    """``check_int(name, value, low=0)``."""
+    return check_int(name, value, low=0)
+
+
+def _integer_phrase(low: int | None, high: int | None) -> str:
+    if high is not None:
+        return f"an integer <= {high}" if low is None else f"an integer in [{low}, {high}]"
+    return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
 
 
 def _integer(value) -> int | None:
     """``value`` as an int when it is an integer of any kind but bool; None otherwise."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "ndim", 0) != 0:  # a one-item tensor indexes too
         return None
     try:
         return operator.index(value)

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from ._checks import as_index_tensor, check_non_negative_int, check_positive_int
+from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
 
 __all__ = [
     "domain_means",
@@ -336,7 +336,7 @@ def _resample_closed(points: np.ndarray, spacing: float) -> np.ndarray:
 
 def _class_counts(images_per_class, num_classes: int, slot: int) -> list[int]:
     """Per-class counts of domain ``slot``: linear from most to fewest, rotated by ``slot``."""
-    if isinstance(images_per_class, int):
+    if not isinstance(images_per_class, (tuple, list)):
         return [check_positive_int("images_per_class", images_per_class)] * num_classes
     if len(images_per_class) != 2:
         raise ValueError(f"images_per_class must be an int or (most, fewest), got {images_per_class!r}")
@@ -395,16 +395,12 @@ def make_synthetic_domains(
         >>> data[0][0].size
         (64, 64)
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= len(
-        SYNTHETIC_SHAPES
-    ):
-        raise ValueError(f"num_classes must be an integer in [1, {len(SYNTHETIC_SHAPES)}], got {num_classes!r}")
+    num_classes = check_int("num_classes", num_classes, low=1, high=len(SYNTHETIC_SHAPES))
     domains = list(domains)
     unknown = [d for d in domains if d not in SYNTHETIC_STYLES]
     if unknown or len(set(domains)) != len(domains) or len(domains) < 2:
         raise ValueError(f"domains must be two or more distinct names from {SYNTHETIC_STYLES}, got {domains}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+    image_size = check_int("image_size", image_size, low=16)
     if root is not None and Path(root).is_dir() and any(Path(root).iterdir()):
         raise ValueError(f"root must be a new or empty folder, {str(root)!r} already holds files")
     classes = list(SYNTHETIC_SHAPES[:num_classes])
@@ -654,8 +650,7 @@ class FeatureCache:
             raise TypeError(
                 f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}"
             )
-        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
-            raise ValueError(f"num_views must be an integer >= 2 (two views a sample), got {num_views!r}")
+        num_views = check_int("num_views", num_views, low=2)  # two views a training sample
         self.dataset = dataset
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_workers, self.progress, self.seed = num_workers, progress, seed

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_matrix
+from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_int, check_matrix
 from .memory import PrototypeMemory
 
 __all__ = ["ProtoOTLoss"]
@@ -144,9 +144,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         self.temperature = _check_non_negative("temperature", temperature, strict=True)
         self.in_domain_weights = _check_weights(in_domain_weights)
         self.cross_domain_weight = _check_non_negative("cross_domain_weight", cross_domain_weight)
-        if isinstance(cross_domain_start_epoch, bool) or not isinstance(cross_domain_start_epoch, int):
-            raise ValueError(f"cross_domain_start_epoch must be an int, got {cross_domain_start_epoch!r}")
-        self.cross_domain_start_epoch = cross_domain_start_epoch
+        self.cross_domain_start_epoch = check_int("cross_domain_start_epoch", cross_domain_start_epoch)
         self.official = check_bool("official", official)
         self.nearest_neighbour_by = nearest_neighbour_by or ("query" if official else "key")
         check_choice("nearest_neighbour_by", self.nearest_neighbour_by, NEIGHBOUR_ANCHORS)

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_matrix, check_positive_int
+from ._checks import (
+    as_index_tensor,
+    check_bool,
+    check_choice,
+    check_in_range,
+    check_int,
+    check_matrix,
+    check_non_negative_int,
+    check_positive_int,
+)
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import sinkhorn
 
@@ -195,9 +204,7 @@ class PrototypeMemory(torch.nn.Module):
         self.marginal_rule = marginal_rule
         self.kmeans_niter = check_positive_int("kmeans_niter", kmeans_niter)
         self.kmeans_nredo = check_positive_int("kmeans_nredo", kmeans_nredo)
-        if isinstance(kmeans_seed, bool) or not isinstance(kmeans_seed, int):
-            raise TypeError(f"kmeans_seed must be an int, got {type(kmeans_seed).__name__}")
-        self.kmeans_seed = kmeans_seed
+        self.kmeans_seed = check_int("kmeans_seed", kmeans_seed)
         self.reset_prototypes = check_bool("reset_prototypes", reset_prototypes)
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
 
@@ -272,9 +279,7 @@ class PrototypeMemory(torch.nn.Module):
         return getattr(self, f"bank_{self._check_slot('domain', domain)}")
 
     def _check_slot(self, name: str, slot) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.num_domains:
-            raise ValueError(f"{name} must be a domain slot in [0, {self.num_domains}), got {slot!r}")
-        return int(slot)
+        return check_int(f"{name} (a domain slot)", slot, low=0, high=self.num_domains - 1)
 
     def check_indices(self, name: str, indices) -> torch.Tensor:
         """Return ``indices`` as a 1-D long tensor on the memory's device, or raise naming ``name``."""
@@ -560,8 +565,7 @@ class PrototypeMemory(torch.nn.Module):
         Raises:
             ValueError: negative ``epoch`` or a bank row never written by :meth:`fill`.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        epoch = check_non_negative_int("epoch", epoch)
         if not bool(self.written.all()):
             missing = int((~self.written).sum())
             raise ValueError(

@@ -7,7 +7,7 @@ import math
 import numpy
 import torch
 
-from ._checks import as_index_tensor, check_non_negative_int, check_positive_int
+from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
 
 __all__ = ["CrossDomainSampler"]
 
@@ -79,9 +79,7 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
                 f"got {batch_size}"
             )
         self.num_replicas = check_positive_int("num_replicas", num_replicas)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an integer in [0, {num_replicas}), got {rank!r}")
-        self.rank = rank
+        self.rank = check_int("rank", rank, low=0, high=self.num_replicas - 1)
         self.seed = _check_seed(seed)
         self.shuffle = bool(shuffle)
         self.epoch = 0
@@ -149,6 +147,4 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
-    return seed
+    return check_int("seed", seed, low=0, high=_MAX_SEED)

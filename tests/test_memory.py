@@ -323,9 +323,9 @@ def test_recluster_and_assign_refuse_an_unready_memory():
     with pytest.raises(ValueError, match=r"memory must be filled before recluster: 1 of 4"):
         memory.recluster(epoch=0)
     memory.fill(torch.randn(1, 2), [3])
-    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer, got -1"):
         memory.recluster(epoch=-1)
-    with pytest.raises(ValueError, match=r"domain must be a domain slot in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"domain \(a domain slot\) must be an integer in \[0, 1\], got 2"):
         memory.bank(2)
 
 

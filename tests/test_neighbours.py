@@ -128,5 +128,5 @@ def test_bank_index_and_nearest_rows_reject_bad_input():
     memory = ready_memory(torch.float32, "cpu", neighbour_search="ivf")
     with pytest.raises(ValueError, match="anchors must have shape"):
         memory.nearest_rows(0, torch.zeros(2, DIM + 1), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="domain must be a domain slot"):
+    with pytest.raises(ValueError, match=r"domain \(a domain slot\) must be an integer"):
         memory.nearest_rows(2, torch.zeros(2, DIM), torch.tensor([0, 1]))
