@@ -93,7 +93,7 @@ def test_top_k_gallery_matches_a_brute_force_cosine_ranking(figures, dtype, devi
     domain_ids = torch.tensor([0] * 12 + [1] * 18)
     fitted = figures.accuracy.FittedMethod(
         torch.nn.Identity(), None, torch.arange(30), features.to(device), torch.zeros(30, dtype=torch.long),
-        domain_ids.to(device),
+        domain_ids.to(device), training_s={},
     )
     queries = torch.tensor([0, 5, 11], device=device)
     ranked = figures.top_k_gallery(fitted, queries, k=5).cpu()
