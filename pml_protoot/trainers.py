@@ -11,16 +11,19 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.losses import CrossBatchMemory, SelfSupervisedLoss
 from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils import common_functions as c_f
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ._checks import check_number
 from .distributed import get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
 from .miners import ProtoOTMiner
+from .samplers import CrossDomainSampler
 
 __all__ = ["ProtoOTTrainer"]
 
@@ -80,9 +83,12 @@ class ProtoOTTrainer(BaseTrainer):
     Args:
         models: ``{"trunk": ..., "embedder": ...}`` (``embedder`` optional), as in PML.
         optimizers: ``{"trunk_optimizer": ..., "embedder_optimizer": ...}``, as in PML.
-        batch_size: samples per batch.
+        batch_size: samples per batch; with a ``CrossDomainSampler``, a multiple of its
+            ``batch_size`` (its domain-balanced blocks), or batches would not be balanced.
         loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss that
-            takes ``ref_emb`` (the keys; PML's ``FastAPLoss`` and ``HistogramLoss`` do not).
+            takes ``ref_emb`` (the keys; PML's ``FastAPLoss`` and ``HistogramLoss`` do not). Not
+            PML's ``SelfSupervisedLoss`` (the trainer already makes each query's key its
+            positive: pass the loss it wraps) or ``CrossBatchMemory`` (the banks are the memory).
         dataset: items ``((query_view, key_view), global_index)``.
         memory: the :class:`~pml_protoot.memory.PrototypeMemory`; moved to ``data_device``.
         momentum: EMA momentum :math:`m` of the key encoder in ``[0, 1]`` (settable later).
@@ -91,7 +97,8 @@ class ProtoOTTrainer(BaseTrainer):
             (0.999 over a 700-step pacs-mini run leaves half; measured there: official
             ProtoOT mean P@15 42.7 at 0.999 vs 48.2 at 0.99). Use 0.999 for the paper's
             200-epoch schedules on large domains.
-        mining_funcs: optional ``{"tuple_miner": miner}``, called with keys as reference.
+        mining_funcs: optional ``{"tuple_miner": miner}``, called with keys as reference; with a
+            PML loss only (``ProtoOTLoss`` takes its targets from the memory, not from pairs).
         sampler: optional sampler (e.g. ``CrossDomainSampler``); ``set_epoch`` is called for you.
         fill_dataset: dataset whose item ``i`` is ``(eval_view_of_sample_i, anything)`` in
             global-index order, for the initial bank filling; ``None`` uses the key views.
@@ -161,17 +168,15 @@ class ProtoOTTrainer(BaseTrainer):
             raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {amp_dtype!r}")
         if batch_transform is not None and not callable(batch_transform):
             raise TypeError(f"batch_transform must be callable or None, got {type(batch_transform).__name__}")
-        if grad_clip_norm is not None and not (isinstance(grad_clip_norm, (int, float)) and grad_clip_norm > 0):
-            raise ValueError(f"grad_clip_norm must be a positive number or None, got {grad_clip_norm!r}")
+        if grad_clip_norm is not None:
+            grad_clip_norm = check_number("grad_clip_norm", grad_clip_norm, low=0, strict=True)
         metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
-        if isinstance(metric_loss, ProtoOTLoss) and metric_loss.memory is not memory:
-            raise ValueError(
-                "loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory"
-            )
         miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
-        if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
+        _check_loss_and_miner(metric_loss, miner, memory)
+        if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
             raise ValueError(
-                "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
+                f"batch_size must be a multiple of the sampler's batch_size ({sampler.batch_size}), got {batch_size}: "
+                "batches are cut from the sampler's domain-balanced blocks and would mix them unevenly"
             )
         self.memory = memory
         self.fill_dataset = fill_dataset
@@ -222,9 +227,7 @@ class ProtoOTTrainer(BaseTrainer):
 
     @momentum.setter
     def momentum(self, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"momentum must be a number in [0, 1], got {value!r}")
-        self.key_encoder.decay = float(value)
+        self.key_encoder.decay = check_number("momentum", value, low=0, high=1)
 
     # ----- epoch loop ----------------------------------------------------------------------
     def initialize_dataloader(self):
@@ -445,6 +448,32 @@ class ProtoOTTrainer(BaseTrainer):
         _set_rng_state(state["rng"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
+
+
+def _check_loss_and_miner(metric_loss, miner, memory) -> None:
+    """Refuse a loss or miner that the training step would misuse or silently ignore."""
+    if isinstance(metric_loss, ProtoOTLoss) and metric_loss.memory is not memory:
+        raise ValueError("loss_funcs['metric_loss'] is a ProtoOTLoss on another memory; pass it the trainer's memory")
+    if isinstance(metric_loss, ProtoOTLoss) and miner is not None:
+        raise ValueError(
+            f"mining_funcs['tuple_miner'] ({type(miner).__name__}) would be ignored: ProtoOTLoss takes its targets "
+            "from the memory, not from mined pairs; drop the miner, or pair it with a PML loss (e.g. NTXentLoss)"
+        )
+    if isinstance(metric_loss, SelfSupervisedLoss):
+        raise ValueError(
+            "loss_funcs['metric_loss'] is a SelfSupervisedLoss: the trainer already makes each query's own key its "
+            "positive (labels are sample indices, ref_emb the keys); pass the loss it wraps "
+            f"({type(metric_loss.loss).__name__}) itself"
+        )
+    if isinstance(metric_loss, CrossBatchMemory):
+        raise ValueError(
+            "loss_funcs['metric_loss'] is a CrossBatchMemory, which takes no ref_emb: the trainer's keys and "
+            f"PrototypeMemory banks already play its part; pass the loss it wraps ({type(metric_loss.loss).__name__})"
+        )
+    if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
+        raise ValueError(
+            "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
+        )
 
 
 def _state_or_none(stateful):

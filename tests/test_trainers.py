@@ -379,3 +379,36 @@ def test_bad_arguments_are_rejected_with_their_names(device):
         )
     with pytest.raises(ValueError, match="query_view, key_view"):
         trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
+
+
+def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
+    from pytorch_metric_learning.losses import CrossBatchMemory, SelfSupervisedLoss
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    trainer = make_trainer(device)  # a ProtoOTLoss on trainer.memory
+
+    def build(loss_funcs, mining_funcs=None):
+        return ProtoOTTrainer(
+            trainer.models, trainer.optimizers, BATCH, loss_funcs, trainer.dataset, trainer.memory,
+            mining_funcs=mining_funcs,
+        )
+
+    for miner in (ProtoOTMiner(trainer.memory), MultiSimilarityMiner()):
+        with pytest.raises(ValueError, match=rf"\['tuple_miner'\] \({type(miner).__name__}\) would be ignored"):
+            build(trainer.loss_funcs, {"tuple_miner": miner})
+    with pytest.raises(ValueError, match="SelfSupervisedLoss.*pass the loss it wraps \\(NTXentLoss\\)"):
+        build({"metric_loss": SelfSupervisedLoss(NTXentLoss())})
+    with pytest.raises(ValueError, match="CrossBatchMemory.*pass the loss it wraps \\(NTXentLoss\\)"):
+        build({"metric_loss": CrossBatchMemory(NTXentLoss(), EMBED_DIM)})
+    build({"metric_loss": NTXentLoss()}, {"tuple_miner": ProtoOTMiner(trainer.memory)})  # the miner's own use
+
+
+def test_batches_stay_domain_balanced_or_the_batch_size_is_refused(device):
+    _, _, domains = synthetic_features()
+    with pytest.raises(ValueError, match=r"batch_size must be a multiple of the sampler's batch_size \(12\), got 16"):
+        make_trainer(device, sampler=CrossDomainSampler(domains, 12))
+    # Two sampler blocks a batch (one process doing what two ranks do): every batch stays balanced.
+    trainer = make_trainer(device, sampler=CrossDomainSampler(domains, BATCH // 2))
+    trainer.initialize_dataloader()
+    for (_, _), indices in trainer.dataloader:
+        assert torch.bincount(domains[indices], minlength=2).tolist() == [BATCH // 2, BATCH // 2]
