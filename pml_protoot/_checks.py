@@ -6,6 +6,8 @@ error three calls deeper.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Sequence
 
@@ -91,6 +93,40 @@ def _integer(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None, strict: bool = False) -> float:
+    """Return ``value`` as a float, raising unless it is a finite real number in ``[low, high]``
+    (``(low, high]`` with ``strict``; either bound optional).
+
+    Raises:
+        TypeError: not a real number (Python, NumPy or a 0-d tensor; a bool is not one).
+        ValueError: NaN, infinite or out of range.
+    """
+    number = _real(value)
+    if number is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    above_low = low is None or number > low or (not strict and number == low)
+    if not (math.isfinite(number) and above_low and (high is None or number <= high)):
+        raise ValueError(f"{name} must be a finite number{_range_phrase(low, high, strict)}, got {value!r}")
+    return number
+
+
+def _real(value) -> float | None:
+    """``value`` as a float when it is a real number of any kind but bool; None otherwise."""
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "ndim", 0) != 0:
+        return None
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.item()  # 0-d: a Python number, a bool for a bool tensor
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def _range_phrase(low, high, strict: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if strict else '['}{low:g}, {high:g}]"
+    if low is not None:
+        return f" {'>' if strict else '>='} {low:g}"
+    return "" if high is None else f" <= {high:g}"
 
 
 def check_bool(name: str, value) -> bool:

@@ -354,6 +354,12 @@ def _check_images(images) -> None:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got dtype {images.dtype}")
+    if len(images) == 0:
+        raise ValueError("images must hold at least one image, got a batch of 0")
+    # Float input only (a device sync; the uint8 path has none): 0-255 floats would clip to white.
+    if images.is_floating_point() and not bool(((images >= 0) & (images <= 1)).all()):
+        low, high = images.min().item(), images.max().item()
+        raise ValueError(f"float images must lie in [0, 1] (uint8 for 0-255), got values in [{low:g}, {high:g}]")
 
 
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:

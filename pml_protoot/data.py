@@ -401,6 +401,7 @@ def make_synthetic_domains(
     if unknown or len(set(domains)) != len(domains) or len(domains) < 2:
         raise ValueError(f"domains must be two or more distinct names from {SYNTHETIC_STYLES}, got {domains}")
     image_size = check_int("image_size", image_size, low=16)
+    seed = check_non_negative_int("seed", seed)
     if root is not None and Path(root).is_dir() and any(Path(root).iterdir()):
         raise ValueError(f"root must be a new or empty folder, {str(root)!r} already holds files")
     classes = list(SYNTHETIC_SHAPES[:num_classes])
@@ -761,13 +762,23 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
     Args:
         views: ``(V, N, F)`` cached features, ``V >= 2``.
         domain_ids: ``(N,)`` domain slot of every index (for the sampler).
-        seed: seed of the view choice.
+        seed: seed of the view choice, an integer >= 0.
+
+    Raises:
+        ValueError: ``views`` not ``(V >= 2, N, F)``, ``domain_ids`` not of length ``N``, or a bad ``seed``.
     """
 
     def __init__(self, views: torch.Tensor, domain_ids: torch.Tensor, seed: int = 0):
+        if not isinstance(views, torch.Tensor) or views.dim() != 3 or views.shape[0] < 2:
+            shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+            raise ValueError(f"views must be a (V, N, F) tensor with V >= 2 views, got {shape}")
         self.views = views
-        self.domain_ids = domain_ids
-        self.generator = torch.Generator().manual_seed(seed)
+        self.domain_ids = as_index_tensor("domain_ids", domain_ids)
+        if len(self.domain_ids) != views.shape[1]:
+            raise ValueError(
+                f"domain_ids must hold one domain per sample ({views.shape[1]}), got {len(self.domain_ids)}"
+            )
+        self.generator = torch.Generator().manual_seed(check_non_negative_int("seed", seed))
 
     def __len__(self) -> int:
         return self.views.shape[1]

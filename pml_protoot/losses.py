@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_int, check_matrix
+from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_int, check_matrix, check_number
 from .memory import PrototypeMemory
 
 __all__ = ["ProtoOTLoss"]
@@ -141,9 +141,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
         if not isinstance(memory, PrototypeMemory):
             raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
         self.memory = memory
-        self.temperature = _check_non_negative("temperature", temperature, strict=True)
+        self.temperature = check_number("temperature", temperature, low=0, strict=True)
         self.in_domain_weights = _check_weights(in_domain_weights)
-        self.cross_domain_weight = _check_non_negative("cross_domain_weight", cross_domain_weight)
+        self.cross_domain_weight = check_number("cross_domain_weight", cross_domain_weight, low=0)
         self.cross_domain_start_epoch = check_int("cross_domain_start_epoch", cross_domain_start_epoch)
         self.official = check_bool("official", official)
         self.nearest_neighbour_by = nearest_neighbour_by or ("query" if official else "key")
@@ -293,15 +293,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
-def _check_non_negative(name: str, value, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (strict and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
-    return float(value)
-
-
 def _check_weights(weights) -> tuple[float, float, float]:
     if not isinstance(weights, (tuple, list)) or len(weights) != 3:
         raise ValueError(f"in_domain_weights must be 3 numbers (key, neighbour, prototype), got {weights!r}")
-    return tuple(_check_non_negative("in_domain_weights", weight) for weight in weights)
+    return tuple(check_number("in_domain_weights", weight, low=0) for weight in weights)

@@ -20,6 +20,7 @@ from ._checks import (
     check_int,
     check_matrix,
     check_non_negative_int,
+    check_number,
     check_positive_int,
 )
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
@@ -135,7 +136,7 @@ class PrototypeMemory(torch.nn.Module):
             runs K-means.
         kmeans_niter: K-means iterations per run (50 in ProtoOT).
         kmeans_nredo: K-means restarts, the best kept (20 in ProtoOT).
-        kmeans_seed: K-means random seed (0 in ProtoOT).
+        kmeans_seed: K-means random seed, a 32-bit signed integer (0 in ProtoOT).
         reset_prototypes: every :meth:`recluster` after the first also sets :math:`C_d` to
             the L2-normalised centroids, each matched to the prototype it is most similar
             to (Hungarian assignment). ``False`` (default) is the official code:
@@ -195,16 +196,14 @@ class PrototypeMemory(torch.nn.Module):
         domains = as_index_tensor("domains", domains, device="cpu")
         self.dim = check_positive_int("dim", dim)
         self.num_prototypes = check_positive_int("num_prototypes", num_prototypes)
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-        self.epsilon = float(epsilon)
+        self.epsilon = check_number("epsilon", epsilon, low=0, strict=True)
         self.sinkhorn_iterations = check_positive_int("sinkhorn_iterations", sinkhorn_iterations)
         self.normalize_scores = check_bool("normalize_scores", normalize_scores)
         check_choice("marginal_rule", marginal_rule, MARGINAL_RULES)
         self.marginal_rule = marginal_rule
         self.kmeans_niter = check_positive_int("kmeans_niter", kmeans_niter)
         self.kmeans_nredo = check_positive_int("kmeans_nredo", kmeans_nredo)
-        self.kmeans_seed = check_int("kmeans_seed", kmeans_seed)
+        self.kmeans_seed = check_int("kmeans_seed", kmeans_seed, low=-(2**31), high=2**31 - 1)  # faiss: a C int
         self.reset_prototypes = check_bool("reset_prototypes", reset_prototypes)
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import torch
 
-from ._checks import check_finite, check_positive_int
+from ._checks import check_finite, check_number, check_positive_int
 
 __all__ = ["sinkhorn"]
 
@@ -116,18 +115,11 @@ def _check_arguments(scores, epsilon, iterations, tol) -> float:
     smallest, largest = torch.stack(torch.aminmax(scores)).tolist()
     if not math.isfinite(smallest + largest):
         check_finite("scores", scores)
-    _check_positive_real("epsilon", epsilon)
+    check_number("epsilon", epsilon, low=0, strict=True)
     check_positive_int("iterations", iterations)
     if tol is not None:
-        _check_positive_real("tol", tol)
+        check_number("tol", tol, low=0, strict=True)
     return max(-smallest, largest)
-
-
-def _check_positive_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
 def _compute_dtype(scores: torch.Tensor) -> torch.dtype:

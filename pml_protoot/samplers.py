@@ -7,7 +7,7 @@ import math
 import numpy
 import torch
 
-from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
+from ._checks import as_index_tensor, check_bool, check_int, check_non_negative_int, check_positive_int
 
 __all__ = ["CrossDomainSampler"]
 
@@ -81,7 +81,7 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         self.num_replicas = check_positive_int("num_replicas", num_replicas)
         self.rank = check_int("rank", rank, low=0, high=self.num_replicas - 1)
         self.seed = _check_seed(seed)
-        self.shuffle = bool(shuffle)
+        self.shuffle = check_bool("shuffle", shuffle)
         self.epoch = 0
         # One index tensor per domain, in ascending domain-id order.
         self.domain_indices = [torch.nonzero(domains == d).flatten() for d in self.domain_values]

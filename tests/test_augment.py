@@ -194,6 +194,10 @@ def test_augment_with_identity_parameters_only_resizes_and_normalises():
         (torch.zeros(3, 8, 8), r"got \(3, 8, 8\)"),
         ([[0.0]], "got list"),
         (torch.zeros(2, 3, 8, 8, dtype=torch.int32), "uint8 .* or float .* got dtype torch.int32"),
+        (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), "at least one image, got a batch of 0"),
+        (torch.full((2, 3, 8, 8), 255.0), r"float images must lie in \[0, 1\] .* got values in \[255, 255\]"),
+        (torch.full((2, 3, 8, 8), -0.5, dtype=torch.float64), r"got values in \[-0.5, -0.5\]"),
+        (torch.full((2, 3, 8, 8), float("nan")), r"got values in \[nan, nan\]"),
     ],
 )
 def test_augment_bad_input(images, match):

@@ -1,11 +1,12 @@
-"""Integer arguments: every public class takes Python, NumPy and 0-d tensor integers alike, refuses
-bools and floats, and names the argument, the expected range and the value given."""
+"""Integer and real arguments: every public class takes Python, NumPy and 0-d tensor numbers alike,
+refuses bools (and floats where an integer is due), and names the argument, the expected range and
+the value given."""
 import numpy as np
 import pytest
 import torch
 
-from pml_protoot import CrossDomainSampler, FeatureCache, PrototypeMemory, ProtoOTLoss
-from pml_protoot._checks import check_int
+from pml_protoot import CachedTwoViewDataset, CrossDomainSampler, FeatureCache, PrototypeMemory, ProtoOTLoss, sinkhorn
+from pml_protoot._checks import check_int, check_number
 from pml_protoot.data import make_synthetic_domains
 
 INTEGERS = [3, np.int64(3), np.int32(3), torch.tensor(3)]
@@ -54,8 +55,16 @@ def test_public_integer_arguments_take_numpy_and_tensor_integers():
     "build, message",
     [
         (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, kmeans_seed=0.5),
-         "kmeans_seed must be an integer, got 0.5"),
+         r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 0.5"),
+        (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, kmeans_seed=2**40),
+         r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 1099511627776"),
         (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1).recluster(-1), "epoch must be a non-negative"),
+        (lambda: make_synthetic_domains(None, seed=-1), "seed must be a non-negative integer, got -1"),
+        (lambda: make_synthetic_domains(None, seed="3"), "seed must be a non-negative integer, got '3'"),
+        (lambda: CachedTwoViewDataset(torch.zeros(1, 4, 2), [0, 0, 1, 1]), r"V >= 2 views, got \(1, 4, 2\)"),
+        (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 1]), r"one domain per sample \(4\), got 2"),
+        (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 0, 1, 1], seed=1.5),
+         "seed must be a non-negative integer, got 1.5"),
         (lambda: CrossDomainSampler([0, 1], 2, num_replicas=2, rank=2), r"rank must be an integer in \[0, 1\], got 2"),
         (lambda: CrossDomainSampler([0, 1], 2, seed=-1), "seed must be an integer in"),
         (lambda: make_synthetic_domains(None, num_classes=0), "num_classes must be an integer in"),
@@ -67,3 +76,57 @@ def test_public_integer_arguments_take_numpy_and_tensor_integers():
 def test_public_integer_arguments_name_themselves_when_refused(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_the_sampler_refuses_a_shuffle_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="shuffle must be True or False, got 'no'"):
+        CrossDomainSampler([0, 1], 2, shuffle="no")
+
+
+@pytest.mark.parametrize("value", [0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array(0.5)])
+def test_real_numbers_of_every_kind_come_back_as_float(value):
+    assert check_number("x", value, low=0, high=1) == 0.5 and type(check_number("x", value)) is float
+
+
+@pytest.mark.parametrize(
+    "value, options, error, message",
+    [
+        ("a", {}, TypeError, "x must be a real number, got str"),
+        (True, {}, TypeError, "x must be a real number, got bool"),
+        (torch.tensor([0.5]), {}, TypeError, "x must be a real number, got Tensor"),
+        (1j, {}, TypeError, "x must be a real number, got complex"),
+        (float("nan"), {}, ValueError, "x must be a finite number, got nan"),
+        (float("inf"), {"low": 0}, ValueError, "x must be a finite number >= 0, got inf"),
+        (0, {"low": 0, "strict": True}, ValueError, "x must be a finite number > 0, got 0"),
+        (-0.1, {"low": 0}, ValueError, r"x must be a finite number >= 0, got -0.1"),
+        (1.5, {"low": 0, "high": 1}, ValueError, r"x must be a finite number in \[0, 1\], got 1.5"),
+        (0.0, {"low": 0, "high": 1, "strict": True}, ValueError, r"in \(0, 1\], got 0.0"),
+        (2, {"high": 1}, ValueError, "x must be a finite number <= 1, got 2"),
+    ],
+)
+def test_other_numbers_are_refused_naming_the_argument_and_range(value, options, error, message):
+    with pytest.raises(error, match=message):
+        check_number("x", value, **options)
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, epsilon="a"), TypeError,
+         "epsilon must be a real number, got str"),
+        (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, epsilon=float("inf")), ValueError,
+         "epsilon must be a finite number > 0, got inf"),
+        (lambda: ProtoOTLoss(PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1), temperature=-1), ValueError,
+         "temperature must be a finite number > 0, got -1"),
+        (lambda: sinkhorn(torch.rand(3, 2), epsilon=0), ValueError, "epsilon must be a finite number > 0, got 0"),
+    ],
+)
+def test_public_real_arguments_name_themselves_when_refused(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_public_real_arguments_take_numpy_and_tensor_numbers():
+    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, epsilon=np.float32(0.25))
+    loss = ProtoOTLoss(memory, temperature=torch.tensor(0.5), cross_domain_weight=np.float64(0.75))
+    assert (memory.epsilon, loss.temperature, loss.cross_domain_weight) == (0.25, 0.5, 0.75)

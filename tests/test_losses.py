@@ -322,9 +322,9 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
     "kwargs, error, message",
     [
         ({"memory": "bank"}, TypeError, "memory must be a PrototypeMemory, got str"),
-        ({"temperature": 0}, ValueError, "temperature must be > 0"),
+        ({"temperature": 0}, ValueError, "temperature must be a finite number > 0, got 0"),
         ({"in_domain_weights": (1.0, 0.5)}, ValueError, "in_domain_weights must be 3 numbers"),
-        ({"in_domain_weights": (1.0, -0.5, 0.1)}, ValueError, "in_domain_weights must be >= 0"),
+        ({"in_domain_weights": (1.0, -0.5, 0.1)}, ValueError, "in_domain_weights must be a finite number >= 0"),
         ({"cross_domain_weight": float("nan")}, ValueError, "cross_domain_weight must be a finite number"),
         ({"cross_domain_start_epoch": 1.5}, ValueError, "cross_domain_start_epoch must be an integer, got 1.5"),
         ({"nearest_neighbour_by": "bank"}, ValueError, "nearest_neighbour_by must be one of"),
