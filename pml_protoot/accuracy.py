@@ -75,7 +75,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     one pass over the gallery.
 
     How it ranks: similarity is the inner product of L2-normalised embeddings (cosine), the
-    ProtoOT protocol, in float32 (float64 for float64 input); ties are broken by gallery index
+    ProtoOT protocol, in float32 (float64 when query or gallery is float64: both are promoted
+    to one dtype with ``torch.promote_types``); ties are broken by gallery index
     (similarity descending, index ascending), deterministically. "Exact" means exact for the
     float32 similarities ``torch.mm`` computes: their last bit can depend on the product's
     shape, so two float32 implementations may order a near-tie differently. Identical gallery
@@ -205,7 +206,10 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         """Compute the requested metrics of ``query`` retrieving from ``reference``.
 
         Args:
-            query: ``(Q, D)`` embeddings (tensor or array, any float dtype).
+            query: ``(Q, D)`` embeddings (tensor or array, any float dtype). Query and
+                reference may differ in dtype: both are scored in
+                ``torch.promote_types`` of the two. Tensors that require grad are
+                detached (scoring tracks no gradients).
             query_labels: ``(Q,)`` integer class labels.
             reference: ``(G, D)`` gallery embeddings; ``None`` means the query set itself
                 (then ``ref_includes_query`` is forced to True, as in PML).
@@ -228,6 +232,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         if reference is None:
             reference, reference_labels, ref_includes_query = query, query_labels, True
         query, reference = _as_embeddings("query", query), _as_embeddings("reference", reference)
+        query, reference = _in_common_dtype(query, reference)
         query_labels = _as_labels("query_labels", query_labels, len(query), "query")
         reference_labels = _as_labels("reference_labels", reference_labels, len(reference), "reference")
         if query.shape[1] != reference.shape[1]:
@@ -428,12 +433,21 @@ def _check_k_values(k_values) -> tuple[int, ...]:
 
 
 def _as_embeddings(name, values) -> torch.Tensor:
+    """``values`` as a checked ``(N, D)`` float tensor, detached: scoring needs no gradients, and
+    the ranking's NumPy selections refuse tensors that require grad."""
     if isinstance(values, np.ndarray):
         values = torch.from_numpy(values)
     tensor = check_matrix(name, values)
     if len(tensor) == 0:
         raise ValueError(f"{name} must hold at least one embedding, got shape {tuple(tensor.shape)}")
-    return tensor
+    return tensor.detach()
+
+
+def _in_common_dtype(query, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both embeddings in ``torch.promote_types`` of their dtypes: the similarity product needs
+    one dtype, and promoting (not casting down) keeps float64 input's precision."""
+    dtype = torch.promote_types(query.dtype, reference.dtype)
+    return query.to(dtype), reference.to(dtype)
 
 
 def _as_labels(name, labels, expected_length, embeddings_name) -> torch.Tensor:

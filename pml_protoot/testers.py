@@ -113,7 +113,8 @@ class CrossDomainTester(BaseTester):
             ``tester.all_accuracies``: ``{"A->B": {"epoch": epoch, metric: value}, ..., "mean": {...}}``.
 
         Raises:
-            TypeError: ``dataset_dict`` is not a dict.
+            TypeError: ``dataset_dict`` is not a dict, or a domain's class labels are not
+                integers (refused as :meth:`evaluate` refuses them, float labels included).
             ValueError: fewer than two domains, an empty domain, or a pair naming an
                 unknown domain or the same domain twice.
         """
@@ -131,6 +132,10 @@ class CrossDomainTester(BaseTester):
         for name in sorted({domain for pair in pairs for domain in pair}):
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
             embeddings[name], labels[name] = self._embed_domain(dataset_dict[name], trunk_model, embedder_model, collate_fn)
+            # evaluate()'s label check, named after this argument: a cast would truncate 0.5 to class 0.
+            labels[name] = _as_labels(
+                f"dataset_dict[{name!r}] labels", labels[name], len(embeddings[name]), f"{name!r}"
+            )
         results = self.evaluate(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
         self.reference_split_names = {f"{q}->{g}": [g] for q, g in pairs}
@@ -140,12 +145,16 @@ class CrossDomainTester(BaseTester):
         return self.all_accuracies
 
     def _embed_domain(self, dataset, trunk_model, embedder_model, collate_fn):
-        """``(N, D)`` embeddings and ``(N,)`` labels of one domain; this rank's strided share, gathered."""
+        """``(N, D)`` embeddings and ``(N,)`` labels of one domain; this rank's strided share, gathered.
+
+        Labels keep the dtype the dataset gave them: the caller checks them once gathered, so
+        that every rank sees the same labels and raises alike (no rank left waiting in a gather).
+        """
         world_size = get_world_size()
         if world_size > 1:
             dataset = torch.utils.data.Subset(dataset, range(get_rank(), len(dataset), world_size))
         shard_embeddings, shard_labels = self.get_all_embeddings(dataset, trunk_model, embedder_model, collate_fn)
-        shard_labels = shard_labels[:, 0].long().to(shard_embeddings.device)
+        shard_labels = shard_labels[:, 0].to(shard_embeddings.device)
         total = len(dataset.dataset) if world_size > 1 else len(dataset)
         return gather_strided(shard_embeddings, total), gather_strided(shard_labels, total)
 
@@ -154,8 +163,10 @@ class CrossDomainTester(BaseTester):
         ``normalize_embeddings``, as :meth:`test` does).
 
         Args:
-            embeddings_by_domain: ``{domain: (N_d, D) tensor}``.
-            labels_by_domain: ``{domain: (N_d,) integer class labels}``, same keys.
+            embeddings_by_domain: ``{domain: (N_d, D) tensor}`` of any float dtype; tensors that
+                require grad are detached (scoring tracks no gradients).
+            labels_by_domain: ``{domain: (N_d,) integer class labels}``, same keys; float
+                labels are refused, even whole-valued ones (as :meth:`test` refuses them).
             pairs: as in :meth:`test`.
 
         Returns:

@@ -237,6 +237,64 @@ def test_avg_of_avgs_and_per_class(device):
     assert averaged["precision_at_5"] == pytest.approx(np.mean(per_class["precision_at_5"]), rel=1e-12)
 
 
+def float64_only_near_tie(query_dtype, reference_dtype):
+    """One query and two gallery rows whose cosines differ by about 2e-12: in float64 the
+    second row, of the query's class (7), ranks first; rounded to float32 both similarities are
+    1.0, a tie that the first row, of class 8, wins on gallery index. The float64 side holds the
+    fine offset 1e-6, the other side 2^-20, exact in float16 and float32."""
+    fine, coarse = 1e-6, 2.0**-20
+    query_offset, reference_offset = (fine, coarse) if query_dtype == torch.float64 else (coarse, fine)
+    query = torch.tensor([[1.0, query_offset]], dtype=torch.float64)
+    reference = torch.tensor([[1.0, -reference_offset], [1.0, reference_offset]], dtype=torch.float64)
+    return query, torch.tensor([7]), reference, torch.tensor([8, 7])
+
+
+@pytest.mark.parametrize(
+    "query_dtype, reference_dtype",
+    [(torch.float64, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float64)],
+)
+def test_mixed_float_dtypes_score_in_the_promoted_dtype(query_dtype, reference_dtype, device):
+    near_query, near_query_labels, near_reference, near_reference_labels = float64_only_near_tie(
+        query_dtype, reference_dtype
+    )
+    # block_diag: the near-tie rows get dimensions of their own (similarity 0 to the tied rows).
+    query = torch.block_diag(tied_embeddings(60, 41, torch.float64), near_query).to(query_dtype)
+    reference = torch.block_diag(tied_embeddings(90, 42, torch.float64), near_reference).to(reference_dtype)
+    query_labels = torch.cat([imbalanced_labels(60, 44), near_query_labels])
+    reference_labels = torch.cat([imbalanced_labels(90, 45), near_reference_labels])
+    k_values = (1, 3, 10)
+    calc = calculator(k_values, device)
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    promoted = torch.promote_types(query_dtype, reference_dtype)
+    assert got == calc.get_accuracy(query.to(promoted), query_labels, reference.to(promoted), reference_labels)
+    expected = reference_metrics(query, query_labels, reference, reference_labels, k_values)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+    # The data tell the dtypes apart: scored in float32, the near-tie query (1 of 61, every one
+    # with R > 0) misses its neighbour.
+    in_float32 = calc.get_accuracy(query.float(), query_labels, reference.float(), reference_labels)
+    assert in_float32["precision_at_1"] == pytest.approx(expected["precision_at_1"] - 1 / 61, rel=1e-12)
+
+
+def test_embeddings_that_require_grad_are_scored_detached(device):
+    query = tied_embeddings(40, 49, torch.float32).requires_grad_()  # a leaf, as a parameter
+    scale = torch.ones(16, requires_grad=True)
+    reference = tied_embeddings(70, 50, torch.float32) * scale  # a model's output, not a leaf
+    query_labels, reference_labels = imbalanced_labels(40, 45), imbalanced_labels(70, 46)
+    k_values = (1, 5, 30)
+    calc = calculator(k_values, device)
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    expected = reference_metrics(query.detach(), query_labels, reference.detach(), reference_labels, k_values)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-12), name
+    got_self = calc.get_accuracy(query, query_labels)  # the query set as its own gallery
+    expected_self = reference_metrics(
+        query.detach(), query_labels, query.detach(), query_labels, k_values, exclude_self=True
+    )
+    for name in expected_self:
+        assert got_self[name] == pytest.approx(expected_self[name], rel=1e-12), name
+
+
 def test_metric_names_follow_k_values():
     calc = PrecisionAtKCalculator(k_values=(15, 1, 5, 5), exclude=("NMI", "AMI"), device=torch.device("cpu"))
     assert calc.k_values == (1, 5, 15)

@@ -1,5 +1,6 @@
 """CrossDomainTester: pairs, one embedding pass per domain, PML hook compatibility, errors."""
 import json
+import re
 
 import pytest
 import torch
@@ -146,6 +147,42 @@ def test_bad_input():
         tester.test(datasets, 0, CountingTrunk(6, 4))
     with pytest.raises(ValueError, match="return_per_class=False"):
         CrossDomainTester(PrecisionAtKCalculator(return_per_class=True))
+
+
+@pytest.mark.parametrize("labels", [[0.5, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]], ids=["fractional", "whole"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_test_refuses_float_labels_as_evaluate_does(labels, dtype):
+    """A cast would turn 0.5 into class 0; whole-valued floats are refused too, as evaluate refuses them."""
+    datasets = domain_datasets({"photo": 5, "sketch": 6})
+    float_labels = torch.tensor(labels, dtype=dtype)
+    datasets["photo"] = torch.utils.data.TensorDataset(datasets["photo"].tensors[0], float_labels)
+    tester = make_tester()
+    trunk = CountingTrunk(6, 4)
+    refused = re.escape(f"dataset_dict['photo'] labels must hold integers, got dtype {dtype}")
+    with pytest.raises(TypeError, match=refused):
+        tester.test(datasets, 0, trunk)
+    assert trunk.images_seen == 5  # refused once the domain is embedded, before any scoring
+    embeddings = {"photo": torch.randn(5, 4), "sketch": torch.randn(6, 4)}
+    with pytest.raises(TypeError, match=re.escape(f"labels_by_domain['photo'] must hold integers, got dtype {dtype}")):
+        tester.evaluate(embeddings, {"photo": float_labels, "sketch": datasets["sketch"].tensors[1]})
+
+
+def test_evaluate_detaches_embeddings_that_require_grad():
+    datasets = domain_datasets({"photo": 10, "sketch": 12}, seed=4)
+    trunk = CountingTrunk(6, 4)
+    embeddings = {
+        "photo": trunk(datasets["photo"].tensors[0]),  # a model's output, not a leaf
+        "sketch": torch.randn(12, 4, generator=torch.Generator().manual_seed(5)).requires_grad_(),  # a leaf
+    }
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    tester = make_tester()
+    results = tester.evaluate(embeddings, labels)
+    # The expectation: the calculator on the detached, normalised embeddings (what test() scores).
+    plain = {name: torch.nn.functional.normalize(values.detach(), dim=1) for name, values in embeddings.items()}
+    for query, gallery in (("photo", "sketch"), ("sketch", "photo")):
+        expected = tester.accuracy_calculator.get_accuracy(plain[query], labels[query], plain[gallery], labels[gallery])
+        assert results[f"{query}->{gallery}"] == pytest.approx(expected, rel=1e-12)
+    assert trunk.linear.weight.grad is None and embeddings["sketch"].grad is None
 
 
 def test_evaluate_normalises_as_test_does_for_any_calculator():
