@@ -20,7 +20,8 @@ key encoder, as ProtoOT does.
 
 ``protoot eval --checkpoint OUT/last.pth`` rebuilds the model from the ``config.json``
 next to the checkpoint and scores it; ``protoot eval --backbone NAME`` scores raw timm
-features (``--pretrained`` or ``--weights``).
+features (``--pretrained`` or ``--weights``). Both embed ``--batch-size`` images a trunk call
+(default: the run's training batch size, with which ``train`` evaluated too; 64 with ``--backbone``).
 
 Bad input (missing domain folder, fewer than two domains, an unreadable image, a batch
 size not divisible by the number of domains, ...) ends with ``protoot: error: <message>``
@@ -109,10 +110,19 @@ FOLDER_DEFAULTS = {
     "backbone": "resnet50", "weights": None, "freeze_trunk": False, "image_size": 224, "epochs": 200,
     "batch_size": None, "lr": 2.5e-4, "momentum": 0.99,
 }
-MODEL_OPTIONS = ("backbone", "weights", "freeze_trunk")
+#: Defaults dropped when the user picks the model. --freeze-trunk is not one of them: its default
+#: follows the data alone (on for the demo, whose other defaults are tuned for a head on cached
+#: features; off for --data), as --help says, whichever trunk is picked.
+MODEL_OPTIONS = ("backbone", "weights")
 FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
-#: Entries of config.json that ``protoot eval --checkpoint`` rebuilds the model and data from.
-TRAIN_CONFIG_KEYS = ("backbone", "pretrained", "weights", "freeze_trunk", "seed", "image_size", "data", "domains")
+BACKBONE_EVAL_BATCH_SIZE = 64  # ``protoot eval --backbone``: there is no training run to take it from
+#: numpy's global seed (seeded with every other RNG) takes no other value
+SEED_RANGE = (0, 2**32 - 1)
+DEMO_MIN_IMAGE_SIZE = 16  # make_synthetic_domains draws no smaller shapes
+#: Entries of config.json that ``protoot eval --checkpoint`` rebuilds the model and data from (and embeds with).
+TRAIN_CONFIG_KEYS = (
+    "backbone", "pretrained", "weights", "freeze_trunk", "seed", "image_size", "data", "domains", "batch_size",
+)
 
 
 class CommandError(ValueError):
@@ -148,18 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(pca_init_; default on; the official code starts it at random)",
     )
     training.add_argument(
-        "--views", type=_int_at_least(2), default=4,
+        "--views", type=_int_in_range(2), default=4,
         help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
     )
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
-    training.add_argument("--epochs", type=_int_at_least(1), help=_defaults_help("epochs"))
+    training.add_argument("--epochs", type=_int_in_range(1), help=_defaults_help("epochs"))
     training.add_argument(
-        "--batch-size", type=_int_at_least(1),
-        help=f"images per step, all domains together (default: {DEMO_DEFAULTS['batch_size']} for the demo, "
-        f"{FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
+        "--batch-size", type=_int_in_range(1),
+        help=f"images per step, all domains together, and per trunk call when embedding for evaluation "
+        f"(default: {DEMO_DEFAULTS['batch_size']} for the demo, {FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
     )
     training.add_argument(
-        "--num-prototypes", type=_int_at_least(1), help="K per domain (default: number of classes)"
+        "--num-prototypes", type=_int_in_range(1), help="K per domain (default: number of classes)"
     )
     training.add_argument(
         "--lr", type=_number("a positive number", lambda x: x > 0),
@@ -173,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--momentum", type=_number("a number in [0, 1]", lambda x: 0 <= x <= 1),
         help=f"EMA momentum of the key encoder ({_defaults_help('momentum')}; the paper's 0.999 measured worse)",
     )
-    training.add_argument("--cross-domain-start", type=_int_at_least(0), help="first epoch (0-based) of the "
+    training.add_argument("--cross-domain-start", type=_int_in_range(0), help="first epoch (0-based) of the "
                           "cross-domain term (default: half of --epochs, as the paper's 100 of 200)")
     training.add_argument(
         "--official", action="store_true",
@@ -186,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="end-to-end training views: MoCoV2Augment on each batch on --device (default on CUDA; workers only "
         "decode) or the PIL pipeline in --workers processes (default on CPU)",
     )
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument(
+        "--seed", type=_int_in_range(*SEED_RANGE), default=0,
+        help=f"seed of every random number generator (an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; default: 0)",
+    )
     training.add_argument(
         "--out", metavar="DIR", help="output folder, new or without a run in it (default: runs/protoot-<time>)"
     )
@@ -196,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
     _add_data_options(eval_parser)
     _add_model_options(eval_parser)
-    eval_parser.add_argument("--batch-size", type=int, default=64)
+    eval_parser.add_argument(
+        "--batch-size", type=_int_in_range(1),
+        help="images per trunk call when embedding (default: the checkpoint's training --batch-size, with which "
+        f"its run embedded them, so that its numbers are reproduced; {BACKBONE_EVAL_BATCH_SIZE} with --backbone)",
+    )
     eval_parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
     eval_parser.set_defaults(handler=evaluate)
     return parser
@@ -206,15 +223,18 @@ def _add_data_options(parser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
     group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
-    group.add_argument("--image-size", type=_int_at_least(1))
-    group.add_argument("--k", type=int, nargs="+", default=[1, 5, 15], help="P@k values to report")
-    group.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument(
+        "--image-size", type=_int_in_range(1),
+        help=f"side of the square images the trunk sees (at least {DEMO_MIN_IMAGE_SIZE} for the demo)",
+    )
+    group.add_argument("--k", type=_int_in_range(1), nargs="+", default=[1, 5, 15], help="P@k values to report")
+    group.add_argument("--workers", type=_int_in_range(0), default=0, help="DataLoader worker processes")
     group.add_argument(
         "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where available)",
     )
     group.add_argument(
-        "--threads", type=int, help="CPU threads for torch and faiss (default: torch's, which follows "
+        "--threads", type=_int_in_range(1), help="CPU threads for torch and faiss (default: torch's, which follows "
         "OMP_NUM_THREADS); on a busy machine 1 can be several times faster",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings only; no feature-extraction or evaluation progress bars")
@@ -228,17 +248,20 @@ def _defaults_help(name: str) -> str:
 # Option types: argparse then names the option in its error ("argument --lr: ..."), before any work.
 
 
-def _int_at_least(low: int):
+def _int_in_range(low: int, high: int | None = None):
+    """Type of an integer option in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {low}"  # argparse's fallback message uses it
+    parse.__name__ = expected  # argparse's fallback message uses it
     return parse
 
 
@@ -385,10 +408,7 @@ def _resolve_train_config(args) -> dict:
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
-    if config["data"] is not None and not config["pretrained"] and config["weights"] is None:
-        logger.warning(
-            "training a randomly initialised %s trunk on --data (no --pretrained or --weights)", config["backbone"]
-        )
+    _warn_if_random_trunk(config, "training")
     if config["batch_size"] is None:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
     if config["cross_domain_start"] is None:
@@ -400,6 +420,20 @@ def _resolve_train_config(args) -> dict:
     if config["data"] is None:
         config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
     return config
+
+
+def _warn_if_random_trunk(config: dict, doing: str) -> None:
+    """Warn, whichever the data, when the trunk starts at random: its features carry no pretraining,
+    and a frozen one (``--freeze-trunk``, the demo's default) never gets any."""
+    if config["pretrained"] or config["weights"] is not None:
+        return
+    frozen = (
+        "; it is frozen (--freeze-trunk), so it stays random and only the head trains (--no-freeze-trunk trains it)"
+        if config.get("freeze_trunk") else ""
+    )
+    logger.warning(
+        "%s a randomly initialised %s trunk (no --pretrained or --weights)%s", doing, config["backbone"], frozen
+    )
 
 
 def _check_new_run_folder(out: Path) -> None:
@@ -456,9 +490,7 @@ def _seed_everything(seed: int) -> None:
 
 def _share_threads(threads: int | None) -> None:
     """Set torch's threads if asked; faiss gets as many as torch: no oversubscription between the two."""
-    if threads is not None:
-        if threads < 1:
-            raise CommandError(f"--threads must be a positive integer, got {threads}")
+    if threads is not None:  # at least 1: checked by the parser
         torch.set_num_threads(threads)
     faiss.omp_set_num_threads(torch.get_num_threads())
 
@@ -470,6 +502,10 @@ def _load_dataset(config: dict):
         unknown = [d for d in config["domains"] or () if d not in SYNTHETIC_STYLES]
         if unknown:
             raise CommandError(f"--domains of the demo must be names from {list(SYNTHETIC_STYLES)}, got {unknown}")
+        if demo["image_size"] < DEMO_MIN_IMAGE_SIZE:
+            raise CommandError(
+                f"--image-size of the demo must be at least {DEMO_MIN_IMAGE_SIZE}, got {demo['image_size']}"
+            )
         return make_synthetic_domains(
             num_classes=demo["num_classes"], images_per_class=tuple(demo["images_per_class"]),
             domains=config["domains"] or demo["domains"], image_size=demo["image_size"], seed=demo["seed"],
@@ -567,10 +603,13 @@ def _pml_log_filter(log_filter):
 
 
 def _tester(config) -> CrossDomainTester:
+    """The tester of ``train`` and ``eval``: both embed ``config["batch_size"]`` items per call, so that ``eval``
+    of a checkpoint (whose batch size defaults to the run's) reproduces the run's numbers."""
     metrics = [f"precision_at_{k}" for k in config["k"]] + ["mean_average_precision_at_r"]
     calculator = PrecisionAtKCalculator(k_values=config["k"], include=metrics, device=torch.device(config["device"]))
     return CrossDomainTester(
-        calculator, batch_size=64, dataloader_num_workers=config["workers"], progress=not config["quiet"]
+        calculator, batch_size=config["batch_size"], dataloader_num_workers=config["workers"],
+        progress=not config["quiet"],
     )
 
 
@@ -632,22 +671,26 @@ def evaluate(args) -> dict:
     else:
         check_model_name(args.backbone, "--backbone")
         config = {**vars(args), "seed": 0, "image_size": args.image_size or 224}
+        if config["batch_size"] is None:
+            config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
+        _warn_if_random_trunk(config, "scoring")
         trunk, _, normalisation = _build_encoder(config)
         head, epoch = torch.nn.Identity(), 0
     dataset = _load_dataset(config)
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
     if config.get("freeze_trunk") and config.get("center_domains"):
-        eval_sets, trunk = _centred_trunk_features(dataset, trunk, device, config["batch_size"]), torch.nn.Identity()
+        eval_sets = _centred_trunk_features(dataset, trunk, device, config["batch_size"], config["workers"])
+        trunk = torch.nn.Identity()
     results = _score(_tester(config), eval_sets, trunk, head, device, epoch=epoch)
     if args.out:
         _write_json(Path(args.out), results)
     return results
 
 
-def _centred_trunk_features(dataset, trunk, device, batch_size) -> dict:
+def _centred_trunk_features(dataset, trunk, device, batch_size, num_workers) -> dict:
     """``{domain: TensorDataset(trunk features less the domain's mean, labels)}``, as training saw them."""
-    features = trunk_features(trunk.to(device), dataset, batch_size=batch_size)
+    features = trunk_features(trunk.to(device), dataset, batch_size=batch_size, num_workers=num_workers)
     features = features - domain_means(features, dataset.domain_ids)[dataset.domain_ids]
     labels = torch.as_tensor(dataset.targets)
     centred = {}
@@ -669,7 +712,7 @@ def _checkpoint_config(args) -> dict:
     missing = [key for key in TRAIN_CONFIG_KEYS if key not in config]
     if missing:
         raise ValueError(f"{str(config_path)!r} is not a protoot train config: missing {missing}")
-    for key in ("data", "domains", "image_size", "k", "workers", "device", "threads", "quiet"):
+    for key in ("data", "domains", "image_size", "k", "workers", "device", "threads", "quiet", "batch_size"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.data is not None:

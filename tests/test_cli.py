@@ -4,6 +4,7 @@ Training runs in-process through ``main([...])``; the demo (cached features of t
 offline EfficientNet-Lite0, a trained head) is run once per module at 5 epochs.
 Retrieval numbers are checked against a brute-force P@k written here.
 """
+import argparse
 import json
 import logging
 import os
@@ -412,3 +413,165 @@ def test_unusable_out_folder_is_refused_before_any_work(case, demo_run, tmp_path
     status, _, err = run_main(["train", "--out", out, "--epochs", "1", "--quiet"], capsys)
     assert status == 2 and err.strip() == f"protoot: error: {expected}"
     assert (demo_run / "config.json").read_text() == config
+
+
+# ------------------------------------------------------------------ the demo's frozen trunk; random-trunk warnings
+
+
+def warnings_logged(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def test_demo_freezes_a_picked_backbone_by_default_and_warns_it_stays_random(tmp_path, capsys, caplog):
+    # `protoot train --help`: --freeze-trunk is "on for the demo", whichever trunk the user picks
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--views", "2", "--device", "cpu", "--out", out, *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["freeze_trunk"] is True
+    warnings = warnings_logged(caplog)
+    assert any("randomly initialised resnet10t trunk" in w and "stays random" in w for w in warnings), warnings
+    assert "default: on for the demo" in " ".join(run_main(["train", "--help"], capsys)[1].split())
+
+
+@pytest.mark.parametrize(
+    "data, extra, frozen",
+    [
+        ("demo", ["--no-freeze-trunk"], False),
+        ("folder", ["--freeze-trunk"], True),
+        ("folder", [], False),
+    ],
+)
+def test_a_random_trunk_is_warned_of_whichever_the_data(data, extra, frozen, image_folder, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    source = ["--data", image_folder, "--batch-size", "4"] if data == "folder" else []
+    argv = ["train", *source, "--epochs", "1", "--views", "2", "--device", "cpu", "--out", out, *TINY_MODEL, *extra]
+    assert run_main(argv, capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["freeze_trunk"] is frozen
+    random_trunk = [w for w in warnings_logged(caplog) if "randomly initialised resnet10t trunk" in w]
+    assert len(random_trunk) == 1, warnings_logged(caplog)
+    assert ("stays random" in random_trunk[0]) is frozen
+
+
+@pytest.mark.parametrize("data", ["demo", "folder"])
+def test_a_trunk_from_a_weights_file_is_not_called_random(data, image_folder, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "weights.pth")
+    source = ["--data", image_folder, "--batch-size", "4"] if data == "folder" else []
+    argv = ["train", *source, "--epochs", "1", "--views", "2", "--device", "cpu", "--weights", tmp_path / "weights.pth",
+            "--out", tmp_path / "run", *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    assert not any("random" in warning for warning in warnings_logged(caplog)), warnings_logged(caplog)
+
+
+def test_eval_of_a_random_timm_model_warns(tmp_path, capsys, caplog):
+    argv = ["eval", "--backbone", "resnet10t", "--image-size", "16", "--device", "cpu", "--quiet"]
+    assert run_main(argv, capsys)[0] == 0
+    assert any("scoring a randomly initialised resnet10t trunk" in w for w in warnings_logged(caplog))
+
+
+# ------------------------------------------------------------------ integer options: checked when parsed
+
+
+INTEGER_OPTION_REFUSALS = [
+    ("train", "--views", "1", "expected an integer >= 2, got '1'"),
+    ("train", "--epochs", "-2", "expected an integer >= 1, got '-2'"),
+    ("train", "--batch-size", "0", "expected an integer >= 1, got '0'"),
+    ("train", "--num-prototypes", "2.5", "expected an integer >= 1, got '2.5'"),
+    ("train", "--cross-domain-start", "-1", "expected an integer >= 0, got '-1'"),
+    ("train", "--seed", "-1", "expected an integer in [0, 4294967295], got '-1'"),
+    ("train", "--seed", str(2**32), f"expected an integer in [0, 4294967295], got '{2**32}'"),
+    ("train", "--seed", "x", "expected an integer in [0, 4294967295], got 'x'"),
+]
+for _command in ("train", "eval"):  # the data options both commands share
+    INTEGER_OPTION_REFUSALS += [
+        (_command, "--image-size", "0", "expected an integer >= 1, got '0'"),
+        (_command, "--k", "0", "expected an integer >= 1, got '0'"),
+        (_command, "--workers", "-1", "expected an integer >= 0, got '-1'"),
+        (_command, "--threads", "0", "expected an integer >= 1, got '0'"),
+    ]
+INTEGER_OPTION_REFUSALS.append(("eval", "--batch-size", "0", "expected an integer >= 1, got '0'"))
+
+
+@pytest.mark.parametrize("command, option, value, expected", INTEGER_OPTION_REFUSALS)
+def test_bad_integer_options_are_refused_when_parsed_naming_the_option(
+    command, option, value, expected, tmp_path, capsys, monkeypatch
+):
+    from pml_protoot import cli
+
+    for step in ("_load_dataset", "_build_encoder"):
+        monkeypatch.setattr(cli, step, lambda config: pytest.fail("started work before checking options"))
+    values = ["1", value] if option == "--k" else [value]  # every value of a list is checked
+    status, _, err = run_main([command, option, *values, "--backbone", "resnet10t", "--quiet"], capsys)
+    assert status == 2 and err.strip().splitlines()[-1] == f"protoot {command}: error: argument {option}: {expected}"
+
+
+def test_every_integer_option_has_a_range_checked_type():
+    from pml_protoot.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    unchecked = [(name, action.dest) for name, parser in commands.items() for action in parser._actions
+                 if action.type is int]
+    assert unchecked == []
+    assert build_parser().parse_args(["train", "--seed", str(2**32 - 1)]).seed == 2**32 - 1  # numpy's largest seed
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_demo_images_smaller_than_16_are_refused_naming_image_size(command, tmp_path, capsys):
+    argv = [command, "--backbone", "resnet10t", "--image-size", "8", "--out", tmp_path / "out", "--quiet"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and err.strip() == "protoot: error: --image-size of the demo must be at least 16, got 8"
+
+
+# ------------------------------------------------------------------ eval --batch-size
+
+
+def batches(count: int, batch_size: int) -> list[int]:
+    """Sizes of the batches a DataLoader without drop_last makes of ``count`` items."""
+    return [batch_size] * (count // batch_size) + ([count % batch_size] if count % batch_size else [])
+
+
+def record_batch_sizes(monkeypatch) -> dict:
+    """``{"trunk": [...], "head": [...]}``, filled with the batch size of every call of the encoder eval builds."""
+    from pml_protoot import cli
+
+    calls = {"trunk": [], "head": []}
+    build = cli._build_encoder
+
+    def build_and_record(config):
+        trunk, head, normalisation = build(config)
+        for name, module in (("trunk", trunk), ("head", head)):
+            module.register_forward_hook(lambda module, inputs, output, name=name: calls[name].append(len(inputs[0])))
+        return trunk, head, normalisation
+
+    monkeypatch.setattr(cli, "_build_encoder", build_and_record)
+    return calls
+
+
+def demo_domain_sizes() -> list[int]:
+    """Image counts of the demo's domains (``DEMO_DATA``: 5 classes, (40, 20) images a class, seed 0)."""
+    demo = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), image_size=16, seed=0)
+    return [len(demo.domain_indices(domain)) for domain in demo.domains]
+
+
+@pytest.mark.parametrize("batch_size, expected", [(7, 7), (None, 50)])  # default: the run's training batch size
+def test_eval_of_a_frozen_run_embeds_with_its_batch_size(batch_size, expected, demo_run, tmp_path, capsys, monkeypatch):
+    shutil.copy(demo_run / "last.pth", tmp_path / "last.pth")
+    config = {**json.loads((demo_run / "config.json").read_text()), "batch_size": 50}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    calls = record_batch_sizes(monkeypatch)
+    option = ["--batch-size", batch_size] if batch_size else []
+    assert run_main(["eval", "--checkpoint", tmp_path / "last.pth", *option, "--quiet"], capsys)[0] == 0
+    # the trunk's centred features of every image in one pass, then the tester's head, domain by domain
+    assert sorted(calls["trunk"]) == sorted(batches(sum(demo_domain_sizes()), expected))
+    assert sorted(calls["head"]) == sorted(b for size in demo_domain_sizes() for b in batches(size, expected))
+
+
+@pytest.mark.parametrize("batch_size, expected", [(7, 7), (None, 64)])
+def test_eval_of_a_timm_model_embeds_with_its_batch_size(batch_size, expected, tmp_path, capsys, monkeypatch):
+    calls = record_batch_sizes(monkeypatch)
+    option = ["--batch-size", batch_size] if batch_size else []
+    argv = ["eval", "--backbone", "resnet10t", "--image-size", "16", "--device", "cpu", *option, "--quiet"]
+    assert run_main(argv, capsys)[0] == 0
+    assert sorted(calls["trunk"]) == sorted(b for size in demo_domain_sizes() for b in batches(size, expected))
