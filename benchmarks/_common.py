@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SMOKE_DIR = RESULTS_DIR / "smoke"  # ignored by git: a smoke run never replaces the published results
 MIN_REPEAT_SECONDS = 0.02
 
 
@@ -48,10 +49,12 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 
-def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; return both paths."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+def write_results(name: str, payload: dict, markdown: str, *, smoke: bool = False) -> tuple[Path, Path]:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (under ``results/smoke/`` for a smoke run);
+    return both paths."""
+    folder = SMOKE_DIR if smoke else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path

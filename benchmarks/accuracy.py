@@ -76,7 +76,7 @@ from pml_protoot import (
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, configure_logging, device_name, markdown_table, pin_threads  # noqa: E402
+from _common import SMOKE_DIR, command_line, configure_logging, device_name, markdown_table, pin_threads  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -722,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
-        f"{FINETUNE_OUT.name} with --finetune, under benchmarks/results)"
+        f"{FINETUNE_OUT.name} with --finetune, under benchmarks/results; under results/smoke/ with --quick "
+        "or --limit-per-domain)"
     )
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
     parser.add_argument(
@@ -800,6 +801,13 @@ def remaining(tasks: list[tuple], previous: dict | None) -> list[tuple]:
     return [(domains, seed, method) for domains, seed, method in tasks if (method, tuple(domains), seed) not in done]
 
 
+def default_out(args) -> Path:
+    """Where results go without ``--out``: the published files, or ``results/smoke/`` for ``--quick`` and
+    ``--limit-per-domain`` runs, which must not replace them."""
+    published = FINETUNE_OUT if args.finetune else DEFAULT_OUT
+    return SMOKE_DIR / published.name if args.quick or args.limit_per_domain else published
+
+
 def main(argv=None) -> dict:
     global SOURCE
     args = build_parser().parse_args(argv)
@@ -819,7 +827,7 @@ def main(argv=None) -> dict:
     seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, pairs)
     joint = not (args.quick or args.no_joint)
     methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
-    out = Path(args.out or (FINETUNE_OUT if args.finetune else DEFAULT_OUT))
+    out = Path(args.out) if args.out else default_out(args)
     if args.finetune:
         args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
         SOURCE, extraction_s = Images(

@@ -130,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", default="bench_eval", help="results name under benchmarks/results")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -144,10 +145,10 @@ def main() -> None:
             ).stdout
             runs.append(json.loads(output.strip().splitlines()[-1]))
             logger.info("%s N=%d: %.2f s, %.0f MB", method, size, runs[-1]["seconds"], runs[-1]["peak_rss_mb"])
-    write_report(runs, load_before, os.getloadavg(), time.perf_counter() - started)
+    write_report(runs, load_before, os.getloadavg(), time.perf_counter() - started, args.out)
 
 
-def write_report(runs: list[dict], load_before, load_after, wall_seconds) -> None:
+def write_report(runs: list[dict], load_before, load_after, wall_seconds, name: str) -> None:
     baseline = {run["size"]: run for run in runs if run["method"] == "pml"}
     rows = []
     for run in runs:
@@ -180,7 +181,7 @@ def write_report(runs: list[dict], load_before, load_after, wall_seconds) -> Non
         "command": command_line(), "pml_k": PML_K, "k_values": K_VALUES, "runs": runs,
         "load_average_before": load_before, "load_average_after": load_after, "wall_seconds": wall_seconds,
     }
-    paths = write_results("bench_eval", payload, markdown)
+    paths = write_results(name, payload, markdown)
     logger.info("wrote %s and %s", *paths)
 
 

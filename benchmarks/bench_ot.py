@@ -227,7 +227,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="N up to 10k only (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="N up to 10k only (a smoke run: written under results/smoke/)"
+    )
+    parser.add_argument("--out", help="results name under benchmarks/results (default bench_ot[_cuda])")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
@@ -264,7 +267,8 @@ def main():
             f"{_load(load_before)}, after {_load(payload['load_average_after'])}.\n"
         ),
     ])
-    json_path, md_path = write_results("bench_ot", payload, markdown)
+    name = args.out or ("bench_ot_cuda" if device.type == "cuda" else "bench_ot")
+    json_path, md_path = write_results(name, payload, markdown, smoke=args.quick)
     logger.info("wrote %s and %s", json_path, md_path)
     print(markdown)
 

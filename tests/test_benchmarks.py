@@ -478,3 +478,19 @@ def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
                for row in payload["rows"])
     (name, written_payload, markdown), = written
     assert name == "bench_augment" and written_payload is payload and "× PIL" in markdown
+
+
+@pytest.mark.parametrize(
+    "arguments, published",
+    [([], True), (["--quick"], False), (["--limit-per-domain", "8"], False), (["--finetune"], True),
+     (["--finetune", "--quick"], False)],
+)
+def test_smoke_runs_do_not_replace_the_published_results(accuracy, arguments, published):
+    out = accuracy.default_out(accuracy.build_parser().parse_args(arguments))
+    name = (accuracy.FINETUNE_OUT if "--finetune" in arguments else accuracy.DEFAULT_OUT).name
+    expected_folder = accuracy.DEFAULT_OUT.parent if published else accuracy.DEFAULT_OUT.parent / "smoke"
+    assert out == expected_folder / name
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out) + ".json"], cwd=ACCURACY_SCRIPT.parent)
+    if ignored.returncode not in (0, 1):
+        pytest.skip("not a git checkout: cannot ask git what it ignores")
+    assert (ignored.returncode == 0) == (not published)  # git ignores smoke results, never published ones
