@@ -23,7 +23,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
 from ._checks import check_positive_int
-from .data import MOCO_V2, blur_kernel_size
+from .data import MOCO_V2, blur_kernel_size, eval_resize_side
 
 __all__ = [
     "MoCoV2Augment",
@@ -322,7 +322,7 @@ class MoCoV2Augment(torch.nn.Module):
 
 
 def decode_transform(image_size: int = 224) -> T.Compose:
-    """PIL image -> ``(3, R, R)`` uint8 tensor, ``R = round(image_size * 256 / 224)`` (the eval
+    """PIL image -> ``(3, R, R)`` uint8 tensor, ``R = floor(image_size * 256 / 224)`` (the eval
     view's resize side; 256 for 224): what a dataset gives :class:`MoCoV2Augment` ``(image_size)``.
 
     Squaring the image changes its aspect, as the eval view's ``Resize(256)`` does not;
@@ -340,8 +340,9 @@ def decode_transform(image_size: int = 224) -> T.Compose:
 
 
 def decoded_side(image_size: int) -> int:
-    """Side of :func:`decode_transform`'s square images for views of ``image_size`` (256 for 224)."""
-    return round(image_size * 256 / 224)
+    """Side of :func:`decode_transform`'s square images for views of ``image_size``: the eval view's
+    resize side (256 for 224)."""
+    return eval_resize_side(image_size)
 
 
 def _rgb(image):

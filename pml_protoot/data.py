@@ -472,6 +472,11 @@ def moco_v2_transform(
     ])
 
 
+def eval_resize_side(image_size: int) -> int:
+    """Shorter side the eval view resizes to before its centre crop of ``image_size``: 256 for 224."""
+    return math.floor(image_size * 256 / 224)
+
+
 def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
     """Evaluation view: Resize(S * 256/224), CenterCrop(S), normalisation (Resize 256, crop 224 at S=224).
 
@@ -487,7 +492,7 @@ def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGEN
     """
     check_positive_int("image_size", image_size)
     return T.Compose([
-        T.Resize(math.floor(image_size * 256 / 224)),
+        T.Resize(eval_resize_side(image_size)),
         T.CenterCrop(image_size),
         T.ToTensor(),
         T.Normalize(mean, std),

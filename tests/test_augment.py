@@ -220,9 +220,9 @@ def test_blur_kernel_matches_the_pil_pipeline():
 def test_decode_transform_is_an_rgb_uint8_square_resized_as_pil_does(mode):
     pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode)
-    decoded = decode_transform(32)(image)  # round(32 * 256 / 224) = 37
-    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 37, 37)
-    expected = np.asarray(image.convert("RGB").resize((37, 37), Image.BILINEAR))
+    decoded = decode_transform(32)(image)  # floor(32 * 256 / 224) = 36, the eval view's Resize side
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 36, 36)
+    expected = np.asarray(image.convert("RGB").resize((36, 36), Image.BILINEAR))
     assert np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
     assert decode_transform().transforms[1].size == (256, 256)
     with pytest.raises(ValueError, match="image_size must be a positive integer"):

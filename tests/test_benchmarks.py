@@ -347,7 +347,7 @@ def test_finetune_trains_the_trunk_and_scores_the_key_encoder(accuracy, pacs_min
     assert [run["method"] for run in payload["runs"]] == ["raw features", "ProtoOT default"]
     markdown = out.with_name("finetune.md").read_text()
     assert "trained end to end" in markdown
-    assert ("MoCoV2Augment on each batch on the device, images decoded once at 37 x 37" in markdown) == (augment == "batched")
+    assert ("MoCoV2Augment on each batch on the device, images decoded once at 36 x 36" in markdown) == (augment == "batched")
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
@@ -431,13 +431,13 @@ def test_decoded_two_views_hold_each_image_once_as_uint8(accuracy, pacs_mini):
     from PIL import Image
 
     dataset = accuracy.Images(pacs_mini, 3, 32, 0, None, {}).dataset(accuracy.QUICK_PAIR)
-    decoded = accuracy.DecodedTwoViews(dataset, 32)  # decoded at round(32 * 256 / 224) = 37 px
+    decoded = accuracy.DecodedTwoViews(dataset, 32)  # decoded at floor(32 * 256 / 224) = 36 px
     assert len(decoded) == len(dataset)
     for index in (0, 4):
         (query, key), returned = decoded[index]
         assert returned == index and torch.equal(query, key)
-        assert query.dtype == torch.uint8 and query.shape == (3, 37, 37)
-        expected = np.asarray(dataset[index][0].resize((37, 37), Image.BILINEAR))
+        assert query.dtype == torch.uint8 and query.shape == (3, 36, 36)
+        expected = np.asarray(dataset[index][0].resize((36, 36), Image.BILINEAR))
         assert np.array_equal(query.permute(1, 2, 0).numpy(), expected)
 
 
