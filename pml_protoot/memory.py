@@ -107,7 +107,14 @@ class PrototypeMemory(torch.nn.Module):
 
     The IVF index is derived state, not a buffer: ``load_state_dict`` drops it and the
     next search rebuilds it from the loaded banks, so after a resume the approximate
-    neighbours can differ from those of an uninterrupted run.
+    neighbours can differ from those of an uninterrupted run. ``load_state_dict`` refuses
+    (``ValueError``) a state dict saved for another sample layout: one whose
+    ``domain_of``/``row_of`` send a global index to another domain or bank row than this
+    memory's ``domains`` (files added, removed or reordered since the checkpoint).
+
+    The module pickles (``pickle``, ``copy.deepcopy``, ``torch.save`` of the module or
+    of a loss holding it, ``torch.multiprocessing``): IVF indexes travel as faiss
+    serialisations, so an unpickled memory returns the same neighbours as the original.
 
     Many processes: with ``torch.distributed`` initialised, :meth:`fill` all-gathers keys
     and indices (every rank writes every rank's batch, so banks stay identical) and
@@ -231,9 +238,37 @@ class PrototypeMemory(torch.nn.Module):
         self.ivf_nlist = None if ivf_nlist is None else check_positive_int("ivf_nlist", ivf_nlist)
         self.ivf_nprobe = check_positive_int("ivf_nprobe", ivf_nprobe)
         self.ivf_buffer_rows = check_positive_int("ivf_buffer_rows", ivf_buffer_rows)
-        # Per-slot BankIndex: derived state, rebuilt by recluster() or on first use (not in the state_dict).
+        # Per-slot BankIndex: derived state, rebuilt by recluster() or on first use (not in the state_dict);
+        # _load_from_state_dict drops it. No lambda hook here: the module must stay picklable.
         self._bank_indexes: dict[int, BankIndex] = {}
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._bank_indexes.clear())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse a checkpoint of another sample layout, load, then drop the IVF indexes of the old banks."""
+        self._check_sample_layout(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
+
+    def _check_sample_layout(self, state_dict, prefix: str) -> None:
+        """Raise unless the checkpoint maps every global index to the domain and row the constructor's
+        ``domains`` do: loading its layout would silently re-address the user's dataset indices."""
+        names = ("domain_ids", "domain_of", "row_of")
+        if any(prefix + name not in state_dict for name in names):
+            return  # missing keys are load_state_dict's own (strict) error
+        saved_ids, saved_domain_of, saved_row_of = (state_dict[prefix + name].cpu() for name in names)
+        if len(saved_domain_of) != self.num_samples:
+            raise ValueError(
+                f"state_dict was made for another sample layout: {len(saved_domain_of)} sample indices, but this "
+                f"memory's domains give {self.num_samples} (files added or removed since the checkpoint?)"
+            )
+        own_ids = self.domain_ids.cpu()[self.domain_of.cpu()]
+        differs = (saved_ids[saved_domain_of] != own_ids) | (saved_row_of != self.row_of.cpu())
+        if differs.any():
+            raise ValueError(
+                "state_dict was made for another sample order/domain assignment (files added or reordered since "
+                f"the checkpoint?): {int(differs.sum())} of {self.num_samples} indices map to another domain or "
+                f"bank row than this memory's domains give (first: {torch.nonzero(differs).flatten()[:5].tolist()}); "
+                "build the memory with the checkpoint's domains"
+            )
 
     def _register_refresh_cache(self) -> None:
         """Buffers of the cached OT (``refresh_every > 1`` only: exact memories keep their state_dict)."""
@@ -285,6 +320,13 @@ class PrototypeMemory(torch.nn.Module):
         indices = as_index_tensor(name, indices, device=self.domain_of.device)
         check_in_range(name, indices, self.num_samples)
         return indices
+
+    def check_rows(self, name: str, rows, domain: int) -> torch.Tensor:
+        """Return bank ``rows`` of slot ``domain`` as a 1-D long tensor on the memory's device, or raise naming
+        ``name``. The range check syncs with the device exactly as :meth:`check_indices` (run by :meth:`fill`) does."""
+        rows = as_index_tensor(name, rows, device=self.row_of.device)
+        check_in_range(f"{name} (bank rows of domain slot {domain})", rows, len(self.bank(domain)))
+        return rows
 
     def split_by_domain(self, indices) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Group a batch of global indices by domain.
@@ -425,7 +467,8 @@ class PrototypeMemory(torch.nn.Module):
             ``(B,)`` long pseudo-labels in ``[0, K)``, computed before the update.
 
         Raises:
-            ValueError: bad slot, or the memory was never reclustered.
+            TypeError: ``rows`` is not an integer sequence or tensor.
+            ValueError: bad slot, ``rows`` not 1-D or outside ``[0, N_d)``, or the memory was never reclustered.
 
         Example:
             >>> import torch
@@ -438,7 +481,7 @@ class PrototypeMemory(torch.nn.Module):
         """
         domain = self._check_slot("domain", domain)
         self.check_ready()
-        rows = torch.as_tensor(rows, device=self.row_of.device)
+        rows = self.check_rows("rows", rows, domain)
         if self.refresh_every == 1:
             assignment = self.assign(domain)
             self.update_prototypes(domain, assignment)
@@ -467,11 +510,15 @@ class PrototypeMemory(torch.nn.Module):
 
         Returns:
             ``(B,)`` long pseudo-labels in ``[0, K)``.
+
+        Raises:
+            TypeError: ``rows`` is not an integer sequence or tensor.
+            ValueError: bad slot, ``rows`` not 1-D or outside ``[0, N_d)``, or the memory was never reclustered.
         """
         domain = self._check_slot("domain", domain)
         prototype_domain = self._check_slot("prototype_domain", prototype_domain)
         self.check_ready()
-        rows = torch.as_tensor(rows, device=self.row_of.device)
+        rows = self.check_rows("rows", rows, domain)
         if self._has_cached_plan(domain, prototype_domain):
             return self._plan_rows(domain, prototype_domain, self.bank(domain)[rows]).argmax(dim=1)
         return self._full_plan(domain, prototype_domain)[rows].argmax(dim=1)
@@ -499,6 +546,10 @@ class PrototypeMemory(torch.nn.Module):
         Returns:
             ``(B,)`` long bank rows on ``own_rows``' device.
 
+        Raises:
+            TypeError: bad ``anchors`` or ``own_rows`` type.
+            ValueError: bad slot, ``anchors`` not ``(B, dim)``, or ``own_rows`` not ``(B,)`` rows in ``[0, N_d)``.
+
         Example:
             >>> import torch
             >>> from pml_protoot.memory import PrototypeMemory
@@ -513,7 +564,9 @@ class PrototypeMemory(torch.nn.Module):
         """
         domain = self._check_slot("domain", domain)
         check_matrix("anchors", anchors, cols=self.dim)
-        own_rows = torch.as_tensor(own_rows, device=self.row_of.device)
+        own_rows = self.check_rows("own_rows", own_rows, domain)
+        if len(own_rows) != len(anchors):
+            raise ValueError(f"own_rows must hold one row per anchor ({len(anchors)}), got {len(own_rows)}")
         bank = self.bank(domain)
         anchors = anchors.detach()
         if not self.uses_ivf(domain):
@@ -757,6 +810,18 @@ class BankIndex:
         self.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # removal by id in O(1) per row
         self.index.add_with_ids(vectors, np.arange(num_rows, dtype=np.int64))
         self.pending = torch.zeros(0, dtype=torch.long)
+
+    def __getstate__(self) -> dict:
+        """Pickle the IVF as faiss's own serialisation: lists, direct map and ``nprobe`` exactly as they are,
+        so an unpickled index (and memory) returns the same neighbours; rebuilding would not (K-means, flushes)."""
+        state = {name: value for name, value in self.__dict__.items() if name != "_quantizer"}
+        state["index"] = faiss.serialize_index(self.index)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.index = faiss.deserialize_index(state["index"])
+        self._quantizer = None  # the deserialised IVF owns its copy of the quantizer
 
     def mark_written(self, rows: torch.Tensor, bank: torch.Tensor) -> None:
         """Move ``rows`` (just written into ``bank``) out of the IVF into the exact pending buffer."""
