@@ -21,7 +21,7 @@ LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 _LITE0_CLASSIFIER_KEYS = ("_fc.weight", "_fc.bias")
 
 
-def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_classes: int = 0):
+def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_classes: int = 0, **timm_kwargs):
     """Create any timm model as a feature trunk, optionally with local weights.
 
     With ``num_classes=0`` timm removes the classifier, so the trunk maps ``(B, 3, H, W)``
@@ -35,6 +35,9 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
             entries (``model.default_cfg["classifier"]``) are ignored when
             ``num_classes=0``, so a full timm checkpoint fits a headless trunk.
         num_classes: classifier outputs; 0 removes the classifier.
+        **timm_kwargs: further keyword arguments of ``timm.create_model``, passed on as
+            given, e.g. ``img_size=64`` or ``dynamic_img_size=True`` for a ViT, whose
+            default build only takes 224x224 images; ``drop_path_rate=0.1``.
 
     Returns:
         ``(trunk, feature_dim)``: the ``nn.Module`` and the size of its output rows
@@ -47,12 +50,16 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
             ``num_classes``, ``weights`` whose keys/shapes do not match (listed), or a
             ``weights`` file that ``torch.save`` did not write.
         FileNotFoundError: ``weights`` names a missing file.
+        TypeError: a ``timm_kwargs`` argument the model does not take (timm's message).
 
     Example:
         >>> import torch
         >>> from pml_protoot.backbones import create_trunk
         >>> trunk, dim = create_trunk("resnet18")
         >>> trunk.eval()(torch.randn(1, 3, 32, 32)).shape == (1, dim)
+        True
+        >>> vit, dim = create_trunk("vit_tiny_patch16_224", img_size=64)  # a ViT for 64x64 images
+        >>> vit.eval()(torch.randn(1, 3, 64, 64)).shape == (1, dim)
         True
     """
     if not isinstance(name, str):
@@ -62,7 +69,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:
         check_positive_int("num_classes", num_classes)
-    trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     if weights is not None:
         load_trunk_weights(trunk, weights)
     # Models with a pre-logits layer (MobileNetV3, GhostNet, ...) output head_hidden_size features
@@ -111,6 +118,18 @@ def check_model_name(name: str, argument: str = "name") -> None:
         close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
         hint = f"; similar names: {close}" if close else " (see timm.list_models())"
         raise ValueError(f"{argument} must be a timm model name, got {name!r}{hint}")
+
+
+def fixed_input_size(name: str) -> tuple[int, int] | None:
+    """``(height, width)`` that timm model ``name``, built with its default arguments, requires, else None.
+
+    Read from timm's pretrained config (``fixed_input_size``, ``input_size``) without building
+    the model. ViTs and Swin assert their input size; CNNs take any size (None).
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.fixed_input_size:
+        return None
+    return tuple(cfg.input_size[-2:])
 
 
 def load_saved(path, what: str):
@@ -169,14 +188,38 @@ def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
 
 
 def _drop_absent_classifier(trunk, state, expected):
-    """Ignore the checkpoint's classifier when the trunk was built without one (timm's rule)."""
-    classifier = getattr(trunk, "default_cfg", {}).get("classifier")
-    if not classifier or any(key.startswith(f"{classifier}.") for key in expected):
-        return state
-    dropped = [key for key in state if key.startswith(f"{classifier}.")]
+    """Ignore the checkpoint's classifier when the trunk was built without one (timm's rule).
+
+    Only keys under a classifier's module prefix that the trunk lacks entirely are dropped;
+    anything else that does not fit is left for the strict key check to report.
+    """
+    prefixes = _absent_classifier_prefixes(trunk, expected)
+    dropped = [key for key in state if key.startswith(prefixes)] if prefixes else []
     if dropped:
         logger.info("ignoring classifier weights %s for a headless trunk", dropped)
     return {key: value for key, value in state.items() if key not in dropped}
+
+
+def _absent_classifier_prefixes(trunk, expected) -> tuple[str, ...]:
+    """``"module."`` prefixes of the classifiers (``default_cfg["classifier"]``) the trunk has no keys under.
+
+    A distilled model names two classifiers (``("head", "head_dist")``). For a classifier
+    inside a head module (LeViT's ``"head.linear"``), timm's ``num_classes=0`` may remove
+    the whole head, its norm layer too (``head.bn``), so the outermost enclosing module
+    the trunk lacks is taken; a head the trunk keeps part of (``head.classifier.4`` of
+    EfficientViT-B) narrows the prefix to the classifier itself.
+    """
+    classifiers = getattr(trunk, "default_cfg", {}).get("classifier") or ()
+    if isinstance(classifiers, str):
+        classifiers = (classifiers,)
+    prefixes = []
+    for classifier in classifiers:
+        parts = classifier.split(".")
+        candidates = [".".join(parts[:end]) + "." for end in range(1, len(parts) + 1)]  # outermost first
+        absent = [prefix for prefix in candidates if not any(key.startswith(prefix) for key in expected)]
+        if absent:  # the trunk has none of this classifier's keys: it was built headless
+            prefixes.append(absent[0])
+    return tuple(prefixes)
 
 
 def convert_efficientnet_lite0_weights(src_path=None) -> "OrderedDict[str, torch.Tensor]":

@@ -62,6 +62,7 @@ from .backbones import (
     convert_efficientnet_lite0_weights,
     create_trunk,
     embedding_head,
+    fixed_input_size,
     load_saved,
     pca_init_,
     state_dict_mismatch,
@@ -408,6 +409,9 @@ def _resolve_train_config(args) -> dict:
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
+    config["image_size"] = _fit_image_size(
+        config["backbone"], args.image_size, config["image_size"], demo_training=config["data"] is None
+    )
     _warn_if_random_trunk(config, "training")
     if config["batch_size"] is None:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
@@ -420,6 +424,35 @@ def _resolve_train_config(args) -> dict:
     if config["data"] is None:
         config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
     return config
+
+
+def _fit_image_size(backbone: str, given: int | None, default: int, demo_training: bool = False) -> int:
+    """The ``--image-size`` to use: ``given`` or ``default``, checked against a fixed-size backbone.
+
+    ViTs and Swin (timm's ``fixed_input_size``) fail on any other size, deep inside the first
+    batch. An unset size then takes the backbone's, except for demo training: its 64 keeps the
+    demo quick, and a 224 trunk makes it take minutes on a CPU, so the user chooses.
+
+    Raises:
+        CommandError: before any work, naming --image-size and both sizes.
+    """
+    required = fixed_input_size(backbone)
+    size = default if given is None else given
+    if required is None or required == (size, size):
+        return size
+    height, width = required
+    takes = f"--backbone {backbone} takes only {height}x{width} images"
+    slower = " (the demo then takes minutes on a CPU)" if demo_training else ""
+    other_backbone = "pick a backbone without a fixed input size (e.g. resnet50)"
+    square = f"pass --image-size {height}{slower} or " if height == width else "no square --image-size fits it; "
+    remedy = square + other_backbone
+    if given is not None:
+        raise CommandError(f"--image-size {given} does not fit: {takes}; {remedy}")
+    if demo_training or height != width:
+        where = " for the demo" if demo_training else ""
+        raise CommandError(f"--image-size (default {default}{where}) does not fit: {takes}; {remedy}")
+    logger.info("--image-size defaults to %d, the only size --backbone %s takes", height, backbone)
+    return height
 
 
 def _warn_if_random_trunk(config: dict, doing: str) -> None:
@@ -670,7 +703,7 @@ def evaluate(args) -> dict:
         epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
     else:
         check_model_name(args.backbone, "--backbone")
-        config = {**vars(args), "seed": 0, "image_size": args.image_size or 224}
+        config = {**vars(args), "seed": 0, "image_size": _fit_image_size(args.backbone, args.image_size, 224)}
         if config["batch_size"] is None:
             config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
         _warn_if_random_trunk(config, "scoring")
@@ -712,6 +745,8 @@ def _checkpoint_config(args) -> dict:
     missing = [key for key in TRAIN_CONFIG_KEYS if key not in config]
     if missing:
         raise ValueError(f"{str(config_path)!r} is not a protoot train config: missing {missing}")
+    # the run's size fitted its backbone; a new --image-size must too
+    _fit_image_size(config["backbone"], args.image_size, config["image_size"])
     for key in ("data", "domains", "image_size", "k", "workers", "device", "threads", "quiet", "batch_size"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)

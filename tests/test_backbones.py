@@ -279,3 +279,51 @@ def test_load_trunk_weights_refuses_values_that_are_not_tensors():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match=r"must map names to tensors; not tensors: \['weight'\]"):
         load_trunk_weights(model, {"weight": [[1.0, 0.0], [0.0, 1.0]], "bias": torch.zeros(2)})
+
+
+def test_create_trunk_passes_timm_keyword_arguments_on():
+    """vit_tiny_patch16_224 takes only 224x224 images unless built with img_size or dynamic_img_size."""
+    trunk, dim = create_trunk("vit_tiny_patch16_224", img_size=64)
+    assert trunk.patch_embed.img_size == (64, 64) and dim == 192  # ViT-Tiny's width
+    dynamic, _ = create_trunk("vit_tiny_patch16_224", dynamic_img_size=True)
+    with torch.no_grad():
+        assert trunk.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+        assert dynamic.eval()(torch.randn(1, 3, 48, 80)).shape == (1, 192)
+    with pytest.raises(TypeError, match="img_size"):  # a CNN takes no image size
+        create_trunk("resnet18", img_size=64)
+
+
+# Classifiers named as a tuple (distilled models) or inside a head whose norm num_classes=0 removes too.
+FULL_CHECKPOINT_MODELS = ["deit_tiny_distilled_patch16_224", "crossvit_tiny_240", "levit_128s", "efficientvit_m0"]
+
+
+@pytest.mark.parametrize("name", FULL_CHECKPOINT_MODELS)
+def test_full_timm_checkpoint_fits_headless_trunk_of_any_classifier_layout(name, tmp_path):
+    full = timm.create_model(name, num_classes=1000).state_dict()
+    torch.save(full, tmp_path / "full.pt")
+    trunk, _ = create_trunk(name, weights=tmp_path / "full.pt")
+    loaded = trunk.state_dict()
+    assert loaded.keys() == timm.create_model(name, num_classes=0).state_dict().keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, full[key]), key
+
+
+def test_full_checkpoint_still_fails_on_keys_outside_the_classifiers(tmp_path):
+    """deit's classifiers are head. and head_dist.: head_extra and a missing block key are not theirs."""
+    state = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=1000).state_dict()
+    del state["blocks.0.norm1.weight"]
+    state["head_extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError) as info:
+        create_trunk("deit_tiny_distilled_patch16_224", weights=tmp_path / "wrong.pt")
+    assert str(info.value) == (
+        f"weights from {str(tmp_path / 'wrong.pt')!r} do not match the model: "
+        "missing keys ['blocks.0.norm1.weight']; unexpected keys ['head_extra.weight']"
+    )
+
+
+def test_full_levit_checkpoint_with_a_stray_key_lists_only_that_key(tmp_path):
+    state = timm.create_model("levit_128s", num_classes=1000).state_dict()
+    state["stem.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"do not match the model: unexpected keys \['stem.extra'\]$"):
+        load_trunk_weights(timm.create_model("levit_128s", num_classes=0), state)

@@ -575,3 +575,100 @@ def test_eval_of_a_timm_model_embeds_with_its_batch_size(batch_size, expected, t
     argv = ["eval", "--backbone", "resnet10t", "--image-size", "16", "--device", "cpu", *option, "--quiet"]
     assert run_main(argv, capsys)[0] == 0
     assert sorted(calls["trunk"]) == sorted(b for size in demo_domain_sizes() for b in batches(size, expected))
+
+
+# ------------------------------------------------------------------ backbones with a fixed input size
+
+
+def forbid_work(monkeypatch):
+    from pml_protoot import cli
+
+    for step in ("_load_dataset", "_build_encoder"):
+        monkeypatch.setattr(cli, step, lambda config: pytest.fail("started work before checking --image-size"))
+
+
+def record_image_size(monkeypatch) -> list:
+    """Stop at the model build, keeping the resolved --image-size."""
+    from pml_protoot import cli
+
+    sizes = []
+
+    def record(config):
+        sizes.append(config["image_size"])
+        raise cli.CommandError("stopped after resolving --image-size")
+
+    monkeypatch.setattr(cli, "_build_encoder", record)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--backbone", "vit_tiny_patch16_224"],  # the demo's default 64
+         "--image-size (default 64 for the demo) does not fit: --backbone vit_tiny_patch16_224 takes only 224x224 "
+         "images; pass --image-size 224 (the demo then takes minutes on a CPU) or pick a backbone without a fixed "
+         "input size (e.g. resnet50)"),
+        (["train", "--backbone", "swin_tiny_patch4_window7_224", "--image-size", "64"],
+         "--image-size 64 does not fit: --backbone swin_tiny_patch4_window7_224 takes only 224x224 images; "
+         "pass --image-size 224 (the demo then takes minutes on a CPU) or pick a backbone without a fixed input size (e.g. resnet50)"),
+        (["eval", "--backbone", "vit_small_patch16_384", "--image-size", "224"],
+         "--image-size 224 does not fit: --backbone vit_small_patch16_384 takes only 384x384 images; "
+         "pass --image-size 384 or pick a backbone without a fixed input size (e.g. resnet50)"),
+    ],
+)
+def test_image_size_that_a_fixed_size_backbone_cannot_take_is_refused_before_work(
+    argv, expected, tmp_path, capsys, monkeypatch
+):
+    forbid_work(monkeypatch)
+    status, _, err = run_main([*argv, "--epochs", "1"] if argv[0] == "train" else argv, capsys)
+    assert status == 2 and err.strip().splitlines()[-1] == f"protoot: error: {expected}"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "--backbone", "vit_small_patch16_384"], 384),  # eval's own default is 224
+        (["train", "--data", "FOLDER", "--backbone", "crossvit_tiny_240"], 240),  # a folder's default is 224
+    ],
+)
+def test_unset_image_size_takes_the_size_of_a_fixed_size_backbone(argv, expected, tmp_path, capsys, monkeypatch):
+    check_resolved_image_size(argv, expected, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "--backbone", "resnet18"], 224),  # no fixed size: the default stays
+        (["train", "--data", "FOLDER", "--backbone", "resnet18"], 224),
+        (["train", "--backbone", "resnet18"], 64),  # the demo's default
+        (["train", "--backbone", "resnet18", "--image-size", "40"], 40),  # a CNN takes any size
+        (["train", "--backbone", "vit_tiny_patch16_224", "--image-size", "224"], 224),
+    ],
+)
+def test_image_size_that_fits_the_backbone_is_kept(argv, expected, tmp_path, capsys, monkeypatch):
+    """A guard, not a reproduction: CNNs and fitting sizes pass through the fixed-size check unchanged."""
+    check_resolved_image_size(argv, expected, tmp_path, capsys, monkeypatch)
+
+
+def check_resolved_image_size(argv, expected, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "folder"
+    make_synthetic_domains(folder, num_classes=2, images_per_class=2, image_size=16)
+    sizes = record_image_size(monkeypatch)
+    argv = [str(folder) if arg == "FOLDER" else arg for arg in argv]
+    extra = ["--out", tmp_path / "out", "--epochs", "1"] if argv[0] == "train" else []
+    status, _, err = run_main([*argv, *extra, "--quiet"], capsys)
+    assert status == 2 and "stopped after resolving --image-size" in err
+    assert sizes == [expected]
+
+
+def test_eval_of_a_fixed_size_run_refuses_another_image_size(tmp_path, capsys, monkeypatch):
+    config = {"backbone": "vit_tiny_patch16_224", "pretrained": False, "weights": None, "freeze_trunk": True,
+              "seed": 0, "image_size": 224, "data": None, "domains": None, "batch_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "last.pth").write_bytes(b"")
+    forbid_work(monkeypatch)
+    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--image-size", "64"], capsys)
+    assert status == 2 and err.strip() == (
+        "protoot: error: --image-size 64 does not fit: --backbone vit_tiny_patch16_224 takes only 224x224 images; "
+        "pass --image-size 224 or pick a backbone without a fixed input size (e.g. resnet50)"
+    )
