@@ -33,7 +33,10 @@ def as_index_tensor(name: str, values, device=None) -> torch.Tensor:
 
 def check_in_range(name: str, indices: torch.Tensor, upper: int) -> None:
     """Raise unless every entry of ``indices`` lies in ``[0, upper)``."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= upper):
+    if not indices.numel():
+        return
+    smallest, largest = torch.stack(torch.aminmax(indices)).tolist()  # one device sync (it runs every step)
+    if smallest < 0 or largest >= upper:
         bad = indices[(indices < 0) | (indices >= upper)]
         raise ValueError(f"{name} must lie in [0, {upper}), got {bad[:5].tolist()}")
 
@@ -80,9 +83,9 @@ def check_non_negative_int(name: str, value) -> int:
 
 
 def _integer_phrase(low: int | None, high: int | None) -> str:
-    if high is not None:
-        return f"an integer <= {high}" if low is None else f"an integer in [{low}, {high}]"
-    return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    if high is None and low in (0, 1):
+        return "a non-negative integer" if low == 0 else "a positive integer"
+    return "an integer" + _range_phrase(low, high, strict=False)
 
 
 def _integer(value) -> int | None:
@@ -122,11 +125,16 @@ def _real(value) -> float | None:
 
 
 def _range_phrase(low, high, strict: bool) -> str:
+    """`` in [low, high]``, `` >= low``, `` <= high`` or nothing; ``(`` and ``>`` with ``strict``."""
     if low is not None and high is not None:
-        return f" in {'(' if strict else '['}{low:g}, {high:g}]"
+        return f" in {'(' if strict else '['}{_bound(low)}, {_bound(high)}]"
     if low is not None:
-        return f" {'>' if strict else '>='} {low:g}"
-    return "" if high is None else f" <= {high:g}"
+        return f" {'>' if strict else '>='} {_bound(low)}"
+    return "" if high is None else f" <= {_bound(high)}"
+
+
+def _bound(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # :g would print 2**31 - 1 as 2.14748e+09
 
 
 def check_bool(name: str, value) -> bool:
