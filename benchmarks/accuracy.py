@@ -2,7 +2,7 @@
 
 CPU protocol of DESIGN.md: the offline ImageNet EfficientNet-Lite0 trunk is frozen and run
 once (:class:`~pml_protoot.data.FeatureCache`: the eval view and ``--views`` MoCo-v2 views
-of every image, ImageNet mean/std, cached under ``benchmarks/cache/``); only ProtoOT's MLP
+of every image, normalised as timm's config of the weights says, cached under ``benchmarks/cache/``); only ProtoOT's MLP
 head 1280 -> 1280 -> ReLU -> 128 trains, through the package's public API
 (``ProtoOTTrainer`` with ``ProtoOTLoss`` or a PML loss + ``ProtoOTMiner``; scores from
 ``CrossDomainTester``, evaluating the momentum key encoder after the final epoch). Every
@@ -46,6 +46,7 @@ from multiprocessing import get_all_start_methods, get_context, set_start_method
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss, NTXentLoss
 
@@ -93,6 +94,11 @@ QUICK_PAIR = ("photo", "sketch")
 JOINT = ("art_painting", "cartoon", "photo", "sketch")
 
 BACKBONE, FEATURE_DIM, EMBEDDING_DIM = "tf_efficientnet_lite0", 1280, 128
+#: Lite0's input normalisation from timm's pretrained config, as the CLI takes it: 0.5/0.5, the
+#: TensorFlow weights' [-1, 1] scaling (ImageNet mean/std cost the weights' own classifier 6 points of
+#: top-1 on pacs-mini photos). Results files record it; those without it used ImageNet mean/std.
+NORMALISATION = {key: list(getattr(timm.models.get_pretrained_cfg(BACKBONE), key)) for key in ("mean", "std")}
+MEAN_STD = (NORMALISATION["mean"], NORMALISATION["std"])
 BATCH_PER_DOMAIN = 64
 LR, WEIGHT_DECAY = 2.5e-4, 5e-4
 TEMPERATURE = 0.2  # InfoNCE's (MoCo v2's value)
@@ -250,7 +256,7 @@ def extract_features(data, cache_dir, views, image_size, limit, device) -> tuple
     name = f"pacs_mini_lite0_{image_size}px_v{views}" + (f"_limit{limit}" if limit else "") + ".pt"
     start = time.perf_counter()
     cache = FeatureCache(
-        dataset, trunk.to(device), train_view=moco_v2_transform(image_size), eval_view=eval_transform(image_size),
+        dataset, trunk.to(device), train_view=moco_v2_transform(image_size, *MEAN_STD), eval_view=eval_transform(image_size, *MEAN_STD),
         num_views=views, path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
     )
     seconds = time.perf_counter() - start
@@ -447,7 +453,7 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     build = ALL_METHODS[method]
     recipe = None if build is None else build(dataset.domain_ids, epochs)
     eval_images = copy.copy(dataset)
-    eval_images.transform = eval_transform(images.image_size)
+    eval_images.transform = eval_transform(images.image_size, *MEAN_STD)
     eval_sets = {domain: eval_images.subset(domain) for domain in train_domains}
     if recipe is None:
         return Finetuned(None, eval_sets, trunk.to(device), None, {})
@@ -459,9 +465,9 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
     if images.augment == "batched":
         training_set = images.decoded(train_domains)
-        batch_transform, loader_workers = MoCoV2Augment(images.image_size).to(device), 0
+        batch_transform, loader_workers = MoCoV2Augment(images.image_size, *MEAN_STD).to(device), 0
     else:
-        views = moco_v2_transform(images.image_size)
+        views = moco_v2_transform(images.image_size, *MEAN_STD)
         training_set, batch_transform, loader_workers = TwoViewDataset(dataset, views, views), None, images.workers
     trainer = ProtoOTTrainer(
         {"trunk": trunk.to(device), "embedder": head.to(device)},
@@ -577,16 +583,25 @@ def augment_phrase(config: dict) -> str:
     return f"MoCoV2Augment on each batch on the device, images decoded once at {side} x {side}"
 
 
+def normalisation_phrase(config: dict) -> str:
+    normalisation = config.get("normalisation")  # absent from results written before it was recorded
+    if normalisation is None:
+        return "ImageNet mean/std"
+    return f"mean {normalisation['mean']} / std {normalisation['std']}"
+
+
 def protocol_sentence(config: dict) -> str:
     """How the trunk and the head were trained (the start of the markdown's protocol paragraph)."""
     if config.get("finetune"):
         return (
-            f"Protocol: ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std) and head "
+            f"Protocol: ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, {normalisation_phrase(config)}) "
+            "and head "
             f"1280 -> 1280 -> ReLU -> 128 trained end to end on fresh MoCo-v2 views of the images ({augment_phrase(config)}; "
             f"autocast {config['amp']}; no domain centring, which needs a frozen trunk), "
         )
     return (
-        f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, ImageNet mean/std), features "
+        f"Protocol: frozen ImageNet EfficientNet-Lite0 trunk ({config['image_size']} px, {normalisation_phrase(config)}), "
+        "features "
         f"of the eval view and {config['views']} MoCo-v2 views cached once; head 1280 -> 1280 -> ReLU -> 128 trained "
     )
 
@@ -742,7 +757,14 @@ def merged(payloads: list[dict], methods) -> dict:
     """One payload holding the runs of ``methods`` from every one of ``payloads`` (same protocol,
     e.g. other seeds, or a rerun of some rows: a later payload's run replaces an earlier one of the
     same method, training domains and seed); its command and machine list the sources', its wall time
-    is their sum."""
+    is their sum.
+
+    Raises:
+        SystemExit: the payloads were made with different protocols (see ``PROTOCOL``).
+    """
+    for payload in payloads[1:]:
+        if differing := protocol_differences(payloads[0]["config"], payload["config"]):
+            raise SystemExit(f"--merge: results made with other settings cannot be merged ({differing})")
     present = {m for p in payloads for m in p["config"]["methods"]}
     config = dict(payloads[0]["config"])
     config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
@@ -773,7 +795,9 @@ def latest_runs(payloads: list[dict], methods) -> dict:
 
 
 #: Settings that change what a run measures: ``--resume`` only continues a file made with the same ones.
-PROTOCOL = ("epochs", "finetune", "image_size", "views", "limit_per_domain", "amp", "augment", "cross_domain_start")
+PROTOCOL = (
+    "epochs", "finetune", "image_size", "views", "limit_per_domain", "amp", "augment", "cross_domain_start", "normalisation",
+)
 
 
 def resumed(out: Path, config: dict) -> dict | None:
@@ -787,12 +811,17 @@ def resumed(out: Path, config: dict) -> dict | None:
         logger.info("--resume: no %s yet, running every task", path)
         return None
     previous = json.loads(path.read_text())
-    differing = {key: (previous["config"].get(key), config[key]) for key in PROTOCOL
-                 if previous["config"].get(key) != config[key]}
-    if differing:
-        settings = "; ".join(f"{key} {was!r} there, {now!r} here" for key, (was, now) in differing.items())
-        raise SystemExit(f"--resume: {path} was made with other settings ({settings}); pass them, or another --out")
+    if differing := protocol_differences(previous["config"], config):
+        raise SystemExit(f"--resume: {path} was made with other settings ({differing}); pass them, or another --out")
     return previous
+
+
+def protocol_differences(there: dict, here: dict) -> str:
+    """The ``PROTOCOL`` settings in which two results' configs differ, as ``"key X there, Y here; ..."``
+    (empty when none do)."""
+    return "; ".join(
+        f"{key} {there.get(key)!r} there, {here.get(key)!r} here" for key in PROTOCOL if there.get(key) != here.get(key)
+    )
 
 
 def remaining(tasks: list[tuple], previous: dict | None) -> list[tuple]:
@@ -844,6 +873,7 @@ def main(argv=None) -> dict:
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
         "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
+        "normalisation": NORMALISATION,
     }
     previous = resumed(out, config) if args.resume else None
     todo = remaining(tasks, previous)

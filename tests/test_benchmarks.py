@@ -77,6 +77,25 @@ def test_feature_cache_is_reused(accuracy, pacs_mini, tmp_path):
     assert (first.eval == second.eval).all() and (first.views == second.views).all()
 
 
+def test_cached_features_are_the_trunk_on_images_normalised_as_timms_config_says(accuracy, pacs_mini, tmp_path):
+    """The frozen trunk sees images as the CLI feeds them (timm's pretrained config of Lite0), not ImageNet
+    mean/std, and the results record it."""
+    import timm
+    import torch
+
+    from pml_protoot import MultiDomainImageFolder, create_trunk, eval_transform
+
+    features, _ = accuracy.extract_features(pacs_mini, tmp_path, 2, 32, 2, "cpu")
+    trunk, _ = create_trunk(accuracy.BACKBONE, weights=accuracy.convert_efficientnet_lite0_weights())
+    config = timm.data.resolve_data_config(model=trunk)
+    images = accuracy.limit_per_domain(MultiDomainImageFolder(pacs_mini, accuracy.JOINT), 2)
+    view = eval_transform(32, config["mean"], config["std"])
+    with torch.no_grad():
+        expected = trunk.eval()(torch.stack([view(images[i][0]) for i in range(len(images))]))
+    torch.testing.assert_close(features.eval, expected, rtol=1e-4, atol=1e-4)
+    assert accuracy.NORMALISATION == {"mean": list(config["mean"]), "std": list(config["std"])}
+
+
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
 def test_raw_features_score_as_a_brute_force_search(accuracy, pacs_mini, tmp_path):
     """P@1 of the untrained method equals a plain nearest-neighbour loop over cosine similarities.
@@ -175,6 +194,17 @@ def test_merge_keeps_the_chosen_methods_runs_of_every_file(accuracy, tmp_path):
     assert [(run["method"], run["seed"]) for run in rerun["runs"]] == [("m", 0), ("other", 0), ("m", 1), ("other", 1)]
     assert [run["directions"] for run in rerun["runs"] if run["method"] == "other"] == [{"x->y": {"P@15": 0.9}}] * 2
     assert rerun["machine"] == "gpu + another gpu"
+
+
+def test_merge_refuses_results_of_another_protocol(accuracy):
+    def payload(normalisation):
+        config = {"seeds": [0], "methods": ["m"], "joint": False, "pairs": [], "normalisation": normalisation}
+        return {"command": "run", "machine": "m", "wall_time_s": 1.0, "config": config, "runs": []}
+
+    half = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert accuracy.merged([payload(half), payload(half)], ["m"])["config"]["normalisation"] == half
+    with pytest.raises(SystemExit, match="--merge: .*normalisation None there, .*0.5"):
+        accuracy.merged([payload(None), payload(half)], ["m"])
 
 
 def test_merge_lists_the_pairs_of_every_file_in_the_benchmark_order(accuracy):
@@ -420,7 +450,7 @@ def test_finetune_decodes_and_extracts_once_per_pair_for_every_method_and_seed(a
     assert len(decodes) == 1 and len(extractions) == 1 and features[0] is features[1]
     fresh_trunk, _ = accuracy.create_trunk(accuracy.BACKBONE, weights=images.weights)
     eval_images = images.dataset(accuracy.QUICK_PAIR)
-    eval_images.transform = accuracy.eval_transform(32)
+    eval_images.transform = accuracy.eval_transform(32, *accuracy.MEAN_STD)
     torch.testing.assert_close(features[0], trunk_features(fresh_trunk, eval_images, batch_size=256))
 
 
