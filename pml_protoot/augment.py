@@ -241,8 +241,9 @@ class MoCoV2Augment(torch.nn.Module):
 
     Args:
         image_size: output side ``S``.
-        mean, std: per-channel normalisation (ImageNet by default; take
-            ``timm.data.resolve_data_config(model=trunk)`` for other trunks).
+        mean, std: per-channel normalisation. ImageNet's by default, which most timm weights
+            expect; take your trunk's from ``timm.data.resolve_data_config(model=trunk)``
+            (``tf_efficientnet_lite0``, for one, wants 0.5/0.5).
 
     Shape:
         - Input: ``(B, 3, H, W)``, ``uint8`` (0–255) or float in [0, 1], any device.

