@@ -148,10 +148,10 @@ class PrototypeMemory(torch.nn.Module):
             the L2-normalised centroids, each matched to the prototype it is most similar
             to (Hungarian assignment). ``False`` (default) is the official code:
             prototypes come from K-means once, at epoch 0, and then only follow the OT
-            updates, so they keep the untrained encoder's first clustering. The reset helps
-            when that clustering is poor (with a random head it was worth +2.2 mean P@15
-            in the pacs-mini ablation, ``benchmarks/accuracy.py``); with the head started by
-            :func:`~pml_protoot.backbones.pca_init_` it cost 0.7 there (56.6 with, 57.3
+            updates, so they keep the untrained encoder's first clustering. The reset helped
+            when that clustering was poor (with a random head, +2.2 mean P@15 in an earlier
+            pacs-mini ablation, ``benchmarks/accuracy.py``); with the head started by
+            :func:`~pml_protoot.backbones.pca_init_` it changes nothing there (59.4 with and
             without; ablation row "prototypes reset every epoch").
         refresh_every: training steps of a domain between full OT refreshes (see
             above); 1 (default) is exact ProtoOT.
