@@ -95,8 +95,9 @@ JOINT = ("art_painting", "cartoon", "photo", "sketch")
 
 BACKBONE, FEATURE_DIM, EMBEDDING_DIM = "tf_efficientnet_lite0", 1280, 128
 #: Lite0's input normalisation from timm's pretrained config, as the CLI takes it: 0.5/0.5, the
-#: TensorFlow weights' [-1, 1] scaling (ImageNet mean/std cost the weights' own classifier 6 points of
-#: top-1 on pacs-mini photos). Results files record it; those without it used ImageNet mean/std.
+#: TensorFlow weights' [-1, 1] scaling (ImageNet mean/std cost the weights' own classifier 5.7 points of
+#: top-1 on pacs-mini photos: ``lite0_normalisation.py``). Results files record it; those without it used
+#: ImageNet mean/std.
 NORMALISATION = {key: list(getattr(timm.models.get_pretrained_cfg(BACKBONE), key)) for key in ("mean", "std")}
 MEAN_STD = (NORMALISATION["mean"], NORMALISATION["std"])
 BATCH_PER_DOMAIN = 64

@@ -493,13 +493,19 @@ def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monk
         assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
 
 
-def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
-    """``benchmarks/bench_augment.py`` on four images: both methods timed, the ratio reported."""
-    script = ACCURACY_SCRIPT.with_name("bench_augment.py")
-    monkeypatch.syspath_prepend(str(script.parent))  # for its ``_common`` import, as when run as a script
-    spec = importlib.util.spec_from_file_location("benchmark_bench_augment", script)
+def load_script(name: str, monkeypatch):
+    """A ``benchmarks/`` script as a module, its ``_common`` import resolved as when run as a script."""
+    script = ACCURACY_SCRIPT.with_name(f"{name}.py")
+    monkeypatch.syspath_prepend(str(script.parent))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
+    """``benchmarks/bench_augment.py`` on four images: both methods timed, the ratio reported."""
+    module = load_script("bench_augment", monkeypatch)
     written = []
     monkeypatch.setattr(module, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
     payload = module.main(["--images", "4", "--batch-size", "2", "--repeats", "1"])
@@ -524,3 +530,30 @@ def test_smoke_runs_do_not_replace_the_published_results(accuracy, arguments, pu
     if ignored.returncode not in (0, 1):
         pytest.skip("not a git checkout: cannot ask git what it ignores")
     assert (ignored.returncode == 0) == (not published)  # git ignores smoke results, never published ones
+
+
+def test_top_k_hits_finds_a_wanted_class_by_its_rank(monkeypatch):
+    import torch
+
+    module = load_script("lite0_normalisation", monkeypatch)
+    logits = torch.arange(10.0).flip(0).repeat(3, 1)  # class c ranks c + 1 in every row
+    wanted = [{0}, {3, 9}, {7}]
+    assert module.top_k_hits(logits, wanted, 1) == [True, False, False]
+    assert module.top_k_hits(logits, wanted, 5) == [True, True, False]
+
+
+def test_lite0_normalisation_scores_both_normalisations_on_every_domain(monkeypatch, pacs_mini):
+    module = load_script("lite0_normalisation", monkeypatch)
+    written = []
+    monkeypatch.setattr(module, "write_results", lambda *result, **options: written.append((result, options)) or ("j", "m"))
+    payload = module.main(["--data", str(pacs_mini), "--per-class", "1"])
+    names = list(module.normalisations())
+    assert any("0.5" in name for name in names) and "ImageNet mean/std" in names
+    domains = sorted({row["domain"] for row in payload["rows"]})
+    assert domains == sorted(p.name for p in pacs_mini.iterdir() if p.is_dir())
+    for row in payload["rows"]:
+        assert row["images"] == len(module.IMAGENET_CLASSES)  # one image of each class ImageNet has
+        assert 0 <= row["top1"] <= row["top5"] <= 1
+    ((name, written_payload, markdown), options), = written
+    assert name == "lite0_normalisation" and written_payload is payload and options == {"smoke": True}
+    assert "| photo | ImageNet mean/std | 4 |" in markdown
