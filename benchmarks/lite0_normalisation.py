@@ -66,7 +66,7 @@ def imagenet_samples(images: MultiDomainImageFolder, per_class: int | None) -> l
     kept, counts = [], {}
     for index, (_, label, slot) in enumerate(images.samples):
         key = (slot, label)
-        if images.classes[label] in IMAGENET_CLASSES and counts.get(key, 0) < (per_class or len(images)):
+        if images.classes[label] in IMAGENET_CLASSES and counts.get(key, 0) < (per_class or len(images.samples)):
             counts[key] = counts.get(key, 0) + 1
             kept.append(index)
     return kept
@@ -83,6 +83,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-class", type=int, help="images per domain and class (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.per_class is not None and args.per_class < 1:
+        parser.error(f"--per-class must be a positive number of images, got {args.per_class}")
     configure_logging()
     threads, started = pin_threads(1), time.perf_counter()
     model, views = lite0_classifier(), normalisations()
