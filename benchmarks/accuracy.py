@@ -212,6 +212,9 @@ ABLATIONS = {
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
     "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),
     "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),
+    "ProtoOTMiner (in-domain pairs) + NTXentLoss": miner_with(
+        NTXentLoss, temperature=TEMPERATURE, miner_options={"cross_domain": False}
+    ),
     "ProtoOTMiner (agreement positives) + MultiSimilarityLoss": miner_with(
         MultiSimilarityLoss, miner_options={"positives": "agreement"}
     ),

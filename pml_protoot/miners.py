@@ -64,7 +64,12 @@ class ProtoOTMiner(BaseMiner):
             prototypes; the caller writes the batch keys into it (``memory.fill``) first.
         positives: ``"instance"`` (two views of one sample only) or ``"agreement"``
             (also every mutually agreeing pair).
-        cross_domain: also mine pairs whose members come from different domains.
+        cross_domain: also mine pairs whose members come from different domains. With
+            ``positives="instance"`` those pairs can only be negatives, and they rest on the
+            OT's matching of the domains' prototypes: where it is wrong they push class-mates
+            apart. ``False`` measured more stable on pacs-mini (``NTXentLoss``, 60 epochs:
+            photo→sketch P@15 55.4 ± 1.1 over 10 seeds against 35.9 ± 7.4) at a lower mean
+            mAP (54.7 against 55.9 over the 8 paired directions).
         type_of_tuple: ``"pairs"`` returns ``(a1, p, a2, n)``; ``"triplets"`` returns
             every ``(a, p, n)`` with ``(a, p)`` positive and ``(a, n)`` negative.
         update_prototypes: after the assignments, move every involved domain's
