@@ -98,8 +98,8 @@ BACKBONE, FEATURE_DIM, EMBEDDING_DIM = "tf_efficientnet_lite0", 1280, 128
 #: TensorFlow weights' [-1, 1] scaling (ImageNet mean/std cost the weights' own classifier 5.7 points of
 #: top-1 on pacs-mini photos: ``lite0_normalisation.py``). Results files record it; those without it used
 #: ImageNet mean/std.
+#: ``{"mean": [...], "std": [...]}``: the keyword arguments of the transforms.
 NORMALISATION = {key: list(getattr(timm.models.get_pretrained_cfg(BACKBONE), key)) for key in ("mean", "std")}
-MEAN_STD = (NORMALISATION["mean"], NORMALISATION["std"])
 BATCH_PER_DOMAIN = 64
 LR, WEIGHT_DECAY = 2.5e-4, 5e-4
 TEMPERATURE = 0.2  # InfoNCE's (MoCo v2's value)
@@ -260,8 +260,8 @@ def extract_features(data, cache_dir, views, image_size, limit, device) -> tuple
     name = f"pacs_mini_lite0_{image_size}px_v{views}" + (f"_limit{limit}" if limit else "") + ".pt"
     start = time.perf_counter()
     cache = FeatureCache(
-        dataset, trunk.to(device), train_view=moco_v2_transform(image_size, *MEAN_STD), eval_view=eval_transform(image_size, *MEAN_STD),
-        num_views=views, path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
+        dataset, trunk.to(device), num_views=views,
+        train_view=moco_v2_transform(image_size, **NORMALISATION), eval_view=eval_transform(image_size, **NORMALISATION), path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
     )
     seconds = time.perf_counter() - start
     labels = torch.tensor(dataset.targets, dtype=torch.long)
@@ -457,7 +457,7 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     build = ALL_METHODS[method]
     recipe = None if build is None else build(dataset.domain_ids, epochs)
     eval_images = copy.copy(dataset)
-    eval_images.transform = eval_transform(images.image_size, *MEAN_STD)
+    eval_images.transform = eval_transform(images.image_size, **NORMALISATION)
     eval_sets = {domain: eval_images.subset(domain) for domain in train_domains}
     if recipe is None:
         return Finetuned(None, eval_sets, trunk.to(device), None, {})
@@ -469,9 +469,9 @@ def finetune_method(images: Images, train_domains, method: str, seed: int, epoch
     batch_size = BATCH_PER_DOMAIN * len(train_domains)
     if images.augment == "batched":
         training_set = images.decoded(train_domains)
-        batch_transform, loader_workers = MoCoV2Augment(images.image_size, *MEAN_STD).to(device), 0
+        batch_transform, loader_workers = MoCoV2Augment(images.image_size, **NORMALISATION).to(device), 0
     else:
-        views = moco_v2_transform(images.image_size, *MEAN_STD)
+        views = moco_v2_transform(images.image_size, **NORMALISATION)
         training_set, batch_transform, loader_workers = TwoViewDataset(dataset, views, views), None, images.workers
     trainer = ProtoOTTrainer(
         {"trunk": trunk.to(device), "embedder": head.to(device)},

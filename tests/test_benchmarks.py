@@ -450,7 +450,7 @@ def test_finetune_decodes_and_extracts_once_per_pair_for_every_method_and_seed(a
     assert len(decodes) == 1 and len(extractions) == 1 and features[0] is features[1]
     fresh_trunk, _ = accuracy.create_trunk(accuracy.BACKBONE, weights=images.weights)
     eval_images = images.dataset(accuracy.QUICK_PAIR)
-    eval_images.transform = accuracy.eval_transform(32, *accuracy.MEAN_STD)
+    eval_images.transform = accuracy.eval_transform(32, **accuracy.NORMALISATION)
     torch.testing.assert_close(features[0], trunk_features(fresh_trunk, eval_images, batch_size=256))
 
 
