@@ -141,17 +141,20 @@ def num_classes_memory(domain_ids, **options) -> PrototypeMemory:
 
 
 def protoot(domain_ids, epochs, *, official=False, momentum=None, memory_options=None, loss_options=None,
-            center_domains=None, pca_head=None):
+            center_domains=None, pca_head=None, cross_domain_start_fraction=None):
     """ProtoOTLoss; ``official`` takes the official code's preset, tau and momentum, else the package defaults.
 
     The package's default pipeline trains on domain-centred features with a head started at their principal
-    components; the official code does neither.
+    components; the official code does neither. The cross-domain term starts at the paper's point of the
+    schedule, or at ``cross_domain_start_fraction`` of ``epochs`` when given.
     """
     memory = num_classes_memory(domain_ids, **(memory_options or {}))
     loss_options = ({"temperature": OFFICIAL_TEMPERATURE} if official else {}) | (loss_options or {})
-    loss = ProtoOTLoss(
-        memory, cross_domain_start_epoch=scaled_cross_domain_start(epochs), official=official, **loss_options
-    )
+    if cross_domain_start_fraction is None:
+        start = scaled_cross_domain_start(epochs)
+    else:
+        start = int(cross_domain_start_fraction * epochs)
+    loss = ProtoOTLoss(memory, cross_domain_start_epoch=start, official=official, **loss_options)
     if momentum is None:
         momentum = OFFICIAL_MOMENTUM if official else package_default(ProtoOTTrainer, "momentum")
     if center_domains is None:
@@ -209,6 +212,19 @@ ABLATIONS = {
     "ProtoOT default, beta matched": partial(protoot, memory_options={"marginal_rule": "matched"}),
     "ProtoOT default, prototypes reset every epoch": partial(protoot, memory_options={"reset_prototypes": True}),
     "ProtoOT default, random head init": partial(protoot, pca_head=False),
+    "ProtoOT default, row-normalised scores": partial(protoot, memory_options={"normalize_scores": True}),
+    "ProtoOT default, epsilon 0.025": partial(protoot, memory_options={"epsilon": 0.025}),
+    "ProtoOT default, epsilon 0.1": partial(protoot, memory_options={"epsilon": 0.1}),
+    "ProtoOT default, tau 0.1": partial(protoot, loss_options={"temperature": 0.1}),
+    "ProtoOT default, tau 0.4": partial(protoot, loss_options={"temperature": 0.4}),
+    "ProtoOT default, tau 0.4, row-normalised scores": partial(
+        protoot, loss_options={"temperature": 0.4}, memory_options={"normalize_scores": True}
+    ),
+    "ProtoOT default, no cross-domain term": partial(protoot, loss_options={"cross_domain_weight": 0.0}),
+    "ProtoOT default, cross-domain weight 0.1": partial(protoot, loss_options={"cross_domain_weight": 0.1}),
+    "ProtoOT default, cross-domain weight 1": partial(protoot, loss_options={"cross_domain_weight": 1.0}),
+    "ProtoOT default, cross-domain from epoch 0": partial(protoot, cross_domain_start_fraction=0.0),
+    "ProtoOT default, cross-domain from 3/4 of epochs": partial(protoot, cross_domain_start_fraction=0.75),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
     "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),
     "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),

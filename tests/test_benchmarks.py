@@ -557,3 +557,58 @@ def test_lite0_normalisation_scores_both_normalisations_on_every_domain(monkeypa
     ((name, written_payload, markdown), options), = written
     assert name == "lite0_normalisation" and written_payload is payload and options == {"smoke": True}
     assert "| photo | ImageNet mean/std | 4 |" in markdown
+
+
+DEFAULT_ROW_CHANGES = {
+    "ProtoOT default, not centred": {"center_domains": False},
+    "ProtoOT default, momentum 0.999": {"momentum": 0.999},
+    "ProtoOT default, K = 14": {"num_prototypes": 14},
+    "ProtoOT default, beta official": {"marginal_rule": "official"},
+    "ProtoOT default, beta assignment": {"marginal_rule": "assignment"},
+    "ProtoOT default, beta matched": {"marginal_rule": "matched"},
+    "ProtoOT default, prototypes reset every epoch": {"reset_prototypes": True},
+    "ProtoOT default, random head init": {"pca_head": False},
+    "ProtoOT default, row-normalised scores": {"normalize_scores": True},
+    "ProtoOT default, epsilon 0.025": {"epsilon": 0.025},
+    "ProtoOT default, epsilon 0.1": {"epsilon": 0.1},
+    "ProtoOT default, tau 0.1": {"temperature": 0.1},
+    "ProtoOT default, tau 0.4": {"temperature": 0.4},
+    "ProtoOT default, tau 0.4, row-normalised scores": {"temperature": 0.4, "normalize_scores": True},
+    "ProtoOT default, no cross-domain term": {"cross_domain_weight": 0.0},
+    "ProtoOT default, cross-domain weight 0.1": {"cross_domain_weight": 0.1},
+    "ProtoOT default, cross-domain weight 1": {"cross_domain_weight": 1.0},
+    "ProtoOT default, cross-domain from epoch 0": {"cross_domain_start_epoch": 0},
+    "ProtoOT default, cross-domain from 3/4 of epochs": {"cross_domain_start_epoch": 45},  # of 60
+}
+
+
+def recipe_settings(recipe) -> dict:
+    loss, memory = recipe.loss, recipe.memory
+    return {
+        "temperature": loss.temperature,
+        "cross_domain_weight": loss.cross_domain_weight,
+        "cross_domain_start_epoch": loss.cross_domain_start_epoch,
+        "epsilon": memory.epsilon,
+        "normalize_scores": memory.normalize_scores,
+        "num_prototypes": memory.num_prototypes,
+        "marginal_rule": memory.marginal_rule,
+        "reset_prototypes": memory.reset_prototypes,
+        "momentum": recipe.momentum,
+        "center_domains": recipe.center_domains,
+        "pca_head": recipe.pca_head,
+    }
+
+
+def test_every_default_ablation_row_is_checked(accuracy):
+    assert set(DEFAULT_ROW_CHANGES) == {name for name in accuracy.ALL_METHODS if name.startswith("ProtoOT default, ")}
+
+
+@pytest.mark.parametrize("row", DEFAULT_ROW_CHANGES)
+def test_a_default_ablation_row_changes_only_what_its_name_says(accuracy, row):
+    import torch
+
+    domain_ids, epochs = torch.arange(2).repeat_interleave(16), 60
+    default = recipe_settings(accuracy.ALL_METHODS["ProtoOT default"](domain_ids, epochs))
+    ablated = recipe_settings(accuracy.ALL_METHODS[row](domain_ids, epochs))
+    assert default["cross_domain_start_epoch"] == 30  # the paper's 100 of 200 epochs
+    assert {key: value for key, value in ablated.items() if value != default[key]} == DEFAULT_ROW_CHANGES[row]
