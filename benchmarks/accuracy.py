@@ -214,7 +214,8 @@ ABLATIONS = {
     "ProtoOT default, random head init": partial(protoot, pca_head=False),
     "ProtoOT default, row-normalised scores": partial(protoot, memory_options={"normalize_scores": True}),
     "ProtoOT default, epsilon 0.025": partial(protoot, memory_options={"epsilon": 0.025}),
-    "ProtoOT default, epsilon 0.1": partial(protoot, memory_options={"epsilon": 0.1}),
+    "ProtoOT default, epsilon 0.05 (the paper's)": partial(protoot, memory_options={"epsilon": 0.05}),
+    "ProtoOT default, epsilon 0.2": partial(protoot, memory_options={"epsilon": 0.2}),
     "ProtoOT default, tau 0.1": partial(protoot, loss_options={"temperature": 0.1}),
     "ProtoOT default, tau 0.4": partial(protoot, loss_options={"temperature": 0.4}),
     "ProtoOT default, tau 0.4, row-normalised scores": partial(

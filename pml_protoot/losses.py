@@ -74,6 +74,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
     * nearest neighbour ranked by the key :math:`k` (default, as the paper says) or by
       the query :math:`q` (official); option ``nearest_neighbour_by``;
+    * Sinkhorn :math:`\varepsilon` as constructed (default 0.1) or the paper's 0.05
+      (official); ``memory.epsilon``;
     * Sinkhorn on raw scores :math:`M C^\top` (default) or on row-L2-normalised scores
       (official); ``memory.normalize_scores``;
     * class marginal :math:`\beta` by the memory's ``marginal_rule`` (default ``"uniform"``)
@@ -86,7 +88,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
       (official); option ``normalize_cross_negatives``.
 
     The memory settings are attributes of ``memory``: ``official=True`` sets
-    ``memory.normalize_scores = True``, ``memory.marginal_rule = "official"``,
+    ``memory.epsilon = 0.05``, ``memory.normalize_scores = True``, ``memory.marginal_rule = "official"``,
     ``memory.reset_prototypes = False`` and ``memory.neighbour_search = "exact"`` (logged
     at INFO); the default leaves the memory as constructed. Explicit
     ``nearest_neighbour_by``/``normalize_cross_negatives`` override the preset. Beyond
@@ -160,8 +162,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
     def _apply_official_memory_settings(self) -> None:
         # neighbour_search: the official code searches the whole bank at any size
-        official = {"normalize_scores": True, "marginal_rule": "official", "reset_prototypes": False,
-                    "neighbour_search": "exact"}
+        official = {"epsilon": 0.05, "normalize_scores": True, "marginal_rule": "official",
+                    "reset_prototypes": False, "neighbour_search": "exact"}
         changed = [f"memory.{name}={value!r} (was {getattr(self.memory, name)!r})"
                    for name, value in official.items() if getattr(self.memory, name) != value]
         if changed:

@@ -45,12 +45,12 @@ class ProtoOTMiner(BaseMiner):
     ``"instance"`` (the default) is instance contrast whose negatives skip every pair the
     OT pseudo-labels call same-class, so likely class-mates are never pushed apart. It is
     the default because it measured best on pacs-mini (``benchmarks/accuracy.py``, mean P@15
-    over 8 directions, 3 seeds): ``NTXentLoss`` with this miner scored 57.9 at 60 epochs,
+    over 8 directions, 3 seeds): ``NTXentLoss`` with this miner scored 57.8 at 60 epochs,
     against 31.5 for the same loss without it (and without the centring and PCA-started head
     of the miner's run; 34.4 on centred features at 30 epochs); at 30 epochs
-    ``MultiSimilarityLoss`` with the miner scored 53.8 with ``"instance"`` against 51.3 with
+    ``MultiSimilarityLoss`` with the miner scored 54.1 with ``"instance"`` against 52.5 with
     ``"agreement"``, whose pseudo-label positives (many of them wrong early in training) pull
-    different classes together, with about eight times its seed spread.
+    different classes together, with about four times its seed spread.
 
     Without ``ref_emb`` an embedding is never its own positive (PML's convention: the
     diagonal is left out; two views concatenated with equal indices do pair up). With
@@ -68,8 +68,8 @@ class ProtoOTMiner(BaseMiner):
             ``positives="instance"`` those pairs can only be negatives, and they rest on the
             OT's matching of the domains' prototypes: where it is wrong they push class-mates
             apart. ``False`` measured more stable on pacs-mini (``NTXentLoss``, 60 epochs:
-            photo→sketch P@15 55.4 ± 1.1 over 10 seeds against 35.9 ± 7.4) at a lower mean
-            mAP (54.7 against 55.9 over the 8 paired directions).
+            photo→sketch P@15 56.0 ± 1.0 over 10 seeds against 37.0 ± 6.9) at a lower mean
+            mAP (54.6 against 55.8 over the 8 paired directions).
         type_of_tuple: ``"pairs"`` returns ``(a1, p, a2, n)``; ``"triplets"`` returns
             every ``(a, p, n)`` with ``(a, p)`` positive and ``(a, n)`` negative.
         update_prototypes: after the assignments, move every involved domain's

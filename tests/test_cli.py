@@ -185,7 +185,8 @@ def test_official_preset_and_bf16_autocast_train(image_folder, tmp_path, capsys,
     assert run_main(argv, capsys)[0] == 0
     config = json.loads((out / "config.json").read_text())
     assert config["official"] and config["amp"] == "bf16"
-    assert "official=True: setting memory.normalize_scores=True" in caplog.text  # the loss got the preset
+    assert "official=True: setting memory.epsilon=0.05" in caplog.text  # the loss got the preset
+    assert "memory.normalize_scores=True" in caplog.text
     memory = torch.load(out / "last.pth", map_location="cpu", weights_only=True)["memory"]
     assert memory["prototypes"].shape[:2] == (2, 2)  # 2 domains x K = number of classes
     assert all(torch.isfinite(value).all() for value in trained_head(out).values())

@@ -17,11 +17,11 @@ DIM, K = 5, 3
 # ----------------------------------------------------------------------------- reference
 
 
-def ot_assignment(bank, prototypes, beta, normalize_scores):
+def ot_assignment(bank, prototypes, beta, normalize_scores, epsilon):
     scores = bank @ prototypes.T
     if normalize_scores:
         scores = torch.stack([row / math.sqrt(sum(float(s) ** 2 for s in row)) for row in scores])
-    return official_sinkhorn(scores, beta).to(scores.dtype)
+    return official_sinkhorn(scores, beta, epsilon).to(scores.dtype)
 
 
 def contrast(query, positive_logit, negative_logits, target, temperature):
@@ -36,7 +36,7 @@ def reference_loss(state, domains, queries, keys, labels, *, official, cross_wei
     """Loop re-implementation of the official loss; returns (total loss, updated prototypes).
 
     ``official=False`` flips exactly the documented switches: nearest neighbour by key,
-    raw Sinkhorn scores, raw cross-domain negatives. ``state`` is a memory state_dict
+    Sinkhorn epsilon 0.1 instead of 0.05 on raw scores, raw cross-domain negatives. ``state`` is a memory state_dict
     (float64, CPU); ``queries``/``keys`` are float64 and L2-normalised here.
     """
     queries = torch.stack([q / math.sqrt(float(q @ q)) for q in queries.double().cpu()])
@@ -52,8 +52,9 @@ def reference_loss(state, domains, queries, keys, labels, *, official, cross_wei
     present = sorted({slot_of[index] for index in labels})
     members = {d: [p for p, index in enumerate(labels) if slot_of[index] == d] for d in present}
     total = 0.0
+    epsilon = 0.05 if official else 0.1
     for d in present:
-        assignment = ot_assignment(banks[d], prototypes[d], betas[d], normalize_scores=official)
+        assignment = ot_assignment(banks[d], prototypes[d], betas[d], normalize_scores=official, epsilon=epsilon)
         domain_sum = 0.0
         for p in members[d]:
             q, row = queries[p], row_of[labels[p]]
@@ -69,7 +70,7 @@ def reference_loss(state, domains, queries, keys, labels, *, official, cross_wei
     if int(state["epoch"]) >= start_epoch and len(present) > 1:
         for d in present:
             others = [o for o in present if o != d]
-            targets = {o: ot_assignment(banks[d], prototypes[o], betas[d], normalize_scores=official) for o in others}
+            targets = {o: ot_assignment(banks[d], prototypes[o], betas[d], official, epsilon) for o in others}
             domain_sum = 0.0
             for p in members[d]:
                 q, row = queries[p], row_of[labels[p]]
@@ -193,7 +194,7 @@ def test_sub_losses_reduce_like_any_pml_loss(device):
 
 
 def test_presets_differ_only_in_documented_switches(device):
-    """Default preset with the four documented switches flipped equals the official preset exactly."""
+    """Default preset with the documented switches flipped equals the official preset exactly."""
     results = []
     for official in (True, False):
         memory = random_memory(TWO_DOMAINS, device=device)
@@ -201,7 +202,7 @@ def test_presets_differ_only_in_documented_switches(device):
         loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0, cross_domain_weight=0.5, official=official,
                                 **options)
         if not official:
-            memory.normalize_scores, memory.marginal_rule = True, "official"
+            memory.epsilon, memory.normalize_scores, memory.marginal_rule = 0.05, True, "official"
         embeddings, keys, labels = random_batch(BATCH, device=device)
         results.append((loss_func(embeddings, labels, ref_emb=keys), memory.prototypes.clone()))
     assert torch.equal(results[0][0], results[1][0])
@@ -214,13 +215,13 @@ def test_presets_differ_only_in_documented_switches(device):
 
 def test_official_preset_configures_the_memory_and_logs(caplog):
     memory = random_memory(TWO_DOMAINS, reset_prototypes=True)  # the preset overrides an explicit choice
-    settings = ("normalize_scores", "marginal_rule", "reset_prototypes", "neighbour_search")
-    assert [getattr(memory, name) for name in settings] == [False, "uniform", True, "auto"]
+    settings = ("epsilon", "normalize_scores", "marginal_rule", "reset_prototypes", "neighbour_search")
+    assert [getattr(memory, name) for name in settings] == [0.1, False, "uniform", True, "auto"]
     with caplog.at_level(logging.INFO, logger="pml_protoot.losses"):
         loss_func = ProtoOTLoss(memory, official=True)
-    assert [getattr(memory, name) for name in settings] == [True, "official", False, "exact"]
+    assert [getattr(memory, name) for name in settings] == [0.05, True, "official", False, "exact"]
     assert (loss_func.nearest_neighbour_by, loss_func.normalize_cross_negatives) == ("query", True)
-    assert "official=True: setting memory.normalize_scores=True (was False)" in caplog.text
+    assert "official=True: setting memory.epsilon=0.05 (was 0.1), memory.normalize_scores=True (was False)" in caplog.text
     assert "memory.reset_prototypes=False (was True)" in caplog.text
 
 

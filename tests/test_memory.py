@@ -109,7 +109,7 @@ def test_assign_equals_official_sinkhorn(dtype, normalize_scores, domain, protot
     scores = memory.bank(domain).double().cpu() @ memory.prototypes[target].double().cpu().T
     if normalize_scores:
         scores = scores / scores.norm(dim=1, keepdim=True)
-    expected = official_sinkhorn(scores, memory.class_marginals[domain].cpu())
+    expected = official_sinkhorn(scores, memory.class_marginals[domain].cpu(), memory.epsilon)
     assignment = memory.assign(domain, prototype_domain)
     assert assignment.dtype == dtype and assignment.device.type == torch.device(device).type
     torch.testing.assert_close(assignment.double().cpu(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
@@ -203,7 +203,8 @@ def test_assignment_rule_is_column_mass_of_current_assignment():
     memory.recluster(epoch=0)
     before = memory.class_marginals.clone()
     expected = [
-        official_sinkhorn(memory.bank(slot) @ memory.prototypes[slot].T, before[slot]).sum(0) / len(memory.bank(slot))
+        official_sinkhorn(memory.bank(slot) @ memory.prototypes[slot].T, before[slot], memory.epsilon).sum(0)
+        / len(memory.bank(slot))
         for slot in range(2)
     ]
     memory.recluster(epoch=1)

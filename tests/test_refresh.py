@@ -23,9 +23,9 @@ def unit_keys(count, seed, dtype=torch.float32):
 
 
 def ready_memory(refresh_every, dtype, device, seed=0, **options):
-    memory = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, refresh_every=refresh_every, **options).to(
-        device=device, dtype=dtype
-    )
+    memory = PrototypeMemory(
+        DOMAINS, DIM, K, kmeans_nredo=1, epsilon=EPSILON, refresh_every=refresh_every, **options
+    ).to(device=device, dtype=dtype)
     memory.fill(unit_keys(len(DOMAINS), seed, dtype).to(device), torch.arange(len(DOMAINS)))
     memory.recluster(epoch=0)
     return memory
