@@ -277,8 +277,10 @@ def extract_features(data, cache_dir, views, image_size, limit, device) -> tuple
     name = f"pacs_mini_lite0_{image_size}px_v{views}" + (f"_limit{limit}" if limit else "") + ".pt"
     start = time.perf_counter()
     cache = FeatureCache(
-        dataset, trunk.to(device), num_views=views,
-        train_view=moco_v2_transform(image_size, **NORMALISATION), eval_view=eval_transform(image_size, **NORMALISATION), path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
+        dataset, trunk.to(device),
+        train_view=moco_v2_transform(image_size, **NORMALISATION),
+        eval_view=eval_transform(image_size, **NORMALISATION),
+        num_views=views, path=Path(cache_dir) / name, batch_size=64, device=device, seed=0,
     )
     seconds = time.perf_counter() - start
     labels = torch.tensor(dataset.targets, dtype=torch.long)

@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "wall_seconds": time.perf_counter() - started,
         "imagenet_classes": {name: list(ids) for name, ids in IMAGENET_CLASSES.items()}, "rows": rows,
     }
-    json_path, md_path = write_results("lite0_normalisation", payload, report(payload), smoke=args.per_class is not None)
+    smoke = args.per_class is not None
+    json_path, md_path = write_results("lite0_normalisation", payload, report(payload), smoke=smoke)
     print(report(payload))
     logger.info("wrote %s and %s", json_path, md_path)
     return payload

@@ -545,7 +545,9 @@ def test_top_k_hits_finds_a_wanted_class_by_its_rank(monkeypatch):
 def test_lite0_normalisation_scores_both_normalisations_on_every_domain(monkeypatch, pacs_mini):
     module = load_script("lite0_normalisation", monkeypatch)
     written = []
-    monkeypatch.setattr(module, "write_results", lambda *result, **options: written.append((result, options)) or ("j", "m"))
+    monkeypatch.setattr(
+        module, "write_results", lambda *result, **options: written.append((result, options)) or ("j", "m")
+    )
     payload = module.main(["--data", str(pacs_mini), "--per-class", "1"])
     names = list(module.normalisations())
     assert any("0.5" in name for name in names) and "ImageNet mean/std" in names

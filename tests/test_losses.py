@@ -36,8 +36,9 @@ def reference_loss(state, domains, queries, keys, labels, *, official, cross_wei
     """Loop re-implementation of the official loss; returns (total loss, updated prototypes).
 
     ``official=False`` flips exactly the documented switches: nearest neighbour by key,
-    Sinkhorn epsilon 0.1 instead of 0.05 on raw scores, raw cross-domain negatives. ``state`` is a memory state_dict
-    (float64, CPU); ``queries``/``keys`` are float64 and L2-normalised here.
+    Sinkhorn epsilon 0.1 instead of 0.05 on raw scores, raw cross-domain negatives.
+    ``state`` is a memory state_dict (float64, CPU); ``queries``/``keys`` are float64 and
+    L2-normalised here.
     """
     queries = torch.stack([q / math.sqrt(float(q @ q)) for q in queries.double().cpu()])
     keys = torch.stack([k / math.sqrt(float(k @ k)) for k in keys.double().cpu()])
@@ -221,7 +222,8 @@ def test_official_preset_configures_the_memory_and_logs(caplog):
         loss_func = ProtoOTLoss(memory, official=True)
     assert [getattr(memory, name) for name in settings] == [0.05, True, "official", False, "exact"]
     assert (loss_func.nearest_neighbour_by, loss_func.normalize_cross_negatives) == ("query", True)
-    assert "official=True: setting memory.epsilon=0.05 (was 0.1), memory.normalize_scores=True (was False)" in caplog.text
+    expected = "official=True: setting memory.epsilon=0.05 (was 0.1), memory.normalize_scores=True (was False)"
+    assert expected in caplog.text
     assert "memory.reset_prototypes=False (was True)" in caplog.text
 
 
