@@ -68,7 +68,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     optional): a Python or NumPy integer or a 0-d integer tensor (e.g. ``labels.max() + 1``), not a bool."""
     integer = _integer(value)
     if integer is None or (low is not None and integer < low) or (high is not None and integer > high):
-        raise ValueError(f"{name} must be {_integer_phrase(low, high)}, got {value!r}")
+        raise ValueError(f"{name} must be {integer_phrase(low, high)}, got {value!r}")
     return integer
 
 
@@ -82,10 +82,11 @@ def check_non_negative_int(name: str, value) -> int:
     return check_int(name, value, low=0)
 
 
-def _integer_phrase(low: int | None, high: int | None) -> str:
+def integer_phrase(low: int | None, high: int | None) -> str:
+    """What :func:`check_int` accepts, in words: ``a positive integer``, ``an integer in [0, 9]``."""
     if high is None and low in (0, 1):
         return "a non-negative integer" if low == 0 else "a positive integer"
-    return "an integer" + _range_phrase(low, high, strict=False)
+    return "an integer" + range_phrase(low, high, strict=False)
 
 
 def _integer(value) -> int | None:
@@ -111,7 +112,7 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     above_low = low is None or number > low or (not strict and number == low)
     if not (math.isfinite(number) and above_low and (high is None or number <= high)):
-        raise ValueError(f"{name} must be a finite number{_range_phrase(low, high, strict)}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{range_phrase(low, high, strict)}, got {value!r}")
     return number
 
 
@@ -124,7 +125,7 @@ def _real(value) -> float | None:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
-def _range_phrase(low, high, strict: bool) -> str:
+def range_phrase(low, high, strict: bool) -> str:
     """`` in [low, high]``, `` >= low``, `` <= high`` or nothing; ``(`` and ``>`` with ``strict``."""
     if low is not None and high is not None:
         return f" in {'(' if strict else '['}{_bound(low)}, {_bound(high)}]"

@@ -40,9 +40,9 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -55,6 +55,7 @@ import timm
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ._checks import check_int, check_number, integer_phrase, range_phrase
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
@@ -159,32 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
         "(pca_init_; default on; the official code starts it at random)",
     )
     training.add_argument(
-        "--views", type=_int_in_range(2), default=4,
+        "--views", type=_integer_option(2), default=4,
         help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
     )
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
-    training.add_argument("--epochs", type=_int_in_range(1), help=_defaults_help("epochs"))
+    training.add_argument("--epochs", type=_integer_option(1), help=_defaults_help("epochs"))
     training.add_argument(
-        "--batch-size", type=_int_in_range(1),
+        "--batch-size", type=_integer_option(1),
         help=f"images per step, all domains together, and per trunk call when embedding for evaluation "
         f"(default: {DEMO_DEFAULTS['batch_size']} for the demo, {FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
     )
     training.add_argument(
-        "--num-prototypes", type=_int_in_range(1), help="K per domain (default: number of classes)"
+        "--num-prototypes", type=_integer_option(1), help="K per domain (default: number of classes)"
     )
     training.add_argument(
-        "--lr", type=_number("a positive number", lambda x: x > 0),
+        "--lr", type=_number_option(low=0, strict=True),
         help=f"Adam (amsgrad) learning rate ({_defaults_help('lr')})",
     )
     training.add_argument(
-        "--weight-decay", type=_number("a number >= 0", lambda x: x >= 0), default=5e-4,
+        "--weight-decay", type=_number_option(low=0), default=5e-4,
         help="Adam weight decay (default: 5e-4)",
     )
     training.add_argument(
-        "--momentum", type=_number("a number in [0, 1]", lambda x: 0 <= x <= 1),
+        "--momentum", type=_number_option(low=0, high=1),
         help=f"EMA momentum of the key encoder ({_defaults_help('momentum')}; the paper's 0.999 measured worse)",
     )
-    training.add_argument("--cross-domain-start", type=_int_in_range(0), help="first epoch (0-based) of the "
+    training.add_argument("--cross-domain-start", type=_integer_option(0), help="first epoch (0-based) of the "
                           "cross-domain term (default: half of --epochs, as the paper's 100 of 200)")
     training.add_argument(
         "--official", action="store_true",
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "decode) or the PIL pipeline in --workers processes (default on CPU)",
     )
     training.add_argument(
-        "--seed", type=_int_in_range(*SEED_RANGE), default=0,
+        "--seed", type=_integer_option(*SEED_RANGE), default=0,
         help=f"seed of every random number generator (an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; default: 0)",
     )
     training.add_argument(
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(eval_parser)
     _add_model_options(eval_parser)
     eval_parser.add_argument(
-        "--batch-size", type=_int_in_range(1),
+        "--batch-size", type=_integer_option(1),
         help="images per trunk call when embedding (default: the checkpoint's training --batch-size, with which "
         f"its run embedded them, so that its numbers are reproduced; {BACKBONE_EVAL_BATCH_SIZE} with --backbone)",
     )
@@ -225,17 +226,17 @@ def _add_data_options(parser) -> None:
     group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
     group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
     group.add_argument(
-        "--image-size", type=_int_in_range(1),
+        "--image-size", type=_integer_option(1),
         help=f"side of the square images the trunk sees (at least {DEMO_MIN_IMAGE_SIZE} for the demo)",
     )
-    group.add_argument("--k", type=_int_in_range(1), nargs="+", default=[1, 5, 15], help="P@k values to report")
-    group.add_argument("--workers", type=_int_in_range(0), default=0, help="DataLoader worker processes")
+    group.add_argument("--k", type=_integer_option(1), nargs="+", default=[1, 5, 15], help="P@k values to report")
+    group.add_argument("--workers", type=_integer_option(0), default=0, help="DataLoader worker processes")
     group.add_argument(
         "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where available)",
     )
     group.add_argument(
-        "--threads", type=_int_in_range(1), help="CPU threads for torch and faiss (default: torch's, which follows "
+        "--threads", type=_integer_option(1), help="CPU threads for torch and faiss (default: torch's, which follows "
         "OMP_NUM_THREADS); on a busy machine 1 can be several times faster",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings only; no feature-extraction or evaluation progress bars")
@@ -249,35 +250,28 @@ def _defaults_help(name: str) -> str:
 # Option types: argparse then names the option in its error ("argument --lr: ..."), before any work.
 
 
-def _int_in_range(low: int, high: int | None = None):
-    """Type of an integer option in ``[low, high]`` (no upper bound when ``high`` is None)."""
-    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+def _checked_option(convert, check, expected: str):
+    """An argparse ``type``: ``check("value", convert(text))``, any failure reported as ``expected``."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+            return check("value", convert(text))
+        except ValueError:  # from convert (not a number) or from check (out of range, nan, inf)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
     parse.__name__ = expected  # argparse's fallback message uses it
     return parse
 
 
-def _number(expected: str, accept):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and accept(value)):  # nan and inf pass no range check of their own
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+def _integer_option(low: int, high: int | None = None):
+    """Type of an integer option in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    return _checked_option(int, functools.partial(check_int, low=low, high=high), integer_phrase(low, high))
 
-    parse.__name__ = expected
-    return parse
+
+def _number_option(low: float | None = None, high: float | None = None, strict: bool = False):
+    """Type of a finite number option in ``[low, high]`` (``(low, high]`` with ``strict``)."""
+    expected = "a number" + range_phrase(low, high, strict)
+    return _checked_option(float, functools.partial(check_number, low=low, high=high, strict=strict), expected)
 
 
 def _device(text: str) -> str:

@@ -370,15 +370,17 @@ def test_hidden_folders_under_data_are_not_domains(image_folder, tmp_path, capsy
 @pytest.mark.parametrize(
     "option, value, expected",
     [
-        ("--lr", "-1", "expected a positive number, got '-1'"),
-        ("--lr", "nan", "expected a positive number, got 'nan'"),
+        ("--lr", "-1", "expected a number > 0, got '-1'"),
+        ("--lr", "nan", "expected a number > 0, got 'nan'"),
+        ("--lr", "inf", "expected a number > 0, got 'inf'"),
+        ("--lr", "0", "expected a number > 0, got '0'"),
         ("--weight-decay", "-1", "expected a number >= 0, got '-1'"),
         ("--momentum", "1.5", "expected a number in [0, 1], got '1.5'"),
         ("--views", "1", "expected an integer >= 2, got '1'"),
-        ("--num-prototypes", "0", "expected an integer >= 1, got '0'"),
-        ("--num-prototypes", "-3", "expected an integer >= 1, got '-3'"),
-        ("--cross-domain-start", "-4", "expected an integer >= 0, got '-4'"),
-        ("--epochs", "0", "expected an integer >= 1, got '0'"),
+        ("--num-prototypes", "0", "expected a positive integer, got '0'"),
+        ("--num-prototypes", "-3", "expected a positive integer, got '-3'"),
+        ("--cross-domain-start", "-4", "expected a non-negative integer, got '-4'"),
+        ("--epochs", "0", "expected a positive integer, got '0'"),
         ("--device", "tpu", "expected a torch device such as cpu, cuda or cuda:1, got 'tpu'"),
     ],
 )
@@ -477,22 +479,23 @@ def test_eval_of_a_random_timm_model_warns(tmp_path, capsys, caplog):
 
 INTEGER_OPTION_REFUSALS = [
     ("train", "--views", "1", "expected an integer >= 2, got '1'"),
-    ("train", "--epochs", "-2", "expected an integer >= 1, got '-2'"),
-    ("train", "--batch-size", "0", "expected an integer >= 1, got '0'"),
-    ("train", "--num-prototypes", "2.5", "expected an integer >= 1, got '2.5'"),
-    ("train", "--cross-domain-start", "-1", "expected an integer >= 0, got '-1'"),
+    ("train", "--epochs", "-2", "expected a positive integer, got '-2'"),
+    ("train", "--batch-size", "0", "expected a positive integer, got '0'"),
+    ("train", "--num-prototypes", "2.5", "expected a positive integer, got '2.5'"),
+    ("train", "--cross-domain-start", "-1", "expected a non-negative integer, got '-1'"),
     ("train", "--seed", "-1", "expected an integer in [0, 4294967295], got '-1'"),
     ("train", "--seed", str(2**32), f"expected an integer in [0, 4294967295], got '{2**32}'"),
     ("train", "--seed", "x", "expected an integer in [0, 4294967295], got 'x'"),
+    ("train", "--seed", "True", "expected an integer in [0, 4294967295], got 'True'"),
 ]
 for _command in ("train", "eval"):  # the data options both commands share
     INTEGER_OPTION_REFUSALS += [
-        (_command, "--image-size", "0", "expected an integer >= 1, got '0'"),
-        (_command, "--k", "0", "expected an integer >= 1, got '0'"),
-        (_command, "--workers", "-1", "expected an integer >= 0, got '-1'"),
-        (_command, "--threads", "0", "expected an integer >= 1, got '0'"),
+        (_command, "--image-size", "0", "expected a positive integer, got '0'"),
+        (_command, "--k", "0", "expected a positive integer, got '0'"),
+        (_command, "--workers", "-1", "expected a non-negative integer, got '-1'"),
+        (_command, "--threads", "0", "expected a positive integer, got '0'"),
     ]
-INTEGER_OPTION_REFUSALS.append(("eval", "--batch-size", "0", "expected an integer >= 1, got '0'"))
+INTEGER_OPTION_REFUSALS.append(("eval", "--batch-size", "0", "expected a positive integer, got '0'"))
 
 
 @pytest.mark.parametrize("command, option, value, expected", INTEGER_OPTION_REFUSALS)
