@@ -58,7 +58,9 @@ def sinkhorn(
             with autocast disabled.
         class_marginal: ``(K,)`` or ``(B, K)`` non-negative prototype masses
             :math:`\beta`, normalised to sum to 1; uniform when ``None``.
-        epsilon: entropic regularisation :math:`\varepsilon > 0`.
+        epsilon: entropic regularisation :math:`\varepsilon > 0`; the default 0.05 is the
+            paper's, as the official code uses it. ``PrototypeMemory`` passes its own
+            ``epsilon``, 0.1 by default (measured better on pacs-mini, see ``docs/differences.md``).
         iterations: number of Sinkhorn rounds (the maximum when ``tol`` is given).
         normalize_scores: L2-normalise each row of ``scores`` first, as the official
             code does (``F.normalize(M C^T, dim=1)``).
