@@ -192,6 +192,9 @@ def miner_with(loss_class, center_domains=True, pca_head=True, miner_options=Non
 
 
 CENTRED_RAW = "raw features, domain-centred"
+#: An approximate neighbour search far coarser than the defaults at scale: 1 of 8 lists probed, and a
+#: buffer of 64 rows, so most rows written since the last K-means are searched through the index too.
+COARSE_IVF = {"neighbour_search": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_buffer_rows": 64}
 #: name -> ``(domain_ids, epochs) -> Recipe``; None scores the frozen trunk's features untrained.
 METHODS = {
     "raw features": None,
@@ -226,6 +229,13 @@ ABLATIONS = {
     "ProtoOT default, cross-domain weight 1": partial(protoot, loss_options={"cross_domain_weight": 1.0}),
     "ProtoOT default, cross-domain from epoch 0": partial(protoot, cross_domain_start_fraction=0.0),
     "ProtoOT default, cross-domain from 3/4 of epochs": partial(protoot, cross_domain_start_fraction=0.75),
+    # The settings that keep large banks cheap (README "Large banks"), at pacs-mini's size: ~8 steps an
+    # epoch, so 10 steps between full OTs is over an epoch of changed keys, harsher than at scale.
+    "ProtoOT default, full OT every 10 steps": partial(protoot, memory_options={"refresh_every": 10}),
+    "ProtoOT default, coarse IVF neighbours": partial(protoot, memory_options=COARSE_IVF),
+    "ProtoOT default, full OT every 10 steps, coarse IVF neighbours": partial(
+        protoot, memory_options={"refresh_every": 10, **COARSE_IVF}
+    ),
     "InfoNCE (NTXentLoss), domain-centred": partial(instance_contrast, center_domains=True),
     "InfoNCE (NTXentLoss), momentum 0.999": partial(instance_contrast, momentum=OFFICIAL_MOMENTUM),
     "ProtoOTMiner + MultiSimilarityLoss": miner_with(MultiSimilarityLoss),

@@ -561,6 +561,7 @@ def test_lite0_normalisation_scores_both_normalisations_on_every_domain(monkeypa
     assert "| photo | ImageNet mean/std | 4 |" in markdown
 
 
+COARSE_IVF = {"neighbour_search": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_buffer_rows": 64}
 DEFAULT_ROW_CHANGES = {
     "ProtoOT default, not centred": {"center_domains": False},
     "ProtoOT default, momentum 0.999": {"momentum": 0.999},
@@ -582,6 +583,9 @@ DEFAULT_ROW_CHANGES = {
     "ProtoOT default, cross-domain weight 1": {"cross_domain_weight": 1.0},
     "ProtoOT default, cross-domain from epoch 0": {"cross_domain_start_epoch": 0},
     "ProtoOT default, cross-domain from 3/4 of epochs": {"cross_domain_start_epoch": 45},  # of 60
+    "ProtoOT default, full OT every 10 steps": {"refresh_every": 10},
+    "ProtoOT default, coarse IVF neighbours": COARSE_IVF,
+    "ProtoOT default, full OT every 10 steps, coarse IVF neighbours": {"refresh_every": 10, **COARSE_IVF},
 }
 
 
@@ -596,6 +600,11 @@ def recipe_settings(recipe) -> dict:
         "num_prototypes": memory.num_prototypes,
         "marginal_rule": memory.marginal_rule,
         "reset_prototypes": memory.reset_prototypes,
+        "refresh_every": memory.refresh_every,
+        "neighbour_search": memory.neighbour_search,
+        "ivf_nlist": memory.ivf_nlist,
+        "ivf_nprobe": memory.ivf_nprobe,
+        "ivf_buffer_rows": memory.ivf_buffer_rows,
         "momentum": recipe.momentum,
         "center_domains": recipe.center_domains,
         "pca_head": recipe.pca_head,
