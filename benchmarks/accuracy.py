@@ -13,6 +13,7 @@ all four domains jointly (12 directions). Metrics: ProtoOT's P@1/5/15/50 and ful
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py                 # full run, 3 seeds
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick         # one pair, one seed
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --holdout       # scored on images the heads never saw
     python benchmarks/accuracy.py --finetune --device cuda          # trunk trained end to end (GPU)
 
 ``--finetune`` is the same protocol with the trunk unfrozen: no feature cache, every step
@@ -22,6 +23,12 @@ DataLoader workers, which left an H200 waiting on the CPU), the trunk and head t
 together from the same ImageNet weights (one Adam over both, bf16 autocast on CUDA), and
 the key encoder's trunk + head are scored on eval-view images. Domain centring needs
 fixed trunk features, so no method centres end to end.
+
+``--holdout`` asks whether a head carries over to images it was not trained on, as when a
+collection is indexed after training: heads train on a fixed half of each (domain, class)'s
+images (the same half for every method and seed) and are scored on the other half, centred
+by the training half's domain means. Without it, as in the paper, heads train on every
+image, without labels, and are scored on the same images.
 
 Add a row (e.g. an ablation) by adding an entry to ``METHODS`` or ``ABLATIONS``: a function
 ``(domain_ids, epochs) -> Recipe``.
@@ -40,7 +47,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing import get_all_start_methods, get_context, set_start_method
 from pathlib import Path
@@ -86,6 +93,8 @@ DATA = BENCHMARKS.parents[1] / "shared" / "data" / "pacs-mini"
 CACHE_DIR = BENCHMARKS / "cache"
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini"
 FINETUNE_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_finetune"
+HOLDOUT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_holdout"
+HOLDOUT_SEED = 0  # the --holdout split's, the same for every run seed
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 #: The paper's PACS pairs; each is trained once and scored in both directions.
@@ -261,6 +270,19 @@ class Features:
     labels: torch.Tensor  # (N,)
     eval: torch.Tensor  # (N, F)
     views: torch.Tensor  # (V, N, F)
+    trained: torch.Tensor | None = None  # (N,) bool: the images heads train on (--holdout); None: every image
+
+
+def holdout_split(features: Features, seed: int = HOLDOUT_SEED) -> Features:
+    """``features`` whose heads train on a random half (rounded down) of each (domain, class)'s images and are
+    scored on the rest; the split depends on ``seed`` only."""
+    generator = torch.Generator().manual_seed(seed)
+    trained = torch.zeros(len(features.labels), dtype=torch.bool)
+    groups = features.domain_ids * (int(features.labels.max()) + 1) + features.labels
+    for group in groups.unique():
+        members = torch.nonzero(groups == group).flatten()
+        trained[members[torch.randperm(len(members), generator=generator)[: len(members) // 2]]] = True
+    return replace(features, trained=trained)
 
 
 def limit_per_domain(dataset: MultiDomainDataset, limit: int) -> MultiDomainDataset:
@@ -317,7 +339,7 @@ class FittedMethod:
 
     model: torch.nn.Module  # the trained head, or the identity for untrained features
     recipe: Recipe | None  # None for untrained features
-    rows: torch.Tensor  # (N,) indices into ``Features`` of the training domains' images
+    rows: torch.Tensor  # (N,) indices into ``Features`` of the scored images (with --holdout, the untrained half)
     eval_features: torch.Tensor  # (N, F) their eval features, domain-centred when the method centres
     labels: torch.Tensor  # (N,)
     domain_ids: torch.Tensor  # (N,) position of each image's domain in ``train_domains``
@@ -379,22 +401,33 @@ class DecodedTwoViews(torch.utils.data.Dataset):
 
 
 def fit_method(features: Features, train_domains, method: str, seed: int, epochs: int, device) -> FittedMethod:
-    """Train ``method`` on ``train_domains`` (or not, for raw features): what :func:`run_method` scores."""
+    """Train ``method`` on ``train_domains`` (or not, for raw features): what :func:`run_method` scores.
+
+    Trains on the images ``features.trained`` marks and scores the others (``--holdout``), or trains on and
+    scores every image of ``train_domains`` when it is None.
+    """
     slots = [features.domains.index(name) for name in train_domains]
     rows = torch.cat([torch.nonzero(features.domain_ids == slot).flatten() for slot in slots])
     domain_ids = torch.cat([torch.full((int((features.domain_ids == s).sum()),), i) for i, s in enumerate(slots)])
-    eval_features, labels, views = features.eval[rows], features.labels[rows], features.views[:, rows]
+    trained = torch.ones(len(rows), dtype=torch.bool) if features.trained is None else features.trained[rows]
+    scored = trained if features.trained is None else ~trained
+    train_ids, eval_features = domain_ids[trained], features.eval[rows[trained]]
+    views = features.views[:, rows[trained]]
+    scored_ids, scored_features = domain_ids[scored], features.eval[rows[scored]]
     seed_everything(seed)
     build = ALL_METHODS[method]
-    recipe = None if build is None else build(domain_ids, epochs)
+    recipe = None if build is None else build(train_ids, epochs)
     if method == CENTRED_RAW or (recipe is not None and recipe.center_domains):
-        means = domain_means(eval_features, domain_ids)[domain_ids]
-        eval_features, views = eval_features - means, views - means
+        means = domain_means(eval_features, train_ids)  # the training images', as a user would have them
+        eval_features, views = eval_features - means[train_ids], views - means[train_ids]
+        scored_features = scored_features - means[scored_ids]
     if recipe is None:
         model, training_s = torch.nn.Identity(), {}
     else:
-        model, training_s = train_head(recipe, views, eval_features, domain_ids, seed, epochs, device)
-    return FittedMethod(model.to(device), recipe, rows, eval_features, labels, domain_ids, training_s)
+        model, training_s = train_head(recipe, views, eval_features, train_ids, seed, epochs, device)
+    return FittedMethod(
+        model.to(device), recipe, rows[scored], scored_features, features.labels[rows[scored]], scored_ids, training_s
+    )
 
 
 def run_method(source: Features | Images, train_domains, method: str, seed: int, epochs: int, device) -> dict:
@@ -697,6 +730,13 @@ def markdown(payload: dict) -> str:
         + ", ".join(f"{m} {v}" for m, v in config["momentum"].items() if v is not None) + ". "
         + head_init_sentence(config) + "\n",
     ]
+    if setting(config, "holdout"):
+        lines.append(
+            "Held out: each head trained on a fixed half (rounded down) of every domain's images of each class "
+            f"(split seed {HOLDOUT_SEED}, the same for every method and seed) and was scored on the other half only, "
+            "which it never saw; centring used the training half's domain means. The scored sets are half the "
+            "size of the main table's, so P@50 reaches further down each class.\n"
+        )
     if any("phase_s" in run for run in runs):  # results written before phase_s existed have none
         lines.append(phase_sentence(runs, methods))
     if config.get("note"):
@@ -762,6 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=8, help="--finetune: DataLoader processes")
     parser.add_argument(
+        "--holdout", action="store_true",
+        help="train the heads on a fixed half of each domain's images of each class, score them on the other half "
+        "(frozen trunk only)",
+    )
+    parser.add_argument(
         "--augment", choices=["batched", "pil"], default="batched",
         help="--finetune: MoCo-v2 views by MoCoV2Augment on the device (images decoded once) or by PIL in workers",
     )
@@ -770,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
-        f"{FINETUNE_OUT.name} with --finetune, under benchmarks/results; under results/smoke/ with --quick "
+        f"{FINETUNE_OUT.name} with --finetune, {HOLDOUT_OUT.name} with --holdout, under benchmarks/results; under "
+        "results/smoke/ with --quick "
         "or --limit-per-domain)"
     )
     parser.add_argument("--note", default="", help="a remark for the markdown (e.g. why the epoch count)")
@@ -830,7 +876,10 @@ def latest_runs(payloads: list[dict], methods) -> dict:
 #: Settings that change what a run measures: ``--resume`` only continues a file made with the same ones.
 PROTOCOL = (
     "epochs", "finetune", "image_size", "views", "limit_per_domain", "amp", "augment", "cross_domain_start", "normalisation",
+    "holdout",
 )
+#: What a setting recorded later means in results written before it.
+PROTOCOL_ABSENT = {"holdout": False}
 
 
 def resumed(out: Path, config: dict) -> dict | None:
@@ -853,8 +902,14 @@ def protocol_differences(there: dict, here: dict) -> str:
     """The ``PROTOCOL`` settings in which two results' configs differ, as ``"key X there, Y here; ..."``
     (empty when none do)."""
     return "; ".join(
-        f"{key} {there.get(key)!r} there, {here.get(key)!r} here" for key in PROTOCOL if there.get(key) != here.get(key)
+        f"{key} {setting(there, key)!r} there, {setting(here, key)!r} here"
+        for key in PROTOCOL if setting(there, key) != setting(here, key)
     )
+
+
+def setting(config: dict, key: str):
+    """``config[key]``, or what its absence means (``PROTOCOL_ABSENT``; None for the others)."""
+    return config.get(key, PROTOCOL_ABSENT.get(key))
 
 
 def remaining(tasks: list[tuple], previous: dict | None) -> list[tuple]:
@@ -866,7 +921,7 @@ def remaining(tasks: list[tuple], previous: dict | None) -> list[tuple]:
 def default_out(args) -> Path:
     """Where results go without ``--out``: the published files, or ``results/smoke/`` for ``--quick`` and
     ``--limit-per-domain`` runs, which must not replace them."""
-    published = FINETUNE_OUT if args.finetune else DEFAULT_OUT
+    published = FINETUNE_OUT if args.finetune else HOLDOUT_OUT if args.holdout else DEFAULT_OUT
     return SMOKE_DIR / published.name if args.quick or args.limit_per_domain else published
 
 
@@ -883,6 +938,8 @@ def main(argv=None) -> dict:
         return payload
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be a positive number of processes, got {args.jobs}")
+    if args.holdout and args.finetune:
+        raise SystemExit("--holdout splits the cached features of a frozen trunk; it does not combine with --finetune")
     configure_logging()
     threads = pin_threads(1)
     pairs = [tuple(pair.split("+")) for pair in args.pairs]
@@ -900,13 +957,15 @@ def main(argv=None) -> dict:
         SOURCE, extraction_s = extract_features(
             args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
         )
+        if args.holdout:
+            SOURCE = holdout_split(SOURCE)
     tasks = make_tasks(seeds, methods, ([JOINT] if joint else []) + pairs)
     config = {
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
         "methods": methods, "views": args.views, "image_size": args.image_size, "jobs": args.jobs,
         "limit_per_domain": args.limit_per_domain, "cross_domain_start": scaled_cross_domain_start(args.epochs),
         "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
-        "normalisation": NORMALISATION,
+        "normalisation": NORMALISATION, "holdout": args.holdout,
     }
     previous = resumed(out, config) if args.resume else None
     todo = remaining(tasks, previous)

@@ -493,6 +493,75 @@ def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monk
         assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
 
 
+def synthetic_features(accuracy, per_domain):
+    """Features of the four domains, ``per_domain`` images each over 3 classes, domains far apart."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    n = per_domain * len(accuracy.JOINT)
+    domain_ids = torch.arange(len(accuracy.JOINT)).repeat_interleave(per_domain)
+    return accuracy.Features(
+        list(accuracy.JOINT), domain_ids, torch.arange(n) % 3,
+        torch.randn(n, accuracy.FEATURE_DIM, generator=generator) + 3 * domain_ids[:, None],
+        torch.randn(2, n, accuracy.FEATURE_DIM, generator=generator),
+    )
+
+
+def test_holdout_trains_on_half_of_every_domain_class_group(accuracy):
+    import torch
+
+    features = synthetic_features(accuracy, per_domain=11)  # classes of 4, 4 and 3 images a domain
+    split = accuracy.holdout_split(features)
+    assert features.trained is None and split.trained.dtype == torch.bool
+    for domain in range(len(accuracy.JOINT)):
+        for label in range(3):
+            group = (features.domain_ids == domain) & (features.labels == label)
+            assert int(split.trained[group].sum()) == int(group.sum()) // 2, (domain, label)
+    assert torch.equal(accuracy.holdout_split(features).trained, split.trained)  # fixed, whatever the run seed
+    assert not torch.equal(accuracy.holdout_split(features, seed=1).trained, split.trained)
+
+
+@pytest.mark.parametrize("method", ["ProtoOT default", "raw features, domain-centred", "raw features"])
+def test_holdout_scores_only_the_images_the_head_did_not_train_on(accuracy, monkeypatch, method):
+    import torch
+
+    features = accuracy.holdout_split(synthetic_features(accuracy, per_domain=20))  # 9 trained a domain: K = 7 fits
+    trained_on = []
+    real_train_head = accuracy.train_head
+
+    def train_head(recipe, views, eval_features, domain_ids, *args):
+        trained_on.append((eval_features, domain_ids, recipe.memory.num_samples))
+        return real_train_head(recipe, views, eval_features, domain_ids, *args)
+
+    monkeypatch.setattr(accuracy, "train_head", train_head)
+    fitted = accuracy.fit_method(features, accuracy.QUICK_PAIR, method, 0, 1, torch.device("cpu"))
+
+    slots = [accuracy.JOINT.index(name) for name in accuracy.QUICK_PAIR]
+    in_pair = torch.isin(features.domain_ids, torch.tensor(slots))
+    held_out = torch.nonzero(in_pair & ~features.trained).flatten()
+    assert sorted(fitted.rows.tolist()) == held_out.tolist()
+    assert torch.equal(fitted.labels, features.labels[fitted.rows])
+    expected = features.eval[fitted.rows].clone()
+    if method != "raw features":  # centred by the training half's domain means, written plainly
+        for position, slot in enumerate(slots):
+            training_half = in_pair & features.trained & (features.domain_ids == slot)
+            expected[fitted.domain_ids == position] -= features.eval[training_half].mean(0)
+    torch.testing.assert_close(fitted.eval_features, expected)
+    if method == "ProtoOT default":
+        (eval_features, domain_ids, bank_rows), = trained_on
+        assert bank_rows == len(eval_features) == int((in_pair & features.trained).sum())
+        trained_per_domain = [int((features.trained & (features.domain_ids == slot)).sum()) for slot in slots]
+        assert domain_ids.bincount().tolist() == trained_per_domain
+
+
+def test_holdout_is_a_protocol_setting_and_refuses_finetune(accuracy):
+    here = {"holdout": True}
+    assert "holdout False there, True here" in accuracy.protocol_differences({}, here)  # older results: not held out
+    assert accuracy.protocol_differences({}, {"holdout": False}) == ""
+    with pytest.raises(SystemExit, match="--holdout .* does not combine with --finetune"):
+        accuracy.main(["--holdout", "--finetune", "--quick"])
+
+
 def load_script(name: str, monkeypatch):
     """A ``benchmarks/`` script as a module, its ``_common`` import resolved as when run as a script."""
     script = ACCURACY_SCRIPT.with_name(f"{name}.py")
@@ -519,11 +588,12 @@ def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
 @pytest.mark.parametrize(
     "arguments, published",
     [([], True), (["--quick"], False), (["--limit-per-domain", "8"], False), (["--finetune"], True),
-     (["--finetune", "--quick"], False)],
+     (["--finetune", "--quick"], False), (["--holdout"], True), (["--holdout", "--quick"], False)],
 )
 def test_smoke_runs_do_not_replace_the_published_results(accuracy, arguments, published):
     out = accuracy.default_out(accuracy.build_parser().parse_args(arguments))
-    name = (accuracy.FINETUNE_OUT if "--finetune" in arguments else accuracy.DEFAULT_OUT).name
+    published_out = {"--finetune": accuracy.FINETUNE_OUT, "--holdout": accuracy.HOLDOUT_OUT}
+    name = next((published_out[a] for a in arguments if a in published_out), accuracy.DEFAULT_OUT).name
     expected_folder = accuracy.DEFAULT_OUT.parent if published else accuracy.DEFAULT_OUT.parent / "smoke"
     assert out == expected_folder / name
     ignored = subprocess.run(["git", "check-ignore", "-q", str(out) + ".json"], cwd=ACCURACY_SCRIPT.parent)
