@@ -216,6 +216,7 @@ METHODS = {
 ABLATIONS = {
     CENTRED_RAW: None,
     "ProtoOT default, not centred": partial(protoot, center_domains=False),
+    "ProtoOT official, momentum 0.99": partial(protoot, official=True, momentum=0.99),
     "ProtoOT official, centred, momentum 0.99": partial(protoot, official=True, momentum=0.99, center_domains=True),
     "ProtoOT default, momentum 0.999": partial(protoot, momentum=0.999),
     "ProtoOT default, K = 14": partial(protoot, memory_options={"num_prototypes": 14}),
