@@ -554,6 +554,21 @@ def test_holdout_scores_only_the_images_the_head_did_not_train_on(accuracy, monk
         assert domain_ids.bincount().tolist() == trained_per_domain
 
 
+def test_holdout_run_says_so_in_its_results(accuracy, pacs_mini, tmp_path):
+    out = tmp_path / "holdout"
+    payload = accuracy.main([
+        "--holdout", "--quick", "--epochs", "1", "--limit-per-domain", str(LIMIT_PER_DOMAIN), "--views", "2",
+        "--image-size", "32", "--data", str(pacs_mini), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+        "--methods", "raw features", "ProtoOT default",
+    ])
+    assert payload["complete"] and payload["config"]["holdout"] is True
+    assert "Held out: each head trained on a fixed half" in out.with_name("holdout.md").read_text()
+    with pytest.raises(SystemExit, match="holdout True there, False here"):  # --resume keeps the protocol
+        accuracy.main(["--quick", "--resume", "--epochs", "1", "--limit-per-domain", str(LIMIT_PER_DOMAIN),
+                       "--views", "2", "--image-size", "32", "--data", str(pacs_mini),
+                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--methods", "raw features"])
+
+
 def test_holdout_is_a_protocol_setting_and_refuses_finetune(accuracy):
     here = {"holdout": True}
     assert "holdout False there, True here" in accuracy.protocol_differences({}, here)  # older results: not held out
