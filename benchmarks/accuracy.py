@@ -230,6 +230,7 @@ ABLATIONS = {
     "ProtoOT default, epsilon 0.05 (the paper's)": partial(protoot, memory_options={"epsilon": 0.05}),
     "ProtoOT default, epsilon 0.2": partial(protoot, memory_options={"epsilon": 0.2}),
     "ProtoOT default, tau 0.1": partial(protoot, loss_options={"temperature": 0.1}),
+    "ProtoOT default, tau 0.3": partial(protoot, loss_options={"temperature": 0.3}),
     "ProtoOT default, tau 0.4": partial(protoot, loss_options={"temperature": 0.4}),
     "ProtoOT default, tau 0.4, row-normalised scores": partial(
         protoot, loss_options={"temperature": 0.4}, memory_options={"normalize_scores": True}

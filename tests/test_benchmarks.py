@@ -661,6 +661,7 @@ DEFAULT_ROW_CHANGES = {
     "ProtoOT default, epsilon 0.05 (the paper's)": {"epsilon": 0.05},
     "ProtoOT default, epsilon 0.2": {"epsilon": 0.2},
     "ProtoOT default, tau 0.1": {"temperature": 0.1},
+    "ProtoOT default, tau 0.3": {"temperature": 0.3},
     "ProtoOT default, tau 0.4": {"temperature": 0.4},
     "ProtoOT default, tau 0.4, row-normalised scores": {"temperature": 0.4, "normalize_scores": True},
     "ProtoOT default, no cross-domain term": {"cross_domain_weight": 0.0},
