@@ -98,7 +98,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` (registered as a
             submodule, so ``loss.to(device)`` moves it).
-        temperature: :math:`\tau` (0.2).
+        temperature: :math:`\tau` (0.2, the paper's). On pacs-mini 0.3 scored a higher mean mAP
+            in every protocol measured (README, accuracy section), with a wider seed spread.
         in_domain_weights: :math:`(w_1, w_2, w_3)` for key, neighbour and prototype (1, 0.5, 0.1).
         cross_domain_weight: :math:`\lambda` once active (0.01).
         cross_domain_start_epoch: first ``memory.epoch`` with the cross term (100).
