@@ -413,22 +413,20 @@ def fit_method(features: Features, train_domains, method: str, seed: int, epochs
     domain_ids = torch.cat([torch.full((int((features.domain_ids == s).sum()),), i) for i, s in enumerate(slots)])
     trained = torch.ones(len(rows), dtype=torch.bool) if features.trained is None else features.trained[rows]
     scored = trained if features.trained is None else ~trained
-    train_ids, eval_features = domain_ids[trained], features.eval[rows[trained]]
-    views = features.views[:, rows[trained]]
-    scored_ids, scored_features = domain_ids[scored], features.eval[rows[scored]]
+    train_ids, eval_features, views = domain_ids[trained], features.eval[rows], features.views[:, rows[trained]]
     seed_everything(seed)
     build = ALL_METHODS[method]
     recipe = None if build is None else build(train_ids, epochs)
     if method == CENTRED_RAW or (recipe is not None and recipe.center_domains):
-        means = domain_means(eval_features, train_ids)  # the training images', as a user would have them
-        eval_features, views = eval_features - means[train_ids], views - means[train_ids]
-        scored_features = scored_features - means[scored_ids]
+        means = domain_means(eval_features[trained], train_ids)  # the training images', as a user would have them
+        eval_features, views = eval_features - means[domain_ids], views - means[train_ids]
     if recipe is None:
         model, training_s = torch.nn.Identity(), {}
     else:
-        model, training_s = train_head(recipe, views, eval_features, train_ids, seed, epochs, device)
+        model, training_s = train_head(recipe, views, eval_features[trained], train_ids, seed, epochs, device)
     return FittedMethod(
-        model.to(device), recipe, rows[scored], scored_features, features.labels[rows[scored]], scored_ids, training_s
+        model.to(device), recipe, rows[scored], eval_features[scored], features.labels[rows[scored]],
+        domain_ids[scored], training_s,
     )
 
 

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--seed", type=_integer_option(*SEED_RANGE), default=0,
-        help=f"seed of every random number generator (an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; default: 0)",
+        help=f"seed of every random number generator ({integer_phrase(*SEED_RANGE)}; default: 0)",
     )
     training.add_argument(
         "--out", metavar="DIR", help="output folder, new or without a run in it (default: runs/protoot-<time>)"

@@ -471,28 +471,6 @@ def test_decoded_two_views_hold_each_image_once_as_uint8(accuracy, pacs_mini):
         assert np.array_equal(query.permute(1, 2, 0).numpy(), expected)
 
 
-@pytest.mark.parametrize("method,started", [("ProtoOT default", True), ("ProtoOT official", False)])
-def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monkeypatch, method, started):
-    """The default recipe calls ``pca_init_`` on the domain-centred eval features it trains on; official does not."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    n = 8 * len(accuracy.JOINT)
-    domain_ids = torch.arange(len(accuracy.JOINT)).repeat_interleave(8)
-    features = accuracy.Features(
-        list(accuracy.JOINT), domain_ids, torch.arange(n) % 7,
-        torch.randn(n, accuracy.FEATURE_DIM, generator=generator) + 3 * domain_ids[:, None],
-        torch.randn(2, n, accuracy.FEATURE_DIM, generator=generator),
-    )
-    calls = []
-    monkeypatch.setattr(accuracy, "pca_init_", lambda head, x: calls.append(x.clone()) or head)
-    fitted = accuracy.fit_method(features, accuracy.QUICK_PAIR, method, 0, 1, torch.device("cpu"))
-    assert bool(calls) == started
-    if started:
-        torch.testing.assert_close(calls[0], fitted.eval_features)  # what the head sees in training and scoring
-        assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
-
-
 def synthetic_features(accuracy, per_domain):
     """Features of the four domains, ``per_domain`` images each over 3 classes, domains far apart."""
     import torch
@@ -505,6 +483,21 @@ def synthetic_features(accuracy, per_domain):
         torch.randn(n, accuracy.FEATURE_DIM, generator=generator) + 3 * domain_ids[:, None],
         torch.randn(2, n, accuracy.FEATURE_DIM, generator=generator),
     )
+
+
+@pytest.mark.parametrize("method,started", [("ProtoOT default", True), ("ProtoOT official", False)])
+def test_package_pipeline_starts_the_head_at_the_centred_features(accuracy, monkeypatch, method, started):
+    """The default recipe calls ``pca_init_`` on the domain-centred eval features it trains on; official does not."""
+    import torch
+
+    features = synthetic_features(accuracy, per_domain=8)
+    calls = []
+    monkeypatch.setattr(accuracy, "pca_init_", lambda head, x: calls.append(x.clone()) or head)
+    fitted = accuracy.fit_method(features, accuracy.QUICK_PAIR, method, 0, 1, torch.device("cpu"))
+    assert bool(calls) == started
+    if started:
+        torch.testing.assert_close(calls[0], fitted.eval_features)  # what the head sees in training and scoring
+        assert calls[0][fitted.domain_ids == 0].mean(0).abs().max() < 1e-5  # centred per domain
 
 
 def test_holdout_trains_on_half_of_every_domain_class_group(accuracy):
