@@ -78,9 +78,10 @@ class PrototypeMemory(torch.nn.Module):
       (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
       is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
       not change since the full OT, an approximation for a new key;
-    * the prototype sums :math:`\Sigma = \tilde P^\top M_d` are updated as :meth:`fill`
+    * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
-      and :math:`C_d = \mathrm{normalise}(\Sigma)` each step.
+      and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums: they stay
+      within float16's range at any bank size).
 
     Nearest neighbours (:meth:`nearest_rows`, the loss's :math:`\mathrm{nn}` term):
     ``neighbour_search="exact"`` is brute force, :math:`O(B N_d \cdot \text{dim})`
@@ -285,7 +286,7 @@ class PrototypeMemory(torch.nn.Module):
         self.register_buffer("potentials_valid", torch.zeros(domains, domains, dtype=torch.bool))
         self.register_buffer("column_potentials", torch.zeros(domains, domains, prototypes))
         self.register_buffer("reference_prototypes", torch.zeros(domains, domains, prototypes, self.dim))
-        self.register_buffer("prototype_sums", torch.zeros(domains, prototypes, self.dim))
+        self.register_buffer("prototype_means", torch.zeros(domains, prototypes, self.dim))
 
     def _check_domain_sizes(self, domain_ids: torch.Tensor, sizes: torch.Tensor) -> None:
         if len(domain_ids) < 2:
@@ -357,7 +358,7 @@ class PrototypeMemory(torch.nn.Module):
 
         Under ``torch.distributed`` (more than one process) this is a collective: every
         rank's keys and indices are all-gathered (rank order) and written on every rank.
-        With ``refresh_every > 1`` the prototype sums follow the written rows (class docstring).
+        With ``refresh_every > 1`` the prototype means follow the written rows (class docstring).
 
         Args:
             keys: ``(B, dim)`` finite floating tensor, e.g. L2-normalised momentum-encoder keys.
@@ -376,8 +377,9 @@ class PrototypeMemory(torch.nn.Module):
             bank = self.bank(slot)
             new_keys = keys[positions.to(keys.device)].to(device=bank.device, dtype=bank.dtype)
             if self._has_cached_plan(slot, slot):
-                self.prototype_sums[slot] += self._plan_rows(slot, slot, new_keys).T @ new_keys
-                self.prototype_sums[slot] -= self._plan_rows(slot, slot, bank[rows]).T @ bank[rows]
+                change = self._plan_rows(slot, slot, new_keys).T @ new_keys
+                change -= self._plan_rows(slot, slot, bank[rows]).T @ bank[rows]
+                self.prototype_means[slot] += change / len(bank)
             bank[rows] = new_keys
             if slot in self._bank_indexes:
                 self._bank_indexes[slot].mark_written(rows, bank)
@@ -496,7 +498,7 @@ class PrototypeMemory(torch.nn.Module):
             assignment = self._full_plan(domain, domain)
             labels = assignment[rows].argmax(dim=1)
             bank = self.bank(domain)
-            self.prototype_sums[domain] = assignment.to(bank.dtype).T @ bank
+            self.prototype_means[domain] = weighted_sums(assignment, bank) / len(bank)
             # Cross-domain plans of this bank are refreshed on their next use, with the new prototypes.
             self.potentials_valid[domain] = False
             self.potentials_valid[domain, domain] = True
@@ -504,7 +506,7 @@ class PrototypeMemory(torch.nn.Module):
         else:
             labels = self._plan_rows(domain, domain, self.bank(domain)[rows]).argmax(dim=1)
             self.refresh_countdown[domain] -= 1
-        self.prototypes[domain] = F.normalize(self.prototype_sums[domain], dim=1)
+        self.prototypes[domain] = F.normalize(self.prototype_means[domain], dim=1)
         return labels
 
     def cross_pseudo_labels(self, domain: int, prototype_domain: int, rows) -> torch.Tensor:
@@ -604,8 +606,7 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         bank = self.bank(domain)
         check_matrix("assignment", assignment, rows=len(bank), cols=self.num_prototypes)
-        weighted_means = assignment.detach().to(device=bank.device, dtype=bank.dtype).T @ bank
-        self.prototypes[domain] = F.normalize(weighted_means, dim=1)
+        self.prototypes[domain] = F.normalize(weighted_sums(assignment, bank), dim=1)
 
     def recluster(self, epoch: int) -> None:
         """Run faiss K-means on every bank; set class marginals and (first call, or reset) prototypes.
@@ -657,14 +658,13 @@ class PrototypeMemory(torch.nn.Module):
 
     def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K-means of every bank on rank 0, broadcast to the other ranks (one process: just K-means)."""
-        shape = (self.num_prototypes, self.dim)
-        like_bank = dict(device=self.prototypes.device, dtype=self.prototypes.dtype)
         clusterings = []
         for slot in tqdm(range(self.num_domains), desc=f"K-means (epoch {epoch})", leave=False, disable=None):
             if get_rank() == 0:
                 centroids, sizes = self._kmeans(self.bank(slot))
             else:
-                centroids, sizes = torch.empty(shape, **like_bank), torch.empty(shape[0], **like_bank)
+                centroids = torch.empty_like(self.prototypes[slot])
+                sizes = torch.empty(self.num_prototypes, device=centroids.device, dtype=torch.float64)
             if is_distributed():
                 broadcast_(centroids)
                 broadcast_(sizes)
@@ -672,8 +672,8 @@ class PrototypeMemory(torch.nn.Module):
         return clusterings
 
     def _kmeans(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return K-means ``(K, dim)`` centroids and ``(K,)`` cluster sizes, as tensors like ``bank``."""
-        points = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+        """Return K-means ``(K, dim)`` centroids like ``bank`` and ``(K,)`` float64 cluster sizes on its device."""
+        points = _as_faiss_rows(bank)
         kmeans = faiss.Kmeans(
             self.dim,
             self.num_prototypes,
@@ -686,8 +686,9 @@ class PrototypeMemory(torch.nn.Module):
         kmeans.train(points)
         _, labels = kmeans.index.search(points, 1)
         sizes = np.bincount(labels.ravel(), minlength=self.num_prototypes)
-        as_bank = dict(device=bank.device, dtype=bank.dtype)
-        return torch.from_numpy(kmeans.centroids).to(**as_bank), torch.from_numpy(sizes).to(**as_bank)
+        # Counts stay float64: in a float16 bank's dtype they overflow past 65,504 rows.
+        centroids = torch.from_numpy(kmeans.centroids).to(device=bank.device, dtype=bank.dtype)
+        return centroids, torch.from_numpy(sizes).to(device=bank.device, dtype=torch.float64)
 
     def _class_marginal(self, slot: int, sizes=None, cluster_of_prototype=None) -> torch.Tensor:
         """``(K,)`` marginal of ``slot`` by ``marginal_rule``; the cluster-size rules need ``sizes``
@@ -718,6 +719,16 @@ class PrototypeMemory(torch.nn.Module):
         )
 
 
+def weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    r"""``(K, dim)`` :math:`P^\top M` of an ``(N, K)`` assignment and ``(N, dim)`` bank, on the bank's device.
+
+    Accumulated in float32 at least (float64 stays float64): a float16 sum of a large
+    cluster overflows past 65,504, and normalising that gives NaN prototypes.
+    """
+    dtype = torch.promote_types(bank.dtype, torch.float32)
+    return assignment.detach().to(device=bank.device, dtype=dtype).T @ bank.to(dtype)
+
+
 def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     r"""Recover the column potential :math:`g` of a Sinkhorn plan: :math:`P_n = \mathrm{softmax}(x_n + g)`.
 
@@ -734,8 +745,12 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         logits: ``(N, K)`` what Sinkhorn exponentiated, :math:`x = S/\varepsilon`.
         plan: ``(N, K)`` its output :math:`P` (rows summing to 1).
 
+    A column without a single usable entry (zero class marginal :math:`\beta_k`, or mass
+    that underflowed) gets :math:`g_k = -\infty`, so rebuilt rows give it no mass either.
+
     Returns:
-        ``(K,)`` :math:`g` with mean 0, in ``plan``'s dtype.
+        ``(K,)`` :math:`g` with mean 0 over the columns that carry mass, ``-inf`` on the others,
+        in ``plan``'s dtype.
 
     Example:
         >>> import torch
@@ -758,7 +773,9 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     laplacian = degree - edge_weight - edge_weight.T
     rhs = edge_sum.sum(dim=0) - edge_sum.sum(dim=1)
     potentials = torch.linalg.pinv(laplacian.double()) @ rhs.double()
-    return (potentials - potentials.mean()).to(plan.dtype)
+    carries_mass = usable.any(dim=0)
+    potentials -= potentials[carries_mass].mean()
+    return potentials.masked_fill(~carries_mass, -math.inf).to(plan.dtype)
 
 
 class BankIndex:

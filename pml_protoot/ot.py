@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._checks import check_finite, check_number, check_positive_int
+from ._checks import check_bool, check_finite, check_number, check_positive_int
 
 __all__ = ["sinkhorn"]
 
@@ -47,7 +47,7 @@ def sinkhorn(
     0.05 included; 177 in float64), ``W`` is the plain kernel :math:`e^{S/\varepsilon}`:
     nothing can overflow, the arithmetic is the official one and the operations fewest.
     Beyond that, round 1 builds a kernel :math:`W = e^{S/\varepsilon - c}` shifted by its
-    column log-sum-exp ``c`` (so nothing overflows for any ``scores / epsilon``) in a single
+    column log-sum-exp ``c`` (so nothing overflows while ``scores / epsilon`` itself is finite) in a single
     N x K buffer. If a scaling vector still under- or overflows (an extreme class marginal,
     e.g. :math:`\beta_k < 10^{-38}` in float32 with tiny ``epsilon``), the call falls back
     to the shifted kernel, then to plain log-domain rounds.
@@ -72,9 +72,10 @@ def sinkhorn(
 
     Raises:
         TypeError: ``scores`` is not a floating tensor; ``epsilon``/``tol`` are not real
-            numbers; ``class_marginal`` is not numeric.
-        ValueError: bad shapes, non-finite scores, ``epsilon <= 0``, ``iterations`` not an
-            integer >= 1, ``tol <= 0``, or a negative/all-zero/mis-shaped ``class_marginal``.
+            numbers; ``normalize_scores`` is not a bool; ``class_marginal`` is not numeric.
+        ValueError: bad or empty shapes, non-finite scores, ``epsilon <= 0``, ``scores / epsilon``
+            beyond the compute dtype's range, ``iterations`` not an integer >= 1, ``tol <= 0``,
+            or a negative/all-zero/mis-shaped ``class_marginal``.
 
     Example:
         >>> import torch
@@ -88,7 +89,13 @@ def sinkhorn(
         True
     """
     largest_score = _check_arguments(scores, epsilon, iterations, tol)
+    normalize_scores = check_bool("normalize_scores", normalize_scores)
     largest_logit = (1.0 if normalize_scores else largest_score) / epsilon  # normalised rows: |S| <= 1
+    if largest_logit > torch.finfo(_compute_dtype(scores)).max:
+        raise ValueError(
+            f"scores / epsilon must be finite in {_compute_dtype(scores)}, got max |scores| / epsilon = "
+            f"{largest_logit:.3g} (epsilon {epsilon}): use a larger epsilon or float64 scores"
+        )
     autocast = torch.is_autocast_enabled(scores.device.type)
     with torch.no_grad(), (
         torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
@@ -111,8 +118,8 @@ def _check_arguments(scores, epsilon, iterations, tol) -> float:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         given = f"dtype {scores.dtype}" if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise TypeError(f"scores must be a floating-point torch.Tensor, got {given}")
-    if scores.dim() not in (2, 3) or scores.shape[-1] == 0 or scores.shape[-2] == 0:
-        raise ValueError(f"scores must have shape (N, K) or (B, N, K) with N, K > 0, got {tuple(scores.shape)}")
+    if scores.dim() not in (2, 3) or scores.numel() == 0:
+        raise ValueError(f"scores must have shape (N, K) or (B, N, K) with B, N, K > 0, got {tuple(scores.shape)}")
     # one pass and one sync give both the range and finiteness (min and max propagate NaN)
     smallest, largest = torch.stack(torch.aminmax(scores)).tolist()
     if not math.isfinite(smallest + largest):

@@ -127,6 +127,51 @@ def test_update_prototypes_is_normalised_weighted_bank_sum(dtype, device):
         torch.testing.assert_close(memory.prototypes[1, k].cpu(), weighted / weighted.norm())
 
 
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_half_precision_prototypes_of_a_bank_past_float16_range_match_float32(refresh_every):
+    # 150,000 keys near one direction: the first coordinate of P^T M summed in float16 overflows (max 65,504).
+    rows = 150_000
+    generator = torch.Generator().manual_seed(0)
+    keys = F.normalize(torch.tensor([1.0, 0.2, 0.1, 0.0]) + 0.05 * torch.randn(2 * rows, 4, generator=generator), dim=1)
+    prototypes = {}
+    for dtype in (torch.float32, torch.float16):
+        memory = PrototypeMemory([0] * rows + [1] * rows, 4, 2, kmeans_nredo=1, kmeans_niter=3,
+                                 neighbour_search="exact", refresh_every=refresh_every).to(dtype)
+        memory.fill(keys.to(dtype), torch.arange(2 * rows))
+        memory.recluster(epoch=0)
+        memory.step_pseudo_labels(0, torch.arange(4))
+        memory.fill(keys[:4].to(dtype), torch.arange(4))  # a written batch updates the cached means
+        memory.step_pseudo_labels(0, torch.arange(4))
+        prototypes[dtype] = memory.prototypes[0].float()
+    assert prototypes[torch.float16].isfinite().all()
+    torch.testing.assert_close(prototypes[torch.float16], prototypes[torch.float32], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("marginal_rule", ["official", "matched"])
+def test_half_precision_cluster_size_marginals_past_float16_range(marginal_rule):
+    # Two blobs of 60,000 and 20,000 rows: the counts' sum overflows float16.
+    points, cluster = blobs((60_000, 20_000), dim=4, seed=0)
+    memory = PrototypeMemory([0] * 80_000 + [1] * 80_000, 4, 2, marginal_rule=marginal_rule, kmeans_nredo=1,
+                             kmeans_niter=5, neighbour_search="exact").half()
+    memory.fill(torch.cat([points, points]).half(), torch.arange(160_000))
+    memory.recluster(epoch=0)
+    first_is_large = memory.prototypes[0].float() @ F.normalize(points[cluster == 0].mean(0), dim=0) > 0.9
+    expected = torch.where(first_is_large, 0.75, 0.25)
+    torch.testing.assert_close(memory.class_marginals[0].float(), expected, atol=1e-3, rtol=0)
+
+
+def test_bfloat16_memory_reclusters_like_float32():
+    memories = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        memory, truths = blob_memory("official")
+        memory.to(dtype).recluster(epoch=0)
+        memories[dtype] = memory
+    torch.testing.assert_close(memories[torch.bfloat16].class_marginals.float(),
+                               memories[torch.float32].class_marginals, atol=1e-2, rtol=0)
+    torch.testing.assert_close(memories[torch.bfloat16].prototypes.float(),
+                               memories[torch.float32].prototypes, atol=2e-2, rtol=0)
+
+
 def blob_memory(marginal_rule, sizes=((6, 3, 11), (4, 9, 5)), dim=5, **options):
     """Memory whose domains are well-separated blobs, so K-means has one right answer."""
     domains = sum(([slot] * sum(domain_sizes) for slot, domain_sizes in enumerate(sizes)), [])
