@@ -46,7 +46,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import faiss
@@ -56,6 +55,7 @@ import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_int, check_number, integer_phrase, range_phrase
+from ._files import atomic_write
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
@@ -656,16 +656,8 @@ def _score(tester, eval_sets, trunk, head, device, epoch) -> dict:
 
 def _write_json(path: Path, value) -> None:
     """Write ``value`` as JSON atomically (a temporary file moved into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, indent=2, sort_keys=True)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
+    with atomic_write(path, "w") as file:
+        json.dump(value, file, indent=2, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------ eval

@@ -1,12 +1,10 @@
 """ProtoOT training loop as a pytorch-metric-learning trainer: momentum keys, memory banks, reclustering."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
@@ -19,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ._checks import check_number
+from ._files import atomic_write
 from .distributed import get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -119,8 +118,8 @@ class ProtoOTTrainer(BaseTrainer):
 
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``.
-        ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, or a
-            ``ProtoOTLoss`` on another memory.
+        ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, a
+            ``ProtoOTLoss`` on another memory, or a ``subset_batch_miner``.
 
     Example:
         >>> import torch
@@ -172,6 +171,12 @@ class ProtoOTTrainer(BaseTrainer):
             grad_clip_norm = check_number("grad_clip_norm", grad_clip_norm, low=0, strict=True)
         metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
         miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
+        if isinstance(mining_funcs, dict) and "subset_batch_miner" in mining_funcs:
+            raise ValueError(
+                "mining_funcs['subset_batch_miner'] is not supported: a ProtoOTTrainer batch is two views of each "
+                "sample, whose keys come from the momentum encoder; mine within the batch with "
+                "mining_funcs['tuple_miner']"
+            )
         _check_loss_and_miner(metric_loss, miner, memory)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
             raise ValueError(
@@ -217,6 +222,7 @@ class ProtoOTTrainer(BaseTrainer):
 
     def initialize_data_device(self):
         super().initialize_data_device()
+        self.data_device = torch.device(self.data_device)  # PML also accepts a string such as "cuda"
         self.memory.to(self.data_device)
         self.grad_scaler = torch.amp.GradScaler(self.data_device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -236,9 +242,17 @@ class ProtoOTTrainer(BaseTrainer):
         Unlike PML, no iterator is created here: creating one draws a seed from the torch
         RNG, and an extra draw on resume would break exact reproduction.
         """
-        self.dataloader = c_f.get_train_dataloader(
-            self.dataset, self.batch_size, self.sampler, self.dataloader_num_workers, self.collate_fn
-        )
+        if isinstance(self.sampler, CrossDomainSampler):
+            # Keep the last batch: it holds whole domain-balanced blocks, and dropping it (PML's
+            # drop_last) would skip samples whenever batch_size is several sampler blocks.
+            self.dataloader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                num_workers=self.dataloader_num_workers, collate_fn=self.collate_fn, drop_last=False,
+            )
+        else:
+            self.dataloader = c_f.get_train_dataloader(
+                self.dataset, self.batch_size, self.sampler, self.dataloader_num_workers, self.collate_fn
+            )
         if not self.iterations_per_epoch:
             self.iterations_per_epoch = len(self.dataloader)
 
@@ -325,14 +339,15 @@ class ProtoOTTrainer(BaseTrainer):
         if isinstance(loss_func, ProtoOTLoss):
             return loss_func(embeddings, indices, ref_emb=keys)
         self.memory.fill(keys, indices)
-        indices_tuple = self.maybe_mine_embeddings(embeddings, indices, keys)
-        # A copy: PML takes ``ref_labels is labels`` for "the references are the embeddings" and
-        # drops the diagonal pairs, which here are each query's own key, InfoNCE's positives.
-        return loss_func(embeddings, indices, indices_tuple, ref_emb=keys, ref_labels=indices.clone())
+        # A copy: PML losses and miners take ``ref_labels is labels`` for "the references are the
+        # embeddings" and drop the diagonal pairs, which here are each query's own key, the positives.
+        key_indices = indices.clone()
+        indices_tuple = self.maybe_mine_embeddings(embeddings, indices, keys, key_indices)
+        return loss_func(embeddings, indices, indices_tuple, ref_emb=keys, ref_labels=key_indices)
 
-    def maybe_mine_embeddings(self, embeddings, labels, keys=None):
+    def maybe_mine_embeddings(self, embeddings, labels, ref_emb=None, ref_labels=None):
         if "tuple_miner" in self.mining_funcs:
-            return self.mining_funcs["tuple_miner"](embeddings, labels, keys, labels)
+            return self.mining_funcs["tuple_miner"](embeddings, labels, ref_emb, ref_labels)
         return None
 
     @torch.no_grad()
@@ -390,22 +405,9 @@ class ProtoOTTrainer(BaseTrainer):
         onto ``path`` with ``os.replace``: ``path`` holds either the previous checkpoint or
         the new one, never a partial file; on failure the temporary file is removed.
         """
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         state = self.checkpoint_state()
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
-            raise
+        with atomic_write(path) as file:
+            torch.save(state, file)
         logger.info("saved checkpoint of epoch %d to %s", self.epoch, path)
 
     def checkpoint_state(self) -> dict:
@@ -424,6 +426,7 @@ class ProtoOTTrainer(BaseTrainer):
             "sampler": _state_or_none(self.sampler),
             "dataset": _state_or_none(self.dataset),
             "rng": _rng_state(),
+            "key_encoder_rounding_rng": _rounding_generator_state(self.key_encoder),
         }
 
     def load_checkpoint(self, path) -> int:
@@ -431,9 +434,13 @@ class ProtoOTTrainer(BaseTrainer):
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            KeyError, RuntimeError: the file is not a checkpoint of this trainer's setup.
+            KeyError: the file lacks a model, loss, optimizer or scheduler of this trainer.
+            ValueError: its sampler or dataset state does not fit this trainer's
+                (both refused before anything is restored).
+            RuntimeError: a state dict does not fit its module (shapes, keys).
         """
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        self._check_checkpoint_fits(state, path)
         for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
             for name, module in getattr(self, group).items():
                 module.load_state_dict(state[group][name])
@@ -446,8 +453,28 @@ class ProtoOTTrainer(BaseTrainer):
         self.momentum = state["momentum"]
         self.epoch = state["epoch"]
         _set_rng_state(state["rng"])
+        rounding_generator = getattr(self.key_encoder, "_sr_generator", None)
+        if rounding_generator is not None and state.get("key_encoder_rounding_rng") is not None:
+            rounding_generator.set_state(state["key_encoder_rounding_rng"])
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
+
+
+    def _check_checkpoint_fits(self, state: dict, path) -> None:
+        for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
+            missing = sorted(set(getattr(self, group)) - set(state.get(group, {})))
+            if missing:
+                raise KeyError(f"checkpoint {os.fspath(path)!r} holds no {group} {missing} (it has "
+                               f"{sorted(state.get(group, {}))}): it was saved by a trainer of another setup")
+        for name in ("sampler", "dataset"):
+            saved, expected = state.get(name) is not None, hasattr(getattr(self, name), "state_dict")
+            # Checkpoints made before datasets had a state lack "dataset"; they still resume.
+            if saved != expected and (saved or name == "sampler"):
+                raise ValueError(
+                    f"checkpoint {os.fspath(path)!r} {'holds' if saved else 'lacks'} a {name} state but this "
+                    f"trainer's {name} ({type(getattr(self, name)).__name__}) {'has none' if saved else 'has one'}: "
+                    f"build the trainer with the {name} the checkpoint was trained with"
+                )
 
 
 def _check_loss_and_miner(metric_loss, miner, memory) -> None:
@@ -483,6 +510,13 @@ def _state_or_none(stateful):
 
 def _state_dicts(named) -> dict:
     return {name: value.state_dict() for name, value in named.items()}
+
+
+def _rounding_generator_state(ema) -> torch.Tensor | None:
+    """State of the private generator of timm's stochastic rounding of bfloat16 EMA weights
+    (recent timm; part of an exact resume for bfloat16 models), ``None`` without one."""
+    generator = getattr(ema, "_sr_generator", None)
+    return None if generator is None else generator.get_state()
 
 
 def _rng_state() -> dict:

@@ -63,9 +63,11 @@ class RecordingNTXentLoss(NTXentLoss):
         return loss
 
 
-def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, cached_views=False, **kwargs):
+def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, cached_views=False,
+                 batch_size=BATCH, mining_funcs=None, **kwargs):
     """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries;
-    ``cached_views``: a ``CachedTwoViewDataset`` of 4 fixed jittered views instead of fresh views."""
+    ``cached_views``: a ``CachedTwoViewDataset`` of 4 fixed jittered views instead of fresh views;
+    ``loss="ntxent"`` pairs NTXentLoss with ``mining_funcs`` (default: a ProtoOTMiner)."""
     features, true_classes, domains = synthetic_features()
     labelled = LabelledFeatures(features, true_classes if classes is None else classes)
     torch.manual_seed(seed)
@@ -75,21 +77,20 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
     )
     trunk, embedder = trunk.to(device), embedder.to(device)
     memory = PrototypeMemory(domains, dim=EMBED_DIM, num_prototypes=NUM_CLASSES, kmeans_nredo=2)
-    mining_funcs = None
     if loss == "protoot":
         metric_loss = ProtoOTLoss(memory)
     elif loss == "infonce":
         metric_loss = RecordingNTXentLoss(temperature=0.2)
     else:
         metric_loss = NTXentLoss(temperature=0.2)
-        mining_funcs = {"tuple_miner": ProtoOTMiner(memory, update_prototypes=True)}
+        mining_funcs = mining_funcs or {"tuple_miner": ProtoOTMiner(memory, update_prototypes=True)}
     params = list(trunk.parameters()) + list(embedder.parameters())
     options = dict(momentum=0.9, sampler=CrossDomainSampler(domains, BATCH, seed=seed), fill_dataset=labelled)
     options.update(kwargs)
     trainer = ProtoOTTrainer(
         {"trunk": trunk, "embedder": embedder},
         {"embedder_optimizer": torch.optim.Adam(params, lr=0.01)},
-        BATCH,
+        batch_size,
         {"metric_loss": metric_loss},
         cached_dataset(features, domains) if cached_views else TwoViewDataset(labelled, views, views),
         memory,
@@ -170,6 +171,40 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, optio
         assert torch.equal(value, resumed.key_encoder.state_dict()[key]), key
     for key, value in uninterrupted.memory.state_dict().items():
         assert torch.equal(value, resumed.memory.state_dict()[key]), key
+
+
+def bfloat16_trainer(**options):
+    trainer = make_trainer("cpu", **options)
+    trainer.models["embedder"].to(torch.bfloat16)
+    trainer.key_encoder.to(torch.bfloat16)
+    trainer.dtype = torch.bfloat16
+    return trainer
+
+
+def test_resume_of_a_bfloat16_model_reproduces_the_uninterrupted_run(tmp_path):
+    """timm's EMA rounds bfloat16 weights stochastically with a generator of its own: it must resume too."""
+    uninterrupted = bfloat16_trainer()
+    uninterrupted.train(1, 3)
+    first_half = bfloat16_trainer(checkpoint_dir=tmp_path)
+    first_half.train(1, 1)
+    resumed = bfloat16_trainer(seed=123)
+    resumed.train(resumed.load_checkpoint(tmp_path / "last.pth"), 3)
+    assert first_half.recorded_losses + resumed.recorded_losses == uninterrupted.recorded_losses
+    for key, value in uninterrupted.key_encoder.state_dict().items():
+        assert torch.equal(value, resumed.key_encoder.state_dict()[key]), key
+
+
+def test_a_checkpoint_of_another_setup_is_refused_before_anything_is_restored(tmp_path):
+    trainer = make_trainer("cpu", checkpoint_dir=tmp_path)
+    trainer.train(1, 1)
+    other = make_trainer("cpu", seed=5, sampler=None)
+    before = model_weights(other)
+    with pytest.raises(ValueError, match="holds a sampler state but this trainer's sampler \\(NoneType\\) has none"):
+        other.load_checkpoint(tmp_path / "last.pth")
+    other.optimizers["trunk_optimizer"] = other.optimizers["embedder_optimizer"]
+    with pytest.raises(KeyError, match=r"holds no optimizers \['trunk_optimizer'\]"):
+        other.load_checkpoint(tmp_path / "last.pth")
+    assert all(torch.equal(value, model_weights(other)[key]) for key, value in before.items())
 
 
 def test_permuting_class_labels_leaves_training_identical(device):
@@ -260,6 +295,30 @@ def test_miner_with_a_pml_loss_trains(device):
     assert any(not torch.equal(value, model_weights(trainer)[key]) for key, value in before.items())
 
 
+def test_a_stock_pml_miner_sees_each_querys_own_key_as_its_positive(device):
+    """MultiSimilarityMiner with a huge epsilon keeps every pair: the positives are exactly the B
+    (query, own key) pairs, and the mined loss equals InfoNCE over all pairs."""
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    miner = MultiSimilarityMiner(epsilon=10.0)
+    trainer = make_trainer(device, loss="infonce", mining_funcs={"tuple_miner": miner})
+    trainer.train(1, 1)
+    assert miner.num_pos_pairs == BATCH
+    for embeddings, labels, keys, loss in trainer.loss_funcs["metric_loss"].calls:
+        plain = NTXentLoss(temperature=0.2)(embeddings, labels, ref_emb=keys, ref_labels=labels.clone())
+        assert float(loss) > 0 and torch.allclose(loss, plain, atol=1e-6)
+
+
+def test_a_batch_of_several_sampler_blocks_keeps_the_epochs_last_blocks(device):
+    # 48 samples a domain, 12-sample blocks: 4 blocks an epoch, batches of 3 blocks.
+    _, _, domains = synthetic_features()
+    trainer = make_trainer(device, loss="infonce", batch_size=72, sampler=CrossDomainSampler(domains, 24))
+    trainer.train(1, 1)
+    seen = torch.cat([labels for _, labels, _, _ in trainer.loss_funcs["metric_loss"].calls]).cpu()
+    assert trainer.iterations_per_epoch == 2
+    assert sorted(seen.tolist()) == list(range(len(domains)))
+
+
 def test_pml_loss_without_a_miner_is_infonce_with_each_querys_own_key_as_positive(device):
     """No miner: query i's positive is key i, every other key of the batch a negative (MoCo's InfoNCE)."""
     trainer = make_trainer(device, loss="infonce")
@@ -300,12 +359,17 @@ def test_gradient_clipping_bounds_the_sgd_step(device):
     assert float(step) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_checkpoint_is_an_ordinary_readable_file(tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_is_an_ordinary_file_under_the_umask(tmp_path, umask, mode):
     trainer = make_trainer("cpu")
     trainer.train(1, 1)
     path = tmp_path / "last.pth"
-    trainer.save_checkpoint(path)
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    previous = os.umask(umask)
+    try:
+        trainer.save_checkpoint(path)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == mode
 
 
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
@@ -377,6 +441,8 @@ def test_bad_arguments_are_rejected_with_their_names(device):
             trainer.models, trainer.optimizers, BATCH, {"metric_loss": NTXentLoss()}, trainer.dataset,
             memory=trainer.memory, mining_funcs={"tuple_miner": ProtoOTMiner(other_memory)},
         )
+    with pytest.raises(ValueError, match=r"mining_funcs\['subset_batch_miner'\] is not supported"):
+        ProtoOTTrainer(*pml_arguments, memory=trainer.memory, mining_funcs={"subset_batch_miner": object()})
     with pytest.raises(ValueError, match="query_view, key_view"):
         trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
 
@@ -412,3 +478,13 @@ def test_batches_stay_domain_balanced_or_the_batch_size_is_refused(device):
     trainer.initialize_dataloader()
     for (_, _), indices in trainer.dataloader:
         assert torch.bincount(domains[indices], minlength=2).tolist() == [BATCH // 2, BATCH // 2]
+
+
+def test_data_device_may_be_a_string_as_in_pml():
+    trainer = make_trainer("cpu")
+    string_device = ProtoOTTrainer(
+        trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory,
+        sampler=trainer.sampler, data_device="cpu", dataloader_num_workers=0,
+    )
+    string_device.train(1, 1)
+    assert string_device.data_device == torch.device("cpu") and int(trainer.memory.epoch) == 0
