@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
+from ._files import atomic_write
 
 __all__ = [
     "domain_means",
@@ -107,13 +107,14 @@ class MultiDomainImageFolder(MultiDomainDataset):
     Args:
         root: dataset folder.
         domains: domain folder names, in slot order; ``None`` takes every sub-folder
-            of ``root``, sorted. Hidden folders (names starting with ``.``) are neither
-            domains nor classes.
+            of ``root``, sorted. Hidden folders and files (names starting with ``.``, such
+            as ``.git`` or macOS's ``._photo.jpg``) are neither domains, classes nor images.
         transform: applied to each PIL image (RGB); ``None`` returns the image.
-        extensions: accepted file name endings (case-insensitive).
+        extensions: a sequence of accepted file name endings (case-insensitive).
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
+        TypeError: ``extensions`` is a single string rather than a sequence of them.
         ValueError: a requested domain folder is missing (the available ones are
             listed), fewer than two domains, or a domain without images.
         OSError: on loading, an unreadable image (the message names the file).
@@ -136,6 +137,9 @@ class MultiDomainImageFolder(MultiDomainDataset):
             )
         available = _visible_folders(self.root)
         domains = available if domains is None else _check_domain_names(domains, available, self.root)
+        if isinstance(extensions, str):
+            raise TypeError(f"extensions must be a sequence of file name endings, e.g. ('.jpg', '.png'), "
+                            f"got the string {extensions!r}")
         extensions = tuple(ext.lower() for ext in extensions)
         class_dirs = {d: _visible_folders(self.root / d) for d in domains}
         classes = sorted(set().union(*class_dirs.values()))
@@ -143,8 +147,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
         for slot, domain in enumerate(domains):
             for name in class_dirs[domain]:
                 folder = self.root / domain / name
-                files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
-                samples += [(str(folder / f), classes.index(name), slot) for f in files]
+                samples += [(str(folder / f), classes.index(name), slot) for f in _image_files(folder, extensions)]
         super().__init__(list(domains), classes, samples, transform)
         logger.info(
             "MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes)
@@ -175,6 +178,14 @@ def _visible_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
+def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Sorted names of the visible files in ``folder`` ending (case-insensitively) in one of ``extensions``."""
+    return sorted(
+        entry.name for entry in folder.iterdir()
+        if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(extensions)
+    )
+
+
 def _check_domain_names(domains, available, root) -> list[str]:
     if isinstance(domains, str) or not all(isinstance(d, str) for d in domains):
         raise TypeError(f"domains must be a list of folder names, got {domains!r}")
@@ -195,6 +206,9 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         classes: class names in label order.
         transform: applied to each image.
 
+    Raises:
+        ValueError: a key of ``images`` names a domain or class not in ``domains``/``classes``.
+
     Example:
         >>> from PIL import Image
         >>> from pml_protoot.data import InMemoryMultiDomainDataset
@@ -206,6 +220,10 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
     """
 
     def __init__(self, images: dict, domains: Sequence[str], classes: Sequence[str], transform=None):
+        unknown = sorted(set(images) - {(domain, name) for domain in domains for name in classes}, key=str)
+        if unknown:
+            raise ValueError(f"images has keys outside domains x classes, whose images would be dropped: {unknown[:5]} "
+                             f"(domains {list(domains)}, classes {list(classes)})")
         self._images = {}
         samples = []
         for slot, domain in enumerate(domains):
@@ -692,10 +710,8 @@ class FeatureCache:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        torch.save({"key": self.key, "eval": self.eval_features, "views": self.view_features}, partial)
-        os.replace(partial, self.path)  # never leave a half-written cache behind
+        with atomic_write(self.path) as file:  # never leave a half-written cache behind
+            torch.save({"key": self.key, "eval": self.eval_features, "views": self.view_features}, file)
         logger.info("saved feature cache to %s", self.path)
 
     def _compute(self, trunk, train_view, eval_view, num_views) -> None:

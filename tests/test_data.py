@@ -94,6 +94,8 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains=["art"])
     with pytest.raises(TypeError, match="domains"):
         MultiDomainImageFolder(root, domains="art")
+    with pytest.raises(TypeError, match="extensions must be a sequence of file name endings.*got the string '.png'"):
+        MultiDomainImageFolder(root, extensions=".png")
     with pytest.raises(ValueError, match=r"domains must be distinct, got \['art', 'art'\]"):
         MultiDomainImageFolder(root, domains=["art", "art"])
     (root / "empty" / "cat").mkdir(parents=True)
@@ -101,14 +103,17 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains=["art", "empty"])
 
 
-def test_hidden_folders_are_neither_domains_nor_classes(tmp_path):
+def test_hidden_folders_and_files_are_neither_domains_classes_nor_images(tmp_path):
     root = write_layout(tmp_path)
     for hidden in (root / ".git" / "objects", root / "art" / ".ipynb_checkpoints"):
         hidden.mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(hidden / "stray.jpg")
+    Image.new("RGB", (8, 8)).save(root / "art" / "cat" / "._0.jpg")  # what macOS leaves beside copied files
+    (root / "art" / "cat" / "folder.jpg").mkdir()
     data = MultiDomainImageFolder(root)
     assert data.domains == ["art", "photo", "sketch"] and data.classes == ["cat", "dog", "zebra"]
-    assert not any("/." in path for path, _, _ in data.samples)
+    assert len(data) == len(MultiDomainImageFolder(write_layout(tmp_path / "clean")))
+    assert not any("/." in path or path.endswith("folder.jpg") for path, _, _ in data.samples)
 
 
 def test_unreadable_image_error_names_the_file(tmp_path):
@@ -494,3 +499,9 @@ def test_in_memory_images_are_rgb_and_fingerprinted_with_their_size():
     assert data[0][0].mode == "RGB" and data[0][0].getpixel((0, 0)) == (7, 7, 7)
     other = InMemoryMultiDomainDataset({("a", "x"): [grey], ("b", "x"): [tall]}, ["a", "b"], ["x"])
     assert data.fingerprint() != other.fingerprint()
+
+
+def test_in_memory_images_under_an_unknown_domain_or_class_are_refused():
+    blank = Image.new("RGB", (4, 4))
+    with pytest.raises(ValueError, match=r"keys outside domains x classes.*\('a', 'dog'\)"):
+        InMemoryMultiDomainDataset({("a", "x"): [blank], ("a", "dog"): [blank]}, ["a", "b"], ["x"])
