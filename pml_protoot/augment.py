@@ -233,8 +233,9 @@ class MoCoV2Augment(torch.nn.Module):
     ``(x - mean) / std``. It runs where the images are, in float arithmetic, so the
     outputs differ from the PIL pipeline by its uint8 rounding; two further differences:
     the jitter's random order of its four operations is drawn once per batch (torchvision
-    draws it per image) and resizing is bilinear without antialiasing (a crop shrinks by
-    at most 1 - ``image_size``/side, nothing for pacs-mini's 227 px images at 224).
+    draws it per image) and resizing is bilinear without antialiasing: a crop larger than
+    ``image_size`` shrinks by at most 1 - ``image_size``/side (12.5 % for the 256 px squares
+    of :func:`decode_transform` at 224, where about 30 % of the crops are larger).
 
     Random parameters come from torch's CPU generator (or ``generator``), so a seeded run
     draws the same views on every device.

@@ -35,8 +35,10 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
     entries of the largest domain cover it exactly once. Block ``t`` is the ``t``-th
     slice of ``b`` indices of domain 0, then of domain 1, ... (domains concatenated in
     ascending domain-id order inside a block, not interleaved). Rank ``r`` gets blocks
-    ``r, r + R, r + 2R, ...``: shards are disjoint block sets of equal length whose
-    union is the single-process epoch.
+    ``r, r + R, r + 2R, ...``: shards are disjoint block sets of equal length. Their
+    union is the single-process epoch when :math:`\lceil N_{\max} / b \rceil` is a
+    multiple of ``R``; otherwise ``T`` rounds it up to one, and the extra blocks come
+    from further reshuffles (the largest domain too).
 
     ``batch_size`` is the per-process batch: pass the same number as ``batch_size`` of
     the ``DataLoader`` or PML trainer so that each batch is exactly one block.
