@@ -177,8 +177,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         check_choice("prefilter", prefilter, PREFILTERS)
         self.prefilter = prefilter
         # PML discovers metrics from ``calculate_*`` attributes, so each requested k gets one.
-        for k in self.k_values:
-            setattr(self, f"calculate_precision_at_{k}", self._precision_at_k_metric(k))
+        for k in self.k_values:  # partials of a method, not closures: the calculator pickles and deep-copies
+            setattr(self, f"calculate_precision_at_{k}", functools.partial(self._precision_at_k, k))
         super().__init__(
             include=include,
             exclude=exclude,
@@ -306,6 +306,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         screen &= self.prefilter == "bf16" or (
             gallery_size >= _PREFILTER_MIN_GALLERY and depth <= _PREFILTER_MAX_DEPTH_FRACTION * gallery_size
         )
+        # The screen reads other-class columns only: a gallery of the queries' class alone has none.
+        screen &= chunk.block.stop - chunk.block.start < gallery_size
         if screen:  # the threshold is only an estimate: a bfloat16 sample will do
             sample_query, sample_gallery = chunk.query.bfloat16(), chunk.gallery.embeddings_bf16
         else:
@@ -363,16 +365,13 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         return depth
 
     # ----------------------------------------------------------------- metrics
-    def _precision_at_k_metric(self, k: int):
-        def calculate(query_labels=None, **kwargs):
-            if "hits_at_k" not in kwargs or len(kwargs["valid_query_labels"]) == 0:
-                return self._nan(query_labels)
-            column = self.k_values.index(k)
-            denominators = torch.clamp(kwargs["relevant_counts"], max=k).double()
-            return self._micro_average(kwargs["hits_at_k"][:, column].double(), denominators, kwargs["valid_query_labels"])
-
-        calculate.__doc__ = f"ProtoOT's micro precision at {k} (see the class docstring)."
-        return calculate
+    def _precision_at_k(self, k: int, query_labels=None, **kwargs):
+        """ProtoOT's micro precision at ``k`` (see the class docstring)."""
+        if "hits_at_k" not in kwargs or len(kwargs["valid_query_labels"]) == 0:
+            return self._nan(query_labels)
+        column = self.k_values.index(k)
+        denominators = torch.clamp(kwargs["relevant_counts"], max=k).double()
+        return self._micro_average(kwargs["hits_at_k"][:, column].double(), denominators, kwargs["valid_query_labels"])
 
     def calculate_precision_at_1(self, query_labels=None, **kwargs):
         """Fraction of queries whose nearest neighbour is relevant (equals ProtoOT's P@1)."""

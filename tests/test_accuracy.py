@@ -474,6 +474,31 @@ def test_screened_path_matches_naive_ranking_with_ties_and_imbalance(ref_include
         assert got[name] == pytest.approx(expected[name], rel=1e-12), name
 
 
+@pytest.mark.parametrize("include", [SCREENED_METRICS, SCREENED_METRICS + ("mean_reciprocal_rank",)])
+def test_screen_of_a_gallery_of_the_queries_class_alone_ranks_it_all(include):
+    query, reference = tied_embeddings(6, 40, torch.float32), tied_embeddings(50, 41, torch.float32)
+    labels, reference_labels = torch.zeros(6, dtype=torch.long), torch.zeros(50, dtype=torch.long)
+    calc = calculator((1, 5, 300), torch.device("cpu"), include=include, prefilter="bf16")
+    got = calc.get_accuracy(query, labels, reference, reference_labels, False)
+    assert all(value == 1.0 for value in got.values()), got
+
+
+def test_calculator_pickles_and_deep_copies_with_its_own_settings():
+    import copy
+    import pickle
+
+    query, reference = tied_embeddings(40, 42, torch.float32), tied_embeddings(90, 43, torch.float32)
+    query_labels, reference_labels = imbalanced_labels(40, 44), imbalanced_labels(90, 45)
+    calc = calculator((1, 5), torch.device("cpu"))
+    expected = calc.get_accuracy(query, query_labels, reference, reference_labels, False)
+    assert pickle.loads(pickle.dumps(calc)).get_accuracy(query, query_labels, reference, reference_labels, False) == expected
+    per_class_mean = copy.deepcopy(calc)
+    per_class_mean.avg_of_avgs = True
+    averaged = per_class_mean.get_accuracy(query, query_labels, reference, reference_labels, False)
+    assert averaged["precision_at_5"] != expected["precision_at_5"]
+    assert calc.get_accuracy(query, query_labels, reference, reference_labels, False) == expected
+
+
 def test_screened_rows_short_of_depth_are_ranked_again(monkeypatch):
     # A raised threshold that nothing reaches: every row falls short and is ranked in full.
     query, query_labels, reference, reference_labels = near_tie_data(38, torch.float32)
