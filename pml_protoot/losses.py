@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
@@ -106,11 +107,12 @@ class ProtoOTLoss(BaseMetricLossFunction):
         official: the official preset (see above).
         nearest_neighbour_by: ``"key"`` or ``"query"``; ``None`` follows the preset.
         normalize_cross_negatives: ``None`` follows the preset.
-        **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``, ``embedding_regularizer``, ...).
+        **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``, ``embedding_regularizer``, ...);
+            ``distance`` can only be the default ``CosineSimilarity()``.
 
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``.
-        ValueError: a bad option value.
+        ValueError: a bad option value, or a ``distance`` other than ``CosineSimilarity()``.
 
     Example:
         >>> import torch
@@ -143,6 +145,11 @@ class ProtoOTLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
         if not isinstance(memory, PrototypeMemory):
             raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+        if not isinstance(self.distance, CosineSimilarity):
+            raise ValueError(
+                "distance must be CosineSimilarity() (the default): ProtoOTLoss compares L2-normalised embeddings, "
+                f"keys and prototypes by dot product, got {self.distance!r}"
+            )
         self.memory = memory
         self.temperature = check_number("temperature", temperature, low=0, strict=True)
         self.in_domain_weights = _check_weights(in_domain_weights)
@@ -223,6 +230,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
             )
         self.memory.check_ready()
         return labels
+
+    def get_default_distance(self):
+        return CosineSimilarity()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
 
 from pml_protoot.losses import ProtoOTLoss
@@ -333,12 +334,19 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
         ({"nearest_neighbour_by": "bank"}, ValueError, "nearest_neighbour_by must be one of"),
         ({"official": "no"}, TypeError, "official must be True or False, got 'no'"),
         ({"normalize_cross_negatives": 1}, TypeError, "normalize_cross_negatives must be True or False"),
+        ({"distance": LpDistance()}, ValueError, "distance must be CosineSimilarity\\(\\).*got LpDistance"),
+        ({"distance": DotProductSimilarity()}, ValueError, "distance must be CosineSimilarity"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, error, message):
     kwargs = {"memory": random_memory(TWO_DOMAINS), **kwargs}
     with pytest.raises(error, match=message):
         ProtoOTLoss(**kwargs)
+
+
+def test_distance_is_cosine_as_pml_reports_it():
+    assert type(ProtoOTLoss(random_memory(TWO_DOMAINS)).distance) is CosineSimilarity
+    ProtoOTLoss(random_memory(TWO_DOMAINS), distance=CosineSimilarity())  # the default, given explicitly
 
 
 def test_empty_batch_gives_zero_loss_and_writes_nothing():
