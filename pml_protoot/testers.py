@@ -11,7 +11,7 @@ from pytorch_metric_learning.testers.base_tester import BaseTester
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
-from .data import _model_device
+from .data import _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -27,7 +27,7 @@ class CrossDomainTester(BaseTester):
     Each domain is embedded once (batched, tqdm bar, on the trunk's device, eval mode,
     ``torch.no_grad``, optional autocast) and L2-normalised; then every ordered pair of
     distinct domains ``(A, B)`` is scored with ``A``'s images as queries and ``B``'s as the
-    gallery. Results are keyed ``"A->B"`` plus ``"mean"`` (the unweighted mean over pairs),
+    gallery. Results are keyed ``"A->B"`` (see ``pair_separator``) plus ``"mean"`` (the unweighted mean over pairs),
     each a ``{metric: float}`` dict; ``test`` also stores them, with ``"epoch"``, in
     ``tester.all_accuracies`` so PML's ``HookContainer`` can track the best epoch, e.g.
     ``HookContainer(record_keeper, primary_metric="precision_at_15",
@@ -44,6 +44,10 @@ class CrossDomainTester(BaseTester):
         pairs: default ``(query_domain, gallery_domain)`` pairs; all ordered pairs when None.
         autocast: run the models under ``torch.autocast`` on their device.
         progress: show a tqdm bar while embedding each domain.
+        pair_separator: joins query and gallery domain in the results keys (``"A->B"``).
+            With PML's ``HookContainer`` and record-keeper, pass an identifier-safe one
+            such as ``"_to_"``: record-keeper puts the key, unquoted, into SQLite table
+            names, where ``->`` is a syntax error (names short enough not to be hashed).
         batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
             data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
             Datasets return ``(image, class_label)``.
@@ -73,6 +77,7 @@ class CrossDomainTester(BaseTester):
         data_and_label_getter=None,
         end_of_testing_hook=None,
         progress: bool = True,
+        pair_separator: str = "->",
     ):
         super().__init__(
             normalize_embeddings=normalize_embeddings,
@@ -92,13 +97,23 @@ class CrossDomainTester(BaseTester):
         self.pairs = pairs
         self.autocast = autocast
         self.progress = bool(progress)
+        if not isinstance(pair_separator, str) or not pair_separator:
+            raise ValueError(f"pair_separator must be a non-empty string, got {pair_separator!r}")
+        self.pair_separator = pair_separator
         self.label_levels = [0]
+
+    def pair_key(self, query_domain: str, gallery_domain: str) -> str:
+        """The results key of a pair: ``f"{query_domain}{pair_separator}{gallery_domain}"``."""
+        return f"{query_domain}{self.pair_separator}{gallery_domain}"
 
     def test(self, dataset_dict, epoch, trunk_model, embedder_model=None, pairs=None, collate_fn=None) -> dict:
         """Embed each needed domain once and score the pairs.
 
         ``pairs`` sits where PML testers take ``splits_to_eval``, so HookContainer's
-        ``splits_to_eval`` argument is forwarded here.
+        ``end_of_epoch_hook`` forwards its ``splits_to_eval`` here. Call
+        ``HookContainer.run_tester_separately`` with ``skip_eval_if_already_done=False``:
+        its check looks records up by ``dataset_dict`` key (a domain), while results are
+        recorded by pair.
 
         Args:
             dataset_dict: ``{domain_name: dataset}``; items are ``(image, class_label)``.
@@ -138,7 +153,7 @@ class CrossDomainTester(BaseTester):
             )
         results = self.evaluate(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
-        self.reference_split_names = {f"{q}->{g}": [g] for q, g in pairs}
+        self.reference_split_names = {self.pair_key(q, g): [g] for q, g in pairs}
         self.reference_split_names[MEAN_KEY] = sorted({g for _, g in pairs})
         if self.end_of_testing_hook:
             self.end_of_testing_hook(self)
@@ -199,7 +214,7 @@ class CrossDomainTester(BaseTester):
             accuracies = self.accuracy_calculator.get_accuracy(
                 embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain], False
             )
-            results[f"{query_domain}->{gallery_domain}"] = {k: _plain(v) for k, v in accuracies.items()}
+            results[self.pair_key(query_domain, gallery_domain)] = {k: _plain(v) for k, v in accuracies.items()}
         results[MEAN_KEY] = _mean_over_pairs(list(results.values()))
         self.results = results
         logger.info("Cross-domain retrieval:\n%s", self.summary_table(results))
@@ -251,7 +266,7 @@ class CrossDomainTester(BaseTester):
         with torch.autocast(device_type=device.type, enabled=self.autocast):
             trunk_output = trunk_model(input_imgs.to(device))
             output = trunk_output if self.use_trunk_output else embedder_model(trunk_output)
-        return output.float()
+        return _upcast_half(output)  # float64 models are scored in float64, as evaluate() scores them
 
     def _resolve_pairs(self, domains: list, pairs) -> list[tuple]:
         pairs = self.pairs if pairs is None else pairs

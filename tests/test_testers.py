@@ -123,6 +123,49 @@ def test_hook_container_reads_mean_primary_metric():
     assert len(best) == 3 and all(record["best_epoch"] == 2 for record in best)
 
 
+@pytest.mark.parametrize("separator, valid_sql", [("->", False), ("_to_", True)])
+def test_pair_separator_makes_record_keeper_table_names_valid_sql(separator, valid_sql):
+    """record-keeper creates a SQLite table per HookContainer group name, unquoted, as here."""
+    import sqlite3
+
+    hooks = HookContainer(MemoryRecordKeeper(), primary_metric="precision_at_5", validation_split_name="mean")
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook, pair_separator=separator,
+                         normalize_embeddings=False)
+    results = tester.test(domain_datasets({"Art": 6, "Real": 7}), 1, CountingTrunk(6, 4))
+    assert sorted(results) == sorted(["mean", f"Art{separator}Real", f"Real{separator}Art"])
+    connection = sqlite3.connect(":memory:")
+    for key in results:
+        statement = f"CREATE TABLE {hooks.record_group_name(tester, key)} (epoch INTEGER)"
+        if valid_sql or key == "mean":
+            connection.execute(statement)
+        else:
+            with pytest.raises(sqlite3.OperationalError):
+                connection.execute(statement)
+
+
+def test_run_tester_separately_evaluates_without_the_skip_check():
+    hooks = HookContainer(MemoryRecordKeeper(), primary_metric="precision_at_5", validation_split_name="mean")
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook)
+    datasets = domain_datasets({"photo": 6, "sketch": 7})
+    assert hooks.run_tester_separately(tester, datasets, 1, CountingTrunk(6, 4), None, skip_eval_if_already_done=False)
+    assert tester.all_accuracies["mean"]["epoch"] == 1
+
+
+def test_a_float64_model_is_scored_in_float64_as_evaluate_scores_it():
+    # Cosines 1 - 5.0e-11 (same class) and 1 - 6.05e-11 (other class, listed first): equal in float32,
+    # where the tie goes to the first item.
+    queries = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    gallery = torch.tensor([[1.0, 0.0, 1.1e-5], [1.0, 1e-5, 0.0]], dtype=torch.float64)
+    query_labels, gallery_labels = torch.tensor([0]), torch.tensor([1, 0])
+    datasets = {"photo": torch.utils.data.TensorDataset(queries, query_labels),
+                "sketch": torch.utils.data.TensorDataset(gallery, gallery_labels)}
+    tester = make_tester()
+    tested = tester.test(datasets, 0, torch.nn.Identity(), pairs=[("photo", "sketch")])
+    evaluated = tester.evaluate({"photo": queries, "sketch": gallery}, {"photo": query_labels, "sketch": gallery_labels},
+                                pairs=[("photo", "sketch")])
+    assert tested["photo->sketch"]["precision_at_1"] == evaluated["photo->sketch"]["precision_at_1"] == 1.0
+
+
 def test_bad_input():
     tester = make_tester()
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
@@ -147,6 +190,8 @@ def test_bad_input():
         tester.test(datasets, 0, CountingTrunk(6, 4))
     with pytest.raises(ValueError, match="return_per_class=False"):
         CrossDomainTester(PrecisionAtKCalculator(return_per_class=True))
+    with pytest.raises(ValueError, match="pair_separator must be a non-empty string, got ''"):
+        CrossDomainTester(pair_separator="")
 
 
 @pytest.mark.parametrize("labels", [[0.5, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]], ids=["fractional", "whole"])
