@@ -178,6 +178,7 @@ class ProtoOTTrainer(BaseTrainer):
                 "mining_funcs['tuple_miner']"
             )
         _check_loss_and_miner(metric_loss, miner, memory)
+        _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
             raise ValueError(
                 f"batch_size must be a multiple of the sampler's batch_size ({sampler.batch_size}), got {batch_size}: "
@@ -475,6 +476,20 @@ class ProtoOTTrainer(BaseTrainer):
                     f"trainer's {name} ({type(getattr(self, name)).__name__}) {'has none' if saved else 'has one'}: "
                     f"build the trainer with the {name} the checkpoint was trained with"
                 )
+
+
+def _check_sampler_shards(sampler) -> None:
+    """Under torch.distributed, refuse a CrossDomainSampler sharded for another world size or rank."""
+    if not is_distributed():
+        return
+    if sampler is None:
+        logger.warning("no sampler under torch.distributed: every rank trains on every sample each epoch; pass "
+                       "CrossDomainSampler(..., num_replicas=world_size, rank=rank) to shard the epoch")
+    elif isinstance(sampler, CrossDomainSampler) and (sampler.num_replicas, sampler.rank) != (get_world_size(), get_rank()):
+        raise ValueError(
+            f"sampler must shard the epoch over this run's processes: CrossDomainSampler(num_replicas="
+            f"{get_world_size()}, rank={get_rank()}), got num_replicas={sampler.num_replicas}, rank={sampler.rank}"
+        )
 
 
 def _check_loss_and_miner(metric_loss, miner, memory) -> None:

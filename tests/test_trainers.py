@@ -488,3 +488,18 @@ def test_data_device_may_be_a_string_as_in_pml():
     )
     string_device.train(1, 1)
     assert string_device.data_device == torch.device("cpu") and int(trainer.memory.epoch) == 0
+
+
+def test_under_distributed_a_sampler_sharded_for_another_world_is_refused(monkeypatch, caplog):
+    import pml_protoot.trainers as trainers
+
+    monkeypatch.setattr(trainers, "is_distributed", lambda: True)
+    monkeypatch.setattr(trainers, "get_world_size", lambda: 2)
+    monkeypatch.setattr(trainers, "get_rank", lambda: 1)
+    _, _, domains = synthetic_features()
+    with pytest.raises(ValueError, match=r"CrossDomainSampler\(num_replicas=2, rank=1\), got num_replicas=1, rank=0"):
+        make_trainer("cpu", sampler=CrossDomainSampler(domains, BATCH))
+    with caplog.at_level("WARNING", logger="pml_protoot.trainers"):
+        trainers._check_sampler_shards(None)
+    assert "every rank trains on every sample" in caplog.text
+    trainers._check_sampler_shards(CrossDomainSampler(domains, BATCH, num_replicas=2, rank=1))  # the right shard
