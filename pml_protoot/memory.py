@@ -1,6 +1,7 @@
 """Per-domain memory banks, prototypes and class marginals (ProtoOT's state between steps)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -44,6 +45,17 @@ NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
 AUTO_IVF_MIN_ROWS = 100_000
 
 
+def _outside_autocast(method):
+    """Run a memory method with the memory's device type's autocast off: banks, prototypes and
+    assignments are computed in the memory's dtype even inside a caller's ``torch.autocast``."""
+    @functools.wraps(method)
+    def in_memory_dtype(self, *args, **kwargs):
+        with torch.autocast(self.prototypes.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return in_memory_dtype
+
+
 class PrototypeMemory(torch.nn.Module):
     r"""One memory bank per domain, K prototypes per domain and their class marginals.
 
@@ -65,7 +77,9 @@ class PrototypeMemory(torch.nn.Module):
       prototype :math:`k` stays prototype :math:`k` while escaping its first clustering.
 
     Banks, prototypes, marginals, the ``written`` mask and ``epoch`` are buffers, so
-    ``state_dict()``/``load_state_dict()`` round-trip exactly and ``.to()`` moves all.
+    ``state_dict()``/``load_state_dict()`` round-trip exactly and ``.to()`` moves all. The
+    methods that compute state run with autocast off on the memory's device, so inside a
+    caller's ``torch.autocast`` it is still computed in the memory's dtype.
 
     Training steps (:meth:`step_pseudo_labels`, :meth:`cross_pseudo_labels`, used by
     ``ProtoOTLoss``) cost :math:`O(N_d K)` per domain with ``refresh_every=1`` (exact
@@ -353,6 +367,7 @@ class PrototypeMemory(torch.nn.Module):
             groups.append((slot, positions, self.row_of[indices[positions]]))
         return groups
 
+    @_outside_autocast
     def fill(self, keys: torch.Tensor, indices) -> None:
         """Write ``keys`` (detached, cast to the bank dtype, otherwise as given) into their bank rows.
 
@@ -405,6 +420,7 @@ class PrototypeMemory(torch.nn.Module):
                 "sample, then memory.recluster(epoch)); got a memory that was never reclustered"
             )
 
+    @_outside_autocast
     def assign(self, domain: int, prototype_domain: int | None = None) -> torch.Tensor:
         r"""Soft-assign a bank to a domain's prototypes by Sinkhorn under ``domain``'s marginal.
 
@@ -458,6 +474,7 @@ class PrototypeMemory(torch.nn.Module):
         self.potentials_valid[domain, prototype_domain] = True
         return assignment
 
+    @_outside_autocast
     def step_pseudo_labels(self, domain: int, rows) -> torch.Tensor:
         r"""One training step of ``domain``: pseudo-labels of bank ``rows``, then the prototype update.
 
@@ -509,6 +526,7 @@ class PrototypeMemory(torch.nn.Module):
         self.prototypes[domain] = F.normalize(self.prototype_means[domain], dim=1)
         return labels
 
+    @_outside_autocast
     def cross_pseudo_labels(self, domain: int, prototype_domain: int, rows) -> torch.Tensor:
         r"""Pseudo-labels of bank ``rows`` of ``domain`` under ``prototype_domain``'s prototypes.
 
@@ -537,6 +555,7 @@ class PrototypeMemory(torch.nn.Module):
             return len(self.bank(domain)) >= AUTO_IVF_MIN_ROWS
         return self.neighbour_search == "ivf"
 
+    @_outside_autocast
     def nearest_rows(self, domain: int, anchors: torch.Tensor, own_rows) -> torch.Tensor:
         r"""Bank rows most similar (dot product) to each anchor, never the anchor's own row.
 
@@ -596,6 +615,7 @@ class PrototypeMemory(torch.nn.Module):
         """Return the ``(N_d,)`` argmax over prototypes of :meth:`assign`."""
         return self.assign(domain, prototype_domain).argmax(dim=1)
 
+    @_outside_autocast
     def update_prototypes(self, domain: int, assignment: torch.Tensor) -> None:
         r"""Set :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)` (rows L2-normalised).
 
@@ -608,6 +628,7 @@ class PrototypeMemory(torch.nn.Module):
         check_matrix("assignment", assignment, rows=len(bank), cols=self.num_prototypes)
         self.prototypes[domain] = F.normalize(weighted_sums(assignment, bank), dim=1)
 
+    @_outside_autocast
     def recluster(self, epoch: int) -> None:
         """Run faiss K-means on every bank; set class marginals and (first call, or reset) prototypes.
 

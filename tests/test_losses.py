@@ -358,3 +358,17 @@ def test_empty_batch_gives_zero_loss_and_writes_nothing():
     loss.backward()
     assert loss.item() == 0.0 and embeddings.grad.shape == (0, memory.dim)
     assert all(torch.equal(value, state_before[name]) for name, value in memory.state_dict().items())
+
+
+def test_memory_state_is_computed_in_its_dtype_inside_a_callers_autocast():
+    """Under torch.autocast the loss's own products may run in bfloat16; the memory's updates may not."""
+    states = []
+    for autocast in (False, True):
+        memory = random_memory(TWO_DOMAINS, dtype=torch.float32)
+        loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+        embeddings, keys, labels = random_batch(BATCH, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss_func(embeddings, labels, ref_emb=keys)
+        states.append(cpu_state(memory))
+    for name, buffer in states[0].items():
+        assert torch.equal(buffer, states[1][name]), name
