@@ -515,7 +515,7 @@ class PrototypeMemory(torch.nn.Module):
             assignment = self._full_plan(domain, domain)
             labels = assignment[rows].argmax(dim=1)
             bank = self.bank(domain)
-            self.prototype_means[domain] = weighted_sums(assignment, bank) / len(bank)
+            self.prototype_means[domain] = _weighted_sums(assignment, bank) / len(bank)
             # Cross-domain plans of this bank are refreshed on their next use, with the new prototypes.
             self.potentials_valid[domain] = False
             self.potentials_valid[domain, domain] = True
@@ -626,7 +626,7 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         bank = self.bank(domain)
         check_matrix("assignment", assignment, rows=len(bank), cols=self.num_prototypes)
-        self.prototypes[domain] = F.normalize(weighted_sums(assignment, bank), dim=1)
+        self.prototypes[domain] = F.normalize(_weighted_sums(assignment, bank), dim=1)
 
     @_outside_autocast
     def recluster(self, epoch: int) -> None:
@@ -740,7 +740,7 @@ class PrototypeMemory(torch.nn.Module):
         )
 
 
-def weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     r"""``(K, dim)`` :math:`P^\top M` of an ``(N, K)`` assignment and ``(N, dim)`` bank, on the bank's device.
 
     Accumulated in float32 at least (float64 stays float64): a float16 sum of a large
