@@ -81,10 +81,12 @@ def main(argv=None):
     pca_init_(embedder, trunk_features(trunk.to(device), eval_images))  # the untrained trunk's features
 
     memory = PrototypeMemory(images.domain_ids, dim=128, num_prototypes=len(images.classes))
-    parameters = list(trunk.parameters()) + list(embedder.parameters())
     trainer = ProtoOTTrainer(
         {"trunk": trunk.to(device), "embedder": embedder.to(device)},
-        {"embedder_optimizer": torch.optim.Adam(parameters, lr=args.lr, weight_decay=5e-4, amsgrad=True)},
+        {  # PML's convention, one optimizer per model (Adam is per-parameter: the same as one over both)
+            f"{name}_optimizer": torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4, amsgrad=True)
+            for name, model in (("trunk", trunk), ("embedder", embedder))
+        },
         batch_size=args.batch_size,
         loss_funcs={"metric_loss": ProtoOTLoss(memory, cross_domain_start_epoch=args.epochs // 2)},
         dataset=TwoViewDataset(images, views, views),

@@ -1,9 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a partial one."""
+"""Files the package writes and reads: atomic writes (a reader sees the old file or the new one,
+never a partial one) and tensor-only loading."""
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import secrets
+
+import torch
 
 
 @contextlib.contextmanager
@@ -30,3 +34,23 @@ def atomic_write(path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def load_saved(path, what: str):
+    """``torch.load`` of ``path`` on the CPU, tensors and containers only (``weights_only``).
+
+    Raises:
+        ValueError: a file ``torch.save`` did not write, named as ``what``.
+        OSError: the file cannot be read.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # pickle, zip and torch errors alike
+        # torch's own message is pages of advice on weights_only: the exception's name says enough
+        hint = ("; a whole pickled model is refused too (it runs code on loading): save model.state_dict()"
+                if isinstance(err, pickle.UnpicklingError) else "")
+        raise ValueError(
+            f"{what} {os.fspath(path)!r} is not a file of tensors saved with torch.save ({type(err).__name__}){hint}"
+        ) from err

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._checks import check_matrix, check_positive_int
+from ._files import load_saved
 
 __all__ = ["create_trunk", "load_trunk_weights", "convert_efficientnet_lite0_weights", "embedding_head", "pca_init_"]
 
@@ -105,7 +106,7 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
         raise TypeError(f"weights{source} must map names to tensors; not tensors: {not_tensors[:5]}")
     expected = trunk.state_dict()
     state = _drop_absent_classifier(trunk, state, expected)
-    problems = state_dict_mismatch(expected, state, "weights")
+    problems = state_dict_mismatch(expected, state, "weights", shown=5)  # another model: thousands of keys
     if problems:
         raise ValueError(f"weights{source} do not match the model: {problems}")
     trunk.load_state_dict(state, strict=True)
@@ -113,11 +114,17 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
 
 
 def check_model_name(name: str, argument: str = "name") -> None:
-    """Raise ``ValueError`` naming ``argument`` (and similar timm names) unless timm has model ``name``."""
+    """Raise ``ValueError`` naming ``argument`` unless timm has model ``name`` (with its pretrained
+    tag, if ``name`` has one), listing similar names or the architecture's tags."""
+    architecture, _, tag = name.partition(".")
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
+        close = timm.list_models(f"*{architecture}*")[:10]
         hint = f"; similar names: {close}" if close else " (see timm.list_models())"
         raise ValueError(f"{argument} must be a timm model name, got {name!r}{hint}")
+    tags = timm.list_pretrained(f"{architecture}.*")
+    if tag and name not in tags:  # timm.is_model ignores the tag
+        raise ValueError(f"{argument} names no pretrained tag of {architecture!r}, got {name!r}; its tags: {tags[:10]}"
+                         + (f" and {len(tags) - 10} more" if len(tags) > 10 else ""))
 
 
 def fixed_input_size(name: str) -> tuple[int, int] | None:
@@ -130,22 +137,6 @@ def fixed_input_size(name: str) -> tuple[int, int] | None:
     if cfg is None or not cfg.fixed_input_size:
         return None
     return tuple(cfg.input_size[-2:])
-
-
-def load_saved(path, what: str):
-    """``torch.load`` of ``path`` on the CPU, tensors and containers only (``weights_only``).
-
-    Raises:
-        ValueError: a file ``torch.save`` did not write, named as ``what``.
-        OSError: the file cannot be read.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and torch errors alike
-        # torch's own message is pages of advice on weights_only: the exception's name says enough
-        raise ValueError(f"{what} {os.fspath(path)!r} is not a file saved with torch.save ({type(err).__name__})") from err
 
 
 def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, shown: int | None = None) -> str:

@@ -55,7 +55,7 @@ import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_int, check_number, integer_phrase, range_phrase
-from ._files import atomic_write
+from ._files import atomic_write, load_saved
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
@@ -64,7 +64,6 @@ from .backbones import (
     create_trunk,
     embedding_head,
     fixed_input_size,
-    load_saved,
     pca_init_,
     state_dict_mismatch,
 )
@@ -127,6 +126,12 @@ TRAIN_CONFIG_KEYS = (
 )
 
 
+#: Options of the feature cache, read only with --freeze-trunk, and their defaults.
+FROZEN_TRUNK_OPTIONS = {"feature_cache": "--feature-cache", "views": "--views",
+                        "center_domains": "--center-domains/--no-center-domains"}
+FROZEN_TRUNK_DEFAULTS = {"views": 4, "center_domains": True}
+
+
 class CommandError(ValueError):
     """Bad combination of command-line options (reported like an argparse error)."""
 
@@ -151,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the head on cached trunk features (default: on for the demo, off for --data)",
     )
     training.add_argument(
-        "--center-domains", action=argparse.BooleanOptionalAction, default=True,
+        "--center-domains", action=argparse.BooleanOptionalAction,
         help="subtract each domain's mean trunk feature (--freeze-trunk; default on, see FeatureCache)",
     )
     training.add_argument(
@@ -160,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(pca_init_; default on; the official code starts it at random)",
     )
     training.add_argument(
-        "--views", type=_integer_option(2), default=4,
+        "--views", type=_integer_option(2),
         help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
     )
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
@@ -189,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "cross-domain term (default: half of --epochs, as the paper's 100 of 200)")
     training.add_argument(
         "--official", action="store_true",
-        help="the official code's loss and memory settings (its whole pipeline: add --no-pca-head, and "
-        "--no-center-domains with --freeze-trunk)",
+        help="the official code's loss and memory settings (its whole pipeline: add --momentum 0.999 "
+        "--no-pca-head, and --no-center-domains with --freeze-trunk)",
     )
     training.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype")
     training.add_argument(
@@ -370,7 +375,8 @@ def train(args) -> dict:
     )
     if config["pca_head"]:
         pca_init_(head, trunk_features(
-            trunk.to(device), fill_set, batch_size=config["batch_size"], num_workers=config["workers"]
+            trunk.to(device), fill_set, batch_size=config["batch_size"], num_workers=config["workers"],
+            progress=not config["quiet"], description="trunk features for the PCA head",
         ))
     tester = _tester(config)
     print(f"Before training ({config['backbone']}, head at {'PCA' if config['pca_head'] else 'random'} init):")
@@ -400,6 +406,7 @@ def _resolve_train_config(args) -> dict:
         if config[key] is None:
             config[key] = value
     config["freeze_trunk"] = bool(config["freeze_trunk"])
+    _check_frozen_trunk_options(config)
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
@@ -415,9 +422,27 @@ def _resolve_train_config(args) -> dict:
         config["augment"] = "batched" if torch.device(config["device"]).type == "cuda" else "pil"
     if config["out"] is None:
         config["out"] = os.path.join("runs", datetime.datetime.now().strftime("protoot-%Y%m%d-%H%M%S"))
+    if config["feature_cache"] is not None:
+        _check_creatable("--feature-cache", Path(config["feature_cache"]), folder=False)
+    # config.json must work from any folder: `protoot eval --checkpoint` reads these paths back.
+    for key in ("data", "weights", "feature_cache"):
+        if config[key] is not None and config[key] != LITE0_PACKAGE:
+            config[key] = os.path.abspath(config[key])
     if config["data"] is None:
         config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
     return config
+
+
+def _check_frozen_trunk_options(config: dict) -> None:
+    """Refuse feature-cache options without --freeze-trunk (end-to-end training would ignore them),
+    then give the unset ones their defaults."""
+    given = [option for key, option in FROZEN_TRUNK_OPTIONS.items() if config[key] is not None]
+    if given and not config["freeze_trunk"]:
+        raise CommandError(f"{', '.join(given)} only apply with --freeze-trunk (cached trunk features); "
+                           "end-to-end training would ignore them")
+    config["views"] = FROZEN_TRUNK_DEFAULTS["views"] if config["views"] is None else config["views"]
+    if config["center_domains"] is None:
+        config["center_domains"] = FROZEN_TRUNK_DEFAULTS["center_domains"]
 
 
 def _fit_image_size(backbone: str, given: int | None, default: int, demo_training: bool = False) -> int:
@@ -537,7 +562,11 @@ def _load_dataset(config: dict):
             num_classes=demo["num_classes"], images_per_class=tuple(demo["images_per_class"]),
             domains=config["domains"] or demo["domains"], image_size=demo["image_size"], seed=demo["seed"],
         )
-    return MultiDomainImageFolder(config["data"], config["domains"])
+    _folder_domains(config["data"])  # a missing folder, named by its option
+    try:
+        return MultiDomainImageFolder(config["data"], config["domains"])
+    except ValueError as err:  # the folder's own messages say "root"; the user gave --data
+        raise CommandError(f"--data: {err}") from err
 
 
 def _build_encoder(config: dict):
@@ -673,13 +702,17 @@ def evaluate(args) -> dict:
         The :class:`~pml_protoot.testers.CrossDomainTester` results (also written to ``--out``).
 
     Raises:
-        CommandError: neither or both of ``--checkpoint`` and ``--backbone``.
+        CommandError: neither or both of ``--checkpoint`` and ``--backbone``, or
+            ``--weights``/``--pretrained`` with ``--checkpoint``.
         FileNotFoundError: the checkpoint or its ``config.json`` is missing.
         ValueError: the config is not a train config, or the checkpoint does not fit its model.
     """
     _share_threads(args.threads)
     if (args.checkpoint is None) == (args.backbone is None):
         raise CommandError("protoot eval needs exactly one of --checkpoint PATH or --backbone NAME")
+    if args.checkpoint is not None and (args.weights or args.pretrained):
+        raise CommandError("--weights and --pretrained choose the weights of --backbone; a --checkpoint's trunk "
+                           "comes from the checkpoint")
     if args.out:
         _check_creatable("--out", Path(args.out), folder=False)
     device = torch.device(args.device)
@@ -699,7 +732,7 @@ def evaluate(args) -> dict:
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
     if config.get("freeze_trunk") and config.get("center_domains"):
-        eval_sets = _centred_trunk_features(dataset, trunk, device, config["batch_size"], config["workers"])
+        eval_sets = _centred_trunk_features(dataset, trunk, device, config)
         trunk = torch.nn.Identity()
     results = _score(_tester(config), eval_sets, trunk, head, device, epoch=epoch)
     if args.out:
@@ -707,9 +740,10 @@ def evaluate(args) -> dict:
     return results
 
 
-def _centred_trunk_features(dataset, trunk, device, batch_size, num_workers) -> dict:
+def _centred_trunk_features(dataset, trunk, device, config: dict) -> dict:
     """``{domain: TensorDataset(trunk features less the domain's mean, labels)}``, as training saw them."""
-    features = trunk_features(trunk.to(device), dataset, batch_size=batch_size, num_workers=num_workers)
+    features = trunk_features(trunk.to(device), dataset, batch_size=config["batch_size"], num_workers=config["workers"],
+                              progress=not config.get("quiet"), description="trunk features")
     features = features - domain_means(features, dataset.domain_ids)[dataset.domain_ids]
     labels = torch.as_tensor(dataset.targets)
     centred = {}

@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
-from ._files import atomic_write
+from ._files import atomic_write, load_saved
 
 __all__ = [
     "domain_means",
@@ -136,6 +136,9 @@ class MultiDomainImageFolder(MultiDomainDataset):
                 f"root must be a folder of <domain>/<class>/ images, {str(root)!r} is not one"
             )
         available = _visible_folders(self.root)
+        if domains is None and len(available) < 2:
+            raise ValueError(f"root {str(root)!r} must hold at least two domain folders "
+                             f"(<root>/<domain>/<class>/<image>), got {available}")
         domains = available if domains is None else _check_domain_names(domains, available, self.root)
         if isinstance(extensions, str):
             raise TypeError(f"extensions must be a sequence of file name endings, e.g. ('.jpg', '.png'), "
@@ -148,6 +151,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
             for name in class_dirs[domain]:
                 folder = self.root / domain / name
                 samples += [(str(folder / f), classes.index(name), slot) for f in _image_files(folder, extensions)]
+        _check_no_images_above_classes(self.root, domains, samples, extensions)
         super().__init__(list(domains), classes, samples, transform)
         logger.info(
             "MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes)
@@ -176,6 +180,19 @@ class MultiDomainImageFolder(MultiDomainDataset):
 def _visible_folders(folder: Path) -> list[str]:
     """Sorted sub-folder names, without hidden ones (``.git``, ``.ipynb_checkpoints``): never domains or classes."""
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _check_no_images_above_classes(root: Path, domains, samples, extensions) -> None:
+    """Raise for a domain without images in class folders but with images directly inside it:
+    the usual sign of a root one level too deep (``<root>/<class>/<image>``)."""
+    filled = {slot for _, _, slot in samples}
+    for slot, domain in enumerate(domains):
+        loose = _image_files(root / domain, extensions)
+        if slot not in filled and loose:
+            raise ValueError(
+                f"domain {domain!r} holds {len(loose)} images directly but none in class folders: is root "
+                f"{str(root)!r} one level too deep? Expected <root>/<domain>/<class>/<image>"
+            )
 
 
 def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[str]:
@@ -599,6 +616,10 @@ def _upcast_half(features: torch.Tensor) -> torch.Tensor:
     return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
 
 
+#: What a FeatureCache file holds: its inputs' digest, eval-view and augmented-view features.
+CACHE_ENTRIES = frozenset({"key", "eval", "views"})
+
+
 class FeatureCache:
     r"""Frozen-trunk features of every image, for the eval view and ``V`` augmented views, computed once.
 
@@ -616,7 +637,9 @@ class FeatureCache:
         train_view: augmentation for the cached training views (e.g. :func:`moco_v2_transform`).
         eval_view: deterministic evaluation transform (e.g. :func:`eval_transform`).
         num_views: ``V >= 2`` augmented views per image.
-        path: ``.pt`` cache file, or ``None`` for memory only.
+        path: ``.pt`` cache file, or ``None`` for memory only. A cache of other data, trunk,
+            views or seed there is recomputed and replaced; any other file is refused, never
+            overwritten.
         batch_size: images per trunk call.
         device: where the trunk runs: it is moved there (``None``: where it is).
         seed: seed of the augmentations.
@@ -637,7 +660,8 @@ class FeatureCache:
 
     Raises:
         TypeError: ``dataset`` is not a :class:`MultiDomainDataset`.
-        ValueError: ``num_views < 2`` or bad ``batch_size``.
+        ValueError: ``num_views < 2``, bad ``batch_size``, or a ``path`` that is a folder or
+            a file other than a feature cache (checked before any extraction).
 
     Example:
         >>> import torch
@@ -697,9 +721,16 @@ class FeatureCache:
         return features - self.domain_means[self.dataset.domain_ids[indices]]
 
     def _load(self) -> bool:
-        if self.path is None or not self.path.is_file():
+        if self.path is None or not self.path.exists():
             return False
-        stored = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not self.path.is_file():
+            raise ValueError(f"feature cache path {str(self.path)!r} must name a file, got a folder")
+        stored = load_saved(self.path, "feature cache path")
+        if not (isinstance(stored, dict) and CACHE_ENTRIES <= set(stored)):
+            raise ValueError(
+                f"feature cache path {str(self.path)!r} holds something other than a feature cache (no {sorted(CACHE_ENTRIES)} "
+                "entries): it is not overwritten; give the cache a file name of its own"
+            )
         if stored.get("key") != self.key:
             logger.info("feature cache %s is stale (data, transforms, weights or views changed)", self.path)
             return False

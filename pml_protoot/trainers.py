@@ -265,11 +265,17 @@ class ProtoOTTrainer(BaseTrainer):
         for self.epoch in range(start_epoch, num_epochs + 1):
             self.start_epoch()
             progress = tqdm(range(self.iterations_per_epoch), desc=f"epoch {self.epoch}", disable=None)
+            loss_sum = 0.0
             for self.iteration in progress:
                 self.forward_and_backward()
                 self.end_of_iteration_hook(self)
-                progress.set_postfix(total_loss=float(torch.as_tensor(self.losses["total_loss"]).detach()))
+                loss = float(torch.as_tensor(self.losses["total_loss"]).detach())
+                loss_sum += loss
+                progress.set_postfix(total_loss=loss)
                 self.step_lr_schedulers(end_of_epoch=False)
+            # The bar is hidden when stderr is not a terminal (a log file): the log keeps the loss.
+            logger.info("epoch %d: mean total_loss %.5f over %d steps", self.epoch,
+                        loss_sum / max(self.iterations_per_epoch, 1), self.iterations_per_epoch)
             self.step_lr_schedulers(end_of_epoch=True)
             self.zero_losses()
             # After the hook: a tester or a plateau scheduler in it draws random numbers and steps

@@ -112,13 +112,27 @@ def test_unknown_name_without_similar_names_shows_no_empty_list():
         create_trunk("resnet1")  # a near miss still gets suggestions
 
 
+def test_a_mistyped_pretrained_tag_is_refused_listing_the_tags():
+    with pytest.raises(ValueError, match=r"name names no pretrained tag of 'resnet50', got 'resnet50.a1_in1'; "
+                                         r"its tags: \['resnet50.a1_in1k', .*\] and 9 more"):
+        create_trunk("resnet50.a1_in1")
+    create_trunk("tf_efficientnet_lite0.in1k")  # a real tag passes
+
+
 @pytest.mark.parametrize("content", [b'{"lr": 0.1}', b"garbage", b""])
 def test_weights_file_not_written_by_torch_save_is_a_one_line_value_error(tmp_path, content):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="weights file .* is not a file saved with torch.save") as info:
+    with pytest.raises(ValueError, match="weights file .* is not a file of tensors saved with torch.save") as info:
         create_trunk("resnet18", weights=path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_whole_pickled_model_is_refused_with_the_state_dict_advice(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(ValueError, match=r"a whole pickled model is refused too .*: save model.state_dict\(\)"):
+        create_trunk("resnet18", weights=path)
 
 
 def test_lite0_conversion_pairs_source_tensors_in_order_with_matching_shapes(lite0_state):
@@ -327,3 +341,12 @@ def test_full_levit_checkpoint_with_a_stray_key_lists_only_that_key(tmp_path):
     state["stem.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"do not match the model: unexpected keys \['stem.extra'\]$"):
         load_trunk_weights(timm.create_model("levit_128s", num_classes=0), state)
+
+
+def test_another_backbones_weights_give_a_short_message_with_counts(tmp_path):
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError) as info:
+        create_trunk("resnet50", weights=tmp_path / "r18.pth")
+    message = str(info.value)
+    assert len(message) < 1500 and "more" in message, message
+    assert message.count("'layer") + message.count("'conv") + message.count("'bn") <= 15

@@ -202,6 +202,13 @@ def corrupt_one_image(root: Path) -> Path:
     "case, expected",
     [
         ("missing_data_folder", "--data must be a folder of <domain>/<class>/ images"),
+        ("missing_data_folder_with_domains", "--data must be a folder of <domain>/<class>/ images"),
+        ("one_domain_folder", "--data: root {root!r} must hold at least two domain folders"),
+        ("data_one_level_too_deep", "--data: domain 'circle' holds 4 images directly but none in class folders: "
+         "is root {root!r} one level too deep?"),
+        ("tagged_backbone", "--backbone names no pretrained tag of 'resnet50', got 'resnet50.a1_in1'"),
+        ("feature_cache_folder", "--feature-cache {cache!r} is a folder, expected a file name"),
+        ("views_without_frozen_trunk", "--views, --center-domains/--no-center-domains only apply with --freeze-trunk"),
         ("missing_domain", "['sketch'] not found"),
         ("one_domain", "at least two domains"),
         ("unreadable_image", "cannot read image file"),
@@ -218,6 +225,23 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     argv = ["train", "--data", image_folder, "--out", out, "--batch-size", "4", "--epochs", "1", *TINY_MODEL]
     if case == "missing_data_folder":
         argv = ["train", "--data", tmp_path / "nowhere", "--out", out, *TINY_MODEL]  # no --batch-size: reads --data
+    elif case == "missing_data_folder_with_domains":
+        argv[argv.index("--data") + 1] = tmp_path / "nowhere"
+        argv += ["--domains", "filled", "outline"]
+    elif case == "one_domain_folder":
+        shutil.rmtree(image_folder / "outline")
+        expected = expected.format(root=str(image_folder))
+    elif case == "data_one_level_too_deep":
+        argv[argv.index("--data") + 1] = image_folder / "filled"
+        expected = expected.format(root=str(image_folder / "filled"))
+    elif case == "views_without_frozen_trunk":
+        argv += ["--views", "8", "--no-center-domains"]
+    elif case == "tagged_backbone":
+        argv += ["--backbone", "resnet50.a1_in1"]
+    elif case == "feature_cache_folder":
+        (tmp_path / "cache").mkdir()
+        argv += ["--feature-cache", tmp_path / "cache", "--freeze-trunk"]
+        expected = expected.format(cache=str(tmp_path / "cache"))
     elif case == "missing_domain":
         argv += ["--domains", "filled", "sketch"]
     elif case == "one_domain":
@@ -243,6 +267,12 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     assert not (out / "last.pth").exists() and not (out.exists() and any(out.iterdir()))
 
 
+@pytest.mark.parametrize("option", [["--weights", "trunk.pth"], ["--pretrained"]])
+def test_eval_refuses_weights_options_beside_a_checkpoint(option, demo_run, capsys):
+    status, _, err = run_main(["eval", "--checkpoint", demo_run / "last.pth", "--quiet", *option], capsys)
+    assert status == 2 and "--weights and --pretrained choose the weights of --backbone" in err
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -253,8 +283,8 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
         ("other_end_to_end_backbone", "does not match the model of its config.json (backbone 'resnet10t', "
          "freeze_trunk False): missing keys ['0.conv1.0.weight', '0.conv1.1.weight', '0.conv1.1.bias'] and "
          "{more} more; shape mismatches"),
-        ("json_file", "--checkpoint {path!r} is not a file saved with torch.save (UnpicklingError)"),
-        ("text_file", "--checkpoint {path!r} is not a file saved with torch.save (UnpicklingError)"),
+        ("json_file", "--checkpoint {path!r} is not a file of tensors saved with torch.save (UnpicklingError)"),
+        ("text_file", "--checkpoint {path!r} is not a file of tensors saved with torch.save (UnpicklingError)"),
     ],
 )
 def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, demo_run, tmp_path, capsys):
@@ -449,7 +479,8 @@ def test_a_random_trunk_is_warned_of_whichever_the_data(data, extra, frozen, ima
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
     source = ["--data", image_folder, "--batch-size", "4"] if data == "folder" else []
-    argv = ["train", *source, "--epochs", "1", "--views", "2", "--device", "cpu", "--out", out, *TINY_MODEL, *extra]
+    views = ["--views", "2"] if frozen else []  # a feature-cache option: refused without a frozen trunk
+    argv = ["train", *source, "--epochs", "1", *views, "--device", "cpu", "--out", out, *TINY_MODEL, *extra]
     assert run_main(argv, capsys)[0] == 0
     assert json.loads((out / "config.json").read_text())["freeze_trunk"] is frozen
     random_trunk = [w for w in warnings_logged(caplog) if "randomly initialised resnet10t trunk" in w]
@@ -462,7 +493,8 @@ def test_a_trunk_from_a_weights_file_is_not_called_random(data, image_folder, tm
     caplog.set_level(logging.INFO)
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "weights.pth")
     source = ["--data", image_folder, "--batch-size", "4"] if data == "folder" else []
-    argv = ["train", *source, "--epochs", "1", "--views", "2", "--device", "cpu", "--weights", tmp_path / "weights.pth",
+    views = ["--views", "2"] if data == "demo" else []  # the demo's trunk is frozen, a folder run's is not
+    argv = ["train", *source, "--epochs", "1", *views, "--device", "cpu", "--weights", tmp_path / "weights.pth",
             "--out", tmp_path / "run", *TINY_MODEL]
     assert run_main(argv, capsys)[0] == 0
     assert not any("random" in warning for warning in warnings_logged(caplog)), warnings_logged(caplog)
@@ -676,3 +708,17 @@ def test_eval_of_a_fixed_size_run_refuses_another_image_size(tmp_path, capsys, m
         "protoot: error: --image-size 64 does not fit: --backbone vit_tiny_patch16_224 takes only 224x224 images; "
         "pass --image-size 224 or pick a backbone without a fixed input size (e.g. resnet50)"
     )
+
+
+def test_a_run_with_relative_paths_evaluates_from_another_folder(image_folder, tmp_path, capsys, monkeypatch):
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "weights.pth")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "data", "--weights", "weights.pth", "--batch-size", "4", "--epochs", "1",
+            "--device", "cpu", "--out", "run", *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(image_folder) and config["weights"] == str(tmp_path / "weights.pth")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    status, out, err = run_main(["eval", "--checkpoint", tmp_path / "run" / "last.pth", "--quiet"], capsys)
+    assert status == 0, err

@@ -460,6 +460,25 @@ def test_feature_cache_bad_input(tiny_folder):
         build_cache(tiny_folder, CountingTrunk(), None, num_views=1)
 
 
+@pytest.mark.parametrize("content", ["checkpoint", "text", "folder"])
+def test_feature_cache_refuses_a_path_holding_anything_else_before_extracting(content, tiny_folder, tmp_path):
+    path = tmp_path / "last.pth"
+    if content == "checkpoint":
+        torch.save({"models": {"trunk": {}}, "epoch": 3}, path)
+    elif content == "text":
+        path.write_text("notes")
+    else:
+        path.mkdir()
+    before = path.read_bytes() if path.is_file() else None
+    trunk = CountingTrunk()
+    message = {"checkpoint": "holds something other than a feature cache", "text": "is not a file of tensors",
+               "folder": "feature cache path .* must name a file, got a folder"}[content]
+    with pytest.raises(ValueError, match=message):
+        build_cache(tiny_folder, trunk, path)
+    assert trunk.calls == 0
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
 def test_feature_cache_centres_each_domain_by_its_eval_mean():
     data = make_synthetic_domains(num_classes=2, images_per_class=(3, 2), image_size=16, seed=3)
     trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))

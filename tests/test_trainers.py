@@ -503,3 +503,12 @@ def test_under_distributed_a_sampler_sharded_for_another_world_is_refused(monkey
         trainers._check_sampler_shards(None)
     assert "every rank trains on every sample" in caplog.text
     trainers._check_sampler_shards(CrossDomainSampler(domains, BATCH, num_replicas=2, rank=1))  # the right shard
+
+
+def test_each_epoch_logs_its_mean_loss(caplog):
+    trainer = make_trainer("cpu")
+    with caplog.at_level("INFO", logger="pml_protoot.trainers"):
+        trainer.train(1, 2)
+    steps = trainer.iterations_per_epoch
+    for epoch, losses in ((1, trainer.recorded_losses[:steps]), (2, trainer.recorded_losses[steps:])):
+        assert f"epoch {epoch}: mean total_loss {sum(losses) / steps:.5f} over {steps} steps" in caplog.text
