@@ -51,6 +51,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
             ``num_classes``, ``weights`` whose keys/shapes do not match (listed), or a
             ``weights`` file that ``torch.save`` did not write.
         FileNotFoundError: ``weights`` names a missing file.
+        OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline).
         TypeError: a ``timm_kwargs`` argument the model does not take (timm's message).
 
     Example:
@@ -70,7 +71,16 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:
         check_positive_int("num_classes", num_classes)
-    trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    try:
+        trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    except OSError as err:  # the hub download (connection errors and a missing cache alike)
+        if not pretrained:
+            raise
+        raise OSError(
+            f"pretrained weights of {name!r} could not be downloaded from the hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no message'}); without internet, load a local state dict "
+            "with weights=FILE (protoot: --weights FILE), and set HF_HUB_OFFLINE=1 to skip the retries"
+        ) from err
     if weights is not None:
         load_trunk_weights(trunk, weights)
     # Models with a pre-logits layer (MobileNetV3, GhostNet, ...) output head_hidden_size features

@@ -350,3 +350,16 @@ def test_another_backbones_weights_give_a_short_message_with_counts(tmp_path):
     message = str(info.value)
     assert len(message) < 1500 and "more" in message, message
     assert message.count("'layer") + message.count("'conv") + message.count("'bn") <= 15
+
+
+def test_a_failed_hub_download_says_what_to_do_offline(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    with pytest.raises(OSError, match=r"pretrained weights of 'resnet10t' could not be downloaded from the hub "
+                                      r"\(OSError: We couldn't connect .*\); without internet, .*weights=FILE") as info:
+        create_trunk("resnet10t", pretrained=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(OSError, match="^We couldn't connect"):  # not a download: timm's own error as it is
+        create_trunk("resnet10t")
