@@ -225,6 +225,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
         Raises:
             TypeError: non-tensor/non-float embeddings or non-integer labels.
+            NotImplementedError: a subclass's own metric in ``requires_knn()`` (PML's
+                ``knn_labels`` are never computed here).
             ValueError: labels not 1-D, lengths that differ from their embeddings,
                 different embedding widths, empty sets, non-finite values, or
                 ``ref_includes_query`` with a reference that does not start with the query.
@@ -251,6 +253,14 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             "reference_labels": reference_labels,
             "ref_includes_query": ref_includes_query,
         }
+        foreign = [name for name in metrics
+                   if name in self.requires_knn() and name not in PrecisionAtKCalculator.requires_knn(self)]
+        if foreign:
+            raise NotImplementedError(
+                f"metrics {foreign} are declared in requires_knn(): they read PML's knn_labels, which this calculator "
+                "never builds (it ranks every gallery item exactly, without a k-nearest-neighbour list); compute them "
+                "with PML's AccuracyCalculator"
+            )
         if any(name in self.requires_knn() for name in metrics):
             kwargs.update(self._ranking_statistics(query, query_labels, reference, reference_labels, ref_includes_query))
         if any(name in self.requires_clustering() for name in metrics):

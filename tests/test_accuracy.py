@@ -568,3 +568,19 @@ def test_screen_keeps_every_item_at_or_above_the_threshold(rank):
         expected = [reference_labels[j] == 1 for j in order if similarities[j] >= thresholds[row]]
         assert candidates.counts[row] == len(expected)
         assert got[row, : len(expected)].tolist() == expected
+
+
+def test_a_subclass_metric_reading_pml_knn_labels_is_refused_by_name():
+    class WithKnnMetric(PrecisionAtKCalculator):
+        def calculate_precision_at_2(self, knn_labels, query_labels, **kwargs):
+            return float((knn_labels[:, :2] == query_labels[:, None]).float().mean())
+
+        def requires_knn(self):
+            return super().requires_knn() + ["precision_at_2"]
+
+    calc = WithKnnMetric(include=("precision_at_1", "precision_at_2"), device=torch.device("cpu"))
+    embeddings, labels = torch.randn(10, 4), torch.arange(10) % 2
+    with pytest.raises(NotImplementedError, match=r"metrics \['precision_at_2'\] are declared in requires_knn"):
+        calc.get_accuracy(embeddings, labels, embeddings, labels, True)
+    assert set(calc.get_accuracy(embeddings, labels, embeddings, labels, True, include=("precision_at_1",))) == {
+        "precision_at_1"}
