@@ -25,7 +25,12 @@ def atomic_write(path, mode: str = "wb"):
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(handle, mode) as file:
+        try:
+            file = os.fdopen(handle, mode)
+        except BaseException:  # e.g. a bad mode: the descriptor is still ours to close
+            os.close(handle)
+            raise
+        with file:
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import warnings
@@ -225,8 +226,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
         Raises:
             TypeError: non-tensor/non-float embeddings or non-integer labels.
-            NotImplementedError: a subclass's own metric in ``requires_knn()`` (PML's
-                ``knn_labels`` are never computed here).
+            NotImplementedError: a subclass's metric that takes ``knn_labels`` (PML's
+                k-nearest-neighbour labels are never computed here).
             ValueError: labels not 1-D, lengths that differ from their embeddings,
                 different embedding widths, empty sets, non-finite values, or
                 ``ref_includes_query`` with a reference that does not start with the query.
@@ -253,13 +254,12 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             "reference_labels": reference_labels,
             "ref_includes_query": ref_includes_query,
         }
-        foreign = [name for name in metrics
-                   if name in self.requires_knn() and name not in PrecisionAtKCalculator.requires_knn(self)]
-        if foreign:
+        reads_knn = [name for name in metrics
+                     if "knn_labels" in inspect.signature(getattr(self, f"calculate_{name}")).parameters]
+        if reads_knn:
             raise NotImplementedError(
-                f"metrics {foreign} are declared in requires_knn(): they read PML's knn_labels, which this calculator "
-                "never builds (it ranks every gallery item exactly, without a k-nearest-neighbour list); compute them "
-                "with PML's AccuracyCalculator"
+                f"metrics {reads_knn} read PML's knn_labels, which this calculator never builds (it ranks every "
+                "gallery item exactly, without a k-nearest-neighbour list); compute them with PML's AccuracyCalculator"
             )
         if any(name in self.requires_knn() for name in metrics):
             kwargs.update(self._ranking_statistics(query, query_labels, reference, reference_labels, ref_includes_query))

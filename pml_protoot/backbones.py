@@ -131,10 +131,14 @@ def check_model_name(name: str, argument: str = "name") -> None:
         close = timm.list_models(f"*{architecture}*")[:10]
         hint = f"; similar names: {close}" if close else " (see timm.list_models())"
         raise ValueError(f"{argument} must be a timm model name, got {name!r}{hint}")
-    tags = timm.list_pretrained(f"{architecture}.*")
-    if tag and name not in tags:  # timm.is_model ignores the tag
+    if not tag:
+        return
+    try:  # timm.is_model ignores the tag; its config lookup checks it (".untrained" included)
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        tags = timm.list_pretrained(f"{architecture}.*")
         raise ValueError(f"{argument} names no pretrained tag of {architecture!r}, got {name!r}; its tags: {tags[:10]}"
-                         + (f" and {len(tags) - 10} more" if len(tags) > 10 else ""))
+                         + (f" and {len(tags) - 10} more" if len(tags) > 10 else "")) from None
 
 
 def fixed_input_size(name: str) -> tuple[int, int] | None:

@@ -507,7 +507,9 @@ def _check_creatable(option: str, path: Path, folder: bool) -> None:
     if path.exists() and path.is_dir() != folder:
         raise CommandError(f"{option} {str(path)!r} is {'a file' if folder else 'a folder'}, expected a "
                            f"{'folder' if folder else 'file name'}")
-    existing = next(parent for parent in (path, *path.parents) if parent.exists())  # the root always exists
+    # An existing file is replaced: its folder is what must be writable (the root always exists).
+    candidates = path.parents if path.is_file() else (path, *path.parents)
+    existing = next(parent for parent in candidates if parent.exists())
     if not existing.is_dir():
         raise CommandError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
     if not os.access(existing, os.W_OK):
@@ -563,10 +565,7 @@ def _load_dataset(config: dict):
             domains=config["domains"] or demo["domains"], image_size=demo["image_size"], seed=demo["seed"],
         )
     _folder_domains(config["data"])  # a missing folder, named by its option
-    try:
-        return MultiDomainImageFolder(config["data"], config["domains"])
-    except ValueError as err:  # the folder's own messages say "root"; the user gave --data
-        raise CommandError(f"--data: {err}") from err
+    return MultiDomainImageFolder(config["data"], config["domains"])
 
 
 def _build_encoder(config: dict):

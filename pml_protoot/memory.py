@@ -266,8 +266,17 @@ class PrototypeMemory(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse a checkpoint of another sample layout, load, then drop the IVF indexes of the old banks."""
         self._check_sample_layout(state_dict, prefix)
+        self._convert_prototype_sums(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
+
+    def _convert_prototype_sums(self, state_dict, prefix: str) -> None:
+        """Checkpoints of ``refresh_every > 1`` made before the cache held means kept ``prototype_sums``
+        (:math:`\tilde P^\top M_d`): divide by the bank sizes into ``prototype_means``."""
+        sums = state_dict.pop(prefix + "prototype_sums", None)
+        if sums is not None and prefix + "prototype_means" not in state_dict:
+            sizes = torch.bincount(self.domain_of.cpu(), minlength=self.num_domains).to(sums)
+            state_dict[prefix + "prototype_means"] = sums / sizes[:, None, None]
 
     def _check_sample_layout(self, state_dict, prefix: str) -> None:
         """Raise unless the checkpoint maps every global index to the domain and row the constructor's
@@ -685,7 +694,7 @@ class PrototypeMemory(torch.nn.Module):
                 centroids, sizes = self._kmeans(self.bank(slot))
             else:
                 centroids = torch.empty_like(self.prototypes[slot])
-                sizes = torch.empty(self.num_prototypes, device=centroids.device, dtype=torch.float64)
+                sizes = torch.empty(self.num_prototypes, device=centroids.device, dtype=torch.long)
             if is_distributed():
                 broadcast_(centroids)
                 broadcast_(sizes)
@@ -693,7 +702,7 @@ class PrototypeMemory(torch.nn.Module):
         return clusterings
 
     def _kmeans(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return K-means ``(K, dim)`` centroids like ``bank`` and ``(K,)`` float64 cluster sizes on its device."""
+        """Return K-means ``(K, dim)`` centroids like ``bank`` and ``(K,)`` int64 cluster sizes on its device."""
         points = _as_faiss_rows(bank)
         kmeans = faiss.Kmeans(
             self.dim,
@@ -707,9 +716,9 @@ class PrototypeMemory(torch.nn.Module):
         kmeans.train(points)
         _, labels = kmeans.index.search(points, 1)
         sizes = np.bincount(labels.ravel(), minlength=self.num_prototypes)
-        # Counts stay float64: in a float16 bank's dtype they overflow past 65,504 rows.
+        # Counts stay integers: in a float16 bank's dtype they overflow past 65,504 rows.
         centroids = torch.from_numpy(kmeans.centroids).to(device=bank.device, dtype=bank.dtype)
-        return centroids, torch.from_numpy(sizes).to(device=bank.device, dtype=torch.float64)
+        return centroids, torch.from_numpy(sizes).to(device=bank.device, dtype=torch.long)
 
     def _class_marginal(self, slot: int, sizes=None, cluster_of_prototype=None) -> torch.Tensor:
         """``(K,)`` marginal of ``slot`` by ``marginal_rule``; the cluster-size rules need ``sizes``
@@ -718,8 +727,10 @@ class PrototypeMemory(torch.nn.Module):
             return torch.full_like(self.class_marginals[slot], 1.0 / self.num_prototypes)
         if self.marginal_rule == "assignment":
             return self.assign(slot).sum(dim=0) / len(self.bank(slot))
-        fractions = sizes / sizes.sum()
-        return fractions if self.marginal_rule == "official" else fractions[cluster_of_prototype]
+        fractions = sizes.cpu().double() / int(sizes.sum())  # float64 on the CPU: any device's memory
+        if self.marginal_rule == "matched":
+            fractions = fractions[cluster_of_prototype.cpu()]
+        return fractions.to(self.class_marginals)
 
     def _cluster_of_prototype(self, slot: int, centroids: torch.Tensor) -> torch.Tensor:
         """``(K,)`` long: the K-means cluster matched to each current prototype of ``slot``
@@ -780,7 +791,9 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(column_potentials(logits, torch.softmax(logits + g, dim=1)), g)
         True
     """
-    logits = logits.to(plan.dtype)
+    result_dtype = plan.dtype
+    work_dtype = torch.promote_types(plan.dtype, torch.float32)  # float16's tiny * 2**24 is above 1
+    plan, logits = plan.to(work_dtype), logits.to(work_dtype)
     # Entries this close to underflow carry no reliable logarithm.
     usable = plan > torch.finfo(plan.dtype).tiny * 2**24
     top = plan.argmax(dim=1, keepdim=True)
@@ -796,7 +809,7 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     potentials = torch.linalg.pinv(laplacian.double()) @ rhs.double()
     carries_mass = usable.any(dim=0)
     potentials -= potentials[carries_mass].mean()
-    return potentials.masked_fill(~carries_mass, -math.inf).to(plan.dtype)
+    return potentials.masked_fill(~carries_mass, -math.inf).to(result_dtype)
 
 
 class BankIndex:

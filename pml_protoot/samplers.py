@@ -37,8 +37,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
     ascending domain-id order inside a block, not interleaved). Rank ``r`` gets blocks
     ``r, r + R, r + 2R, ...``: shards are disjoint block sets of equal length. Their
     union is the single-process epoch when :math:`\lceil N_{\max} / b \rceil` is a
-    multiple of ``R``; otherwise ``T`` rounds it up to one, and the extra blocks come
-    from further reshuffles (the largest domain too).
+    multiple of ``R``; otherwise it is an epoch of the larger ``T`` blocks, whose
+    reshuffles differ from the single-process epoch's.
 
     ``batch_size`` is the per-process batch: pass the same number as ``batch_size`` of
     the ``DataLoader`` or PML trainer so that each batch is exactly one block.

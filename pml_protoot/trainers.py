@@ -460,9 +460,7 @@ class ProtoOTTrainer(BaseTrainer):
         self.momentum = state["momentum"]
         self.epoch = state["epoch"]
         _set_rng_state(state["rng"])
-        rounding_generator = getattr(self.key_encoder, "_sr_generator", None)
-        if rounding_generator is not None and state.get("key_encoder_rounding_rng") is not None:
-            rounding_generator.set_state(state["key_encoder_rounding_rng"])
+        _set_rounding_generator_state(self.key_encoder, state.get("key_encoder_rounding_rng"))
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
 
@@ -475,8 +473,8 @@ class ProtoOTTrainer(BaseTrainer):
                                f"{sorted(state.get(group, {}))}): it was saved by a trainer of another setup")
         for name in ("sampler", "dataset"):
             saved, expected = state.get(name) is not None, hasattr(getattr(self, name), "state_dict")
-            # Checkpoints made before datasets had a state lack "dataset"; they still resume.
-            if saved != expected and (saved or name == "sampler"):
+            # Checkpoints made before datasets had a state lack the "dataset" entry; they still resume.
+            if saved != expected and name in state:
                 raise ValueError(
                     f"checkpoint {os.fspath(path)!r} {'holds' if saved else 'lacks'} a {name} state but this "
                     f"trainer's {name} ({type(getattr(self, name)).__name__}) {'has none' if saved else 'has one'}: "
@@ -533,11 +531,24 @@ def _state_dicts(named) -> dict:
     return {name: value.state_dict() for name, value in named.items()}
 
 
-def _rounding_generator_state(ema) -> torch.Tensor | None:
-    """State of the private generator of timm's stochastic rounding of bfloat16 EMA weights
-    (recent timm; part of an exact resume for bfloat16 models), ``None`` without one."""
+def _rounding_generator_state(ema) -> dict | None:
+    """``{"device": type, "state": tensor}`` of the private generator of timm's stochastic rounding of
+    bfloat16 EMA weights (recent timm; part of an exact resume for bfloat16 models), ``None`` without one."""
     generator = getattr(ema, "_sr_generator", None)
-    return None if generator is None else generator.get_state()
+    return None if generator is None else {"device": generator.device.type, "state": generator.get_state()}
+
+
+def _set_rounding_generator_state(ema, saved: dict | None) -> None:
+    """Restore :func:`_rounding_generator_state`; a CPU and a CUDA generator's states do not convert."""
+    generator = getattr(ema, "_sr_generator", None)
+    if generator is None or saved is None:
+        return
+    if saved["device"] != generator.device.type:
+        logger.warning("the checkpoint's bfloat16 EMA rounding generator is a %s one, this key encoder's a %s one: "
+                       "it starts afresh (bfloat16 runs resume exactly only on the same device type)",
+                       saved["device"], generator.device.type)
+        return
+    generator.set_state(saved["state"])
 
 
 def _rng_state() -> dict:

@@ -580,7 +580,22 @@ def test_a_subclass_metric_reading_pml_knn_labels_is_refused_by_name():
 
     calc = WithKnnMetric(include=("precision_at_1", "precision_at_2"), device=torch.device("cpu"))
     embeddings, labels = torch.randn(10, 4), torch.arange(10) % 2
-    with pytest.raises(NotImplementedError, match=r"metrics \['precision_at_2'\] are declared in requires_knn"):
+    with pytest.raises(NotImplementedError, match=r"metrics \['precision_at_2'\] read PML's knn_labels"):
         calc.get_accuracy(embeddings, labels, embeddings, labels, True)
     assert set(calc.get_accuracy(embeddings, labels, embeddings, labels, True, include=("precision_at_1",))) == {
         "precision_at_1"}
+
+
+def test_a_subclass_metric_may_read_the_calculators_own_ranking_statistics():
+    class WithReciprocalRankCopy(PrecisionAtKCalculator):
+        def calculate_reciprocal_rank_copy(self, reciprocal_rank=None, valid_query_labels=None, **kwargs):
+            return float(reciprocal_rank.double().mean())
+
+        def requires_knn(self):
+            return super().requires_knn() + ["reciprocal_rank_copy"]
+
+    calc = WithReciprocalRankCopy(include=("mean_reciprocal_rank", "reciprocal_rank_copy"), device=torch.device("cpu"))
+    query, reference = tied_embeddings(20, 50, torch.float32), tied_embeddings(40, 51, torch.float32)
+    query_labels, reference_labels = imbalanced_labels(20, 52), imbalanced_labels(40, 53)
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels, False)
+    assert got["reciprocal_rank_copy"] == pytest.approx(got["mean_reciprocal_rank"])

@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from pml_protoot.backbones import (
+    check_model_name,
     convert_efficientnet_lite0_weights,
     create_trunk,
     embedding_head,
@@ -117,6 +118,7 @@ def test_a_mistyped_pretrained_tag_is_refused_listing_the_tags():
                                          r"its tags: \['resnet50.a1_in1k', .*\] and 9 more"):
         create_trunk("resnet50.a1_in1")
     create_trunk("tf_efficientnet_lite0.in1k")  # a real tag passes
+    check_model_name("beit3_giant_patch14_224.untrained")  # a tag without weights is a tag too
 
 
 @pytest.mark.parametrize("content", [b'{"lr": 0.1}', b"garbage", b""])

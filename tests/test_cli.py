@@ -157,6 +157,11 @@ def test_frozen_random_trunk_run_saves_its_cache_and_eval_rebuilds_the_trunk(ima
     scored = json.loads((tmp_path / "eval.json").read_text())
     for pair, metrics in after.items():
         assert scored[pair]["mean_average_precision_at_r"] == pytest.approx(metrics["mean_average_precision_at_r"])
+    # A second run reuses the cache file (and `eval --out` overwrites its file): both are ordinary files to replace.
+    argv[argv.index("--out") + 1] = tmp_path / "second"
+    assert run_main(argv, capsys)[0] == 0
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["after"] == after
+    assert run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)[0] == 0
 
 
 def trained_head(out):
@@ -203,8 +208,8 @@ def corrupt_one_image(root: Path) -> Path:
     [
         ("missing_data_folder", "--data must be a folder of <domain>/<class>/ images"),
         ("missing_data_folder_with_domains", "--data must be a folder of <domain>/<class>/ images"),
-        ("one_domain_folder", "--data: root {root!r} must hold at least two domain folders"),
-        ("data_one_level_too_deep", "--data: domain 'circle' holds 4 images directly but none in class folders: "
+        ("one_domain_folder", "root {root!r} must hold at least two domain folders"),
+        ("data_one_level_too_deep", "domain 'circle' holds 4 images directly but none in class folders: "
          "is root {root!r} one level too deep?"),
         ("tagged_backbone", "--backbone names no pretrained tag of 'resnet50', got 'resnet50.a1_in1'"),
         ("feature_cache_folder", "--feature-cache {cache!r} is a folder, expected a file name"),

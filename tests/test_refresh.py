@@ -158,3 +158,25 @@ def test_state_dict_round_trips_the_cache_and_bad_refresh_every_is_rejected(devi
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="refresh_every"):
             PrototypeMemory(DOMAINS, DIM, K, refresh_every=bad)
+
+
+def test_a_checkpoint_with_the_former_prototype_sums_loads_as_means(device):
+    memory = ready_memory(3, torch.float64, device)
+    memory.step_pseudo_labels(0, torch.arange(4, device=device))
+    state = memory.state_dict()
+    sizes = torch.tensor([DOMAINS.count(0), DOMAINS.count(1)], dtype=torch.float64, device=device)
+    state["prototype_sums"] = state.pop("prototype_means") * sizes[:, None, None]  # the former format
+    restored = PrototypeMemory(DOMAINS, DIM, K, kmeans_nredo=1, epsilon=EPSILON, refresh_every=3).to(device, torch.float64)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.prototype_means, memory.prototype_means)
+    rows = torch.arange(6, device=device)
+    assert restored.step_pseudo_labels(0, rows).tolist() == memory.step_pseudo_labels(0, rows).tolist()
+
+
+def test_column_potentials_of_a_float16_plan_are_finite():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(40, 4, generator=generator, dtype=torch.float64) * 2 - 1
+    plan = official_sinkhorn(scores, torch.full((4,), 0.25, dtype=torch.float64))
+    potentials = column_potentials((scores / EPSILON).half(), plan.half())
+    assert potentials.dtype == torch.float16 and potentials.isfinite().all()
+    torch.testing.assert_close(potentials.float(), column_potentials(scores / EPSILON, plan).float(), atol=0.05, rtol=0)

@@ -512,3 +512,29 @@ def test_each_epoch_logs_its_mean_loss(caplog):
     steps = trainer.iterations_per_epoch
     for epoch, losses in ((1, trainer.recorded_losses[:steps]), (2, trainer.recorded_losses[steps:])):
         assert f"epoch {epoch}: mean total_loss {sum(losses) / steps:.5f} over {steps} steps" in caplog.text
+
+
+def test_a_rounding_generator_state_of_another_device_type_is_skipped_with_a_warning(tmp_path, caplog):
+    trainer = make_trainer("cpu", checkpoint_dir=tmp_path)
+    trainer.train(1, 1)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    if state["key_encoder_rounding_rng"] is None:
+        pytest.skip("this timm's ModelEmaV3 has no stochastic-rounding generator")
+    state["key_encoder_rounding_rng"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+    torch.save(state, tmp_path / "from_cuda.pth")
+    resumed = make_trainer("cpu", seed=3)
+    with caplog.at_level("WARNING", logger="pml_protoot.trainers"):
+        assert resumed.load_checkpoint(tmp_path / "from_cuda.pth") == 2
+    assert "rounding generator is a cuda one, this key encoder's a cpu one" in caplog.text
+
+
+def test_a_checkpoint_without_the_dataset_state_this_trainer_needs_is_refused(tmp_path):
+    plain = make_trainer("cpu", checkpoint_dir=tmp_path)  # TwoViewDataset: no random state of its own
+    plain.train(1, 1)
+    cached = make_trainer("cpu", cached_views=True)  # CachedTwoViewDataset: has one
+    with pytest.raises(ValueError, match="lacks a dataset state but this trainer's dataset .* has one"):
+        cached.load_checkpoint(tmp_path / "last.pth")
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    del state["dataset"]  # a checkpoint from before datasets had a state still resumes
+    torch.save(state, tmp_path / "older.pth")
+    assert cached.load_checkpoint(tmp_path / "older.pth") == 2
