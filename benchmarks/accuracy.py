@@ -81,6 +81,7 @@ from pml_protoot import (
     pca_init_,
     trunk_features,
 )
+from pml_protoot._files import atomic_write
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -1051,8 +1052,11 @@ def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
 
 def write_outputs(out: Path, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_name(out.name + ".md").write_text(markdown(payload))
+    # Atomic: a run cut off mid-write (the device's timeout) must leave a readable file for --resume.
+    with atomic_write(out.with_name(out.name + ".json"), "w") as file:
+        file.write(json.dumps(payload, indent=2) + "\n")
+    with atomic_write(out.with_name(out.name + ".md"), "w") as file:
+        file.write(markdown(payload))
 
 
 if __name__ == "__main__":

