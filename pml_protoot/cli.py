@@ -100,9 +100,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEMO_DATA = {"num_classes": 5, "images_per_class": (40, 20), "domains": ("filled", "outline"), "seed": 0}
 #: Defaults of options left unset. The demo trains a head on cached features of the offline
 #: ImageNet EfficientNet-Lite0 (a trunk trained from scratch on 300 unlabelled images does
-#: not learn cross-domain shape in minutes); a user's folder gets the paper's settings, except the
-#: key-encoder momentum: 0.99, the package's default (ProtoOTTrainer), as the paper's 0.999 measured
-#: clearly worse (a short run's key encoder stays half at its initialisation; see the README).
+#: not learn cross-domain shape in minutes); a user's folder gets the paper's learning rate and
+#: schedule with the package's defaults, among them the key-encoder momentum 0.99 (ProtoOTTrainer's), as
+#: the paper's 0.999 measured clearly worse (a short run's key encoder stays half at its initialisation).
 DEMO_DEFAULTS = {
     "backbone": LITE0_BACKBONE, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
     "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train_parser)
     _add_model_options(train_parser)
     training = train_parser.add_argument_group(
-        "training (unset: demo defaults, or the paper's for --data except --momentum 0.99)"
+        "training (unset: demo defaults; for --data the paper's learning rate and schedule with the package's "
+        "defaults, e.g. --momentum 0.99)"
     )
     training.add_argument(
         "--freeze-trunk", action=argparse.BooleanOptionalAction,
