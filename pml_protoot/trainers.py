@@ -439,6 +439,9 @@ class ProtoOTTrainer(BaseTrainer):
     def load_checkpoint(self, path) -> int:
         """Restore a :meth:`save_checkpoint` file; return the epoch to pass to ``train`` as ``start_epoch``.
 
+        Under ``torch.distributed`` every rank restores rank 0's RNG states (only rank 0 writes):
+        the resume is exact when all ranks were seeded alike.
+
         Raises:
             FileNotFoundError: no file at ``path``.
             KeyError: the file lacks a model, loss, optimizer or scheduler of this trainer.
