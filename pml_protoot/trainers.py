@@ -203,13 +203,13 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder = ModelEmaV3(self.query_encoder, decay=0.0)
         self.key_encoder.requires_grad_(False)
         self.momentum = self._initial_momentum
-        already_wrapped = any(isinstance(model, DistributedDataParallel) for model in self.query_encoder)
         # DDP expects a gradient every step for each parameter that required one when it was
         # built. PML freezes freeze_these only in set_to_train (each epoch, after this), and
         # DDP then fails at the second step: freeze them first.
         for name in self.freeze_these:
             if name in self.models:
                 c_f.set_requires_grad(self.models[name], requires_grad=False)
+        already_wrapped = _check_wrapping(self.models)
         self.distributed_query_encoder = None
         if is_distributed() and not already_wrapped:
             self.distributed_query_encoder = DistributedDataParallel(self.query_encoder)
@@ -483,6 +483,23 @@ class ProtoOTTrainer(BaseTrainer):
                     f"trainer's {name} ({type(getattr(self, name)).__name__}) {'has none' if saved else 'has one'}: "
                     f"build the trainer with the {name} the checkpoint was trained with"
                 )
+
+
+def _check_wrapping(models: dict) -> bool:
+    """Whether the user wrapped the models in DistributedDataParallel: all trained ones, or none.
+
+    Raises:
+        ValueError: some trained models wrapped and others not (their gradients would not be averaged).
+    """
+    trained = {name: model for name, model in models.items() if any(p.requires_grad for p in model.parameters())}
+    wrapped = sorted(name for name, model in trained.items() if isinstance(model, DistributedDataParallel))
+    if wrapped and len(wrapped) < len(trained):
+        raise ValueError(
+            f"models {wrapped} are wrapped in DistributedDataParallel but {sorted(set(trained) - set(wrapped))} "
+            "are not, whose gradients would never be averaged over ranks: wrap every trained model, or none "
+            "(under torch.distributed the trainer wraps trunk and embedder together)"
+        )
+    return bool(wrapped)
 
 
 def _check_sampler_shards(sampler) -> None:

@@ -538,3 +538,19 @@ def test_a_checkpoint_without_the_dataset_state_this_trainer_needs_is_refused(tm
     del state["dataset"]  # a checkpoint from before datasets had a state still resumes
     torch.save(state, tmp_path / "older.pth")
     assert cached.load_checkpoint(tmp_path / "older.pth") == 2
+
+
+def test_wrapping_only_some_trained_models_in_ddp_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        trainer = make_trainer("cpu", trunk=torch.nn.Linear(FEATURE_DIM, FEATURE_DIM))
+        models = dict(trainer.models, trunk=torch.nn.parallel.DistributedDataParallel(trainer.models["trunk"]))
+        with pytest.raises(ValueError, match=r"models \['trunk'\] are wrapped in DistributedDataParallel but "
+                                             r"\['embedder'\] are not"):
+            ProtoOTTrainer(models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
+        models["embedder"] = torch.nn.parallel.DistributedDataParallel(trainer.models["embedder"])
+        ProtoOTTrainer(models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
+    finally:
+        dist.destroy_process_group()
