@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pml_protoot._files import atomic_write
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_DIR = RESULTS_DIR / "smoke"  # ignored by git: a smoke run never replaces the published results
 MIN_REPEAT_SECONDS = 0.02
@@ -53,10 +55,17 @@ def write_results(name: str, payload: dict, markdown: str, *, smoke: bool = Fals
     """Write ``results/<name>.json`` and ``results/<name>.md`` (under ``results/smoke/`` for a smoke run);
     return both paths."""
     folder = SMOKE_DIR if smoke else RESULTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(markdown)
+    return write_json_and_markdown(folder / name, payload, markdown)
+
+
+def write_json_and_markdown(prefix: Path, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``<prefix>.json`` and ``<prefix>.md`` atomically (a run cut off mid-write, e.g. by a device's
+    timeout, leaves the previous files readable, as ``--resume`` needs); return both paths."""
+    json_path, md_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")
+    with atomic_write(json_path, "w") as file:
+        file.write(json.dumps(payload, indent=2) + "\n")
+    with atomic_write(md_path, "w") as file:
+        file.write(markdown)
     return json_path, md_path
 
 

@@ -81,11 +81,18 @@ from pml_protoot import (
     pca_init_,
     trunk_features,
 )
-from pml_protoot._files import atomic_write
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOKE_DIR, command_line, configure_logging, device_name, markdown_table, pin_threads  # noqa: E402
+from _common import (  # noqa: E402
+    SMOKE_DIR,
+    command_line,
+    configure_logging,
+    device_name,
+    markdown_table,
+    pin_threads,
+    write_json_and_markdown,
+)
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -1051,12 +1058,7 @@ def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
 
 
 def write_outputs(out: Path, payload: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: a run cut off mid-write (the device's timeout) must leave a readable file for --resume.
-    with atomic_write(out.with_name(out.name + ".json"), "w") as file:
-        file.write(json.dumps(payload, indent=2) + "\n")
-    with atomic_write(out.with_name(out.name + ".md"), "w") as file:
-        file.write(markdown(payload))
+    write_json_and_markdown(out, payload, markdown(payload))
 
 
 if __name__ == "__main__":

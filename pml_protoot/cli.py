@@ -441,9 +441,9 @@ def _check_frozen_trunk_options(config: dict) -> None:
     if given and not config["freeze_trunk"]:
         raise CommandError(f"{', '.join(given)} only apply with --freeze-trunk (cached trunk features); "
                            "end-to-end training would ignore them")
-    config["views"] = FROZEN_TRUNK_DEFAULTS["views"] if config["views"] is None else config["views"]
-    if config["center_domains"] is None:
-        config["center_domains"] = FROZEN_TRUNK_DEFAULTS["center_domains"]
+    for key, value in FROZEN_TRUNK_DEFAULTS.items():
+        if config[key] is None:
+            config[key] = value
 
 
 def _fit_image_size(backbone: str, given: int | None, default: int, demo_training: bool = False) -> int:

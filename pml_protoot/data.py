@@ -187,8 +187,10 @@ def _check_no_images_above_classes(root: Path, domains, samples, extensions) -> 
     the usual sign of a root one level too deep (``<root>/<class>/<image>``)."""
     filled = {slot for _, _, slot in samples}
     for slot, domain in enumerate(domains):
+        if slot in filled:  # only an empty domain's folder is listed again
+            continue
         loose = _image_files(root / domain, extensions)
-        if slot not in filled and loose:
+        if loose:
             raise ValueError(
                 f"domain {domain!r} holds {len(loose)} images directly but none in class folders: is root "
                 f"{str(root)!r} one level too deep? Expected <root>/<domain>/<class>/<image>"

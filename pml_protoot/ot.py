@@ -88,14 +88,7 @@ def sinkhorn(
         >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-4)
         True
     """
-    largest_score = _check_arguments(scores, epsilon, iterations, tol)
-    normalize_scores = check_bool("normalize_scores", normalize_scores)
-    largest_logit = (1.0 if normalize_scores else largest_score) / epsilon  # normalised rows: |S| <= 1
-    if largest_logit > torch.finfo(_compute_dtype(scores)).max:
-        raise ValueError(
-            f"scores / epsilon must be finite in {_compute_dtype(scores)}, got max |scores| / epsilon = "
-            f"{largest_logit:.3g} (epsilon {epsilon}): use a larger epsilon or float64 scores"
-        )
+    largest_logit = _check_arguments(scores, epsilon, iterations, normalize_scores, tol)
     autocast = torch.is_autocast_enabled(scores.device.type)
     with torch.no_grad(), (
         torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
@@ -113,8 +106,8 @@ def sinkhorn(
         return plan
 
 
-def _check_arguments(scores, epsilon, iterations, tol) -> float:
-    """Raise on bad arguments; return ``max |scores|``."""
+def _check_arguments(scores, epsilon, iterations, normalize_scores, tol) -> float:
+    """Raise on bad arguments; return the largest logit, ``max |scores| / epsilon``."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         given = f"dtype {scores.dtype}" if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise TypeError(f"scores must be a floating-point torch.Tensor, got {given}")
@@ -128,7 +121,14 @@ def _check_arguments(scores, epsilon, iterations, tol) -> float:
     check_positive_int("iterations", iterations)
     if tol is not None:
         check_number("tol", tol, low=0, strict=True)
-    return max(-smallest, largest)
+    # Normalised rows score at most 1 in absolute value.
+    largest_logit = (1.0 if check_bool("normalize_scores", normalize_scores) else max(-smallest, largest)) / epsilon
+    if largest_logit > torch.finfo(_compute_dtype(scores)).max:
+        raise ValueError(
+            f"scores / epsilon must be finite in {_compute_dtype(scores)}, got max |scores| / epsilon = "
+            f"{largest_logit:.3g} (epsilon {epsilon}): use a larger epsilon or float64 scores"
+        )
+    return largest_logit
 
 
 def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
