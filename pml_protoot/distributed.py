@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "all_gather_rows", "broadcast_", "gather_strided"]
+__all__ = [
+    "is_distributed", "get_rank", "get_world_size", "all_gather_rows", "all_gather_objects", "broadcast_", "gather_strided",
+]
 
 
 def is_distributed() -> bool:
@@ -56,6 +58,19 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([rows[:count] for rows, count in zip(gathered, counts)])
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process).
+
+    Tensors inside ``obj`` keep their device; with NCCL, set each rank's CUDA device first
+    (``torch.cuda.set_device``), as ``torch.distributed.all_gather_object`` requires.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def gather_strided(shard: torch.Tensor, total: int) -> torch.Tensor:

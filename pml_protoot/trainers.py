@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_number
 from ._files import atomic_write
-from .distributed import get_rank, get_world_size, is_distributed
+from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
 from .miners import ProtoOTMiner
@@ -192,6 +192,7 @@ class ProtoOTTrainer(BaseTrainer):
         self.checkpoint_dir = checkpoint_dir
         self._initial_momentum = momentum
         self.cross_domain_weight = 0.0
+        self._rank_states = None  # every rank's random states, gathered at the end of an epoch
         super().__init__(
             models, optimizers, batch_size, loss_funcs, dataset, mining_funcs=mining_funcs, sampler=sampler, **pml_kwargs
         )
@@ -281,14 +282,17 @@ class ProtoOTTrainer(BaseTrainer):
             # After the hook: a tester or a plateau scheduler in it draws random numbers and steps
             # state that a resumed run must start from.
             stop = self.end_of_epoch_hook(self) is False
-            if self.checkpoint_dir is not None and get_rank() == 0:
-                self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
+            if self.checkpoint_dir is not None:
+                self._gather_rank_states()
+                if get_rank() == 0:
+                    self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
             if stop:
                 break
 
     def start_epoch(self):
         """Train mode, sampler epoch, a fresh data iterator and reclustering for ``self.epoch``."""
         self.set_to_train()
+        self._rank_states = None  # the previous epoch's, stale from now on
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
         # A fresh iterator per epoch makes an epoch's batches depend only on state saved at
@@ -419,7 +423,8 @@ class ProtoOTTrainer(BaseTrainer):
 
     def checkpoint_state(self) -> dict:
         """Models, key encoder, memory, losses, optimizers, schedulers, scaler, sampler and dataset
-        states (where they have ``state_dict``), epoch, RNG."""
+        states (where they have ``state_dict``), epoch, RNG; under ``torch.distributed``, after the
+        epoch loop's gathering, also every rank's RNG and dataset states (``"rank_states"``)."""
         return {
             "epoch": self.epoch,
             "momentum": self.momentum,
@@ -431,16 +436,45 @@ class ProtoOTTrainer(BaseTrainer):
             "lr_schedulers": _state_dicts(self.lr_schedulers),
             "grad_scaler": self.grad_scaler.state_dict(),
             "sampler": _state_or_none(self.sampler),
+            **self._rank_state(),
+            "rank_states": self._rank_states,
+        }
+
+    def _rank_state(self) -> dict:
+        """This process's own random state: RNGs, the bfloat16 EMA rounding generator, the dataset's draws."""
+        return {
             "dataset": _state_or_none(self.dataset),
             "rng": _rng_state(),
             "key_encoder_rounding_rng": _rounding_generator_state(self.key_encoder),
         }
 
+    def _gather_rank_states(self) -> None:
+        """Keep every rank's :meth:`_rank_state` for rank 0's checkpoint of this epoch (a collective
+        under ``torch.distributed``: ``save_checkpoint`` runs on rank 0 only, so it cannot gather)."""
+        self._rank_states = all_gather_objects(self._rank_state()) if is_distributed() else None
+
+    def _saved_rank_state(self, state: dict) -> dict:
+        """This rank's entry of ``state["rank_states"]``, or the top-level (rank 0's) states."""
+        rank_states, world_size = state.get("rank_states"), get_world_size()
+        if rank_states is None:
+            if world_size > 1:
+                logger.warning("checkpoint holds rank 0's random states only (written by a save_checkpoint call "
+                               "outside the checkpoint_dir saves, or by an earlier pml_protoot): every rank resumes "
+                               "from them, exactly only if all ranks were seeded alike")
+            return state
+        if len(rank_states) != world_size:
+            logger.warning("checkpoint saved by %d processes, resumed by %d: every rank resumes from rank 0's "
+                           "random states", len(rank_states), world_size)
+            return state
+        return rank_states[get_rank()]
+
     def load_checkpoint(self, path) -> int:
         """Restore a :meth:`save_checkpoint` file; return the epoch to pass to ``train`` as ``start_epoch``.
 
-        Under ``torch.distributed`` every rank restores rank 0's RNG states (only rank 0 writes):
-        the resume is exact when all ranks were seeded alike.
+        Under ``torch.distributed`` each rank restores its own RNG and dataset states, which the
+        ``checkpoint_dir`` saves gather from every rank. A checkpoint written by a
+        ``save_checkpoint`` call of your own (rank 0's states only), or by another number of
+        processes, gives every rank rank 0's states, with a warning.
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -457,13 +491,15 @@ class ProtoOTTrainer(BaseTrainer):
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.memory.load_state_dict(state["memory"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
-        for name in ("sampler", "dataset"):
-            if state.get(name) is not None:  # "dataset" is absent from older checkpoints
-                getattr(self, name).load_state_dict(state[name])
+        if state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
         self.momentum = state["momentum"]
         self.epoch = state["epoch"]
-        _set_rng_state(state["rng"])
-        _set_rounding_generator_state(self.key_encoder, state.get("key_encoder_rounding_rng"))
+        own = self._saved_rank_state(state)
+        if own.get("dataset") is not None:  # "dataset" is absent from older checkpoints
+            self.dataset.load_state_dict(own["dataset"])
+        _set_rng_state(own["rng"])
+        _set_rounding_generator_state(self.key_encoder, own.get("key_encoder_rounding_rng"))
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
 

@@ -1,6 +1,8 @@
 """Two gloo processes (spawned here, CPU) against one process with the same global batch."""
+import logging
 import operator
 import os
+import pathlib
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pml_protoot.data import TwoViewDataset
-from pml_protoot.distributed import all_gather_rows, gather_strided, get_world_size
+from pml_protoot.distributed import all_gather_objects, all_gather_rows, gather_strided, get_world_size
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.samplers import CrossDomainSampler
@@ -103,7 +105,26 @@ HIDDEN = 6
 
 
 def run_trainer(freeze_trunk=False):
-    """``ProtoOTTrainer`` on a linear trunk + linear embedder, on this process's share.
+    """Train :func:`make_trainer` for ``TRAINER_EPOCHS``; return everything the runs must share."""
+    trainer, losses = make_trainer(freeze_trunk)
+    initial = {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()}
+    trainer.train(1, TRAINER_EPOCHS)
+    memory = trainer.memory
+    return {
+        "initial": initial,
+        "wrapped_in_ddp": trainer.distributed_query_encoder is not None,
+        "banks": [memory.bank(slot).clone() for slot in range(memory.num_domains)],
+        "prototypes": memory.prototypes.clone(),
+        "class_marginals": memory.class_marginals.clone(),
+        "losses": torch.stack(losses),
+        "query_encoder": {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()},
+        "key_encoder": {k: v.clone() for k, v in trainer.key_encoder.module.state_dict().items()},
+    }
+
+
+def make_trainer(freeze_trunk=False, **kwargs):
+    """``ProtoOTTrainer`` on a linear trunk + linear embedder, on this process's share, and the
+    list that collects its per-step losses (averaged over processes).
 
     The sampler shards per-rank blocks of ``PER_RANK_BATCH``: rank ``r`` trains on blocks
     ``r, r + W, ...``, so global step ``t`` is blocks ``W t .. W t + W - 1``. One process
@@ -112,7 +133,7 @@ def run_trainer(freeze_trunk=False):
     feature) so both runs read identical data. Every rank's batch holds the same number
     of samples of each domain, so the mean of the ranks' ProtoOT losses (sum over domains
     of per-domain means) is the global batch's loss, and DDP's gradient average is its
-    gradient. Returns everything the runs must share.
+    gradient. ``kwargs`` go to the trainer.
     """
     world_size, rank = get_world_size(), _rank()
     features, views, _ = make_inputs()
@@ -149,19 +170,32 @@ def run_trainer(freeze_trunk=False):
         dataloader_num_workers=0,
         data_device=torch.device("cpu"),
         end_of_iteration_hook=record_loss,
+        **kwargs,
     )
-    initial = {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()}
-    trainer.train(1, TRAINER_EPOCHS)
-    return {
-        "initial": initial,
-        "wrapped_in_ddp": trainer.distributed_query_encoder is not None,
-        "banks": [memory.bank(slot).clone() for slot in range(memory.num_domains)],
-        "prototypes": memory.prototypes.clone(),
-        "class_marginals": memory.class_marginals.clone(),
-        "losses": torch.stack(losses),
-        "query_encoder": {k: v.clone() for k, v in trainer.query_encoder.state_dict().items()},
-        "key_encoder": {k: v.clone() for k, v in trainer.key_encoder.module.state_dict().items()},
-    }
+    return trainer, losses
+
+
+def add_noise(views):
+    """A random ``batch_transform``: its draws come from each process's own torch RNG."""
+    return views + 0.3 * torch.randn_like(views)
+
+
+def resumed_and_uninterrupted(folder):
+    """Query encoders after two epochs of a run whose ranks are seeded apart and draw noise:
+    continued in the same process, and resumed from the epoch-1 checkpoint by a new trainer
+    after every RNG was reseeded (as in a fresh process)."""
+    torch.manual_seed(100 + _rank())
+    trainer, _ = make_trainer(batch_transform=add_noise, checkpoint_dir=str(folder))
+    trainer.train(1, 1)
+    if _rank() == 0:
+        os.replace(folder / "last.pth", folder / "epoch1.pth")
+    dist.barrier()
+    trainer.train(2, 2)
+    torch.manual_seed(999)
+    resumed, _ = make_trainer(batch_transform=add_noise)
+    resumed.train(resumed.load_checkpoint(folder / "epoch1.pth"), 2)
+    return {name: trainer.query_encoder.state_dict() for name, trainer in
+            (("uninterrupted", trainer), ("resumed", resumed))}
 
 
 def worker(rank, init_file, out_dir):
@@ -173,8 +207,10 @@ def worker(rank, init_file, out_dir):
         state["tester"] = retrieval_scores(make_inputs()[2])
         state["gathered"] = all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # uneven row counts
         state["strided"] = gather_strided(torch.arange(rank, 5, WORLD_SIZE), 5)
+        state["objects"] = all_gather_objects({"rank": rank, "rows": torch.full((rank,), rank)})
         state["trainer"] = run_trainer()
         state["trainer_frozen_trunk"] = run_trainer(freeze_trunk=True)
+        state["resume"] = resumed_and_uninterrupted(pathlib.Path(out_dir))
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -184,13 +220,14 @@ def worker(rank, init_file, out_dir):
 def two_process_states(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    states = [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return {"states": states, "checkpoint": folder / "epoch1.pth"}
 
 
 def test_two_processes_match_one_process_with_the_global_batch(two_process_states):
     batches = global_batches()
     single = train(lambda step: batches[step])
-    for rank, state in enumerate(two_process_states):
+    for rank, state in enumerate(two_process_states["states"]):
         for slot, bank in enumerate(single["banks"]):
             assert torch.allclose(state["banks"][slot], bank, atol=1e-5), (rank, slot)
         assert torch.allclose(state["prototypes"], single["prototypes"], atol=1e-5), rank
@@ -202,7 +239,7 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_state
 
 def test_two_process_tester_scores_equal_one_process(two_process_states):
     expected = retrieval_scores(make_inputs()[2])
-    for state in two_process_states:
+    for state in two_process_states["states"]:
         assert state["tester"].keys() == expected.keys()
         for pair, metrics in expected.items():
             for metric, value in metrics.items():
@@ -211,9 +248,10 @@ def test_two_process_tester_scores_equal_one_process(two_process_states):
 
 def test_gather_helpers_concatenate_in_rank_order(two_process_states):
     expected_rows = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
-    for state in two_process_states:
+    for state in two_process_states["states"]:
         assert torch.equal(state["gathered"], expected_rows)
         assert state["strided"].tolist() == list(range(5))
+        assert [(entry["rank"], entry["rows"].tolist()) for entry in state["objects"]] == [(0, []), (1, [1])]
 
 
 def assert_same_trainer_state(state, expected, label):
@@ -232,7 +270,7 @@ def test_two_process_trainer_matches_one_process_with_the_global_batch(two_proce
     single = run_trainer(freeze_trunk=variant == "trainer_frozen_trunk")
     assert not single["wrapped_in_ddp"]
     assert len(single["losses"]) == TRAINER_EPOCHS * len(DOMAINS) // (WORLD_SIZE * PER_RANK_BATCH)
-    for rank, state in enumerate(two_process_states):
+    for rank, state in enumerate(two_process_states["states"]):
         assert state[variant]["wrapped_in_ddp"], rank
         assert_same_trainer_state(state[variant], single, (variant, rank))
     # Training moved the trained weights and the key encoder (the comparison is not
@@ -241,3 +279,24 @@ def test_two_process_trainer_matches_one_process_with_the_global_batch(two_proce
         frozen = variant == "trainer_frozen_trunk" and key.startswith("0.")
         assert torch.equal(single["query_encoder"][key], initial) == frozen, key
         assert torch.equal(single["key_encoder"][key], initial) == frozen, key
+
+
+def test_two_process_resume_restores_each_rank_its_own_random_state(two_process_states):
+    states = two_process_states["states"]
+    for rank, state in enumerate(states):
+        uninterrupted, resumed = state["resume"]["uninterrupted"], state["resume"]["resumed"]
+        for key, value in uninterrupted.items():
+            assert torch.equal(resumed[key], value), (rank, key)
+    checkpoint = torch.load(two_process_states["checkpoint"], weights_only=True)
+    rank_rngs = [rank_state["rng"]["torch"] for rank_state in checkpoint["rank_states"]]
+    assert len(rank_rngs) == WORLD_SIZE and not torch.equal(*rank_rngs)  # the ranks were seeded apart
+    assert torch.equal(checkpoint["rng"]["torch"], rank_rngs[0])
+
+
+def test_resume_by_another_number_of_processes_warns_and_uses_rank_0s_state(two_process_states, caplog):
+    trainer, _ = make_trainer()
+    with caplog.at_level(logging.WARNING, logger="pml_protoot.trainers"):
+        assert trainer.load_checkpoint(two_process_states["checkpoint"]) == 2
+    assert "saved by 2 processes, resumed by 1" in caplog.text
+    checkpoint = torch.load(two_process_states["checkpoint"], weights_only=True)
+    assert torch.equal(torch.get_rng_state(), checkpoint["rank_states"][0]["rng"]["torch"])
