@@ -248,8 +248,8 @@ ABLATIONS = {
     "ProtoOT default, cross-domain weight 1": partial(protoot, loss_options={"cross_domain_weight": 1.0}),
     "ProtoOT default, cross-domain from epoch 0": partial(protoot, cross_domain_start_fraction=0.0),
     "ProtoOT default, cross-domain from 3/4 of epochs": partial(protoot, cross_domain_start_fraction=0.75),
-    # The settings that keep large banks cheap (README "Large banks"), at pacs-mini's size: ~8 steps an
-    # epoch, so 10 steps between full OTs is over an epoch of changed keys, harsher than at scale.
+    # The settings that keep large banks cheap (README "Large banks"), at pacs-mini's size: 7-13 steps
+    # an epoch, so 10 steps between full OTs is over an epoch of changed keys, harsher than at scale.
     "ProtoOT default, full OT every 10 steps": partial(protoot, memory_options={"refresh_every": 10}),
     "ProtoOT default, coarse IVF neighbours": partial(protoot, memory_options=COARSE_IVF),
     "ProtoOT default, full OT every 10 steps, coarse IVF neighbours": partial(
