@@ -27,6 +27,7 @@ from tqdm import tqdm
 from _common import (
     MIN_REPEAT_SECONDS,
     command_line,
+    device_name,
     interleaved_median_seconds,
     markdown_table,
     pin_threads,
@@ -241,7 +242,7 @@ def main():
     speed = speed_rows(sizes, PROTOTYPES, args.repeats, device)
     convergence = rounds_to_converge(sizes[:2], PROTOTYPES, device)  # bank sizes of ProtoOT domains
     stability = stability_rows(device)
-    machine = f"{platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, POT {pot.__version__}"
+    machine = f"{platform.processor() or platform.machine()}, {device_name(device)}, torch {torch.__version__}, POT {pot.__version__}"
     payload = {
         "command": command_line(), "machine": machine, **threads, "device": str(device), "dtype": "float32",
         "epsilon": 0.05, "repeats": args.repeats, "tol": TOL, "pot_max_entries": POT_MAX_ENTRIES,

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
-from _common import command_line, markdown_table, peak_rss_mb, pin_threads, write_results
+from _common import command_line, device_name, markdown_table, peak_rss_mb, pin_threads, write_results
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
@@ -200,7 +200,7 @@ def main(args):
             print(key, value["median_s"], value["mean_s"], flush=True)
     payload = {
         "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
-        "device": str(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
+        "device": device_name(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
         "batch_per_domain": args.batch_per_domain, "num_domains": NUM_DOMAINS,
         "num_prototypes": args.num_prototypes, "ivf_nprobe": args.ivf_nprobe, "peak_rss_mb": peak_rss_mb(),
         "results": results, "loss_only": loss_only, "load_average_before": load_before,
