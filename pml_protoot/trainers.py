@@ -1,6 +1,8 @@
 """ProtoOT training loop as a pytorch-metric-learning trainer: momentum keys, memory banks, reclustering."""
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
 import os
@@ -85,7 +87,8 @@ class ProtoOTTrainer(BaseTrainer):
         batch_size: samples per batch; with a ``CrossDomainSampler``, a multiple of its
             ``batch_size`` (its domain-balanced blocks), or batches would not be balanced.
         loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss that
-            takes ``ref_emb`` (the keys; PML's ``FastAPLoss`` and ``HistogramLoss`` do not). Not
+            takes ``ref_emb`` (the keys; one that refuses it, as PML's ``FastAPLoss``, ``HistogramLoss``
+            and proxy losses do, is refused at construction by a call on 4 random vectors). Not
             PML's ``SelfSupervisedLoss`` (the trainer already makes each query's key its
             positive: pass the loss it wraps) or ``CrossBatchMemory`` (the banks are the memory).
         dataset: items ``((query_view, key_view), global_index)``.
@@ -100,7 +103,9 @@ class ProtoOTTrainer(BaseTrainer):
             PML loss only (``ProtoOTLoss`` takes its targets from the memory, not from pairs).
         sampler: optional sampler (e.g. ``CrossDomainSampler``); ``set_epoch`` is called for you.
         fill_dataset: dataset whose item ``i`` is ``(eval_view_of_sample_i, anything)`` in
-            global-index order, for the initial bank filling; ``None`` uses the key views.
+            global-index order, for the initial bank filling (default collation: ``collate_fn``
+            and ``data_and_label_getter`` are for training items); ``None`` uses the key views
+            of the training items.
         batch_transform: optional callable applied on ``data_device`` to each step's batch
             of query views and, separately, to its batch of key views, before the encoders
             (and to the key views of the bank filling when ``fill_dataset`` is ``None``):
@@ -119,7 +124,9 @@ class ProtoOTTrainer(BaseTrainer):
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``.
         ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, a
-            ``ProtoOTLoss`` on another memory, or a ``subset_batch_miner``.
+            ``ProtoOTLoss`` on another memory, a loss that refuses ``ref_emb``, a
+            ``subset_batch_miner``, or PML's label mapping
+            (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices).
 
     Example:
         >>> import torch
@@ -171,6 +178,7 @@ class ProtoOTTrainer(BaseTrainer):
             grad_clip_norm = check_number("grad_clip_norm", grad_clip_norm, low=0, strict=True)
         metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
         miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
+        _check_no_label_mapping(pml_kwargs)
         if isinstance(mining_funcs, dict) and "subset_batch_miner" in mining_funcs:
             raise ValueError(
                 "mining_funcs['subset_batch_miner'] is not supported: a ProtoOTTrainer batch is two views of each "
@@ -317,11 +325,14 @@ class ProtoOTTrainer(BaseTrainer):
         world_size, rank = get_world_size(), get_rank()
         positions = torch.arange(rank, len(dataset), world_size)
         shard = torch.utils.data.Subset(dataset, positions.tolist()) if world_size > 1 else dataset
-        loader = c_f.get_eval_dataloader(shard, self.batch_size, self.dataloader_num_workers, self.collate_fn)
+        # collate_fn and data_and_label_getter are written for training items; fill_dataset's
+        # items are (eval_view, anything), which the default collation handles.
+        collate_fn = self.collate_fn if self.fill_dataset is None else None
+        loader = c_f.get_eval_dataloader(shard, self.batch_size, self.dataloader_num_workers, collate_fn)
         start = 0
         for batch in tqdm(loader, desc="filling memory banks", disable=None):
             if self.fill_dataset is None:
-                (_, key_views), indices = self._split_batch(batch)
+                (_, key_views), indices = self._split_batch(self.data_and_label_getter(batch))
                 key_views = self._transformed(key_views)
             else:
                 key_views = batch[0]
@@ -521,6 +532,17 @@ class ProtoOTTrainer(BaseTrainer):
                 )
 
 
+def _check_no_label_mapping(pml_kwargs: dict) -> None:
+    """Refuse PML's label remapping: the "labels" a ProtoOTTrainer batch carries are sample indices."""
+    requested = [name for name, given in (("set_min_label_to_zero", bool(pml_kwargs.get("set_min_label_to_zero"))),
+                                          ("dataset_labels", pml_kwargs.get("dataset_labels") is not None)) if given]
+    if requested:
+        raise ValueError(
+            f"{requested[0]} is not supported: ProtoOTTrainer's labels are global sample indices (they address "
+            "the memory bank rows), which PML's label mapping would remap; class labels are never read in training"
+        )
+
+
 def _check_wrapping(models: dict) -> bool:
     """Whether the user wrapped the models in DistributedDataParallel: all trained ones, or none.
 
@@ -576,6 +598,29 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
         raise ValueError(
             "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
         )
+    if metric_loss is not None and not isinstance(metric_loss, ProtoOTLoss):
+        _check_takes_ref_emb(metric_loss, memory.dim)
+
+
+def _check_takes_ref_emb(metric_loss, dim: int) -> None:
+    """Refuse a PML loss that refuses ``ref_emb`` (``FastAPLoss``, the proxy losses, ...) now rather than at
+    the first step, after a whole pass over the data fills the banks: one call of a copy (the loss's own
+    state and records stay untouched) on 4 random unit vectors."""
+    metric_loss = copy.deepcopy(metric_loss)
+    device = next(itertools.chain((t.device for t in metric_loss.parameters()), [torch.device("cpu")]))
+    embeddings = F.normalize(torch.randn(4, dim, generator=torch.Generator().manual_seed(0)), dim=1).to(device)
+    labels = torch.arange(4, device=device)
+    try:
+        with torch.no_grad():
+            metric_loss(embeddings, labels, ref_emb=embeddings.clone(), ref_labels=labels.clone())
+    except ValueError as err:
+        if "ref_emb is not supported" in str(err):
+            raise ValueError(
+                f"loss_funcs['metric_loss'] ({type(metric_loss).__name__}) does not take ref_emb, and the trainer "
+                "compares each query with the momentum keys through it: pass a loss that does (e.g. NTXentLoss, "
+                "MultiSimilarityLoss, ContrastiveLoss) or ProtoOTLoss"
+            ) from err
+        # Other errors on this toy batch (e.g. a class count below 4) are the first real step's to report.
 
 
 def _state_or_none(stateful):

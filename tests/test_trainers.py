@@ -272,6 +272,54 @@ def test_banks_are_filled_in_global_index_order_before_training(device):
         torch.testing.assert_close(trainer.memory.bank(slot)[row], expected[index])
 
 
+class DictItems(torch.utils.data.Dataset):
+    """Training items as ``{"views": (query, key), "index": i}``: read through a ``data_and_label_getter``."""
+
+    def __init__(self, two_views):
+        self.two_views = two_views
+
+    def __len__(self):
+        return len(self.two_views)
+
+    def __getitem__(self, index):
+        views, global_index = self.two_views[index]
+        return {"views": views, "index": global_index}
+
+
+def collate_training_items(items):
+    """A collate_fn written for training items ``((query, key), index)`` only."""
+    (queries, keys), indices = zip(*[view_pair for view_pair, _ in items]), [index for _, index in items]
+    return (torch.stack(queries), torch.stack(keys)), torch.tensor(indices)
+
+
+def test_bank_filling_reads_training_items_through_the_getter_and_fill_items_without_the_collate_fn(device):
+    features, _, _ = synthetic_features()
+    identity_views = dict(views=lambda feature: feature)
+    through_getter = make_trainer(device, fill_dataset=None, **identity_views)
+    through_getter.dataset = DictItems(through_getter.dataset)
+    through_getter.data_and_label_getter = lambda batch: (batch["views"], batch["index"])
+    with_collate = make_trainer(device, collate_fn=collate_training_items)  # fill_dataset: (feature, class) items
+    for trainer in (through_getter, with_collate):
+        trainer.initialize_dataloader()
+        trainer.fill_memory()
+        with torch.no_grad():
+            expected = F.normalize(trainer.key_encoder.module(features.to(device)), dim=1)
+        for index in range(len(features)):
+            slot, row = int(trainer.memory.domain_of[index]), int(trainer.memory.row_of[index])
+            torch.testing.assert_close(trainer.memory.bank(slot)[row], expected[index])
+    with_collate.train(num_epochs=1)  # training items still go through the collate_fn
+
+
+def test_pml_label_mapping_is_refused(device):
+    trainer = make_trainer(device)
+    pml_arguments = (trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
+    with pytest.raises(ValueError, match="set_min_label_to_zero is not supported: .*sample indices"):
+        ProtoOTTrainer(*pml_arguments, set_min_label_to_zero=True)
+    with pytest.raises(ValueError, match="dataset_labels is not supported"):
+        ProtoOTTrainer(*pml_arguments, dataset_labels=torch.arange(4).repeat(24))
+    ProtoOTTrainer(*pml_arguments, set_min_label_to_zero=False, dataset_labels=None)  # PML's defaults pass
+
+
 def test_each_epoch_sets_the_sampler_epoch_and_reclusters(device, monkeypatch):
     trainer = make_trainer(device)
     sampler_epochs, recluster_epochs = [], []
@@ -448,7 +496,9 @@ def test_bad_arguments_are_rejected_with_their_names(device):
 
 
 def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
-    from pytorch_metric_learning.losses import CrossBatchMemory, SelfSupervisedLoss
+    from pytorch_metric_learning.losses import (
+        CrossBatchMemory, FastAPLoss, HistogramLoss, MultiSimilarityLoss, ProxyAnchorLoss, SelfSupervisedLoss,
+    )
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
     trainer = make_trainer(device)  # a ProtoOTLoss on trainer.memory
@@ -467,6 +517,12 @@ def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
     with pytest.raises(ValueError, match="CrossBatchMemory.*pass the loss it wraps \\(NTXentLoss\\)"):
         build({"metric_loss": CrossBatchMemory(NTXentLoss(), EMBED_DIM)})
     build({"metric_loss": NTXentLoss()}, {"tuple_miner": ProtoOTMiner(trainer.memory)})  # the miner's own use
+    # Losses that refuse ref_emb fail at construction, not at the first step after the banks are filled.
+    for loss in (FastAPLoss(), HistogramLoss(), ProxyAnchorLoss(NUM_CLASSES, EMBED_DIM)):
+        with pytest.raises(ValueError, match=rf"\({type(loss).__name__}\) does not take ref_emb"):
+            build({"metric_loss": loss})
+    assert not trainer.memory.written.any()
+    build({"metric_loss": MultiSimilarityLoss()})
 
 
 def test_batches_stay_domain_balanced_or_the_batch_size_is_refused(device):
