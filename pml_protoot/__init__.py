@@ -15,6 +15,7 @@ from .data import (
     moco_v2_transform,
     trunk_features,
 )
+from .hooks import ProtoOTHookContainer
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
 from .miners import ProtoOTMiner
@@ -35,6 +36,7 @@ __all__ = [
     "PrecisionAtKCalculator",
     "CrossDomainTester",
     "ProtoOTTrainer",
+    "ProtoOTHookContainer",
     # data and backbones
     "MultiDomainDataset",
     "MultiDomainImageFolder",

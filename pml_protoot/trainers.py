@@ -245,6 +245,12 @@ class ProtoOTTrainer(BaseTrainer):
     def momentum(self, value):
         self.key_encoder.decay = check_number("momentum", value, low=0, high=1)
 
+    @property
+    def protoot_modules(self) -> dict:
+        """``{"key_encoder": ..., "memory": ...}``: what ProtoOT trains beyond PML's ``models``, as a dict of
+        modules for savers that take one (:class:`~pml_protoot.hooks.ProtoOTHookContainer`)."""
+        return {"key_encoder": self.key_encoder, "memory": self.memory}
+
     # ----- epoch loop ----------------------------------------------------------------------
     def initialize_dataloader(self):
         """Build the training ``DataLoader``; its iterator is made per epoch in :meth:`start_epoch`.

@@ -1,0 +1,54 @@
+"""ProtoOTHookContainer: PML's HookContainer scoring, saving and resuming the momentum key encoder."""
+import pytest
+import torch
+
+from pml_protoot.hooks import ProtoOTHookContainer
+from pml_protoot.testers import CrossDomainTester
+from test_trainers import make_trainer, synthetic_features
+
+record_keeper = pytest.importorskip("record_keeper", reason="record-keeper (test extras) drives PML's HookContainer")
+
+
+def domain_datasets():
+    features, classes, domains = synthetic_features()
+    return {name: torch.utils.data.TensorDataset(features[domains == slot], classes[domains == slot])
+            for slot, name in enumerate(("photo", "sketch"))}
+
+
+def make_tester(**kwargs):
+    return CrossDomainTester(pair_separator="_to_", progress=False, dataloader_num_workers=0, batch_size=32, **kwargs)
+
+
+def train_with_hooks(folder, epochs=2):
+    keeper = record_keeper.RecordKeeper(record_writer=record_keeper.RecordWriter(folder=str(folder / "records")))
+    hooks = ProtoOTHookContainer(keeper)
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook)
+    trainer = make_trainer("cpu")
+    trainer.end_of_epoch_hook = hooks.end_of_epoch_hook(tester, domain_datasets(), str(folder / "models"))
+    trainer.train(num_epochs=epochs)
+    return trainer, tester, hooks
+
+
+def test_the_hook_scores_the_key_encoder_not_the_query_encoder(tmp_path):
+    trainer, tester, hooks = train_with_hooks(tmp_path)
+    key_trunk, key_embedder = trainer.key_encoder.module
+    by_key = make_tester().test(domain_datasets(), 2, key_trunk, key_embedder)
+    by_query = make_tester().test(domain_datasets(), 2, trainer.models["trunk"], trainer.models["embedder"])
+    metric = "mean_average_precision_at_r"
+    assert by_key["mean"][metric] != by_query["mean"][metric]  # the two encoders do score differently here
+    for pair, metrics in by_key.items():
+        assert tester.all_accuracies[pair][metric] == metrics[metric], pair
+    assert hooks.get_curr_primary_metric(tester, "mean") == by_key["mean"]["precision_at_15"]
+
+
+def test_load_latest_saved_models_restores_the_key_encoder_and_memory(tmp_path):
+    trainer, _, _ = train_with_hooks(tmp_path)
+    fresh = make_trainer("cpu", seed=5)
+    hooks = ProtoOTHookContainer(record_keeper.RecordKeeper())
+    assert hooks.load_latest_saved_models(fresh, str(tmp_path / "models"), device=torch.device("cpu")) == 3
+    for name in ("key_encoder", "memory"):
+        saved, restored = trainer.protoot_modules[name].state_dict(), fresh.protoot_modules[name].state_dict()
+        assert saved.keys() == restored.keys()
+        for key, value in saved.items():
+            assert torch.equal(restored[key], value), (name, key)
+    assert torch.equal(fresh.models["embedder"][0].weight, trainer.models["embedder"][0].weight)  # PML's part
