@@ -267,9 +267,19 @@ class PrototypeMemory(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse a checkpoint of another sample layout, load, then drop the IVF indexes of the old banks."""
         self._check_sample_layout(state_dict, prefix)
+        self._check_banks_fit(state_dict, prefix)
         self._convert_prototype_sums(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
+
+    def _check_banks_fit(self, state_dict, prefix: str) -> None:
+        """Raise unless every saved bank is finite in this memory's bank dtype: loading casts, and
+        a float32 checkpoint's keys past 65,504 would silently become inf in a float16 memory."""
+        for slot in range(self.num_domains):
+            name = f"bank_{slot}"
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and saved.is_floating_point():
+                _cast_finite(f"state_dict[{prefix + name!r}]", saved, self.bank(slot).dtype)
 
     def _convert_prototype_sums(self, state_dict, prefix: str) -> None:
         """Checkpoints of ``refresh_every > 1`` made before the cache held means kept ``prototype_sums``
@@ -386,29 +396,44 @@ class PrototypeMemory(torch.nn.Module):
         With ``refresh_every > 1`` the prototype means follow the written rows (class docstring).
 
         Args:
-            keys: ``(B, dim)`` finite floating tensor, e.g. L2-normalised momentum-encoder keys.
+            keys: ``(B, dim)`` floating tensor, finite also in the bank dtype (a float16
+                memory holds keys up to 65,504 in absolute value), e.g. L2-normalised
+                momentum-encoder keys.
             indices: ``(B,)`` global sample indices; for a repeated index the last key wins.
 
         Raises:
-            TypeError, ValueError: bad ``keys`` or ``indices``; nothing is written then.
+            TypeError, ValueError: bad ``keys`` or ``indices``, or keys that overflow the
+                bank dtype; nothing is written then (under ``torch.distributed`` the overflow
+                check runs on the gathered keys, so every rank raises it alike).
         """
         indices = self.check_indices("indices", indices)
         check_matrix("keys", keys, rows=len(indices), cols=self.dim)
         keys = all_gather_rows(keys.detach())
         indices = all_gather_rows(indices)
+        # After the gather every rank holds the same keys: all raise here alike, before any write.
+        keys = _cast_finite("keys", keys, self.bank(0).dtype)  # banks share the memory's dtype
         is_last = self._last_occurrence(indices)
         indices, keys = indices[is_last], keys[is_last.to(keys.device)]
         for slot, positions, rows in self.split_by_domain(indices):
             bank = self.bank(slot)
             new_keys = keys[positions.to(keys.device)].to(device=bank.device, dtype=bank.dtype)
             if self._has_cached_plan(slot, slot):
-                change = self._plan_rows(slot, slot, new_keys).T @ new_keys
-                change -= self._plan_rows(slot, slot, bank[rows]).T @ bank[rows]
-                self.prototype_means[slot] += change / len(bank)
+                self._move_prototype_means(slot, rows, new_keys)
             bank[rows] = new_keys
             if slot in self._bank_indexes:
                 self._bank_indexes[slot].mark_written(rows, bank)
         self.written[indices] = True
+
+    def _move_prototype_means(self, slot: int, rows: torch.Tensor, new_keys: torch.Tensor) -> None:
+        """Swap the cached-plan contributions of bank ``rows`` for those of ``new_keys`` in the prototype means.
+
+        Summed in float32 at least: a batch's float16 sum overflows past 65,504 where every
+        key fits; the means themselves stay within the largest key, so they fit the dtype.
+        """
+        bank = self.bank(slot)
+        change = _weighted_sums(self._plan_rows(slot, slot, new_keys), new_keys)
+        change -= _weighted_sums(self._plan_rows(slot, slot, bank[rows]), bank[rows])
+        self.prototype_means[slot] += (change / len(bank)).to(self.prototype_means.dtype)
 
     @staticmethod
     def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
@@ -459,7 +484,11 @@ class PrototypeMemory(torch.nn.Module):
         )
 
     def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:
-        """The logits Sinkhorn exponentiates: ``scores / epsilon`` (rows L2-normalised first if asked)."""
+        """The logits Sinkhorn exponentiates: ``scores / epsilon`` (rows L2-normalised first if asked).
+
+        In float32 at least, as Sinkhorn computes them: in float16, scores past 6,550 over epsilon 0.1 overflow.
+        """
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if self.normalize_scores:
             scores = F.normalize(scores, dim=-1)
         return scores / self.epsilon
@@ -468,8 +497,13 @@ class PrototypeMemory(torch.nn.Module):
         return self.refresh_every > 1 and bool(self.potentials_valid[domain, prototype_domain])
 
     def _plan_rows(self, domain: int, prototype_domain: int, keys: torch.Tensor) -> torch.Tensor:
-        r"""Rows of the cached plan for ``keys`` (B, dim): :math:`\mathrm{softmax}(s/\varepsilon + g)`, (B, K)."""
-        scores = keys @ self.reference_prototypes[domain, prototype_domain].T
+        r"""Rows of the cached plan for ``keys`` (B, dim): :math:`\mathrm{softmax}(s/\varepsilon + g)`, (B, K).
+
+        Computed in float32 at least (see :meth:`_ot_logits`); so are the scores, which in
+        float16 overflow for keys longer than 65,504.
+        """
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        scores = keys.to(dtype) @ self.reference_prototypes[domain, prototype_domain].to(dtype).T
         return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
 
     def _full_plan(self, domain: int, prototype_domain: int) -> torch.Tensor:
@@ -479,7 +513,10 @@ class PrototypeMemory(torch.nn.Module):
         prototypes = self.prototypes[prototype_domain]
         scores = self.bank(domain) @ prototypes.T  # computed once for the plan and its potentials
         assignment = self._sinkhorn(domain, scores)
-        self.column_potentials[domain, prototype_domain] = column_potentials(self._ot_logits(scores), assignment)
+        potentials = column_potentials(self._ot_logits(scores), assignment)  # -inf: a column without mass
+        self.column_potentials[domain, prototype_domain] = _cast_finite(
+            "column potentials", potentials, self.column_potentials.dtype
+        )
         self.reference_prototypes[domain, prototype_domain] = prototypes
         self.potentials_valid[domain, prototype_domain] = True
         return assignment
@@ -750,6 +787,27 @@ class PrototypeMemory(torch.nn.Module):
             f"reset_prototypes={self.reset_prototypes}, "
             f"refresh_every={self.refresh_every}, neighbour_search={self.neighbour_search!r}"
         )
+
+
+def _cast_finite(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``values`` cast to ``dtype``, raising ``ValueError`` if the cast makes an entry non-finite.
+
+    A finite float32 value past a narrower dtype's range (float16: 65,504) becomes inf,
+    which would silently poison K-means and the OT. Casts that cannot overflow cost nothing
+    here; the others one pass and one device sync over ``values``.
+    """
+    cast = values.to(dtype)
+    if not values.is_floating_point() or torch.finfo(values.dtype).max <= torch.finfo(dtype).max:
+        return cast
+    overflow = ~torch.isfinite(cast) & torch.isfinite(values)
+    if overflow.any():
+        limit = torch.finfo(dtype).max
+        raise ValueError(
+            f"{name} must be finite in the memory's dtype {dtype} (|x| <= {limit:.6g}), got {int(overflow.sum())} "
+            f"entries past it, largest |x| {values[overflow].abs().max().item():.4g}: scale the keys or use a "
+            "wider memory dtype (memory.float())"
+        )
+    return cast
 
 
 def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,25 @@ def test_half_precision_prototypes_of_a_bank_past_float16_range_match_float32(re
     torch.testing.assert_close(prototypes[torch.float16], prototypes[torch.float32], atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("scale, batch", [(2000.0, 64), (1e4, 1)])
+def test_half_precision_refresh_update_of_large_keys_matches_float32(scale, batch):
+    # Each key fits float16 (max 65,504), but a 64-key batch sum (about 115,000) or one key's
+    # score / epsilon (1e5) does not: the cached means must still follow the written rows.
+    generator = torch.Generator().manual_seed(0)
+    keys = scale * (F.normalize(torch.randn(128, 3, generator=generator), dim=1) + torch.tensor([1.0, 0.0, 0.0]))
+    means = {}
+    for dtype in (torch.float32, torch.float16):
+        memory = PrototypeMemory([0] * 64 + [1] * 64, 3, 1, kmeans_nredo=1, refresh_every=5).to(dtype)
+        memory.fill(keys.to(dtype), torch.arange(128))
+        memory.recluster(epoch=0)
+        memory.step_pseudo_labels(0, torch.arange(4))  # the full OT: caches the plan and the means
+        memory.fill((0.9 * keys[:batch]).to(dtype), torch.arange(batch))
+        memory.step_pseudo_labels(0, torch.arange(4))  # between refreshes: the means moved by fill
+        means[dtype] = memory.prototype_means[0].float()
+    assert means[torch.float16].isfinite().all()
+    torch.testing.assert_close(means[torch.float16], means[torch.float32], rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("marginal_rule", ["official", "matched"])
 def test_half_precision_cluster_size_marginals_past_float16_range(marginal_rule):
     # Two blobs of 60,000 and 20,000 rows: the counts' sum overflows float16.
@@ -395,6 +414,34 @@ def test_bad_fill_raises_and_writes_nothing(keys, indices, error, message):
     with pytest.raises(error, match=message):
         memory.fill(keys, indices)
     assert_state_unchanged(memory, before)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_half_precision_fill_refuses_keys_past_float16_range_and_writes_nothing(refresh_every):
+    memory, _ = filled_memory([0] * 4 + [1] * 4, dim=3, refresh_every=refresh_every)
+    memory.half().recluster(epoch=0)
+    memory.step_pseudo_labels(0, [0])
+    before = snapshot(memory)
+    keys = torch.ones(2, 3)
+    keys[1, 2] = 1e5  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match=r"keys must be finite in the memory's dtype torch\.float16 \(\|x\| <= 65504\), "
+                                         r"got 1 entries past it, largest \|x\| 1e\+05"):
+        memory.fill(keys, [0, 4])
+    assert_state_unchanged(memory, before)
+    memory.fill(torch.full((2, 3), 65504.0), [0, 4])  # float16's largest value is still a key
+    assert torch.equal(memory.bank(1)[0], torch.full((3,), 65504.0, dtype=torch.float16))
+
+
+def test_load_state_dict_refuses_banks_past_the_memory_dtype_range_and_loads_nothing():
+    source = PrototypeMemory([0, 0, 1, 1], dim=3, num_prototypes=1)
+    source.fill(torch.full((4, 3), 1e5), torch.arange(4))
+    memory = PrototypeMemory([0, 0, 1, 1], dim=3, num_prototypes=1).half()
+    before = snapshot(memory)
+    with pytest.raises(ValueError, match=r"state_dict\['bank_0'\] must be finite in the memory's dtype torch\.float16"):
+        memory.load_state_dict(source.state_dict())
+    assert_state_unchanged(memory, before)
+    memory.float().load_state_dict(source.state_dict())  # a float32 memory holds them
+    assert torch.equal(memory.bank(1), source.bank(1))
 
 
 def test_bad_update_prototypes_input_names_assignment():

@@ -305,6 +305,20 @@ def test_log_domain_fallback_equals_official_formula(iterations, count_log_domai
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("epsilon", [1e-4, 1e-5, 1e-6])
+def test_float32_log_domain_fallback_rows_sum_to_one_and_match_float64(epsilon, count_log_domain_calls, device):
+    """Logits of 1e4 to 1e6 in float32: the plan must still be a row softmax, not lose mass to rounding."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(100, NUM_PROTOTYPES, generator=generator) * 2 - 1
+    beta = torch.rand(NUM_PROTOTYPES, generator=generator) + 0.1
+    plan = sinkhorn(scores.to(device), beta.to(device), epsilon, 200)  # enough rounds for the scaling to overflow
+    assert len(count_log_domain_calls) == 1
+    torch.testing.assert_close(plan.sum(1), torch.ones(100, device=device))
+    # Reference: the official rounds in float64 on the same float32 inputs.
+    expected = log_domain_official_sinkhorn(scores.double(), beta.double() / beta.double().sum(), epsilon, 200)
+    torch.testing.assert_close(plan.double(), expected.to(device), rtol=0, atol=1e-4)
+
+
 def test_log_domain_fallback_tolerance(count_log_domain_calls, device):
     scores, beta, epsilon = extreme_problem(device)
     tol = 0.15  # converging at epsilon 1e-4 is slow; what matters is where it stops
