@@ -57,9 +57,12 @@ class ProtoOTLoss(BaseMetricLossFunction):
     ``PrototypeMemory(..., refresh_every=1, neighbour_search="exact")``; at a million rows,
     ``refresh_every=10`` with the default ``"auto"`` removes every per-step full-bank pass
     (measured costs in ``PrototypeMemory``'s docstring). Under
-    ``torch.distributed`` the memory all-gathers the keys, so every rank's banks,
-    prototypes and pseudo-labels are identical; the loss of each rank covers its own
-    batch (DDP averages the gradients).
+    ``torch.distributed`` the memory all-gathers the keys, and every rank updates the
+    prototypes (and refresh caches) of every domain of the global batch, also those its own
+    batch lacks, so every rank's banks, prototypes and pseudo-labels are identical; the
+    cross term's "other domains" are those of the global batch; the loss of each rank
+    covers its own batch (DDP averages the gradients). Under ``torch.distributed`` the
+    loss is a collective: every rank calls it every step.
 
     Total: :math:`\sum_d \mathrm{mean}_d L_{in} + \lambda \sum_d \mathrm{mean}_d L_{cross}`.
     Sub-losses ``"in_domain"`` and ``"cross_domain"`` are per-element (reduction type
@@ -237,29 +240,37 @@ class ProtoOTLoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
         whose keys are already in the memory (``forward`` does both)."""
-        if len(labels) == 0:  # PML's losses give 0, not the NaN mean of no terms, for an empty batch
-            return {"in_domain": self.zero_loss(), "cross_domain": self.zero_loss()}
         dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
         queries = F.normalize(embeddings.to(dtype), dim=1)
         keys = F.normalize(ref_emb.detach().to(dtype), dim=1)
-        groups = self.memory.split_by_domain(labels)
+        # Domains only other ranks' batches hold come with no positions: their memory state still moves.
+        groups = self.memory.split_by_domain(labels, across_ranks=True)
         batch_size = len(labels)
         in_domain = queries.new_zeros(batch_size)
         for slot, positions, rows in groups:
-            domain_losses = self._in_domain_losses(slot, queries[positions], keys[positions], rows)
-            in_domain[positions] = domain_losses * (batch_size / len(positions))
+            if len(positions) == 0:  # no loss terms here, but the prototypes move as on the other ranks
+                self.memory.step_pseudo_labels(slot, rows)
+            else:
+                domain_losses = self._in_domain_losses(slot, queries[positions], keys[positions], rows)
+                in_domain[positions] = domain_losses * (batch_size / len(positions))
         indices = c_f.torch_arange_from_size(embeddings)
-        loss_dict = {"in_domain": {"losses": in_domain, "indices": indices, "reduction_type": "element"}}
         cross_weight = self.current_cross_domain_weight()
-        if cross_weight > 0 and len(groups) > 1:
-            cross_domain = queries.new_zeros(batch_size)
-            for slot, positions, rows in groups:
-                others = [other for other, _, _ in groups if other != slot]
+        cross_domain = queries.new_zeros(batch_size) if cross_weight > 0 and len(groups) > 1 else None
+        for slot, positions, rows in groups if cross_domain is not None else []:
+            others = [other for other, _, _ in groups if other != slot]
+            if len(positions) == 0:  # only the refresh caches of (slot, other) may move
+                for other in others:
+                    self.memory.cross_pseudo_labels(slot, other, rows)
+            else:
                 domain_losses = self._cross_domain_losses(slot, others, queries[positions], rows)
                 cross_domain[positions] = domain_losses * (cross_weight * batch_size / len(positions))
-            loss_dict["cross_domain"] = {"losses": cross_domain, "indices": indices, "reduction_type": "element"}
-        else:
-            loss_dict["cross_domain"] = self.zero_loss()
+        if batch_size == 0:  # PML's losses give 0, not the NaN mean of no terms, for an empty batch
+            return {"in_domain": self.zero_loss(), "cross_domain": self.zero_loss()}
+        loss_dict = {"in_domain": {"losses": in_domain, "indices": indices, "reduction_type": "element"}}
+        loss_dict["cross_domain"] = (
+            self.zero_loss() if cross_domain is None
+            else {"losses": cross_domain, "indices": indices, "reduction_type": "element"}
+        )
         return loss_dict
 
     def current_cross_domain_weight(self) -> float:

@@ -369,11 +369,16 @@ class PrototypeMemory(torch.nn.Module):
         check_in_range(f"{name} (bank rows of domain slot {domain})", rows, len(self.bank(domain)))
         return rows
 
-    def split_by_domain(self, indices) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def split_by_domain(self, indices, across_ranks: bool = False) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Group a batch of global indices by domain.
 
         Args:
             indices: ``(B,)`` global sample indices.
+            across_ranks: also list, with empty ``positions`` and ``rows``, the domains that only
+                other ranks' batches hold (a collective under ``torch.distributed``; the same list
+                on every rank). A training step updates the state of every domain of its global
+                batch (prototypes, refresh countdowns and caches), so every rank must, or their
+                memories drift apart whenever a rank's batch lacks a domain.
 
         Returns:
             For each domain present, in slot order: ``(slot, positions, rows)`` where
@@ -381,8 +386,11 @@ class PrototypeMemory(torch.nn.Module):
         """
         indices = self.check_indices("indices", indices)
         slots = self.domain_of[indices]
+        present = torch.unique(slots)
+        if across_ranks:
+            present = torch.unique(all_gather_rows(present))
         groups = []
-        for slot in torch.unique(slots).tolist():
+        for slot in present.tolist():
             positions = torch.nonzero(slots == slot).flatten()
             groups.append((slot, positions, self.row_of[indices[positions]]))
         return groups

@@ -161,9 +161,11 @@ class ProtoOTMiner(BaseMiner):
         slots = torch.empty(len(indices), dtype=torch.long, device=device)
         cross = torch.full((len(indices), num_domains), -1, dtype=torch.long, device=device)
         own_assignments = []
-        for slot, positions, rows in self.memory.split_by_domain(indices):
+        # With update_prototypes, domains only other ranks' batches hold come too (no positions): their
+        # prototypes move on every rank alike.
+        for slot, positions, rows in self.memory.split_by_domain(indices, across_ranks=self.update_prototypes):
             slots[positions] = slot
-            for target in range(num_domains) if self.cross_domain else [slot]:
+            for target in range(num_domains) if self.cross_domain and len(positions) else [slot]:
                 assignment = self.memory.assign(slot, prototype_domain=target)
                 cross[positions, target] = assignment.argmax(dim=1).to(device)[rows]
                 if target == slot:

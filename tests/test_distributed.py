@@ -14,6 +14,7 @@ from pml_protoot.data import TwoViewDataset
 from pml_protoot.distributed import all_gather_objects, all_gather_rows, gather_strided, get_world_size
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
+from pml_protoot.miners import ProtoOTMiner
 from pml_protoot.samplers import CrossDomainSampler
 from pml_protoot.testers import CrossDomainTester
 from pml_protoot.trainers import ProtoOTTrainer
@@ -198,6 +199,36 @@ def resumed_and_uninterrupted(folder):
             (("uninterrupted", trainer), ("resumed", resumed))}
 
 
+SPLIT_STEPS = 3
+
+
+def split_domain_memory(refresh_every, mode, steps=SPLIT_STEPS):
+    """Memory state after steps whose batch on rank ``r`` holds domain ``r`` only (one process:
+    both), through the loss or the prototype-updating miner. Keys are fixed (the features), so
+    the global batch alone decides the state: every rank must end where one process does."""
+    features, views, _ = make_inputs()
+    keys = F.normalize(features, dim=1)
+    memory = PrototypeMemory(DOMAINS, DIM_IN, K, kmeans_nredo=1, refresh_every=refresh_every)
+    share = torch.arange(_rank(), len(DOMAINS), get_world_size())
+    memory.fill(keys[share], share)
+    memory.recluster(epoch=0)
+    loss = ProtoOTLoss(memory, cross_domain_start_epoch=0, cross_domain_weight=0.5)
+    miner = ProtoOTMiner(memory, update_prototypes=True)
+    domains = [_rank()] if get_world_size() > 1 else list(range(WORLD_SIZE))
+    for step in range(steps):
+        indices = torch.cat([torch.arange(4 * step, 4 * step + 4) + DOMAINS.index(d) for d in domains])
+        queries = F.normalize(views[indices], dim=1)
+        if mode == "loss":
+            loss(queries, indices, ref_emb=keys[indices])
+        else:
+            memory.fill(keys[indices], indices)
+            miner(queries, indices, keys[indices], indices.clone())
+    return {name: value.clone() for name, value in memory.state_dict().items()}
+
+
+SPLIT_VARIANTS = [(refresh_every, mode) for refresh_every in (1, 3) for mode in ("loss", "miner")]
+
+
 def worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
@@ -211,6 +242,7 @@ def worker(rank, init_file, out_dir):
         state["trainer"] = run_trainer()
         state["trainer_frozen_trunk"] = run_trainer(freeze_trunk=True)
         state["resume"] = resumed_and_uninterrupted(pathlib.Path(out_dir))
+        state["split_domains"] = {variant: split_domain_memory(*variant) for variant in SPLIT_VARIANTS}
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -300,3 +332,17 @@ def test_resume_by_another_number_of_processes_warns_and_uses_rank_0s_state(two_
     assert "saved by 2 processes, resumed by 1" in caplog.text
     checkpoint = torch.load(two_process_states["checkpoint"], weights_only=True)
     assert torch.equal(torch.get_rng_state(), checkpoint["rank_states"][0]["rng"]["torch"])
+
+
+@pytest.mark.parametrize("variant", SPLIT_VARIANTS)
+def test_ranks_whose_batches_lack_a_domain_keep_the_memory_of_one_process(two_process_states, variant):
+    """Rank 0's batches hold only domain 0 and rank 1's only domain 1: each rank still moves both
+    domains' prototypes (and refresh caches), as one process with the global batch does."""
+    single = split_domain_memory(*variant)
+    for rank, state in enumerate(two_process_states["states"]):
+        memory_state = state["split_domains"][variant]
+        assert memory_state.keys() == single.keys()
+        for name, value in single.items():
+            assert torch.allclose(memory_state[name].double(), value.double(), atol=1e-5), (rank, name)
+    # The steps did move the prototypes: the comparison is not between untouched copies.
+    assert not torch.allclose(single["prototypes"], split_domain_memory(*variant, steps=0)["prototypes"])
