@@ -11,8 +11,14 @@ are scored with the same ``CrossDomainTester`` (every ordered domain pair, Proto
 P@k), so their tables compare. The supervised baseline sees the class labels, ProtoOT
 does not.
 
+Each script trains one epoch; by default that epoch is one pass of its sampler (PML's
+``iterations_per_epoch=None`` is ``len(dataloader)``: 8 batches of ``MPerClassSampler``,
+10 domain-balanced blocks of ``CrossDomainSampler`` on the 300 demo images). A larger
+``--iterations`` runs further passes within the epoch, each in a fresh order.
+
 Run::
 
+    python examples/swap_into_pml.py               # one pass each
     python examples/swap_into_pml.py --iterations 5
 """
 import argparse
@@ -61,8 +67,8 @@ def score(trunk, embedder, device):
     return results
 
 
-def pml_baseline(iterations: int, device: torch.device):
-    """PML's canonical supervised script; returns ``(trainer, results)``."""
+def pml_baseline(iterations, device: torch.device):
+    """PML's canonical supervised script (``iterations=None``: one sampler pass); returns ``(trainer, results)``."""
     train_dataset = make_synthetic_domains(image_size=IMAGE_SIZE, transform=moco_v2_transform(IMAGE_SIZE))
     models, optimizers = make_models_and_optimizers(device)
     loss = losses.NTXentLoss(temperature=0.07)
@@ -82,7 +88,7 @@ def pml_baseline(iterations: int, device: torch.device):
     return trainer, score(models["trunk"], models["embedder"], device)
 
 
-def protoot_swap(iterations: int, device: torch.device):
+def protoot_swap(iterations, device: torch.device):
     """The same script, ProtoOT: no labels, a memory, two views, a domain sampler; returns ``(trainer, results)``."""
     images = make_synthetic_domains(image_size=IMAGE_SIZE)  # ProtoOT: PIL images; two views come below
     eval_images = make_synthetic_domains(image_size=IMAGE_SIZE, transform=eval_transform(IMAGE_SIZE))  # ProtoOT
@@ -110,15 +116,19 @@ def protoot_swap(iterations: int, device: torch.device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=50, help="training steps of each script")
+    parser.add_argument(
+        "--iterations", type=int, default=None,
+        help="training steps of each script (default: one pass of its sampler, len(dataloader))",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    steps = "one pass of its sampler" if args.iterations is None else f"{args.iterations} iterations"
     torch.manual_seed(0)
-    print(f"PML MetricLossOnly + NTXentLoss (class labels), {args.iterations} iterations:")
+    print(f"PML MetricLossOnly + NTXentLoss (class labels), {steps}:")
     pml_baseline(args.iterations, device)
     torch.manual_seed(0)
-    print(f"ProtoOT (no labels), {args.iterations} iterations:")
+    print(f"ProtoOT (no labels), {steps}:")
     protoot_swap(args.iterations, device)
 
 

@@ -29,8 +29,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
 
         T = R \left\lceil \frac{\lceil N_{\max} / b \rceil}{R} \right\rceil
 
-    blocks. Every domain's indices are shuffled (generator seeded from ``seed`` and the
-    epoch) and, for domains smaller than :math:`T b`, concatenated with fresh
+    blocks. Every domain's indices are shuffled (generator seeded from ``seed``, the
+    epoch and the pass, below) and, for domains smaller than :math:`T b`, concatenated with fresh
     reshuffles until :math:`T b` indices are reached, so the first :math:`N_{\max}`
     entries of the largest domain cover it exactly once. Block ``t`` is the ``t``-th
     slice of ``b`` indices of domain 0, then of domain 1, ... (domains concatenated in
@@ -40,10 +40,27 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
     multiple of ``R``; otherwise it is an epoch of the larger ``T`` blocks, whose
     reshuffles differ from the single-process epoch's.
 
+    Every :meth:`__iter__` call starts a new *pass* over such an epoch with its own
+    order. Pass ``p`` of an epoch shuffles with a generator seeded from ``(seed, epoch)``
+    for ``p = 0`` and from ``(seed, epoch, p)`` otherwise (``numpy.random.SeedSequence(
+    [seed, epoch], spawn_key=(p,))``); :meth:`set_epoch` (and :meth:`load_state_dict`)
+    resets the pass count to 0. PML's trainers make a new iterator whenever the data runs
+    out (``iterations_per_epoch`` longer than ``len(dataloader)``): those later passes are
+    fresh orders, not repeats of the first. The passes after ``set_epoch(e)`` are the
+    same on every run (pass 0 is the order of earlier releases, which had one pass per
+    epoch), so an epoch replays exactly when the same iterators are made after
+    :meth:`set_epoch`. Under DDP every rank makes the same number of passes (equal
+    ``len`` and iterations), so within each pass the shards stay disjoint. A
+    ``DataLoader`` iterates the sampler in the main process, also with workers: each
+    ``iter(dataloader)`` (and each epoch of ``persistent_workers``) is one pass.
+    ``shuffle=False`` gives every pass the same order.
+
     ``batch_size`` is the per-process batch: pass the same number as ``batch_size`` of
     the ``DataLoader`` or PML trainer so that each batch is exactly one block.
     PML trainers never call :meth:`set_epoch`; call it from ``end_of_epoch_hook`` (as
-    below) or every epoch repeats the same order.
+    below) or all epochs are passes of epoch 0, which :meth:`state_dict` records as
+    epoch 0: a resumed run would replay them from the first (``ProtoOTTrainer`` calls
+    it at the start of every epoch).
 
     Args:
         domains: ``(N,)`` integer domain id of every dataset index (any ids; at least
@@ -51,7 +68,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         batch_size: indices per block; a multiple of the number of domains.
         num_replicas: number of processes sharing the epoch (DDP world size).
         rank: this process's rank in ``[0, num_replicas)``.
-        seed: non-negative base seed; the order depends on ``seed`` and epoch only.
+        seed: non-negative base seed; the order depends on ``seed``, the epoch and the
+            pass number only.
         shuffle: ``False`` keeps each domain in index order (cycled the same way).
 
     Raises:
@@ -66,6 +84,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         [0, 1, 4, 5, 2, 3, 4, 5]
         >>> len(sampler)
         8
+        >>> list(sampler)  # a second pass in the same epoch (identical here: shuffle=False)
+        [0, 1, 4, 5, 2, 3, 4, 5]
         >>> sampler.set_epoch(1)  # in a PML trainer: end_of_epoch_hook=lambda t: sampler.set_epoch(t.epoch)
     """
 
@@ -85,6 +105,7 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         self.seed = _check_seed(seed)
         self.shuffle = check_bool("shuffle", shuffle)
         self.epoch = 0
+        self.passes = 0  # iterators started in this epoch; reset by set_epoch
         # One index tensor per domain, in ascending domain-id order.
         self.domain_indices = [torch.nonzero(domains == d).flatten() for d in self.domain_values]
         self.share = batch_size // len(self.domain_values)
@@ -96,7 +117,10 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields (with ``seed``, it fixes the order).
+        """Select the epoch whose passes :meth:`__iter__` yields and restart at its first pass.
+
+        With ``seed``, it fixes the order: the next :meth:`__iter__` gives pass 0 of
+        ``epoch``, the one after it pass 1, and so on.
 
         Args:
             epoch: non-negative epoch number.
@@ -105,11 +129,26 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
             ValueError: ``epoch`` is not a non-negative integer.
         """
         self.epoch = check_non_negative_int("epoch", epoch)
+        self.passes = 0
 
-    def epoch_blocks(self) -> torch.Tensor:
-        """Return the whole epoch (all ranks) as a ``(total_blocks, batch_size)`` LongTensor."""
-        # torch's CPU generator keeps only 32 bits of a seed: hash (seed, epoch) into them.
-        mixed = int(numpy.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+    def epoch_blocks(self, pass_number: int = 0) -> torch.Tensor:
+        """Return one pass of the epoch (all ranks) as a ``(total_blocks, batch_size)`` LongTensor.
+
+        Args:
+            pass_number: which pass of the current epoch (``0``: the first, which
+                :meth:`__iter__` yields right after :meth:`set_epoch`). Reads no state
+                and advances nothing.
+
+        Raises:
+            ValueError: ``pass_number`` is not a non-negative integer.
+        """
+        pass_number = check_non_negative_int("pass_number", pass_number)
+        # torch's CPU generator keeps only 32 bits of a seed: hash (seed, epoch[, pass]) into them.
+        # Pass 0 keeps the plain (seed, epoch) entropy; later passes add a spawn key, whose
+        # padded entropy cannot equal any (seed, epoch) one.
+        spawn_key = (pass_number,) if pass_number else ()
+        sequence = numpy.random.SeedSequence([self.seed, self.epoch], spawn_key=spawn_key)
+        mixed = int(sequence.generate_state(1)[0])
         generator = torch.Generator().manual_seed(mixed)
         length = self.total_blocks * self.share
         streams = [self._domain_stream(idx, length, generator) for idx in self.domain_indices]
@@ -125,18 +164,26 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         return torch.cat(copies)[:length]
 
     def __iter__(self):
-        blocks = self.epoch_blocks()[self.rank :: self.num_replicas]
+        """Start the next pass of the epoch: this rank's blocks of :meth:`epoch_blocks` (pass ``passes``)."""
+        pass_number, self.passes = self.passes, self.passes + 1
+        blocks = self.epoch_blocks(pass_number)[self.rank :: self.num_replicas]
         return iter(blocks.flatten().tolist())
 
     def __len__(self) -> int:
         return self.total_blocks // self.num_replicas * self.batch_size
 
     def state_dict(self) -> dict:
-        """Return ``{"epoch": int, "seed": int}``, enough to resume the same order."""
+        """Return ``{"epoch": int, "seed": int}``, enough to resume at an epoch boundary.
+
+        The pass count is not saved (nor is any position inside a pass, which a sampler
+        cannot know): exact resume is from a state saved at an epoch end, as
+        ``ProtoOTTrainer``'s checkpoints are, followed by :meth:`set_epoch` of the next
+        epoch. A state saved mid-epoch restarts that epoch from its first pass on load.
+        """
         return {"epoch": self.epoch, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore ``epoch`` and ``seed`` from :meth:`state_dict` output.
+        """Restore ``epoch`` and ``seed`` from :meth:`state_dict` output (the pass count restarts at 0).
 
         Raises:
             ValueError: ``state`` lacks ``"epoch"`` or ``"seed"`` or holds bad values.

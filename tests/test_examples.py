@@ -59,6 +59,9 @@ def test_swap_into_pml_main_parses_iterations(monkeypatch):
     monkeypatch.setattr(swap, "protoot_swap", lambda iterations, device: calls.append(("protoot", iterations, device)))
     swap.main(["--iterations", "5", "--device", "cpu"])
     assert calls == [("pml", 5, torch.device("cpu")), ("protoot", 5, torch.device("cpu"))]
+    calls.clear()
+    swap.main(["--device", "cpu"])  # default: one pass of each sampler (PML's len(dataloader))
+    assert calls == [("pml", None, torch.device("cpu")), ("protoot", None, torch.device("cpu"))]
 
 
 def test_evaluate_your_model_matches_pml_accuracy_calculator(device, exact_float32):

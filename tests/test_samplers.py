@@ -1,11 +1,15 @@
-"""CrossDomainSampler: balanced blocks, coverage, determinism, DDP shards, PML trainer use."""
+"""CrossDomainSampler: balanced blocks, coverage, determinism, passes, DDP shards, PML trainer use."""
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 from pytorch_metric_learning import losses, trainers
 
+from pml_protoot.losses import ProtoOTLoss
+from pml_protoot.memory import PrototypeMemory
 from pml_protoot.samplers import CrossDomainSampler
+from pml_protoot.trainers import ProtoOTTrainer
 
 # Unequal domain sizes with non-contiguous ids, in shuffled positions.
 SIZES = {0: 23, 3: 9, 7: 14}
@@ -23,6 +27,49 @@ def reference_num_blocks(sizes, batch_size, num_replicas):
     while blocks % num_replicas:
         blocks += 1
     return blocks
+
+
+def reference_pass(domains, batch_size, *, seed, epoch, pass_number=0, num_replicas=1, rank=0):
+    """The documented algorithm written plainly, as a list of this rank's indices.
+
+    The generator is seeded with 32 bits of ``SeedSequence([seed, epoch])`` for pass 0 (the
+    single order per epoch of earlier releases) and of ``SeedSequence([seed, epoch],
+    spawn_key=(p,))`` for pass ``p >= 1``; each domain, in ascending id order, draws whole
+    ``randperm`` reshuffles until ``T * share`` indices exist; block ``t`` is the ``t``-th
+    ``share`` of every domain in turn; rank ``r`` takes blocks ``r, r + R, ...``.
+    """
+    values = domains.tolist()
+    ids = sorted(set(values))
+    share = batch_size // len(ids)
+    num_blocks = reference_num_blocks(Counter(values), batch_size, num_replicas)
+    spawn_key = (pass_number,) if pass_number else ()
+    state = numpy.random.SeedSequence([seed, epoch], spawn_key=spawn_key).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    streams = []
+    for domain in ids:
+        members = [i for i, value in enumerate(values) if value == domain]
+        stream = []
+        while len(stream) < num_blocks * share:
+            stream += [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+        streams.append(stream)
+    order = []
+    for block in range(rank, num_blocks, num_replicas):
+        for stream in streams:
+            order += stream[block * share : (block + 1) * share]
+    return order
+
+
+def assert_valid_balanced_pass(order, domains, batch_size, sizes):
+    """Blocks hold equal domain counts, the largest domain's first N_max entries are a permutation
+    of it, and (single process) every sample appears."""
+    order = torch.tensor(order)
+    for block in order.view(-1, batch_size):
+        counts = Counter(domains[block].tolist())
+        assert set(counts) == set(sizes) and set(counts.values()) == {batch_size // len(sizes)}
+    largest = max(sizes, key=sizes.get)
+    first = order[domains[order] == largest][: sizes[largest]]
+    assert sorted(first.tolist()) == torch.nonzero(domains == largest).flatten().tolist()
+    assert set(order.tolist()) == set(range(len(domains)))
 
 
 def batches_from_loader(sampler, batch_size, num_samples):
@@ -84,12 +131,64 @@ def test_same_seed_and_epoch_give_same_order_and_epochs_differ():
     a.set_epoch(2)
     b.set_epoch(2)
     assert list(a) == list(b)
-    assert list(a) == list(a)  # iterating again does not advance the order
+    a.set_epoch(2)
+    b.set_epoch(2)  # set_epoch restarts the epoch's passes: the same orders again
+    assert [list(a), list(a)] == [list(b), list(b)]
+    a.set_epoch(2)
     b.set_epoch(3)
     assert list(a) != list(b)
     other_seed = CrossDomainSampler(domains, 6, seed=6)
     other_seed.set_epoch(2)
     assert list(a) != list(other_seed)
+
+
+@pytest.mark.parametrize("batch_size", [3, 6, 12])
+def test_a_second_iteration_in_an_epoch_is_a_new_valid_balanced_pass(batch_size):
+    domains = make_domains()
+    sampler = CrossDomainSampler(domains, batch_size, seed=1)
+    sampler.set_epoch(3)
+    passes = [list(sampler) for _ in range(3)]
+    for order in passes:
+        assert len(order) == len(sampler)
+        assert_valid_balanced_pass(order, domains, batch_size, SIZES)
+    assert passes[0] != passes[1] and passes[1] != passes[2] and passes[0] != passes[2]
+    # Through a DataLoader, as PML's trainers do when the data runs out mid-epoch.
+    sampler.set_epoch(3)
+    loader = torch.utils.data.DataLoader(torch.arange(len(domains)), batch_size=batch_size, sampler=sampler)
+    assert [torch.cat(list(loader)).tolist() for _ in range(2)] == passes[:2]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+@pytest.mark.parametrize("epoch", [0, 1, 5])
+@pytest.mark.parametrize("num_replicas,rank", [(1, 0), (2, 1), (3, 0), (3, 2), (5, 4)])
+def test_passes_follow_the_documented_algorithm_and_the_first_is_the_old_single_order(seed, epoch, num_replicas, rank):
+    domains = make_domains()
+    sampler = CrossDomainSampler(domains, 6, num_replicas=num_replicas, rank=rank, seed=seed)
+    list(sampler)  # passes of an earlier epoch must not shift this epoch's
+    sampler.set_epoch(epoch)
+    for pass_number in range(3):
+        expected = reference_pass(
+            domains, 6, seed=seed, epoch=epoch, pass_number=pass_number, num_replicas=num_replicas, rank=rank
+        )
+        assert list(sampler) == expected, pass_number
+    resumed = CrossDomainSampler(domains, 6, num_replicas=num_replicas, rank=rank)
+    resumed.load_state_dict(sampler.state_dict())  # a loaded state starts the epoch's first pass
+    assert list(resumed) == reference_pass(domains, 6, seed=seed, epoch=epoch, num_replicas=num_replicas, rank=rank)
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3])
+def test_rank_shards_stay_disjoint_in_every_pass(num_replicas):
+    sizes = {0: 24, 3: 9, 7: 14}
+    domains = make_domains(sizes)
+    samplers = [CrossDomainSampler(domains, 6, num_replicas=num_replicas, rank=r, seed=2) for r in range(num_replicas)]
+    passes = []
+    for _ in range(3):  # every rank makes the same number of passes
+        shards = [torch.tensor(list(sampler)) for sampler in samplers]
+        owned = [set(shard[domains[shard] == 0].tolist()) for shard in shards]
+        assert sum(len(o) for o in owned) == sizes[0]
+        assert set().union(*owned) == set(torch.nonzero(domains == 0).flatten().tolist())
+        passes.append(torch.cat(shards).tolist())
+    assert passes[0] != passes[1] != passes[2]
 
 
 def test_state_dict_resumes_order():
@@ -189,6 +288,48 @@ def test_works_as_sampler_of_pml_metric_loss_only_trainer(device):
     expected = sampler_first_blocks(domains, batch_size, seed=4, count=2)
     assert fetched[: 2 * batch_size] == expected
     assert not torch.equal(before, trunk.weight)
+
+
+def test_protoot_trainer_epoch_longer_than_one_pass_does_not_repeat_its_batches(device):
+    # 32 samples in 2 domains, blocks of 8: one pass is 4 batches; the epoch is 2 passes.
+    domains = torch.arange(2).repeat_interleave(16)
+    n, dim, batch_size = len(domains), 4, 8
+    features = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    fetched = []
+
+    class RecordingTwoViews(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, index):
+            fetched.append(index)
+            return (features[index], features[index]), index
+
+    torch.manual_seed(0)
+    embedder = torch.nn.Linear(dim, 3).to(device)
+    memory = PrototypeMemory(domains, dim=3, num_prototypes=2, kmeans_nredo=1)
+    sampler = CrossDomainSampler(domains, batch_size, seed=4)
+    trainer = ProtoOTTrainer(
+        {"trunk": torch.nn.Identity(), "embedder": embedder},
+        {"embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.1)},
+        batch_size,
+        {"metric_loss": ProtoOTLoss(memory)},
+        RecordingTwoViews(),
+        memory,
+        fill_dataset=torch.utils.data.TensorDataset(features, torch.zeros(n, dtype=torch.long)),
+        sampler=sampler,
+        iterations_per_epoch=8,
+        data_device=torch.device(device),
+        dataloader_num_workers=0,
+    )
+    trainer.train(1, 1)
+    assert len(fetched) == 8 * batch_size
+    first, second = fetched[: 4 * batch_size], fetched[4 * batch_size :]
+    assert first != second  # the old sampler repeated batches 1-4 as batches 5-8
+    for half in (first, second):
+        assert_valid_balanced_pass(half, domains, batch_size, {0: 16, 1: 16})
+    batches = torch.tensor(fetched).view(8, batch_size).sort(dim=1).values.tolist()
+    assert len({tuple(batch) for batch in batches}) == 8  # no batch of the epoch repeats
 
 
 def sampler_first_blocks(domains, batch_size, seed, count):
