@@ -29,20 +29,31 @@ class CrossDomainTester(BaseTester):
     distinct domains ``(A, B)`` is scored with ``A``'s images as queries and ``B``'s as the
     gallery. Results are keyed ``"A->B"`` (see ``pair_separator``) plus ``"mean"`` (the unweighted mean over pairs),
     each a ``{metric: float}`` dict; ``test`` also stores them, with ``"epoch"``, in
-    ``tester.all_accuracies`` so PML's ``HookContainer`` can track the best epoch, e.g.
-    ``HookContainer(record_keeper, primary_metric="precision_at_15",
-    validation_split_name="mean")``. Metric keys are the bare metric names.
+    ``tester.all_accuracies`` so PML's hook containers can track the best epoch; with a
+    ``ProtoOTTrainer``, :class:`~pml_protoot.hooks.ProtoOTHookContainer` (``primary_metric=
+    "precision_at_15"`` on ``"mean"``), which scores the key encoder. Metric keys are the
+    bare metric names.
 
     Under ``torch.distributed`` (several processes) :meth:`test` splits each domain's
     items over ranks (rank ``r`` embeds items ``r, r + W, ...``), all-gathers embeddings
     and labels back into item order, and every rank scores the full sets (same results
-    on every rank).
+    on every rank); a domain with fewer items than ranks is embedded whole on every rank.
 
     Args:
         accuracy_calculator: any PML ``AccuracyCalculator``; default
             ``PrecisionAtKCalculator()`` (ProtoOT P@1/5/15 plus PML's metrics).
         pairs: default ``(query_domain, gallery_domain)`` pairs; all ordered pairs when None.
-        autocast: run the models under ``torch.autocast`` on their device.
+        autocast: run the models under ``torch.autocast`` on their device. Inputs are still cast
+            as ``dtype`` says: autocast runs the ops it covers in its own precision whatever their
+            inputs' dtype, but leaves float64 tensors alone, so a float64 model needs float64
+            inputs (it then runs in float64).
+        dtype: the dtype floating-point trunk inputs are cast to, as in PML's ``BaseTester``;
+            when None, the trunk's floating parameter dtype (a float64, bfloat16 or float16
+            model just works; inputs of a trunk without floating parameters are left as they
+            are). The embedder gets the trunk's outputs in its own floating parameter dtype
+            (e.g. a bfloat16 trunk under a float32 head). Integer inputs (``uint8`` images)
+            are never cast, unlike PML: ``uint8 -> float`` would keep 0-255 where a model
+            expects its own scaling.
         progress: show a tqdm bar while embedding each domain.
         pair_separator: joins query and gallery domain in the results keys (``"A->B"``).
             With PML's ``HookContainer`` and record-keeper, pass an identifier-safe one
@@ -78,6 +89,7 @@ class CrossDomainTester(BaseTester):
         end_of_testing_hook=None,
         progress: bool = True,
         pair_separator: str = "->",
+        dtype: torch.dtype | None = None,
     ):
         super().__init__(
             normalize_embeddings=normalize_embeddings,
@@ -87,6 +99,7 @@ class CrossDomainTester(BaseTester):
             data_and_label_getter=data_and_label_getter,
             end_of_testing_hook=end_of_testing_hook,
             accuracy_calculator=accuracy_calculator or PrecisionAtKCalculator(),
+            dtype=dtype,
         )
         if getattr(self.accuracy_calculator, "return_per_class", False):
             raise ValueError(
@@ -130,8 +143,9 @@ class CrossDomainTester(BaseTester):
         Raises:
             TypeError: ``dataset_dict`` is not a dict, or a domain's class labels are not
                 integers (refused as :meth:`evaluate` refuses them, float labels included).
-            ValueError: fewer than two domains, an empty domain, or a pair naming an
-                unknown domain or the same domain twice.
+            ValueError: fewer than two domains, an empty domain, a pair naming an unknown
+                domain or the same domain twice, or a pair in PML's ``(query, [references])``
+                form (write one ``(query, reference)`` pair per reference).
         """
         if not isinstance(dataset_dict, dict):
             raise TypeError(f"dataset_dict must be a dict {{domain: dataset}}, got {type(dataset_dict).__name__}")
@@ -162,16 +176,24 @@ class CrossDomainTester(BaseTester):
     def _embed_domain(self, dataset, trunk_model, embedder_model, collate_fn):
         """``(N, D)`` embeddings and ``(N,)`` labels of one domain; this rank's strided share, gathered.
 
+        Embeddings are not normalised: :meth:`evaluate` normalises them, once, so that ``test``
+        scores exactly what ``evaluate`` scores of the model's own outputs (normalising twice
+        moves float32 values by an ulp, enough to swap near-tied neighbours).
         Labels keep the dtype the dataset gave them: the caller checks them once gathered, so
         that every rank sees the same labels and raises alike (no rank left waiting in a gather).
         """
-        world_size = get_world_size()
-        if world_size > 1:
-            dataset = torch.utils.data.Subset(dataset, range(get_rank(), len(dataset), world_size))
-        shard_embeddings, shard_labels = self.get_all_embeddings(dataset, trunk_model, embedder_model, collate_fn)
-        shard_labels = shard_labels[:, 0].to(shard_embeddings.device)
-        total = len(dataset.dataset) if world_size > 1 else len(dataset)
-        return gather_strided(shard_embeddings, total), gather_strided(shard_labels, total)
+        total, world_size = len(dataset), get_world_size()
+        # A domain smaller than the world would leave a rank an empty share, with no embedding width to
+        # gather: every rank then embeds it whole (the same branch on every rank: len is the same).
+        sharded = 1 < world_size <= total
+        if sharded:
+            dataset = torch.utils.data.Subset(dataset, range(get_rank(), total, world_size))
+        dataloader = c_f.get_eval_dataloader(dataset, self.batch_size, self.dataloader_num_workers, collate_fn)
+        embeddings, labels = self.compute_all_embeddings(dataloader, trunk_model, embedder_model)
+        labels = labels[:, 0].to(embeddings.device)
+        if not sharded:
+            return embeddings, labels
+        return gather_strided(embeddings, total), gather_strided(labels, total)
 
     def evaluate(self, embeddings_by_domain: dict, labels_by_domain: dict, pairs=None) -> dict:
         """Score pairs from embeddings that are already computed (L2-normalised first when
@@ -179,7 +201,9 @@ class CrossDomainTester(BaseTester):
 
         Args:
             embeddings_by_domain: ``{domain: (N_d, D) tensor}`` of any float dtype; tensors that
-                require grad are detached (scoring tracks no gradients).
+                require grad are detached (scoring tracks no gradients). bfloat16 and float16
+                ones are scored in float32, float64 ones in float64, as :meth:`test` scores
+                a model's outputs.
             labels_by_domain: ``{domain: (N_d,) integer class labels}``, same keys; float
                 labels are refused, even whole-valued ones (as :meth:`test` refuses them).
             pairs: as in :meth:`test`.
@@ -202,7 +226,9 @@ class CrossDomainTester(BaseTester):
         pairs = self._resolve_pairs(list(embeddings_by_domain), pairs)
         embeddings, labels = {}, {}
         for name in {domain for pair in pairs for domain in pair}:
-            embeddings[name] = _as_embeddings(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
+            # Upcast before normalising, as test() does: normalising in half precision rounds a second time.
+            values = _as_embeddings(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
+            embeddings[name] = _upcast_half(values)
             if self.normalize_embeddings:  # as test() embeds: the same embeddings score the same
                 embeddings[name] = torch.nn.functional.normalize(embeddings[name], dim=1)
             labels[name] = _as_labels(
@@ -262,10 +288,16 @@ class CrossDomainTester(BaseTester):
         return torch.cat(embeddings), torch.cat(labels)
 
     def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
+        """``(B, D)`` embeddings of one batch: floating inputs cast to ``dtype`` (or the trunk's
+        floating dtype), the trunk's outputs to the embedder's, half-precision outputs upcast to float32."""
         device = _model_device(trunk_model)
+        images = _cast_floating(input_imgs.to(device), self.dtype or _floating_dtype(trunk_model))
         with torch.autocast(device_type=device.type, enabled=self.autocast):
-            trunk_output = trunk_model(input_imgs.to(device))
-            output = trunk_output if self.use_trunk_output else embedder_model(trunk_output)
+            trunk_output = trunk_model(images)
+            if self.use_trunk_output:
+                output = trunk_output
+            else:  # e.g. a bfloat16 trunk under a float32 head
+                output = embedder_model(_cast_floating(trunk_output, _floating_dtype(embedder_model)))
         return _upcast_half(output)  # float64 models are scored in float64, as evaluate() scores them
 
     def _resolve_pairs(self, domains: list, pairs) -> list[tuple]:
@@ -278,17 +310,42 @@ class CrossDomainTester(BaseTester):
             return list(permutations(domains, 2))
         resolved = []
         for pair in pairs:
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"pairs must hold (query_domain, gallery_domain) pairs, got {pair!r}")
-            unknown = [name for name in pair if name not in domains]
-            if unknown:
-                raise ValueError(f"pairs names unknown domain(s) {unknown}; known domains are {domains}")
-            if pair[0] == pair[1]:
-                raise ValueError(f"pairs must name two different domains, got {tuple(pair)!r}")
+            _check_pair(pair, domains)
             resolved.append(tuple(pair))
         if not resolved:
             raise ValueError("pairs must hold at least one (query_domain, gallery_domain) pair, got none")
         return resolved
+
+
+def _check_pair(pair, domains: list) -> None:
+    """Refuse anything but a ``(query_domain, gallery_domain)`` pair of two different known domains."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"pairs must hold (query_domain, gallery_domain) pairs, got {pair!r}")
+    if isinstance(pair[1], (tuple, list)):
+        # PML's splits_to_eval form. Not accepted silently: PML scores a query against the union of its
+        # references, this tester scores each pair on its own, so the numbers would differ.
+        raise ValueError(
+            f"pairs must hold (query_domain, gallery_domain) name pairs, got {tuple(pair)!r}: PML's "
+            f"(query_split, [reference_splits]) form is not supported (each pair is scored on its own, not "
+            f"against the union of references); write {[(pair[0], gallery) for gallery in pair[1]]!r}"
+        )
+    unknown = [name for name in pair if name not in domains]
+    if unknown:
+        raise ValueError(f"pairs names unknown domain(s) {unknown}; known domains are {domains}")
+    if pair[0] == pair[1]:
+        raise ValueError(f"pairs must name two different domains, got {tuple(pair)!r}")
+
+
+def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter; None when it has none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` when both are floating point; integer tensors (``uint8`` images) as they are."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 def _plain(value):

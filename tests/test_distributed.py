@@ -87,18 +87,21 @@ def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def domain_datasets():
+def domain_datasets(sizes=(("photo", 7), ("sketch", 10))):
     generator = torch.Generator().manual_seed(5)
     return {
         name: torch.utils.data.TensorDataset(torch.randn(size, DIM_IN, generator=generator),
                                              torch.randint(0, 3, (size,), generator=generator))
-        for name, size in (("photo", 7), ("sketch", 10))
+        for name, size in sizes
     }
 
 
-def retrieval_scores(weight):
+TINY_DOMAINS = (("photo", 1), ("sketch", 5))  # photo has fewer images than there are ranks
+
+
+def retrieval_scores(weight, sizes=(("photo", 7), ("sketch", 10))):
     tester = CrossDomainTester(dataloader_num_workers=0, batch_size=3)
-    return tester.test(domain_datasets(), 0, make_model(weight))
+    return tester.test(domain_datasets(sizes), 0, make_model(weight))
 
 
 TRAINER_EPOCHS = 2
@@ -236,6 +239,7 @@ def worker(rank, init_file, out_dir):
         batches = global_batches()
         state = train(lambda step: batches[step][rank * PER_RANK_BATCH : (rank + 1) * PER_RANK_BATCH])
         state["tester"] = retrieval_scores(make_inputs()[2])
+        state["tester_tiny"] = retrieval_scores(make_inputs()[2], TINY_DOMAINS)
         state["gathered"] = all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # uneven row counts
         state["strided"] = gather_strided(torch.arange(rank, 5, WORLD_SIZE), 5)
         state["objects"] = all_gather_objects({"rank": rank, "rows": torch.full((rank,), rank)})
@@ -269,13 +273,14 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_state
     assert not torch.allclose(single["weight"], make_inputs()[2])
 
 
-def test_two_process_tester_scores_equal_one_process(two_process_states):
-    expected = retrieval_scores(make_inputs()[2])
+@pytest.mark.parametrize("key, sizes", [("tester", (("photo", 7), ("sketch", 10))), ("tester_tiny", TINY_DOMAINS)])
+def test_two_process_tester_scores_equal_one_process(two_process_states, key, sizes):
+    expected = retrieval_scores(make_inputs()[2], sizes)
     for state in two_process_states["states"]:
-        assert state["tester"].keys() == expected.keys()
+        assert state[key].keys() == expected.keys()
         for pair, metrics in expected.items():
             for metric, value in metrics.items():
-                assert state["tester"][pair][metric] == pytest.approx(value, abs=1e-6), (pair, metric)
+                assert state[key][pair][metric] == pytest.approx(value, abs=1e-6), (pair, metric)
 
 
 def test_gather_helpers_concatenate_in_rank_order(two_process_states):

@@ -265,7 +265,133 @@ def test_embeddings_follow_dataset_order_and_progress_switch(device, capsys, pro
     tester = make_tester(progress=progress)
     embeddings, labels = tester._embed_domain(datasets["sketch"], trunk, torch.nn.Identity(), None)
     with torch.no_grad():
-        expected = torch.nn.functional.normalize(trunk(datasets["sketch"].tensors[0].to(device)), dim=1)
+        expected = trunk(datasets["sketch"].tensors[0].to(device))  # unnormalised: evaluate() normalises, once
     torch.testing.assert_close(embeddings, expected)
     assert torch.equal(labels.cpu(), datasets["sketch"].tensors[1])
     assert ("embedding" in capsys.readouterr().err) == progress
+
+
+def scores_without_epoch(results):
+    return {key: {k: v for k, v in values.items() if k != "epoch"} for key, values in results.items()}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_model_of_any_float_dtype_is_fed_its_own_dtype(dtype, autocast):
+    """float32 data into a float64/bf16/fp16 model: test() casts it to the model's dtype (under autocast
+    too: autocast leaves float64 alone), as the reference here embeds by hand, and scores the outputs
+    as evaluate() scores them."""
+    datasets = domain_datasets({"photo": 30, "sketch": 40}, seed=6)
+    trunk = torch.nn.Linear(6, 8).to(dtype)
+    embedder = torch.nn.Linear(8, 4).to(dtype)
+    tester = make_tester(autocast=autocast)
+    tested = tester.test(datasets, 0, trunk, embedder)
+    with torch.no_grad(), torch.autocast("cpu", enabled=autocast):
+        embeddings = {name: embedder(trunk(data.tensors[0].to(dtype))) for name, data in datasets.items()}
+    # CPU autocast runs in bfloat16, but leaves float64 alone.
+    expected_dtype = torch.bfloat16 if autocast and dtype != torch.float64 else dtype
+    assert {values.dtype for values in embeddings.values()} == {expected_dtype}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    assert scores_without_epoch(tested) == tester.evaluate(embeddings, labels)
+
+
+def test_dtype_argument_casts_float_inputs_as_pml_does():
+    """PML's ``dtype``: float32 data cast to float64 for a float64 model; a bf16 trunk's outputs cast to
+    its float32 head's dtype."""
+    datasets = domain_datasets({"photo": 12, "sketch": 15}, seed=7)
+    trunk = torch.nn.Linear(6, 4).double()
+    tester = make_tester(dtype=torch.float64)
+    assert tester.dtype == torch.float64
+    tested = tester.test(datasets, 0, trunk)
+    with torch.no_grad():
+        embeddings = {name: trunk(data.tensors[0].double()) for name, data in datasets.items()}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    assert scores_without_epoch(tested) == tester.evaluate(embeddings, labels)
+    head = torch.nn.Linear(4, 3)
+    tested = make_tester().test(datasets, 0, trunk.bfloat16(), head)
+    with torch.no_grad():
+        embeddings = {name: head(trunk(data.tensors[0].bfloat16()).float()) for name, data in datasets.items()}
+    assert scores_without_epoch(tested) == tester.evaluate(embeddings, labels)
+
+
+class UInt8Trunk(torch.nn.Module):
+    """A float64 model that takes uint8 images and scales them itself, as MoCoV2Augment does."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4).double()
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8, images.dtype
+        return self.linear(images.double() / 255)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_uint8_inputs_reach_the_model_uncast(dtype):
+    generator = torch.Generator().manual_seed(8)
+    datasets = {name: torch.utils.data.TensorDataset(torch.randint(0, 256, (size, 6), generator=generator,
+                                                                   dtype=torch.uint8), torch.arange(size) % 3)
+                for name, size in (("photo", 9), ("sketch", 11))}
+    trunk = UInt8Trunk()
+    tester = make_tester(dtype=dtype)
+    tested = tester.test(datasets, 0, trunk)
+    with torch.no_grad():
+        embeddings = {name: trunk(data.tensors[0]) for name, data in datasets.items()}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    assert scores_without_epoch(tested) == tester.evaluate(embeddings, labels)
+
+
+def test_evaluate_of_bf16_outputs_scores_exactly_what_test_scores():
+    """bf16 outputs are upcast before they are normalised, in evaluate() as in test(): normalising in
+    bf16 rounds the cosines a second time, to 2**-8, and ties and swaps neighbours."""
+    datasets = domain_datasets({"photo": 300, "sketch": 400}, dim=16, num_classes=10, seed=9)
+    trunk = torch.nn.Linear(16, 8).bfloat16()
+    tester = make_tester(autocast=True)
+    tested = scores_without_epoch(tester.test(datasets, 0, trunk))
+    with torch.no_grad(), torch.autocast("cpu"):
+        outputs = {name: trunk(data.tensors[0]) for name, data in datasets.items()}
+    assert {values.dtype for values in outputs.values()} == {torch.bfloat16}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    assert tester.evaluate(outputs, labels) == tested
+    # The reference: the calculator on the outputs upcast to float32, then normalised.
+    unit = {name: torch.nn.functional.normalize(values.float(), dim=1) for name, values in outputs.items()}
+    expected = tester.accuracy_calculator.get_accuracy(unit["photo"], labels["photo"], unit["sketch"], labels["sketch"])
+    assert tested["photo->sketch"] == expected
+
+
+@pytest.mark.parametrize("references", [["sketch"], ("sketch", "art")])
+def test_pml_splits_to_eval_form_is_refused_with_the_pairs_to_write(references):
+    datasets = domain_datasets({"art": 5, "photo": 6, "sketch": 7})
+    trunk = CountingTrunk(6, 4)
+    tester = make_tester()
+    refused = re.escape(
+        f"pairs must hold (query_domain, gallery_domain) name pairs, got ('photo', {references!r}): PML's "
+        "(query_split, [reference_splits]) form is not supported"
+    )
+    suggestion = re.escape(f"write {[('photo', name) for name in references]!r}")
+    with pytest.raises(ValueError, match=f"{refused}.*{suggestion}"):
+        tester.test(datasets, 1, trunk, None, [("photo", references)])
+    assert trunk.images_seen == 0
+    embeddings = {name: torch.randn(len(data), 4) for name, data in datasets.items()}
+    labels = {name: data.tensors[1] for name, data in datasets.items()}
+    with pytest.raises(ValueError, match=refused):
+        tester.evaluate(embeddings, labels, pairs=[("photo", references)])
+
+
+def test_test_normalises_once_as_evaluate_does():
+    """A near tie (float64 cosine gap 5.7e-8, under float32's resolution at 1): normalising a second
+    time moves the float32 cosines by an ulp and swaps the two neighbours. test() hands evaluate() the
+    model's outputs unnormalised, so both score one normalisation of the same outputs."""
+    queries = torch.tensor([[1.140625, -1.0, 1.0703125]])
+    gallery = torch.tensor([[1.140625, -1.0, 1.0625], [1.140625, -1.0, 1.078125]])
+    query_labels, gallery_labels = torch.tensor([0]), torch.tensor([1, 0])
+    datasets = {"photo": torch.utils.data.TensorDataset(queries, query_labels),
+                "sketch": torch.utils.data.TensorDataset(gallery, gallery_labels)}
+    tester = make_tester()
+    pairs = [("photo", "sketch")]
+    tested = scores_without_epoch(tester.test(datasets, 0, torch.nn.Identity(), pairs=pairs))
+    labels = {"photo": query_labels, "sketch": gallery_labels}
+    assert tested == tester.evaluate({"photo": queries, "sketch": gallery}, labels, pairs=pairs)
+    twice = {name: torch.nn.functional.normalize(values, dim=1) for name, values in (("photo", queries),
+                                                                                      ("sketch", gallery))}
+    assert tester.evaluate(twice, labels, pairs=pairs) != tested  # what scoring normalised outputs gave
