@@ -11,17 +11,18 @@ class ProtoOTHookContainer(HookContainer):
 
     PML's container scores ``trainer.models["trunk"]`` and ``["embedder"]``, which for
     ProtoOT is the query encoder, and saves ``models``, ``optimizers``, ``lr_schedulers``,
-    ``loss_funcs`` and ``mining_funcs``: its "best" models were not the model ProtoOT
+    ``loss_funcs`` and ``mining_funcs`` (the memory with the ``ProtoOTLoss`` or
+    ``ProtoOTMiner`` that holds it): its "best" models were not the model ProtoOT
     evaluates, and ``load_latest_saved_models`` left the momentum key encoder at its
     initial weights, so training went on with keys from it against banks written by the
     trained one. This container scores the key encoder (``trainer.key_encoder.module``,
-    trunk and embedder) and saves and loads it and the memory with the models
-    (``trainer.protoot_modules``: files ``key_encoder_<suffix>.pth`` and
-    ``memory_<suffix>.pth`` beside PML's). Everything else is PML's: record keeping,
-    best-epoch tracking, patience, ``end_of_iteration_hook`` and ``end_of_testing_hook``.
+    trunk and embedder) and saves and loads ``trainer.protoot_modules`` with the rest: the
+    key encoder (file ``key_encoder_<suffix>.pth`` beside PML's), and the memory when no
+    loss or miner holds it. Everything else is PML's: record keeping, best-epoch tracking,
+    patience, ``end_of_iteration_hook`` and ``end_of_testing_hook``.
 
-    Its resume restores what PML's does (models, optimizers, ...) plus the key encoder and
-    memory, not the sampler or RNG states; :meth:`ProtoOTTrainer.load_checkpoint` with
+    Its resume restores what PML's does (models, optimizers, ...) plus the key encoder,
+    not the sampler or RNG states; :meth:`ProtoOTTrainer.load_checkpoint` with
     ``checkpoint_dir`` is the exact resume.
 
     Args:

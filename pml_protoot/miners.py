@@ -75,7 +75,9 @@ class ProtoOTMiner(BaseMiner):
         update_prototypes: after the assignments, move every involved domain's
             prototypes to the assignment-weighted bank means
             (``memory.update_prototypes``), as ``ProtoOTLoss`` does each step; set it
-            when the miner drives training with a plain PML loss.
+            when the miner drives training with a plain PML loss. Under
+            ``torch.distributed`` it then steps every domain of the global batch, also
+            those this rank's batch lacks: a collective, called by every rank every step.
         **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
 
     Raises:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_number
 from ._files import atomic_write
+from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -117,7 +117,8 @@ class ProtoOTTrainer(BaseTrainer):
         grad_clip_norm: clip the gradient norm of trunk + embedder parameters jointly
             (after PML's own ``gradient_clippers``); ``None`` for no clipping.
         checkpoint_dir: if given, :meth:`save_checkpoint` writes ``last.pth`` there at
-            the end of every epoch.
+            the end of every epoch (rank 0 only; give it on every rank under
+            ``torch.distributed`` so that every rank's random states are gathered into it).
         **pml_kwargs: any other ``BaseTrainer`` argument (``end_of_iteration_hook``,
             ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
 
@@ -247,9 +248,12 @@ class ProtoOTTrainer(BaseTrainer):
 
     @property
     def protoot_modules(self) -> dict:
-        """``{"key_encoder": ..., "memory": ...}``: what ProtoOT trains beyond PML's ``models``, as a dict of
-        modules for savers that take one (:class:`~pml_protoot.hooks.ProtoOTHookContainer`)."""
-        return {"key_encoder": self.key_encoder, "memory": self.memory}
+        """What ProtoOT trains beyond PML's trainer dicts, as a dict of modules for savers that take one
+        (:class:`~pml_protoot.hooks.ProtoOTHookContainer`): ``{"key_encoder": ...}``, plus ``"memory"``
+        when no loss or miner holds it (a ``ProtoOTLoss`` or ``ProtoOTMiner`` saves it with itself)."""
+        holders = [*self.loss_funcs.values(), *self.mining_funcs.values()]
+        held = any(getattr(holder, "memory", None) is self.memory for holder in holders)
+        return {"key_encoder": self.key_encoder} if held else {"key_encoder": self.key_encoder, "memory": self.memory}
 
     # ----- epoch loop ----------------------------------------------------------------------
     def initialize_dataloader(self):
@@ -275,6 +279,7 @@ class ProtoOTTrainer(BaseTrainer):
     def train(self, start_epoch=1, num_epochs=1):
         """Fill the banks if needed, then run epochs ``start_epoch..num_epochs`` (PML's loop)."""
         self.initialize_dataloader()
+        gather_rank_states = self._every_rank_checkpoints()
         if not bool(self.memory.written.all()):
             self.fill_memory()
         for self.epoch in range(start_epoch, num_epochs + 1):
@@ -296,10 +301,10 @@ class ProtoOTTrainer(BaseTrainer):
             # After the hook: a tester or a plateau scheduler in it draws random numbers and steps
             # state that a resumed run must start from.
             stop = self.end_of_epoch_hook(self) is False
-            if self.checkpoint_dir is not None:
+            if gather_rank_states:
                 self._gather_rank_states()
-                if get_rank() == 0:
-                    self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
+            if self.checkpoint_dir is not None and get_rank() == 0:
+                self.save_checkpoint(os.path.join(self.checkpoint_dir, CHECKPOINT_NAME))
             if stop:
                 break
 
@@ -465,6 +470,18 @@ class ProtoOTTrainer(BaseTrainer):
             "key_encoder_rounding_rng": _rounding_generator_state(self.key_encoder),
         }
 
+    def _every_rank_checkpoints(self) -> bool:
+        """Whether every rank has a ``checkpoint_dir``, so that the epoch-end gathering of random states
+        is a collective all of them join (a collective itself under ``torch.distributed``)."""
+        if not is_distributed():
+            return False
+        has_folder = all_gather_objects(self.checkpoint_dir is not None)
+        if any(has_folder) and not all(has_folder) and get_rank() == 0:
+            logger.warning("checkpoint_dir is set on some ranks only: checkpoints hold rank 0's random states only, "
+                           "and a resume is exact only if all ranks were seeded alike; pass it on every rank (only "
+                           "rank 0 writes)")
+        return all(has_folder)
+
     def _gather_rank_states(self) -> None:
         """Keep every rank's :meth:`_rank_state` for rank 0's checkpoint of this epoch (a collective
         under ``torch.distributed``: ``save_checkpoint`` runs on rank 0 only, so it cannot gather)."""
@@ -489,9 +506,10 @@ class ProtoOTTrainer(BaseTrainer):
         """Restore a :meth:`save_checkpoint` file; return the epoch to pass to ``train`` as ``start_epoch``.
 
         Under ``torch.distributed`` each rank restores its own RNG and dataset states, which the
-        ``checkpoint_dir`` saves gather from every rank. A checkpoint written by a
-        ``save_checkpoint`` call of your own (rank 0's states only), or by another number of
-        processes, gives every rank rank 0's states, with a warning.
+        ``checkpoint_dir`` saves gather from every rank when every rank has a ``checkpoint_dir``.
+        A checkpoint holding rank 0's states only (``checkpoint_dir`` on some ranks only, or a
+        ``save_checkpoint`` call of your own), or written by another number of processes, gives
+        every rank rank 0's states, with a warning.
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -604,7 +622,9 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
         raise ValueError(
             "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
         )
-    if metric_loss is not None and not isinstance(metric_loss, ProtoOTLoss):
+    # Not under torch.distributed: a wrapped loss (PML's DistributedLossWrapper) would run its collectives
+    # on the probe's CPU tensors.
+    if metric_loss is not None and not isinstance(metric_loss, ProtoOTLoss) and not is_distributed():
         _check_takes_ref_emb(metric_loss, memory.dim)
 
 
@@ -613,20 +633,21 @@ def _check_takes_ref_emb(metric_loss, dim: int) -> None:
     the first step, after a whole pass over the data fills the banks: one call of a copy (the loss's own
     state and records stay untouched) on 4 random unit vectors."""
     metric_loss = copy.deepcopy(metric_loss)
-    device = next(itertools.chain((t.device for t in metric_loss.parameters()), [torch.device("cpu")]))
+    device = _model_device(metric_loss)
     embeddings = F.normalize(torch.randn(4, dim, generator=torch.Generator().manual_seed(0)), dim=1).to(device)
     labels = torch.arange(4, device=device)
     try:
         with torch.no_grad():
             metric_loss(embeddings, labels, ref_emb=embeddings.clone(), ref_labels=labels.clone())
-    except ValueError as err:
+    except (TypeError, ValueError, RuntimeError, IndexError) as err:
         if "ref_emb is not supported" in str(err):
             raise ValueError(
                 f"loss_funcs['metric_loss'] ({type(metric_loss).__name__}) does not take ref_emb, and the trainer "
                 "compares each query with the momentum keys through it: pass a loss that does (e.g. NTXentLoss, "
                 "MultiSimilarityLoss, ContrastiveLoss) or ProtoOTLoss"
             ) from err
-        # Other errors on this toy batch (e.g. a class count below 4) are the first real step's to report.
+        # Any other failure on this toy batch (e.g. a class count below 4) is the first real step's to
+        # report, with the real inputs.
 
 
 def _state_or_none(stateful):

@@ -202,6 +202,15 @@ def resumed_and_uninterrupted(folder):
             (("uninterrupted", trainer), ("resumed", resumed))}
 
 
+def checkpoint_on_rank_0_only(folder):
+    """``checkpoint_dir`` on rank 0 alone (only rank 0 writes anyway): trains, and the checkpoint holds
+    rank 0's random states only; returns the checkpoint's ``"rank_states"``."""
+    trainer, _ = make_trainer(checkpoint_dir=str(folder / "rank0") if _rank() == 0 else None)
+    trainer.train(1, 1)
+    dist.barrier()
+    return torch.load(folder / "rank0" / "last.pth", weights_only=True)["rank_states"]
+
+
 SPLIT_STEPS = 3
 
 
@@ -247,6 +256,7 @@ def worker(rank, init_file, out_dir):
         state["trainer_frozen_trunk"] = run_trainer(freeze_trunk=True)
         state["resume"] = resumed_and_uninterrupted(pathlib.Path(out_dir))
         state["split_domains"] = {variant: split_domain_memory(*variant) for variant in SPLIT_VARIANTS}
+        state["rank_0_checkpoints"] = checkpoint_on_rank_0_only(pathlib.Path(out_dir))
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -351,3 +361,7 @@ def test_ranks_whose_batches_lack_a_domain_keep_the_memory_of_one_process(two_pr
             assert torch.allclose(memory_state[name].double(), value.double(), atol=1e-5), (rank, name)
     # The steps did move the prototypes: the comparison is not between untouched copies.
     assert not torch.allclose(single["prototypes"], split_domain_memory(*variant, steps=0)["prototypes"])
+
+
+def test_a_checkpoint_dir_on_rank_0_only_trains_and_saves_rank_0s_states(two_process_states):
+    assert [state["rank_0_checkpoints"] for state in two_process_states["states"]] == [None, None]

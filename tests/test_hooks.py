@@ -46,9 +46,16 @@ def test_load_latest_saved_models_restores_the_key_encoder_and_memory(tmp_path):
     fresh = make_trainer("cpu", seed=5)
     hooks = ProtoOTHookContainer(record_keeper.RecordKeeper())
     assert hooks.load_latest_saved_models(fresh, str(tmp_path / "models"), device=torch.device("cpu")) == 3
-    for name in ("key_encoder", "memory"):
-        saved, restored = trainer.protoot_modules[name].state_dict(), fresh.protoot_modules[name].state_dict()
+    for name in ("key_encoder", "memory"):  # the memory comes back with the ProtoOTLoss that holds it
+        saved, restored = getattr(trainer, name).state_dict(), getattr(fresh, name).state_dict()
         assert saved.keys() == restored.keys()
         for key, value in saved.items():
             assert torch.equal(restored[key], value), (name, key)
     assert torch.equal(fresh.models["embedder"][0].weight, trainer.models["embedder"][0].weight)  # PML's part
+
+
+def test_protoot_modules_hold_the_memory_only_where_no_loss_or_miner_saves_it():
+    assert list(make_trainer("cpu").protoot_modules) == ["key_encoder"]  # ProtoOTLoss holds the memory
+    assert list(make_trainer("cpu", loss="ntxent").protoot_modules) == ["key_encoder"]  # so does ProtoOTMiner
+    plain = make_trainer("cpu", loss="infonce")  # a PML loss, no miner
+    assert plain.protoot_modules == {"key_encoder": plain.key_encoder, "memory": plain.memory}

@@ -497,7 +497,8 @@ def test_bad_arguments_are_rejected_with_their_names(device):
 
 def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
     from pytorch_metric_learning.losses import (
-        CrossBatchMemory, FastAPLoss, HistogramLoss, MultiSimilarityLoss, ProxyAnchorLoss, SelfSupervisedLoss,
+        CrossBatchMemory, FastAPLoss, HistogramLoss, MultipleLosses, MultiSimilarityLoss, ProxyAnchorLoss,
+        SelfSupervisedLoss,
     )
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
@@ -523,6 +524,7 @@ def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
             build({"metric_loss": loss})
     assert not trainer.memory.written.any()
     build({"metric_loss": MultiSimilarityLoss()})
+    build({"metric_loss": MultipleLosses([NTXentLoss()])})  # fails on the probe's call for another reason: kept
 
 
 def test_batches_stay_domain_balanced_or_the_batch_size_is_refused(device):
