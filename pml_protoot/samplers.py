@@ -164,10 +164,15 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         return torch.cat(copies)[:length]
 
     def __iter__(self):
-        """Start the next pass of the epoch: this rank's blocks of :meth:`epoch_blocks` (pass ``passes``)."""
+        """The next pass of the epoch: this rank's blocks of :meth:`epoch_blocks` (pass ``passes``).
+
+        The pass is taken at the first ``next``, not here: a multi-worker ``DataLoader`` without
+        automatic batching makes an iterator of its sampler and drops it unused before the one it
+        reads, and that one must not use up a pass.
+        """
         pass_number, self.passes = self.passes, self.passes + 1
         blocks = self.epoch_blocks(pass_number)[self.rank :: self.num_replicas]
-        return iter(blocks.flatten().tolist())
+        yield from blocks.flatten().tolist()
 
     def __len__(self) -> int:
         return self.total_blocks // self.num_replicas * self.batch_size

@@ -359,3 +359,16 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
 def test_set_epoch_rejects_negative():
     with pytest.raises(ValueError, match="epoch"):
         CrossDomainSampler([0, 1], 2).set_epoch(-1)
+
+
+def test_an_iterator_dropped_unread_uses_no_pass():
+    """A multi-worker DataLoader without automatic batching makes its sampler's iterator twice and reads
+    the second: the epoch must still start at its first pass."""
+    domains = torch.tensor([0] * 6 + [1] * 10)
+    sampler = CrossDomainSampler(domains, batch_size=4, seed=1)
+    unread = iter(sampler)
+    assert list(iter(sampler)) == sampler.epoch_blocks(0).flatten().tolist()
+    assert list(unread) == sampler.epoch_blocks(1).flatten().tolist()  # taken when first read
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(torch.arange(16), batch_size=None, sampler=sampler, num_workers=2)
+    assert [int(index) for index in loader] == sampler.epoch_blocks(0).flatten().tolist()
