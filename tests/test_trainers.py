@@ -259,10 +259,9 @@ def test_keys_use_running_batchnorm_statistics_not_the_batch(device):
     torch.testing.assert_close(trainer.compute_keys(features[:5]), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_banks_are_filled_in_global_index_order_before_training(device):
+def assert_filled_with_the_key_encoders_features(trainer, device):
+    """``fill_memory`` wrote each sample's key-encoder output of its clean feature into its bank row."""
     features, _, _ = synthetic_features()
-    trainer = make_trainer(device)
-    assert not trainer.memory.written.any()
     trainer.initialize_dataloader()
     trainer.fill_memory()
     with torch.no_grad():
@@ -270,6 +269,12 @@ def test_banks_are_filled_in_global_index_order_before_training(device):
     for index in range(len(features)):
         slot, row = int(trainer.memory.domain_of[index]), int(trainer.memory.row_of[index])
         torch.testing.assert_close(trainer.memory.bank(slot)[row], expected[index])
+
+
+def test_banks_are_filled_in_global_index_order_before_training(device):
+    trainer = make_trainer(device)
+    assert not trainer.memory.written.any()
+    assert_filled_with_the_key_encoders_features(trainer, device)
 
 
 class DictItems(torch.utils.data.Dataset):
@@ -293,20 +298,12 @@ def collate_training_items(items):
 
 
 def test_bank_filling_reads_training_items_through_the_getter_and_fill_items_without_the_collate_fn(device):
-    features, _, _ = synthetic_features()
-    identity_views = dict(views=lambda feature: feature)
-    through_getter = make_trainer(device, fill_dataset=None, **identity_views)
+    through_getter = make_trainer(device, fill_dataset=None, views=lambda feature: feature)
     through_getter.dataset = DictItems(through_getter.dataset)
     through_getter.data_and_label_getter = lambda batch: (batch["views"], batch["index"])
     with_collate = make_trainer(device, collate_fn=collate_training_items)  # fill_dataset: (feature, class) items
     for trainer in (through_getter, with_collate):
-        trainer.initialize_dataloader()
-        trainer.fill_memory()
-        with torch.no_grad():
-            expected = F.normalize(trainer.key_encoder.module(features.to(device)), dim=1)
-        for index in range(len(features)):
-            slot, row = int(trainer.memory.domain_of[index]), int(trainer.memory.row_of[index])
-            torch.testing.assert_close(trainer.memory.bank(slot)[row], expected[index])
+        assert_filled_with_the_key_encoders_features(trainer, device)
     with_collate.train(num_epochs=1)  # training items still go through the collate_fn
 
 
