@@ -113,6 +113,7 @@ class CrossDomainTester(BaseTester):
         if not isinstance(pair_separator, str) or not pair_separator:
             raise ValueError(f"pair_separator must be a non-empty string, got {pair_separator!r}")
         self.pair_separator = pair_separator
+        self.results = None  # the last test() or evaluate() results
         self.label_levels = [0]
 
     def pair_key(self, query_domain: str, gallery_domain: str) -> str:
@@ -209,8 +210,10 @@ class CrossDomainTester(BaseTester):
             pairs: as in :meth:`test`.
 
         Returns:
-            ``{"A->B": {metric: float}, ..., "mean": {metric: float}}`` (JSON-serialisable);
-            also kept in ``self.results``.
+            ``{"A->B": {metric: float}, ..., "mean": {metric: float}}`` (plain floats for
+            ``json``; a metric a pair does not define, as when none of its queries has a
+            class-mate in the gallery, is NaN there, which ``json`` writes as ``NaN``, and is
+            left out of ``"mean"``); also kept in ``self.results``.
 
         Raises:
             TypeError, ValueError: missing or extra domains, bad embeddings or labels
@@ -241,7 +244,7 @@ class CrossDomainTester(BaseTester):
                 embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain], False
             )
             results[self.pair_key(query_domain, gallery_domain)] = {k: _plain(v) for k, v in accuracies.items()}
-        results[MEAN_KEY] = _mean_over_pairs(list(results.values()))
+        results[MEAN_KEY] = _mean_over_pairs(results)
         self.results = results
         logger.info("Cross-domain retrieval:\n%s", self.summary_table(results))
         return results
@@ -254,8 +257,13 @@ class CrossDomainTester(BaseTester):
 
         Returns:
             The table as a string, values as percentages with two decimals.
+
+        Raises:
+            ValueError: no results passed and none yet.
         """
         results = self.results if results is None else results
+        if results is None:
+            raise ValueError("no results yet: call test() or evaluate() first, or pass results")
         metrics = [m for m in next(iter(results.values())) if m != "epoch"]
         width = max(len(key) for key in results)
         cells = {
@@ -354,5 +362,17 @@ def _plain(value):
     return array.tolist() if array.ndim else float(array)
 
 
-def _mean_over_pairs(per_pair: list[dict]) -> dict:
-    return {metric: _plain(np.mean([values[metric] for values in per_pair], axis=0)) for metric in per_pair[0]}
+def _mean_over_pairs(per_pair: dict) -> dict:
+    """Per metric, the mean over the pairs that define it. A pair none of whose queries has a class-mate in
+    its gallery scores NaN (the calculator warns); it is left out, with a warning, rather than making the mean
+    NaN, which would also stop a hook container's best-epoch tracking. NaN only where no pair defines it."""
+    means = {}
+    for metric in next(iter(per_pair.values())):
+        values = np.asarray([scores[metric] for scores in per_pair.values()], dtype=float)
+        defined = ~np.isnan(values)
+        undefined_pairs = [pair for pair, ok in zip(per_pair, defined.reshape(len(values), -1).all(axis=1)) if not ok]
+        if undefined_pairs and defined.any():
+            logger.warning("the mean %s leaves out %s, where it is undefined (NaN)", metric, undefined_pairs)
+        with np.errstate(invalid="ignore"):  # 0 / 0: no pair defines it
+            means[metric] = _plain(np.where(defined, values, 0.0).sum(axis=0) / defined.sum(axis=0))
+    return means

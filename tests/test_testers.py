@@ -1,5 +1,6 @@
 """CrossDomainTester: pairs, one embedding pass per domain, PML hook compatibility, errors."""
 import json
+import math
 import re
 
 import pytest
@@ -399,3 +400,25 @@ def test_test_normalises_once_as_evaluate_does():
     twice = {name: torch.nn.functional.normalize(values, dim=1) for name, values in (("photo", queries),
                                                                                       ("sketch", gallery))}
     assert tester.evaluate(twice, labels, pairs=pairs) != tested  # what scoring normalised outputs gave
+
+
+def test_a_pair_without_class_mates_is_left_out_of_the_mean_with_a_warning(caplog):
+    tester = make_tester()
+    embeddings = {name: torch.randn(size, 4, generator=torch.Generator().manual_seed(size))
+                  for name, size in (("a", 3), ("b", 2), ("c", 4))}
+    labels = {"a": torch.tensor([0, 0, 0]), "b": torch.tensor([1, 1]), "c": torch.tensor([0, 1, 0, 1])}
+    pairs = [("a", "b"), ("a", "c"), ("c", "a")]
+    with pytest.warns(UserWarning, match="no item of their class"), caplog.at_level("WARNING"):
+        results = tester.evaluate(embeddings, labels, pairs)
+    assert math.isnan(results["a->b"]["precision_at_1"])  # a's class 0 is absent from b
+    for metric, value in results["mean"].items():
+        assert value == pytest.approx((results["a->c"][metric] + results["c->a"][metric]) / 2, rel=1e-12), metric
+    assert "leaves out ['a->b']" in caplog.text
+    with pytest.warns(UserWarning):
+        only_undefined = tester.evaluate(embeddings, labels, [("a", "b")])
+    assert all(math.isnan(value) for value in only_undefined["mean"].values())
+
+
+def test_summary_table_before_any_results_says_so():
+    with pytest.raises(ValueError, match="no results yet"):
+        make_tester().summary_table()
