@@ -98,11 +98,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The embedded demo set (fixed, so that ``protoot eval`` sees the same images).
 DEMO_DATA = {"num_classes": 5, "images_per_class": (40, 20), "domains": ("filled", "outline"), "seed": 0}
+#: Data options whose defaults train and eval --backbone fill in; eval --checkpoint takes the run's.
+DATA_OPTION_DEFAULTS = {"k": [1, 5, 15], "workers": 0}
 #: Defaults of options left unset. The demo trains a head on cached features of the offline
 #: ImageNet EfficientNet-Lite0 (a trunk trained from scratch on 300 unlabelled images does
 #: not learn cross-domain shape in minutes); a user's folder gets the paper's learning rate and
 #: schedule with the package's defaults, among them the key-encoder momentum 0.99 (ProtoOTTrainer's), as
-#: the paper's 0.999 measured clearly worse (a short run's key encoder stays half at its initialisation).
+#: the paper's 0.999 measured clearly worse (a short run's key encoder stays half or more at its initialisation).
 DEMO_DEFAULTS = {
     "backbone": LITE0_BACKBONE, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
     "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
@@ -235,8 +237,10 @@ def _add_data_options(parser) -> None:
         "--image-size", type=_integer_option(1),
         help=f"side of the square images the trunk sees (at least {DEMO_MIN_IMAGE_SIZE} for the demo)",
     )
-    group.add_argument("--k", type=_integer_option(1), nargs="+", default=[1, 5, 15], help="P@k values to report")
-    group.add_argument("--workers", type=_integer_option(0), default=0, help="DataLoader worker processes")
+    group.add_argument("--k", type=_integer_option(1), nargs="+",
+                       help="P@k values to report (default: 1 5 15; eval --checkpoint: the run's)")
+    group.add_argument("--workers", type=_integer_option(0),
+                       help="DataLoader worker processes (default: 0; eval --checkpoint: the run's)")
     group.add_argument(
         "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where available)",
@@ -368,6 +372,8 @@ def train(args) -> dict:
     dataset = _load_dataset(config)
     num_prototypes = len(dataset.classes) if config["num_prototypes"] is None else config["num_prototypes"]
     _check_domain_sizes(dataset, num_prototypes)
+    # Resolved into config.json: eval --checkpoint then scores the run's domains even if the folder gains some.
+    config["domains"], config["num_prototypes"] = list(dataset.domains), num_prototypes
     sampler = CrossDomainSampler(dataset.domain_ids, config["batch_size"], seed=config["seed"])
     memory = PrototypeMemory(dataset.domain_ids, dim=EMBEDDING_DIM, num_prototypes=num_prototypes)
     trunk, head, normalisation = _build_encoder(config)
@@ -403,7 +409,7 @@ def _resolve_train_config(args) -> dict:
         defaults = {key: value for key, value in defaults.items() if key not in MODEL_OPTIONS}
         if args.weights == LITE0_PACKAGE:
             defaults["backbone"] = LITE0_BACKBONE
-    for key, value in defaults.items():
+    for key, value in {**DATA_OPTION_DEFAULTS, **defaults}.items():
         if config[key] is None:
             config[key] = value
     config["freeze_trunk"] = bool(config["freeze_trunk"])
@@ -718,11 +724,15 @@ def evaluate(args) -> dict:
     device = torch.device(args.device)
     if args.checkpoint is not None:
         config = _checkpoint_config(args)
-        trunk, head, normalisation = _build_encoder(config)
+        # An end-to-end run's trunk is all in the checkpoint: its starting weights (a file that may be
+        # gone, the hub) are not needed. A frozen trunk is not in it: that one is rebuilt as trained.
+        built_as = config if config["freeze_trunk"] else {**config, "pretrained": False, "weights": None}
+        trunk, head, normalisation = _build_encoder(built_as)
         epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
     else:
         check_model_name(args.backbone, "--backbone")
         config = {**vars(args), "seed": 0, "image_size": _fit_image_size(args.backbone, args.image_size, 224)}
+        config.update({key: value for key, value in DATA_OPTION_DEFAULTS.items() if config[key] is None})
         if config["batch_size"] is None:
             config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
         _warn_if_random_trunk(config, "scoring")

@@ -727,3 +727,25 @@ def test_a_run_with_relative_paths_evaluates_from_another_folder(image_folder, t
     monkeypatch.chdir(tmp_path / "elsewhere")
     status, out, err = run_main(["eval", "--checkpoint", tmp_path / "run" / "last.pth", "--quiet"], capsys)
     assert status == 0, err
+
+
+def test_eval_of_an_end_to_end_run_needs_neither_its_weights_file_nor_its_k_and_domains_again(
+    image_folder, tmp_path, capsys
+):
+    """The trunk of an end-to-end run is in the checkpoint; config.json holds the run's --k, domains and K."""
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "weights.pth")
+    out = tmp_path / "run"
+    argv = ["train", "--data", image_folder, "--weights", tmp_path / "weights.pth", "--batch-size", "4",
+            "--epochs", "1", "--k", "1", "3", "--device", "cpu", "--out", out, *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["domains"], config["num_prototypes"], config["k"]) == (["filled", "outline"], 2, [1, 3])
+    (tmp_path / "weights.pth").unlink()
+    # A domain added to the folder after the run: eval still scores the run's two.
+    make_synthetic_domains(tmp_path / "more", num_classes=2, images_per_class=4, image_size=16,
+                           domains=("filled", "dots"))
+    (tmp_path / "more" / "dots").rename(image_folder / "dots")
+    status, _, err = run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)
+    assert status == 0, err
+    scored, after = json.loads((tmp_path / "eval.json").read_text()), json.loads((out / "results.json").read_text())
+    assert scored == after["after"]  # the run's pairs and metrics, P@3 included, as it printed them
