@@ -152,6 +152,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
                 folder = self.root / domain / name
                 samples += [(str(folder / f), classes.index(name), slot) for f in _image_files(folder, extensions)]
         _check_no_images_above_classes(self.root, domains, samples, extensions)
+        _check_every_class_has_images(self.root, classes, samples)
         super().__init__(list(domains), classes, samples, transform)
         logger.info(
             "MultiDomainImageFolder %s: %d images, domains %s, %d classes", root, len(self), domains, len(classes)
@@ -160,7 +161,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
     def load_image(self, path: str) -> Image.Image:
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return _as_rgb(image)
         except (OSError, ValueError) as err:
             raise OSError(f"cannot read image file {path!r}: {err}") from err
 
@@ -175,6 +176,15 @@ class MultiDomainImageFolder(MultiDomainDataset):
             digest.update(f"{Path(path).relative_to(self.root).as_posix()}\0".encode())
             digest.update(Path(path).read_bytes())
         return digest.hexdigest()
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. 16-bit grayscale (modes ``I;16*``, and ``I`` as Pillow opens 16-bit PNGs)
+    is scaled to 8 bits: PIL's own conversion clips it at 255, which turns most such images white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64).clip(0, 65535) / 257
+        image = Image.fromarray(levels.round().astype(np.uint8))  # mode L
+    return image.convert("RGB")
 
 
 def _visible_folders(folder: Path) -> list[str]:
@@ -195,6 +205,17 @@ def _check_no_images_above_classes(root: Path, domains, samples, extensions) -> 
                 f"domain {domain!r} holds {len(loose)} images directly but none in class folders: is root "
                 f"{str(root)!r} one level too deep? Expected <root>/<domain>/<class>/<image>"
             )
+
+
+def _check_every_class_has_images(root: Path, classes: list[str], samples) -> None:
+    """Raise for a class folder with no image directly inside in any domain: it would count as a class
+    (the default number of prototypes) with no sample; images in its sub-folders are not read."""
+    empty = sorted(set(classes) - {classes[label] for _, label, _ in samples})
+    if empty:
+        raise ValueError(
+            f"class folder(s) {empty} under {str(root)!r} hold no image directly inside in any domain (images in "
+            "sub-folders are not read: <root>/<domain>/<class>/<image>); remove or fill them"
+        )
 
 
 def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[str]:

@@ -116,6 +116,29 @@ def test_hidden_folders_and_files_are_neither_domains_classes_nor_images(tmp_pat
     assert not any("/." in path or path.endswith("folder.jpg") for path, _, _ in data.samples)
 
 
+@pytest.mark.parametrize("layout", ["empty", "nested"])
+def test_a_class_folder_without_images_in_any_domain_is_refused(layout, tmp_path):
+    """It would count as a class (and a prototype) with no sample; images in its sub-folders are not read."""
+    root = write_layout(tmp_path)
+    for domain in ("art", "photo"):
+        (root / domain / "unicorn" / "sub").mkdir(parents=True)
+        if layout == "nested":
+            Image.new("RGB", (8, 8)).save(root / domain / "unicorn" / "sub" / "0.jpg")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['unicorn'\] .* hold no image directly inside"):
+        MultiDomainImageFolder(root)
+
+
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    root = write_layout(tmp_path)
+    gray = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "art" / "cat" / "img0.png")  # mode I;16
+    Image.fromarray(gray).save(root / "art" / "dog" / "img0.png")  # the same picture in 8 bits
+    data = MultiDomainImageFolder(root)
+    sixteen, eight = (data.load_image(str(root / "art" / name / "img0.png")) for name in ("cat", "dog"))
+    assert Image.open(root / "art" / "cat" / "img0.png").mode.startswith("I")
+    assert sixteen.mode == "RGB" and np.array_equal(np.asarray(sixteen), np.asarray(eight))
+
+
 def test_unreadable_image_error_names_the_file(tmp_path):
     root = write_layout(tmp_path)
     broken = root / "art" / "cat" / "img0.jpg"
