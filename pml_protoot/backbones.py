@@ -368,7 +368,8 @@ def pca_init_(head: nn.Sequential, features: torch.Tensor) -> nn.Sequential:
     check_matrix("features", features, cols=first.in_features)
     if features.shape[0] < 2:
         raise ValueError(f"features must have at least 2 rows, got {features.shape[0]}")
-    features = features.to(first.weight.device, first.weight.dtype)
+    # In float32 at least: CPU SVD has no half-precision kernel, and the head's dtype only stores the result.
+    features = features.to(first.weight.device, torch.promote_types(first.weight.dtype, torch.float32))
     mean = features.mean(dim=0)
     centred = features - mean
     _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)

@@ -256,6 +256,17 @@ def test_pca_init_starts_the_head_at_the_principal_components(dtype, device):
     assert all(torch.equal(a, b) for a, b in zip(untouched, after))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pca_init_of_a_half_precision_head_is_the_float32_init_rounded(dtype):
+    features = torch.randn(50, 8, generator=torch.Generator().manual_seed(1)).to(dtype)  # exact in both
+    torch.manual_seed(0)
+    reference = pca_init_(embedding_head(8, 6, 3), features.float())
+    torch.manual_seed(0)
+    head = pca_init_(embedding_head(8, 6, 3).to(dtype), features)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(head.state_dict()[name], value.to(dtype)), name
+
+
 @pytest.mark.parametrize(
     "rows,hidden_dim,components",
     [(3, 8, 2), (20, 5, 2)],  # rank 2 once centred / room for 2 components (5 // 2) in the hidden layer
