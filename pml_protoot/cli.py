@@ -409,9 +409,7 @@ def _resolve_train_config(args) -> dict:
         defaults = {key: value for key, value in defaults.items() if key not in MODEL_OPTIONS}
         if args.weights == LITE0_PACKAGE:
             defaults["backbone"] = LITE0_BACKBONE
-    for key, value in {**DATA_OPTION_DEFAULTS, **defaults}.items():
-        if config[key] is None:
-            config[key] = value
+    _fill_unset(config, {**DATA_OPTION_DEFAULTS, **defaults})
     config["freeze_trunk"] = bool(config["freeze_trunk"])
     _check_frozen_trunk_options(config)
     if config["backbone"] is None:
@@ -440,6 +438,13 @@ def _resolve_train_config(args) -> dict:
     return config
 
 
+def _fill_unset(config: dict, defaults: dict) -> None:
+    """Give the options left unset (``None``) in ``config`` their value in ``defaults``."""
+    for key, value in defaults.items():
+        if config[key] is None:
+            config[key] = value
+
+
 def _check_frozen_trunk_options(config: dict) -> None:
     """Refuse feature-cache options without --freeze-trunk (end-to-end training would ignore them),
     then give the unset ones their defaults."""
@@ -447,9 +452,7 @@ def _check_frozen_trunk_options(config: dict) -> None:
     if given and not config["freeze_trunk"]:
         raise CommandError(f"{', '.join(given)} only apply with --freeze-trunk (cached trunk features); "
                            "end-to-end training would ignore them")
-    for key, value in FROZEN_TRUNK_DEFAULTS.items():
-        if config[key] is None:
-            config[key] = value
+    _fill_unset(config, FROZEN_TRUNK_DEFAULTS)
 
 
 def _fit_image_size(backbone: str, given: int | None, default: int, demo_training: bool = False) -> int:
@@ -732,7 +735,7 @@ def evaluate(args) -> dict:
     else:
         check_model_name(args.backbone, "--backbone")
         config = {**vars(args), "seed": 0, "image_size": _fit_image_size(args.backbone, args.image_size, 224)}
-        config.update({key: value for key, value in DATA_OPTION_DEFAULTS.items() if config[key] is None})
+        _fill_unset(config, DATA_OPTION_DEFAULTS)
         if config["batch_size"] is None:
             config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
         _warn_if_random_trunk(config, "scoring")

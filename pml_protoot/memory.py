@@ -25,7 +25,7 @@ from ._checks import (
     check_positive_int,
 )
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
-from .ot import sinkhorn
+from .ot import _compute_dtype, sinkhorn
 
 __all__ = [
     "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"
@@ -496,7 +496,7 @@ class PrototypeMemory(torch.nn.Module):
 
         In float32 at least, as Sinkhorn computes them: in float16, scores past 6,550 over epsilon 0.1 overflow.
         """
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        scores = scores.to(_compute_dtype(scores))
         if self.normalize_scores:
             scores = F.normalize(scores, dim=-1)
         return scores / self.epsilon
@@ -510,7 +510,7 @@ class PrototypeMemory(torch.nn.Module):
         Computed in float32 at least (see :meth:`_ot_logits`); so are the scores, which in
         float16 overflow for keys longer than 65,504.
         """
-        dtype = torch.promote_types(keys.dtype, torch.float32)
+        dtype = _compute_dtype(keys)
         scores = keys.to(dtype) @ self.reference_prototypes[domain, prototype_domain].to(dtype).T
         return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
 
@@ -824,7 +824,7 @@ def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     Accumulated in float32 at least (float64 stays float64): a float16 sum of a large
     cluster overflows past 65,504, and normalising that gives NaN prototypes.
     """
-    dtype = torch.promote_types(bank.dtype, torch.float32)
+    dtype = _compute_dtype(bank)
     return assignment.detach().to(device=bank.device, dtype=dtype).T @ bank.to(dtype)
 
 
@@ -859,7 +859,7 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         True
     """
     result_dtype = plan.dtype
-    work_dtype = torch.promote_types(plan.dtype, torch.float32)  # float16's tiny * 2**24 is above 1
+    work_dtype = _compute_dtype(plan)  # float16's tiny * 2**24 is above 1
     plan, logits = plan.to(work_dtype), logits.to(work_dtype)
     # Entries this close to underflow carry no reliable logarithm.
     usable = plan > torch.finfo(plan.dtype).tiny * 2**24

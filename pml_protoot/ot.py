@@ -132,6 +132,7 @@ def _check_arguments(scores, epsilon, iterations, normalize_scores, tol) -> floa
 
 
 def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
+    """float32 at least: float64 stays float64, half precision is computed in float32."""
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 

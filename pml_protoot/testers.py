@@ -366,13 +366,16 @@ def _mean_over_pairs(per_pair: dict) -> dict:
     """Per metric, the mean over the pairs that define it. A pair none of whose queries has a class-mate in
     its gallery scores NaN (the calculator warns); it is left out, with a warning, rather than making the mean
     NaN, which would also stop a hook container's best-epoch tracking. NaN only where no pair defines it."""
-    means = {}
+    means, left_out = {}, {}
     for metric in next(iter(per_pair.values())):
         values = np.asarray([scores[metric] for scores in per_pair.values()], dtype=float)
         defined = ~np.isnan(values)
-        undefined_pairs = [pair for pair, ok in zip(per_pair, defined.reshape(len(values), -1).all(axis=1)) if not ok]
-        if undefined_pairs and defined.any():
-            logger.warning("the mean %s leaves out %s, where it is undefined (NaN)", metric, undefined_pairs)
+        if defined.any():
+            for pair, ok in zip(per_pair, defined.reshape(len(values), -1).all(axis=1)):
+                if not ok:
+                    left_out.setdefault(pair, []).append(metric)
         with np.errstate(invalid="ignore"):  # 0 / 0: no pair defines it
             means[metric] = _plain(np.where(defined, values, 0.0).sum(axis=0) / defined.sum(axis=0))
+    if left_out:  # one warning for the whole mean, not one per metric
+        logger.warning("the mean leaves out %s, where these metrics are undefined (NaN): %s", list(left_out), left_out)
     return means

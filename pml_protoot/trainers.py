@@ -485,7 +485,7 @@ class ProtoOTTrainer(BaseTrainer):
     def _gather_rank_states(self) -> None:
         """Keep every rank's :meth:`_rank_state` for rank 0's checkpoint of this epoch (a collective
         under ``torch.distributed``: ``save_checkpoint`` runs on rank 0 only, so it cannot gather)."""
-        self._rank_states = all_gather_objects(self._rank_state()) if is_distributed() else None
+        self._rank_states = all_gather_objects(self._rank_state())
 
     def _saved_rank_state(self, state: dict) -> dict:
         """This rank's entry of ``state["rank_states"]``, or the top-level (rank 0's) states."""
@@ -538,7 +538,6 @@ class ProtoOTTrainer(BaseTrainer):
         logger.info("resumed from %s after epoch %d", path, self.epoch)
         return self.epoch + 1
 
-
     def _check_checkpoint_fits(self, state: dict, path) -> None:
         for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
             missing = sorted(set(getattr(self, group)) - set(state.get(group, {})))
@@ -558,13 +557,13 @@ class ProtoOTTrainer(BaseTrainer):
 
 def _check_no_label_mapping(pml_kwargs: dict) -> None:
     """Refuse PML's label remapping: the "labels" a ProtoOTTrainer batch carries are sample indices."""
-    requested = [name for name, given in (("set_min_label_to_zero", bool(pml_kwargs.get("set_min_label_to_zero"))),
-                                          ("dataset_labels", pml_kwargs.get("dataset_labels") is not None)) if given]
-    if requested:
-        raise ValueError(
-            f"{requested[0]} is not supported: ProtoOTTrainer's labels are global sample indices (they address "
-            "the memory bank rows), which PML's label mapping would remap; class labels are never read in training"
-        )
+    for name, given in (("set_min_label_to_zero", bool(pml_kwargs.get("set_min_label_to_zero"))),
+                        ("dataset_labels", pml_kwargs.get("dataset_labels") is not None)):
+        if given:
+            raise ValueError(
+                f"{name} is not supported: ProtoOTTrainer's labels are global sample indices (they address the "
+                "memory bank rows), which PML's label mapping would remap; class labels are never read in training"
+            )
 
 
 def _check_wrapping(models: dict) -> bool:
