@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "is_distributed", "get_rank", "get_world_size", "all_gather_rows", "all_gather_objects", "broadcast_", "gather_strided",
+    "is_distributed", "get_rank", "get_world_size",
+    "all_gather_rows", "all_gather_objects", "broadcast_", "gather_strided",
 ]
 
 
