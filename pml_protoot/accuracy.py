@@ -80,8 +80,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     1.8e19, do not reach unit length), the ProtoOT protocol, in float32 (float64 when query
     or gallery is float64: both are promoted to one dtype with ``torch.promote_types``);
     ties are broken by gallery index (similarity descending, index ascending),
-    deterministically. "Exact" means exact for the float32 similarities ``torch.mm`` computes: their last bit can depend on the product's
-    shape, so two float32 implementations may order a near-tie differently. Identical gallery
+    deterministically. "Exact" means exact for the float32 similarities ``torch.mm``
+    computes: their last bit can depend on the product's shape, so two float32 implementations may order a near-tie differently. Identical gallery
     rows (duplicate images, a collapsed model) tie exactly all the same: each copy takes the
     largest of the copies' similarities, so a model that maps everything to one point scores as
     its gallery order, not better. The gallery is grouped by
