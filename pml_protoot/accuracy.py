@@ -81,17 +81,18 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     or gallery is float64: both are promoted to one dtype with ``torch.promote_types``);
     ties are broken by gallery index (similarity descending, index ascending),
     deterministically. "Exact" means exact for the float32 similarities ``torch.mm``
-    computes: their last bit can depend on the product's shape, so two float32 implementations may order a near-tie differently. Identical gallery
-    rows (duplicate images, a collapsed model) tie exactly all the same: each copy takes the
-    largest of the copies' similarities, so a model that maps everything to one point scores as
-    its gallery order, not better. The gallery is grouped by
-    class so that a query's relevant items are one block of columns, and queries of one class
-    are processed in chunks of at most ``C`` rows: their relevant block first, then the other
-    gallery columns in cache-sized tiles. Every item at or above a per-query threshold (a
-    little below the ``depth``-th similarity, estimated from a gallery sample) is kept and the
-    kept items are ranked exactly with one integer sort per row; rows whose threshold turns
-    out too high are ranked again over the whole gallery, so nothing is silently capped as
-    with PML's ``k``. ``depth`` comes from the request: max ``k``, ``R`` for R-based metrics;
+    computes: their last bit can depend on the product's shape, so two float32
+    implementations may order a near-tie differently. Identical gallery rows (duplicate
+    images, a collapsed model) tie exactly all the same: each copy takes the largest of the
+    copies' similarities, so a model that maps everything to one point scores as its gallery
+    order, not better. The gallery is grouped by class so that a query's relevant items are
+    one block of columns, and queries of one class are processed in chunks of at most ``C``
+    rows: their relevant block first, then the other gallery columns in cache-sized tiles.
+    Every item at or above a per-query threshold (a little below the ``depth``-th
+    similarity, estimated from a gallery sample) is kept and the kept items are ranked
+    exactly with one integer sort per row; rows whose threshold turns out too high are
+    ranked again over the whole gallery, so nothing is silently capped as with PML's ``k``.
+    ``depth`` comes from the request: max ``k``, ``R`` for R-based metrics;
     ``mean_average_precision`` keeps every relevant item (all of them must be ranked) and
     ``mean_reciprocal_rank`` the first one. Peak memory is bounded by ``chunk_bytes``.
 
