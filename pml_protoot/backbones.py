@@ -48,8 +48,9 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     Raises:
         TypeError: ``name`` is not a string.
         ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
-            ``num_classes``, ``weights`` whose keys/shapes do not match (listed), or a
-            ``weights`` file that ``torch.save`` did not write.
+            ``num_classes``, ``weights`` whose keys/shapes do not match (listed), a
+            ``weights`` file that ``torch.save`` did not write, or ``global_pool=""`` or
+            ``features_only=True`` (their outputs are feature maps, not ``(B, feature_dim)`` rows).
         FileNotFoundError: ``weights`` names a missing file.
         OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline).
         TypeError: a ``timm_kwargs`` argument the model does not take (timm's message).
@@ -71,6 +72,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:
         check_positive_int("num_classes", num_classes)
+    _check_pooled_output(timm_kwargs)
     try:
         trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     except OSError as err:  # the hub download (connection errors and a missing cache alike)
@@ -86,6 +88,17 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     # Models with a pre-logits layer (MobileNetV3, GhostNet, ...) output head_hidden_size features
     # without a classifier, not the num_features of their last stage.
     return trunk, num_classes or getattr(trunk, "head_hidden_size", None) or trunk.num_features
+
+
+def _check_pooled_output(timm_kwargs: Mapping) -> None:
+    """Refuse the timm arguments that make a model output feature maps: the reported width would not be a row's."""
+    unpooled = {"global_pool": "", "features_only": True}
+    given = [f"{key}={value!r}" for key, value in unpooled.items() if timm_kwargs.get(key) == value]
+    if given:
+        raise ValueError(
+            f"create_trunk builds trunks that output (B, feature_dim) rows; {', '.join(given)} makes the model "
+            "output feature maps: call timm.create_model for those, or pool with global_pool='avg' (or 'max', ...)"
+        )
 
 
 def load_trunk_weights(trunk: nn.Module, weights) -> None:

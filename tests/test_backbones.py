@@ -97,6 +97,10 @@ def test_weights_with_wrong_shape_are_listed():
         (dict(name="resnet18", weights="/nonexistent/w.pt"), FileNotFoundError, "/nonexistent/w.pt"),
         (dict(name="resnet18", weights=3), TypeError, "weights"),
         (dict(name="resnet18", num_classes=-1), ValueError, "num_classes"),
+        # timm builds these, but they output feature maps: the reported width would not be a row's
+        (dict(name="resnet18", global_pool=""), ValueError, r"global_pool='' makes the model output feature maps"),
+        (dict(name="vit_tiny_patch16_224", global_pool=""), ValueError, "global_pool=''"),
+        (dict(name="resnet18", features_only=True), ValueError, "features_only=True makes"),
     ],
 )
 def test_create_trunk_bad_input(kwargs, error, match):
@@ -318,6 +322,15 @@ def test_create_trunk_passes_timm_keyword_arguments_on():
         assert dynamic.eval()(torch.randn(1, 3, 48, 80)).shape == (1, 192)
     with pytest.raises(TypeError, match="img_size"):  # a CNN takes no image size
         create_trunk("resnet18", img_size=64)
+
+
+@pytest.mark.parametrize("global_pool", ["max", "catavgmax"])
+def test_create_trunk_reports_the_width_of_any_pooling(global_pool):
+    """catavgmax concatenates two poolings: timm's num_features doubles, and so do the rows."""
+    trunk, dim = create_trunk("resnet18", global_pool=global_pool)
+    with torch.no_grad():
+        assert trunk.eval()(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+    assert dim == {"max": 512, "catavgmax": 1024}[global_pool]
 
 
 # Classifiers named as a tuple (distilled models) or inside a head whose norm num_classes=0 removes too.
