@@ -132,6 +132,8 @@ TRAIN_CONFIG_KEYS = (
 FROZEN_TRUNK_OPTIONS = {"feature_cache": "--feature-cache", "views": "--views",
                         "center_domains": "--center-domains/--no-center-domains"}
 FROZEN_TRUNK_DEFAULTS = {"views": 4, "center_domains": True}
+#: Options read only by end-to-end training (the frozen trunk's views are cached PIL views).
+END_TO_END_OPTIONS = {"augment": "--augment"}
 
 
 class CommandError(ValueError):
@@ -411,7 +413,7 @@ def _resolve_train_config(args) -> dict:
             defaults["backbone"] = LITE0_BACKBONE
     _fill_unset(config, {**DATA_OPTION_DEFAULTS, **defaults})
     config["freeze_trunk"] = bool(config["freeze_trunk"])
-    _check_frozen_trunk_options(config)
+    _check_training_mode_options(config)
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
@@ -423,8 +425,6 @@ def _resolve_train_config(args) -> dict:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
     if config["cross_domain_start"] is None:
         config["cross_domain_start"] = config["epochs"] // 2
-    if config["augment"] is None:
-        config["augment"] = "batched" if torch.device(config["device"]).type == "cuda" else "pil"
     if config["out"] is None:
         config["out"] = os.path.join("runs", datetime.datetime.now().strftime("protoot-%Y%m%d-%H%M%S"))
     if config["feature_cache"] is not None:
@@ -445,14 +445,21 @@ def _fill_unset(config: dict, defaults: dict) -> None:
             config[key] = value
 
 
-def _check_frozen_trunk_options(config: dict) -> None:
-    """Refuse feature-cache options without --freeze-trunk (end-to-end training would ignore them),
-    then give the unset ones their defaults."""
-    given = [option for key, option in FROZEN_TRUNK_OPTIONS.items() if config[key] is not None]
-    if given and not config["freeze_trunk"]:
-        raise CommandError(f"{', '.join(given)} only apply with --freeze-trunk (cached trunk features); "
-                           "end-to-end training would ignore them")
-    _fill_unset(config, FROZEN_TRUNK_DEFAULTS)
+def _check_training_mode_options(config: dict) -> None:
+    """Refuse the options of the other training mode (this one would ignore them), then give this
+    mode's unset options their defaults; the other mode's stay None in config.json."""
+    frozen = config["freeze_trunk"]
+    given = [option for key, option in (END_TO_END_OPTIONS if frozen else FROZEN_TRUNK_OPTIONS).items()
+             if config[key] is not None]
+    if given:
+        applies, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        where = ("end to end (--no-freeze-trunk); training on cached trunk features" if frozen
+                 else "with --freeze-trunk (cached trunk features); end-to-end training")
+        raise CommandError(f"{', '.join(given)} only {applies} {where} would ignore {them}")
+    if frozen:
+        _fill_unset(config, FROZEN_TRUNK_DEFAULTS)
+    elif config["augment"] is None:
+        config["augment"] = "batched" if torch.device(config["device"]).type == "cuda" else "pil"
 
 
 def _fit_image_size(backbone: str, given: int | None, default: int, demo_training: bool = False) -> int:
@@ -592,9 +599,28 @@ def _build_encoder(config: dict):
         if config["weights"] in (None, LITE0_PACKAGE):
             raise
         raise CommandError(f"--weights: {_one_line(err)}") from err  # the file's message names its path
+    _check_takes_image_size(trunk, config)
     data_config = timm.data.resolve_data_config(model=trunk)
     head = embedding_head(feature_dim, out_dim=EMBEDDING_DIM)
     return trunk, head, (data_config["mean"], data_config["std"])
+
+
+def _check_takes_image_size(trunk, config: dict) -> None:
+    """Pass one blank image of ``--image-size`` through the trunk (eval mode, no gradients), so that a
+    size too small for it (a CNN's kernel larger than its input) fails now in one line, not as a
+    traceback from the first batch of feature extraction or training."""
+    size, was_training = config["image_size"], trunk.training
+    try:
+        with torch.no_grad():
+            trunk.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError) as err:
+        pretrained_size = trunk.pretrained_cfg.get("input_size", (None,))[-1]
+        raise CommandError(
+            f"--image-size {size} does not fit --backbone {config['backbone']} ({_one_line(err)}); pass a larger "
+            f"--image-size (its pretrained size is {pretrained_size})"
+        ) from err
+    finally:
+        trunk.train(was_training)
 
 
 def _training_data(config, dataset, trunk, normalisation, device):

@@ -133,7 +133,9 @@ def test_end_to_end_training_on_a_folder_and_eval_of_its_checkpoint(
     status, printed, _ = run_main(argv, capsys)
     assert status == 0
     default = "batched" if torch.device(device).type == "cuda" else "pil"
-    assert json.loads((out / "config.json").read_text())["augment"] == (augment or default)
+    config = json.loads((out / "config.json").read_text())
+    assert config["augment"] == (augment or default)
+    assert config["views"] is None and config["center_domains"] is None  # the feature cache's: not used here
     if (augment or default) == "batched":  # decoded uint8 images, augmented per batch on the device
         assert batches and all(b.dtype == torch.uint8 and b.device.type == torch.device(device).type for b in batches)
     else:
@@ -152,6 +154,8 @@ def test_frozen_random_trunk_run_saves_its_cache_and_eval_rebuilds_the_trunk(ima
             "--feature-cache", cache, "--seed", "5", "--out", out, *TINY_MODEL]
     assert run_main(argv, capsys)[0] == 0
     assert torch.load(cache, weights_only=True)["views"].shape[:2] == (2, 16)
+    config = json.loads((out / "config.json").read_text())
+    assert config["augment"] is None and config["views"] == 2 and config["center_domains"] is True
     after = json.loads((out / "results.json").read_text())["after"]
     assert run_main(["eval", "--checkpoint", out / "last.pth", "--out", tmp_path / "eval.json"], capsys)[0] == 0
     scored = json.loads((tmp_path / "eval.json").read_text())
@@ -214,6 +218,8 @@ def corrupt_one_image(root: Path) -> Path:
         ("tagged_backbone", "--backbone names no pretrained tag of 'resnet50', got 'resnet50.a1_in1'"),
         ("feature_cache_folder", "--feature-cache {cache!r} is a folder, expected a file name"),
         ("views_without_frozen_trunk", "--views, --center-domains/--no-center-domains only apply with --freeze-trunk"),
+        ("augment_with_frozen_trunk", "--augment only applies end to end (--no-freeze-trunk); training on cached "
+         "trunk features would ignore it"),
         ("missing_domain", "['sketch'] not found"),
         ("one_domain", "at least two domains"),
         ("unreadable_image", "cannot read image file"),
@@ -241,6 +247,8 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
         expected = expected.format(root=str(image_folder / "filled"))
     elif case == "views_without_frozen_trunk":
         argv += ["--views", "8", "--no-center-domains"]
+    elif case == "augment_with_frozen_trunk":
+        argv += ["--augment", "pil", "--freeze-trunk"]
     elif case == "tagged_backbone":
         argv += ["--backbone", "resnet50.a1_in1"]
     elif case == "feature_cache_folder":
@@ -700,6 +708,34 @@ def check_resolved_image_size(argv, expected, tmp_path, capsys, monkeypatch):
     status, _, err = run_main([*argv, *extra, "--quiet"], capsys)
     assert status == 2 and "stopped after resolving --image-size" in err
     assert sizes == [expected]
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_image_size_too_small_for_a_cnn_is_a_one_line_error_before_any_features(command, tmp_path, capsys, monkeypatch):
+    """convnext_atto's stem and downsampling layers reduce 16x16 images below a 2x2 kernel."""
+    from pml_protoot import cli
+
+    monkeypatch.setattr(cli, "trunk_features", lambda *a, **k: pytest.fail("embedded images before the size check"))
+    monkeypatch.setattr(cli, "FeatureCache", lambda *a, **k: pytest.fail("embedded images before the size check"))
+    extra = ["--epochs", "1", "--out", tmp_path / "run"] if command == "train" else []
+    status, _, err = run_main([command, "--backbone", "convnext_atto", "--image-size", "16", *extra, "--quiet"], capsys)
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        "protoot: error: --image-size 16 does not fit --backbone convnext_atto (Calculated padded input size per "
+        "channel: (1 x 1). Kernel size: (2 x 2). Kernel size can't be greater than actual input size); pass a larger "
+        "--image-size (its pretrained size is 224)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_image_size_check_leaves_the_trunk_in_its_mode():
+    from pml_protoot import cli
+
+    trunk = timm.create_model("resnet10t", num_classes=0)
+    cli._check_takes_image_size(trunk, {"image_size": 32, "backbone": "resnet10t"})
+    assert trunk.training and all(module.training for module in trunk.modules())
+    trunk.eval()
+    cli._check_takes_image_size(trunk, {"image_size": 32, "backbone": "resnet10t"})
+    assert not any(module.training for module in trunk.modules())
 
 
 def test_eval_of_a_fixed_size_run_refuses_another_image_size(tmp_path, capsys, monkeypatch):
