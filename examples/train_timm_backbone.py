@@ -13,6 +13,7 @@ caching with ``--freeze-trunk``, JSON outputs, ``protoot eval``):
 Run::
 
     python examples/train_timm_backbone.py --backbone resnet18 --epochs 5
+    python examples/train_timm_backbone.py --backbone vit_tiny_patch16_224 --epochs 5  # 224x224, its only size
     python examples/train_timm_backbone.py --data ~/OfficeHome --domains Art Clipart \\
         --backbone resnet50 --pretrained --image-size 224 --epochs 200 --batch-size 128
 """
@@ -47,6 +48,21 @@ def load_images(data, domains, image_size, transform=None):
     return MultiDomainImageFolder(data, domains, transform=transform)
 
 
+def fit_image_size(parser, backbone, given, default=64):
+    """``given`` or ``default``, except that ViTs and Swin (timm's ``fixed_input_size``) take only
+    their own size: an unset size becomes it, another one is refused (timm would assert in the first batch)."""
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None or not cfg.fixed_input_size:
+        return default if given is None else given
+    height, width = cfg.input_size[-2:]
+    if height != width:
+        parser.error(f"--backbone {backbone} takes only {height}x{width} images; this example makes square ones")
+    if given not in (None, height):
+        parser.error(f"--backbone {backbone} takes only {height}x{height} images, got --image-size {given}; "
+                     "leave it unset or pick a CNN such as resnet18")
+    return height
+
+
 def score(tester, eval_images, encoder):
     dataset_dict = {domain: eval_images.subset(domain) for domain in eval_images.domains}
     results = tester.test(dataset_dict, 0, encoder)
@@ -61,20 +77,21 @@ def main(argv=None):
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     parser.add_argument("--data", help="folder of <domain>/<class>/<image> (default: the demo set)")
     parser.add_argument("--domains", nargs="+", help="domain folders (default: all)")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, help="default: 64, or the size a fixed-size backbone (ViT) takes")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64, help="images per step, all domains together")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--iterations", type=int, help="steps per epoch (default: one pass over the largest domain)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    size = fit_image_size(parser, args.backbone, args.image_size)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
     trunk, feature_dim = create_trunk(args.backbone, pretrained=args.pretrained, weights=args.weights)
     embedder = embedding_head(feature_dim, out_dim=128)
     data_config = timm.data.resolve_data_config(model=trunk)
-    mean, std, size = data_config["mean"], data_config["std"], args.image_size
+    mean, std = data_config["mean"], data_config["std"]
     images = load_images(args.data, args.domains, size)
     eval_images = load_images(args.data, args.domains, size, transform=eval_transform(size, mean, std))
     views = moco_v2_transform(size, mean, std)
