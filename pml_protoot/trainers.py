@@ -10,6 +10,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.losses import CrossBatchMemory, SelfSupervisedLoss
 from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils import common_functions as c_f
@@ -25,6 +26,10 @@ from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
 from .miners import ProtoOTMiner
 from .samplers import CrossDomainSampler
+
+# PML's ThresholdConsistentMarginLoss (2.7 and later) takes ref_emb but indexes its pairs into the
+# queries, so the keys never reach it. () where PML lacks it: isinstance(x, ()) is False.
+_IGNORES_REF_EMB = getattr(pml_losses, "ThresholdConsistentMarginLoss", ())
 
 __all__ = ["ProtoOTTrainer"]
 
@@ -87,8 +92,9 @@ class ProtoOTTrainer(BaseTrainer):
         batch_size: samples per batch; with a ``CrossDomainSampler``, a multiple of its
             ``batch_size`` (its domain-balanced blocks), or batches would not be balanced.
         loss_funcs: ``{"metric_loss": loss}``: a ``ProtoOTLoss`` on ``memory`` or any PML loss that
-            takes ``ref_emb`` (the keys; one that refuses it, as PML's ``FastAPLoss``, ``HistogramLoss``
-            and proxy losses do, is refused at construction by a call on 4 random vectors). Not
+            takes ``ref_emb`` (the keys; one that refuses it, as PML's ``FastAPLoss``, ``HistogramLoss``,
+            proxy losses, ``VICRegLoss`` and ``MultipleLosses`` do, is refused at construction by a call
+            on 4 random vectors; so is ``ThresholdConsistentMarginLoss``, which ignores it). Not
             PML's ``SelfSupervisedLoss`` (the trainer already makes each query's key its
             positive: pass the loss it wraps) or ``CrossBatchMemory`` (the banks are the memory).
         dataset: items ``((query_view, key_view), global_index)``.
@@ -125,7 +131,7 @@ class ProtoOTTrainer(BaseTrainer):
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``.
         ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, a
-            ``ProtoOTLoss`` on another memory, a loss that refuses ``ref_emb``, a
+            ``ProtoOTLoss`` on another memory, a loss that refuses or ignores ``ref_emb``, a
             ``subset_batch_miner``, or PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices).
 
@@ -617,6 +623,12 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
             "loss_funcs['metric_loss'] is a CrossBatchMemory, which takes no ref_emb: the trainer's keys and "
             f"PrototypeMemory banks already play its part; pass the loss it wraps ({type(metric_loss.loss).__name__})"
         )
+    if isinstance(metric_loss, _IGNORES_REF_EMB):
+        raise ValueError(
+            f"loss_funcs['metric_loss'] is a {type(metric_loss).__name__}, which takes ref_emb but indexes its "
+            "pairs into the queries (embeddings[p], a PML defect), so the trainer's keys would never reach it; "
+            "pass another PML loss (e.g. NTXentLoss, MultiSimilarityLoss) or ProtoOTLoss"
+        )
     if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
         raise ValueError(
             "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
@@ -628,9 +640,10 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
 
 
 def _check_takes_ref_emb(metric_loss, dim: int) -> None:
-    """Refuse a PML loss that refuses ``ref_emb`` (``FastAPLoss``, the proxy losses, ...) now rather than at
-    the first step, after a whole pass over the data fills the banks: one call of a copy (the loss's own
-    state and records stay untouched) on 4 random unit vectors."""
+    """Refuse a PML loss that refuses ``ref_emb`` or ``ref_labels`` (``FastAPLoss``, the proxy losses,
+    ``VICRegLoss``; ``MultipleLosses``, whose ``forward`` has no such argument) now rather than at the
+    first step, after a whole pass over the data fills the banks: one call of a copy (the loss's own
+    state and records stay untouched) on 4 random unit vectors, the trainer's call."""
     metric_loss = copy.deepcopy(metric_loss)
     device = _model_device(metric_loss)
     embeddings = F.normalize(torch.randn(4, dim, generator=torch.Generator().manual_seed(0)), dim=1).to(device)
@@ -639,11 +652,12 @@ def _check_takes_ref_emb(metric_loss, dim: int) -> None:
         with torch.no_grad():
             metric_loss(embeddings, labels, ref_emb=embeddings.clone(), ref_labels=labels.clone())
     except (TypeError, ValueError, RuntimeError, IndexError) as err:
-        if "ref_emb is not supported" in str(err):
+        if "ref_emb" in str(err) or "ref_labels" in str(err):  # PML's refusals and Python's unexpected keyword
             raise ValueError(
-                f"loss_funcs['metric_loss'] ({type(metric_loss).__name__}) does not take ref_emb, and the trainer "
-                "compares each query with the momentum keys through it: pass a loss that does (e.g. NTXentLoss, "
-                "MultiSimilarityLoss, ContrastiveLoss) or ProtoOTLoss"
+                f"loss_funcs['metric_loss'] ({type(metric_loss).__name__}) does not take ref_emb and ref_labels "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}), and the trainer compares each query with the "
+                "momentum keys through them: pass a loss that does (e.g. NTXentLoss, MultiSimilarityLoss, "
+                "ContrastiveLoss) or ProtoOTLoss"
             ) from err
         # Any other failure on this toy batch (e.g. a class count below 4) is the first real step's to
         # report, with the real inputs.

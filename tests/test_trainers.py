@@ -495,7 +495,7 @@ def test_bad_arguments_are_rejected_with_their_names(device):
 def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
     from pytorch_metric_learning.losses import (
         CrossBatchMemory, FastAPLoss, HistogramLoss, MultipleLosses, MultiSimilarityLoss, ProxyAnchorLoss,
-        SelfSupervisedLoss,
+        SelfSupervisedLoss, VICRegLoss,
     )
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
@@ -516,12 +516,32 @@ def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
         build({"metric_loss": CrossBatchMemory(NTXentLoss(), EMBED_DIM)})
     build({"metric_loss": NTXentLoss()}, {"tuple_miner": ProtoOTMiner(trainer.memory)})  # the miner's own use
     # Losses that refuse ref_emb fail at construction, not at the first step after the banks are filled.
-    for loss in (FastAPLoss(), HistogramLoss(), ProxyAnchorLoss(NUM_CLASSES, EMBED_DIM)):
-        with pytest.raises(ValueError, match=rf"\({type(loss).__name__}\) does not take ref_emb"):
+    refusing = (FastAPLoss(), HistogramLoss(), ProxyAnchorLoss(NUM_CLASSES, EMBED_DIM), VICRegLoss(),
+                MultipleLosses([NTXentLoss()]))  # the last two: "labels are ref_labels ...", no ref_emb argument
+    for loss in refusing:
+        with pytest.raises(ValueError, match=rf"\({type(loss).__name__}\) does not take ref_emb and ref_labels"):
             build({"metric_loss": loss})
     assert not trainer.memory.written.any()
     build({"metric_loss": MultiSimilarityLoss()})
-    build({"metric_loss": MultipleLosses([NTXentLoss()])})  # fails on the probe's call for another reason: kept
+
+
+def test_a_pml_loss_that_ignores_ref_emb_is_refused():
+    """PML's ThresholdConsistentMarginLoss gives the same value whatever keys it is given (it indexes its
+    pairs into the queries), so the trainer refuses it; the first half checks that premise."""
+    from pytorch_metric_learning import losses
+
+    tcm_loss = getattr(losses, "ThresholdConsistentMarginLoss", None)
+    if tcm_loss is None:
+        pytest.skip("this PML has no ThresholdConsistentMarginLoss")
+    generator = torch.Generator().manual_seed(0)
+    queries, keys, other_keys = F.normalize(torch.randn(3, 8, 16, generator=generator), dim=2)
+    labels = torch.arange(8) % 4
+    with_keys = tcm_loss()(queries, labels, ref_emb=keys, ref_labels=labels)
+    assert with_keys > 0 and with_keys == tcm_loss()(queries, labels, ref_emb=other_keys, ref_labels=labels)
+    trainer = make_trainer("cpu")
+    with pytest.raises(ValueError, match="ThresholdConsistentMarginLoss, which takes ref_emb but indexes its pairs"):
+        ProtoOTTrainer(trainer.models, trainer.optimizers, BATCH, {"metric_loss": tcm_loss()}, trainer.dataset,
+                       trainer.memory)
 
 
 def test_batches_stay_domain_balanced_or_the_batch_size_is_refused(device):
