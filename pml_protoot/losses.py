@@ -148,10 +148,12 @@ class ProtoOTLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
         if not isinstance(memory, PrototypeMemory):
             raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
-        if not isinstance(self.distance, CosineSimilarity):
+        # The loss never calls the distance: any setting but the default's (power=3, a subclass) would be ignored.
+        if type(self.distance) is not CosineSimilarity or (self.distance.p, self.distance.power) != (2, 1):
             raise ValueError(
                 "distance must be CosineSimilarity() (the default): ProtoOTLoss compares L2-normalised embeddings, "
-                f"keys and prototypes by dot product, got {self.distance!r}"
+                f"keys and prototypes by dot product, got {type(self.distance).__name__} with p={self.distance.p}, "
+                f"power={self.distance.power}"
             )
         self.memory = memory
         self.temperature = check_number("temperature", temperature, low=0, strict=True)
@@ -159,7 +161,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         self.cross_domain_weight = check_number("cross_domain_weight", cross_domain_weight, low=0)
         self.cross_domain_start_epoch = check_int("cross_domain_start_epoch", cross_domain_start_epoch)
         self.official = check_bool("official", official)
-        self.nearest_neighbour_by = nearest_neighbour_by or ("query" if official else "key")
+        preset_anchor = "query" if self.official else "key"
+        self.nearest_neighbour_by = preset_anchor if nearest_neighbour_by is None else nearest_neighbour_by
         check_choice("nearest_neighbour_by", self.nearest_neighbour_by, NEIGHBOUR_ANCHORS)
         self.normalize_cross_negatives = (
             self.official if normalize_cross_negatives is None

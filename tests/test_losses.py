@@ -336,6 +336,10 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
         ({"normalize_cross_negatives": 1}, TypeError, "normalize_cross_negatives must be True or False"),
         ({"distance": LpDistance()}, ValueError, "distance must be CosineSimilarity\\(\\).*got LpDistance"),
         ({"distance": DotProductSimilarity()}, ValueError, "distance must be CosineSimilarity"),
+        # settings the loss would ignore: it never calls the distance
+        ({"distance": CosineSimilarity(power=3)}, ValueError, "got CosineSimilarity with p=2, power=3"),
+        ({"distance": type("MyCosine", (CosineSimilarity,), {})()}, ValueError, "got MyCosine with p=2, power=1"),
+        ({"nearest_neighbour_by": ""}, ValueError, "nearest_neighbour_by must be one of .*, got ''"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs, error, message):
