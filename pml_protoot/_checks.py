@@ -65,9 +65,16 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` as an int, raising unless it is an integer in ``[low, high]`` (either bound
-    optional): a Python or NumPy integer or a 0-d integer tensor (e.g. ``labels.max() + 1``), not a bool."""
+    optional): a Python or NumPy integer or a 0-d integer tensor (e.g. ``labels.max() + 1``), not a bool.
+
+    Raises:
+        TypeError: not an integer (a bool, a float such as ``2.0``, a string), as ``range(2.0)`` raises.
+        ValueError: out of range.
+    """
     integer = _integer(value)
-    if integer is None or (low is not None and integer < low) or (high is not None and integer > high):
+    if integer is None:
+        raise TypeError(f"{name} must be {integer_phrase(low, high)}, got {value!r}")
+    if (low is not None and integer < low) or (high is not None and integer > high):
         raise ValueError(f"{name} must be {integer_phrase(low, high)}, got {value!r}")
     return integer
 

@@ -114,8 +114,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
             ``distance`` can only be the default ``CosineSimilarity()``.
 
     Raises:
-        TypeError: ``memory`` is not a ``PrototypeMemory``.
-        ValueError: a bad option value, or a ``distance`` other than ``CosineSimilarity()``.
+        TypeError: ``memory`` is not a ``PrototypeMemory``, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
+        ValueError: an option value out of range, or a ``distance`` other than the default ``CosineSimilarity()``.
 
     Example:
         >>> import torch

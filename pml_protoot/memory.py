@@ -184,10 +184,10 @@ class PrototypeMemory(torch.nn.Module):
             before going back into the IVF (4096).
 
     Raises:
-        TypeError: ``domains`` is not an integer sequence.
+        TypeError: ``domains`` is not an integer sequence, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
         ValueError: fewer than two domains, a domain with fewer than two samples
             (a nearest neighbour other than the sample itself must exist), more
-            prototypes than samples in a domain, or a bad option value.
+            prototypes than samples in a domain, or an option value out of range.
 
     Example:
         >>> import torch

@@ -81,7 +81,7 @@ class ProtoOTMiner(BaseMiner):
         **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
 
     Raises:
-        TypeError: ``labels`` / ``ref_labels`` are not integer tensors.
+        TypeError: ``labels`` / ``ref_labels`` are not integer tensors, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
         ValueError: bad ``positives`` or ``type_of_tuple``, or indices outside the memory.
 
     Example:

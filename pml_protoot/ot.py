@@ -72,9 +72,10 @@ def sinkhorn(
 
     Raises:
         TypeError: ``scores`` is not a floating tensor; ``epsilon``/``tol`` are not real
-            numbers; ``normalize_scores`` is not a bool; ``class_marginal`` is not numeric.
+            numbers; ``iterations`` is not an integer; ``normalize_scores`` is not a bool;
+            ``class_marginal`` is not numeric.
         ValueError: bad or empty shapes, non-finite scores, ``epsilon <= 0``, ``scores / epsilon``
-            beyond the compute dtype's range, ``iterations`` not an integer >= 1, ``tol <= 0``,
+            beyond the compute dtype's range, ``iterations`` below 1, ``tol <= 0``,
             or a negative/all-zero/mis-shaped ``class_marginal``.
 
     Example:

@@ -73,9 +73,10 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
         shuffle: ``False`` keeps each domain in index order (cycled the same way).
 
     Raises:
-        TypeError: ``domains`` is not a 1-D integer sequence.
-        ValueError: fewer than two domains, ``batch_size`` not a positive multiple of
-            the number of domains, or bad ``num_replicas``/``rank``/``seed``.
+        TypeError: ``domains`` does not hold integers, or ``batch_size``, ``num_replicas``,
+            ``rank`` or ``seed`` is not an integer (or ``shuffle`` not a bool).
+        ValueError: ``domains`` not 1-D, fewer than two domains, ``batch_size`` not a positive
+            multiple of the number of domains, or ``num_replicas``/``rank``/``seed`` out of range.
 
     Example:
         >>> from pml_protoot.samplers import CrossDomainSampler
@@ -126,7 +127,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
             epoch: non-negative epoch number.
 
         Raises:
-            ValueError: ``epoch`` is not a non-negative integer.
+            TypeError: ``epoch`` is not an integer.
+            ValueError: ``epoch`` is negative.
         """
         self.epoch = check_non_negative_int("epoch", epoch)
         self.passes = 0
@@ -140,7 +142,8 @@ class CrossDomainSampler(torch.utils.data.Sampler[int]):
                 and advances nothing.
 
         Raises:
-            ValueError: ``pass_number`` is not a non-negative integer.
+            TypeError: ``pass_number`` is not an integer.
+            ValueError: ``pass_number`` is negative.
         """
         pass_number = check_non_negative_int("pass_number", pass_number)
         # torch's CPU generator keeps only 32 bits of a seed: hash (seed, epoch[, pass]) into them.

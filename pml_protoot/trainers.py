@@ -129,8 +129,9 @@ class ProtoOTTrainer(BaseTrainer):
             ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
 
     Raises:
-        TypeError: ``memory`` is not a ``PrototypeMemory``.
-        ValueError: bad ``momentum``, ``amp_dtype`` or ``grad_clip_norm``, a
+        TypeError: ``memory`` is not a ``PrototypeMemory``, ``batch_transform`` is not callable, or
+            ``momentum`` or ``grad_clip_norm`` is not a number.
+        ValueError: ``momentum`` or ``grad_clip_norm`` out of range, a bad ``amp_dtype``, a
             ``ProtoOTLoss`` on another memory, a loss that refuses or ignores ``ref_emb``, a
             ``subset_batch_miner``, or PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices).

@@ -301,9 +301,10 @@ def test_metric_names_follow_k_values():
     assert {"precision_at_1", "precision_at_5", "precision_at_15", "r_precision"} <= set(calc.get_curr_metrics())
 
 
-@pytest.mark.parametrize("k_values", [(0,), (5, -1), (), (1.5,)])
-def test_bad_k_values(k_values):
-    with pytest.raises(ValueError, match="k_values"):
+@pytest.mark.parametrize("k_values, error", [((0,), ValueError), ((5, -1), ValueError), ((), ValueError),
+                                             ((1.5,), TypeError)])
+def test_bad_k_values(k_values, error):
+    with pytest.raises(error, match="k_values"):
         PrecisionAtKCalculator(k_values=k_values)
 
 

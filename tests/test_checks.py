@@ -18,23 +18,23 @@ def test_integers_of_every_kind_come_back_as_int(value):
 
 
 @pytest.mark.parametrize(
-    "value, low, high, message",
-    [
-        (True, None, None, "n must be an integer, got True"),
-        (np.bool_(True), None, None, "n must be an integer"),
-        (3.0, None, None, r"n must be an integer, got 3.0"),
-        (torch.tensor(3.0), None, None, r"n must be an integer, got tensor\(3.\)"),
-        (torch.tensor([3]), None, None, r"n must be an integer, got tensor\(\[3\]\)"),
-        ("3", None, None, "n must be an integer, got '3'"),
-        (0, 1, None, "n must be a positive integer, got 0"),
-        (-1, 0, None, "n must be a non-negative integer, got -1"),
-        (1, 2, None, "n must be an integer >= 2, got 1"),
-        (4, 0, 3, r"n must be an integer in \[0, 3\], got 4"),
-        (np.int64(5), None, 3, r"n must be an integer <= 3, got np.int64\(5\)"),
+    "value, low, high, error, message",
+    [  # not integers: TypeError, as range(3.0) raises; integers out of range: ValueError
+        (True, None, None, TypeError, "n must be an integer, got True"),
+        (np.bool_(True), None, None, TypeError, "n must be an integer"),
+        (3.0, None, None, TypeError, r"n must be an integer, got 3.0"),
+        (torch.tensor(3.0), None, None, TypeError, r"n must be an integer, got tensor\(3.\)"),
+        (torch.tensor([3]), None, None, TypeError, r"n must be an integer, got tensor\(\[3\]\)"),
+        ("3", None, None, TypeError, "n must be an integer, got '3'"),
+        (0, 1, None, ValueError, "n must be a positive integer, got 0"),
+        (-1, 0, None, ValueError, "n must be a non-negative integer, got -1"),
+        (1, 2, None, ValueError, "n must be an integer >= 2, got 1"),
+        (4, 0, 3, ValueError, r"n must be an integer in \[0, 3\], got 4"),
+        (np.int64(5), None, 3, ValueError, r"n must be an integer <= 3, got np.int64\(5\)"),
     ],
 )
-def test_other_values_are_refused_naming_the_argument_and_range(value, low, high, message):
-    with pytest.raises(ValueError, match=message):
+def test_other_values_are_refused_naming_the_argument_and_range(value, low, high, error, message):
+    with pytest.raises(error, match=message):
         check_int("n", value, low=low, high=high)
 
 
@@ -52,29 +52,32 @@ def test_public_integer_arguments_take_numpy_and_tensor_integers():
 
 
 @pytest.mark.parametrize(
-    "build, message",
+    "build, error, message",
     [
         (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, kmeans_seed=0.5),
-         r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 0.5"),
+         TypeError, r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 0.5"),
         (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, kmeans_seed=2**40),
-         r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 1099511627776"),
-        (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1).recluster(-1), "epoch must be a non-negative"),
-        (lambda: make_synthetic_domains(None, seed=-1), "seed must be a non-negative integer, got -1"),
-        (lambda: make_synthetic_domains(None, seed="3"), "seed must be a non-negative integer, got '3'"),
-        (lambda: CachedTwoViewDataset(torch.zeros(1, 4, 2), [0, 0, 1, 1]), r"V >= 2 views, got \(1, 4, 2\)"),
-        (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 1]), r"one domain per sample \(4\), got 2"),
+         ValueError, r"kmeans_seed must be an integer in \[-2147483648, 2147483647\], got 1099511627776"),
+        (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1).recluster(-1),
+         ValueError, "epoch must be a non-negative"),
+        (lambda: make_synthetic_domains(None, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
+        (lambda: make_synthetic_domains(None, seed="3"), TypeError, "seed must be a non-negative integer, got '3'"),
+        (lambda: CachedTwoViewDataset(torch.zeros(1, 4, 2), [0, 0, 1, 1]),
+         ValueError, r"V >= 2 views, got \(1, 4, 2\)"),
+        (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 1]), ValueError, r"one domain per sample \(4\), got 2"),
         (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 0, 1, 1], seed=1.5),
-         "seed must be a non-negative integer, got 1.5"),
-        (lambda: CrossDomainSampler([0, 1], 2, num_replicas=2, rank=2), r"rank must be an integer in \[0, 1\], got 2"),
-        (lambda: CrossDomainSampler([0, 1], 2, seed=-1), "seed must be an integer in"),
-        (lambda: make_synthetic_domains(None, num_classes=0), "num_classes must be an integer in"),
-        (lambda: make_synthetic_domains(None, image_size=8), "image_size must be an integer >= 16, got 8"),
+         TypeError, "seed must be a non-negative integer, got 1.5"),
+        (lambda: CrossDomainSampler([0, 1], 2, num_replicas=2, rank=2),
+         ValueError, r"rank must be an integer in \[0, 1\], got 2"),
+        (lambda: CrossDomainSampler([0, 1], 2, seed=-1), ValueError, "seed must be an integer in"),
+        (lambda: make_synthetic_domains(None, num_classes=0), ValueError, "num_classes must be an integer in"),
+        (lambda: make_synthetic_domains(None, image_size=8), ValueError, "image_size must be an integer >= 16, got 8"),
         (lambda: FeatureCache(make_synthetic_domains(None, image_size=16), torch.nn.Identity(), train_view=None,
-                              eval_view=None, num_views=1), "num_views must be an integer >= 2, got 1"),
+                              eval_view=None, num_views=1), ValueError, "num_views must be an integer >= 2, got 1"),
     ],
 )
-def test_public_integer_arguments_name_themselves_when_refused(build, message):
-    with pytest.raises(ValueError, match=message):
+def test_public_integer_arguments_name_themselves_when_refused(build, error, message):
+    with pytest.raises(error, match=message):
         build()
 
 

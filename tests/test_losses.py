@@ -330,7 +330,7 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
         ({"in_domain_weights": (1.0, 0.5)}, ValueError, "in_domain_weights must be 3 numbers"),
         ({"in_domain_weights": (1.0, -0.5, 0.1)}, ValueError, "in_domain_weights must be a finite number >= 0"),
         ({"cross_domain_weight": float("nan")}, ValueError, "cross_domain_weight must be a finite number"),
-        ({"cross_domain_start_epoch": 1.5}, ValueError, "cross_domain_start_epoch must be an integer, got 1.5"),
+        ({"cross_domain_start_epoch": 1.5}, TypeError, "cross_domain_start_epoch must be an integer, got 1.5"),
         ({"nearest_neighbour_by": "bank"}, ValueError, "nearest_neighbour_by must be one of"),
         ({"official": "no"}, TypeError, "official must be True or False, got 'no'"),
         ({"normalize_cross_negatives": 1}, TypeError, "normalize_cross_negatives must be True or False"),

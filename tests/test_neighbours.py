@@ -106,16 +106,16 @@ def test_auto_uses_the_index_from_the_size_threshold_and_load_state_dict_rebuild
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "options, error, message",
     [
-        ({"neighbour_search": "faiss"}, "neighbour_search must be one of"),
-        ({"ivf_nprobe": 0}, "ivf_nprobe must be a positive integer"),
-        ({"ivf_nlist": 2.5}, "ivf_nlist must be a positive integer"),
-        ({"ivf_buffer_rows": -3}, "ivf_buffer_rows must be a positive integer"),
+        ({"neighbour_search": "faiss"}, ValueError, "neighbour_search must be one of"),
+        ({"ivf_nprobe": 0}, ValueError, "ivf_nprobe must be a positive integer"),
+        ({"ivf_nlist": 2.5}, TypeError, "ivf_nlist must be a positive integer"),
+        ({"ivf_buffer_rows": -3}, ValueError, "ivf_buffer_rows must be a positive integer"),
     ],
 )
-def test_bad_neighbour_options_name_the_argument(options, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_neighbour_options_name_the_argument(options, error, message):
+    with pytest.raises(error, match=message):
         PrototypeMemory(DOMAINS, DIM, K, **options)
 
 

@@ -155,8 +155,8 @@ def test_state_dict_round_trips_the_cache_and_bad_refresh_every_is_rejected(devi
     for name, buffer in memory.state_dict().items():
         assert torch.equal(restored.state_dict()[name], buffer), name
     assert "column_potentials" not in PrototypeMemory(DOMAINS, DIM, K).state_dict()
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="refresh_every"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="refresh_every"):
             PrototypeMemory(DOMAINS, DIM, K, refresh_every=bad)
 
 
