@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEMO_DEFAULTS['batch_size']} for the demo, {FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
     )
     training.add_argument(
-        "--num-prototypes", type=_integer_option(1), help="K per domain (default: number of classes)"
+        "--num-prototypes", type=_integer_option(2), help="K per domain, at least 2 (default: number of classes)"
     )
     training.add_argument(
         "--lr", type=_number_option(low=0, strict=True),
@@ -546,6 +546,9 @@ def _check_domain_sizes(dataset, num_prototypes: int) -> None:
     domain, smallest = min(sizes.items(), key=lambda item: item[1])
     if smallest < 2:
         raise CommandError(f"every domain needs at least 2 images, domain {domain!r} holds {smallest}")
+    if num_prototypes < 2:  # only the default can be 1: the option's own check refuses it
+        raise CommandError(f"--data holds one class, so --num-prototypes (default: the number of classes) is 1; "
+                           "ProtoOT needs at least 2 prototypes per domain: pass --num-prototypes")
     if num_prototypes > smallest:
         raise CommandError(
             f"--num-prototypes (default: the number of classes) must be at most the image count of the smallest "

@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_int, check_matrix, check_number
-from .memory import PrototypeMemory
+from .memory import PrototypeMemory, check_memory_to_train
 
 __all__ = ["ProtoOTLoss"]
 
@@ -114,8 +114,10 @@ class ProtoOTLoss(BaseMetricLossFunction):
             ``distance`` can only be the default ``CosineSimilarity()``.
 
     Raises:
-        TypeError: ``memory`` is not a ``PrototypeMemory``, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
-        ValueError: an option value out of range, or a ``distance`` other than the default ``CosineSimilarity()``.
+        TypeError: ``memory`` is not a ``PrototypeMemory``, or an option of the wrong type (a
+            float where an integer is due, a string for a number or a flag).
+        ValueError: a memory with one prototype per domain (the loss would be 0), an option
+            value out of range, or a ``distance`` other than the default ``CosineSimilarity()``.
 
     Example:
         >>> import torch
@@ -146,8 +148,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(memory, PrototypeMemory):
-            raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+        check_memory_to_train(memory, "ProtoOTLoss")
         # The loss never calls the distance: any setting but the default's (power=3, a subclass) would be ignored.
         if type(self.distance) is not CosineSimilarity or (self.distance.p, self.distance.power) != (2, 1):
             raise ValueError(

@@ -184,7 +184,8 @@ class PrototypeMemory(torch.nn.Module):
             before going back into the IVF (4096).
 
     Raises:
-        TypeError: ``domains`` is not an integer sequence, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
+        TypeError: ``domains`` is not an integer sequence, or an option of the wrong type (a
+            float where an integer is due, a string for a number or a flag).
         ValueError: fewer than two domains, a domain with fewer than two samples
             (a nearest neighbour other than the sample itself must exist), more
             prototypes than samples in a domain, or an option value out of range.
@@ -794,6 +795,22 @@ class PrototypeMemory(torch.nn.Module):
             f"normalize_scores={self.normalize_scores}, marginal_rule={self.marginal_rule!r}, "
             f"reset_prototypes={self.reset_prototypes}, "
             f"refresh_every={self.refresh_every}, neighbour_search={self.neighbour_search!r}"
+        )
+
+
+def check_memory_to_train(memory, user: str) -> None:
+    """Raise unless ``memory`` is a :class:`PrototypeMemory` with at least two prototypes per domain.
+
+    ``user`` (``"ProtoOTLoss"``, ``"ProtoOTMiner"``) compares samples through their prototypes: with
+    one prototype every sample is assigned to it, so every softmax is over one entry (loss and
+    gradient exactly 0) and no pair is a negative.
+    """
+    if not isinstance(memory, PrototypeMemory):
+        raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+    if memory.num_prototypes < 2:
+        raise ValueError(
+            f"{user} needs a memory with at least 2 prototypes per domain, got num_prototypes="
+            f"{memory.num_prototypes}: with one, every sample is assigned to it and there is nothing to learn"
         )
 
 

@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning.miners import BaseMiner
 
 from ._checks import check_bool, check_choice
-from .memory import PrototypeMemory
+from .memory import check_memory_to_train
 
 __all__ = ["ProtoOTMiner"]
 
@@ -81,8 +81,10 @@ class ProtoOTMiner(BaseMiner):
         **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
 
     Raises:
-        TypeError: ``labels`` / ``ref_labels`` are not integer tensors, or an option of the wrong type (a float where an integer is due, a string for a number or a flag).
-        ValueError: bad ``positives`` or ``type_of_tuple``, or indices outside the memory.
+        TypeError: ``memory`` is not a ``PrototypeMemory``, ``labels`` / ``ref_labels`` are not
+            integer tensors, or an option of the wrong type (a string for a flag).
+        ValueError: a memory with one prototype per domain, bad ``positives`` or
+            ``type_of_tuple``, or indices outside the memory.
 
     Example:
         >>> import torch
@@ -112,8 +114,7 @@ class ProtoOTMiner(BaseMiner):
         super().__init__(**kwargs)
         check_choice("positives", positives, ("instance", "agreement"))
         check_choice("type_of_tuple", type_of_tuple, ("pairs", "triplets"))
-        if not isinstance(memory, PrototypeMemory):
-            raise TypeError(f"memory must be a PrototypeMemory, got {type(memory).__name__}")
+        check_memory_to_train(memory, "ProtoOTMiner")
         self.memory = memory
         self.positives = positives
         self.cross_domain = check_bool("cross_domain", cross_domain)

@@ -119,7 +119,7 @@ def test_other_numbers_are_refused_naming_the_argument_and_range(value, options,
          "epsilon must be a real number, got str"),
         (lambda: PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, epsilon=float("inf")), ValueError,
          "epsilon must be a finite number > 0, got inf"),
-        (lambda: ProtoOTLoss(PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1), temperature=-1), ValueError,
+        (lambda: ProtoOTLoss(PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=2), temperature=-1), ValueError,
          "temperature must be a finite number > 0, got -1"),
         (lambda: sinkhorn(torch.rand(3, 2), epsilon=0), ValueError, "epsilon must be a finite number > 0, got 0"),
     ],
@@ -130,6 +130,6 @@ def test_public_real_arguments_name_themselves_when_refused(build, error, messag
 
 
 def test_public_real_arguments_take_numpy_and_tensor_numbers():
-    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1, epsilon=np.float32(0.25))
+    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=2, epsilon=np.float32(0.25))
     loss = ProtoOTLoss(memory, temperature=torch.tensor(0.5), cross_domain_weight=np.float64(0.75))
     assert (memory.epsilon, loss.temperature, loss.cross_domain_weight) == (0.25, 0.5, 0.75)

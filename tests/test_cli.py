@@ -227,6 +227,8 @@ def corrupt_one_image(root: Path) -> Path:
         ("missing_weights", "weights file not found"),
         ("unknown_backbone", "--backbone must be a timm model name, got 'notamodel' (see timm.list_models())"),
         ("one_image_domain", "every domain needs at least 2 images, domain 'outline' holds 1"),
+        ("one_class", "--data holds one class, so --num-prototypes (default: the number of classes) is 1; ProtoOT "
+         "needs at least 2 prototypes per domain: pass --num-prototypes"),
         ("too_many_prototypes", "--num-prototypes (default: the number of classes) must be at most the image count "
          "of the smallest domain ('filled': 8), got 9"),
     ],
@@ -268,6 +270,9 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     elif case == "one_image_domain":
         for path in sorted((image_folder / "outline").glob("*/*"))[1:]:
             path.unlink()
+    elif case == "one_class":
+        for domain in ("filled", "outline"):
+            shutil.rmtree(sorted((image_folder / domain).iterdir())[0])
     elif case == "too_many_prototypes":
         argv += ["--num-prototypes", "9"]
     else:
@@ -420,8 +425,8 @@ def test_hidden_folders_under_data_are_not_domains(image_folder, tmp_path, capsy
         ("--weight-decay", "-1", "expected a number >= 0, got '-1'"),
         ("--momentum", "1.5", "expected a number in [0, 1], got '1.5'"),
         ("--views", "1", "expected an integer >= 2, got '1'"),
-        ("--num-prototypes", "0", "expected a positive integer, got '0'"),
-        ("--num-prototypes", "-3", "expected a positive integer, got '-3'"),
+        ("--num-prototypes", "1", "expected an integer >= 2, got '1'"),  # one prototype: loss and gradient 0
+        ("--num-prototypes", "-3", "expected an integer >= 2, got '-3'"),
         ("--cross-domain-start", "-4", "expected a non-negative integer, got '-4'"),
         ("--epochs", "0", "expected a positive integer, got '0'"),
         ("--device", "tpu", "expected a torch device such as cpu, cuda or cuda:1, got 'tpu'"),
@@ -526,7 +531,7 @@ INTEGER_OPTION_REFUSALS = [
     ("train", "--views", "1", "expected an integer >= 2, got '1'"),
     ("train", "--epochs", "-2", "expected a positive integer, got '-2'"),
     ("train", "--batch-size", "0", "expected a positive integer, got '0'"),
-    ("train", "--num-prototypes", "2.5", "expected a positive integer, got '2.5'"),
+    ("train", "--num-prototypes", "2.5", "expected an integer >= 2, got '2.5'"),
     ("train", "--cross-domain-start", "-1", "expected a non-negative integer, got '-1'"),
     ("train", "--seed", "-1", "expected an integer in [0, 4294967295], got '-1'"),
     ("train", "--seed", str(2**32), f"expected an integer in [0, 4294967295], got '{2**32}'"),

@@ -326,6 +326,9 @@ def test_memory_never_reclustered_raises_and_writes_nothing():
     "kwargs, error, message",
     [
         ({"memory": "bank"}, TypeError, "memory must be a PrototypeMemory, got str"),
+        # one prototype per domain: every softmax is over one entry, so the loss and its gradient are 0
+        ({"memory": PrototypeMemory([0, 0, 1, 1], DIM, 1)}, ValueError,
+         "ProtoOTLoss needs a memory with at least 2 prototypes per domain, got num_prototypes=1"),
         ({"temperature": 0}, ValueError, "temperature must be a finite number > 0, got 0"),
         ({"in_domain_weights": (1.0, 0.5)}, ValueError, "in_domain_weights must be 3 numbers"),
         ({"in_domain_weights": (1.0, -0.5, 0.1)}, ValueError, "in_domain_weights must be a finite number >= 0"),

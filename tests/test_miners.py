@@ -229,6 +229,9 @@ def test_bad_input_is_rejected_with_the_argument_name(device):
         ProtoOTMiner(memory, positives="pseudo_labels")
     with pytest.raises(TypeError, match="memory must be a PrototypeMemory, got NoneType"):
         ProtoOTMiner(None)
+    with pytest.raises(ValueError, match="ProtoOTMiner needs a memory with at least 2 prototypes per domain, got "
+                                         "num_prototypes=1"):  # every pair would share its prototype: no negatives
+        ProtoOTMiner(PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=1))
     with pytest.raises(TypeError, match="cross_domain must be True or False, got 'no'"):
         ProtoOTMiner(memory, cross_domain="no")
     with pytest.raises(TypeError, match="update_prototypes must be True or False"):
