@@ -47,7 +47,7 @@ class CrossDomainTester(BaseTester):
             as ``dtype`` says: autocast runs the ops it covers in its own precision whatever their
             inputs' dtype, but leaves float64 tensors alone, so a float64 model needs float64
             inputs (it then runs in float64).
-        dtype: the dtype floating-point trunk inputs are cast to, as in PML's ``BaseTester``;
+        dtype: a floating ``torch.dtype`` that floating-point trunk inputs are cast to, as in PML's ``BaseTester``;
             when None, the trunk's floating parameter dtype (a float64, bfloat16 or float16
             model just works; inputs of a trunk without floating parameters are left as they
             are). The embedder gets the trunk's outputs in its own floating parameter dtype
@@ -61,7 +61,18 @@ class CrossDomainTester(BaseTester):
             names, where ``->`` is a syntax error (names short enough not to be hashed).
         batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
             data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
-            Datasets return ``(image, class_label)``.
+            Datasets return ``(image, class_label)``. ``normalize_embeddings=False`` needs a
+            calculator that ranks raw embeddings (PML's ``AccuracyCalculator``):
+            ``PrecisionAtKCalculator`` ranks by cosine, so it is refused with one. The hook
+            reads ``tester.embeddings_and_labels`` (``{domain: (embeddings as scored, (N, 1)
+            labels)}``), as PML's testers leave it. PML's ``data_device``, ``visualizer``,
+            ``pca``, ``label_hierarchy_level``, ``set_min_label_to_zero`` and
+            ``dataset_labels`` are not taken.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+        ValueError: a calculator with ``return_per_class``, ``normalize_embeddings=False``
+            with a ``PrecisionAtKCalculator``, or an empty ``pair_separator``.
 
     Example:
         >>> import torch
@@ -101,6 +112,15 @@ class CrossDomainTester(BaseTester):
             accuracy_calculator=accuracy_calculator or PrecisionAtKCalculator(),
             dtype=dtype,
         )
+        if not normalize_embeddings and isinstance(self.accuracy_calculator, PrecisionAtKCalculator):
+            raise ValueError(
+                "normalize_embeddings=False would change nothing: PrecisionAtKCalculator ranks by cosine similarity "
+                "(it normalises the embeddings itself); to rank raw embeddings by Euclidean distance, pass PML's "
+                "AccuracyCalculator as accuracy_calculator"
+            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype (the trunk's inputs are cast to it) or None, "
+                            f"got {dtype!r}")
         if getattr(self.accuracy_calculator, "return_per_class", False):
             raise ValueError(
                 "accuracy_calculator must give one value per metric (return_per_class=False): the tester "
@@ -161,8 +181,11 @@ class CrossDomainTester(BaseTester):
         embeddings, labels = {}, {}
         for name in sorted({domain for pair in pairs for domain in pair}):
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
-            embeddings[name], labels[name] = self._embed_domain(dataset_dict[name], trunk_model, embedder_model, collate_fn)
-            # evaluate()'s label check, named after this argument: a cast would truncate 0.5 to class 0.
+            embeddings[name], labels[name] = self._embed_domain(
+                dataset_dict[name], trunk_model, embedder_model, collate_fn
+            )
+            # evaluate()'s checks, named after this method's arguments: a cast would truncate label 0.5 to class 0.
+            _as_embeddings(f"the model's embeddings of dataset_dict[{name!r}]", embeddings[name])
             labels[name] = _as_labels(
                 f"dataset_dict[{name!r}] labels", labels[name], len(embeddings[name]), f"{name!r}"
             )
@@ -171,7 +194,15 @@ class CrossDomainTester(BaseTester):
         self.reference_split_names = {self.pair_key(q, g): [g] for q, g in pairs}
         self.reference_split_names[MEAN_KEY] = sorted({g for _, g in pairs})
         if self.end_of_testing_hook:
-            self.end_of_testing_hook(self)
+            # As PML's BaseTester.test leaves them for the hook: the embeddings as scored, (N, 1) labels.
+            self.embeddings_and_labels = {
+                name: (self._as_scored(f"embeddings of {name!r}", values), labels[name][:, None])
+                for name, values in embeddings.items()
+            }
+            try:
+                self.end_of_testing_hook(self)
+            finally:
+                del self.embeddings_and_labels
         return self.all_accuracies
 
     def _embed_domain(self, dataset, trunk_model, embedder_model, collate_fn):
@@ -229,11 +260,7 @@ class CrossDomainTester(BaseTester):
         pairs = self._resolve_pairs(list(embeddings_by_domain), pairs)
         embeddings, labels = {}, {}
         for name in {domain for pair in pairs for domain in pair}:
-            # Upcast before normalising, as test() does: normalising in half precision rounds a second time.
-            values = _as_embeddings(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
-            embeddings[name] = _upcast_half(values)
-            if self.normalize_embeddings:  # as test() embeds: the same embeddings score the same
-                embeddings[name] = torch.nn.functional.normalize(embeddings[name], dim=1)
+            embeddings[name] = self._as_scored(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
             labels[name] = _as_labels(
                 f"labels_by_domain[{name!r}]", labels_by_domain[name], len(embeddings[name]), f"{name!r}"
             )
@@ -248,6 +275,12 @@ class CrossDomainTester(BaseTester):
         self.results = results
         logger.info("Cross-domain retrieval:\n%s", self.summary_table(results))
         return results
+
+    def _as_scored(self, argument: str, values) -> torch.Tensor:
+        """``(N, D)`` embeddings as they are scored: checked, half precision upcast, then L2-normalised
+        when ``normalize_embeddings`` (upcast first: normalising in half precision rounds a second time)."""
+        values = _upcast_half(_as_embeddings(argument, values))
+        return torch.nn.functional.normalize(values, dim=1) if self.normalize_embeddings else values
 
     def summary_table(self, results: dict | None = None) -> str:
         """A plain-text table, one row per pair (and the mean), one column per metric.

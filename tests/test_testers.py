@@ -130,8 +130,7 @@ def test_pair_separator_makes_record_keeper_table_names_valid_sql(separator, val
     import sqlite3
 
     hooks = HookContainer(MemoryRecordKeeper(), primary_metric="precision_at_5", validation_split_name="mean")
-    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook, pair_separator=separator,
-                         normalize_embeddings=False)
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook, pair_separator=separator)
     results = tester.test(domain_datasets({"Art": 6, "Real": 7}), 1, CountingTrunk(6, 4))
     assert sorted(results) == sorted(["mean", f"Art{separator}Real", f"Real{separator}Art"])
     connection = sqlite3.connect(":memory:")
@@ -193,6 +192,41 @@ def test_bad_input():
         CrossDomainTester(PrecisionAtKCalculator(return_per_class=True))
     with pytest.raises(ValueError, match="pair_separator must be a non-empty string, got ''"):
         CrossDomainTester(pair_separator="")
+    # PrecisionAtKCalculator ranks by cosine whatever the tester passes: the flag would be ignored
+    with pytest.raises(ValueError, match="normalize_embeddings=False would change nothing: PrecisionAtKCalculator"):
+        CrossDomainTester(normalize_embeddings=False)
+    for dtype in ("float32", torch.int64):  # a string failed in .to() deep in test(); int64 truncated the inputs
+        with pytest.raises(TypeError, match=f"dtype must be a floating torch.dtype .* or None, got {dtype!r}"):
+            CrossDomainTester(dtype=dtype)
+
+
+def test_a_model_giving_nan_is_named_as_the_model():
+    class NanTrunk(torch.nn.Module):
+        def forward(self, images):
+            return torch.full((len(images), 4), float("nan"))
+
+    with pytest.raises(ValueError, match=r"the model's embeddings of dataset_dict\['photo'\] must be finite"):
+        make_tester().test(domain_datasets({"photo": 3, "sketch": 4}), 0, NanTrunk())
+
+
+def test_the_end_of_testing_hook_reads_embeddings_and_labels_as_pml_leaves_them():
+    """PML's BaseTester sets tester.embeddings_and_labels ({split: (scored embeddings, (N, 1) labels)})
+    for the hook and deletes it after; hooks that plot or export embeddings read it."""
+    datasets = domain_datasets({"photo": 5, "sketch": 6})
+    trunk = CountingTrunk(6, 4)
+    seen = {}
+
+    def hook(tester):
+        seen.update(tester.embeddings_and_labels)
+
+    tester = make_tester(end_of_testing_hook=hook)
+    tester.test(datasets, 0, trunk)
+    assert not hasattr(tester, "embeddings_and_labels")
+    with torch.no_grad():
+        for name, data in datasets.items():
+            embeddings, labels = seen[name]
+            torch.testing.assert_close(embeddings, torch.nn.functional.normalize(trunk(data.tensors[0]), dim=1))
+            assert torch.equal(labels, data.tensors[1][:, None])
 
 
 @pytest.mark.parametrize("labels", [[0.5, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]], ids=["fractional", "whole"])
