@@ -322,7 +322,7 @@ class CrossDomainTester(BaseTester):
         embeddings, labels = [], []
         with torch.no_grad():
             for data in tqdm.tqdm(dataloader, desc="embedding", disable=not self.progress):
-                images, label = self.data_and_label_getter(data)
+                images, label = _image_and_label(self.data_and_label_getter(data))
                 embeddings.append(self.get_embeddings_for_eval(trunk_model, embedder_model, images))
                 label = c_f.process_label(label, "all", self.label_mapper)
                 labels.append(label.reshape(len(label), -1).to(embeddings[-1].device))
@@ -375,6 +375,15 @@ def _check_pair(pair, domains: list) -> None:
         raise ValueError(f"pairs names unknown domain(s) {unknown}; known domains are {domains}")
     if pair[0] == pair[1]:
         raise ValueError(f"pairs must name two different domains, got {tuple(pair)!r}")
+
+
+def _image_and_label(batch) -> tuple:
+    """``(images, labels)`` of a batch, or a ValueError saying what the items held instead."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        layout = f"{type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise ValueError(f"dataset items must be (image, class_label) pairs (or data_and_label_getter must return "
+                         f"that pair of a batch), got a {layout}")
+    return batch
 
 
 def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -200,6 +200,13 @@ def test_bad_input():
             CrossDomainTester(dtype=dtype)
 
 
+def test_items_that_are_not_image_label_pairs_are_refused_saying_what_they_hold():
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 0, 1])
+    triples = {name: torch.utils.data.TensorDataset(x, y, y) for name in ("photo", "sketch")}
+    with pytest.raises(ValueError, match=r"dataset items must be \(image, class_label\) pairs .*, got a list of 3"):
+        make_tester().test(triples, 0, CountingTrunk(6, 4))
+
+
 def test_a_model_giving_nan_is_named_as_the_model():
     class NanTrunk(torch.nn.Module):
         def forward(self, images):
