@@ -105,7 +105,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
         temperature: :math:`\tau` (0.2, the paper's). On pacs-mini 0.3 scored a higher mean mAP
             in every protocol measured (README, accuracy section), with a wider seed spread.
         in_domain_weights: :math:`(w_1, w_2, w_3)` for key, neighbour and prototype (1, 0.5, 0.1).
-        cross_domain_weight: :math:`\lambda` once active (0.01).
+        cross_domain_weight: :math:`\lambda` once active (0.01); the weight the last call used,
+            0 before ``cross_domain_start_epoch``, is ``cross_domain_weight_in_use`` (recorded
+            for record-keeper beside it).
         cross_domain_start_epoch: first ``memory.epoch`` with the cross term (100).
         official: the official preset (see above).
         nearest_neighbour_by: ``"key"`` or ``"query"``; ``None`` follows the preset.
@@ -171,8 +173,12 @@ class ProtoOTLoss(BaseMetricLossFunction):
         )
         if self.official:
             self._apply_official_memory_settings()
+        # cross_domain_weight is lambda as configured; record-keeper also gets the weight the last call used
+        # (0 before cross_domain_start_epoch).
+        self.cross_domain_weight_in_use = 0.0
         self.add_to_recordable_attributes(
-            list_of_names=["temperature", "cross_domain_weight", "cross_domain_start_epoch"], is_stat=False
+            list_of_names=["temperature", "cross_domain_weight", "cross_domain_weight_in_use",
+                           "cross_domain_start_epoch"], is_stat=False,
         )
 
     def _apply_official_memory_settings(self) -> None:
@@ -258,7 +264,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
                 domain_losses = self._in_domain_losses(slot, queries[positions], keys[positions], rows)
                 in_domain[positions] = domain_losses * (batch_size / len(positions))
         indices = c_f.torch_arange_from_size(embeddings)
-        cross_weight = self.current_cross_domain_weight()
+        cross_weight = self.cross_domain_weight_in_use = self.current_cross_domain_weight()
         cross_domain = queries.new_zeros(batch_size) if cross_weight > 0 and len(groups) > 1 else None
         for slot, positions, rows in groups if cross_domain is not None else []:
             others = [other for other, _, _ in groups if other != slot]

@@ -236,6 +236,17 @@ def test_cross_domain_term_starts_at_start_epoch():
     assert weights == [0.0, 0.01, 0.01]
 
 
+def test_record_keeper_sees_the_cross_domain_weight_in_use():
+    """record-keeper logs the attributes in _record_these every iteration: the configured lambda is 0.01
+    throughout, the weight in use 0 until the start epoch."""
+    for epoch, in_use in ((99, 0.0), (100, 0.01)):
+        loss_func = ProtoOTLoss(random_memory(TWO_DOMAINS, epoch=epoch))
+        embeddings, keys, labels = random_batch(BATCH)
+        loss_func(embeddings, labels, ref_emb=keys)
+        recorded = {name: getattr(loss_func, name) for name in loss_func._record_these}
+        assert recorded["cross_domain_weight"] == 0.01 and recorded["cross_domain_weight_in_use"] == in_use
+
+
 # ----------------------------------------------------------------------------- gradients and state
 def test_gradients_reach_embeddings_only(device):
     memory = random_memory(TWO_DOMAINS, device=device, epoch=0)
