@@ -547,7 +547,7 @@ def _check_domain_sizes(dataset, num_prototypes: int) -> None:
     if smallest < 2:
         raise CommandError(f"every domain needs at least 2 images, domain {domain!r} holds {smallest}")
     if num_prototypes < 2:  # only the default can be 1: the option's own check refuses it
-        raise CommandError(f"--data holds one class, so --num-prototypes (default: the number of classes) is 1; "
+        raise CommandError("--data holds one class, so --num-prototypes (default: the number of classes) is 1; "
                            "ProtoOT needs at least 2 prototypes per domain: pass --num-prototypes")
     if num_prototypes > smallest:
         raise CommandError(
