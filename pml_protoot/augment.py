@@ -15,6 +15,7 @@ float tensors (see the tests).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from ._checks import check_positive_int
+from ._checks import check_number, check_positive_int
 from .data import MOCO_V2, blur_kernel_size, eval_resize_side
 
 __all__ = [
@@ -100,7 +101,7 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
         images: ``(B, C, H, W)`` float.
         boxes: ``(B, 4)`` ``(top, left, box_height, box_width)`` in pixels.
         size: output side.
-        flip: ``(B,)`` bool, mirror left-right (``None``: no image).
+        flip: ``(B,)`` bool, mirror left-right (``None``: no flip).
 
     Returns:
         ``(B, C, size, size)``.
@@ -242,9 +243,17 @@ class MoCoV2Augment(torch.nn.Module):
 
     Args:
         image_size: output side ``S``.
-        mean, std: per-channel normalisation. ImageNet's by default, which most timm weights
+        mean, std: per-channel normalisation, three finite numbers (R, G, B) or one for every
+            channel; ``std > 0``. ImageNet's by default, which most timm weights
             expect; take your trunk's from ``timm.data.resolve_data_config(model=trunk)``
             (``tf_efficientnet_lite0``, for one, wants 0.5/0.5).
+
+    Raises:
+        TypeError: ``image_size`` not an integer, or ``mean`` / ``std`` not one or a sequence of
+            real numbers.
+        ValueError: ``image_size < 1``, ``mean`` / ``std`` not 1 or 3 values, not finite, or a
+            ``std`` value <= 0; on a call, images that are not ``(B >= 1, 3, H, W)`` ``uint8`` or
+            float in [0, 1].
 
     Shape:
         - Input: ``(B, 3, H, W)``, ``uint8`` (0–255) or float in [0, 1], any device.
@@ -263,8 +272,8 @@ class MoCoV2Augment(torch.nn.Module):
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
         self.blur_kernel = blur_kernel_size(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", _per_channel("mean", mean), persistent=False)
+        self.register_buffer("std", _per_channel("std", std, positive=True), persistent=False)
 
     def sample_params(self, batch_size: int, height: int, width: int, generator=None) -> MoCoV2Params:
         """Draw the random parameters for ``batch_size`` images of ``height x width`` (on the CPU)."""
@@ -349,6 +358,22 @@ def decoded_side(image_size: int) -> int:
 
 def _rgb(image):
     return image.convert("RGB")
+
+
+def _per_channel(name: str, values, positive: bool = False) -> torch.Tensor:
+    """``values`` (three numbers, or one for every channel, as ``T.Normalize`` takes) as a ``(1, 3, 1, 1)``
+    float32 tensor; ``positive`` refuses values <= 0 (a zero std gives inf and NaN silently)."""
+    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
+        values = [values]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be 1 or 3 numbers (R, G, B), got {type(values).__name__}")
+    if len(values) not in (1, 3):
+        raise ValueError(f"{name} must be 1 or 3 numbers (R, G, B), got {len(values)}: {values!r}")
+    checked = [
+        check_number(f"{name}[{i}]", value, low=0.0 if positive else None, strict=positive)
+        for i, value in enumerate(values)
+    ]
+    return torch.tensor(checked * (3 // len(checked)), dtype=torch.float32).reshape(1, 3, 1, 1)
 
 
 def _check_images(images) -> None:

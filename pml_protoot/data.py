@@ -20,7 +20,15 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from ._checks import as_index_tensor, check_int, check_non_negative_int, check_positive_int
+from ._checks import (
+    as_index_tensor,
+    check_bool,
+    check_in_range,
+    check_int,
+    check_matrix,
+    check_non_negative_int,
+    check_positive_int,
+)
 from ._files import atomic_write, load_saved
 
 __all__ = [
@@ -56,17 +64,27 @@ class MultiDomainDataset(torch.utils.data.Dataset):
         domain_ids: ``(N,)`` LongTensor, the domain slot of every index (for
             :class:`~pml_protoot.samplers.CrossDomainSampler`).
         targets: ``list[int]`` class label of every index (evaluation only).
+
+    Raises:
+        ValueError: fewer than two domains, a domain or class name given twice, a sample's
+            ``domain_slot`` outside ``[0, len(domains))`` or ``class_label`` outside
+            ``[0, len(classes))``, or a domain without images.
+        TypeError: a sample's ``domain_slot`` or ``class_label`` is not an integer.
     """
 
     def __init__(self, domains: list[str], classes: list[str], samples: list, transform: Callable | None):
         if len(domains) < 2:
             raise ValueError(f"domains must name at least two domains, got {domains}")
-        self.domains = list(domains)
-        self.classes = list(classes)
+        self.domains = _check_distinct("domains", domains)
+        self.classes = _check_distinct("classes", classes)
         self.class_to_idx = {name: label for label, name in enumerate(self.classes)}
         self.samples = list(samples)
-        self.domain_ids = torch.tensor([slot for _, _, slot in self.samples], dtype=torch.long)
-        self.targets = [label for _, label, _ in self.samples]
+        self.domain_ids = _sample_column(
+            "domain slots of samples (indices into domains)", [slot for _, _, slot in self.samples], len(self.domains)
+        )
+        self.targets = _sample_column(
+            "class labels of samples (indices into classes)", [label for _, label, _ in self.samples], len(self.classes)
+        ).tolist()
         self.transform = transform
         for slot, name in enumerate(self.domains):
             if not bool((self.domain_ids == slot).any()):
@@ -96,6 +114,22 @@ class MultiDomainDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """Return a hex digest identifying the image content (used by :class:`FeatureCache`)."""
         raise NotImplementedError
+
+
+def _check_distinct(name: str, names) -> list:
+    """``names`` as a list, raising if one occurs twice: a domain twice would retrieve its images from
+    themselves, a class twice would hold every image twice."""
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name} must be distinct, got {names}")
+    return names
+
+
+def _sample_column(name: str, values: list, upper: int) -> torch.Tensor:
+    """A column of ``samples`` (domain slots or class labels) as a LongTensor in ``[0, upper)``."""
+    column = as_index_tensor(name, values) if values else torch.zeros(0, dtype=torch.long)  # [] would be float
+    check_in_range(name, column, upper)
+    return column
 
 
 class MultiDomainImageFolder(MultiDomainDataset):
@@ -232,9 +266,7 @@ def _check_domain_names(domains, available, root) -> list[str]:
     missing = [d for d in domains if d not in available]
     if missing:
         raise ValueError(f"domains {missing} not found under {str(root)!r}; available domains: {available}")
-    if len(set(domains)) != len(domains):  # a domain twice would retrieve its images from themselves
-        raise ValueError(f"domains must be distinct, got {list(domains)}")
-    return list(domains)
+    return _check_distinct("domains", domains)  # before scanning any folder
 
 
 class InMemoryMultiDomainDataset(MultiDomainDataset):
@@ -247,7 +279,8 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         transform: applied to each image.
 
     Raises:
-        ValueError: a key of ``images`` names a domain or class not in ``domains``/``classes``.
+        ValueError: a key of ``images`` names a domain or class not in ``domains``/``classes``, a
+            domain or class name given twice, fewer than two domains, or a domain without images.
 
     Example:
         >>> from PIL import Image
@@ -298,6 +331,11 @@ class TwoViewDataset(torch.utils.data.Dataset):
         query_transform: view for the query encoder.
         key_transform: view for the momentum key encoder.
 
+    Raises:
+        TypeError: a transform is not callable; on indexing, an item of ``dataset`` that is
+            not an ``(image, class_label)`` tuple or list.
+        ValueError: on indexing, an item of ``dataset`` that is a tuple or list of other length.
+
     Example:
         >>> import torch
         >>> from pml_protoot.data import TwoViewDataset
@@ -319,8 +357,18 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image, _ = self.dataset[index]
+        image, _ = _image_and_label(self.dataset[index])
         return (self.query_transform(image), self.key_transform(image)), index
+
+
+def _image_and_label(item) -> tuple:
+    """``item`` if it is an ``(image, class_label)`` pair; a bare tensor of two rows would unpack silently."""
+    if not isinstance(item, (tuple, list)):
+        raise TypeError(f"dataset items must be (image, class_label) tuples, got a {type(item).__name__}")
+    if len(item) != 2:
+        raise ValueError(f"dataset items must be (image, class_label) tuples, got a {type(item).__name__} "
+                         f"of length {len(item)}")
+    return item
 
 
 # ---------------------------------------------------------------- synthetic demo set
@@ -442,8 +490,10 @@ def make_synthetic_domains(
         :class:`InMemoryMultiDomainDataset` (``root=None``) or :class:`MultiDomainImageFolder`.
 
     Raises:
-        ValueError: bad ``num_classes``, ``images_per_class``, ``domains`` or ``image_size``, or a
-            ``root`` that already holds files (they would join the returned dataset).
+        TypeError: ``num_classes``, ``images_per_class``, ``image_size`` or ``seed`` not an integer.
+        ValueError: bad ``num_classes``, ``images_per_class``, ``domains``, ``image_size`` or ``seed``, a
+            ``root`` that already holds files (they would join the returned dataset), or a ``root``
+            that is a file.
 
     Example:
         >>> from pml_protoot.data import make_synthetic_domains
@@ -462,6 +512,8 @@ def make_synthetic_domains(
     seed = check_non_negative_int("seed", seed)
     if root is not None and Path(root).is_dir() and any(Path(root).iterdir()):
         raise ValueError(f"root must be a new or empty folder, {str(root)!r} already holds files")
+    if root is not None and Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"root must be a new or empty folder, {str(root)!r} is a file")
     classes = list(SYNTHETIC_SHAPES[:num_classes])
     images = {}
     for slot, domain in enumerate(domains):
@@ -593,8 +645,9 @@ def trunk_features(
         ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
 
     Raises:
-        TypeError: ``trunk`` is not a ``torch.nn.Module``.
-        ValueError: ``dataset`` is empty, or bad ``batch_size`` / ``num_workers``.
+        TypeError: ``trunk`` is not a ``torch.nn.Module``, ``progress`` not True or False, or
+            ``batch_size`` / ``num_workers`` not an integer.
+        ValueError: ``dataset`` is empty, or ``batch_size < 1`` / ``num_workers < 0``.
 
     Example:
         >>> import torch
@@ -609,6 +662,7 @@ def trunk_features(
         raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
     check_positive_int("batch_size", batch_size)
     check_non_negative_int("num_workers", num_workers)
+    check_bool("progress", progress)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -682,9 +736,13 @@ class FeatureCache:
         domain_means: ``(D, F)`` mean eval-view feature of each domain slot.
 
     Raises:
-        TypeError: ``dataset`` is not a :class:`MultiDomainDataset`.
-        ValueError: ``num_views < 2``, bad ``batch_size``, or a ``path`` that is a folder or
-            a file other than a feature cache (checked before any extraction).
+        TypeError: ``dataset`` is not a :class:`MultiDomainDataset`, ``trunk`` not a
+            ``torch.nn.Module``, ``train_view`` or ``eval_view`` not callable, ``progress`` or
+            ``center_domains`` not True or False, or ``num_views``, ``batch_size``, ``seed`` or
+            ``num_workers`` not an integer.
+        ValueError: ``dataset.transform`` is set, ``num_views < 2``, ``batch_size < 1``,
+            ``seed < 0``, ``num_workers < 0``, or a ``path`` that is a folder or a file other
+            than a feature cache. All are checked before any hashing or extraction.
 
     Example:
         >>> import torch
@@ -718,14 +776,14 @@ class FeatureCache:
         progress: bool = True,
         center_domains: bool = False,
     ):
-        if not isinstance(dataset, MultiDomainDataset):
-            raise TypeError(
-                f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}"
-            )
+        _check_cache_inputs(dataset, trunk, train_view, eval_view)
         num_views = check_int("num_views", num_views, low=2)  # two views a training sample
         self.dataset = dataset
         self.batch_size = check_positive_int("batch_size", batch_size)
-        self.num_workers, self.progress, self.seed = num_workers, progress, seed
+        self.num_workers = check_non_negative_int("num_workers", num_workers)
+        self.progress = check_bool("progress", progress)
+        self.seed = check_non_negative_int("seed", seed)
+        self.center_domains = check_bool("center_domains", center_domains)
         self.key = _digest([
             dataset.fingerprint(), repr(eval_view), repr(train_view), repr(trunk), _weights_digest(trunk),
             str(num_views), str(seed),
@@ -734,7 +792,6 @@ class FeatureCache:
         if not self._load():
             self._compute(trunk if device is None else trunk.to(device), train_view, eval_view, num_views)
             self._save()
-        self.center_domains = center_domains
         self.domain_means = domain_means(self.eval_features, dataset.domain_ids)
 
     def _centred(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -797,6 +854,23 @@ class FeatureCache:
         return torch.utils.data.TensorDataset(self._centred(self.eval_features[indices], indices), labels)
 
 
+def _check_cache_inputs(dataset, trunk, train_view, eval_view) -> None:
+    """Refuse what :class:`FeatureCache` would otherwise trip over after hashing or extracting."""
+    if not isinstance(dataset, MultiDomainDataset):
+        raise TypeError(
+            f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}"
+        )
+    if dataset.transform is not None:  # the views are applied to the dataset's PIL images
+        raise ValueError(f"dataset must return PIL images (transform=None): the cache applies train_view and "
+                         f"eval_view itself; got a dataset.transform of type {type(dataset.transform).__name__}")
+    if not isinstance(trunk, torch.nn.Module):
+        raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
+    for name, view in (("train_view", train_view), ("eval_view", eval_view)):
+        if not callable(view):
+            raise TypeError(f"{name} must be a callable transform (e.g. moco_v2_transform(), eval_transform()), "
+                            f"got {type(view).__name__}")
+
+
 def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
     r"""Mean feature of every domain slot: :math:`\mu_d = \frac{1}{N_d}\sum_{i: d_i = d} x_i`.
 
@@ -810,16 +884,24 @@ def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tens
     Returns:
         ``(D, F)`` means, in the dtype of ``features``.
 
+    Raises:
+        TypeError: ``features`` not a floating-point tensor, or ``domain_ids`` not 1-D integers.
+        ValueError: ``features`` not ``(N, F)`` or not finite, or ``domain_ids`` not of length ``N``,
+            negative, or leaving a slot ``0..max(domain_ids)`` without rows.
+
     Example:
         >>> import torch
         >>> domain_means(torch.tensor([[0.0, 2.0], [2.0, 2.0], [5.0, 1.0]]), torch.tensor([0, 0, 1]))
         tensor([[1., 2.],
                 [5., 1.]])
     """
-    domain_ids = as_index_tensor("domain_ids", domain_ids)
+    check_matrix("features", features)
+    domain_ids = as_index_tensor("domain_ids", domain_ids, device=features.device)
     if domain_ids.numel() != features.shape[0]:
         raise ValueError(f"domain_ids must have one entry per row of features ({features.shape[0]}), "
                          f"got {domain_ids.numel()}")
+    if bool((domain_ids < 0).any()):
+        raise ValueError(f"domain_ids must be domain slots >= 0, got {domain_ids[domain_ids < 0][:5].tolist()}")
     counts = torch.bincount(domain_ids)
     if (counts == 0).any():
         raise ValueError(f"domain_ids must use every slot 0..{len(counts) - 1}; empty: "

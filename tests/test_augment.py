@@ -210,6 +210,29 @@ def test_augment_bad_size():
         MoCoV2Augment(0)
 
 
+def test_augment_mean_and_std_take_one_value_for_every_channel_or_three():
+    images = random_images(batch=2, height=16, width=16)
+    one, three = MoCoV2Augment(16, mean=(0.5,), std=(0.25,)), MoCoV2Augment(16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    params = one.sample_params(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one.apply(images, params), three.apply(images, params))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(std=(0.0, 0.0, 0.0)), ValueError, r"std\[0\] must be a finite number > 0, got 0.0"),  # inf and NaN
+        (dict(std=(0.2, -0.1, 0.2)), ValueError, r"std\[1\] must be a finite number > 0, got -0.1"),
+        (dict(mean=(0.5, float("nan"), 0.5)), ValueError, r"mean\[1\] must be a finite number, got nan"),
+        (dict(mean=(0.5, 0.5)), ValueError, r"mean must be 1 or 3 numbers \(R, G, B\), got 2"),
+        (dict(std=None), TypeError, "std must be 1 or 3 numbers .* got NoneType"),
+        (dict(mean="0.5"), TypeError, "mean must be 1 or 3 numbers .* got str"),
+    ],
+)
+def test_augment_bad_mean_or_std(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MoCoV2Augment(8, **kwargs)
+
+
 def test_blur_kernel_matches_the_pil_pipeline():
     assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3
     assert MoCoV2Augment(224).blur_kernel == 23

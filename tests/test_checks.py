@@ -72,8 +72,8 @@ def test_public_integer_arguments_take_numpy_and_tensor_integers():
         (lambda: CrossDomainSampler([0, 1], 2, seed=-1), ValueError, "seed must be an integer in"),
         (lambda: make_synthetic_domains(None, num_classes=0), ValueError, "num_classes must be an integer in"),
         (lambda: make_synthetic_domains(None, image_size=8), ValueError, "image_size must be an integer >= 16, got 8"),
-        (lambda: FeatureCache(make_synthetic_domains(None, image_size=16), torch.nn.Identity(), train_view=None,
-                              eval_view=None, num_views=1), ValueError, "num_views must be an integer >= 2, got 1"),
+        (lambda: FeatureCache(make_synthetic_domains(None, image_size=16), torch.nn.Identity(), train_view=str,
+                              eval_view=str, num_views=1), ValueError, "num_views must be an integer >= 2, got 1"),
     ],
 )
 def test_public_integer_arguments_name_themselves_when_refused(build, error, message):

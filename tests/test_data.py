@@ -12,6 +12,7 @@ from pml_protoot.data import (
     InMemoryMultiDomainDataset,
     domain_means,
     FeatureCache,
+    MultiDomainDataset,
     MultiDomainImageFolder,
     TwoViewDataset,
     eval_transform,
@@ -103,6 +104,28 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains=["art", "empty"])
 
 
+BLANK = Image.new("RGB", (4, 4))
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: InMemoryMultiDomainDataset({("a", "x"): [BLANK], ("b", "x"): [BLANK]}, ["a", "a", "b"], ["x"]),
+         r"domains must be distinct, got \['a', 'a', 'b'\]"),
+        (lambda: InMemoryMultiDomainDataset({("a", "x"): [BLANK], ("b", "x"): [BLANK]}, ["a", "b"], ["x", "x"]),
+         r"classes must be distinct, got \['x', 'x'\]"),
+        (lambda: MultiDomainDataset(["a", "b"], ["x"], [("p", 0, 0), ("q", 0, 1), ("r", 0, 2)], None),
+         r"domain slots of samples .* must lie in \[0, 2\), got \[2\]"),
+        (lambda: MultiDomainDataset(["a", "b"], ["x"], [("p", 5, 0), ("q", -1, 1)], None),
+         r"class labels of samples .* must lie in \[0, 1\), got \[5, -1\]"),
+    ],
+)
+def test_dataset_refuses_repeated_names_and_slots_or_labels_out_of_range(build, match):
+    """A name given twice would make a domain retrieve its own images, or hold every image twice."""
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
 def test_hidden_folders_and_files_are_neither_domains_classes_nor_images(tmp_path):
     root = write_layout(tmp_path)
     for hidden in (root / ".git" / "objects", root / "art" / ".ipynb_checkpoints"):
@@ -179,6 +202,18 @@ def test_two_view_dataset_replaces_label_by_index():
         TwoViewDataset(LabelTrap(), None, lambda x: x)
 
 
+@pytest.mark.parametrize(
+    "item, error, match",
+    [
+        ((1, 2, 3), ValueError, r"items must be \(image, class_label\) tuples, got a tuple of length 3"),
+        (torch.zeros(2, 3), TypeError, r"items must be \(image, class_label\) tuples, got a Tensor"),  # unpacked rows
+    ],
+)
+def test_two_view_dataset_names_an_item_that_is_not_image_and_label(item, error, match):
+    with pytest.raises(error, match=match):
+        TwoViewDataset([item], lambda x: x, lambda x: x)[0]
+
+
 def test_synthetic_set_is_seeded_imbalanced_and_fast():
     start = time.perf_counter()
     data = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), domains=("filled", "outline"), seed=3)
@@ -243,6 +278,14 @@ def test_synthetic_set_refuses_a_folder_with_files(tmp_path):
     make_synthetic_domains(tmp_path, num_classes=2, images_per_class=3)
     with pytest.raises(ValueError, match="root must be a new or empty folder"):
         make_synthetic_domains(tmp_path, num_classes=2, images_per_class=3, seed=1)
+
+
+def test_synthetic_set_refuses_a_root_that_is_a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("notes")
+    with pytest.raises(ValueError, match="root must be a new or empty folder, .*notes.txt' is a file"):
+        make_synthetic_domains(path, num_classes=2, images_per_class=3)
+    assert path.read_text() == "notes"
 
 
 def test_transforms_shapes_normalisation_and_randomness():
@@ -329,6 +372,7 @@ def test_trunk_features_progress_bar(capsys):
         (torch.nn.Linear(3, 2), torch.randn(2, 3), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
         (torch.nn.Linear(3, 2), torch.randn(2, 3), {"num_workers": -1}, ValueError, "num_workers must be a non-negative integer, got -1"),
         (torch.nn.Linear(3, 2), torch.randn(0, 3), {}, ValueError, "dataset is empty"),
+        (torch.nn.Linear(3, 2), torch.randn(2, 3), {"progress": "no"}, TypeError, "progress must be True or False, got 'no'"),
     ],
 )
 def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
@@ -483,6 +527,31 @@ def test_feature_cache_bad_input(tiny_folder):
         build_cache(tiny_folder, CountingTrunk(), None, num_views=1)
 
 
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"transform": eval_transform(16)}, ValueError, "dataset must return PIL images .* of type Compose"),
+        ({"trunk": lambda images: images}, TypeError, "trunk must be a torch.nn.Module, got function"),
+        ({"train_view": None}, TypeError, "train_view must be a callable transform .* got NoneType"),
+        ({"eval_view": "eval"}, TypeError, "eval_view must be a callable transform .* got str"),
+        ({"center_domains": "no"}, TypeError, "center_domains must be True or False, got 'no'"),
+        ({"progress": 1}, TypeError, "progress must be True or False, got 1"),
+        ({"num_workers": -1}, ValueError, "num_workers must be a non-negative integer, got -1"),
+        ({"seed": -1}, ValueError, "seed must be a non-negative integer, got -1"),
+    ],
+)
+def test_feature_cache_refuses_bad_input_before_hashing_or_extracting(change, error, match):
+    change = dict(change)  # the parameter is shared between runs: pop from a copy
+    data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16,
+                                  transform=change.pop("transform", None))
+    data.fingerprint = lambda: pytest.fail("hashed the dataset before checking the arguments")
+    trunk = change.pop("trunk", CountingTrunk())
+    kwargs = dict(train_view=moco_v2_transform(16), eval_view=eval_transform(16), num_views=2, progress=False)
+    with pytest.raises(error, match=match):
+        FeatureCache(data, trunk, **{**kwargs, **change})
+    assert getattr(trunk, "calls", 0) == 0
+
+
 @pytest.mark.parametrize("content", ["checkpoint", "text", "folder"])
 def test_feature_cache_refuses_a_path_holding_anything_else_before_extracting(content, tiny_folder, tmp_path):
     path = tmp_path / "last.pth"
@@ -533,6 +602,20 @@ def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype, device):
         domain_means(features, torch.tensor([0, 2] * 4 + [2]))  # slot 1 empty
     with pytest.raises(ValueError, match="domain_ids"):
         domain_means(features, domain_ids[:5])
+
+
+@pytest.mark.parametrize(
+    "features, domain_ids, error, match",
+    [
+        ([[0.0], [1.0]], [0, 0], TypeError, "features must be a torch.Tensor, got list"),
+        (np.zeros((2, 1)), [0, 0], TypeError, "features must be a torch.Tensor, got ndarray"),
+        (torch.zeros(2), [0, 0], ValueError, r"features must have shape \(N, D\), got \(2,\)"),
+        (torch.zeros(3, 2), [0, -1, 0], ValueError, r"domain_ids must be domain slots >= 0, got \[-1\]"),
+    ],
+)
+def test_domain_means_bad_input(features, domain_ids, error, match):
+    with pytest.raises(error, match=match):
+        domain_means(features, domain_ids)
 
 
 def test_in_memory_images_are_rgb_and_fingerprinted_with_their_size():
