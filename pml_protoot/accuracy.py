@@ -11,9 +11,9 @@ from typing import Iterable
 import numpy as np
 import torch
 import tqdm
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, maybe_get_avg_of_avgs
+from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator, maybe_get_avg_of_avgs
 
-from ._checks import as_index_tensor, check_choice, check_matrix, check_positive_int
+from ._checks import as_index_tensor, check_bool, check_choice, check_matrix, check_positive_int
 
 __all__ = ["PrecisionAtKCalculator"]
 
@@ -69,7 +69,9 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
         P@k = \frac{\sum_q \mathrm{hits}_q(\min(k, R_q))}{\sum_q \min(k, R_q)}
 
-    (a micro average over queries). At ``k = 1`` this is exactly PML's ``precision_at_1``.
+    (a micro average over queries). At ``k = 1`` it equals PML's ``precision_at_1`` on
+    L2-normalised embeddings (as PML's testers pass them): PML ranks raw vectors by L2
+    distance, this calculator by cosine, and the two orders agree only on unit vectors.
     PML's ``r_precision``, ``mean_average_precision_at_r``, ``mean_average_precision``
     (at full depth, i.e. PML with ``k=None``), ``mean_reciprocal_rank``, ``NMI`` and ``AMI``
     stay available through ``include=``/``exclude=``; all ranking metrics of one call share
@@ -127,12 +129,14 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     Args:
         k_values: positive integers; one metric ``precision_at_{k}`` each. ``k`` may exceed
             ``R`` or the gallery size (then ``min(k, R) = R``).
-        include: metric names to compute (all when empty), as in PML.
-        exclude: metric names to skip, as in PML.
+        include: tuple or list of metric names to compute (all when empty), as in PML.
+        exclude: tuple or list of metric names to skip, as in PML.
         avg_of_avgs: average per class first, then over classes (per-sample metrics: mean of
             class means; ``precision_at_k``: mean of per-class micro averages).
         return_per_class: return a list with one value per query class instead.
-        device: where the similarity chunks are computed; PML's default (cuda if available).
+        device: where the similarity chunks are computed: a ``torch.device`` or a string such
+            as ``"cpu"`` (converted with ``torch.device``); None: PML's default (cuda if
+            available).
         chunk_bytes: memory budget for one similarity chunk and its sort (bytes).
         kmeans_func: clustering for ``NMI``/``AMI``, as in PML.
         progress: show a tqdm bar over query chunks.
@@ -145,11 +149,20 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             also slower where bfloat16 is emulated); ``None`` never.
 
     Raises:
-        ValueError: a ``k`` that is not a positive integer, an empty ``k_values``, a
-            non-positive ``chunk_bytes``, a ``prefilter`` not in ``PREFILTERS``, or
-            ``prefilter="bf16"`` with a non-CPU ``device``; PML's own checks on
-            ``include``/``exclude``.
-        TypeError: ``k_values`` is not an iterable of integers.
+        ValueError: a ``k`` below 1, an empty ``k_values``, a non-positive ``chunk_bytes``,
+            a ``prefilter`` not in ``PREFILTERS``, ``prefilter="bf16"`` with a non-CPU
+            ``device``, a ``device`` string that names no device, an ``include``/``exclude``
+            name that is no metric of this class, or both ``avg_of_avgs`` and
+            ``return_per_class`` (PML's check).
+        TypeError: ``k_values`` is not an iterable of integers, ``chunk_bytes`` is not an
+            integer, ``include``/``exclude`` is not a tuple or list (a plain string is
+            refused), ``avg_of_avgs``, ``return_per_class`` or ``progress`` is not a bool,
+            or ``device`` is neither None, a string nor a ``torch.device``.
+
+    Custom metrics: as in PML, a subclass's ``calculate_<name>`` method adds the metric
+    ``<name>`` and is called with keyword arguments, ``label_comparison_fn`` (PML's default,
+    equality) among them. A subclass's ``calculate_precision_at_{k}`` replaces this class's
+    ``precision_at_{k}``.
 
     Example:
         >>> import torch
@@ -176,18 +189,22 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     ):
         self.k_values = _check_k_values(k_values)
         self.chunk_bytes = check_positive_int("chunk_bytes", chunk_bytes)
-        self.progress = progress
+        self.progress = check_bool("progress", progress)
         check_choice("prefilter", prefilter, PREFILTERS)
         self.prefilter = prefilter
-        # PML discovers metrics from ``calculate_*`` attributes, so each requested k gets one.
+        # PML discovers metrics from ``calculate_*`` attributes, so each requested k gets one; not
+        # where the class defines it (precision_at_1, a subclass's override): the attribute would hide it.
         for k in self.k_values:  # partials of a method, not closures: the calculator pickles and deep-copies
-            setattr(self, f"calculate_precision_at_{k}", functools.partial(self._precision_at_k, k))
+            if not hasattr(type(self), f"calculate_precision_at_{k}"):
+                setattr(self, f"calculate_precision_at_{k}", functools.partial(self._precision_at_k, k))
+        for name, names in (("include", include), ("exclude", exclude)):
+            _check_metric_names(name, names, self._metric_names())
         super().__init__(
             include=include,
             exclude=exclude,
-            avg_of_avgs=avg_of_avgs,
-            return_per_class=return_per_class,
-            device=device,
+            avg_of_avgs=check_bool("avg_of_avgs", avg_of_avgs),
+            return_per_class=check_bool("return_per_class", return_per_class),
+            device=_as_device(device),
             kmeans_func=kmeans_func,
         )
         if prefilter == "bf16" and self.device.type != "cpu":
@@ -195,6 +212,10 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
     def requires_knn(self):
         return super().requires_knn() + ["mean_reciprocal_rank"] + [f"precision_at_{k}" for k in self.k_values]
+
+    def _metric_names(self) -> list[str]:
+        """Every metric this class defines, found as PML finds them (``calculate_*`` attributes)."""
+        return [name[len("calculate_"):] for name in dir(self) if name.startswith("calculate_")]
 
     def get_accuracy(
         self,
@@ -219,21 +240,30 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             reference_labels: ``(G,)`` integer class labels.
             ref_includes_query: the first ``Q`` gallery rows are the queries; each query's
                 own row is left out of its ranking and of its ``R``.
-            include: metric names for this call only (all configured when empty).
-            exclude: metric names to skip in this call.
+            include: tuple or list of metric names for this call only, among those configured
+                (all configured when empty).
+            exclude: tuple or list of metric names to skip in this call.
 
         Returns:
             ``{metric_name: float}`` (a list per class with ``return_per_class``); NaN when
             every query has ``R = 0``.
 
         Raises:
-            TypeError: non-tensor/non-float embeddings or non-integer labels.
+            TypeError: non-tensor/non-float embeddings, non-integer labels, a
+                ``ref_includes_query`` that is not a bool, or an ``include``/``exclude`` that
+                is not a tuple or list.
             NotImplementedError: a subclass's metric that takes ``knn_labels`` (PML's
                 k-nearest-neighbour labels are never computed here).
             ValueError: labels not 1-D, lengths that differ from their embeddings,
                 different embedding widths, empty sets, non-finite values, or
-                ``ref_includes_query`` with a reference that does not start with the query.
+                ``ref_includes_query`` with a reference that does not start with the query,
+                an ``include`` name that is not a configured metric, or an ``exclude`` name
+                that is no metric of this class.
         """
+        ref_includes_query = check_bool("ref_includes_query", ref_includes_query)
+        # PML drops unknown names and reads a str as its characters: {} or a wrong dict, silently.
+        _check_metric_names("include", include, list(self.original_function_dict))  # the configured metrics
+        _check_metric_names("exclude", exclude, self._metric_names())  # excluding an unconfigured one is harmless
         if reference is None:
             reference, reference_labels, ref_includes_query = query, query_labels, True
         query, reference = _as_embeddings("query", query), _as_embeddings("reference", reference)
@@ -255,6 +285,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             "query_labels": query_labels,
             "reference_labels": reference_labels,
             "ref_includes_query": ref_includes_query,
+            # PML passes it to every metric; the ranking compares labels with PML's default, equality.
+            "label_comparison_fn": EQUALITY,
         }
         reads_knn = [name for name in metrics
                      if "knn_labels" in inspect.signature(getattr(self, f"calculate_{name}")).parameters]
@@ -441,6 +473,30 @@ def _check_k_values(k_values) -> tuple[int, ...]:
             k = int(k)
         check_positive_int("k_values entry", k)
     return tuple(sorted({int(k) for k in values}))
+
+
+def _check_metric_names(name: str, names, known) -> None:
+    """Raise unless ``names`` is a tuple or list of metric names in ``known``, as PML's
+    ``check_primary_metrics`` requires, naming the argument and what was given."""
+    if not isinstance(names, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple or list of metric names, got {names!r}")
+    unknown = [metric for metric in names if metric not in known]
+    if unknown:
+        raise ValueError(f"{name} must name metrics among {sorted(known)}, got unknown {unknown}")
+
+
+def _as_device(device) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays PML's default). PML's calculator reads
+    ``device.type``, so a string fails there (AttributeError), although torch and PML's trainers
+    take one."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a torch.device, a device string such as 'cpu' or None, got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0', got {device!r}") from err
 
 
 def _as_embeddings(name, values) -> torch.Tensor:

@@ -600,3 +600,101 @@ def test_a_subclass_metric_may_read_the_calculators_own_ranking_statistics():
     query_labels, reference_labels = imbalanced_labels(20, 52), imbalanced_labels(40, 53)
     got = calc.get_accuracy(query, query_labels, reference, reference_labels, False)
     assert got["reciprocal_rank_copy"] == pytest.approx(got["mean_reciprocal_rank"])
+
+
+def small_retrieval_set(seed=60):
+    query, reference = tied_embeddings(20, seed, torch.float32), tied_embeddings(40, seed + 1, torch.float32)
+    return query, imbalanced_labels(20, seed + 2, 3), reference, imbalanced_labels(40, seed + 3, 3)
+
+
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (("precision_at_10",), ValueError, r"{} must name metrics among .* got unknown \['precision_at_10'\]"),
+        ("precision_at_15", TypeError, "{} must be a tuple or list of metric names, got 'precision_at_15'"),
+    ],
+)
+def test_per_call_include_and_exclude_are_refused_as_the_constructor_refuses_them(argument, names, error, match):
+    # PML drops an unknown per-call name and reads a str as substrings: {} or a wrong dict, silently.
+    calc = calculator((1, 5, 15), torch.device("cpu"))
+    with pytest.raises(error, match=match.format(argument)):
+        calc.get_accuracy(*small_retrieval_set(), False, **{argument: names})
+    with pytest.raises(error, match=match.format(argument)):
+        PrecisionAtKCalculator(k_values=(1, 5, 15), device=torch.device("cpu"), **{argument: names})
+
+
+def test_per_call_include_must_be_configured_and_exclude_may_name_any_metric():
+    calc = calculator((1, 5, 15), torch.device("cpu"))  # NMI and AMI excluded
+    data = small_retrieval_set()
+    with pytest.raises(ValueError, match=r"include must name metrics among .* got unknown \['NMI'\]"):
+        calc.get_accuracy(*data, False, include=("NMI",))
+    got = calc.get_accuracy(*data, False, exclude=("NMI", "precision_at_15"))  # excluding NMI again is harmless
+    assert set(got) == {"precision_at_1", "precision_at_5"} | set(R_METRICS)
+
+
+def test_device_may_be_a_string_as_torch_accepts():
+    calc = PrecisionAtKCalculator(k_values=(1, 5), include=("precision_at_5",), device="cpu", prefilter="bf16")
+    assert calc.device == torch.device("cpu")
+    data = small_retrieval_set()
+    expected = calculator((1, 5), torch.device("cpu"), include=("precision_at_5",)).get_accuracy(*data, False)
+    assert calc.get_accuracy(*data, False) == expected
+    with pytest.raises(ValueError, match="device must name a device such as 'cpu' or 'cuda:0', got 'gpu'"):
+        PrecisionAtKCalculator(device="gpu")
+    with pytest.raises(TypeError, match="device must be a torch.device, a device string such as 'cpu' or None, got 1"):
+        PrecisionAtKCalculator(device=1.5)
+
+
+@pytest.mark.parametrize("flag", ["avg_of_avgs", "return_per_class", "progress"])
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_bool_flags_must_be_bools(flag, value):
+    # bool("False") is True: avg_of_avgs="False" would silently average per class.
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got {value!r}"):
+        PrecisionAtKCalculator(device=torch.device("cpu"), **{flag: value})
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1.0])
+def test_ref_includes_query_must_be_a_bool(value):
+    calc = calculator((1,), torch.device("cpu"), include=("precision_at_1",))
+    query, query_labels, _, _ = small_retrieval_set()
+    with pytest.raises(TypeError, match=f"ref_includes_query must be True or False, got {value!r}"):
+        calc.get_accuracy(query, query_labels, query, query_labels, value)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_a_subclass_override_of_precision_at_k_is_called(k):
+    class WithOwnPrecision(PrecisionAtKCalculator):
+        pass
+
+    # Defined on the subclass as a plain method, as a user would write it.
+    setattr(WithOwnPrecision, f"calculate_precision_at_{k}", lambda self, query_labels, **kwargs: 123.0)
+    calc = WithOwnPrecision(k_values=(1, 5), include=("precision_at_1", "precision_at_5"), device=torch.device("cpu"))
+    got = calc.get_accuracy(*small_retrieval_set(), False)
+    expected = calculator((1, 5), torch.device("cpu")).get_accuracy(*small_retrieval_set(), False)
+    other = 6 - k  # the other k keeps this class's value
+    assert got == {f"precision_at_{k}": 123.0, f"precision_at_{other}": expected[f"precision_at_{other}"]}
+
+
+def test_custom_metrics_receive_pmls_label_comparison_fn():
+    class WithLabelMatchRate(PrecisionAtKCalculator):
+        def calculate_label_match_rate(self, query_labels, reference_labels, label_comparison_fn, **kwargs):
+            return float(label_comparison_fn(query_labels[:, None], reference_labels[None, :]).double().mean())
+
+    query, query_labels, reference, reference_labels = small_retrieval_set()
+    calc = WithLabelMatchRate(include=("label_match_rate", "precision_at_1"), device=torch.device("cpu"))
+    got = calc.get_accuracy(query, query_labels, reference, reference_labels, False)
+    expected = (query_labels[:, None] == reference_labels[None, :]).double().mean().item()
+    assert got["label_match_rate"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_precision_at_1_equals_pmls_on_normalised_embeddings_only():
+    # Two gallery rows: one near the query's direction but short (class 0), one off its
+    # direction but close to it in L2 (class 1). Cosine ranks the first first; PML's L2 the second.
+    query, query_labels = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    reference, reference_labels = torch.tensor([[0.1, 0.01], [0.9, 0.5]]), torch.tensor([0, 1])
+    pml = AccuracyCalculator(include=("precision_at_1",), device=torch.device("cpu"))
+    ours = calculator((1,), torch.device("cpu"), include=("precision_at_1",))
+    assert ours.get_accuracy(query, query_labels, reference, reference_labels, False)["precision_at_1"] == 1.0
+    assert pml.get_accuracy(query, query_labels, reference, reference_labels, False)["precision_at_1"] == 0.0
+    unit = torch.nn.functional.normalize(reference, dim=1)
+    assert pml.get_accuracy(query, query_labels, unit, reference_labels, False)["precision_at_1"] == 1.0
