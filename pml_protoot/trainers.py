@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ._checks import check_number
+from ._checks import check_number, check_positive_int
 from ._files import atomic_write
 from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
@@ -129,12 +129,15 @@ class ProtoOTTrainer(BaseTrainer):
             ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
 
     Raises:
-        TypeError: ``memory`` is not a ``PrototypeMemory``, ``batch_transform`` is not callable, or
-            ``momentum`` or ``grad_clip_norm`` is not a number.
-        ValueError: ``momentum`` or ``grad_clip_norm`` out of range, a bad ``amp_dtype``, a
-            ``ProtoOTLoss`` on another memory, a loss that refuses or ignores ``ref_emb``, a
-            ``subset_batch_miner``, or PML's label mapping
-            (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices).
+        TypeError: ``memory`` is not a ``PrototypeMemory``, ``batch_transform`` is not callable,
+            ``momentum`` or ``grad_clip_norm`` is not a number, or ``batch_size`` not an integer.
+        ValueError: ``momentum`` or ``grad_clip_norm`` out of range, a bad ``amp_dtype``,
+            ``loss_funcs`` without ``"metric_loss"``, a ``ProtoOTLoss`` on another memory, a loss
+            that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
+            (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
+            ``dataset``/``fill_dataset`` whose length is not ``memory.num_samples``,
+            ``fill_dataset`` items that are not ``(tensor, ...)``, a ``CrossDomainSampler`` on
+            other domains than the memory's, or a ``checkpoint_dir`` that is a file.
 
     Example:
         >>> import torch
@@ -184,7 +187,14 @@ class ProtoOTTrainer(BaseTrainer):
             raise TypeError(f"batch_transform must be callable or None, got {type(batch_transform).__name__}")
         if grad_clip_norm is not None:
             grad_clip_norm = check_number("grad_clip_norm", grad_clip_norm, low=0, strict=True)
-        metric_loss = loss_funcs.get("metric_loss") if isinstance(loss_funcs, dict) else None
+        check_positive_int("batch_size", batch_size)
+        if not isinstance(loss_funcs, dict) or "metric_loss" not in loss_funcs:
+            raise ValueError(f"loss_funcs must be a dict holding 'metric_loss' (the loss the trainer calls), "
+                             f"got {loss_funcs!r}"[:300])
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir must be a folder (created if missing), got the file "
+                             f"{os.fspath(checkpoint_dir)!r}")
+        metric_loss = loss_funcs["metric_loss"]
         miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
         _check_no_label_mapping(pml_kwargs)
         if isinstance(mining_funcs, dict) and "subset_batch_miner" in mining_funcs:
@@ -194,6 +204,8 @@ class ProtoOTTrainer(BaseTrainer):
                 "mining_funcs['tuple_miner']"
             )
         _check_loss_and_miner(metric_loss, miner, memory)
+        _check_sizes_fit_memory(dataset, fill_dataset, memory)
+        _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
             raise ValueError(
@@ -588,6 +600,39 @@ def _check_wrapping(models: dict) -> bool:
             "(under torch.distributed the trainer wraps trunk and embedder together)"
         )
     return bool(wrapped)
+
+
+def _check_sizes_fit_memory(dataset, fill_dataset, memory) -> None:
+    """Refuse datasets whose length is not the memory's sample count (indices would miss rows or fall
+    outside it, found only after a bank-filling pass) and ``fill_dataset`` items the fill cannot batch."""
+    for name, data in (("dataset", dataset), ("fill_dataset", fill_dataset)):
+        if data is not None and hasattr(data, "__len__") and len(data) != memory.num_samples:
+            raise ValueError(f"{name} must hold one item per memory sample ({memory.num_samples}), got {len(data)}")
+    if fill_dataset is None:
+        return
+    item = fill_dataset[0]
+    if not isinstance(item, (tuple, list)) or not isinstance(item[0], torch.Tensor):
+        shown = f"({type(item[0]).__name__}, ...)" if isinstance(item, (tuple, list)) and item else type(item).__name__
+        raise ValueError(f"fill_dataset items must be (eval_view tensor, anything), got {shown}")
+
+
+def _check_sampler_domains(sampler, memory) -> None:
+    """Refuse a CrossDomainSampler built on other domains than the memory: its batches would not be
+    balanced over the memory's domains, silently."""
+    if not isinstance(sampler, CrossDomainSampler):
+        return
+    # The same partition of the indices, whatever ids each was given: domains in order of their first index.
+    memory_domains = sorted((torch.nonzero(memory.domain_of.cpu() == slot).flatten()
+                             for slot in range(memory.num_domains)), key=lambda indices: int(indices[0]))
+    sampler_domains = sorted(sampler.domain_indices, key=lambda indices: int(indices[0]))
+    if len(sampler_domains) != len(memory_domains) or not all(
+        torch.equal(ours, theirs) for ours, theirs in zip(sampler_domains, memory_domains)
+    ):
+        raise ValueError(
+            "sampler must be built on the memory's domains (CrossDomainSampler(domain_ids, ...) with the "
+            f"domain_ids of PrototypeMemory): the sampler has domains of sizes "
+            f"{[len(indices) for indices in sampler.domain_indices]}, the memory {[len(i) for i in memory_domains]}"
+        )
 
 
 def _check_sampler_shards(sampler) -> None:

@@ -492,6 +492,33 @@ def test_bad_arguments_are_rejected_with_their_names(device):
         trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
 
 
+def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_construction(device, tmp_path):
+    trainer = make_trainer(device)
+    args = (trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
+
+    def build(*positional, **options):
+        return ProtoOTTrainer(*positional, **{"sampler": trainer.sampler, **options})
+
+    with pytest.raises(TypeError, match="batch_size must be a positive integer, got '8'"):
+        build(*args[:2], "8", *args[3:])
+    with pytest.raises(ValueError, match=r"loss_funcs must be a dict holding 'metric_loss' .*, got \{\}"):
+        build(*args[:3], {}, *args[4:])
+    n = trainer.memory.num_samples
+    with pytest.raises(ValueError, match=rf"dataset must hold one item per memory sample \({n}\), got {n - 1}"):
+        build(*args[:4], torch.utils.data.Subset(trainer.dataset, range(n - 1)), trainer.memory)
+    with pytest.raises(ValueError, match=rf"fill_dataset must hold one item per memory sample \({n}\), got 3"):
+        build(*args, fill_dataset=trainer.fill_dataset.features[:3])
+    with pytest.raises(ValueError, match=r"fill_dataset items must be \(eval_view tensor, anything\), got Tensor"):
+        build(*args, fill_dataset=trainer.fill_dataset.features)  # rows, not (row, label) pairs
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir must be a folder .*, got the file"):
+        build(*args, checkpoint_dir=tmp_path / "file")
+    domains = trainer.memory.domain_ids[trainer.memory.domain_of].cpu()
+    with pytest.raises(ValueError, match="sampler must be built on the memory's domains"):
+        build(*args, sampler=CrossDomainSampler(domains.roll(1), BATCH))  # one sample in the other domain
+    build(*args, sampler=CrossDomainSampler(10 - domains, BATCH))  # the same domains under other ids
+
+
 def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
     from pytorch_metric_learning.losses import (
         CrossBatchMemory, FastAPLoss, HistogramLoss, MultipleLosses, MultiSimilarityLoss, ProxyAnchorLoss,
