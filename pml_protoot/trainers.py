@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ._checks import check_number, check_positive_int
-from ._files import atomic_write
+from ._files import atomic_write, load_saved
 from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
@@ -533,11 +533,14 @@ class ProtoOTTrainer(BaseTrainer):
         Raises:
             FileNotFoundError: no file at ``path``.
             KeyError: the file lacks a model, loss, optimizer or scheduler of this trainer.
-            ValueError: its sampler or dataset state does not fit this trainer's
+            ValueError: a file ``torch.save`` did not write (torch's own error is pages of advice on
+                ``weights_only``) or one ``save_checkpoint`` did not write, or its sampler or dataset state does not fit this trainer's
                 (both refused before anything is restored).
             RuntimeError: a state dict does not fit its module (shapes, keys).
         """
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} is not a file")
+        state = load_saved(path, "checkpoint")
         self._check_checkpoint_fits(state, path)
         for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
             for name, module in getattr(self, group).items():
@@ -558,6 +561,10 @@ class ProtoOTTrainer(BaseTrainer):
         return self.epoch + 1
 
     def _check_checkpoint_fits(self, state: dict, path) -> None:
+        if not isinstance(state, dict) or "key_encoder" not in state:
+            raise ValueError(f"checkpoint {os.fspath(path)!r} is not a ProtoOTTrainer checkpoint (save_checkpoint "
+                             f"writes one): it holds a {type(state).__name__}"
+                             + (f" of keys {sorted(state)[:8]}" if isinstance(state, dict) else ""))
         for group in ("models", "loss_funcs", "optimizers", "lr_schedulers"):
             missing = sorted(set(getattr(self, group)) - set(state.get(group, {})))
             if missing:

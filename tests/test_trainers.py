@@ -207,6 +207,18 @@ def test_a_checkpoint_of_another_setup_is_refused_before_anything_is_restored(tm
     assert all(torch.equal(value, model_weights(other)[key]) for key, value in before.items())
 
 
+def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
+    trainer = make_trainer("cpu")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save(trainer.models["embedder"].state_dict(), tmp_path / "weights.pth")  # a state dict, not a checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint '.*notes.txt' is not a file of tensors saved with torch.save"):
+        trainer.load_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"'.*weights.pth' is not a ProtoOTTrainer checkpoint .* of keys \['0.bias'"):
+        trainer.load_checkpoint(tmp_path / "weights.pth")
+    with pytest.raises(FileNotFoundError, match="absent.pth' is not a file"):
+        trainer.load_checkpoint(tmp_path / "absent.pth")
+
+
 def test_permuting_class_labels_leaves_training_identical(device):
     _, classes, _ = synthetic_features()
     permuted = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(1))]
