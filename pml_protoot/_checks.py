@@ -20,8 +20,8 @@ def as_index_tensor(name: str, values, device=None) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         tensor = values
     else:
-        try:
-            tensor = torch.as_tensor(values)
+        try:  # an empty sequence holds no integers to infer: torch would make it float32
+            tensor = torch.as_tensor(values) if len(values) else torch.zeros(0, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got {type(values).__name__}") from err
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:

@@ -127,7 +127,7 @@ def _check_distinct(name: str, names) -> list:
 
 def _sample_column(name: str, values: list, upper: int) -> torch.Tensor:
     """A column of ``samples`` (domain slots or class labels) as a LongTensor in ``[0, upper)``."""
-    column = as_index_tensor(name, values) if values else torch.zeros(0, dtype=torch.long)  # [] would be float
+    column = as_index_tensor(name, values)
     check_in_range(name, column, upper)
     return column
 

@@ -133,3 +133,19 @@ def test_public_real_arguments_take_numpy_and_tensor_numbers():
     memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=2, epsilon=np.float32(0.25))
     loss = ProtoOTLoss(memory, temperature=torch.tensor(0.5), cross_domain_weight=np.float64(0.75))
     assert (memory.epsilon, loss.temperature, loss.cross_domain_weight) == (0.25, 0.5, 0.75)
+
+
+def test_an_empty_index_list_is_an_empty_integer_tensor():
+    """torch.as_tensor([]) is float32: an empty list was refused as 'must hold integers, got dtype torch.float32'."""
+    from pml_protoot._checks import as_index_tensor
+
+    for empty in ([], ()):
+        index = as_index_tensor("indices", empty)
+        assert index.dtype == torch.long and index.shape == (0,)
+    with pytest.raises(ValueError, match=r"domains must hold at least 2 distinct domain ids, got \[\]"):
+        PrototypeMemory([], dim=2, num_prototypes=2)
+    memory = PrototypeMemory([0, 0, 1, 1], dim=2, num_prototypes=2)
+    memory.fill(torch.nn.functional.normalize(torch.randn(4, 2), dim=1), torch.arange(4))
+    memory.recluster(0)
+    loss = ProtoOTLoss(memory)(torch.zeros(0, 2), [], ref_emb=torch.zeros(0, 2))  # an empty batch, as a list
+    assert loss == 0
