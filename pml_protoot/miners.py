@@ -7,7 +7,7 @@ import warnings
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
-from ._checks import check_bool, check_choice
+from ._checks import as_index_tensor, check_bool, check_choice
 from .memory import check_memory_to_train
 
 __all__ = ["ProtoOTMiner"]
@@ -82,7 +82,7 @@ class ProtoOTMiner(BaseMiner):
 
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``, ``labels`` / ``ref_labels`` are not
-            integer tensors, or an option of the wrong type (a string for a flag).
+            integer sequences or tensors, or an option of the wrong type (a string for a flag).
         ValueError: a memory with one prototype per domain, bad ``positives`` or
             ``type_of_tuple``, or indices outside the memory.
 
@@ -120,6 +120,13 @@ class ProtoOTMiner(BaseMiner):
         self.cross_domain = check_bool("cross_domain", cross_domain)
         self.type_of_tuple = type_of_tuple
         self.update_prototypes = check_bool("update_prototypes", update_prototypes)
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        """PML's ``BaseMiner.forward``, with ``labels``/``ref_labels`` sequences taken as index tensors, as
+        ``ProtoOTLoss`` takes them (PML reads ``labels.shape`` first: a list failed with an AttributeError)."""
+        labels = as_index_tensor("labels", labels)
+        ref_labels = None if ref_labels is None else as_index_tensor("ref_labels", ref_labels)
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         """Return PML indices: ``(a1, p, a2, n)`` for pairs or ``(a, p, n)`` for triplets.

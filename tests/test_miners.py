@@ -221,6 +221,15 @@ def test_a_pml_loss_trains_on_mined_pairs(device):
     assert loss.item() > 0 and torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
 
 
+def test_index_lists_are_taken_as_the_loss_takes_them(device):
+    memory, _ = separated_memory(device, torch.float32)
+    indices = [0, 1, 2, 8, 9, 10]
+    embeddings = torch.randn(6, memory.dim, device=device)
+    from_list = ProtoOTMiner(memory)(embeddings, indices, embeddings.clone(), indices)
+    from_tensor = ProtoOTMiner(memory)(embeddings, torch.tensor(indices), embeddings.clone(), torch.tensor(indices))
+    assert all(torch.equal(a, b) for a, b in zip(from_list, from_tensor))
+
+
 def test_bad_input_is_rejected_with_the_argument_name(device):
     memory, _ = separated_memory(device, torch.float32)
     with pytest.raises(ValueError, match="type_of_tuple"):
