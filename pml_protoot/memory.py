@@ -677,11 +677,23 @@ class PrototypeMemory(torch.nn.Module):
 
         Args:
             domain: domain slot ``d``.
-            assignment: ``(N_d, K)`` soft assignment ``P``, e.g. from :meth:`assign`.
+            assignment: ``(N_d, K)`` soft assignment ``P``, e.g. from :meth:`assign`: entries
+                ``>= 0``, every column with some mass.
+
+        Raises:
+            TypeError: ``assignment`` is not a floating tensor.
+            ValueError: bad slot, or ``assignment`` of the wrong shape, not finite, with a
+                negative entry or an all-zero column (that prototype would become, and stay, 0).
         """
         domain = self._check_slot("domain", domain)
         bank = self.bank(domain)
         check_matrix("assignment", assignment, rows=len(bank), cols=self.num_prototypes)
+        if bool((assignment < 0).any() | (assignment.sum(dim=0) == 0).any()):  # raw scores, a zero column
+            raise ValueError(
+                f"assignment must be a soft assignment (entries >= 0, every column with some mass), got entries in "
+                f"[{float(assignment.min()):.3g}, {float(assignment.max()):.3g}] and "
+                f"{int((assignment.sum(dim=0) == 0).sum())} all-zero columns"
+            )
         self.prototypes[domain] = F.normalize(_weighted_sums(assignment, bank), dim=1)
 
     @_outside_autocast

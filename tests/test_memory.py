@@ -448,3 +448,10 @@ def test_bad_update_prototypes_input_names_assignment():
     memory = ready_memory(torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"assignment must have shape \(5, 3\)"):
         memory.update_prototypes(1, torch.rand(7, 3))
+    before = memory.prototypes.clone()
+    zero_column = torch.rand(5, 3)
+    zero_column[:, 1] = 0  # prototype 1 would become the zero vector, and stay it
+    for bad, message in ((-torch.rand(5, 3), r"entries in \[-"), (zero_column, "1 all-zero columns")):
+        with pytest.raises(ValueError, match=f"assignment must be a soft assignment .*{message}"):
+            memory.update_prototypes(1, bad)
+    assert torch.equal(memory.prototypes, before)
