@@ -362,7 +362,8 @@ def pca_init_(head: nn.Sequential, features: torch.Tensor) -> nn.Sequential:
         ``head``, initialised.
 
     Raises:
-        TypeError: ``head`` is not ``Linear -> ReLU -> Linear``, or ``features`` not a float tensor.
+        TypeError: ``head`` is not ``Linear -> ReLU -> Linear`` (the first with a bias), or ``features``
+            not a float tensor.
         ValueError: ``features`` of the wrong shape, fewer than two rows, constant, or not finite;
             a hidden width below 2 (no room for a component and its negation).
 
@@ -406,4 +407,7 @@ def _head_layers(head) -> tuple[nn.Linear, nn.Linear]:
         isinstance(layers[0], nn.Linear) and isinstance(layers[1], nn.ReLU) and isinstance(layers[2], nn.Linear)
     ):
         raise TypeError(f"head must be an embedding_head (Linear -> ReLU -> Linear), got {head!r}"[:300])
+    if layers[0].bias is None:  # the centring -p.mu lives in the first layer's bias
+        raise TypeError("head's first Linear must have a bias (the PCA start centres the features through it), "
+                        "got Linear(..., bias=False)")
     return layers[0], layers[2]

@@ -294,6 +294,8 @@ def test_pca_init_with_fewer_components_than_outputs_keeps_the_rest_random(rows,
         (embedding_head(6, 8, 4), torch.full((5, 6), float("nan")), ValueError, "finite"),
         (embedding_head(6, 8, 4), torch.ones(5, 6, dtype=torch.long), TypeError, "floating-point"),
         (torch.nn.Linear(6, 4), torch.randn(10, 6), TypeError, "Linear -> ReLU -> Linear"),
+        (torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+         torch.randn(10, 6), TypeError, "first Linear must have a bias"),
     ],
 )
 def test_pca_init_bad_input(head, features, error, match):
