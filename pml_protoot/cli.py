@@ -373,7 +373,7 @@ def train(args) -> dict:
     device = torch.device(config["device"])
     dataset = _load_dataset(config)
     num_prototypes = len(dataset.classes) if config["num_prototypes"] is None else config["num_prototypes"]
-    _check_domain_sizes(dataset, num_prototypes)
+    _check_domain_sizes(dataset, num_prototypes, config["batch_size"])
     # Resolved into config.json: eval --checkpoint then scores the run's domains even if the folder gains some.
     config["domains"], config["num_prototypes"] = list(dataset.domains), num_prototypes
     sampler = CrossDomainSampler(dataset.domain_ids, config["batch_size"], seed=config["seed"])
@@ -540,8 +540,11 @@ def _folder_domains(root) -> list[str]:
     return _visible_folders(root)  # the domains MultiDomainImageFolder would find
 
 
-def _check_domain_sizes(dataset, num_prototypes: int) -> None:
-    """PrototypeMemory's own check names neither the folder nor the option; this one does."""
+def _check_domain_sizes(dataset, num_prototypes: int, batch_size: int) -> None:
+    """The checks of PrototypeMemory and CrossDomainSampler, naming the folder and the options."""
+    if batch_size % len(dataset.domains):
+        raise CommandError(f"--batch-size must be a multiple of the number of domains ({len(dataset.domains)}: "
+                           f"each batch holds as many images of each), got {batch_size}")
     sizes = {domain: len(dataset.domain_indices(domain)) for domain in dataset.domains}
     domain, smallest = min(sizes.items(), key=lambda item: item[1])
     if smallest < 2:

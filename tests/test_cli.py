@@ -223,7 +223,8 @@ def corrupt_one_image(root: Path) -> Path:
         ("missing_domain", "['sketch'] not found"),
         ("one_domain", "at least two domains"),
         ("unreadable_image", "cannot read image file"),
-        ("batch_not_divisible", "batch_size must be divisible by the number of domains (2), got 5"),
+        ("batch_not_divisible", "--batch-size must be a multiple of the number of domains (2: each batch holds as "
+         "many images of each), got 5"),
         ("missing_weights", "weights file not found"),
         ("unknown_backbone", "--backbone must be a timm model name, got 'notamodel' (see timm.list_models())"),
         ("one_image_domain", "every domain needs at least 2 images, domain 'outline' holds 1"),
