@@ -25,7 +25,7 @@ from ._checks import (
     check_positive_int,
 )
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
-from .ot import _compute_dtype, sinkhorn
+from .ot import _compute_dtype, _logits, sinkhorn
 
 __all__ = [
     "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"
@@ -493,14 +493,10 @@ class PrototypeMemory(torch.nn.Module):
         )
 
     def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:
-        """The logits Sinkhorn exponentiates: ``scores / epsilon`` (rows L2-normalised first if asked).
-
-        In float32 at least, as Sinkhorn computes them: in float16, scores past 6,550 over epsilon 0.1 overflow.
-        """
-        scores = scores.to(_compute_dtype(scores))
-        if self.normalize_scores:
-            scores = F.normalize(scores, dim=-1)
-        return scores / self.epsilon
+        """The logits Sinkhorn exponentiates, computed as it computes them (``ot._logits``): ``scores /
+        epsilon``, rows L2-normalised first if asked, in float32 at least (in float16, scores past 6,550
+        over epsilon 0.1 overflow). The same arithmetic, bit for bit, so that the cached potentials fit them."""
+        return _logits(scores, self.epsilon, self.normalize_scores)
 
     def _has_cached_plan(self, domain: int, prototype_domain: int) -> bool:
         return self.refresh_every > 1 and bool(self.potentials_valid[domain, prototype_domain])
