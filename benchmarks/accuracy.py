@@ -1,6 +1,6 @@
 """Cross-domain retrieval accuracy on pacs-mini: raw features, instance contrast and ProtoOT variants side by side.
 
-CPU protocol of DESIGN.md: the offline ImageNet EfficientNet-Lite0 trunk is frozen and run
+CPU protocol: the offline ImageNet EfficientNet-Lite0 trunk is frozen and run
 once (:class:`~pml_protoot.data.FeatureCache`: the eval view and ``--views`` MoCo-v2 views
 of every image, normalised as timm's config of the weights says, cached under ``benchmarks/cache/``); only ProtoOT's MLP
 head 1280 -> 1280 -> ReLU -> 128 trains, through the package's public API

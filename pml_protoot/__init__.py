@@ -27,7 +27,7 @@ from .trainers import ProtoOTTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    # the surface of DESIGN.md
+    # ProtoOT as PML parts
     "sinkhorn",
     "PrototypeMemory",
     "ProtoOTLoss",

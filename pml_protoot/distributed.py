@@ -1,7 +1,8 @@
 """torch.distributed helpers: identical memory banks and evaluation sets on every rank.
 
-Every helper is a no-op (returns its input) unless ``torch.distributed`` is initialised
-with more than one process, so library code calls them unconditionally. They are
+Outside ``torch.distributed`` with more than one process every helper gives what one process
+holds (its input; ``all_gather_objects(obj)`` gives ``[obj]``; ``gather_strided`` still checks its
+lengths), so library code calls them unconditionally. They are
 collectives: in a distributed run every rank must call them in the same order.
 """
 from __future__ import annotations

@@ -46,8 +46,9 @@ AUTO_IVF_MIN_ROWS = 100_000
 
 
 def _outside_autocast(method):
-    """Run a memory method with the memory's device type's autocast off: banks, prototypes and
-    assignments are computed in the memory's dtype even inside a caller's ``torch.autocast``."""
+    """Run a memory method with the memory's device type's autocast off, so that a caller's
+    ``torch.autocast`` does not lower its precision: banks and prototypes are computed in the memory's
+    dtype, Sinkhorn in float32 at least (``assign`` of a half-precision memory returns float32)."""
     @functools.wraps(method)
     def in_memory_dtype(self, *args, **kwargs):
         with torch.autocast(self.prototypes.device.type, enabled=False):
@@ -623,7 +624,7 @@ class PrototypeMemory(torch.nn.Module):
             own_rows: ``(B,)`` bank rows of the anchors' own samples, excluded.
 
         Returns:
-            ``(B,)`` long bank rows on ``own_rows``' device.
+            ``(B,)`` long bank rows on the memory's device.
 
         Raises:
             TypeError: bad ``anchors`` or ``own_rows`` type.
