@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from ._checks import check_matrix, check_positive_int
+from ._checks import check_bool, check_matrix, check_positive_int
 from ._files import load_saved
 
 __all__ = ["create_trunk", "load_trunk_weights", "convert_efficientnet_lite0_weights", "embedding_head", "pca_init_"]
@@ -46,7 +46,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         defines one, e.g. MobileNetV3's 1280, else ``trunk.num_features``; else ``num_classes``).
 
     Raises:
-        TypeError: ``name`` is not a string.
+        TypeError: ``name`` is not a string, or ``pretrained`` not a bool.
         ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
             ``num_classes``, ``weights`` whose keys/shapes do not match (listed), a
             ``weights`` file that ``torch.save`` did not write, or ``global_pool=""`` or
@@ -68,6 +68,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     if not isinstance(name, str):
         raise TypeError(f"name must be a timm model name (str), got {type(name).__name__}")
     check_model_name(name)
+    check_bool("pretrained", pretrained)  # "False" would download the hub weights
     if pretrained and weights is not None:
         raise ValueError("pass either pretrained=True (hub) or weights=FILE (local), not both")
     if num_classes != 0:

@@ -10,6 +10,7 @@ import tqdm
 from pytorch_metric_learning.testers.base_tester import BaseTester
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ._checks import check_bool
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
 from .data import _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
@@ -70,7 +71,8 @@ class CrossDomainTester(BaseTester):
             ``dataset_labels`` are not taken.
 
     Raises:
-        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+        TypeError: ``dtype`` is not a floating ``torch.dtype``, or a flag (``autocast``,
+            ``progress``, ``normalize_embeddings``, ``use_trunk_output``) is not a bool.
         ValueError: a calculator with ``return_per_class``, ``normalize_embeddings=False``
             with a ``PrecisionAtKCalculator``, or an empty ``pair_separator``.
 
@@ -102,9 +104,9 @@ class CrossDomainTester(BaseTester):
         pair_separator: str = "->",
         dtype: torch.dtype | None = None,
     ):
-        super().__init__(
-            normalize_embeddings=normalize_embeddings,
-            use_trunk_output=use_trunk_output,
+        super().__init__(  # PML takes any truthy flag: use_trunk_output="False" would skip the embedder
+            normalize_embeddings=check_bool("normalize_embeddings", normalize_embeddings),
+            use_trunk_output=check_bool("use_trunk_output", use_trunk_output),
             batch_size=batch_size,
             dataloader_num_workers=dataloader_num_workers,
             data_and_label_getter=data_and_label_getter,
@@ -128,8 +130,8 @@ class CrossDomainTester(BaseTester):
                 "calculator on one pair"
             )
         self.pairs = pairs
-        self.autocast = autocast
-        self.progress = bool(progress)
+        self.autocast = check_bool("autocast", autocast)
+        self.progress = check_bool("progress", progress)
         if not isinstance(pair_separator, str) or not pair_separator:
             raise ValueError(f"pair_separator must be a non-empty string, got {pair_separator!r}")
         self.pair_separator = pair_separator

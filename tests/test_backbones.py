@@ -97,6 +97,7 @@ def test_weights_with_wrong_shape_are_listed():
         (dict(name="resnet18", weights="/nonexistent/w.pt"), FileNotFoundError, "/nonexistent/w.pt"),
         (dict(name="resnet18", weights=3), TypeError, "weights"),
         (dict(name="resnet18", num_classes=-1), ValueError, "num_classes"),
+        (dict(name="resnet18", pretrained="False"), TypeError, "pretrained must be True or False, got 'False'"),
         # timm builds these, but they output feature maps: the reported width would not be a row's
         (dict(name="resnet18", global_pool=""), ValueError, r"global_pool='' makes the model output feature maps"),
         (dict(name="vit_tiny_patch16_224", global_pool=""), ValueError, "global_pool=''"),

@@ -195,6 +195,9 @@ def test_bad_input():
     # PrecisionAtKCalculator ranks by cosine whatever the tester passes: the flag would be ignored
     with pytest.raises(ValueError, match="normalize_embeddings=False would change nothing: PrecisionAtKCalculator"):
         CrossDomainTester(normalize_embeddings=False)
+    for flag in ("autocast", "progress", "normalize_embeddings", "use_trunk_output"):  # "False" acted as True
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+            CrossDomainTester(**{flag: "False"})
     for dtype in ("float32", torch.int64):  # a string failed in .to() deep in test(); int64 truncated the inputs
         with pytest.raises(TypeError, match=f"dtype must be a floating torch.dtype .* or None, got {dtype!r}"):
             CrossDomainTester(dtype=dtype)
