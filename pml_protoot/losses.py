@@ -10,7 +10,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import as_index_tensor, check_bool, check_choice, check_in_range, check_int, check_matrix, check_number
+from ._checks import check_bool, check_choice, check_int, check_matrix, check_number
 from .memory import PrototypeMemory, check_memory_to_train
 
 __all__ = ["ProtoOTLoss"]
@@ -224,10 +224,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
         check_matrix("embeddings", embeddings, cols=self.memory.dim)
         if labels is None:
             raise ValueError("labels must be the (B,) global sample indices of the batch, got None")
-        labels = as_index_tensor("labels", labels, device=self.memory.domain_of.device)
+        labels = self.memory.check_indices("labels", labels)
         if len(labels) != len(embeddings):
             raise ValueError(f"labels must have length {len(embeddings)} (one per embedding), got {len(labels)}")
-        check_in_range("labels", labels, self.memory.num_samples)
         if ref_emb is None:
             raise ValueError("ref_emb must be the (B, dim) momentum-encoder keys of the batch, got None")
         check_matrix("ref_emb", ref_emb, rows=len(embeddings), cols=self.memory.dim)
