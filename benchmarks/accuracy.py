@@ -103,7 +103,7 @@ DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini"
 FINETUNE_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_finetune"
 HOLDOUT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_holdout"
 HOLDOUT_SEED = 0  # the --holdout split's, the same for every run seed
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+AMP_OPTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 #: The paper's PACS pairs; each is trained once and scored in both directions.
 PAIRS = (("photo", "art_painting"), ("photo", "cartoon"), ("photo", "sketch"), ("art_painting", "sketch"))
@@ -819,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--finetune: MoCo-v2 views by MoCoV2Augment on the device (images decoded once) or by PIL in workers",
     )
     parser.add_argument(
-        "--amp", choices=list(AMP_DTYPES), help="--finetune: autocast dtype (default bf16 on CUDA, none on CPU)"
+        "--amp", choices=list(AMP_OPTION_DTYPES), help="--finetune: autocast dtype (default bf16 on CUDA, none on CPU)"
     )
     parser.add_argument(
         "--out", help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
@@ -958,7 +958,7 @@ def main(argv=None) -> dict:
     if args.finetune:
         args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
         SOURCE, extraction_s = Images(
-            Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_DTYPES[args.amp],
+            Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_OPTION_DTYPES[args.amp],
             convert_efficientnet_lite0_weights(), args.augment,
         ), 0.0
     else:

@@ -94,7 +94,7 @@ LITE0_PACKAGE = "efficientnet-lite0-package"
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
 EMBEDDING_DIM = 128
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_OPTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The embedded demo set (fixed, so that ``protoot eval`` sees the same images).
 DEMO_DATA = {"num_classes": 5, "images_per_class": (40, 20), "domains": ("filled", "outline"), "seed": 0}
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the official code's loss and memory settings (its whole pipeline: add --momentum 0.999 "
         "--no-pca-head, and --no-center-domains with --freeze-trunk)",
     )
-    training.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype")
+    training.add_argument("--amp", choices=sorted(AMP_OPTION_DTYPES), help="autocast dtype")
     training.add_argument(
         "--augment", choices=["batched", "pil"],
         help="end-to-end training views: MoCoV2Augment on each batch on --device (default on CUDA; workers only "
@@ -677,7 +677,7 @@ def _trainer(config, trunk, head, memory, sampler, training_set, batch_transform
             sampler=sampler,
             fill_dataset=fill_set,
             batch_transform=batch_transform,
-            amp_dtype=AMP_DTYPES.get(config["amp"]),
+            amp_dtype=AMP_OPTION_DTYPES.get(config["amp"]),
             checkpoint_dir=config["out"],
             data_device=device,
             dataloader_num_workers=config["workers"],
