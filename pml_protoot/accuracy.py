@@ -14,6 +14,7 @@ import tqdm
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator, maybe_get_avg_of_avgs
 
 from ._checks import as_index_tensor, check_bool, check_choice, check_matrix, check_positive_int
+from .ot import _compute_dtype
 
 __all__ = ["PrecisionAtKCalculator"]
 
@@ -548,8 +549,7 @@ def _relevant_counts(query_labels, reference_labels, ref_includes_query) -> torc
 
 def _normalised(embeddings, device) -> torch.Tensor:
     """L2-normalised rows on ``device``, float32 (float64 for float64 input): cosine = inner product."""
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    return torch.nn.functional.normalize(embeddings.to(device=device, dtype=dtype), dim=1)
+    return torch.nn.functional.normalize(embeddings.to(device=device, dtype=_compute_dtype(embeddings)), dim=1)
 
 
 class _ClassSortedGallery:

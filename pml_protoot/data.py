@@ -30,6 +30,7 @@ from ._checks import (
     check_positive_int,
 )
 from ._files import atomic_write, load_saved
+from .ot import _compute_dtype
 
 __all__ = [
     "domain_means",
@@ -690,7 +691,8 @@ def _inputs(batch):
 
 
 def _upcast_half(features: torch.Tensor) -> torch.Tensor:
-    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+    """Floating ``features`` in float32 at least (half precision upcast, float64 kept), as Sinkhorn computes."""
+    return features.to(_compute_dtype(features))
 
 
 #: What a FeatureCache file holds: its inputs' digest, eval-view and augmented-view features.
