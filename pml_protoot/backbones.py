@@ -167,11 +167,11 @@ def fixed_input_size(name: str) -> tuple[int, int] | None:
     return tuple(cfg.input_size[-2:])
 
 
-def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, shown: int | None = None) -> str:
+def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, shown: int) -> str:
     """The missing, unexpected and mis-shaped keys of ``loaded`` against ``expected`` ("" when it fits).
 
-    Each group lists its first ``shown`` keys (all when None) and how many more there are:
-    another backbone's checkpoint differs in thousands of keys.
+    Each group lists its first ``shown`` keys and how many more there are: another backbone's
+    checkpoint differs in thousands of keys.
     """
     mismatched = [
         f"{key}: model {tuple(expected[key].shape)} vs {loaded_name} {tuple(loaded[key].shape)}"
@@ -184,7 +184,7 @@ def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, sh
         ("shape mismatches", mismatched),
     )
     return "; ".join(
-        f"{label} {items[:shown]}" + (f" and {len(items) - shown} more" if shown is not None and len(items) > shown else "")
+        f"{label} {items[:shown]}" + (f" and {len(items) - shown} more" if len(items) > shown else "")
         for label, items in groups
         if items
     )
