@@ -156,3 +156,19 @@ def check_choice(name: str, value, choices: Sequence) -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_per_channel(name: str, values, positive: bool = False) -> tuple[float, float, float]:
+    """``values``, three finite numbers (R, G, B) or one for every channel as ``T.Normalize`` takes, as a
+    3-tuple of floats; ``positive`` refuses values <= 0 (a zero std gives inf and NaN silently)."""
+    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
+        values = [values]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name} must be 1 or 3 numbers (R, G, B), got {type(values).__name__}")
+    if len(values) not in (1, 3):
+        raise ValueError(f"{name} must be 1 or 3 numbers (R, G, B), got {len(values)}: {values!r}")
+    checked = [
+        check_number(f"{name}[{i}]", value, low=0.0 if positive else None, strict=positive)
+        for i, value in enumerate(values)
+    ]
+    return tuple(checked * (3 // len(checked)))

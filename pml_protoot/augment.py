@@ -15,7 +15,6 @@ float tensors (see the tests).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from ._checks import check_number, check_positive_int
+from ._checks import check_per_channel, check_positive_int
 from .data import MOCO_V2, blur_kernel_size, eval_resize_side
 
 __all__ = [
@@ -272,8 +271,9 @@ class MoCoV2Augment(torch.nn.Module):
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
         self.blur_kernel = blur_kernel_size(image_size)
-        self.register_buffer("mean", _per_channel("mean", mean), persistent=False)
-        self.register_buffer("std", _per_channel("std", std, positive=True), persistent=False)
+        for name, values in (("mean", mean), ("std", std)):
+            channels = torch.tensor(check_per_channel(name, values, positive=name == "std"), dtype=torch.float32)
+            self.register_buffer(name, channels.reshape(1, 3, 1, 1), persistent=False)
 
     def sample_params(self, batch_size: int, height: int, width: int, generator=None) -> MoCoV2Params:
         """Draw the random parameters for ``batch_size`` images of ``height x width`` (on the CPU)."""
@@ -358,22 +358,6 @@ def decoded_side(image_size: int) -> int:
 
 def _rgb(image):
     return image.convert("RGB")
-
-
-def _per_channel(name: str, values, positive: bool = False) -> torch.Tensor:
-    """``values`` (three numbers, or one for every channel, as ``T.Normalize`` takes) as a ``(1, 3, 1, 1)``
-    float32 tensor; ``positive`` refuses values <= 0 (a zero std gives inf and NaN silently)."""
-    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
-        values = [values]
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise TypeError(f"{name} must be 1 or 3 numbers (R, G, B), got {type(values).__name__}")
-    if len(values) not in (1, 3):
-        raise ValueError(f"{name} must be 1 or 3 numbers (R, G, B), got {len(values)}: {values!r}")
-    checked = [
-        check_number(f"{name}[{i}]", value, low=0.0 if positive else None, strict=positive)
-        for i, value in enumerate(values)
-    ]
-    return torch.tensor(checked * (3 // len(checked)), dtype=torch.float32).reshape(1, 3, 1, 1)
 
 
 def _check_images(images) -> None:

@@ -27,6 +27,7 @@ from ._checks import (
     check_int,
     check_matrix,
     check_non_negative_int,
+    check_per_channel,
     check_positive_int,
 )
 from ._files import atomic_write, load_saved
@@ -564,7 +565,11 @@ def moco_v2_transform(
         image_size: output side ``S``.
         mean, std: per-channel normalisation. ImageNet's by default, which most timm weights
             expect; take your trunk's from ``timm.data.resolve_data_config(model=trunk)``
-            (``tf_efficientnet_lite0``, for one, wants 0.5/0.5).
+            (``tf_efficientnet_lite0``, for one, wants 0.5/0.5). Three numbers or one for all.
+
+    Raises:
+        TypeError: ``image_size`` not an integer, ``mean``/``std`` not numbers.
+        ValueError: ``image_size < 1``; ``mean``/``std`` not 1 or 3 finite values, or a ``std`` <= 0.
 
     Example:
         >>> from PIL import Image
@@ -573,6 +578,7 @@ def moco_v2_transform(
         torch.Size([3, 32, 32])
     """
     check_positive_int("image_size", image_size)
+    _check_normalisation(mean, std)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=MOCO_V2["crop_scale"]),
         T.RandomApply([T.ColorJitter(*MOCO_V2["jitter"])], p=MOCO_V2["jitter_p"]),
@@ -582,6 +588,13 @@ def moco_v2_transform(
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def _check_normalisation(mean, std) -> None:
+    """Refuse what ``T.Normalize`` takes silently (NaN) or refuses only at the first image (a zero std).
+    The values go to it as given: their repr is part of a feature cache's key."""
+    check_per_channel("mean", mean)
+    check_per_channel("std", std, positive=True)
 
 
 def eval_resize_side(image_size: int) -> int:
@@ -596,6 +609,9 @@ def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGEN
         image_size: output side ``S``.
         mean, std: per-channel normalisation, as for :func:`moco_v2_transform`.
 
+    Raises:
+        TypeError, ValueError: as :func:`moco_v2_transform`.
+
     Example:
         >>> from PIL import Image
         >>> from pml_protoot.data import eval_transform
@@ -603,6 +619,7 @@ def eval_transform(image_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGEN
         torch.Size([3, 32, 32])
     """
     check_positive_int("image_size", image_size)
+    _check_normalisation(mean, std)
     return T.Compose([
         T.Resize(eval_resize_side(image_size)),
         T.CenterCrop(image_size),

@@ -20,7 +20,7 @@ from pml_protoot.augment import (
     resized_crop,
     rgb_to_grayscale,
 )
-from pml_protoot.data import MOCO_V2, blur_kernel_size
+from pml_protoot.data import MOCO_V2, blur_kernel_size, eval_transform, moco_v2_transform
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -228,9 +228,12 @@ def test_augment_mean_and_std_take_one_value_for_every_channel_or_three():
         (dict(mean="0.5"), TypeError, "mean must be 1 or 3 numbers .* got str"),
     ],
 )
-def test_augment_bad_mean_or_std(kwargs, error, match):
+@pytest.mark.parametrize("make", [MoCoV2Augment, moco_v2_transform, eval_transform])
+def test_augment_bad_mean_or_std(make, kwargs, error, match):
+    """The PIL pipelines too: torchvision's Normalize takes NaN silently and refuses a zero std only
+    at the first image."""
     with pytest.raises(error, match=match):
-        MoCoV2Augment(8, **kwargs)
+        make(8, **kwargs)
 
 
 def test_blur_kernel_matches_the_pil_pipeline():
