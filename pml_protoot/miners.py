@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import torch
@@ -151,7 +152,7 @@ class ProtoOTMiner(BaseMiner):
                 'ProtoOTMiner(positives="instance") found no positive pair: no index of labels is in ref_labels '
                 "(or twice in labels); pass two views with equal indices, or momentum keys as ref_emb",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
         positives, negatives = positives.to(embeddings.device), negatives.to(embeddings.device)
         if self.type_of_tuple == "triplets":
@@ -204,3 +205,13 @@ class ProtoOTMiner(BaseMiner):
             positives &= same_domain
             negatives &= same_domain
         return positives, negatives
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised in the caller of this function, of the first
+    frame outside torch, PML and this package: the user's line, whether it calls the miner or a trainer."""
+    internal = ("torch", "pytorch_metric_learning", "pml_protoot")
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in internal:
+        level, frame = level + 1, frame.f_back
+    return level

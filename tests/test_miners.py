@@ -185,9 +185,10 @@ def test_instance_positives_with_momentum_keys_as_references(device):
 
 def test_instance_positives_warn_when_no_sample_repeats(device):
     memory, _ = separated_memory(device, torch.float32)
-    with pytest.warns(UserWarning, match="no positive pair"):
+    with pytest.warns(UserWarning, match="no positive pair") as caught:
         a1, _, a2, _ = ProtoOTMiner(memory)(torch.randn(4, 5, device=device), torch.tensor([0, 1, 10, 11]))
     assert len(a1) == 0 and len(a2) > 0
+    assert caught[0].filename == __file__  # the user's call, not torch's Module.__call__
 
 
 def test_update_prototypes_moves_them_to_assignment_weighted_bank_means(device):
