@@ -562,7 +562,7 @@ class PrototypeMemory(torch.nn.Module):
         rows = self.check_rows("rows", rows, domain)
         if self.refresh_every == 1:
             assignment = self.assign(domain)
-            self.update_prototypes(domain, assignment)
+            self._move_prototypes(domain, assignment)
             return assignment[rows].argmax(dim=1)
         if int(self.refresh_countdown[domain]) == 0:
             assignment = self._full_plan(domain, domain)
@@ -675,23 +675,27 @@ class PrototypeMemory(torch.nn.Module):
         Args:
             domain: domain slot ``d``.
             assignment: ``(N_d, K)`` soft assignment ``P``, e.g. from :meth:`assign`: entries
-                ``>= 0``, every column with some mass.
+                ``>= 0``, not all 0 (a column without mass, as where :math:`\beta_k = 0`, leaves
+                prototype ``k`` at 0 until an assignment gives it mass).
 
         Raises:
             TypeError: ``assignment`` is not a floating tensor.
             ValueError: bad slot, or ``assignment`` of the wrong shape, not finite, with a
-                negative entry or an all-zero column (that prototype would become, and stay, 0).
+                negative entry (raw scores, not an assignment) or no mass at all.
         """
         domain = self._check_slot("domain", domain)
-        bank = self.bank(domain)
-        check_matrix("assignment", assignment, rows=len(bank), cols=self.num_prototypes)
-        if bool((assignment < 0).any() | (assignment.sum(dim=0) == 0).any()):  # raw scores, a zero column
+        check_matrix("assignment", assignment, rows=len(self.bank(domain)), cols=self.num_prototypes)
+        if bool((assignment < 0).any() | (assignment.sum() == 0)):
             raise ValueError(
-                f"assignment must be a soft assignment (entries >= 0, every column with some mass), got entries in "
-                f"[{float(assignment.min()):.3g}, {float(assignment.max()):.3g}] and "
-                f"{int((assignment.sum(dim=0) == 0).sum())} all-zero columns"
+                f"assignment must be a soft assignment (entries >= 0, not all 0), got entries in "
+                f"[{float(assignment.min()):.3g}, {float(assignment.max()):.3g}]"
             )
-        self.prototypes[domain] = F.normalize(_weighted_sums(assignment, bank), dim=1)
+        self._move_prototypes(domain, assignment)
+
+    def _move_prototypes(self, domain: int, assignment: torch.Tensor) -> None:
+        """:meth:`update_prototypes` without its checks, for Sinkhorn's plans (each check syncs with the
+        device, and training runs this for every domain every step)."""
+        self.prototypes[domain] = F.normalize(_weighted_sums(assignment, self.bank(domain)), dim=1)
 
     @_outside_autocast
     def recluster(self, epoch: int) -> None:

@@ -184,7 +184,7 @@ class ProtoOTMiner(BaseMiner):
         # Update after every label is read, so all pseudo-labels of this batch share one set of prototypes.
         if self.update_prototypes:
             for slot, assignment in own_assignments:
-                self.memory.update_prototypes(slot, assignment)
+                self.memory._move_prototypes(slot, assignment)  # a Sinkhorn plan: no per-step checks
         own = cross.gather(1, slots.unsqueeze(1)).squeeze(1)
         return slots, own, cross
 

@@ -236,6 +236,21 @@ def test_cross_domain_term_starts_at_start_epoch():
     assert weights == [0.0, 0.01, 0.01]
 
 
+def test_an_empty_kmeans_cluster_gives_a_zero_marginal_that_training_steps_through():
+    """Duplicate images leave a K-means cluster empty: with the official marginal rule beta_k = 0, Sinkhorn's
+    column k has no mass, and the prototype update takes it as it is."""
+    torch.manual_seed(0)
+    memory = PrototypeMemory([0] * 6 + [1] * 6, dim=4, num_prototypes=3, kmeans_nredo=1)
+    loss_func = ProtoOTLoss(memory, official=True)
+    distinct = F.normalize(torch.randn(2, 4), dim=1)  # domain 0: 2 distinct keys, 3 clusters
+    keys = torch.cat([distinct.repeat(3, 1), F.normalize(torch.randn(6, 4), dim=1)])
+    memory.fill(keys, torch.arange(12))
+    memory.recluster(epoch=0)
+    assert (memory.class_marginals[0] == 0).any()
+    indices = torch.tensor([0, 1, 6, 7])
+    assert torch.isfinite(loss_func(F.normalize(torch.randn(4, 4), dim=1), indices, ref_emb=keys[indices]))
+
+
 def test_record_keeper_sees_the_cross_domain_weight_in_use():
     """record-keeper logs the attributes in _record_these every iteration: the configured lambda is 0.01
     throughout, the weight in use 0 until the start epoch."""

@@ -449,9 +449,11 @@ def test_bad_update_prototypes_input_names_assignment():
     with pytest.raises(ValueError, match=r"assignment must have shape \(5, 3\)"):
         memory.update_prototypes(1, torch.rand(7, 3))
     before = memory.prototypes.clone()
-    zero_column = torch.rand(5, 3)
-    zero_column[:, 1] = 0  # prototype 1 would become the zero vector, and stay it
-    for bad, message in ((-torch.rand(5, 3), r"entries in \[-"), (zero_column, "1 all-zero columns")):
+    for bad, message in ((torch.randn(5, 3), r"entries in \[-"), (torch.zeros(5, 3), r"entries in \[0, 0\]")):
         with pytest.raises(ValueError, match=f"assignment must be a soft assignment .*{message}"):
-            memory.update_prototypes(1, bad)
+            memory.update_prototypes(1, bad)  # raw scores; no mass at all
     assert torch.equal(memory.prototypes, before)
+    zero_column = torch.rand(5, 3)
+    zero_column[:, 1] = 0  # what Sinkhorn gives where beta_k = 0 (an empty K-means cluster)
+    memory.update_prototypes(1, zero_column)
+    assert memory.prototypes[1, 1].abs().sum() == 0 and memory.prototypes[1, 0].norm() == pytest.approx(1)
