@@ -135,9 +135,9 @@ class ProtoOTTrainer(BaseTrainer):
             ``loss_funcs`` without ``"metric_loss"``, a ``ProtoOTLoss`` on another memory, a loss
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
-            ``dataset``/``fill_dataset`` whose length is not ``memory.num_samples``,
-            ``fill_dataset`` items that are not ``(tensor, ...)``, a ``CrossDomainSampler`` on
-            other domains than the memory's, or a ``checkpoint_dir`` that is a file.
+            ``fill_dataset`` whose length is not ``memory.num_samples``, a ``CrossDomainSampler``
+            on other domains than the memory's, or a ``checkpoint_dir`` that is a file; at the
+            first batch of the bank filling, ``fill_dataset`` items that are not pairs.
 
     Example:
         >>> import torch
@@ -204,7 +204,7 @@ class ProtoOTTrainer(BaseTrainer):
                 "mining_funcs['tuple_miner']"
             )
         _check_loss_and_miner(metric_loss, miner, memory)
-        _check_sizes_fit_memory(dataset, fill_dataset, memory)
+        _check_fill_dataset_size(fill_dataset, memory)
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -365,7 +365,7 @@ class ProtoOTTrainer(BaseTrainer):
                 (_, key_views), indices = self._split_batch(self.data_and_label_getter(batch))
                 key_views = self._transformed(key_views)
             else:
-                key_views = batch[0]
+                key_views = _first_field(batch)
                 indices = positions[start : start + len(key_views)]
                 start += len(key_views)
             self.memory.fill(self.compute_keys(key_views), indices)
@@ -609,18 +609,21 @@ def _check_wrapping(models: dict) -> bool:
     return bool(wrapped)
 
 
-def _check_sizes_fit_memory(dataset, fill_dataset, memory) -> None:
-    """Refuse datasets whose length is not the memory's sample count (indices would miss rows or fall
-    outside it, found only after a bank-filling pass) and ``fill_dataset`` items the fill cannot batch."""
-    for name, data in (("dataset", dataset), ("fill_dataset", fill_dataset)):
-        if data is not None and hasattr(data, "__len__") and len(data) != memory.num_samples:
-            raise ValueError(f"{name} must hold one item per memory sample ({memory.num_samples}), got {len(data)}")
-    if fill_dataset is None:
-        return
-    item = fill_dataset[0]
-    if not isinstance(item, (tuple, list)) or not isinstance(item[0], torch.Tensor):
-        shown = f"({type(item[0]).__name__}, ...)" if isinstance(item, (tuple, list)) and item else type(item).__name__
-        raise ValueError(f"fill_dataset items must be (eval_view tensor, anything), got {shown}")
+def _first_field(batch):
+    """The eval views of a batch of ``fill_dataset`` items ``(eval_view, anything)``, or a ValueError."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        raise ValueError(f"fill_dataset items must be (eval_view, anything), got items that collate to a "
+                         f"{type(batch).__name__}")
+    return batch[0]
+
+
+def _check_fill_dataset_size(fill_dataset, memory) -> None:
+    """Refuse a ``fill_dataset`` (item ``i`` is sample ``i``) whose length is not the memory's sample count:
+    rows would stay unwritten, or indices fall outside it, found only after the bank-filling pass. The
+    training ``dataset`` may differ (a ``Subset``, a ``ConcatDataset`` of two passes)."""
+    if fill_dataset is not None and hasattr(fill_dataset, "__len__") and len(fill_dataset) != memory.num_samples:
+        raise ValueError(f"fill_dataset must hold one item per memory sample ({memory.num_samples}), "
+                         f"got {len(fill_dataset)}")
 
 
 def _check_sampler_domains(sampler, memory) -> None:

@@ -516,12 +516,16 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
     with pytest.raises(ValueError, match=r"loss_funcs must be a dict holding 'metric_loss' .*, got \{\}"):
         build(*args[:3], {}, *args[4:])
     n = trainer.memory.num_samples
-    with pytest.raises(ValueError, match=rf"dataset must hold one item per memory sample \({n}\), got {n - 1}"):
-        build(*args[:4], torch.utils.data.Subset(trainer.dataset, range(n - 1)), trainer.memory)
     with pytest.raises(ValueError, match=rf"fill_dataset must hold one item per memory sample \({n}\), got 3"):
         build(*args, fill_dataset=trainer.fill_dataset.features[:3])
-    with pytest.raises(ValueError, match=r"fill_dataset items must be \(eval_view tensor, anything\), got Tensor"):
-        build(*args, fill_dataset=trainer.fill_dataset.features)  # rows, not (row, label) pairs
+    rows_only = build(*args, fill_dataset=trainer.fill_dataset.features)  # rows, not (row, label) pairs
+    with pytest.raises(ValueError, match="fill_dataset items must be \\(eval_view, anything\\), got items that "
+                                         "collate to a Tensor"):
+        rows_only.fill_memory()
+    assert not trainer.memory.written.any()
+    # The training set may differ from the memory's samples: a Subset, or two passes an epoch.
+    build(*args[:4], torch.utils.data.Subset(trainer.dataset, range(n // 2)), trainer.memory)
+    build(*args[:4], torch.utils.data.ConcatDataset([trainer.dataset, trainer.dataset]), trainer.memory)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="checkpoint_dir must be a folder .*, got the file"):
         build(*args, checkpoint_dir=tmp_path / "file")
