@@ -12,7 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
-from .data import _model_device, _upcast_half
+from .data import _image_and_label, _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -62,9 +62,10 @@ class CrossDomainTester(BaseTester):
             names, where ``->`` is a syntax error (names short enough not to be hashed).
         batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
             data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
-            Datasets return ``(image, class_label)``. ``normalize_embeddings=False`` needs a
-            calculator that ranks raw embeddings (PML's ``AccuracyCalculator``):
-            ``PrecisionAtKCalculator`` ranks by cosine, so it is refused with one. The hook
+            Datasets return ``(image, class_label)``. ``normalize_embeddings=False`` is refused
+            with a ``PrecisionAtKCalculator`` that computes ranking metrics only: it ranks by
+            cosine, so the flag would change nothing (its NMI/AMI and custom metrics do read
+            the embeddings as given). The hook
             reads ``tester.embeddings_and_labels`` (``{domain: (embeddings as scored, (N, 1)
             labels)}``), as PML's testers leave it. PML's ``data_device``, ``visualizer``,
             ``pca``, ``label_hierarchy_level``, ``set_min_label_to_zero`` and
@@ -74,7 +75,7 @@ class CrossDomainTester(BaseTester):
         TypeError: ``dtype`` is not a floating ``torch.dtype``, or a flag (``autocast``,
             ``progress``, ``normalize_embeddings``, ``use_trunk_output``) is not a bool.
         ValueError: a calculator with ``return_per_class``, ``normalize_embeddings=False``
-            with a ``PrecisionAtKCalculator``, or an empty ``pair_separator``.
+            with a ``PrecisionAtKCalculator`` of ranking metrics only, or an empty ``pair_separator``.
 
     Example:
         >>> import torch
@@ -114,11 +115,11 @@ class CrossDomainTester(BaseTester):
             accuracy_calculator=accuracy_calculator or PrecisionAtKCalculator(),
             dtype=dtype,
         )
-        if not normalize_embeddings and isinstance(self.accuracy_calculator, PrecisionAtKCalculator):
+        if not self.normalize_embeddings and _ranks_by_cosine_only(self.accuracy_calculator):
             raise ValueError(
                 "normalize_embeddings=False would change nothing: PrecisionAtKCalculator ranks by cosine similarity "
-                "(it normalises the embeddings itself); to rank raw embeddings by Euclidean distance, pass PML's "
-                "AccuracyCalculator as accuracy_calculator"
+                "(it normalises the embeddings itself) and no metric it computes here (NMI, AMI, your own) reads "
+                "them raw; to rank raw embeddings by Euclidean distance, pass PML's AccuracyCalculator"
             )
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype (the trunk's inputs are cast to it) or None, "
@@ -379,13 +380,12 @@ def _check_pair(pair, domains: list) -> None:
         raise ValueError(f"pairs must name two different domains, got {tuple(pair)!r}")
 
 
-def _image_and_label(batch) -> tuple:
-    """``(images, labels)`` of a batch, or a ValueError saying what the items held instead."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        layout = f"{type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-        raise ValueError(f"dataset items must be (image, class_label) pairs (or data_and_label_getter must return "
-                         f"that pair of a batch), got a {layout}")
-    return batch
+def _ranks_by_cosine_only(calculator) -> bool:
+    """A PrecisionAtKCalculator whose metrics are all rankings, which it computes by cosine whatever
+    embeddings it is given (NMI, AMI and custom metrics read them as they come)."""
+    return isinstance(calculator, PrecisionAtKCalculator) and set(calculator.get_curr_metrics()) <= set(
+        calculator.requires_knn()
+    )
 
 
 def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -192,9 +192,12 @@ def test_bad_input():
         CrossDomainTester(PrecisionAtKCalculator(return_per_class=True))
     with pytest.raises(ValueError, match="pair_separator must be a non-empty string, got ''"):
         CrossDomainTester(pair_separator="")
-    # PrecisionAtKCalculator ranks by cosine whatever the tester passes: the flag would be ignored
+    # PrecisionAtKCalculator ranks by cosine whatever the tester passes: with ranking metrics only the flag
+    # would be ignored; NMI (the default calculator has it) clusters the embeddings as given.
+    rankings_only = PrecisionAtKCalculator(include=("precision_at_1", "r_precision"))
     with pytest.raises(ValueError, match="normalize_embeddings=False would change nothing: PrecisionAtKCalculator"):
-        CrossDomainTester(normalize_embeddings=False)
+        CrossDomainTester(rankings_only, normalize_embeddings=False)
+    CrossDomainTester(normalize_embeddings=False)
     for flag in ("autocast", "progress", "normalize_embeddings", "use_trunk_output"):  # "False" acted as True
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
             CrossDomainTester(**{flag: "False"})
@@ -206,7 +209,7 @@ def test_bad_input():
 def test_items_that_are_not_image_label_pairs_are_refused_saying_what_they_hold():
     x, y = torch.randn(4, 6), torch.tensor([0, 1, 0, 1])
     triples = {name: torch.utils.data.TensorDataset(x, y, y) for name in ("photo", "sketch")}
-    with pytest.raises(ValueError, match=r"dataset items must be \(image, class_label\) pairs .*, got a list of 3"):
+    with pytest.raises(ValueError, match=r"dataset items must be \(image, class_label\) tuples, got a list of length 3"):
         make_tester().test(triples, 0, CountingTrunk(6, 4))
 
 
