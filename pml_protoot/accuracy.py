@@ -157,7 +157,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             ``return_per_class`` (PML's check).
         TypeError: ``k_values`` is not an iterable of integers, ``chunk_bytes`` is not an
             integer, ``include``/``exclude`` is not a tuple or list (a plain string is
-            refused), ``avg_of_avgs``, ``return_per_class`` or ``progress`` is not a bool,
+            refused), ``avg_of_avgs`` or ``return_per_class`` is not a bool,
             or ``device`` is neither None, a string nor a ``torch.device``.
 
     Custom metrics: as in PML, a subclass's ``calculate_<name>`` method adds the metric
@@ -190,7 +190,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     ):
         self.k_values = _check_k_values(k_values)
         self.chunk_bytes = check_positive_int("chunk_bytes", chunk_bytes)
-        self.progress = check_bool("progress", progress)
+        self.progress = bool(progress)  # a bar or not: any truthy value, as tqdm takes it
         check_choice("prefilter", prefilter, PREFILTERS)
         self.prefilter = prefilter
         # PML discovers metrics from ``calculate_*`` attributes, so each requested k gets one; not

@@ -69,8 +69,9 @@ class MultiDomainDataset(torch.utils.data.Dataset):
 
     Raises:
         ValueError: fewer than two domains, a domain or class name given twice, a sample's
-            ``domain_slot`` outside ``[0, len(domains))`` or ``class_label`` outside
-            ``[0, len(classes))``, or a domain without images.
+            ``domain_slot`` outside ``[0, len(domains))``, or a domain without images. Class
+            labels are not checked against ``classes`` (only a tester reads them; an unlabelled
+            set may use -1).
         TypeError: a sample's ``domain_slot`` or ``class_label`` is not an integer.
     """
 
@@ -81,12 +82,11 @@ class MultiDomainDataset(torch.utils.data.Dataset):
         self.classes = _check_distinct("classes", classes)
         self.class_to_idx = {name: label for label, name in enumerate(self.classes)}
         self.samples = list(samples)
-        self.domain_ids = _sample_column(
-            "domain slots of samples (indices into domains)", [slot for _, _, slot in self.samples], len(self.domains)
-        )
-        self.targets = _sample_column(
-            "class labels of samples (indices into classes)", [label for _, label, _ in self.samples], len(self.classes)
-        ).tolist()
+        self.domain_ids = as_index_tensor("domain slots of samples (indices into domains)",
+                                          [slot for _, _, slot in self.samples])
+        check_in_range("domain slots of samples (indices into domains)", self.domain_ids, len(self.domains))
+        # Integers, not checked against classes: only a tester reads them, and an unlabelled set may use -1.
+        self.targets = as_index_tensor("class labels of samples", [label for _, label, _ in self.samples]).tolist()
         self.transform = transform
         for slot, name in enumerate(self.domains):
             if not bool((self.domain_ids == slot).any()):
@@ -122,16 +122,13 @@ def _check_distinct(name: str, names) -> list:
     """``names`` as a list, raising if one occurs twice: a domain twice would retrieve its images from
     themselves, a class twice would hold every image twice."""
     names = list(names)
-    if len(set(names)) != len(names):
-        raise ValueError(f"{name} must be distinct, got {names}")
+    repeated = sorted({repr(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{name} must be distinct, got {names} ({', '.join(repeated)} more than once)")
     return names
 
 
-def _sample_column(name: str, values: list, upper: int) -> torch.Tensor:
-    """A column of ``samples`` (domain slots or class labels) as a LongTensor in ``[0, upper)``."""
-    column = as_index_tensor(name, values)
-    check_in_range(name, column, upper)
-    return column
+
 
 
 class MultiDomainImageFolder(MultiDomainDataset):
@@ -663,8 +660,8 @@ def trunk_features(
         ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
 
     Raises:
-        TypeError: ``trunk`` is not a ``torch.nn.Module``, ``progress`` not True or False, or
-            ``batch_size`` / ``num_workers`` not an integer.
+        TypeError: ``trunk`` is not a ``torch.nn.Module``, or ``batch_size`` / ``num_workers`` not
+            an integer.
         ValueError: ``dataset`` is empty, or ``batch_size < 1`` / ``num_workers < 0``.
 
     Example:
@@ -680,7 +677,6 @@ def trunk_features(
         raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
     check_positive_int("batch_size", batch_size)
     check_non_negative_int("num_workers", num_workers)
-    check_bool("progress", progress)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -756,10 +752,10 @@ class FeatureCache:
 
     Raises:
         TypeError: ``dataset`` is not a :class:`MultiDomainDataset`, ``trunk`` not a
-            ``torch.nn.Module``, ``train_view`` or ``eval_view`` not callable, ``progress`` or
-            ``center_domains`` not True or False, or ``num_views``, ``batch_size``, ``seed`` or
-            ``num_workers`` not an integer.
-        ValueError: ``dataset.transform`` is set, ``num_views < 2``, ``batch_size < 1``,
+            ``torch.nn.Module``, ``train_view`` or ``eval_view`` not callable, ``center_domains``
+            not True or False, or ``num_views``, ``batch_size``, ``seed`` or ``num_workers`` not
+            an integer.
+        ValueError: ``dataset.transform`` is set (the key does not cover it), ``num_views < 2``, ``batch_size < 1``,
             ``seed < 0``, ``num_workers < 0``, or a ``path`` that is a folder or a file other
             than a feature cache. All are checked before any hashing or extraction.
 
@@ -800,7 +796,7 @@ class FeatureCache:
         self.dataset = dataset
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.num_workers = check_non_negative_int("num_workers", num_workers)
-        self.progress = check_bool("progress", progress)
+        self.progress = bool(progress)
         self.seed = check_non_negative_int("seed", seed)
         self.center_domains = check_bool("center_domains", center_domains)
         self.key = _digest([
@@ -880,8 +876,9 @@ def _check_cache_inputs(dataset, trunk, train_view, eval_view) -> None:
             f"dataset must be a MultiDomainDataset (e.g. MultiDomainImageFolder), got {type(dataset).__name__}"
         )
     if dataset.transform is not None:  # the views are applied to the dataset's PIL images
-        raise ValueError(f"dataset must return PIL images (transform=None): the cache applies train_view and "
-                         f"eval_view itself; got a dataset.transform of type {type(dataset.transform).__name__}")
+        raise ValueError(f"dataset.transform must be None: the cache applies train_view and eval_view to the "
+                         f"dataset's images itself, and its key does not cover a transform of the dataset; got "
+                         f"{type(dataset.transform).__name__} (put it into train_view and eval_view)")
     if not isinstance(trunk, torch.nn.Module):
         raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
     for name, view in (("train_view", train_view), ("eval_view", eval_view)):

@@ -73,7 +73,7 @@ class CrossDomainTester(BaseTester):
 
     Raises:
         TypeError: ``dtype`` is not a floating ``torch.dtype``, or a flag (``autocast``,
-            ``progress``, ``normalize_embeddings``, ``use_trunk_output``) is not a bool.
+            ``normalize_embeddings``, ``use_trunk_output``) is not a bool.
         ValueError: a calculator with ``return_per_class``, ``normalize_embeddings=False``
             with a ``PrecisionAtKCalculator`` of ranking metrics only, or an empty ``pair_separator``.
 
@@ -132,7 +132,7 @@ class CrossDomainTester(BaseTester):
             )
         self.pairs = pairs
         self.autocast = check_bool("autocast", autocast)
-        self.progress = check_bool("progress", progress)
+        self.progress = bool(progress)  # a bar or not: any truthy value, as tqdm takes it
         if not isinstance(pair_separator, str) or not pair_separator:
             raise ValueError(f"pair_separator must be a non-empty string, got {pair_separator!r}")
         self.pair_separator = pair_separator

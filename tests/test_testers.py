@@ -198,7 +198,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="normalize_embeddings=False would change nothing: PrecisionAtKCalculator"):
         CrossDomainTester(rankings_only, normalize_embeddings=False)
     CrossDomainTester(normalize_embeddings=False)
-    for flag in ("autocast", "progress", "normalize_embeddings", "use_trunk_output"):  # "False" acted as True
+    for flag in ("autocast", "normalize_embeddings", "use_trunk_output"):  # "False" acted as True
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
             CrossDomainTester(**{flag: "False"})
     for dtype in ("float32", torch.int64):  # a string failed in .to() deep in test(); int64 truncated the inputs
