@@ -534,8 +534,8 @@ class ProtoOTTrainer(BaseTrainer):
             FileNotFoundError: no file at ``path``.
             KeyError: the file lacks a model, loss, optimizer or scheduler of this trainer.
             ValueError: a file ``torch.save`` did not write (torch's own error is pages of advice on
-                ``weights_only``) or one ``save_checkpoint`` did not write, or its sampler or dataset state does not fit this trainer's
-                (both refused before anything is restored).
+                ``weights_only``) or one ``save_checkpoint`` did not write, or its sampler or dataset
+                state does not fit this trainer's (both refused before anything is restored).
             RuntimeError: a state dict does not fit its module (shapes, keys).
         """
         if not os.path.isfile(path):

@@ -725,11 +725,9 @@ def test_image_size_too_small_for_a_cnn_is_a_one_line_error_before_any_features(
     monkeypatch.setattr(cli, "FeatureCache", lambda *a, **k: pytest.fail("embedded images before the size check"))
     extra = ["--epochs", "1", "--out", tmp_path / "run"] if command == "train" else []
     status, _, err = run_main([command, "--backbone", "convnext_atto", "--image-size", "16", *extra, "--quiet"], capsys)
-    assert status == 2 and err.strip().splitlines()[-1] == (
-        "protoot: error: --image-size 16 does not fit --backbone convnext_atto (Calculated padded input size per "
-        "channel: (1 x 1). Kernel size: (2 x 2). Kernel size can't be greater than actual input size); pass a larger "
-        "--image-size (its pretrained size is 224)"
-    )
+    line = err.strip().splitlines()[-1]  # torch's own reason in the middle: its wording may change
+    assert status == 2 and line.startswith("protoot: error: --image-size 16 does not fit --backbone convnext_atto (")
+    assert line.endswith("); pass a larger --image-size (its pretrained size is 224)")
     assert not (tmp_path / "run").exists()
 
 
