@@ -655,7 +655,8 @@ def _training_data(config, dataset, trunk, normalisation, device):
     eval_images.transform = eval_view
     eval_sets = {domain: eval_images.subset(domain) for domain in dataset.domains}
     if config["augment"] == "batched":
-        views, batch_transform = decode_transform(size), MoCoV2Augment(size, mean, std)
+        # On the device: its mean/std buffers would otherwise be copied there at every call.
+        views, batch_transform = decode_transform(size), MoCoV2Augment(size, mean, std).to(device)
     else:
         views, batch_transform = train_view, None
     return TwoViewDataset(dataset, views, views), batch_transform, eval_images, eval_sets, trunk
