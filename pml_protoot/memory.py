@@ -43,6 +43,8 @@ NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
 
 #: ``neighbour_search="auto"`` uses the IVF index for banks with at least this many rows.
 AUTO_IVF_MIN_ROWS = 100_000
+#: Bookkeeping buffers read in Python on every step, kept on the CPU on any device (see ``_apply``).
+HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
 
 
 def _outside_autocast(method):
@@ -312,6 +314,15 @@ class PrototypeMemory(torch.nn.Module):
                 f"bank row than this memory's domains give (first: {torch.nonzero(differs).flatten()[:5].tolist()}); "
                 "build the memory with the checkpoint's domains"
             )
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``, ...: every buffer but :data:`HOST_BUFFERS`, which stay on the
+        CPU. Python reads them every step (``int(memory.epoch)``, the refresh countdown); on a GPU each read
+        would wait for all queued work. They are integers and flags, so no dtype cast applies to them."""
+        host = {name: self._buffers[name] for name in HOST_BUFFERS if name in self._buffers}
+        super()._apply(fn, recurse)
+        self._buffers.update(host)
+        return self
 
     def _register_refresh_cache(self) -> None:
         """Buffers of the cached OT (``refresh_every > 1`` only: exact memories keep their state_dict)."""

@@ -457,3 +457,25 @@ def test_bad_update_prototypes_input_names_assignment():
     zero_column[:, 1] = 0  # what Sinkhorn gives where beta_k = 0 (an empty K-means cluster)
     memory.update_prototypes(1, zero_column)
     assert memory.prototypes[1, 1].abs().sum() == 0 and memory.prototypes[1, 0].norm() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("target", ["meta", "device"])
+def test_step_bookkeeping_stays_on_the_cpu_on_any_device(target, device):
+    """int(memory.epoch) and the refresh countdown are read in Python every step: on a GPU each read
+    of a device tensor would wait for all queued work."""
+    target = device if target == "device" else target
+    memory = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=2, refresh_every=3).to(target).double()
+    placed = {name: buffer.device.type for name, buffer in memory.named_buffers()}
+    host = {"epoch", "refresh_countdown", "potentials_valid"}
+    assert all(placed[name] == "cpu" for name in host)
+    assert all(placed[name] == torch.device(target).type for name in placed.keys() - host)
+    assert memory.prototypes.dtype == torch.float64 and memory.epoch.dtype == torch.long
+    if target == "meta":
+        return
+    memory.fill(F.normalize(torch.randn(8, 3, dtype=torch.float64, device=device), dim=1), torch.arange(8))
+    memory.recluster(epoch=2)
+    memory.step_pseudo_labels(1, torch.tensor([0, 2], device=device))
+    restored = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=2, refresh_every=3).to(device).double()
+    restored.load_state_dict(memory.state_dict())
+    assert int(restored.epoch) == 2 and restored.refresh_countdown.tolist() == memory.refresh_countdown.tolist()
+    assert restored.epoch.device.type == "cpu"
