@@ -132,6 +132,11 @@ def _check_arguments(scores, epsilon, iterations, normalize_scores, tol) -> floa
     return largest_logit
 
 
+def _finite_scalings(u: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the scaling vectors are finite, in one device sync (their sums, added in Python's float64)."""
+    return math.isfinite(sum(torch.stack([u.sum(), v.sum()]).tolist()))
+
+
 def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
     """float32 at least: float64 stays float64, half precision is computed in float32."""
     return torch.float64 if scores.dtype == torch.float64 else torch.float32
@@ -155,12 +160,9 @@ def _class_marginal(class_marginal, scores: torch.Tensor):
             f"class_marginal must have shape (K,) or (B, K) = {batch_shape + (num_prototypes,)}, got {tuple(beta.shape)}"
         )
     total = beta.sum(-1, keepdim=True)
-    # min entry (NaN fails ">= 0"), min total (> 0) and finiteness (entries >= 0, so of the largest total)
-    smallest = beta.amin().item()
-    if total.numel() == 1:
-        smallest_total = largest_total = total.item()
-    else:
-        smallest_total, largest_total = total.amin().item(), total.amax().item()
+    # min entry (NaN fails ">= 0"), min total (> 0) and finiteness (entries >= 0, so of the largest total),
+    # read in one device sync
+    smallest, smallest_total, largest_total = torch.stack([beta.amin(), total.amin(), total.amax()]).tolist()
     if not (smallest >= 0 and smallest_total > 0 and math.isfinite(largest_total)):
         raise ValueError(
             "class_marginal must be finite, non-negative and not all zero, "
@@ -260,9 +262,9 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
             v.masked_fill_(zero_mass, 0.0)
         u = torch.matmul(v.mT, kernel).reciprocal_()
         # non-finite u or v propagates to the last round (u, v >= 0): one sync at the end
-        if tol is not None and not math.isfinite(u.sum().item() + v.sum().item()):
+        if tol is not None and not _finite_scalings(u, v):
             return None
-    if v is not None and tol is None and not math.isfinite(u.sum().item() + v.sum().item()):
+    if v is not None and tol is None and not _finite_scalings(u, v):
         return None
     if v is not None:  # prototype-major: scaling rows of (K, N) reads contiguous memory
         kernel.mul_(v)

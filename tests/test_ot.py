@@ -393,3 +393,16 @@ def test_non_tensor_scores_are_named_by_their_type():
         sinkhorn(SCORES.numpy())
     with pytest.raises(TypeError, match="got dtype torch.int64"):
         sinkhorn(torch.ones(3, 2, dtype=torch.long))
+
+
+def test_one_call_reads_the_device_three_times(monkeypatch):
+    """On a GPU every read of a device value waits for the queued work; training runs Sinkhorn D**2
+    times a step. One read each for the score range, the class marginal and the scalings' finiteness."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or
+                            _f(self, *a, **k))
+    scores, beta = random_scores(3), random_marginal(3)
+    sinkhorn(scores, beta, 0.05, iterations=3)
+    assert reads == ["tolist", "tolist", "tolist"]
