@@ -275,6 +275,13 @@ class PrototypeMemory(torch.nn.Module):
         self._convert_prototype_sums(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
+        self._keep_host_buffers_on_cpu()  # load_state_dict(assign=True) puts in the saved tensors, on any device
+
+    def _keep_host_buffers_on_cpu(self) -> None:
+        for name in HOST_BUFFERS:
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.device.type not in ("cpu", "meta"):  # meta holds no values to copy
+                self._buffers[name] = buffer.cpu()
 
     def _check_banks_fit(self, state_dict, prefix: str) -> None:
         """Raise unless every saved bank is finite in this memory's bank dtype: loading casts, and
@@ -321,7 +328,9 @@ class PrototypeMemory(torch.nn.Module):
         would wait for all queued work. They are integers and flags, so no dtype cast applies to them."""
         host = {name: self._buffers[name] for name in HOST_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
-        self._buffers.update(host)
+        # Only CPU tensors are kept: a buffer that got elsewhere (a meta memory) takes fn's result, as before.
+        self._buffers.update({name: buffer for name, buffer in host.items() if buffer.device.type == "cpu"})
+        self._keep_host_buffers_on_cpu()
         return self
 
     def _register_refresh_cache(self) -> None:
@@ -703,6 +712,7 @@ class PrototypeMemory(torch.nn.Module):
             )
         self._move_prototypes(domain, assignment)
 
+    @_outside_autocast
     def _move_prototypes(self, domain: int, assignment: torch.Tensor) -> None:
         """:meth:`update_prototypes` without its checks, for Sinkhorn's plans (each check syncs with the
         device, and training runs this for every domain every step)."""

@@ -135,9 +135,10 @@ class ProtoOTTrainer(BaseTrainer):
             ``loss_funcs`` without ``"metric_loss"``, a ``ProtoOTLoss`` on another memory, a loss
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
-            ``fill_dataset`` whose length is not ``memory.num_samples``, a ``CrossDomainSampler``
+            ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
+            ``dataset`` shorter than it), a ``CrossDomainSampler``
             on other domains than the memory's, or a ``checkpoint_dir`` that is a file; at the
-            first batch of the bank filling, ``fill_dataset`` items that are not pairs.
+            first batch of the bank filling, ``fill_dataset`` items that are not ``(tensor, ...)``.
 
     Example:
         >>> import torch
@@ -204,7 +205,7 @@ class ProtoOTTrainer(BaseTrainer):
                 "mining_funcs['tuple_miner']"
             )
         _check_loss_and_miner(metric_loss, miner, memory)
-        _check_fill_dataset_size(fill_dataset, memory)
+        _check_fill_dataset_size(dataset, fill_dataset, memory)
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -611,19 +612,24 @@ def _check_wrapping(models: dict) -> bool:
 
 def _first_field(batch):
     """The eval views of a batch of ``fill_dataset`` items ``(eval_view, anything)``, or a ValueError."""
-    if not isinstance(batch, (tuple, list)) or not batch:
-        raise ValueError(f"fill_dataset items must be (eval_view, anything), got items that collate to a "
-                         f"{type(batch).__name__}")
+    if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
+        shown = f"({type(batch[0]).__name__}, ...)" if isinstance(batch, (tuple, list)) and batch else (
+            type(batch).__name__)
+        raise ValueError(f"fill_dataset items must be (eval_view, anything) with a tensor (or array) eval view, "
+                         f"got items that collate to {shown}")
     return batch[0]
 
 
-def _check_fill_dataset_size(fill_dataset, memory) -> None:
-    """Refuse a ``fill_dataset`` (item ``i`` is sample ``i``) whose length is not the memory's sample count:
-    rows would stay unwritten, or indices fall outside it, found only after the bank-filling pass. The
-    training ``dataset`` may differ (a ``Subset``, a ``ConcatDataset`` of two passes)."""
+def _check_fill_dataset_size(dataset, fill_dataset, memory) -> None:
+    """Refuse a ``fill_dataset`` (item ``i`` is sample ``i``) whose length is not the memory's sample count,
+    or, without one, a training ``dataset`` shorter than it: rows would stay unwritten, found only after the
+    bank-filling pass. A longer training set is fine (a ``ConcatDataset`` of two passes)."""
     if fill_dataset is not None and hasattr(fill_dataset, "__len__") and len(fill_dataset) != memory.num_samples:
         raise ValueError(f"fill_dataset must hold one item per memory sample ({memory.num_samples}), "
                          f"got {len(fill_dataset)}")
+    if fill_dataset is None and hasattr(dataset, "__len__") and len(dataset) < memory.num_samples:
+        raise ValueError(f"dataset fills the banks (no fill_dataset given), so it must hold every memory sample "
+                         f"({memory.num_samples}), got {len(dataset)} items; pass fill_dataset for a partial one")
 
 
 def _check_sampler_domains(sampler, memory) -> None:

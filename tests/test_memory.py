@@ -479,3 +479,13 @@ def test_step_bookkeeping_stays_on_the_cpu_on_any_device(target, device):
     restored.load_state_dict(memory.state_dict())
     assert int(restored.epoch) == 2 and restored.refresh_countdown.tolist() == memory.refresh_countdown.tolist()
     assert restored.epoch.device.type == "cpu"
+
+
+def test_step_bookkeeping_loaded_with_assign_comes_back_to_the_cpu(device):
+    """load_state_dict(assign=True) puts in the saved tensors themselves, on whatever device they were saved."""
+    source = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=2, refresh_every=3)
+    source.epoch.fill_(4)
+    state = {name: value.to(device) for name, value in source.state_dict().items()}
+    memory = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=2, refresh_every=3)
+    memory.load_state_dict(state, assign=True)
+    assert memory.epoch.device.type == "cpu" and int(memory.epoch) == 4

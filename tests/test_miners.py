@@ -1,4 +1,5 @@
 """ProtoOTMiner against brute-force pair enumeration and a plain-loop reference of its rule."""
+import copy
 import itertools
 
 import pytest
@@ -257,3 +258,15 @@ def test_bad_input_is_rejected_with_the_argument_name(device):
     fresh = PrototypeMemory([0, 0, 1, 1], dim=5, num_prototypes=2)
     with pytest.raises(ValueError, match="reclustered"):
         ProtoOTMiner(fresh)(torch.randn(2, 5), torch.tensor([0, 2]))
+
+
+def test_the_prototype_update_runs_outside_the_callers_autocast():
+    """A PML loop may run the miner inside torch.autocast: the memory's state is computed in its own dtype."""
+    memory, _ = separated_memory("cpu", torch.float32)
+    expected = copy.deepcopy(memory)
+    indices = torch.tensor([0, 1, 2, 8, 9, 10]).repeat(2)  # two views of six samples
+    embeddings = torch.randn(12, memory.dim)
+    ProtoOTMiner(expected, update_prototypes=True)(embeddings, indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ProtoOTMiner(memory, update_prototypes=True)(embeddings, indices)
+    assert torch.equal(memory.prototypes, expected.prototypes)

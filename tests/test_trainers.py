@@ -518,13 +518,16 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
     n = trainer.memory.num_samples
     with pytest.raises(ValueError, match=rf"fill_dataset must hold one item per memory sample \({n}\), got 3"):
         build(*args, fill_dataset=trainer.fill_dataset.features[:3])
-    rows_only = build(*args, fill_dataset=trainer.fill_dataset.features)  # rows, not (row, label) pairs
-    with pytest.raises(ValueError, match="fill_dataset items must be \\(eval_view, anything\\), got items that "
-                                         "collate to a Tensor"):
-        rows_only.fill_memory()
+    # Rows instead of (row, label) pairs; the training set's ((view, view), i) items by mistake.
+    for fill_dataset, shown in ((trainer.fill_dataset.features, "Tensor"), (trainer.dataset, "\\(list, ...\\)")):
+        with pytest.raises(ValueError, match=rf"fill_dataset items must be \(eval_view, anything\) .* to {shown}"):
+            build(*args, fill_dataset=fill_dataset).fill_memory()
     assert not trainer.memory.written.any()
-    # The training set may differ from the memory's samples: a Subset, or two passes an epoch.
-    build(*args[:4], torch.utils.data.Subset(trainer.dataset, range(n // 2)), trainer.memory)
+    half = torch.utils.data.Subset(trainer.dataset, range(n // 2))
+    with pytest.raises(ValueError, match=rf"dataset fills the banks .* every memory sample \({n}\), got {n // 2}"):
+        build(*args[:4], half, trainer.memory, fill_dataset=None)
+    # With a fill_dataset the training set may differ from the memory's samples: a Subset, or two passes an epoch.
+    build(*args[:4], half, trainer.memory, fill_dataset=trainer.fill_dataset)
     build(*args[:4], torch.utils.data.ConcatDataset([trainer.dataset, trainer.dataset]), trainer.memory)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="checkpoint_dir must be a folder .*, got the file"):
