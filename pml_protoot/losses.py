@@ -253,12 +253,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
         queries = F.normalize(embeddings.to(dtype), dim=1)
         keys = F.normalize(ref_emb.detach().to(dtype), dim=1)
         # Domains only other ranks' batches hold come with no positions: their memory state still moves.
+        # The rows are the memory's own, so the loss calls its unchecked methods (no device read per domain).
         groups = self.memory.split_by_domain(labels, across_ranks=True)
         batch_size = len(labels)
         in_domain = queries.new_zeros(batch_size)
         for slot, positions, rows in groups:
             if len(positions) == 0:  # no loss terms here, but the prototypes move as on the other ranks
-                self.memory.step_pseudo_labels(slot, rows)
+                self.memory._step_pseudo_labels(slot, rows)
             else:
                 domain_losses = self._in_domain_losses(slot, queries[positions], keys[positions], rows)
                 in_domain[positions] = domain_losses * (batch_size / len(positions))
@@ -269,7 +270,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
             others = [other for other, _, _ in groups if other != slot]
             if len(positions) == 0:  # only the refresh caches of (slot, other) may move
                 for other in others:
-                    self.memory.cross_pseudo_labels(slot, other, rows)
+                    self.memory._cross_pseudo_labels(slot, other, rows)
             else:
                 domain_losses = self._cross_domain_losses(slot, others, queries[positions], rows)
                 cross_domain[positions] = domain_losses * (cross_weight * batch_size / len(positions))
@@ -290,9 +291,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
         """Per-sample :math:`L_{in}` of one domain, then the prototype update with the same ``P``."""
         # A copy: the in-place prototype update in step_pseudo_labels must not touch tensors saved for backward.
         prototypes = self.memory.prototypes[slot].to(queries.dtype, copy=True)
-        targets = self.memory.step_pseudo_labels(slot, rows)
+        targets = self.memory._step_pseudo_labels(slot, rows)
         anchors = keys if self.nearest_neighbour_by == "key" else queries.detach()
-        neighbours = self.memory.bank(slot)[self.memory.nearest_rows(slot, anchors, rows)].to(queries.dtype)
+        neighbours = self.memory.bank(slot)[self.memory._nearest_rows(slot, anchors, rows)].to(queries.dtype)
         key_weight, neighbour_weight, prototype_weight = self.in_domain_weights
         losses = (
             key_weight * self._prototype_contrast(queries, keys, prototypes, targets)
@@ -305,7 +306,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         """Per-sample :math:`L_{cross}` of one domain: mean over the other domains ``others``."""
         per_other = []
         for other in others:
-            targets = self.memory.cross_pseudo_labels(slot, other, rows)
+            targets = self.memory._cross_pseudo_labels(slot, other, rows)
             prototypes = self.memory.prototypes[other].to(queries.dtype, copy=True)
             per_other.append(
                 self._prototype_contrast(

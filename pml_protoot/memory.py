@@ -579,7 +579,12 @@ class PrototypeMemory(torch.nn.Module):
         """
         domain = self._check_slot("domain", domain)
         self.check_ready()
-        rows = self.check_rows("rows", rows, domain)
+        return self._step_pseudo_labels(domain, self.check_rows("rows", rows, domain))
+
+    @_outside_autocast
+    def _step_pseudo_labels(self, domain: int, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`step_pseudo_labels` of rows the memory made (``split_by_domain``): no checks, whose range
+        read would wait for the GPU once per domain and step."""
         if self.refresh_every == 1:
             assignment = self.assign(domain)
             self._move_prototypes(domain, assignment)
@@ -617,7 +622,11 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         prototype_domain = self._check_slot("prototype_domain", prototype_domain)
         self.check_ready()
-        rows = self.check_rows("rows", rows, domain)
+        return self._cross_pseudo_labels(domain, prototype_domain, self.check_rows("rows", rows, domain))
+
+    @_outside_autocast
+    def _cross_pseudo_labels(self, domain: int, prototype_domain: int, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`cross_pseudo_labels` of rows the memory made, unchecked (see :meth:`_step_pseudo_labels`)."""
         if self._has_cached_plan(domain, prototype_domain):
             return self._plan_rows(domain, prototype_domain, self.bank(domain)[rows]).argmax(dim=1)
         return self._full_plan(domain, prototype_domain)[rows].argmax(dim=1)
@@ -667,6 +676,12 @@ class PrototypeMemory(torch.nn.Module):
         own_rows = self.check_rows("own_rows", own_rows, domain)
         if len(own_rows) != len(anchors):
             raise ValueError(f"own_rows must hold one row per anchor ({len(anchors)}), got {len(own_rows)}")
+        return self._nearest_rows(domain, anchors, own_rows)
+
+    @_outside_autocast
+    def _nearest_rows(self, domain: int, anchors: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`nearest_rows` for checked anchors and rows the memory made, unchecked (two device reads
+        fewer a domain and step: the anchors' finiteness and the rows' range)."""
         bank = self.bank(domain)
         anchors = anchors.detach()
         if not self.uses_ivf(domain):
