@@ -187,21 +187,19 @@ class CrossDomainTester(BaseTester):
             embeddings[name], labels[name] = self._embed_domain(
                 dataset_dict[name], trunk_model, embedder_model, collate_fn
             )
-            # evaluate()'s checks, named after this method's arguments: a cast would truncate label 0.5 to class 0.
-            _as_embeddings(f"the model's embeddings of dataset_dict[{name!r}]", embeddings[name])
+            # evaluate()'s preparation, named after this method's arguments: a cast would truncate label 0.5
+            # to class 0.
+            embeddings[name] = self._as_scored(f"the model's embeddings of dataset_dict[{name!r}]", embeddings[name])
             labels[name] = _as_labels(
                 f"dataset_dict[{name!r}] labels", labels[name], len(embeddings[name]), f"{name!r}"
             )
-        results = self.evaluate(embeddings, labels, pairs)
+        results = self._score(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
         self.reference_split_names = {self.pair_key(q, g): [g] for q, g in pairs}
         self.reference_split_names[MEAN_KEY] = sorted({g for _, g in pairs})
         if self.end_of_testing_hook:
             # As PML's BaseTester.test leaves them for the hook: the embeddings as scored, (N, 1) labels.
-            self.embeddings_and_labels = {
-                name: (self._as_scored(f"embeddings of {name!r}", values), labels[name][:, None])
-                for name, values in embeddings.items()
-            }
+            self.embeddings_and_labels = {name: (values, labels[name][:, None]) for name, values in embeddings.items()}
             try:
                 self.end_of_testing_hook(self)
             finally:
@@ -211,9 +209,9 @@ class CrossDomainTester(BaseTester):
     def _embed_domain(self, dataset, trunk_model, embedder_model, collate_fn):
         """``(N, D)`` embeddings and ``(N,)`` labels of one domain; this rank's strided share, gathered.
 
-        Embeddings are not normalised: :meth:`evaluate` normalises them, once, so that ``test``
-        scores exactly what ``evaluate`` scores of the model's own outputs (normalising twice
-        moves float32 values by an ulp, enough to swap near-tied neighbours).
+        Embeddings are not normalised: :meth:`test` prepares them as :meth:`evaluate` does, once,
+        so that ``test`` scores exactly what ``evaluate`` scores of the model's own outputs
+        (normalising twice moves float32 values by an ulp, enough to swap near-tied neighbours).
         Labels keep the dtype the dataset gave them: the caller checks them once gathered, so
         that every rank sees the same labels and raises alike (no rank left waiting in a gather).
         """
@@ -267,6 +265,10 @@ class CrossDomainTester(BaseTester):
             labels[name] = _as_labels(
                 f"labels_by_domain[{name!r}]", labels_by_domain[name], len(embeddings[name]), f"{name!r}"
             )
+        return self._score(embeddings, labels, pairs)
+
+    def _score(self, embeddings: dict, labels: dict, pairs: list) -> dict:
+        """The results of ``pairs`` from embeddings as scored (:meth:`_as_scored`) and checked labels."""
         results = {}
         for query_domain, gallery_domain in pairs:
             logger.info("Scoring %s -> %s", query_domain, gallery_domain)
