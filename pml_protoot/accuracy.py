@@ -198,8 +198,6 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         for k in self.k_values:  # partials of a method, not closures: the calculator pickles and deep-copies
             if not hasattr(type(self), f"calculate_precision_at_{k}"):
                 setattr(self, f"calculate_precision_at_{k}", functools.partial(self._precision_at_k, k))
-        for name, names in (("include", include), ("exclude", exclude)):
-            _check_metric_names(name, names, self._metric_names())
         super().__init__(
             include=include,
             exclude=exclude,
@@ -213,6 +211,12 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
     def requires_knn(self):
         return super().requires_knn() + ["mean_reciprocal_rank"] + [f"precision_at_{k}" for k in self.k_values]
+
+    def check_primary_metrics(self, include=(), exclude=()):
+        """PML's check of the constructor's ``include``/``exclude``, which its ``__init__`` runs, with
+        messages that name the argument and what was given."""
+        for name, names in (("include", include), ("exclude", exclude)):
+            _check_metric_names(name, names, self._metric_names())
 
     def _metric_names(self) -> list[str]:
         """Every metric this class defines, found as PML finds them (``calculate_*`` attributes)."""
