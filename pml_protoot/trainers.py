@@ -638,8 +638,9 @@ def _check_sampler_domains(sampler, memory) -> None:
     if not isinstance(sampler, CrossDomainSampler):
         return
     # The same partition of the indices, whatever ids each was given: domains in order of their first index.
-    memory_domains = sorted((torch.nonzero(memory.domain_of.cpu() == slot).flatten()
-                             for slot in range(memory.num_domains)), key=lambda indices: int(indices[0]))
+    domain_of = memory.domain_of.cpu()
+    memory_domains = sorted((torch.nonzero(domain_of == slot).flatten() for slot in range(memory.num_domains)),
+                            key=lambda indices: int(indices[0]))
     sampler_domains = sorted(sampler.domain_indices, key=lambda indices: int(indices[0]))
     if len(sampler_domains) != len(memory_domains) or not all(
         torch.equal(ours, theirs) for ours, theirs in zip(sampler_domains, memory_domains)
