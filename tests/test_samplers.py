@@ -254,20 +254,25 @@ def test_never_reads_class_labels():
     assert len(list(sampler)) == len(sampler)
 
 
+class RecordingDataset(torch.utils.data.Dataset):
+    """Item ``i`` is ``(make_item(features[i]), i)``; ``fetched`` lists the indices read, in order."""
+
+    def __init__(self, features, make_item):
+        self.features, self.make_item, self.fetched = features, make_item, []
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        self.fetched.append(index)
+        return self.make_item(self.features[index]), index
+
+
 def test_works_as_sampler_of_pml_metric_loss_only_trainer(device):
     domains = make_domains()
     n, dim, batch_size = len(domains), 4, 6
     features = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
-    fetched = []
-
-    class RecordingDataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, index):
-            fetched.append(index)
-            return features[index], index  # the global index stands in for the label
-
+    dataset = RecordingDataset(features, lambda feature: feature)  # the global index stands in for the label
     sampler = CrossDomainSampler(domains, batch_size, seed=4)
     trunk = torch.nn.Linear(dim, 3).to(device)  # PML's trainers never move models; data goes to data_device
     trainer = trainers.MetricLossOnly(
@@ -275,7 +280,7 @@ def test_works_as_sampler_of_pml_metric_loss_only_trainer(device):
         optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
         batch_size=batch_size,
         loss_funcs={"metric_loss": losses.ContrastiveLoss()},
-        dataset=RecordingDataset(),
+        dataset=dataset,
         sampler=sampler,
         iterations_per_epoch=2,
         data_device=device,
@@ -286,7 +291,7 @@ def test_works_as_sampler_of_pml_metric_loss_only_trainer(device):
     trainer.train(num_epochs=1)
     assert sampler.epoch == 1
     expected = sampler_first_blocks(domains, batch_size, seed=4, count=2)
-    assert fetched[: 2 * batch_size] == expected
+    assert dataset.fetched[: 2 * batch_size] == expected
     assert not torch.equal(before, trunk.weight)
 
 
@@ -295,16 +300,8 @@ def test_protoot_trainer_epoch_longer_than_one_pass_does_not_repeat_its_batches(
     domains = torch.arange(2).repeat_interleave(16)
     n, dim, batch_size = len(domains), 4, 8
     features = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
-    fetched = []
-
-    class RecordingTwoViews(torch.utils.data.Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, index):
-            fetched.append(index)
-            return (features[index], features[index]), index
-
+    two_views = RecordingDataset(features, lambda feature: (feature, feature))
+    fetched = two_views.fetched
     torch.manual_seed(0)
     embedder = torch.nn.Linear(dim, 3).to(device)
     memory = PrototypeMemory(domains, dim=3, num_prototypes=2, kmeans_nredo=1)
@@ -314,7 +311,7 @@ def test_protoot_trainer_epoch_longer_than_one_pass_does_not_repeat_its_batches(
         {"embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.1)},
         batch_size,
         {"metric_loss": ProtoOTLoss(memory)},
-        RecordingTwoViews(),
+        two_views,
         memory,
         fill_dataset=torch.utils.data.TensorDataset(features, torch.zeros(n, dtype=torch.long)),
         sampler=sampler,
