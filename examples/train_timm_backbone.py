@@ -34,6 +34,7 @@ from pml_protoot import (
     create_trunk,
     embedding_head,
     eval_transform,
+    fixed_input_size,
     make_synthetic_domains,
     moco_v2_transform,
     pca_init_,
@@ -49,12 +50,12 @@ def load_images(data, domains, image_size, transform=None):
 
 
 def fit_image_size(parser, backbone, given, default=64):
-    """``given`` or ``default``, except that ViTs and Swin (timm's ``fixed_input_size``) take only
-    their own size: an unset size becomes it, another one is refused (timm would assert in the first batch)."""
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    if cfg is None or not cfg.fixed_input_size:
+    """``given`` or ``default``, except that ViTs and Swin take only their own size (timm would
+    assert in the first batch): an unset size becomes it, another one is refused."""
+    required = fixed_input_size(backbone)
+    if required is None:
         return default if given is None else given
-    height, width = cfg.input_size[-2:]
+    height, width = required
     if height != width:
         parser.error(f"--backbone {backbone} takes only {height}x{width} images; this example makes square ones")
     if given not in (None, height):

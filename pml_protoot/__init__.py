@@ -1,7 +1,14 @@
 """ProtoOT (AAAI 2024) unsupervised cross-domain retrieval as pytorch-metric-learning parts."""
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
-from .backbones import convert_efficientnet_lite0_weights, create_trunk, embedding_head, load_trunk_weights, pca_init_
+from .backbones import (
+    convert_efficientnet_lite0_weights,
+    create_trunk,
+    embedding_head,
+    fixed_input_size,
+    load_trunk_weights,
+    pca_init_,
+)
 from .data import (
     CachedTwoViewDataset,
     FeatureCache,
@@ -52,6 +59,7 @@ __all__ = [
     "MoCoV2Augment",
     "decode_transform",
     "create_trunk",
+    "fixed_input_size",
     "load_trunk_weights",
     "convert_efficientnet_lite0_weights",
     "embedding_head",

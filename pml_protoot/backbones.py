@@ -157,11 +157,28 @@ def check_model_name(name: str, argument: str = "name") -> None:
 
 
 def fixed_input_size(name: str) -> tuple[int, int] | None:
-    """``(height, width)`` that timm model ``name``, built with its default arguments, requires, else None.
+    """The image size timm model ``name``, built with its default arguments, requires.
 
     Read from timm's pretrained config (``fixed_input_size``, ``input_size``) without building
-    the model. ViTs and Swin assert their input size; CNNs take any size (None).
+    the model: ViTs and Swin assert their input size deep inside the first batch, CNNs take
+    any size. Pass ``img_size=...`` (or ``dynamic_img_size=True``) to :func:`create_trunk`
+    to build a ViT for another size.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag (``"vit_tiny_patch16_224.augreg_in21k"``).
+
+    Returns:
+        ``(height, width)``, or ``None`` when the model takes any size.
+
+    Raises:
+        ValueError: timm has no model (or tag) ``name``.
+
+    Example:
+        >>> from pml_protoot import fixed_input_size
+        >>> fixed_input_size("vit_tiny_patch16_224"), fixed_input_size("resnet18")
+        ((224, 224), None)
     """
+    check_model_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.fixed_input_size:
         return None

@@ -12,6 +12,7 @@ from pml_protoot.backbones import (
     convert_efficientnet_lite0_weights,
     create_trunk,
     embedding_head,
+    fixed_input_size,
     load_trunk_weights,
     pca_init_,
 )
@@ -325,6 +326,28 @@ def test_create_trunk_passes_timm_keyword_arguments_on():
         assert dynamic.eval()(torch.randn(1, 3, 48, 80)).shape == (1, 192)
     with pytest.raises(TypeError, match="img_size"):  # a CNN takes no image size
         create_trunk("resnet18", img_size=64)
+
+
+@pytest.mark.parametrize("name, size", [("vit_tiny_patch16_224", (224, 224)), ("resnet18", None),
+                                        ("vit_tiny_patch16_224.augreg_in21k", (224, 224))])
+def test_fixed_input_size_is_the_only_size_the_default_model_takes(name, size):
+    """Checked against the model itself: a ViT asserts any other size, a CNN takes 48x80."""
+    assert fixed_input_size(name) == size
+    trunk, dim = create_trunk(name.partition(".")[0])
+    with torch.no_grad():
+        if size is None:
+            assert trunk.eval()(torch.randn(1, 3, 48, 80)).shape == (1, dim)
+        else:
+            assert trunk.eval()(torch.randn(1, 3, *size)).shape == (1, dim)
+            with pytest.raises(AssertionError):
+                trunk(torch.randn(1, 3, size[0] // 2, size[1]))
+
+
+@pytest.mark.parametrize("name", ["resnet_18", "vit_tiny_patch16_224.no_such_tag"])
+def test_fixed_input_size_refuses_names_timm_lacks(name):
+    """An unknown name is no model that takes any size."""
+    with pytest.raises(ValueError, match="name"):
+        fixed_input_size(name)
 
 
 @pytest.mark.parametrize("global_pool", ["max", "catavgmax"])
