@@ -55,8 +55,11 @@ class ProtoOTMiner(BaseMiner):
 
     Without ``ref_emb`` an embedding is never its own positive (PML's convention: the
     diagonal is left out; two views concatenated with equal indices do pair up). With
-    ``ref_emb`` (e.g. momentum keys, ``ref_labels`` = the same global indices) the pair
-    (query :math:`i`, key :math:`i`) is always a positive. With ``positives="instance"``
+    ``ref_emb`` (e.g. momentum keys, ``ref_labels`` = the same global indices, or ``None``
+    for "the same as ``labels``", as ``ProtoOTLoss`` takes it) the pair (query :math:`i`,
+    key :math:`i`) is always a positive. Whether the diagonal is left out follows from
+    ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
+    miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With ``positives="instance"``
     and no index shared by anchors and references there are no positives: a
     ``UserWarning`` says so.
 
@@ -85,7 +88,9 @@ class ProtoOTMiner(BaseMiner):
         TypeError: ``memory`` is not a ``PrototypeMemory``, ``labels`` / ``ref_labels`` are not
             integer sequences or tensors, or an option of the wrong type (a string for a flag).
         ValueError: a memory with one prototype per domain, bad ``positives`` or
-            ``type_of_tuple``, or indices outside the memory.
+            ``type_of_tuple``, indices outside the memory, ``ref_labels=None`` with a
+            ``ref_emb`` of another length than ``labels``, or ``ref_emb is embeddings``
+            with ``ref_labels`` other than ``labels``.
 
     Example:
         >>> import torch
@@ -135,9 +140,9 @@ class ProtoOTMiner(BaseMiner):
         ``labels`` (B,) and ``ref_labels`` (R,) are global sample indices; the
         anchors index ``embeddings`` (B, D), positives/negatives index ``ref_emb`` (R, D).
         """
-        is_self_reference = ref_emb is embeddings
         labels = self.memory.check_indices("labels", labels)
-        ref_labels = labels if is_self_reference else self.memory.check_indices("ref_labels", ref_labels)
+        is_self_reference = ref_emb is embeddings
+        ref_labels = self._reference_indices(labels, ref_emb, ref_labels, is_self_reference)
         slots, own, cross = self._pseudo_labels(torch.cat([labels, ref_labels]))
         batch = len(labels)
         positives, negatives = self._agreement_masks(
@@ -161,6 +166,19 @@ class ProtoOTMiner(BaseMiner):
         a1, p = torch.where(positives)
         a2, n = torch.where(negatives)
         return a1, p, a2, n
+
+    def _reference_indices(self, labels, ref_emb, ref_labels, is_self_reference) -> torch.Tensor:
+        """``ref_labels`` checked; ``None`` means the references share ``labels`` (momentum keys)."""
+        if ref_labels is None:
+            if len(ref_emb) != len(labels):
+                raise ValueError(f"ref_labels=None means ref_emb holds the keys of labels' samples, one per label "
+                                 f"({len(labels)}), got {len(ref_emb)} rows: pass their global indices as ref_labels")
+            return labels
+        ref_labels = self.memory.check_indices("ref_labels", ref_labels)
+        if is_self_reference and not torch.equal(ref_labels, labels):
+            raise ValueError("ref_emb is embeddings, so ref_labels must be None or equal to labels (a row's global "
+                             "index does not change), got different indices")
+        return labels if is_self_reference else ref_labels
 
     def _pseudo_labels(self, indices):
         """Domain slot ``(M,)``, own-domain label ``(M,)`` and label under every domain's prototypes ``(M, D)``.

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.miners import ProtoOTMiner
@@ -182,6 +183,34 @@ def test_instance_positives_with_momentum_keys_as_references(device):
         torch.randn(12, 6, device=device), torch.tensor(refs, device=device),
     )
     assert pair_sets(*agreement)[0] > expected_pos  # agreement adds pseudo-label pairs
+
+
+def test_momentum_keys_without_ref_labels_share_the_queries_indices(device):
+    """ref_labels=None with ref_emb means "the same indices as labels", as ProtoOTLoss takes it: the
+    (query i, key i) diagonal stays positive, where PML's own miners leave it out."""
+    memory, size = random_memory(device)
+    batch = torch.randperm(size)[:8].to(device)
+    queries, keys = torch.randn(8, 6, device=device), torch.randn(8, 6, device=device)
+    given = ProtoOTMiner(memory)(queries, batch, keys, batch.clone())
+    omitted = ProtoOTMiner(memory)(queries, batch, keys)
+    assert all(torch.equal(a, b) for a, b in zip(given, omitted))
+    assert pair_sets(*omitted)[0] == {(i, i) for i in range(8)}
+    pml_pairs = lmu.get_all_pairs_indices(batch, None)  # PML drops the diagonal: no positive at all
+    assert len(pml_pairs[0]) == 0
+    with pytest.raises(ValueError, match="ref_labels=None means ref_emb holds the keys of labels' samples, one per "
+                                         "label \\(8\\), got 5 rows"):
+        ProtoOTMiner(memory)(queries, batch, keys[:5])
+
+
+def test_ref_labels_of_the_embeddings_themselves_must_be_their_labels(device):
+    """ref_emb is embeddings: a row's index cannot differ between the two sides; equal copies are fine."""
+    memory, size = random_memory(device)
+    batch = torch.tensor([0, 1, 2, 0, 1, 2], device=device)  # two views each: positives off the diagonal
+    embeddings = torch.randn(6, 6, device=device)
+    same = ProtoOTMiner(memory)(embeddings, batch, embeddings, batch.clone())
+    assert all(torch.equal(a, b) for a, b in zip(same, ProtoOTMiner(memory)(embeddings, batch)))
+    with pytest.raises(ValueError, match="ref_emb is embeddings, so ref_labels must be None or equal to labels"):
+        ProtoOTMiner(memory)(embeddings, batch, embeddings, batch.flip(0))
 
 
 def test_instance_positives_warn_when_no_sample_repeats(device):
