@@ -1,6 +1,8 @@
 """PML's ``HookContainer`` for ProtoOT: the key encoder is what gets scored, saved and resumed."""
 from __future__ import annotations
 
+import re
+
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 __all__ = ["ProtoOTHookContainer"]
@@ -20,6 +22,12 @@ class ProtoOTHookContainer(HookContainer):
     key encoder (file ``key_encoder_<suffix>.pth`` beside PML's), and the memory when no
     loss or miner holds it. Everything else is PML's: record keeping, best-epoch tracking,
     patience, ``end_of_iteration_hook`` and ``end_of_testing_hook``.
+
+    record-keeper makes each record group name a bare SQLite table name (and a CSV file
+    name), where the tester's ``"photo->sketch"`` keys, or domains such as ``"Real World"``,
+    are a syntax error at the first save. Here every run of characters other than letters,
+    digits and ``_`` in PML's group name becomes ``_`` (``..._PHOTO_SKETCH_vs_SKETCH``); two
+    keys that would share a name are refused rather than merged.
 
     Its resume restores what PML's does (models, optimizers, ...) plus the key encoder,
     not the sampler or RNG states; :meth:`ProtoOTTrainer.load_checkpoint` with
@@ -46,6 +54,24 @@ class ProtoOTHookContainer(HookContainer):
             record_keeper, primary_metric=primary_metric, validation_split_name=validation_split_name, **kwargs
         )
         self.saveable_trainer_objects = [*self.saveable_trainer_objects, "protoot_modules"]
+        self._split_of_group = {}
+
+    def record_group_name(self, tester, split_name):
+        """PML's record group name of ``split_name``, made a bare SQLite table name (class docstring).
+
+        Raises:
+            ValueError: another split of this container already has the same table-safe name.
+        """
+        name = _table_safe(super().record_group_name(tester, split_name))
+        for hashed, full in self.record_keeper.hash_map.items():  # record-keeper hashes long names
+            if full == name:
+                name = hashed
+                break
+        claimed = self._split_of_group.setdefault(name, split_name)
+        if claimed != split_name:
+            raise ValueError(f"results keys {claimed!r} and {split_name!r} both record as {name!r} (record-keeper "
+                             "takes only letters, digits and _ in its table names): rename a domain")
+        return name
 
     def save_models_and_eval(self, trainer, dataset_dict, model_folder, test_interval, tester, *args, **kwargs):
         """PML's step with ``tester`` scoring the trainer's key encoder instead of its query encoder."""
@@ -67,3 +93,8 @@ class _KeyEncoderTester:
 
     def __getattr__(self, name):
         return getattr(self._tester, name)
+
+
+def _table_safe(name: str) -> str:
+    """``name`` with every run of characters SQLite does not take in a bare table name replaced by ``_``."""
+    return re.sub(r"[^0-9A-Za-z_]+", "_", name)

@@ -57,9 +57,10 @@ class CrossDomainTester(BaseTester):
             expects its own scaling.
         progress: show a tqdm bar while embedding each domain.
         pair_separator: joins query and gallery domain in the results keys (``"A->B"``).
-            With PML's ``HookContainer`` and record-keeper, pass an identifier-safe one
-            such as ``"_to_"``: record-keeper puts the key, unquoted, into SQLite table
-            names, where ``->`` is a syntax error (names short enough not to be hashed).
+            record-keeper puts the keys, unquoted, into SQLite table names, where ``->`` is
+            a syntax error: :class:`~pml_protoot.hooks.ProtoOTHookContainer` records them
+            under table-safe names; with PML's own ``HookContainer`` pass an identifier-safe
+            separator such as ``"_to_"`` (and domain names without spaces).
         batch_size, dataloader_num_workers, normalize_embeddings, use_trunk_output,
             data_and_label_getter, end_of_testing_hook: as in PML's ``BaseTester``.
             Datasets return ``(image, class_label)``. ``normalize_embeddings=False`` is refused

@@ -59,3 +59,35 @@ def test_protoot_modules_hold_the_memory_only_where_no_loss_or_miner_saves_it():
     assert list(make_trainer("cpu", loss="ntxent").protoot_modules) == ["key_encoder"]  # so does ProtoOTMiner
     plain = make_trainer("cpu", loss="infonce")  # a PML loss, no miner
     assert plain.protoot_modules == {"key_encoder": plain.key_encoder, "memory": plain.memory}
+
+
+def test_results_keys_sqlite_cannot_name_a_table_are_recorded_and_tracked(tmp_path):
+    """The default "->" separator and a domain with a space: record-keeper put them into bare SQLite
+    table names (a syntax error at the first save); the container records them under table-safe names."""
+    keeper = record_keeper.RecordKeeper(record_writer=record_keeper.RecordWriter(folder=str(tmp_path / "records")))
+    hooks = ProtoOTHookContainer(keeper)
+    datasets = dict(zip(("photo", "Real World"), domain_datasets().values()))
+    tester = CrossDomainTester(progress=False, batch_size=32, end_of_testing_hook=hooks.end_of_testing_hook)
+    trainer = make_trainer("cpu")
+    trainer.end_of_epoch_hook = hooks.end_of_epoch_hook(tester, datasets, str(tmp_path / "models"))
+    trainer.train(num_epochs=2)
+    best_epoch, best = hooks.get_best_epoch_and_accuracy(tester, "mean")
+    mean = keeper.query(f"SELECT * FROM {hooks.record_group_name(tester, 'mean')}", return_dict=True)
+    assert mean["epoch"] == [1, 2] and best == max(mean["precision_at_15"])
+    assert best_epoch == mean["epoch"][mean["precision_at_15"].index(best)]
+    tables = keeper.query("SELECT name FROM sqlite_master WHERE type='table'", return_dict=True)["name"]
+    base = hooks.base_record_group_name(tester)
+    recorded = {keeper.hash_map.get(name, name) for name in tables}  # long names are hashed
+    recorded = {name for name in recorded if name.startswith(base)}
+    assert recorded == {f"{base}_{group}" for group in (
+        "PHOTO_REAL_WORLD_vs_REAL_WORLD", "REAL_WORLD_PHOTO_vs_PHOTO", "MEAN_vs_REAL_WORLD_and_PHOTO")}
+    assert tester.all_accuracies["photo->Real World"]  # the tester's own keys are unchanged
+
+
+def test_results_keys_that_would_share_a_table_are_refused():
+    hooks = ProtoOTHookContainer(record_keeper.RecordKeeper())
+    tester = CrossDomainTester(progress=False)
+    tester.reference_split_names = {"a-b->a b": ["a b"], "a b->a-b": ["a-b"]}
+    hooks.record_group_name(tester, "a-b->a b")
+    with pytest.raises(ValueError, match="results keys 'a-b->a b' and 'a b->a-b' both record as"):
+        hooks.record_group_name(tester, "a b->a-b")
