@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -172,3 +173,13 @@ def check_per_channel(name: str, values, positive: bool = False) -> tuple[float,
         for i, value in enumerate(values)
     ]
     return tuple(checked * (3 // len(checked)))
+
+
+def caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised in the caller of this function, of the first
+    frame outside torch, PML and this package: the user's line, whether it calls a miner or builds a trainer."""
+    internal = ("torch", "pytorch_metric_learning", "pml_protoot")
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in internal:
+        level, frame = level + 1, frame.f_back
+    return level

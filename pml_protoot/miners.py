@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 
 import torch
 from pytorch_metric_learning.miners import BaseMiner
 
-from ._checks import as_index_tensor, check_bool, check_choice
+from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choice
 from .memory import check_memory_to_train
 
 __all__ = ["ProtoOTMiner"]
@@ -79,7 +78,9 @@ class ProtoOTMiner(BaseMiner):
         update_prototypes: after the assignments, move every involved domain's
             prototypes to the assignment-weighted bank means
             (``memory.update_prototypes``), as ``ProtoOTLoss`` does each step; set it
-            when the miner drives training with a plain PML loss. Under
+            when the miner drives training with a plain PML loss (``ProtoOTTrainer`` warns
+            when nothing would move them: this miner without it, on a memory without
+            ``reset_prototypes``). Under
             ``torch.distributed`` it then steps every domain of the global batch, also
             those this rank's batch lacks: a collective, called by every rank every step.
         **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
@@ -157,7 +158,7 @@ class ProtoOTMiner(BaseMiner):
                 'ProtoOTMiner(positives="instance") found no positive pair: no index of labels is in ref_labels '
                 "(or twice in labels); pass two views with equal indices, or momentum keys as ref_emb",
                 UserWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
         positives, negatives = positives.to(embeddings.device), negatives.to(embeddings.device)
         if self.type_of_tuple == "triplets":
@@ -223,13 +224,3 @@ class ProtoOTMiner(BaseMiner):
             positives &= same_domain
             negatives &= same_domain
         return positives, negatives
-
-
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel, for a warning raised in the caller of this function, of the first
-    frame outside torch, PML and this package: the user's line, whether it calls the miner or a trainer."""
-    internal = ("torch", "pytorch_metric_learning", "pml_protoot")
-    level, frame = 1, sys._getframe(1)
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in internal:
-        level, frame = level + 1, frame.f_back
-    return level

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ._checks import check_number, check_positive_int
+from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, load_saved
 from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
@@ -139,6 +140,10 @@ class ProtoOTTrainer(BaseTrainer):
             ``dataset`` shorter than it), a ``CrossDomainSampler``
             on other domains than the memory's, or a ``checkpoint_dir`` that is a file; at the
             first batch of the bank filling, ``fill_dataset`` items that are not ``(tensor, ...)``.
+
+    Warns:
+        UserWarning: a ``ProtoOTMiner`` without ``update_prototypes`` on a memory without
+            ``reset_prototypes``: nothing would move the prototypes from their first K-means centroids.
 
     Example:
         >>> import torch
@@ -695,6 +700,14 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
     if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
         raise ValueError(
             "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
+        )
+    if isinstance(miner, ProtoOTMiner) and not miner.update_prototypes and not memory.reset_prototypes:
+        warnings.warn(
+            "mining_funcs['tuple_miner'] is a ProtoOTMiner(update_prototypes=False) and the memory has "
+            "reset_prototypes=False: nothing moves the prototypes from their first K-means centroids during "
+            "training (ProtoOTLoss moves them every step); pass ProtoOTMiner(memory, update_prototypes=True)",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
         )
     # Not under torch.distributed: a wrapped loss (PML's DistributedLossWrapper) would run its collectives
     # on the probe's CPU tensors.

@@ -5,6 +5,7 @@ domain shift + noise), trunk = nn.Identity(), a tiny MLP embedder: the feature-c
 """
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -64,10 +65,10 @@ class RecordingNTXentLoss(NTXentLoss):
 
 
 def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, cached_views=False,
-                 batch_size=BATCH, mining_funcs=None, **kwargs):
+                 batch_size=BATCH, mining_funcs=None, update_prototypes=True, reset_prototypes=False, **kwargs):
     """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries;
     ``cached_views``: a ``CachedTwoViewDataset`` of 4 fixed jittered views instead of fresh views;
-    ``loss="ntxent"`` pairs NTXentLoss with ``mining_funcs`` (default: a ProtoOTMiner)."""
+    ``loss="ntxent"`` pairs NTXentLoss with ``mining_funcs`` (default: a ProtoOTMiner with ``update_prototypes``)."""
     features, true_classes, domains = synthetic_features()
     labelled = LabelledFeatures(features, true_classes if classes is None else classes)
     torch.manual_seed(seed)
@@ -76,14 +77,15 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
         torch.nn.Linear(FEATURE_DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, EMBED_DIM)
     )
     trunk, embedder = trunk.to(device), embedder.to(device)
-    memory = PrototypeMemory(domains, dim=EMBED_DIM, num_prototypes=NUM_CLASSES, kmeans_nredo=2)
+    memory = PrototypeMemory(domains, dim=EMBED_DIM, num_prototypes=NUM_CLASSES, kmeans_nredo=2,
+                             reset_prototypes=reset_prototypes)
     if loss == "protoot":
         metric_loss = ProtoOTLoss(memory)
     elif loss == "infonce":
         metric_loss = RecordingNTXentLoss(temperature=0.2)
     else:
         metric_loss = NTXentLoss(temperature=0.2)
-        mining_funcs = mining_funcs or {"tuple_miner": ProtoOTMiner(memory, update_prototypes=True)}
+        mining_funcs = mining_funcs or {"tuple_miner": ProtoOTMiner(memory, update_prototypes=update_prototypes)}
     params = list(trunk.parameters()) + list(embedder.parameters())
     options = dict(momentum=0.9, sampler=CrossDomainSampler(domains, BATCH, seed=seed), fill_dataset=labelled)
     options.update(kwargs)
@@ -102,6 +104,20 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
     trainer.recorded_losses = []
     trainer.end_of_iteration_hook = lambda t: t.recorded_losses.append(t.losses["total_loss"].item())
     return trainer
+
+
+def test_a_protoot_miner_that_never_moves_the_prototypes_warns_at_the_users_line():
+    with pytest.warns(UserWarning, match="nothing moves the prototypes from their first K-means") as caught:
+        trainer = make_trainer("cpu", loss="ntxent", update_prototypes=False)
+    assert caught[0].filename == __file__
+    trainer.train(1, 1)
+    first = trainer.memory.prototypes.clone()
+    trainer.train(2, 2)
+    assert torch.equal(trainer.memory.prototypes, first)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer("cpu", loss="ntxent")  # the miner moves them
+        make_trainer("cpu", loss="ntxent", update_prototypes=False, reset_prototypes=True)  # every recluster does
 
 
 def cached_dataset(features, domains):
@@ -560,7 +576,7 @@ def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
         build({"metric_loss": SelfSupervisedLoss(NTXentLoss())})
     with pytest.raises(ValueError, match="CrossBatchMemory.*pass the loss it wraps \\(NTXentLoss\\)"):
         build({"metric_loss": CrossBatchMemory(NTXentLoss(), EMBED_DIM)})
-    build({"metric_loss": NTXentLoss()}, {"tuple_miner": ProtoOTMiner(trainer.memory)})  # the miner's own use
+    build({"metric_loss": NTXentLoss()}, {"tuple_miner": ProtoOTMiner(trainer.memory, update_prototypes=True)})
     # Losses that refuse ref_emb fail at construction, not at the first step after the banks are filled.
     refusing = (FastAPLoss(), HistogramLoss(), ProxyAnchorLoss(NUM_CLASSES, EMBED_DIM), VICRegLoss(),
                 MultipleLosses([NTXentLoss()]))  # the last two: "labels are ref_labels ...", no ref_emb argument
