@@ -1,11 +1,14 @@
 """PML's ``HookContainer`` for ProtoOT: the key encoder is what gets scored, saved and resumed."""
 from __future__ import annotations
 
+import logging
 import re
 
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 __all__ = ["ProtoOTHookContainer"]
+
+logger = logging.getLogger(__name__)
 
 
 class ProtoOTHookContainer(HookContainer):
@@ -72,6 +75,26 @@ class ProtoOTHookContainer(HookContainer):
             raise ValueError(f"results keys {claimed!r} and {split_name!r} both record as {name!r} (record-keeper "
                              "takes only letters, digits and _ in its table names): rename a domain")
         return name
+
+    def run_tester_separately(self, tester, dataset_dict, epoch, trunk, embedder, splits_to_eval=None,
+                              collate_fn=None, skip_eval_if_already_done=True):
+        """PML's, for a :class:`~pml_protoot.testers.CrossDomainTester`: ``splits_to_eval`` are its
+        ``pairs``, and the test is skipped when the epoch's results of every pair and of ``"mean"``
+        are recorded (PML's check looked records up per ``dataset_dict`` key, a domain: a KeyError).
+
+        Returns:
+            True if the tester ran, False if it was skipped.
+        """
+        if skip_eval_if_already_done and self._epoch_recorded(tester, dataset_dict, epoch, splits_to_eval):
+            logger.info("epoch %s is already evaluated", epoch)
+            return False
+        tester.test(dataset_dict, epoch, trunk, embedder, splits_to_eval, collate_fn)
+        return True
+
+    def _epoch_recorded(self, tester, dataset_dict, epoch, pairs) -> bool:
+        # Group names are made from the tester's split names: set them as this test would (it sets them anew).
+        tester.reference_split_names = tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), pairs))
+        return all(self.get_accuracies_of_epoch(tester, key, epoch) for key in tester.reference_split_names)
 
     def save_models_and_eval(self, trainer, dataset_dict, model_folder, test_interval, tester, *args, **kwargs):
         """PML's step with ``tester`` scoring the trainer's key encoder instead of its query encoder."""

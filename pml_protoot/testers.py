@@ -148,10 +148,10 @@ class CrossDomainTester(BaseTester):
         """Embed each needed domain once and score the pairs.
 
         ``pairs`` sits where PML testers take ``splits_to_eval``, so HookContainer's
-        ``end_of_epoch_hook`` forwards its ``splits_to_eval`` here. Call
-        ``HookContainer.run_tester_separately`` with ``skip_eval_if_already_done=False``:
-        its check looks records up by ``dataset_dict`` key (a domain), while results are
-        recorded by pair.
+        ``end_of_epoch_hook`` forwards its ``splits_to_eval`` here. PML's
+        ``HookContainer.run_tester_separately`` needs ``skip_eval_if_already_done=False``
+        (its check looks records up by ``dataset_dict`` key, a domain, while results are
+        recorded by pair); :class:`~pml_protoot.hooks.ProtoOTHookContainer`'s checks the pairs.
 
         Args:
             dataset_dict: ``{domain_name: dataset}``; items are ``(image, class_label)``.
@@ -196,8 +196,7 @@ class CrossDomainTester(BaseTester):
             )
         results = self._score(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
-        self.reference_split_names = {self.pair_key(q, g): [g] for q, g in pairs}
-        self.reference_split_names[MEAN_KEY] = sorted({g for _, g in pairs})
+        self.reference_split_names = self._reference_split_names(pairs)
         if self.end_of_testing_hook:
             # As PML's BaseTester.test leaves them for the hook: the embeddings as scored, (N, 1) labels.
             self.embeddings_and_labels = {name: (values, labels[name][:, None]) for name, values in embeddings.items()}
@@ -346,6 +345,12 @@ class CrossDomainTester(BaseTester):
             else:  # e.g. a bfloat16 trunk under a float32 head
                 output = embedder_model(_cast_floating(trunk_output, _floating_dtype(embedder_model)))
         return _upcast_half(output)  # float64 models are scored in float64, as evaluate() scores them
+
+    def _reference_split_names(self, pairs) -> dict:
+        """PML's ``reference_split_names`` of a test of ``pairs`` (record group names are made from it)."""
+        names = {self.pair_key(query, gallery): [gallery] for query, gallery in pairs}
+        names[MEAN_KEY] = sorted({gallery for _, gallery in pairs})
+        return names
 
     def _resolve_pairs(self, domains: list, pairs) -> list[tuple]:
         pairs = self.pairs if pairs is None else pairs

@@ -91,3 +91,21 @@ def test_results_keys_that_would_share_a_table_are_refused():
     hooks.record_group_name(tester, "a-b->a b")
     with pytest.raises(ValueError, match="results keys 'a-b->a b' and 'a b->a-b' both record as"):
         hooks.record_group_name(tester, "a b->a-b")
+
+
+def test_run_tester_separately_skips_an_epoch_only_when_every_pair_is_recorded(tmp_path):
+    """PML's check looked records up per dataset_dict key (a domain) and raised a KeyError."""
+    keeper = record_keeper.RecordKeeper(record_writer=record_keeper.RecordWriter(folder=str(tmp_path / "records")))
+    hooks = ProtoOTHookContainer(keeper)
+    tester = CrossDomainTester(progress=False, batch_size=32, end_of_testing_hook=hooks.end_of_testing_hook)
+    datasets = domain_datasets()
+    model = torch.nn.Linear(datasets["photo"][0][0].shape[0], 4)
+    assert hooks.run_tester_separately(tester, datasets, 1, model, None)
+    keeper.save_records()
+    tester.all_accuracies = None
+    assert not hooks.run_tester_separately(tester, datasets, 1, model, None)  # recorded: not run again
+    assert tester.all_accuracies is None
+    assert hooks.run_tester_separately(tester, datasets, 2, model, None)  # another epoch runs
+    with_cartoon = {**datasets, "cartoon": datasets["photo"]}
+    assert hooks.run_tester_separately(tester, with_cartoon, 1, model, None)  # its pairs are new at epoch 1
+    assert len(tester.all_accuracies) == 7  # six ordered pairs and the mean
