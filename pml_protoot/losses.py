@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_int, check_matrix, check_number
-from .memory import PrototypeMemory, check_memory_to_train
+from .memory import PrototypeMemory, check_memory_to_train, warn_if_indices_repeat
 
 __all__ = ["ProtoOTLoss"]
 
@@ -176,6 +176,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         # cross_domain_weight is lambda as configured; record-keeper also gets the weight the last call used
         # (0 before cross_domain_start_epoch).
         self.cross_domain_weight_in_use = 0.0
+        self._labels_checked = False
         self.add_to_recordable_attributes(
             list_of_names=["temperature", "cross_domain_weight", "cross_domain_weight_in_use",
                            "cross_domain_start_epoch"], is_stat=False,
@@ -211,9 +212,15 @@ class ProtoOTLoss(BaseMetricLossFunction):
         Raises:
             TypeError, ValueError: bad input (nothing is written to the memory then), or
                 a memory that was never reclustered.
+
+        Warns:
+            UserWarning: the first call's ``labels`` hold an index more than twice (class labels?).
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
+            warn_if_indices_repeat("labels", labels)
+            self._labels_checked = True
         self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)

@@ -5,6 +5,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 
 import faiss
 import numpy as np
@@ -14,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from ._checks import (
+    caller_stacklevel,
     as_index_tensor,
     check_bool,
     check_choice,
@@ -860,6 +862,28 @@ def check_memory_to_train(memory, user: str) -> None:
         raise ValueError(
             f"{user} needs a memory with at least 2 prototypes per domain, got num_prototypes="
             f"{memory.num_prototypes}: with one, every sample is assigned to it and there is nothing to learn"
+        )
+
+
+def warn_if_indices_repeat(name: str, indices: torch.Tensor) -> None:
+    """Warn (at the user's line) when an index occurs more than twice in ``indices``, one batch.
+
+    ProtoOT's labels are global sample indices: once per sample, or twice for two views
+    concatenated. Class labels, PML's usual labels, repeat many times, and would silently address
+    the memory's first samples instead of the batch's. The check reads the device once: callers
+    run it on their first batch only.
+    """
+    if not len(indices):
+        return
+    distinct, counts = torch.unique(indices, return_counts=True)
+    most = int(counts.max())
+    if most > 2:
+        warnings.warn(
+            f"{name} holds index {int(distinct[counts.argmax()])} {most} times in one batch: ProtoOT's labels are "
+            "global sample indices (the second item of TwoViewDataset), once per sample or twice for two views, "
+            "not class labels",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
         )
 
 

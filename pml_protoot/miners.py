@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning.miners import BaseMiner
 
 from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choice
-from .memory import check_memory_to_train
+from .memory import check_memory_to_train, warn_if_indices_repeat
 
 __all__ = ["ProtoOTMiner"]
 
@@ -60,7 +60,8 @@ class ProtoOTMiner(BaseMiner):
     ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
     miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With ``positives="instance"``
     and no index shared by anchors and references there are no positives: a
-    ``UserWarning`` says so.
+    ``UserWarning`` says so. The first call also warns when ``labels`` hold an index more than
+    twice: class labels, not sample indices.
 
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
@@ -127,12 +128,16 @@ class ProtoOTMiner(BaseMiner):
         self.cross_domain = check_bool("cross_domain", cross_domain)
         self.type_of_tuple = type_of_tuple
         self.update_prototypes = check_bool("update_prototypes", update_prototypes)
+        self._labels_checked = False
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """PML's ``BaseMiner.forward``, with ``labels``/``ref_labels`` sequences taken as index tensors, as
         ``ProtoOTLoss`` takes them (PML reads ``labels.shape`` first: a list failed with an AttributeError)."""
         labels = as_index_tensor("labels", labels)
         ref_labels = None if ref_labels is None else as_index_tensor("ref_labels", ref_labels)
+        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
+            warn_if_indices_repeat("labels", labels)
+            self._labels_checked = True
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):

@@ -1,6 +1,7 @@
 """ProtoOTLoss against a loop re-implementation of the official ProtoOT loss (HCVLab/ProtoOT builder.py)."""
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -412,13 +413,16 @@ def test_memory_state_is_computed_in_its_dtype_inside_a_callers_autocast():
 def test_a_step_reads_the_device_a_bounded_number_of_times(num_domains, cross, monkeypatch):
     """On a GPU each read of a device value (item, tolist, bool, int) waits for the queued work. A step
     (fill included) makes 3 reads per Sinkhorn (one a domain, D**2 with the cross term) and 9 for the
-    batch; the memory's step bookkeeping stays on the CPU, so its reads are free and not counted.
+    batch; the memory's step bookkeeping stays on the CPU, so its reads are free and not counted. The
+    first step's one-time label check runs before the count.
     At e75b4c1 the step made 49 / 151 reads at 2 / 4 domains with the cross term, 33 / 55 without."""
     size = 32
     memory = PrototypeMemory(sum([[d] * size for d in range(num_domains)], []), DIM, K, kmeans_nredo=1)
     memory.fill(F.normalize(torch.randn(num_domains * size, DIM), dim=1), torch.arange(num_domains * size))
     memory.recluster(0)
     loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0 if cross else 100)
+    indices = torch.cat([torch.arange(d * size, d * size + 4) for d in range(num_domains)])
+    loss_func(torch.randn(len(indices), DIM), indices, ref_emb=torch.randn(len(indices), DIM))  # the first step's checks
     host = {getattr(memory, name).untyped_storage().data_ptr() for name in ("epoch",)}
     reads = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
@@ -430,7 +434,23 @@ def test_a_step_reads_the_device_a_bounded_number_of_times(num_domains, cross, m
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    indices = torch.cat([torch.arange(d * size, d * size + 4) for d in range(num_domains)])
     embeddings = torch.randn(len(indices), DIM, requires_grad=True)
     loss_func(embeddings, indices, ref_emb=torch.randn(len(indices), DIM))
     assert len(reads) <= (3 * num_domains**2 if cross else 3 * num_domains) + 9
+
+
+def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
+    """PML's labels are classes; ProtoOT's are sample indices. Class labels repeat, and would silently
+    address the memory's first samples: the first batch warns, naming the index and its count."""
+    memory = random_memory(TWO_DOMAINS)
+    loss_func = ProtoOTLoss(memory)
+    embeddings, keys, _ = random_batch(BATCH * 2)
+    class_labels = torch.tensor([0, 1, 2] * 4 + [0, 1])
+    with pytest.warns(UserWarning, match="labels holds index 0 5 times in one batch: .* not class labels") as caught:
+        loss_func(embeddings, class_labels, ref_emb=keys)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_func(embeddings, class_labels, ref_emb=keys)  # once per loss
+        two_views = torch.tensor(BATCH * 2)  # two views concatenated: each index twice
+        ProtoOTLoss(random_memory(TWO_DOMAINS))(embeddings, two_views, ref_emb=keys)

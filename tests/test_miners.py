@@ -1,6 +1,7 @@
 """ProtoOTMiner against brute-force pair enumeration and a plain-loop reference of its rule."""
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -299,3 +300,16 @@ def test_the_prototype_update_runs_outside_the_callers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ProtoOTMiner(memory, update_prototypes=True)(embeddings, indices)
     assert torch.equal(memory.prototypes, expected.prototypes)
+
+
+def test_class_labels_instead_of_sample_indices_warn_once(device):
+    memory, _ = random_memory(device)
+    miner = ProtoOTMiner(memory)
+    embeddings = torch.randn(12, 6, device=device)
+    with pytest.warns(UserWarning, match="labels holds index 1 6 times in one batch") as caught:
+        miner(embeddings, torch.tensor([0, 1, 2, 1] * 3, device=device))
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        miner(embeddings, torch.tensor([0, 1, 2, 1] * 3, device=device))  # once per miner
+        ProtoOTMiner(memory)(embeddings, torch.arange(6, device=device).repeat(2))  # two views: each index twice
