@@ -58,9 +58,9 @@ class ProtoOTMiner(BaseMiner):
     for "the same as ``labels``", as ``ProtoOTLoss`` takes it) the pair (query :math:`i`,
     key :math:`i`) is always a positive. Whether the diagonal is left out follows from
     ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
-    miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With ``positives="instance"``
-    and no index shared by anchors and references there are no positives: a
-    ``UserWarning`` says so. The first call also warns when ``labels`` hold an index more than
+    miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With
+    ``positives="instance"`` and no index shared by anchors and references there are no
+    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` hold an index more than
     twice: class labels, not sample indices.
 
     Args:
