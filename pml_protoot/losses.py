@@ -214,12 +214,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
                 a memory that was never reclustered.
 
         Warns:
-            UserWarning: the first call's ``labels`` hold an index more than twice (class labels?).
+            UserWarning: the first call's ``labels`` repeat an index more often than drawing from its
+                domain can: class labels, not sample indices.
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
-            warn_if_indices_repeat("labels", labels)
+            warn_if_indices_repeat(self.memory, "labels", labels)
             self._labels_checked = True
         self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)

@@ -865,23 +865,36 @@ def check_memory_to_train(memory, user: str) -> None:
         )
 
 
-def warn_if_indices_repeat(name: str, indices: torch.Tensor) -> None:
-    """Warn (at the user's line) when an index occurs more than twice in ``indices``, one batch.
+def warn_if_indices_repeat(memory: PrototypeMemory, name: str, indices: torch.Tensor) -> None:
+    r"""Warn (at the user's line) when an index of ``indices``, one batch, repeats more than sampling explains.
 
-    ProtoOT's labels are global sample indices: once per sample, or twice for two views
-    concatenated. Class labels, PML's usual labels, repeat many times, and would silently address
-    the memory's first samples instead of the batch's. The check reads the device once: callers
-    run it on their first batch only.
+    ProtoOT's labels are global sample indices. A batch drawn from reshuffled passes over the
+    domains (:class:`~pml_protoot.samplers.CrossDomainSampler` cycles a small domain) holds an
+    index of domain :math:`d` at most :math:`\lceil n_d / N_d ceil + 1` times, :math:`n_d` being
+    the batch's entries of domain :math:`d` and :math:`N_d` its size; twice that with two views
+    concatenated. Class labels, PML's usual labels, all address the first samples and repeat far
+    more; they would silently train on those samples' rows. Callers run this on their first batch
+    only (it reads the device once).
+
+    Args:
+        memory: the memory the indices address.
+        name: the argument named in the warning.
+        indices: ``(B,)`` long tensor, checked to lie in ``[0, memory.num_samples)``.
     """
     if not len(indices):
         return
+    slots = memory.domain_of[indices]
+    in_batch = torch.bincount(slots, minlength=memory.num_domains)
+    sizes = torch.bincount(memory.domain_of, minlength=memory.num_domains)
     distinct, counts = torch.unique(indices, return_counts=True)
-    most = int(counts.max())
-    if most > 2:
+    limit = 2 * (torch.div(in_batch + sizes - 1, sizes, rounding_mode="floor") + 1)[memory.domain_of[distinct]]
+    excess = counts > limit
+    if bool(excess.any()):
+        first = int(excess.nonzero()[0, 0])
         warnings.warn(
-            f"{name} holds index {int(distinct[counts.argmax()])} {most} times in one batch: ProtoOT's labels are "
-            "global sample indices (the second item of TwoViewDataset), once per sample or twice for two views, "
-            "not class labels",
+            f"{name} holds index {int(distinct[first])} {int(counts[first])} times in one batch, more than "
+            "sampling its domain gives: ProtoOT's labels are global sample indices (the second item of "
+            "TwoViewDataset), not class labels",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )

@@ -60,8 +60,8 @@ class ProtoOTMiner(BaseMiner):
     ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
     miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With
     ``positives="instance"`` and no index shared by anchors and references there are no
-    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` hold an index more than
-    twice: class labels, not sample indices.
+    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` repeat an
+    index more often than drawing from its domain can (class labels, not sample indices).
 
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
@@ -135,9 +135,6 @@ class ProtoOTMiner(BaseMiner):
         ``ProtoOTLoss`` takes them (PML reads ``labels.shape`` first: a list failed with an AttributeError)."""
         labels = as_index_tensor("labels", labels)
         ref_labels = None if ref_labels is None else as_index_tensor("ref_labels", ref_labels)
-        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
-            warn_if_indices_repeat("labels", labels)
-            self._labels_checked = True
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
@@ -147,6 +144,9 @@ class ProtoOTMiner(BaseMiner):
         anchors index ``embeddings`` (B, D), positives/negatives index ``ref_emb`` (R, D).
         """
         labels = self.memory.check_indices("labels", labels)
+        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
+            warn_if_indices_repeat(self.memory, "labels", labels)
+            self._labels_checked = True
         is_self_reference = ref_emb is embeddings
         ref_labels = self._reference_indices(labels, ref_emb, ref_labels, is_self_reference)
         slots, own, cross = self._pseudo_labels(torch.cat([labels, ref_labels]))

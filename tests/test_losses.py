@@ -10,7 +10,8 @@ from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimila
 from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
 
 from pml_protoot.losses import ProtoOTLoss
-from pml_protoot.memory import PrototypeMemory
+from pml_protoot.memory import PrototypeMemory, warn_if_indices_repeat
+from pml_protoot.samplers import CrossDomainSampler
 from references import official_sinkhorn
 
 DIM, K = 5, 3
@@ -442,15 +443,35 @@ def test_a_step_reads_the_device_a_bounded_number_of_times(num_domains, cross, m
 def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
     """PML's labels are classes; ProtoOT's are sample indices. Class labels repeat, and would silently
     address the memory's first samples: the first batch warns, naming the index and its count."""
-    memory = random_memory(TWO_DOMAINS)
-    loss_func = ProtoOTLoss(memory)
-    embeddings, keys, _ = random_batch(BATCH * 2)
-    class_labels = torch.tensor([0, 1, 2] * 4 + [0, 1])
-    with pytest.warns(UserWarning, match="labels holds index 0 5 times in one batch: .* not class labels") as caught:
+    domains = [0] * 40 + [1] * 40
+    loss_func = ProtoOTLoss(random_memory(domains))
+    embeddings, keys, _ = random_batch(range(24))
+    class_labels = torch.arange(24) % 4  # 6 each, in domain 0: sampling gives at most 2 (4 with two views)
+    with pytest.warns(UserWarning, match="labels holds index 0 6 times in one batch, .* not class labels") as caught:
         loss_func(embeddings, class_labels, ref_emb=keys)
     assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss_func(embeddings, class_labels, ref_emb=keys)  # once per loss
-        two_views = torch.tensor(BATCH * 2)  # two views concatenated: each index twice
-        ProtoOTLoss(random_memory(TWO_DOMAINS))(embeddings, two_views, ref_emb=keys)
+        two_views = torch.tensor([0, 1, 2, 3, 40, 41] * 2 + [1, 2, 40, 41] * 2 + [5, 6, 45, 46])  # and a reshuffle
+        ProtoOTLoss(random_memory(domains))(embeddings, two_views, ref_emb=keys)
+
+
+@pytest.mark.parametrize("sizes, batch_size", [((3, 20), 16), ((5, 7, 40), 24), ((3, 3), 8), ((9, 30), 12)])
+def test_crossdomain_sampler_batches_never_warn_even_over_tiny_domains(sizes, batch_size):
+    """The bound is what reshuffled passes give: ceil(n_d / N_d) + 1 per view, checked on every batch."""
+    domains = sum(([slot] * size for slot, size in enumerate(sizes)), [])
+    memory = random_memory(domains)
+    sampler = CrossDomainSampler(domains, batch_size, seed=3)
+    order = [index for epoch in range(3) for index in (sampler.set_epoch(epoch) or list(sampler))]
+    domain_of = torch.tensor(domains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for start in range(0, len(order), batch_size):
+            batch = torch.tensor(order[start:start + batch_size])
+            counts = torch.bincount(batch, minlength=len(domains))
+            in_batch = torch.bincount(domain_of[batch], minlength=len(sizes))
+            bound = torch.tensor([math.ceil(int(in_batch[d]) / size) + 1 for d, size in enumerate(sizes)])
+            assert (counts <= bound[domain_of]).all()
+            warn_if_indices_repeat(memory, "labels", batch)
+            warn_if_indices_repeat(memory, "labels", batch.repeat(2))  # two views concatenated

@@ -306,7 +306,7 @@ def test_class_labels_instead_of_sample_indices_warn_once(device):
     memory, _ = random_memory(device)
     miner = ProtoOTMiner(memory)
     embeddings = torch.randn(12, 6, device=device)
-    with pytest.warns(UserWarning, match="labels holds index 1 6 times in one batch") as caught:
+    with pytest.warns(UserWarning, match="labels holds index 1 6 times in one batch, more than sampling") as caught:
         miner(embeddings, torch.tensor([0, 1, 2, 1] * 3, device=device))
     assert caught[0].filename == __file__
     with warnings.catch_warnings():
