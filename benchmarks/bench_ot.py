@@ -7,7 +7,8 @@ Run from the repository root (CPU, one thread, float32)::
 Methods, side by side on the same scores: ``sinkhorn`` (this package), ``official``
 (PROTOOT.md, plain ``exp`` and repeated division, as the official code does), POT's
 ``ot.sinkhorn`` and ``ot.bregman.sinkhorn_log`` on torch tensors (plan x N). Writes
-``benchmarks/results/bench_ot.{json,md}``.
+``benchmarks/results/bench_ot.{json,md}``. POT comes with the test and bench extras
+(``pip install -e ".[bench]"``), not with the package.
 """
 from __future__ import annotations
 
