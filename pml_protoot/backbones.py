@@ -6,6 +6,7 @@ import os
 from collections import OrderedDict
 from typing import Mapping
 
+import huggingface_hub.constants
 import timm
 import torch
 from torch import nn
@@ -80,10 +81,11 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     except OSError as err:  # the hub download (connection errors and a missing cache alike)
         if not pretrained:
             raise
+        skip_retries = "" if huggingface_hub.constants.HF_HUB_OFFLINE else ", and set HF_HUB_OFFLINE=1 to skip the retries"
         raise OSError(
             f"pretrained weights of {name!r} could not be downloaded from the hub ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'no message'}); without internet, load a local state dict "
-            "with weights=FILE (protoot: --weights FILE), and set HF_HUB_OFFLINE=1 to skip the retries"
+            f"with weights=FILE (protoot: --weights FILE){skip_retries}"
         ) from err
     if weights is not None:
         load_trunk_weights(trunk, weights)

@@ -1,4 +1,5 @@
 """timm trunks, strict local weights, the Lite0 converter and the MLP head."""
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import timm
@@ -409,9 +410,13 @@ def test_a_failed_hub_download_says_what_to_do_offline(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
 
     monkeypatch.setattr(timm, "create_model", no_hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(OSError, match=r"pretrained weights of 'resnet10t' could not be downloaded from the hub "
                                       r"\(OSError: We couldn't connect .*\); without internet, .*weights=FILE") as info:
         create_trunk("resnet10t", pretrained=True)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and str(info.value).endswith("set HF_HUB_OFFLINE=1 to skip the retries")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # already set: no advice to set it
+    with pytest.raises(OSError, match=r"weights=FILE \(protoot: --weights FILE\)$"):
+        create_trunk("resnet10t", pretrained=True)
     with pytest.raises(OSError, match="^We couldn't connect"):  # not a download: timm's own error as it is
         create_trunk("resnet10t")
