@@ -782,7 +782,12 @@ class PrototypeMemory(torch.nn.Module):
             self.potentials_valid.zero_()
         self._bank_indexes = {slot: self._build_bank_index(slot) for slot in range(self.num_domains)
                               if self.uses_ivf(slot)}
-        logger.info("reclustered %d domains at epoch %d (marginal rule %r)", self.num_domains, epoch, self.marginal_rule)
+        if clusterings is None:  # every epoch but the first, with the default options: not worth an INFO line
+            logger.debug("epoch %d: class marginals by rule %r, prototypes kept (no K-means)", epoch, self.marginal_rule)
+        else:
+            did = "set the prototypes" if first else "reset the prototypes" if self.reset_prototypes else "kept them"
+            logger.info("K-means on %d domains at epoch %d: marginals by rule %r, %s", self.num_domains, epoch,
+                        self.marginal_rule, did)
 
     def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K-means of every bank on rank 0, broadcast to the other ranks (one process: just K-means)."""
@@ -870,7 +875,8 @@ def warn_if_indices_repeat(memory: PrototypeMemory, name: str, indices: torch.Te
 
     ProtoOT's labels are global sample indices. A batch drawn from reshuffled passes over the
     domains (:class:`~pml_protoot.samplers.CrossDomainSampler` cycles a small domain) holds an
-    index of domain :math:`d` at most :math:`\lceil n_d / N_d ceil + 1` times, :math:`n_d` being
+    index of domain :math:`d` at most :math:`\lceil n_d / N_d 
+ceil + 1` times, :math:`n_d` being
     the batch's entries of domain :math:`d` and :math:`N_d` its size; twice that with two views
     concatenated. Class labels, PML's usual labels, all address the first samples and repeat far
     more; they would silently train on those samples' rows. Callers run this on their first batch

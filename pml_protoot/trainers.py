@@ -226,6 +226,7 @@ class ProtoOTTrainer(BaseTrainer):
         self.checkpoint_dir = checkpoint_dir
         self._initial_momentum = momentum
         self.cross_domain_weight = 0.0
+        self._logged_cross_domain_weight = self._logged_checkpoint_path = None  # what the log said last
         self._rank_states = None  # every rank's random states, gathered at the end of an epoch
         super().__init__(
             models, optimizers, batch_size, loss_funcs, dataset, mining_funcs=mining_funcs, sampler=sampler, **pml_kwargs
@@ -346,9 +347,10 @@ class ProtoOTTrainer(BaseTrainer):
         metric_loss = self.loss_funcs["metric_loss"]
         if isinstance(metric_loss, ProtoOTLoss):
             self.cross_domain_weight = metric_loss.current_cross_domain_weight()
-        logger.info(
-            "epoch %d: memory epoch %d, cross-domain weight %g", self.epoch, self.epoch - 1, self.cross_domain_weight
-        )
+        # One INFO line an epoch (its loss, in train); the weight only when it changes, e.g. the cross term's start.
+        log = logger.info if self.cross_domain_weight != self._logged_cross_domain_weight else logger.debug
+        log("epoch %d: memory epoch %d, cross-domain weight %g", self.epoch, self.epoch - 1, self.cross_domain_weight)
+        self._logged_cross_domain_weight = self.cross_domain_weight
 
     @torch.no_grad()
     def fill_memory(self):
@@ -466,7 +468,9 @@ class ProtoOTTrainer(BaseTrainer):
         state = self.checkpoint_state()
         with atomic_write(path) as file:
             torch.save(state, file)
-        logger.info("saved checkpoint of epoch %d to %s", self.epoch, path)
+        log = logger.debug if self._logged_checkpoint_path == path else logger.info  # the first save of a run says where
+        log("saved checkpoint of epoch %d to %s", self.epoch, path)
+        self._logged_checkpoint_path = path
 
     def checkpoint_state(self) -> dict:
         """Models, key encoder, memory, losses, optimizers, schedulers, scaler, sampler and dataset

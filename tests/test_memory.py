@@ -1,5 +1,6 @@
 """PrototypeMemory against plain references: loops, the official Sinkhorn formula, brute-force matching."""
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -295,15 +296,24 @@ def test_uniform_is_the_default_rule():
     "marginal_rule, reset_prototypes, later_runs",
     [("uniform", False, 0), ("assignment", False, 0), ("uniform", True, 2), ("matched", False, 2), ("official", False, 2)],
 )
-def test_later_reclusters_run_kmeans_only_when_sizes_or_reset_need_it(marginal_rule, reset_prototypes, later_runs):
+def test_later_reclusters_run_kmeans_only_when_sizes_or_reset_need_it(marginal_rule, reset_prototypes, later_runs,
+                                                                         caplog):
+    """The INFO log says K-means ran, and what it did, only when it did."""
     memory, _ = blob_memory(marginal_rule, reset_prototypes=reset_prototypes)
     runs = []
     kmeans = memory._kmeans
     memory._kmeans = lambda bank: runs.append(len(bank)) or kmeans(bank)
+    caplog.set_level(logging.INFO, logger="pml_protoot.memory")
     memory.recluster(epoch=0)
     assert runs == [20, 18]  # the first call always clusters both domains: it sets the prototypes
+    assert caplog.messages == [f"K-means on 2 domains at epoch 0: marginals by rule {marginal_rule!r}, "
+                               "set the prototypes"]
+    caplog.clear()
     memory.recluster(epoch=1)
     assert len(runs) == 2 + later_runs and int(memory.epoch) == 1
+    did = "reset the prototypes" if reset_prototypes else "kept them"
+    assert caplog.messages == ([f"K-means on 2 domains at epoch 1: marginals by rule {marginal_rule!r}, {did}"]
+                               if later_runs else [])
 
 
 @pytest.mark.parametrize("marginal_rule", ["matched", "official", "uniform"])

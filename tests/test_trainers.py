@@ -3,6 +3,7 @@
 Data: two domains of low-dimensional synthetic "cached trunk features" (class centre +
 domain shift + noise), trunk = nn.Identity(), a tiny MLP embedder: the feature-cache mode.
 """
+import logging
 import math
 import os
 import warnings
@@ -691,3 +692,23 @@ def test_wrapping_only_some_trained_models_in_ddp_is_refused(tmp_path):
         ProtoOTTrainer(models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
     finally:
         dist.destroy_process_group()
+
+
+def test_one_info_line_an_epoch_and_one_for_each_event(tmp_path, caplog):
+    """A 200-epoch run logged four INFO lines an epoch; now the epoch's loss, and the cross-domain
+    weight and checkpoint path only when they are new."""
+    trainer = make_trainer("cpu", checkpoint_dir=tmp_path)
+    trainer.loss_funcs["metric_loss"].cross_domain_start_epoch = 2  # memory epoch 2 = PML epoch 3
+    caplog.set_level(logging.INFO, logger="pml_protoot.trainers")
+    trainer.train(num_epochs=4)
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "pml_protoot.trainers" and not record.getMessage().startswith("filled memory banks")]
+    path, steps = os.path.join(tmp_path, "last.pth"), trainer.iterations_per_epoch
+    mean = [f"mean total_loss {sum(trainer.recorded_losses[e * steps:(e + 1) * steps]) / steps:.5f} over {steps} steps"
+            for e in range(4)]
+    assert messages == [
+        "epoch 1: memory epoch 0, cross-domain weight 0", f"epoch 1: {mean[0]}", f"saved checkpoint of epoch 1 to {path}",
+        f"epoch 2: {mean[1]}",
+        "epoch 3: memory epoch 2, cross-domain weight 0.01", f"epoch 3: {mean[2]}",
+        f"epoch 4: {mean[3]}",
+    ]
