@@ -139,7 +139,8 @@ class ProtoOTTrainer(BaseTrainer):
             ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
             ``dataset`` shorter than it), a ``CrossDomainSampler``
             on other domains than the memory's, or a ``checkpoint_dir`` that is a file; at the
-            first batch of the bank filling, ``fill_dataset`` items that are not ``(tensor, ...)``.
+            first batch of the bank filling, ``fill_dataset`` items that are not ``(tensor, ...)``
+            or models whose embeddings are not ``memory.dim`` wide.
 
     Warns:
         UserWarning: a ``ProtoOTMiner`` without ``update_prototypes`` on a memory without
@@ -376,11 +377,20 @@ class ProtoOTTrainer(BaseTrainer):
                 key_views = _first_field(batch)
                 indices = positions[start : start + len(key_views)]
                 start += len(key_views)
-            self.memory.fill(self.compute_keys(key_views), indices)
+            self.memory.fill(self._checked_width(self.compute_keys(key_views)), indices)
         most_batches = math.ceil(len(range(0, len(dataset), world_size)) / self.batch_size)  # rank 0's count
         for _ in range(most_batches - len(loader)):  # fill is a collective: every rank calls it equally often
             self.memory.fill(torch.zeros(0, self.memory.dim, device=self.data_device), torch.zeros(0, dtype=torch.long))
         logger.info("filled memory banks with %d keys", int(self.memory.written.sum()))
+
+    def _checked_width(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys``, or a ValueError naming both widths when the models' output is not ``(B, memory.dim)``."""
+        if keys.dim() != 2 or keys.shape[1] != self.memory.dim:
+            raise ValueError(
+                f"the models output embeddings of shape {tuple(keys.shape[1:])} a sample, the memory holds "
+                f"rows of dim={self.memory.dim}: build PrototypeMemory(..., dim=) with the embedder's output width"
+            )
+        return keys
 
     # ----- one iteration ---------------------------------------------------------------------
     def calculate_loss(self, curr_batch):

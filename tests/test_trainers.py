@@ -66,7 +66,8 @@ class RecordingNTXentLoss(NTXentLoss):
 
 
 def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views=jitter, cached_views=False,
-                 batch_size=BATCH, mining_funcs=None, update_prototypes=True, reset_prototypes=False, **kwargs):
+                 batch_size=BATCH, mining_funcs=None, update_prototypes=True, reset_prototypes=False,
+                 embedder_width=EMBED_DIM, **kwargs):
     """A fresh trainer on the synthetic set; ``classes`` replaces the class labels the dataset carries;
     ``cached_views``: a ``CachedTwoViewDataset`` of 4 fixed jittered views instead of fresh views;
     ``loss="ntxent"`` pairs NTXentLoss with ``mining_funcs`` (default: a ProtoOTMiner with ``update_prototypes``)."""
@@ -75,7 +76,7 @@ def make_trainer(device, classes=None, seed=0, loss="protoot", trunk=None, views
     torch.manual_seed(seed)
     trunk = torch.nn.Identity() if trunk is None else trunk
     embedder = torch.nn.Sequential(
-        torch.nn.Linear(FEATURE_DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, EMBED_DIM)
+        torch.nn.Linear(FEATURE_DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, embedder_width)
     )
     trunk, embedder = trunk.to(device), embedder.to(device)
     memory = PrototypeMemory(domains, dim=EMBED_DIM, num_prototypes=NUM_CLASSES, kmeans_nredo=2,
@@ -712,3 +713,12 @@ def test_one_info_line_an_epoch_and_one_for_each_event(tmp_path, caplog):
         "epoch 3: memory epoch 2, cross-domain weight 0.01", f"epoch 3: {mean[2]}",
         f"epoch 4: {mean[3]}",
     ]
+
+
+def test_an_embedder_of_another_width_than_the_memory_is_named_at_the_first_fill_batch():
+    """It failed inside memory.fill as "keys must have shape (8, 4), got (8, 6)"."""
+    trainer = make_trainer("cpu", embedder_width=EMBED_DIM + 2)
+    with pytest.raises(ValueError, match=rf"the models output embeddings of shape \({EMBED_DIM + 2},\) a sample, the "
+                                         rf"memory holds rows of dim={EMBED_DIM}: build PrototypeMemory"):
+        trainer.train(num_epochs=1)
+    assert not trainer.memory.written.any()
