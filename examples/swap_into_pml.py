@@ -13,13 +13,14 @@ does not.
 
 Each script trains one epoch; by default that epoch is one pass of its sampler (PML's
 ``iterations_per_epoch=None`` is ``len(dataloader)``: 8 batches of ``MPerClassSampler``,
-10 domain-balanced blocks of ``CrossDomainSampler`` on the 300 demo images). A larger
-``--iterations`` runs further passes within the epoch, each in a fresh order.
+10 domain-balanced blocks of ``CrossDomainSampler`` on the 300 demo images).
+``--iterations N`` sets the epoch's length for both: fewer steps than a pass stop early,
+more run further passes within the epoch, each in a fresh order.
 
 Run::
 
-    python examples/swap_into_pml.py               # one pass each
-    python examples/swap_into_pml.py --iterations 5
+    python examples/swap_into_pml.py                  # one pass each
+    python examples/swap_into_pml.py --iterations 30  # three passes of CrossDomainSampler
 """
 import argparse
 
