@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
+    if not (args.pretrained or args.weights):
+        print(f"note: {args.backbone} has random weights (no --pretrained or --weights): a baseline, not a model")
+    torch.manual_seed(0)  # the random weights, when there are no others: the same numbers every run
     # Your model goes here: anything with forward(images) -> (B, D) embeddings.
     model, _ = create_trunk(args.backbone, pretrained=args.pretrained, weights=args.weights)
     model = model.to(args.device).eval()
