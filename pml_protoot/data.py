@@ -330,9 +330,16 @@ class TwoViewDataset(torch.utils.data.Dataset):
         query_transform: view for the query encoder.
         key_transform: view for the momentum key encoder.
 
+    The views take the dataset's images as they come: build an image dataset with
+    ``transform=None`` and put its transform into the views (e.g. :func:`moco_v2_transform`,
+    which takes PIL images). Datasets of tensors with views that take tensors work as well.
+
     Raises:
         TypeError: a transform is not callable; on indexing, an item of ``dataset`` that is
-            not an ``(image, class_label)`` tuple or list.
+            not an ``(image, class_label)`` tuple or list, or a view that fails (``TypeError``
+            or ``AttributeError``) on an image that the dataset's own ``transform`` already
+            turned into something other than a PIL image (a tensor): the message names that cause,
+            the view's own error is chained.
         ValueError: on indexing, an item of ``dataset`` that is a tuple or list of other length.
 
     Example:
@@ -357,7 +364,31 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image, _ = _image_and_label(self.dataset[index])
-        return (self.query_transform(image), self.key_transform(image)), index
+        try:
+            return (self.query_transform(image), self.key_transform(image)), index
+        except (TypeError, AttributeError) as err:
+            # Only where the failure has this cause: a dataset's own transform ran before views expecting its raw
+            # images (e.g. torchvision's "pic should be PIL Image or ndarray"); views on tensors are not refused.
+            own_transform = _own_transform(self.dataset)
+            if own_transform is None or isinstance(image, Image.Image):
+                raise
+            raise TypeError(
+                f"query_transform and key_transform must take the dataset's images, but the dataset's own transform "
+                f"({type(own_transform).__name__}) already made them a {type(image).__name__}, which a view refused "
+                f"({type(err).__name__}: {err}); "
+                f"{_TRANSFORM_INTO_VIEWS.format(views='query_transform and key_transform')}"
+            ) from err
+
+
+#: The fix for a dataset whose own transform runs before views that expect its raw images.
+_TRANSFORM_INTO_VIEWS = "build the dataset with transform=None and put its transform into {views}"
+
+
+def _own_transform(dataset):
+    """The ``transform`` of ``dataset``, or of the dataset below its ``Subset`` wrappers; None when it has none."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "transform", None)
 
 
 def _image_and_label(item) -> tuple:
@@ -878,7 +909,8 @@ def _check_cache_inputs(dataset, trunk, train_view, eval_view) -> None:
     if dataset.transform is not None:  # the views are applied to the dataset's PIL images
         raise ValueError(f"dataset.transform must be None: the cache applies train_view and eval_view to the "
                          f"dataset's images itself, and its key does not cover a transform of the dataset; got "
-                         f"{type(dataset.transform).__name__} (put it into train_view and eval_view)")
+                         f"{type(dataset.transform).__name__}: "
+                         f"{_TRANSFORM_INTO_VIEWS.format(views='train_view and eval_view')}")
     if not isinstance(trunk, torch.nn.Module):
         raise TypeError(f"trunk must be a torch.nn.Module, got {type(trunk).__name__}")
     for name, view in (("train_view", train_view), ("eval_view", eval_view)):

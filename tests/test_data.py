@@ -218,6 +218,35 @@ def test_two_view_dataset_names_an_item_that_is_not_image_and_label(item, error,
         TwoViewDataset([item], lambda x: x, lambda x: x)[0]
 
 
+@pytest.mark.parametrize("wrap", [lambda data: data, lambda data: data.subset("outline")])
+def test_two_view_dataset_over_a_dataset_with_its_own_transform_names_the_cause(wrap):
+    """The views of an image dataset take its PIL images: a dataset built with eval_transform (its images
+    already tensors) failed in torchvision with "pic should be PIL Image or ndarray", naming neither."""
+    data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16, transform=eval_transform(16))
+    views = TwoViewDataset(wrap(data), moco_v2_transform(16), moco_v2_transform(16))
+    with pytest.raises(TypeError, match=r"dataset's own transform \(Compose\) already made them a Tensor, which a view "
+                                        r"refused .*; build the dataset with transform=None and put its transform "
+                                        r"into query_transform and key_transform") as raised:
+        views[0]
+    assert isinstance(raised.value.__cause__, TypeError) and "PIL Image" in str(raised.value.__cause__)
+    data.transform = None  # as the message says
+    (query, key), index = views[0]
+    assert query.shape == key.shape == (3, 16, 16) and index == 0
+
+
+def test_two_view_dataset_leaves_views_on_tensors_and_other_failures_alone():
+    data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16, transform=eval_transform(16))
+    (query, key), _ = TwoViewDataset(data, lambda x: x.flip(-1), lambda x: x * 2)[3]  # views on tensors: fine
+    assert torch.equal(query, data[3][0].flip(-1)) and torch.equal(key, data[3][0] * 2)
+
+    def broken(image):
+        raise TypeError("a view's own bug")
+
+    data.transform = None  # PIL images: the view's own error, as it was
+    with pytest.raises(TypeError, match="^a view's own bug$"):
+        TwoViewDataset(data, broken, broken)[0]
+
+
 def test_synthetic_set_is_seeded_imbalanced_and_fast():
     start = time.perf_counter()
     data = make_synthetic_domains(num_classes=5, images_per_class=(40, 20), domains=("filled", "outline"), seed=3)
@@ -533,7 +562,9 @@ def test_feature_cache_bad_input(tiny_folder):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        ({"transform": eval_transform(16)}, ValueError, "dataset.transform must be None: the cache applies train_view and eval_view .* got Compose"),
+        ({"transform": eval_transform(16)}, ValueError, "dataset.transform must be None: the cache applies train_view and eval_view .* "
+                                                       "got Compose: build the dataset with transform=None and put its "
+                                                       "transform into train_view and eval_view"),
         ({"trunk": lambda images: images}, TypeError, "trunk must be a torch.nn.Module, got function"),
         ({"train_view": None}, TypeError, "train_view must be a callable transform .* got NoneType"),
         ({"eval_view": "eval"}, TypeError, "eval_view must be a callable transform .* got str"),
