@@ -43,6 +43,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -603,6 +604,13 @@ def _check_domain_sizes(dataset, num_prototypes: int, batch_size: int) -> None:
         raise CommandError(
             f"--num-prototypes (default: the number of classes) must be at most the image count of the smallest "
             f"domain ({domain!r}: {smallest}), got {num_prototypes}"
+        )
+    per_domain = batch_size // len(dataset.domains)
+    if per_domain > smallest:  # legitimate for a tiny domain, but not silently
+        logger.warning(
+            "--batch-size %d takes %d images of each domain a step, more than domain %r holds (%d): its images "
+            "repeat within every batch (about %d times)", batch_size, per_domain, domain, smallest,
+            math.ceil(per_domain / smallest),
         )
 
 

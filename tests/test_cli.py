@@ -919,3 +919,16 @@ def test_a_cross_domain_start_not_below_epochs_is_not_refused(image_folder, tmp_
     assert status == 0, err
     assert json.loads((out / "config.json").read_text())["cross_domain_start"] == 1
     assert any("cross-domain term never runs" in w for w in warnings_logged(caplog)), warnings_logged(caplog)
+
+
+@pytest.mark.parametrize("batch_size, warned", [(12, False), (14, True), (40, True)])
+def test_a_batch_larger_than_a_domain_is_warned_of(batch_size, warned, caplog):
+    """CrossDomainSampler cycles a domain smaller than its share of the batch: its images repeat in every batch."""
+    from pml_protoot import cli
+
+    dataset = make_synthetic_domains(num_classes=2, images_per_class=3, image_size=16)  # 6 images a domain
+    caplog.set_level(logging.INFO)
+    cli._check_domain_sizes(dataset, 2, batch_size)
+    expected = (f"--batch-size {batch_size} takes {batch_size // 2} images of each domain a step, more than domain "
+                f"'filled' holds (6): its images repeat within every batch (about {-(-batch_size // 12)} times)")
+    assert warnings_logged(caplog) == ([expected] if warned else [])
