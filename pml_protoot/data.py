@@ -391,13 +391,20 @@ def _own_transform(dataset):
     return getattr(dataset, "transform", None)
 
 
-def _image_and_label(item) -> tuple:
-    """``item`` if it is an ``(image, class_label)`` pair; a bare tensor of two rows would unpack silently."""
+def _image_and_label(item, argument: str = "dataset items", tensor_images: bool = False) -> tuple:
+    """``item`` if it is an ``(image, class_label)`` pair; a bare tensor of two rows would unpack silently.
+
+    With ``tensor_images``, a PIL image is refused too: torch's default collate cannot batch it (a dataset
+    built without its evaluation transform). ``argument`` names the items in the message.
+    """
     if not isinstance(item, (tuple, list)):
-        raise TypeError(f"dataset items must be (image, class_label) tuples, got a {type(item).__name__}")
+        raise TypeError(f"{argument} must be (image, class_label) tuples, got a {type(item).__name__}")
     if len(item) != 2:
-        raise ValueError(f"dataset items must be (image, class_label) tuples, got a {type(item).__name__} "
+        raise ValueError(f"{argument} must be (image, class_label) tuples, got a {type(item).__name__} "
                          f"of length {len(item)}")
+    if tensor_images and isinstance(item[0], Image.Image):
+        raise TypeError(f"{argument} hold PIL images, which torch's default collate cannot batch: the images must "
+                        "be tensors; build the dataset with transform=eval_transform(...)")
     return item
 
 

@@ -166,18 +166,26 @@ class CrossDomainTester(BaseTester):
             ``tester.all_accuracies``: ``{"A->B": {"epoch": epoch, metric: value}, ..., "mean": {...}}``.
 
         Raises:
-            TypeError: ``dataset_dict`` is not a dict, or a domain's class labels are not
-                integers (refused as :meth:`evaluate` refuses them, float labels included).
+            TypeError: ``dataset_dict`` is not a dict, a domain's class labels are not
+                integers (refused as :meth:`evaluate` refuses them, float labels included), or (with
+                the default ``collate_fn`` and ``data_and_label_getter``, checked on each domain's
+                first item before embedding) a domain's items are not ``(image, class_label)``
+                tuples or hold PIL images (build the dataset with ``transform=eval_transform(...)``).
             ValueError: fewer than two domains, an empty domain, a pair naming an unknown
-                domain or the same domain twice, or a pair in PML's ``(query, [references])``
-                form (write one ``(query, reference)`` pair per reference).
+                domain or the same domain twice, a pair in PML's ``(query, [references])``
+                form (write one ``(query, reference)`` pair per reference), or a domain's items
+                that are tuples of other length than two.
         """
         if not isinstance(dataset_dict, dict):
             raise TypeError(f"dataset_dict must be a dict {{domain: dataset}}, got {type(dataset_dict).__name__}")
         pairs = self._resolve_pairs(list(dataset_dict), pairs)
-        for name in {domain for pair in pairs for domain in pair}:
+        for name in sorted({domain for pair in pairs for domain in pair}):
             if len(dataset_dict[name]) == 0:
                 raise ValueError(f"dataset_dict[{name!r}] must hold at least one item, got an empty dataset")
+            if collate_fn is None and self.data_and_label_getter is c_f.return_input:
+                # The items as compute_all_embeddings reads their batches, checked before embedding and named by
+                # domain: torch's default collate fails on a PIL image (a dataset built without a transform).
+                _image_and_label(dataset_dict[name][0], f"dataset_dict[{name!r}] items", tensor_images=True)
         embedder_model = torch.nn.Identity() if embedder_model is None else embedder_model
         trunk_model.eval()
         embedder_model.eval()

@@ -209,8 +209,38 @@ def test_bad_input():
 def test_items_that_are_not_image_label_pairs_are_refused_saying_what_they_hold():
     x, y = torch.randn(4, 6), torch.tensor([0, 1, 0, 1])
     triples = {name: torch.utils.data.TensorDataset(x, y, y) for name in ("photo", "sketch")}
+    trunk = CountingTrunk(6, 4)
+    with pytest.raises(ValueError, match=r"dataset_dict\['photo'\] items must be \(image, class_label\) tuples, "
+                                         r"got a tuple of length 3"):
+        make_tester().test(triples, 0, trunk)
+    assert trunk.images_seen == 0  # refused before embedding
+    # Items are checked in their batches too, where a collate_fn makes them: the checks of the items are the
+    # default collate's.
     with pytest.raises(ValueError, match=r"dataset items must be \(image, class_label\) tuples, got a list of length 3"):
-        make_tester().test(triples, 0, CountingTrunk(6, 4))
+        make_tester().test(triples, 0, trunk, collate_fn=torch.utils.data.default_collate)
+
+
+def test_a_dataset_of_pil_images_is_refused_before_embedding_with_the_fix():
+    """A dataset built without a transform holds PIL images, which torch's default collate cannot batch: its
+    TypeError named neither the domain nor the fix."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pml_protoot.data import eval_transform, make_synthetic_domains
+
+    data = make_synthetic_domains(num_classes=2, images_per_class=2, image_size=16)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), CountingTrunk(3 * 16 * 16, 4))
+    domains = {d: data.subset(d) for d in data.domains}
+    with pytest.raises(TypeError, match=r"dataset_dict\['filled'\] items hold PIL images, which torch's default "
+                                        r"collate cannot batch: .*build the dataset with transform=eval_transform\(\.\.\.\)"):
+        make_tester().test(domains, 0, trunk)
+    assert trunk[1].images_seen == 0
+
+    def to_tensors(batch):  # a collate_fn of one's own may take PIL images: not refused
+        return torch.stack([pil_to_tensor(image).float() for image, _ in batch]), torch.tensor([y for _, y in batch])
+
+    assert "mean" in make_tester().test(domains, 0, trunk, collate_fn=to_tensors)
+    data.transform = eval_transform(16)  # as the message says
+    assert "mean" in make_tester().test(domains, 0, trunk)
 
 
 def test_a_model_giving_nan_is_named_as_the_model():
