@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import tqdm
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator, maybe_get_avg_of_avgs
+from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from ._checks import as_index_tensor, check_bool, check_choice, check_matrix, check_positive_int
 from .ot import _compute_dtype
@@ -139,7 +140,11 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             as ``"cpu"`` (converted with ``torch.device``); None: PML's default (cuda if
             available).
         chunk_bytes: memory budget for one similarity chunk and its sort (bytes).
-        kmeans_func: clustering for ``NMI``/``AMI``, as in PML.
+        kmeans_func: clustering for ``NMI``/``AMI``, as in PML. ``None``: PML's default faiss
+            K-means with ``min_points_per_centroid=1``, which faiss reads only to print a C++
+            warning (``WARNING clustering 12 points to 3 centroids: please provide at least
+            117 training points``) that no Python filter silences: the same clusters, NMI and
+            AMI as PML's, without the noise on small sets.
         progress: show a tqdm bar over query chunks.
         prefilter: ``"auto"``, ``"bf16"`` or ``None``: screen the other-class columns of
             float32 rankings on CPU with a bfloat16 product before the exact float32 rescoring
@@ -206,6 +211,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             device=_as_device(device),
             kmeans_func=kmeans_func,
         )
+        if kmeans_func is None:  # PML's default: the same clustering, without faiss's small-set warning
+            self.kmeans_func = _without_small_set_warning(self.kmeans_func)
         if prefilter == "bf16" and self.device.type != "cpu":
             raise ValueError(f"prefilter='bf16' runs on CPU only, got device={self.device}")
 
@@ -466,6 +473,19 @@ class PrecisionAtKCalculator(AccuracyCalculator):
 
 
 # --------------------------------------------------------------------- helpers
+def _without_small_set_warning(kmeans_func):
+    """PML's default ``FaissKMeans`` with its parameters and ``min_points_per_centroid=1``.
+
+    faiss's ``Clustering::train`` reads ``min_points_per_centroid`` only to print, from C++ (past
+    ``logging`` and ``warnings``), ``WARNING clustering N points to K centroids`` when ``N < K * 39``;
+    initialisation, iterations and the subsampling above ``K * max_points_per_centroid`` (256) points
+    are the same, so are the clusters and NMI/AMI. Anything else is returned as it is.
+    """
+    if type(kmeans_func) is not FaissKMeans:
+        return kmeans_func
+    return FaissKMeans(**{**kmeans_func.kwargs, "min_points_per_centroid": 1})
+
+
 def _check_k_values(k_values) -> tuple[int, ...]:
     try:
         values = tuple(k_values)

@@ -698,3 +698,49 @@ def test_precision_at_1_equals_pmls_on_normalised_embeddings_only():
     assert pml.get_accuracy(query, query_labels, reference, reference_labels, False)["precision_at_1"] == 0.0
     unit = torch.nn.functional.normalize(reference, dim=1)
     assert pml.get_accuracy(query, query_labels, unit, reference_labels, False)["precision_at_1"] == 1.0
+
+
+def clustered(num, num_classes, seed):
+    """``(num, 8)`` embeddings around one random centre per class and their labels (every class present)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % num_classes
+    centres = 2 * torch.randn(num_classes, 8, generator=generator)
+    return centres[labels] + torch.randn(num, 8, generator=generator), labels
+
+
+# 12 and 60 points warn in faiss (< 39 per centroid), 2000 and 3000 are subsampled (> 256 per centroid).
+@pytest.mark.parametrize("num, num_classes", [(12, 3), (60, 5), (150, 3), (2000, 4), (3000, 3)])
+def test_nmi_and_ami_are_pmls_default_clustering_exactly(num, num_classes):
+    """The default clustering is PML's faiss K-means with min_points_per_centroid=1, a parameter faiss reads
+    only to print its warning: the same cluster of every point, so the same NMI and AMI."""
+    embeddings, labels = clustered(num, num_classes, seed=num)
+    pml = AccuracyCalculator(include=("NMI", "AMI"), device=torch.device("cpu"))
+    ours = PrecisionAtKCalculator(include=("NMI", "AMI"), device=torch.device("cpu"))
+    assert torch.equal(ours.get_cluster_labels(embeddings, labels), pml.get_cluster_labels(embeddings, labels))
+    expected = pml.get_accuracy(embeddings, labels, embeddings, labels, False)
+    assert ours.get_accuracy(embeddings, labels, embeddings, labels, False) == expected
+    assert ours.kmeans_func.kwargs == {**pml.kmeans_func.kwargs, "min_points_per_centroid": 1}
+
+
+def test_nmi_of_a_small_set_prints_nothing(capfd):
+    """faiss's K-means printed "WARNING clustering 12 points to 3 centroids: please provide at least 117
+    training points" from C++ (no logging or warnings filter silences it) on every small set."""
+    embeddings, labels = clustered(12, 3, seed=0)
+    capfd.readouterr()
+    PrecisionAtKCalculator(device=torch.device("cpu")).get_accuracy(embeddings, labels, embeddings, labels, False)
+    captured = capfd.readouterr()
+    assert captured.out == captured.err == ""
+
+
+def test_a_kmeans_func_of_ones_own_is_used_as_given():
+    calls = []
+
+    def kmeans_func(x, num_clusters):
+        calls.append((tuple(x.shape), num_clusters))
+        return torch.zeros(len(x), dtype=torch.long)
+
+    embeddings, labels = clustered(12, 3, seed=1)
+    calc = PrecisionAtKCalculator(include=("NMI",), kmeans_func=kmeans_func, device=torch.device("cpu"))
+    assert calc.kmeans_func is kmeans_func
+    assert calc.get_accuracy(embeddings, labels, embeddings, labels, False) == {"NMI": 0.0}
+    assert calls == [((12, 8), 3)]
