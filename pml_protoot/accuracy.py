@@ -10,11 +10,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import tqdm
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator, maybe_get_avg_of_avgs
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from ._checks import as_index_tensor, check_bool, check_choice, check_matrix, check_positive_int
+from ._progress import progress_bar
 from .ot import _compute_dtype
 
 __all__ = ["PrecisionAtKCalculator"]
@@ -145,7 +145,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             warning (``WARNING clustering 12 points to 3 centroids: please provide at least
             117 training points``) that no Python filter silences: the same clusters, NMI and
             AMI as PML's, without the noise on small sets.
-        progress: show a tqdm bar over query chunks.
+        progress: show a tqdm bar over query chunks, where stderr is a terminal.
         prefilter: ``"auto"``, ``"bf16"`` or ``None``: screen the other-class columns of
             float32 rankings on CPU with a bfloat16 product before the exact float32 rescoring
             (see above; the ranking is the same). ``"auto"`` does so where the CPU multiplies
@@ -332,9 +332,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         query = _normalised(query, self.device)
         rows_per_chunk = max(1, min(_MAX_CHUNK_ROWS, self.chunk_bytes // (16 * len(reference))))
         rows_done, per_chunk = [], []
-        for rows in tqdm.tqdm(
-            list(_class_chunks(query_labels, valid, rows_per_chunk)), desc="ranking", disable=not self.progress
-        ):
+        for rows in progress_bar(list(_class_chunks(query_labels, valid, rows_per_chunk)), "ranking", self.progress):
             own_columns = gallery.position[rows] if ref_includes_query else None
             block = gallery.block(int(query_labels[rows[0]]))
             chunk = _QueryChunk(query[rows.to(query.device)], gallery, block, own_columns)

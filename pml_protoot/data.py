@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,7 +19,6 @@ from PIL import Image, ImageDraw
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from tqdm.auto import tqdm
 
 from ._checks import (
     as_index_tensor,
@@ -31,6 +31,7 @@ from ._checks import (
     check_positive_int,
 )
 from ._files import atomic_write, load_saved
+from ._progress import progress_bar
 from .ot import _compute_dtype
 
 __all__ = [
@@ -691,8 +692,9 @@ def trunk_features(
         dataset: items ``x`` or tuples ``(x, ...)`` (e.g. ``(image, class_label)``); only ``x`` is used.
         batch_size: items per trunk call.
         num_workers: ``DataLoader`` worker processes (image decoding and transforms).
-        progress: show a tqdm progress bar.
-        description: the progress bar's label.
+        progress: show a tqdm progress bar (where stderr is a terminal; an INFO log line says the
+            size and time in any case).
+        description: the progress bar's and the log line's label.
 
     Returns:
         ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
@@ -719,7 +721,8 @@ def trunk_features(
         raise ValueError("dataset is empty: there is nothing to extract features from")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device = _model_device(trunk)
-    batches = tqdm(loader, description, disable=not progress)
+    batches = progress_bar(loader, description, show=progress)
+    start = time.perf_counter()
     modes = [(module, module.training) for module in trunk.modules()]  # per module: modes may be mixed
     trunk.eval()
     try:
@@ -727,6 +730,7 @@ def trunk_features(
     finally:
         for module, training in modes:
             module.training = training
+    logger.info("%s: %d items in %.1f s", description, len(dataset), time.perf_counter() - start)
     return torch.cat(outputs)
 
 

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from tqdm.auto import tqdm
 
 from ._checks import (
-    caller_stacklevel,
     as_index_tensor,
+    caller_stacklevel,
     check_bool,
     check_choice,
     check_in_range,
@@ -26,6 +25,7 @@ from ._checks import (
     check_number,
     check_positive_int,
 )
+from ._progress import progress_bar
 from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
 from .ot import _compute_dtype, _logits, sinkhorn
 
@@ -792,7 +792,7 @@ class PrototypeMemory(torch.nn.Module):
     def _kmeans_on_rank_zero(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K-means of every bank on rank 0, broadcast to the other ranks (one process: just K-means)."""
         clusterings = []
-        for slot in tqdm(range(self.num_domains), desc=f"K-means (epoch {epoch})", leave=False, disable=None):
+        for slot in progress_bar(range(self.num_domains), f"K-means (epoch {epoch})", leave=False):
             if get_rank() == 0:
                 centroids, sizes = self._kmeans(self.bank(slot))
             else:

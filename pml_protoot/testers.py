@@ -6,11 +6,11 @@ from itertools import permutations
 
 import numpy as np
 import torch
-import tqdm
 from pytorch_metric_learning.testers.base_tester import BaseTester
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool
+from ._progress import progress_bar
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
 from .data import _image_and_label, _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
@@ -55,7 +55,7 @@ class CrossDomainTester(BaseTester):
             (e.g. a bfloat16 trunk under a float32 head). Integer inputs (``uint8`` images)
             are never cast, unlike PML: ``uint8 -> float`` would keep 0-255 where a model
             expects its own scaling.
-        progress: show a tqdm bar while embedding each domain.
+        progress: show a tqdm bar while embedding each domain, where stderr is a terminal.
         pair_separator: joins query and gallery domain in the results keys (``"A->B"``).
             record-keeper puts the keys, unquoted, into SQLite table names, where ``->`` is
             a syntax error: :class:`~pml_protoot.hooks.ProtoOTHookContainer` records them
@@ -334,7 +334,7 @@ class CrossDomainTester(BaseTester):
         """
         embeddings, labels = [], []
         with torch.no_grad():
-            for data in tqdm.tqdm(dataloader, desc="embedding", disable=not self.progress):
+            for data in progress_bar(dataloader, "embedding", show=self.progress):
                 images, label = _image_and_label(self.data_and_label_getter(data))
                 embeddings.append(self.get_embeddings_for_eval(trunk_model, embedder_model, images))
                 label = c_f.process_label(label, "all", self.label_mapper)

@@ -17,10 +17,10 @@ from pytorch_metric_learning.trainers import BaseTrainer
 from pytorch_metric_learning.utils import common_functions as c_f
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, load_saved
+from ._progress import progress_bar
 from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
@@ -311,7 +311,7 @@ class ProtoOTTrainer(BaseTrainer):
             self.fill_memory()
         for self.epoch in range(start_epoch, num_epochs + 1):
             self.start_epoch()
-            progress = tqdm(range(self.iterations_per_epoch), desc=f"epoch {self.epoch}", disable=None)
+            progress = progress_bar(range(self.iterations_per_epoch), f"epoch {self.epoch}")
             loss_sum = 0.0
             for self.iteration in progress:
                 self.forward_and_backward()
@@ -369,7 +369,7 @@ class ProtoOTTrainer(BaseTrainer):
         collate_fn = self.collate_fn if self.fill_dataset is None else None
         loader = c_f.get_eval_dataloader(shard, self.batch_size, self.dataloader_num_workers, collate_fn)
         start = 0
-        for batch in tqdm(loader, desc="filling memory banks", disable=None):
+        for batch in progress_bar(loader, "filling memory banks"):
             if self.fill_dataset is None:
                 (_, key_views), indices = self._split_batch(self.data_and_label_getter(batch))
                 key_views = self._transformed(key_views)

@@ -1,5 +1,7 @@
 """Multi-domain folders, two views, the synthetic demo set, transforms, trunk features and the feature cache."""
+import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -391,11 +393,19 @@ class Cast(torch.nn.Module):
         return x.to(self.dtype)
 
 
-def test_trunk_features_progress_bar(capsys):
+def test_trunk_features_progress_bar_on_a_terminal_and_a_log_line_always(capsys, caplog, monkeypatch):
+    """The package's one policy (the trainer's too): a bar where stderr is a terminal, none in a log file."""
+    caplog.set_level(logging.INFO, logger="pml_protoot.data")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     trunk_features(torch.nn.Linear(3, 2), torch.randn(6, 3), batch_size=2, progress=True, description="eval view")
     assert "eval view" in capsys.readouterr().err
     trunk_features(torch.nn.Linear(3, 2), torch.randn(6, 3), batch_size=2)
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    trunk_features(torch.nn.Linear(3, 2), torch.randn(6, 3), batch_size=2, progress=True, description="eval view")
+    assert capsys.readouterr().err == ""
+    assert [message.split(" in ")[0] for message in caplog.messages] == ["eval view: 6 items", "trunk features: 6 items",
+                                                                        "eval view: 6 items"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -337,7 +338,8 @@ def test_summary_table_columns_fit_values_wider_than_their_header():
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_embeddings_follow_dataset_order_and_progress_switch(device, capsys, progress):
+def test_embeddings_follow_dataset_order_and_progress_switch(device, capsys, progress, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on a terminal only
     datasets = domain_datasets({"photo": 10, "sketch": 12})
     trunk = CountingTrunk(6, 4).to(device)
     tester = make_tester(progress=progress)
