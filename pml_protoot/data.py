@@ -504,9 +504,9 @@ def make_synthetic_domains(
 ) -> MultiDomainDataset:
     """Draw the embedded demo set: shape classes in visually different domains, no download.
 
-    Classes are :data:`SYNTHETIC_SHAPES` (circle, triangle, square, star, cross, moon);
-    domains are drawing styles from :data:`SYNTHETIC_STYLES`: ``"filled"`` (solid colour
-    shape on a noisy tinted background), ``"outline"`` (dark line drawing on white),
+    Classes are :data:`pml_protoot.data.SYNTHETIC_SHAPES` (circle, triangle, square, star, cross,
+    moon); domains are drawing styles from :data:`pml_protoot.data.SYNTHETIC_STYLES`: ``"filled"``
+    (solid colour shape on a noisy tinted background), ``"outline"`` (dark line drawing on white),
     ``"dots"`` (dotted outline on white). Every image has a random position, size,
     rotation and colour. Class counts differ per domain: with ``(most, fewest)``, counts
     fall linearly from ``most`` to ``fewest`` over the classes, and domain ``d`` rotates
@@ -516,7 +516,8 @@ def make_synthetic_domains(
         root: ``None`` keeps the images in memory; a new or empty folder gets
             ``<root>/<domain>/<class>/<n>.png`` files (the :class:`MultiDomainImageFolder`
             layout) and the returned dataset reads them back from disk, its classes in
-            alphabetical order as with any folder (in memory they follow :data:`SYNTHETIC_SHAPES`).
+            alphabetical order as with any folder (in memory they follow
+            :data:`pml_protoot.data.SYNTHETIC_SHAPES`).
         num_classes: first ``num_classes`` shapes, 1 to ``len(SYNTHETIC_SHAPES)``.
         images_per_class: an int (balanced) or ``(most, fewest)``.
         domains: two or more distinct names from :data:`SYNTHETIC_STYLES`.
