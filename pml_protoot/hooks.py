@@ -6,6 +6,8 @@ import re
 
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
+from .testers import CrossDomainTester
+
 __all__ = ["ProtoOTHookContainer"]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class ProtoOTHookContainer(HookContainer):
         claimed = self._split_of_group.setdefault(name, split_name)
         if claimed != split_name:
             raise ValueError(f"results keys {claimed!r} and {split_name!r} both record as {name!r} (record-keeper "
-                             "takes only letters, digits and _ in its table names): rename a domain")
+                             "takes only letters, digits and _ in its table names): rename a domain or pass "
+                             "the tester another pair_separator")
         return name
 
     def run_tester_separately(self, tester, dataset_dict, epoch, trunk, embedder, splits_to_eval=None,
@@ -81,10 +84,14 @@ class ProtoOTHookContainer(HookContainer):
         """PML's, for a :class:`~pml_protoot.testers.CrossDomainTester`: ``splits_to_eval`` are its
         ``pairs``, and the test is skipped when the epoch's results of every pair and of ``"mean"``
         are recorded (PML's check looked records up per ``dataset_dict`` key, a domain: a KeyError).
+        Any other tester gets PML's method.
 
         Returns:
             True if the tester ran, False if it was skipped.
         """
+        if not isinstance(tester, CrossDomainTester):
+            return super().run_tester_separately(tester, dataset_dict, epoch, trunk, embedder, splits_to_eval,
+                                                 collate_fn, skip_eval_if_already_done)
         if skip_eval_if_already_done and self._epoch_recorded(tester, dataset_dict, epoch, splits_to_eval):
             logger.info("epoch %s is already evaluated", epoch)
             return False
@@ -92,15 +99,26 @@ class ProtoOTHookContainer(HookContainer):
         return True
 
     def _epoch_recorded(self, tester, dataset_dict, epoch, pairs) -> bool:
-        # Group names are made from the tester's split names: set them as this test would (it sets them anew).
-        tester.reference_split_names = tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), pairs))
-        return all(self.get_accuracies_of_epoch(tester, key, epoch) for key in tester.reference_split_names)
+        # Group names are made from the split names this test would leave on the tester; it keeps its own.
+        planned = _PlannedTest(tester, tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), pairs)))
+        return all(self.get_accuracies_of_epoch(planned, key, epoch) for key in planned.reference_split_names)
 
     def save_models_and_eval(self, trainer, dataset_dict, model_folder, test_interval, tester, *args, **kwargs):
         """PML's step with ``tester`` scoring the trainer's key encoder instead of its query encoder."""
         return super().save_models_and_eval(
             trainer, dataset_dict, model_folder, test_interval, _KeyEncoderTester(tester, trainer), *args, **kwargs
         )
+
+
+class _PlannedTest:
+    """``tester`` with the ``reference_split_names`` a planned test would leave on it (record group names
+    are made from them); every other attribute is the tester's own, which stays unchanged."""
+
+    def __init__(self, tester, reference_split_names):
+        self._tester, self.reference_split_names = tester, reference_split_names
+
+    def __getattr__(self, name):
+        return getattr(self._tester, name)
 
 
 class _KeyEncoderTester:

@@ -1,6 +1,8 @@
 """ProtoOTHookContainer: PML's HookContainer scoring, saving and resuming the momentum key encoder."""
 import pytest
 import torch
+from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from pml_protoot.hooks import ProtoOTHookContainer
 from pml_protoot.testers import CrossDomainTester
@@ -109,3 +111,22 @@ def test_run_tester_separately_skips_an_epoch_only_when_every_pair_is_recorded(t
     with_cartoon = {**datasets, "cartoon": datasets["photo"]}
     assert hooks.run_tester_separately(tester, with_cartoon, 1, model, None)  # its pairs are new at epoch 1
     assert len(tester.all_accuracies) == 7  # six ordered pairs and the mean
+
+
+def test_run_tester_separately_leaves_other_testers_to_pml_and_a_skipped_tester_unchanged(tmp_path):
+    keeper = record_keeper.RecordKeeper(record_writer=record_keeper.RecordWriter(folder=str(tmp_path / "records")))
+    hooks = ProtoOTHookContainer(keeper, primary_metric="precision_at_1")  # the PML tester's one metric
+    pml_tester = GlobalEmbeddingSpaceTester(end_of_testing_hook=hooks.end_of_testing_hook, dataloader_num_workers=0,
+                                            accuracy_calculator=AccuracyCalculator(include=("precision_at_1",)))
+    datasets = domain_datasets()
+    model = torch.nn.Linear(datasets["photo"][0][0].shape[0], 4)
+    assert hooks.run_tester_separately(pml_tester, {"val": datasets["photo"]}, 1, model, torch.nn.Identity(),
+                                       skip_eval_if_already_done=False)  # PML's check needs a tester that ran
+    keeper.save_records()
+    assert not hooks.run_tester_separately(pml_tester, {"val": datasets["photo"]}, 1, model, torch.nn.Identity())
+    tester = CrossDomainTester(progress=False, batch_size=32, end_of_testing_hook=hooks.end_of_testing_hook)
+    assert hooks.run_tester_separately(tester, datasets, 1, model, None)
+    keeper.save_records()
+    names = tester.reference_split_names
+    assert not hooks.run_tester_separately(tester, datasets, 1, model, None)
+    assert tester.reference_split_names is names  # the planned test's names stayed off the tester
