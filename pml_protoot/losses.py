@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_int, check_matrix, check_number
-from .memory import PrototypeMemory, check_memory_to_train, warn_if_indices_repeat
+from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTLoss"]
 
@@ -214,13 +214,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
                 a memory that was never reclustered.
 
         Warns:
-            UserWarning: the first call's ``labels`` repeat an index more often than drawing from its
-                domain can: class labels, not sample indices.
+            UserWarning: the first call's ``labels`` look like class labels (values exactly 0..k-1,
+                one of them more than twice), not sample indices.
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
-            warn_if_indices_repeat(self.memory, "labels", labels)
+        if not self._labels_checked and len(labels):  # passing class labels shows in the first batch
+            warn_if_class_labels(self.memory, "labels", labels)
             self._labels_checked = True
         self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)

@@ -870,40 +870,44 @@ def check_memory_to_train(memory, user: str) -> None:
         )
 
 
-def warn_if_indices_repeat(memory: PrototypeMemory, name: str, indices: torch.Tensor) -> None:
-    r"""Warn (at the user's line) when an index of ``indices``, one batch, repeats more than sampling explains.
+def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tensor) -> None:
+    """Warn (at the user's line) when one batch's ``indices`` look like class labels, not sample indices.
 
-    ProtoOT's labels are global sample indices. A batch drawn from reshuffled passes over the
-    domains (:class:`~pml_protoot.samplers.CrossDomainSampler` cycles a small domain) holds an
-    index of domain :math:`d` at most :math:`\lceil n_d / N_d 
-ceil + 1` times, :math:`n_d` being
-    the batch's entries of domain :math:`d` and :math:`N_d` its size; twice that with two views
-    concatenated. Class labels, PML's usual labels, all address the first samples and repeat far
-    more; they would silently train on those samples' rows. Callers run this on their first batch
-    only (it reads the device once).
+    PML's usual labels are class labels; ProtoOT's are global sample indices, and class labels would
+    silently address the memory's first samples. A batch's class labels are the values 0..C-1, most
+    of them many times; a batch's sample indices are scattered over the dataset. The warning needs
+    all of: the distinct values are exactly ``0..k-1``; they are not whole domains (a batch drawn
+    from the first domains only, e.g. one domain at a time); a value occurs more than twice (two
+    views concatenated hold each index twice); and the memory holds at least two batches' worth of
+    samples (samplers repeat indices of smaller datasets). A batch missing a class passes
+    unwarned. Callers run it on their first non-empty batch only (it reads the device).
 
     Args:
         memory: the memory the indices address.
         name: the argument named in the warning.
         indices: ``(B,)`` long tensor, checked to lie in ``[0, memory.num_samples)``.
     """
-    if not len(indices):
+    if not 0 < 2 * len(indices) <= memory.num_samples:
         return
-    slots = memory.domain_of[indices]
-    in_batch = torch.bincount(slots, minlength=memory.num_domains)
+    distinct, counts = torch.unique(indices, return_counts=True)  # sorted; every value >= 0
+    first = len(distinct)
+    if int(distinct[-1]) != first - 1 or int(counts.max()) <= 2 or _whole_domains(memory, first):
+        return
+    most = int(counts.max())
+    warnings.warn(
+        f"{name} look like class labels: their values are exactly 0..{first - 1} and "
+        f"{int(distinct[counts.argmax()])} occurs {most} times in one batch; ProtoOT's labels are global "
+        "sample indices (the second item of TwoViewDataset), one per sample (twice for two views)",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
+def _whole_domains(memory: PrototypeMemory, first: int) -> bool:
+    """Whether samples ``0..first-1`` are every sample of the domains they belong to."""
     sizes = torch.bincount(memory.domain_of, minlength=memory.num_domains)
-    distinct, counts = torch.unique(indices, return_counts=True)
-    limit = 2 * (torch.div(in_batch + sizes - 1, sizes, rounding_mode="floor") + 1)[memory.domain_of[distinct]]
-    excess = counts > limit
-    if bool(excess.any()):
-        first = int(excess.nonzero()[0, 0])
-        warnings.warn(
-            f"{name} holds index {int(distinct[first])} {int(counts[first])} times in one batch, more than "
-            "sampling its domain gives: ProtoOT's labels are global sample indices (the second item of "
-            "TwoViewDataset), not class labels",
-            UserWarning,
-            stacklevel=caller_stacklevel(),
-        )
+    among_first = torch.bincount(memory.domain_of[:first], minlength=memory.num_domains)
+    return bool(((among_first == 0) | (among_first == sizes)).all())
 
 
 def _cast_finite(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

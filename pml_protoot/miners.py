@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning.miners import BaseMiner
 
 from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choice
-from .memory import check_memory_to_train, warn_if_indices_repeat
+from .memory import check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTMiner"]
 
@@ -60,8 +60,8 @@ class ProtoOTMiner(BaseMiner):
     ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
     miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With
     ``positives="instance"`` and no index shared by anchors and references there are no
-    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` repeat an
-    index more often than drawing from its domain can (class labels, not sample indices).
+    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` look like class
+    labels (values exactly 0..k-1, one of them more than twice), not sample indices.
 
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
@@ -144,8 +144,8 @@ class ProtoOTMiner(BaseMiner):
         anchors index ``embeddings`` (B, D), positives/negatives index ``ref_emb`` (R, D).
         """
         labels = self.memory.check_indices("labels", labels)
-        if not self._labels_checked:  # the porting mistake of passing class labels shows in the first batch
-            warn_if_indices_repeat(self.memory, "labels", labels)
+        if not self._labels_checked and len(labels):  # passing class labels shows in the first batch
+            warn_if_class_labels(self.memory, "labels", labels)
             self._labels_checked = True
         is_self_reference = ref_emb is embeddings
         ref_labels = self._reference_indices(labels, ref_emb, ref_labels, is_self_reference)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
+from pytorch_metric_learning.samplers import MPerClassSampler
 
 from pml_protoot.losses import ProtoOTLoss
-from pml_protoot.memory import PrototypeMemory, warn_if_indices_repeat
+from pml_protoot.memory import PrototypeMemory, warn_if_class_labels
 from pml_protoot.samplers import CrossDomainSampler
 from references import official_sinkhorn
 
@@ -446,8 +447,9 @@ def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
     domains = [0] * 40 + [1] * 40
     loss_func = ProtoOTLoss(random_memory(domains))
     embeddings, keys, _ = random_batch(range(24))
-    class_labels = torch.arange(24) % 4  # 6 each, in domain 0: sampling gives at most 2 (4 with two views)
-    with pytest.warns(UserWarning, match="labels holds index 0 6 times in one batch, .* not class labels") as caught:
+    class_labels = torch.arange(24) % 4  # 6 each
+    with pytest.warns(UserWarning, match="labels look like class labels: their values are exactly 0..3 and 0 occurs 6 "
+                                         "times in one batch") as caught:
         loss_func(embeddings, class_labels, ref_emb=keys)
     assert caught[0].filename == __file__
     with warnings.catch_warnings():
@@ -457,21 +459,45 @@ def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
         ProtoOTLoss(random_memory(domains))(embeddings, two_views, ref_emb=keys)
 
 
-@pytest.mark.parametrize("sizes, batch_size", [((3, 20), 16), ((5, 7, 40), 24), ((3, 3), 8), ((9, 30), 12)])
-def test_crossdomain_sampler_batches_never_warn_even_over_tiny_domains(sizes, batch_size):
-    """The bound is what reshuffled passes give: ceil(n_d / N_d) + 1 per view, checked on every batch."""
+def batches_of(sampler, batch_size, epochs=3):
+    order = []
+    for epoch in range(epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        order += list(sampler)
+    return [torch.tensor(order[start:start + batch_size]) for start in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+@pytest.mark.parametrize("sampler", ["cross_domain", "m_per_class", "weighted"])
+@pytest.mark.parametrize("sizes", [(3, 40), (20, 2000), (5, 7, 300), (6, 6)])
+def test_sample_indices_never_look_like_class_labels_whatever_the_sampler(sampler, sizes):
+    """Tiny domains cycled (CrossDomainSampler) or drawn with replacement (PML's MPerClassSampler on domain ids,
+    WeightedRandomSampler) repeat indices; with one or two views, none of their batches warns."""
     domains = sum(([slot] * size for slot, size in enumerate(sizes)), [])
-    memory = random_memory(domains)
-    sampler = CrossDomainSampler(domains, batch_size, seed=3)
-    order = [index for epoch in range(3) for index in (sampler.set_epoch(epoch) or list(sampler))]
-    domain_of = torch.tensor(domains)
+    memory, batch_size = random_memory(domains), 32 * len(sizes)
+    if sampler == "cross_domain":
+        chosen = CrossDomainSampler(domains, batch_size, seed=3)
+    elif sampler == "m_per_class":
+        chosen = MPerClassSampler(domains, m=32, batch_size=batch_size, length_before_new_iter=20 * batch_size)
+    else:
+        weights = 1.0 / torch.bincount(torch.tensor(domains)).double()[domains]
+        chosen = torch.utils.data.WeightedRandomSampler(weights, 20 * batch_size)
+    torch.manual_seed(0)
+    batches = batches_of(chosen, batch_size)
+    assert max(int(torch.bincount(batch).max()) for batch in batches) > 2  # repeats, as class labels have
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for start in range(0, len(order), batch_size):
-            batch = torch.tensor(order[start:start + batch_size])
-            counts = torch.bincount(batch, minlength=len(domains))
-            in_batch = torch.bincount(domain_of[batch], minlength=len(sizes))
-            bound = torch.tensor([math.ceil(int(in_batch[d]) / size) + 1 for d, size in enumerate(sizes)])
-            assert (counts <= bound[domain_of]).all()
-            warn_if_indices_repeat(memory, "labels", batch)
-            warn_if_indices_repeat(memory, "labels", batch.repeat(2))  # two views concatenated
+        for batch in batches:
+            warn_if_class_labels(memory, "labels", batch)
+            warn_if_class_labels(memory, "labels", batch.repeat(2))  # two views concatenated
+
+
+def test_whole_domains_and_small_datasets_are_not_taken_for_class_labels():
+    """A batch of one domain at a time covers it; a dataset under two batches repeats any sampler's indices."""
+    memory = random_memory([0] * 6 + [1] * 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_class_labels(memory, "labels", torch.arange(6).repeat(5))  # all of domain 0, e.g. its own batch
+        warn_if_class_labels(random_memory([0] * 30 + [1] * 30), "labels", torch.arange(5).repeat(8))  # 40 > 60/2
+    with pytest.warns(UserWarning, match="exactly 0..4 and 0 occurs 6 times"):  # part of domain 0: classes
+        warn_if_class_labels(memory, "labels", torch.arange(5).repeat(6))
