@@ -214,8 +214,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
                 a memory that was never reclustered.
 
         Warns:
-            UserWarning: the first call's ``labels`` look like class labels (values exactly 0..k-1,
-                one of them more than twice), not sample indices.
+            UserWarning: the first call's ``labels`` look like class labels, not sample indices (all
+                in the first half of the first domain, repeated unevenly, one more than twice).
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -874,40 +874,35 @@ def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tens
     """Warn (at the user's line) when one batch's ``indices`` look like class labels, not sample indices.
 
     PML's usual labels are class labels; ProtoOT's are global sample indices, and class labels would
-    silently address the memory's first samples. A batch's class labels are the values 0..C-1, most
-    of them many times; a batch's sample indices are scattered over the dataset. The warning needs
-    all of: the distinct values are exactly ``0..k-1``; they are not whole domains (a batch drawn
-    from the first domains only, e.g. one domain at a time); a value occurs more than twice (two
-    views concatenated hold each index twice); and the memory holds at least two batches' worth of
-    samples (samplers repeat indices of smaller datasets). A batch missing a class passes
-    unwarned. Callers run it on their first non-empty batch only (it reads the device).
+    silently address the memory's first samples. Class labels 0..C-1 all lie in the first half of the
+    first domain (it holds several images of every class), and they repeat unevenly. Sample indices
+    of any sampler spread over the dataset: a batch of them stays below that bound only by chance
+    (:math:`2^{-B}` for a domain's own uniform batch). So the warning needs all three: every value
+    below half the size of sample 0's domain, a value that occurs more than twice (two views
+    concatenated hold each index twice), and counts that differ (a sequential sampler's first batch,
+    concatenated over any number of views, holds each index equally often). It misses class labels
+    in a batch that holds every class equally often (PML's ``MPerClassSampler``) or none more than
+    twice. Callers run it on their first non-empty batch only (it reads the device).
 
     Args:
         memory: the memory the indices address.
         name: the argument named in the warning.
         indices: ``(B,)`` long tensor, checked to lie in ``[0, memory.num_samples)``.
     """
-    if not 0 < 2 * len(indices) <= memory.num_samples:
+    if not len(indices):
         return
-    distinct, counts = torch.unique(indices, return_counts=True)  # sorted; every value >= 0
-    first = len(distinct)
-    if int(distinct[-1]) != first - 1 or int(counts.max()) <= 2 or _whole_domains(memory, first):
-        return
+    limit = int((memory.domain_of == memory.domain_of[0]).sum()) // 2
+    distinct, counts = torch.unique(indices, return_counts=True)  # sorted
     most = int(counts.max())
+    if int(distinct[-1]) >= limit or most <= 2 or int(counts.min()) == most:
+        return
     warnings.warn(
-        f"{name} look like class labels: their values are exactly 0..{first - 1} and "
+        f"{name} look like class labels: every value is below {limit} (half of the first domain) and "
         f"{int(distinct[counts.argmax()])} occurs {most} times in one batch; ProtoOT's labels are global "
         "sample indices (the second item of TwoViewDataset), one per sample (twice for two views)",
         UserWarning,
         stacklevel=caller_stacklevel(),
     )
-
-
-def _whole_domains(memory: PrototypeMemory, first: int) -> bool:
-    """Whether samples ``0..first-1`` are every sample of the domains they belong to."""
-    sizes = torch.bincount(memory.domain_of, minlength=memory.num_domains)
-    among_first = torch.bincount(memory.domain_of[:first], minlength=memory.num_domains)
-    return bool(((among_first == 0) | (among_first == sizes)).all())
 
 
 def _cast_finite(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,7 @@ class ProtoOTMiner(BaseMiner):
     miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With
     ``positives="instance"`` and no index shared by anchors and references there are no
     positives: a ``UserWarning`` says so. The first call also warns when ``labels`` look like class
-    labels (values exactly 0..k-1, one of them more than twice), not sample indices.
+    labels, not sample indices (``ProtoOTLoss``'s rule).
 
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
