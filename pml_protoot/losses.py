@@ -215,7 +215,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
         Warns:
             UserWarning: the first call's ``labels`` look like class labels, not sample indices (all
-                in the first half of the first domain, repeated unevenly, one more than twice).
+                in the first half of the first domain, repeated unevenly, one more than twice, in a
+                batch of 32 or more).
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)

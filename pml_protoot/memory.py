@@ -874,30 +874,34 @@ def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tens
     """Warn (at the user's line) when one batch's ``indices`` look like class labels, not sample indices.
 
     PML's usual labels are class labels; ProtoOT's are global sample indices, and class labels would
-    silently address the memory's first samples. Class labels 0..C-1 all lie in the first half of the
-    first domain (it holds several images of every class), and they repeat unevenly. Sample indices
-    of any sampler spread over the dataset: a batch of them stays below that bound only by chance
-    (:math:`2^{-B}` for a domain's own uniform batch). So the warning needs all three: every value
-    below half the size of sample 0's domain, a value that occurs more than twice (two views
+    silently address the memory's first samples. With domains stored one after another (as
+    :class:`MultiDomainImageFolder` stores them), class labels 0..C-1 all lie in the first half of
+    the leading run of sample 0's domain (it holds several images of every class), and they repeat
+    unevenly. Sample indices of any sampler spread over the dataset: a batch of them stays below that
+    bound only by chance (:math:`2^{-B}` for a domain's own uniform batch). So the warning needs all
+    of: a batch of at least 32 (samplers with replacement repeat a small batch's indices by chance),
+    every value below half that leading run, a value that occurs more than twice (two views
     concatenated hold each index twice), and counts that differ (a sequential sampler's first batch,
     concatenated over any number of views, holds each index equally often). It misses class labels
     in a batch that holds every class equally often (PML's ``MPerClassSampler``) or none more than
-    twice. Callers run it on their first non-empty batch only (it reads the device).
+    twice, and with domains interleaved in index order. Callers run it on their first non-empty
+    batch only (it reads the device).
 
     Args:
         memory: the memory the indices address.
         name: the argument named in the warning.
         indices: ``(B,)`` long tensor, checked to lie in ``[0, memory.num_samples)``.
     """
-    if not len(indices):
+    if len(indices) < 32:
         return
-    limit = int((memory.domain_of == memory.domain_of[0]).sum()) // 2
+    other_domain = torch.nonzero(memory.domain_of != memory.domain_of[0])
+    limit = (int(other_domain[0, 0]) if len(other_domain) else memory.num_samples) // 2  # half the leading run
     distinct, counts = torch.unique(indices, return_counts=True)  # sorted
     most = int(counts.max())
     if int(distinct[-1]) >= limit or most <= 2 or int(counts.min()) == most:
         return
     warnings.warn(
-        f"{name} look like class labels: every value is below {limit} (half of the first domain) and "
+        f"{name} look like class labels: every value is below {limit} (half of the first domain's leading run) and "
         f"{int(distinct[counts.argmax()])} occurs {most} times in one batch; ProtoOT's labels are global "
         "sample indices (the second item of TwoViewDataset), one per sample (twice for two views)",
         UserWarning,

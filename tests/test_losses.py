@@ -446,17 +446,30 @@ def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
     memory's first samples: the first batch warns, naming the bound and the most frequent value."""
     domains = [0] * 40 + [1] * 40
     loss_func = ProtoOTLoss(random_memory(domains))
-    embeddings, keys, _ = random_batch(range(24))
-    class_labels = torch.tensor([0, 1, 2, 3] * 5 + [0, 1, 0, 2])
+    embeddings, keys, _ = random_batch(range(36))
+    class_labels = torch.tensor([0, 1, 2, 3] * 8 + [0, 1, 0, 2])
     with pytest.warns(UserWarning, match="labels look like class labels: every value is below 20 \\(half of the "
-                                         "first domain\\) and 0 occurs 7 times in one batch") as caught:
+                                         "first domain's leading run\\) and 0 occurs 10 times in one batch") as caught:
         loss_func(embeddings, class_labels, ref_emb=keys)
     assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss_func(embeddings, class_labels, ref_emb=keys)  # once per loss
-        two_views = torch.tensor([0, 1, 2, 3, 40, 41] * 2 + [1, 2, 40, 41] * 2 + [5, 6, 45, 46])  # and a reshuffle
-        ProtoOTLoss(random_memory(domains))(embeddings, two_views, ref_emb=keys)
+        samples = [0, 1, 2, 3, 40, 41, 1, 2, 40, 41, 5, 6, 45, 46, 7, 8, 47, 48]  # with a reshuffle's repeats
+        ProtoOTLoss(random_memory(domains))(embeddings, torch.tensor(samples * 2), ref_emb=keys)  # two views
+
+
+def test_small_batches_and_interleaved_domains_are_not_checked():
+    """A batch under 32 repeats indices by chance when drawn with replacement; with domains interleaved in
+    index order, a cycled small domain's indices are all low (CrossDomainSampler(shuffle=False))."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_class_labels(random_memory([0] * 400 + [1] * 400), "labels", torch.tensor([0, 1, 2, 1] * 7))
+        interleaved = [0, 1] * 10 + [0] * 80
+        batch = torch.tensor(list(CrossDomainSampler(interleaved, 32, shuffle=False))[:32])
+        warn_if_class_labels(random_memory(interleaved), "labels", batch.repeat(2))
+    with pytest.warns(UserWarning, match="look like class labels"):  # the same labels in a batch of 32
+        warn_if_class_labels(random_memory([0] * 400 + [1] * 400), "labels", torch.tensor([0, 1, 2, 1] * 8))
 
 
 def batches_of(sampler, batch_size, epochs=3):

@@ -305,11 +305,13 @@ def test_the_prototype_update_runs_outside_the_callers_autocast():
 def test_class_labels_instead_of_sample_indices_warn_once(device):
     memory, _ = random_memory(device)
     miner = ProtoOTMiner(memory)
-    embeddings = torch.randn(12, 6, device=device)
-    with pytest.warns(UserWarning, match="labels look like class labels: every value is below 7 .* and 1 occurs 6 times") as caught:
-        miner(embeddings, torch.tensor([0, 1, 2, 1] * 3, device=device))
+    embeddings = torch.randn(36, 6, device=device)
+    class_labels = torch.tensor([0, 1, 2, 1] * 9, device=device)
+    with pytest.warns(UserWarning, match="labels look like class labels: every value is below 7 .* and 1 occurs "
+                                         "18 times") as caught:
+        miner(embeddings, class_labels)
     assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        miner(embeddings, torch.tensor([0, 1, 2, 1] * 3, device=device))  # once per miner
-        ProtoOTMiner(memory)(embeddings, torch.arange(6, device=device).repeat(2))  # two views: each index twice
+        miner(embeddings, class_labels)  # once per miner
+        ProtoOTMiner(memory)(embeddings, torch.randperm(37, device=device)[:18].repeat(2))  # two views of samples
