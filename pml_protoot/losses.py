@@ -214,15 +214,13 @@ class ProtoOTLoss(BaseMetricLossFunction):
                 a memory that was never reclustered.
 
         Warns:
-            UserWarning: the first call's ``labels`` look like class labels, not sample indices (all
-                in the first half of the first domain, repeated unevenly, one more than twice, in a
-                batch of 32 or more).
+            UserWarning: the first call's ``labels`` of 32 or more look like class labels, not sample
+                indices (all in the first half of the first domain, repeated unevenly, one more than twice).
         """
         self.reset_stats()
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if not self._labels_checked and len(labels):  # passing class labels shows in the first batch
-            warn_if_class_labels(self.memory, "labels", labels)
-            self._labels_checked = True
+        if not self._labels_checked:  # passing class labels shows in the first batch large enough to judge
+            self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
         self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)

@@ -870,7 +870,7 @@ def check_memory_to_train(memory, user: str) -> None:
         )
 
 
-def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tensor) -> None:
+def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tensor) -> bool:
     """Warn (at the user's line) when one batch's ``indices`` look like class labels, not sample indices.
 
     PML's usual labels are class labels; ProtoOT's are global sample indices, and class labels would
@@ -884,22 +884,25 @@ def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tens
     concatenated hold each index twice), and counts that differ (a sequential sampler's first batch,
     concatenated over any number of views, holds each index equally often). It misses class labels
     in a batch that holds every class equally often (PML's ``MPerClassSampler``) or none more than
-    twice, and with domains interleaved in index order. Callers run it on their first non-empty
-    batch only (it reads the device).
+    twice, and with domains interleaved in index order. Callers run it until it returns True: once
+    on a batch large enough to judge (it reads the device then).
 
     Args:
         memory: the memory the indices address.
         name: the argument named in the warning.
         indices: ``(B,)`` long tensor, checked to lie in ``[0, memory.num_samples)``.
+
+    Returns:
+        Whether the batch was judged (at least 32 indices), warned of or not.
     """
     if len(indices) < 32:
-        return
+        return False
     other_domain = torch.nonzero(memory.domain_of != memory.domain_of[0])
     limit = (int(other_domain[0, 0]) if len(other_domain) else memory.num_samples) // 2  # half the leading run
     distinct, counts = torch.unique(indices, return_counts=True)  # sorted
     most = int(counts.max())
     if int(distinct[-1]) >= limit or most <= 2 or int(counts.min()) == most:
-        return
+        return True
     warnings.warn(
         f"{name} look like class labels: every value is below {limit} (half of the first domain's leading run) and "
         f"{int(distinct[counts.argmax()])} occurs {most} times in one batch; ProtoOT's labels are global "
@@ -907,6 +910,7 @@ def warn_if_class_labels(memory: PrototypeMemory, name: str, indices: torch.Tens
         UserWarning,
         stacklevel=caller_stacklevel(),
     )
+    return True
 
 
 def _cast_finite(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

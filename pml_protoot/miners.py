@@ -60,8 +60,8 @@ class ProtoOTMiner(BaseMiner):
     ``ref_emb is embeddings``, not from ``ref_labels is labels`` as in PML: PML's own
     miners leave (query :math:`i`, key :math:`i`) out when ``ref_labels`` is ``None``. With
     ``positives="instance"`` and no index shared by anchors and references there are no
-    positives: a ``UserWarning`` says so. The first call also warns when ``labels`` look like class
-    labels, not sample indices (``ProtoOTLoss``'s rule).
+    positives: a ``UserWarning`` says so. The first call with 32 ``labels`` or more also warns
+    when they look like class labels, not sample indices (``ProtoOTLoss``'s rule).
 
     Args:
         memory: the :class:`~pml_protoot.memory.PrototypeMemory` holding banks and
@@ -144,9 +144,8 @@ class ProtoOTMiner(BaseMiner):
         anchors index ``embeddings`` (B, D), positives/negatives index ``ref_emb`` (R, D).
         """
         labels = self.memory.check_indices("labels", labels)
-        if not self._labels_checked and len(labels):  # passing class labels shows in the first batch
-            warn_if_class_labels(self.memory, "labels", labels)
-            self._labels_checked = True
+        if not self._labels_checked:  # passing class labels shows in the first batch large enough to judge
+            self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
         is_self_reference = ref_emb is embeddings
         ref_labels = self._reference_indices(labels, ref_emb, ref_labels, is_self_reference)
         slots, own, cross = self._pseudo_labels(torch.cat([labels, ref_labels]))

@@ -472,6 +472,18 @@ def test_small_batches_and_interleaved_domains_are_not_checked():
         warn_if_class_labels(random_memory([0] * 400 + [1] * 400), "labels", torch.tensor([0, 1, 2, 1] * 8))
 
 
+def test_a_small_first_batch_leaves_the_class_label_check_to_the_next_one():
+    """A batch under 32 is not judged, so it does not use up the loss's one check."""
+    loss_func = ProtoOTLoss(random_memory([0] * 400 + [1] * 400))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embeddings, keys, labels = random_batch(range(8))  # sample indices 0..7: too few to judge
+        loss_func(embeddings, labels, ref_emb=keys)
+    embeddings, keys, _ = random_batch(range(32))
+    with pytest.warns(UserWarning, match="look like class labels"):
+        loss_func(embeddings, torch.tensor([0, 1, 2, 1] * 8), ref_emb=keys)
+
+
 def batches_of(sampler, batch_size, epochs=3):
     order = []
     for epoch in range(epochs):
