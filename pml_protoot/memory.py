@@ -75,7 +75,8 @@ class PrototypeMemory(torch.nn.Module):
     * :meth:`assign`: :math:`P = \mathrm{sinkhorn}(M_d C_{d'}^\top, \beta_d)`, an
       :math:`N_d \times K` soft assignment whose rows sum to 1;
     * :meth:`update_prototypes`: :math:`C_d \leftarrow \mathrm{normalise}(P^\top M_d)`;
-    * :meth:`recluster`: faiss K-means per bank; the first call sets :math:`C_d` to the
+    * :meth:`recluster`: faiss K-means per bank (on up to 2,000 rows per prototype, a random
+      subsample beyond, as the official code); the first call sets :math:`C_d` to the
       L2-normalised centroids, every call sets :math:`\beta_d` by ``marginal_rule`` and,
       with ``reset_prototypes=True``, later calls reset :math:`C_d` to the new
       centroids matched to the current prototypes (Hungarian on cosine similarity), so
@@ -815,6 +816,7 @@ class PrototypeMemory(torch.nn.Module):
             seed=self.kmeans_seed,
             verbose=False,
             min_points_per_centroid=1,  # only silences faiss's "too few points" warning
+            max_points_per_centroid=2000,  # as the official code: faiss's default 256 subsamples larger banks
         )
         kmeans.train(points)
         _, labels = kmeans.index.search(points, 1)

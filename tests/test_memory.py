@@ -346,6 +346,21 @@ def test_kmeans_seed_is_used():
     assert not torch.equal(runs[0], runs[2])
 
 
+def test_kmeans_trains_on_up_to_2000_rows_per_prototype_as_the_official_code():
+    """faiss subsamples to 256 rows per centroid by default; the official code trains on up to 2000.
+    Lloyd's fixed point on every row: each prototype is the normalised mean of the rows nearest to it."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    keys = F.normalize(centres.repeat_interleave(600, dim=0) + 0.4 * torch.randn(1200, 4, generator=generator), dim=1)
+    memory = PrototypeMemory([0] * 1200 + [1] * 2, dim=4, num_prototypes=2, kmeans_nredo=1)  # 1200 > 256 * 2
+    memory.fill(torch.cat([keys, keys[:2]]), torch.arange(1202))
+    memory.recluster(epoch=0)
+    prototypes = memory.prototypes[0].double()
+    nearest = torch.cdist(keys.double(), prototypes).argmin(dim=1)
+    means = torch.stack([keys.double()[nearest == k].mean(dim=0) for k in range(2)])
+    torch.testing.assert_close(prototypes, F.normalize(means, dim=1), atol=1e-5, rtol=0)
+
+
 def test_state_dict_round_trips_exactly_and_to_moves_everything(device):
     memory, _ = filled_memory([1, 0, 1, 0, 1, 0, 2, 2], dim=3, num_prototypes=2, marginal_rule="official")
     memory.recluster(epoch=3)
