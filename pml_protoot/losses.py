@@ -10,7 +10,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import check_bool, check_choice, check_int, check_matrix, check_number
+from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
 from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTLoss"]
@@ -108,7 +108,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         cross_domain_weight: :math:`\lambda` once active (0.01); the weight the last call used,
             0 before ``cross_domain_start_epoch``, is ``cross_domain_weight_in_use`` (recorded
             for record-keeper beside it).
-        cross_domain_start_epoch: first ``memory.epoch`` with the cross term (100).
+        cross_domain_start_epoch: first ``memory.epoch`` with the cross term (100; non-negative).
         official: the official preset (see above).
         nearest_neighbour_by: ``"key"`` or ``"query"``; ``None`` follows the preset.
         normalize_cross_negatives: ``None`` follows the preset.
@@ -162,7 +162,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         self.temperature = check_number("temperature", temperature, low=0, strict=True)
         self.in_domain_weights = _check_weights(in_domain_weights)
         self.cross_domain_weight = check_number("cross_domain_weight", cross_domain_weight, low=0)
-        self.cross_domain_start_epoch = check_int("cross_domain_start_epoch", cross_domain_start_epoch)
+        self.cross_domain_start_epoch = check_non_negative_int("cross_domain_start_epoch", cross_domain_start_epoch)
         self.official = check_bool("official", official)
         preset_anchor = "query" if self.official else "key"
         self.nearest_neighbour_by = preset_anchor if nearest_neighbour_by is None else nearest_neighbour_by
@@ -335,6 +335,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
 
 def _check_weights(weights) -> tuple[float, float, float]:
-    if not isinstance(weights, (tuple, list)) or len(weights) != 3:
+    if not isinstance(weights, (tuple, list)):
+        raise TypeError(f"in_domain_weights must be a tuple of 3 numbers (key, neighbour, prototype), got {weights!r}")
+    if len(weights) != 3:
         raise ValueError(f"in_domain_weights must be 3 numbers (key, neighbour, prototype), got {weights!r}")
     return tuple(check_number("in_domain_weights", weight, low=0) for weight in weights)
