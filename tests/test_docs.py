@@ -1,7 +1,9 @@
 """The documentation site: every public name has a page, the strict build passes, page code runs."""
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -65,6 +67,62 @@ def test_every_public_name_has_a_page_in_the_nav():
     assert sorted(public - anywhere) == [], "public names without a ::: block on any docs page"
     assert sorted(public - in_nav) == [], "public names documented only on pages missing from the nav"
     assert sorted(anywhere - public) == [], "docs render names that are not in pml_protoot.__all__"
+
+
+UNSET = object()
+
+
+def parameter_table(page: Path) -> list[tuple[list[str], str]]:
+    """Rows ``(parameter names, default cell)`` of the page's ``| parameter | default | meaning |`` table."""
+    lines = page.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| parameter | default |")), None)
+    rows = []
+    for line in lines[start + 2:] if start is not None else []:
+        if not line.startswith("|"):
+            break
+        name_cell, default_cell = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        rows.append((re.findall(r"`\*{0,2}(\w+)`", name_cell), default_cell))
+    return rows
+
+
+def stated_default(cell: str):
+    """The value of a default cell that starts with a backticked expression of constants (`0.2`, `(1, 5, 15)`,
+    `2**28`, `None` (uniform)); ``UNSET`` for prose ("required", "ImageNet")."""
+    match = re.match(r"`([^`]+)`", cell)
+    if match is None:
+        return UNSET
+    tree = ast.parse(match.group(1), mode="eval")
+    if not all(isinstance(node, (ast.Expression, ast.Constant, ast.Tuple, ast.List, ast.BinOp, ast.UnaryOp,
+                                 ast.operator, ast.unaryop, ast.Load)) for node in ast.walk(tree)):
+        return UNSET
+    return eval(compile(tree, "<cell>", "eval"), {"__builtins__": {}})
+
+
+def test_stated_default_reads_constant_expressions_only():
+    assert stated_default("`(1, 5, 15)`") == (1, 5, 15) and stated_default("`2**28`") == 2**28
+    assert stated_default("`None` (uniform)") is None and stated_default("`-0.5`") == -0.5
+    assert stated_default("ImageNet") is UNSET and stated_default("`CosineSimilarity()`") is UNSET
+
+
+API_PAGES = sorted((DOCS / "api").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", [page for page in API_PAGES if parameter_table(page)], ids=lambda page: page.name)
+def test_parameter_tables_match_the_signature(page):
+    """Every parameter of the page's class or function (the page is named after it) has a row, no row names
+    another, and a default written as a constant is the signature's (drift the strict build cannot see)."""
+    name = page.stem
+    parameters = inspect.signature(getattr(pml_protoot, name)).parameters
+    rows = parameter_table(page)
+    documented = [parameter for names, _ in rows for parameter in names]
+    assert sorted(documented) == sorted(parameters), f"{page.name}: table rows vs {name}'s signature"
+    for names, cell in rows:
+        for parameter in names:
+            default = parameters[parameter].default
+            if cell == "required":
+                assert default is inspect.Parameter.empty, f"{page.name}: {parameter} has a default, {default!r}"
+            elif stated_default(cell) is not UNSET:
+                assert stated_default(cell) == default, f"{page.name}: {parameter} is {default!r}, not {cell}"
 
 
 def test_nav_helpers_against_a_hand_written_nav():
