@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import inspect
 import os
@@ -162,3 +163,16 @@ def test_page_examples_run(page):
     for block in python_blocks(DOCS / page):
         if not block.startswith(NOT_RUN_MARKER):
             exec(compile(block, f"docs/{page}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("path", ["README.md", *(f"docs/{page}" for page in PAGES_WITH_CODE)])
+def test_every_block_compiles_and_imports_what_exists(path):
+    """The blocks that do not run (README's, "# not run") still parse, and what they import from
+    pml_protoot exists: a renamed name would otherwise stay in them unnoticed."""
+    for block in python_blocks(ROOT / path):
+        tree = ast.parse(block, filename=path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pml_protoot"):
+                module = importlib.import_module(node.module)
+                missing = [alias.name for alias in node.names if not hasattr(module, alias.name)]
+                assert missing == [], f"{path} imports {missing} from {node.module}, which has no such names"
