@@ -681,8 +681,8 @@ def trunk_features(
     r"""``(N, F)`` outputs ``trunk(x)`` of every item of ``dataset``, in order, on the CPU.
 
     What :func:`~pml_protoot.backbones.pca_init_` starts a head from, and what
-    :class:`FeatureCache` stores. Inputs go to the trunk's device (that of its first
-    parameter; the CPU for a parameter-free trunk), as in
+    :class:`FeatureCache` stores. Floating inputs go to the trunk's device and dtype (those of its
+    first floating parameter; the CPU and the inputs' own dtype for a parameter-free trunk), as in
     :class:`~pml_protoot.testers.CrossDomainTester`. The trunk runs in eval mode
     (batch-norm running statistics, no dropout) under ``torch.no_grad()``; its
     train/eval mode is restored afterwards. Half-precision outputs (e.g. under autocast) are returned as
@@ -727,7 +727,8 @@ def trunk_features(
     modes = [(module, module.training) for module in trunk.modules()]  # per module: modes may be mixed
     trunk.eval()
     try:
-        outputs = [_upcast_half(trunk(_inputs(batch).to(device))).cpu() for batch in batches]
+        dtype = _floating_dtype(trunk)
+        outputs = [_upcast_half(trunk(_cast_floating(_inputs(batch).to(device), dtype))).cpu() for batch in batches]
     finally:
         for module, training in modes:
             module.training = training
@@ -739,6 +740,18 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s first parameter lives; the CPU for a parameter-free model."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter; None when it has none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` when both are floating point; integer tensors (``uint8`` images) as they are."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 def _inputs(batch):

@@ -12,7 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from ._checks import check_bool
 from ._progress import progress_bar
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
-from .data import _image_and_label, _model_device, _upcast_half
+from .data import _cast_floating, _floating_dtype, _image_and_label, _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -402,18 +402,6 @@ def _ranks_by_cosine_only(calculator) -> bool:
     return isinstance(calculator, PrecisionAtKCalculator) and set(calculator.get_curr_metrics()) <= set(
         calculator.requires_knn()
     )
-
-
-def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of ``model``'s first floating-point parameter; None when it has none."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
-def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``tensor`` in ``dtype`` when both are floating point; integer tensors (``uint8`` images) as they are."""
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    return tensor.to(dtype)
 
 
 def _plain(value):

@@ -368,6 +368,16 @@ def test_trunk_features_equal_the_eval_mode_trunk_one_item_at_a_time(dtype, labe
     assert trunk[1].running_mean.eq(0.5).all()  # running statistics untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_trunk_features_cast_float32_inputs_to_the_trunks_dtype(dtype):
+    """Transforms make float32 images; a float64 or bfloat16 trunk takes them as the tester does."""
+    inputs = torch.randn(6, 3)
+    trunk = torch.nn.Linear(3, 2).to(dtype)
+    features = trunk_features(trunk, torch.utils.data.TensorDataset(inputs), batch_size=4)
+    assert features.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(features, trunk(inputs.to(dtype)).detach().to(features.dtype))
+
+
 def test_trunk_features_restore_each_modules_own_mode():
     trunk = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout()).train()
     trunk[1].eval()  # e.g. frozen batch norm statistics inside a training model
