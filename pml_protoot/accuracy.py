@@ -307,11 +307,15 @@ class PrecisionAtKCalculator(AccuracyCalculator):
                 f"metrics {reads_knn} read PML's knn_labels, which this calculator never builds (it ranks every "
                 "gallery item exactly, without a k-nearest-neighbour list); compute them with PML's AccuracyCalculator"
             )
-        if any(name in self.requires_knn() for name in metrics):
-            kwargs.update(self._ranking_statistics(query, query_labels, reference, reference_labels, ref_includes_query))
-        if any(name in self.requires_clustering() for name in metrics):
-            kwargs["cluster_labels"] = self.get_cluster_labels(query.float(), query_labels)
-        return self._get_accuracy(self.curr_function_dict, **kwargs)
+        # A caller's autocast would run the similarity products in half precision: the ranking is exact float32.
+        with torch.autocast(query.device.type, enabled=False):
+            if any(name in self.requires_knn() for name in metrics):
+                kwargs.update(
+                    self._ranking_statistics(query, query_labels, reference, reference_labels, ref_includes_query)
+                )
+            if any(name in self.requires_clustering() for name in metrics):
+                kwargs["cluster_labels"] = self.get_cluster_labels(query.float(), query_labels)
+            return self._get_accuracy(self.curr_function_dict, **kwargs)
 
     # ----------------------------------------------------------------- the ranking pass
     def _ranking_statistics(self, query, query_labels, reference, reference_labels, ref_includes_query) -> dict:

@@ -86,6 +86,21 @@ def test_matches_naive_ranking_with_ties_and_imbalance(dtype, device):
         assert got[name] == pytest.approx(expected[name], rel=1e-12), name
 
 
+def test_a_callers_autocast_does_not_lower_the_ranking_precision(device):
+    """Inference is often wrapped in autocast; the ranking and the clustering still run in float32
+    (bfloat16 products failed in the numpy step on a CPU, and would have ranked coarsely on a GPU)."""
+    query, reference = tied_embeddings(60, 0, torch.float32), tied_embeddings(90, 1, torch.float32)
+    query_labels, reference_labels = imbalanced_labels(60, 2), imbalanced_labels(90, 3)
+    calc = PrecisionAtKCalculator(k_values=(1, 3, 10), device=device)
+    outside = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        inside = calc.get_accuracy(query, query_labels, reference, reference_labels)
+    assert inside == outside
+    expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 3, 10))
+    for name in expected:
+        assert inside[name] == pytest.approx(expected[name], rel=1e-12), name
+
+
 def duplicated_rows(num, distinct, seed, dtype):
     """``num`` rows drawn from ``distinct`` random unit vectors: exact duplicates, whose float
     products ``torch.mm`` may round differently from column to column."""
