@@ -244,8 +244,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         Args:
             query: ``(Q, D)`` embeddings (tensor or array, any float dtype). Query and
                 reference may differ in dtype: both are scored in
-                ``torch.promote_types`` of the two. Tensors that require grad are
-                detached (scoring tracks no gradients).
+                ``torch.promote_types`` of the two, with a caller's autocast turned off.
+                Tensors that require grad are detached (scoring tracks no gradients).
             query_labels: ``(Q,)`` integer class labels.
             reference: ``(G, D)`` gallery embeddings; ``None`` means the query set itself
                 (then ``ref_includes_query`` is forced to True, as in PML).
