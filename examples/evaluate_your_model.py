@@ -21,6 +21,7 @@ from pml_protoot import (
     PrecisionAtKCalculator,
     create_trunk,
     eval_transform,
+    fixed_input_size,
     make_synthetic_domains,
 )
 
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     parser.add_argument("--data", help="folder of <domain>/<class>/<image> (default: the demo set)")
     parser.add_argument("--domains", nargs="+")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, help="default: 64, or the size timm builds a ViT or Swin for")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -62,7 +63,9 @@ def main(argv=None) -> dict:
     model, _ = create_trunk(args.backbone, pretrained=args.pretrained, weights=args.weights)
     model = model.to(args.device).eval()
     data_config = timm.data.resolve_data_config(model=model)
-    dataset_dict = load_eval_images(args.data, args.domains, args.image_size, data_config["mean"], data_config["std"])
+    # ViTs and Swin take only the size timm builds them for; 64 keeps other backbones quick on a CPU.
+    size = args.image_size or (fixed_input_size(args.backbone) or (64,))[0]
+    dataset_dict = load_eval_images(args.data, args.domains, size, data_config["mean"], data_config["std"])
     return evaluate(model, dataset_dict)
 
 

@@ -159,18 +159,19 @@ def check_model_name(name: str, argument: str = "name") -> None:
 
 
 def fixed_input_size(name: str) -> tuple[int, int] | None:
-    """The image size timm model ``name``, built with its default arguments, requires.
+    """The image size timm builds model ``name`` for, when timm flags the model as fixed-size.
 
     Read from timm's pretrained config (``fixed_input_size``, ``input_size``) without building
     the model: ViTs and Swin assert their input size deep inside the first batch, CNNs take
-    any size. Pass ``img_size=...`` (or ``dynamic_img_size=True``) to :func:`create_trunk`
-    to build a ViT for another size.
+    any size. A few flagged models take other sizes too (XCiT, CrossViT, Twins): the flag says
+    what the model is built for, not what it refuses. Pass ``img_size=...`` (or
+    ``dynamic_img_size=True``) to :func:`create_trunk` to build a ViT for another size.
 
     Args:
         name: timm model name, optionally with a pretrained tag (``"vit_tiny_patch16_224.augreg_in21k"``).
 
     Returns:
-        ``(height, width)``, or ``None`` when the model takes any size.
+        ``(height, width)``, or ``None`` when timm does not flag the model (it takes any size).
 
     Raises:
         ValueError: timm has no model (or tag) ``name``.

@@ -502,7 +502,9 @@ def _fit_image_size(backbone: str, given: int | None, default: int, demo_trainin
 
     ViTs and Swin (timm's ``fixed_input_size``) fail on any other size, deep inside the first
     batch. An unset size then takes the backbone's, except for demo training: its 64 keeps the
-    demo quick, and a 224 trunk makes it take minutes on a CPU, so the user chooses.
+    demo quick, and a 224 trunk makes it take minutes on a CPU, so the user chooses. A given size
+    that timm's flag rules out is tried on a randomly initialised model first: some flagged
+    models (XCiT, CrossViT, Twins) take other sizes.
 
     Raises:
         CommandError: before any work, naming --image-size and both sizes.
@@ -518,6 +520,8 @@ def _fit_image_size(backbone: str, given: int | None, default: int, demo_trainin
     square = f"pass --image-size {height}{slower} or " if height == width else "no square --image-size fits it; "
     remedy = square + other_backbone
     if given is not None:
+        if _forward_error(create_trunk(backbone)[0], given) is None:
+            return given
         raise CommandError(f"--image-size {given} does not fit: {takes}; {remedy}")
     if demo_training or height != width:
         where = " for the demo" if demo_training else ""
@@ -670,18 +674,28 @@ def _check_takes_image_size(trunk, config: dict) -> None:
     """Pass one blank image of ``--image-size`` through the trunk (eval mode, no gradients), so that a
     size too small for it (a CNN's kernel larger than its input) fails now in one line, not as a
     traceback from the first batch of feature extraction or training."""
-    size, was_training = config["image_size"], trunk.training
-    try:
-        with torch.no_grad():
-            trunk.eval()(torch.zeros(1, 3, size, size))
-    except (RuntimeError, AssertionError) as err:
+    size = config["image_size"]
+    err = _forward_error(trunk, size)
+    if err is not None:
         pretrained_size = trunk.pretrained_cfg.get("input_size", (None,))[-1]
         raise CommandError(
             f"--image-size {size} does not fit --backbone {config['backbone']} ({_one_line(err)}); pass a larger "
             f"--image-size (its pretrained size is {pretrained_size})"
         ) from err
+
+
+def _forward_error(trunk, size: int) -> Exception | None:
+    """The error one blank ``size`` x ``size`` image raises in ``trunk`` (eval mode, no gradients), or None.
+    Models refuse sizes in several ways: a kernel larger than the input, an assert, an index out of range."""
+    was_training = trunk.training
+    try:
+        with torch.no_grad():
+            trunk.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, IndexError, ValueError) as err:
+        return err
     finally:
         trunk.train(was_training)
+    return None
 
 
 def _training_data(config, dataset, trunk, normalisation, device):

@@ -791,6 +791,8 @@ def test_unset_image_size_takes_the_size_of_a_fixed_size_backbone(argv, expected
         (["train", "--backbone", "resnet18"], 64),  # the demo's default
         (["train", "--backbone", "resnet18", "--image-size", "40"], 40),  # a CNN takes any size
         (["train", "--backbone", "vit_tiny_patch16_224", "--image-size", "224"], 224),
+        # timm flags it as 224-only, but it takes other sizes: a tried size is not refused on the flag
+        (["eval", "--backbone", "xcit_nano_12_p16_224", "--image-size", "64"], 64),
     ],
 )
 def test_image_size_that_fits_the_backbone_is_kept(argv, expected, tmp_path, capsys, monkeypatch):
