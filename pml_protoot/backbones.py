@@ -31,8 +31,10 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     images to ``(B, feature_dim)`` pooled features.
 
     Args:
-        name: a timm model name (``timm.list_models()``), e.g. ``"resnet50"``.
-        pretrained: download timm's pretrained weights from the hub (needs internet).
+        name: a timm model name (``timm.list_models()``), e.g. ``"resnet50"``, or timm's
+            ``"hf-hub:<repo>"`` / ``"local-dir:<folder>"`` (a folder from ``timm.models.save_for_hf``).
+        pretrained: download timm's pretrained weights from the hub (needs internet); for a
+            ``"local-dir:"`` name, load the folder's weights (offline).
         weights: path of a local state dict (``torch.save(model.state_dict())``) or a
             state dict itself, loaded with a strict key and shape check. Classifier
             entries (``model.default_cfg["classifier"]``) are ignored when
@@ -142,7 +144,17 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
 
 def check_model_name(name: str, argument: str = "name") -> None:
     """Raise ``ValueError`` naming ``argument`` unless timm has model ``name`` (with its pretrained
-    tag, if ``name`` has one), listing similar names or the architecture's tags."""
+    tag, if ``name`` has one), listing similar names or the architecture's tags.
+
+    timm's ``"local-dir:<folder>"`` names need ``<folder>/config.json``; ``"hf-hub:<repo>"`` names
+    are left to the hub.
+    """
+    source, location = _model_source(name, argument)
+    if source == "local-dir" and not os.path.isfile(os.path.join(location, "config.json")):
+        raise ValueError(f"{argument} {name!r} needs {os.path.join(location, 'config.json')}, timm's model config "
+                         "(timm.models.save_for_hf writes it beside the weights)")
+    if source is not None:
+        return
     architecture, _, tag = name.partition(".")
     if not timm.is_model(name):
         close = timm.list_models(f"*{architecture}*")[:10]
@@ -182,10 +194,31 @@ def fixed_input_size(name: str) -> tuple[int, int] | None:
         ((224, 224), None)
     """
     check_model_name(name)
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not cfg.fixed_input_size:
+    cfg = _pretrained_cfg(name)
+    if not cfg.get("fixed_input_size"):
         return None
-    return tuple(cfg.input_size[-2:])
+    return tuple(cfg["input_size"][-2:])
+
+
+def _model_source(name: str, argument: str) -> tuple[str | None, str]:
+    """timm's ``(source, location)`` of a model name: ``(None, name)`` for its own models."""
+    try:
+        return timm.models.parse_model_name(name)
+    except ValueError:
+        raise ValueError(f"{argument} must be a timm model name, 'hf-hub:<repo>' or 'local-dir:<folder>', "
+                         f"got {name!r}") from None
+
+
+def _pretrained_cfg(name: str) -> dict:
+    """timm's pretrained config of a checked model name as a dict ({} when timm has none); a hub name's
+    config.json is downloaded, as ``timm.create_model`` would."""
+    source, location = _model_source(name, "name")
+    if source is None:
+        cfg = timm.models.get_pretrained_cfg(name)
+        return cfg.to_dict() if cfg is not None else {}
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path  # timm exports neither
+    load = load_model_config_from_hf if source == "hf-hub" else load_model_config_from_path
+    return load(location)[0]
 
 
 def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, shown: int) -> str:

@@ -1,4 +1,6 @@
 """timm trunks, strict local weights, the Lite0 converter and the MLP head."""
+import re
+
 import huggingface_hub.constants
 import numpy as np
 import pytest
@@ -349,6 +351,25 @@ def test_fixed_input_size_refuses_names_timm_lacks(name):
     """An unknown name is no model that takes any size."""
     with pytest.raises(ValueError, match="name"):
         fixed_input_size(name)
+
+
+@pytest.mark.parametrize("name, size", [("resnet10t", None), ("vit_tiny_patch16_224", (224, 224))])
+def test_a_local_dir_model_loads_offline_with_its_weights_and_size(name, size, tmp_path):
+    """timm's offline route: a folder written by timm.models.save_for_hf, named "local-dir:<folder>"."""
+    torch.manual_seed(0)
+    saved = timm.create_model(name)
+    timm.models.save_for_hf(saved, tmp_path)
+    trunk, dim = create_trunk(f"local-dir:{tmp_path}", pretrained=True)
+    assert dim == saved.num_features and fixed_input_size(f"local-dir:{tmp_path}") == size
+    expected = saved.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in trunk.state_dict().items())
+
+
+@pytest.mark.parametrize("name, match", [("local-dir:/no/such/folder", "needs /no/such/folder/config.json"),
+                                         ("hub:resnet18", "'hf-hub:<repo>' or 'local-dir:<folder>', got 'hub:resnet18'")])
+def test_model_names_with_a_source_timm_cannot_read_are_refused(name, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        create_trunk(name)
 
 
 @pytest.mark.parametrize("global_pool", ["max", "catavgmax"])
