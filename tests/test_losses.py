@@ -461,6 +461,16 @@ def test_class_labels_instead_of_sample_indices_warn_once_at_the_users_line():
         ProtoOTLoss(random_memory(domains))(embeddings, torch.tensor(samples * 2), ref_emb=keys)  # two views
 
 
+def test_indices_repeated_at_most_twice_do_not_warn():
+    """Two views of a sample, or a with-replacement draw, repeat an index twice; class labels repeat more."""
+    memory = random_memory([0] * 400 + [1] * 400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_class_labels(memory, "labels", torch.cat([torch.arange(30), torch.tensor([0, 1])]))
+    with pytest.warns(UserWarning, match="0 occurs 3 times"):
+        warn_if_class_labels(memory, "labels", torch.cat([torch.arange(30), torch.tensor([0, 0, 1])]))
+
+
 def test_small_batches_and_interleaved_domains_are_not_checked():
     """A batch under 32 repeats indices by chance when drawn with replacement; with domains interleaved in
     index order, a cycled small domain's indices are all low (CrossDomainSampler(shuffle=False))."""

@@ -235,6 +235,19 @@ def test_update_prototypes_moves_them_to_assignment_weighted_bank_means(device):
     torch.testing.assert_close(memory.prototypes, torch.stack(expected))
 
 
+def test_update_prototypes_mines_with_the_prototypes_before_the_update(device):
+    """Every domain's own and cross labels come from one set of prototypes, those before the step: the
+    mined tuples equal those of a miner that updates nothing, on a copy of the memory."""
+    memory, size = random_memory(device)
+    memory.prototypes.add_(0.3 * torch.randn_like(memory.prototypes))  # far from a fixed point: updates move them
+    frozen = copy.deepcopy(memory)
+    batch, embeddings = torch.randperm(size)[:20].to(device), torch.randn(20, 6, device=device)
+    updated = ProtoOTMiner(memory, positives="agreement", update_prototypes=True)(embeddings, batch)
+    expected = ProtoOTMiner(frozen, positives="agreement")(embeddings, batch)
+    assert not torch.equal(memory.prototypes, frozen.prototypes)
+    assert all(torch.equal(got, want) for got, want in zip(updated, expected))
+
+
 def test_without_update_prototypes_memory_is_untouched(device):
     memory, _ = separated_memory(device, torch.float32)
     before = {k: v.clone() for k, v in memory.state_dict().items()}

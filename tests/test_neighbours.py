@@ -67,14 +67,15 @@ def test_search_stays_exact_across_buffer_flushes_with_exhaustive_probing(dtype,
     for step in range(8):
         indices = torch.randperm(120, generator=generator)[:7]
         memory.fill(unit_rows(7, 10 + step, dtype).to(device), indices)
+        bank_index = memory._bank_indexes[0]
+        # Every row lives in exactly one place, the IVF or the pending buffer, also right after a flush.
+        assert bank_index.index.ntotal + len(bank_index.pending) == 120, step
         own_rows = memory.row_of[indices.to(device)]
         anchors = unit_rows(7, 30 + step, dtype).to(device)
         rows = memory.nearest_rows(0, anchors, own_rows)
         assert rows.tolist() == brute_force_nearest(anchors, memory.bank(0), own_rows.cpu()), step
         pending = memory._bank_indexes[0].pending
         assert len(pending) <= 12 + 7 and set(own_rows.tolist()) <= set(pending.tolist())
-    # Every row lives in exactly one place: the IVF or the pending buffer.
-    assert memory._bank_indexes[0].index.ntotal + len(pending) == 120
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -120,6 +120,33 @@ def test_equals_official_formula_in_float64(iterations, normalize_scores, kernel
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
 
 
+def test_defaults_are_the_papers_epsilon_and_rounds(device):
+    """sinkhorn(S, beta) is the paper's 3 rounds at epsilon 0.05."""
+    scores, beta = random_scores(3, device=device), random_marginal(3, device=device)
+    torch.testing.assert_close(sinkhorn(scores, beta), official_sinkhorn(scores, beta, 0.05, 3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_a_prototype_far_below_every_sample_keeps_the_plan_finite(iterations, device):
+    """Scores of -10 at epsilon 0.05 put exp(S / eps) below float32's range: the kernel choice must look at
+    the most negative score too, not only the largest."""
+    scores = random_scores(4, dtype=torch.float32, device=device)
+    scores[:, 2] = -10 + 0.1 * scores[:, 3]
+    beta = random_marginal(4, device=device)
+    result = sinkhorn(scores, beta.float(), 0.05, iterations)
+    expected = official_sinkhorn(scores.double(), beta, 0.05, iterations)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_normalize_scores_gives_an_all_zero_row_zero_scores_as_f_normalize_does(device):
+    """F.normalize leaves a zero row zero (its norm is clamped), so that sample gets the uniform row."""
+    scores = 3 * random_scores(5, device=device)
+    scores[0] = 0
+    beta = random_marginal(5, device=device)
+    expected = official_sinkhorn(scores, beta, 0.05, 3, normalize_scores=True)
+    torch.testing.assert_close(sinkhorn(scores, beta, normalize_scores=True), expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("epsilon", [0.1, 0.05, 0.02])
 def test_uniform_class_marginal_equals_official_formula(epsilon, device):
     scores = random_scores(3, device=device)

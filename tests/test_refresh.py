@@ -132,6 +132,24 @@ def test_cross_pseudo_labels_refresh_with_their_domain(device):
     assert memory.cross_pseudo_labels(0, 1, rows).tolist() == full[:6].argmax(dim=1).tolist()
 
 
+def test_a_refresh_of_the_domain_renews_its_cross_plans(device):
+    """Between refreshes the cross plan of bank 0 under domain 1's prototypes is cached; domain 0's
+    next refresh must drop it, so that its cross labels follow domain 1's prototypes as they are then."""
+    memory = ready_memory(2, torch.float64, device)
+    rows, all_rows = torch.arange(6, device=device), torch.arange(30, device=device)
+    memory.step_pseudo_labels(0, rows)  # domain 0 refreshes
+    memory.cross_pseudo_labels(0, 1, rows)  # and caches its plan under domain 1's prototypes
+    for step in range(4):  # domain 1's bank and prototypes move on
+        memory.fill(unit_keys(24, 60 + step, torch.float64).to(device), torch.arange(30, 54))
+        memory.step_pseudo_labels(1, rows)
+    memory.step_pseudo_labels(0, rows)  # from the cache
+    memory.step_pseudo_labels(0, rows)  # domain 0's next refresh
+    assert not bool(memory.potentials_valid[0, 1])
+    bank, prototypes = memory.bank(0).cpu(), memory.prototypes[1].cpu()
+    full = official_sinkhorn(bank @ prototypes.T, memory.class_marginals[0].cpu())
+    assert memory.cross_pseudo_labels(0, 1, all_rows).tolist() == full.argmax(dim=1).tolist()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_loss_with_refresh_every_one_equals_the_default_loss(dtype, device):
     losses = []

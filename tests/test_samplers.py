@@ -161,8 +161,12 @@ def test_a_second_iteration_in_an_epoch_is_a_new_valid_balanced_pass(batch_size)
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 @pytest.mark.parametrize("epoch", [0, 1, 5])
 @pytest.mark.parametrize("num_replicas,rank", [(1, 0), (2, 1), (3, 0), (3, 2), (5, 4)])
-def test_passes_follow_the_documented_algorithm_and_the_first_is_the_old_single_order(seed, epoch, num_replicas, rank):
-    domains = make_domains()
+# The second layout's first domain fills the pass exactly (12 = 6 blocks x 2): one shuffle, not two.
+@pytest.mark.parametrize("sizes", [SIZES, {0: 12, 1: 8, 2: 12}], ids=["uneven", "one_domain_fills_the_pass"])
+def test_passes_follow_the_documented_algorithm_and_the_first_is_the_old_single_order(
+    seed, epoch, num_replicas, rank, sizes
+):
+    domains = make_domains(sizes)
     sampler = CrossDomainSampler(domains, 6, num_replicas=num_replicas, rank=rank, seed=seed)
     list(sampler)  # passes of an earlier epoch must not shift this epoch's
     sampler.set_epoch(epoch)
