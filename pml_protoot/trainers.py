@@ -97,7 +97,8 @@ class ProtoOTTrainer(BaseTrainer):
             proxy losses, ``VICRegLoss`` and ``MultipleLosses`` do, is refused at construction by a call
             on 4 random vectors; so is ``ThresholdConsistentMarginLoss``, which ignores it). Not
             PML's ``SelfSupervisedLoss`` (the trainer already makes each query's key its
-            positive: pass the loss it wraps) or ``CrossBatchMemory`` (the banks are the memory).
+            positive: pass the loss it wraps) or ``CrossBatchMemory`` (it takes no ``ref_emb``; the
+            trainer keeps no queue of negatives, the loss sees the batch's keys).
         dataset: items ``((query_view, key_view), global_index)``.
         memory: the :class:`~pml_protoot.memory.PrototypeMemory`; moved to ``data_device``.
         momentum: EMA momentum :math:`m` of the key encoder in ``[0, 1]`` (settable later).
@@ -372,6 +373,8 @@ class ProtoOTTrainer(BaseTrainer):
         for batch in progress_bar(loader, "filling memory banks"):
             if self.fill_dataset is None:
                 (_, key_views), indices = self._split_batch(self.data_and_label_getter(batch))
+                # As PML's get_batch does for the training batches (hierarchical labels: a column of them).
+                indices = c_f.process_label(indices, self.label_hierarchy_level, self.label_mapper)
                 key_views = self._transformed(key_views)
             else:
                 key_views = _first_field(batch)
@@ -702,8 +705,10 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
         )
     if isinstance(metric_loss, CrossBatchMemory):
         raise ValueError(
-            "loss_funcs['metric_loss'] is a CrossBatchMemory, which takes no ref_emb: the trainer's keys and "
-            f"PrototypeMemory banks already play its part; pass the loss it wraps ({type(metric_loss.loss).__name__})"
+            "loss_funcs['metric_loss'] is a CrossBatchMemory, which takes no ref_emb, so the trainer's keys cannot "
+            f"reach it; pass the loss it wraps ({type(metric_loss.loss).__name__}), which then contrasts each query "
+            "with the batch's keys (the trainer keeps no queue of negatives: the PrototypeMemory banks feed the "
+            "prototypes and neighbours)"
         )
     if isinstance(metric_loss, _IGNORES_REF_EMB):
         raise ValueError(
@@ -714,6 +719,14 @@ def _check_loss_and_miner(metric_loss, miner, memory) -> None:
     if isinstance(miner, ProtoOTMiner) and miner.memory is not memory:
         raise ValueError(
             "mining_funcs['tuple_miner'] is a ProtoOTMiner on another memory; pass it the trainer's memory"
+        )
+    if isinstance(miner, ProtoOTMiner) and isinstance(metric_loss, pml_losses.AngularLoss):
+        warnings.warn(
+            "loss_funcs['metric_loss'] is an AngularLoss, which takes only the positive pairs of the mined tuples "
+            "and makes every other sample a negative: the ProtoOTMiner's dropped negatives (likely class-mates) "
+            "still reach it; pass a loss that reads its negatives from the tuples (e.g. NTXentLoss)",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
         )
     if isinstance(miner, ProtoOTMiner) and not miner.update_prototypes and not memory.reset_prototypes:
         warnings.warn(

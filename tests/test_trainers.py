@@ -337,6 +337,16 @@ def test_bank_filling_reads_training_items_through_the_getter_and_fill_items_wit
     with_collate.train(num_epochs=1)  # training items still go through the collate_fn
 
 
+def test_bank_filling_takes_the_label_hierarchy_level_as_training_does(device):
+    """PML's label_hierarchy_level picks a column of (B, L) labels in every training batch; the bank filling
+    read the whole (B, 2) block and failed."""
+    trainer = make_trainer(device, fill_dataset=None, views=lambda feature: feature, label_hierarchy_level=1)
+    trainer.dataset = DictItems(trainer.dataset)
+    trainer.data_and_label_getter = lambda batch: (batch["views"], torch.stack([-batch["index"], batch["index"]], 1))
+    assert_filled_with_the_key_encoders_features(trainer, device)
+    trainer.train(num_epochs=1)
+
+
 def test_pml_label_mapping_is_refused(device):
     trainer = make_trainer(device)
     pml_arguments = (trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
@@ -587,6 +597,28 @@ def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
             build({"metric_loss": loss})
     assert not trainer.memory.written.any()
     build({"metric_loss": MultiSimilarityLoss()})
+
+
+def test_angular_loss_beside_a_protoot_miner_warns_that_the_dropped_negatives_still_reach_it():
+    """AngularLoss keeps only the mined positives and takes every other sample as a negative: the value is the
+    same whatever negatives the tuples hold, which is what the warning says."""
+    from pytorch_metric_learning.losses import AngularLoss
+
+    trainer = make_trainer("cpu")
+    with pytest.warns(UserWarning, match="AngularLoss, which takes only the positive pairs") as caught:
+        miner = ProtoOTMiner(trainer.memory, update_prototypes=True)
+        ProtoOTTrainer(trainer.models, trainer.optimizers, BATCH, {"metric_loss": AngularLoss()}, trainer.dataset,
+                       trainer.memory, mining_funcs={"tuple_miner": miner})
+    assert caught[0].filename == __file__
+    embeddings, keys, labels = torch.randn(6, 4), torch.randn(6, 4), torch.arange(6)
+    positives = (torch.arange(6), torch.arange(6))
+    others = torch.tensor([j for i in range(6) for j in range(6) if j != i])
+    every_negative = (torch.arange(6).repeat_interleave(5), others)
+    loss = AngularLoss()
+    with_all = loss(embeddings, labels, (*positives, *every_negative), ref_emb=keys, ref_labels=labels)
+    one_negative = (torch.tensor([0]), torch.tensor([1]))  # it needs one to run, then ignores which
+    with_one = loss(embeddings, labels, (*positives, *one_negative), ref_emb=keys, ref_labels=labels)
+    assert torch.equal(with_all, with_one)
 
 
 def test_a_pml_loss_that_ignores_ref_emb_is_refused():
