@@ -47,6 +47,9 @@ NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
 AUTO_IVF_MIN_ROWS = 100_000
 #: Bookkeeping buffers read in Python on every step, kept on the CPU on any device (see ``_apply``).
 HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
+#: Buffers kept in float32 at least whatever the memory's dtype: a step adds about B / N_d to the prototype
+#: means, below a float16 or bfloat16 ulp of a mean on a large bank, so the additions would round away.
+ACCUMULATOR_BUFFERS = ("prototype_means",)
 
 
 def _outside_autocast(method):
@@ -100,8 +103,8 @@ class PrototypeMemory(torch.nn.Module):
       not change since the full OT, an approximation for a new key;
     * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
-      and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums: they stay
-      within float16's range at any bank size).
+      and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums, kept in float32
+      at least: a step moves them by about :math:`B / N_d` of a key, below a half-precision ulp).
 
     Nearest neighbours (:meth:`nearest_rows`, the loss's :math:`\mathrm{nn}` term):
     ``neighbour_search="exact"`` is brute force, :math:`O(B N_d \cdot \text{dim})`
@@ -328,9 +331,14 @@ class PrototypeMemory(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.half()``, ...: every buffer but :data:`HOST_BUFFERS`, which stay on the
         CPU. Python reads them every step (``int(memory.epoch)``, the refresh countdown); on a GPU each read
-        would wait for all queued work. They are integers and flags, so no dtype cast applies to them."""
+        would wait for all queued work. They are integers and flags, so no dtype cast applies to them.
+        :data:`ACCUMULATOR_BUFFERS` move with the rest but keep float32 at least (float64 follows)."""
         host = {name: self._buffers[name] for name in HOST_BUFFERS if name in self._buffers}
+        accumulators = {name: self._buffers[name] for name in ACCUMULATOR_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
+        for name, before in accumulators.items():
+            moved = self._buffers[name]
+            self._buffers[name] = before.to(device=moved.device, dtype=_compute_dtype(moved))
         # Only CPU tensors are kept: a buffer that got elsewhere (a meta memory) takes fn's result, as before.
         self._buffers.update({name: buffer for name, buffer in host.items() if buffer.device.type == "cpu"})
         self._keep_host_buffers_on_cpu()
