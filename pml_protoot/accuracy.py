@@ -13,7 +13,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator, maybe_get_avg_of_avgs
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
-from ._checks import as_index_tensor, check_bool, check_choice, check_matrix, check_positive_int
+from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choice, check_matrix, check_positive_int
 from ._progress import progress_bar
 from .ot import _compute_dtype
 
@@ -327,7 +327,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
                 f"{int((~valid).sum())} of {len(valid)} queries have no item of their class in the "
                 "reference set (R = 0) and are excluded from every metric",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
         stats = {"valid_query_labels": query_labels[valid], "relevant_counts": relevant_counts[valid]}
         if not bool(valid.any()):

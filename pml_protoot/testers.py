@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from itertools import permutations
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from pytorch_metric_learning.testers.base_tester import BaseTester
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import check_bool
+from ._checks import caller_stacklevel, check_bool
 from ._progress import progress_bar
 from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
 from .data import _cast_floating, _floating_dtype, _image_and_label, _model_device, _upcast_half
@@ -280,10 +281,15 @@ class CrossDomainTester(BaseTester):
         results = {}
         for query_domain, gallery_domain in pairs:
             logger.info("Scoring %s -> %s", query_domain, gallery_domain)
-            accuracies = self.accuracy_calculator.get_accuracy(
-                embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain], False
-            )
-            results[self.pair_key(query_domain, gallery_domain)] = {k: _plain(v) for k, v in accuracies.items()}
+            key = self.pair_key(query_domain, gallery_domain)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # each pair's own, re-issued below under its name
+                accuracies = self.accuracy_calculator.get_accuracy(
+                    embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain],
+                    False,
+                )
+            _reissue_for_pair(caught, key)
+            results[key] = {k: _plain(v) for k, v in accuracies.items()}
         results[MEAN_KEY] = _mean_over_pairs(results)
         self.results = results
         logger.info("Cross-domain retrieval:\n%s", self.summary_table(results))
@@ -402,6 +408,13 @@ def _ranks_by_cosine_only(calculator) -> bool:
     return isinstance(calculator, PrecisionAtKCalculator) and set(calculator.get_curr_metrics()) <= set(
         calculator.requires_knn()
     )
+
+
+def _reissue_for_pair(caught: list, pair_key: str) -> None:
+    """Warn again what one pair's scoring warned ("3 of 6 queries have no item of their class ..."),
+    prefixed with its key and at the user's line: with several pairs the warnings were anonymous."""
+    for warning in caught:
+        warnings.warn(f"{pair_key}: {warning.message}", warning.category, stacklevel=caller_stacklevel())
 
 
 def _plain(value):

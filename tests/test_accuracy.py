@@ -187,8 +187,9 @@ def test_queries_without_relevant_items_are_excluded_with_warning(device):
     query_labels = imbalanced_labels(30, 8, num_classes=4)
     query_labels[:4] = 9  # class 9 is absent from the gallery
     reference_labels = imbalanced_labels(50, 9, num_classes=4)
-    with pytest.warns(UserWarning, match="4 of 30 queries"):
+    with pytest.warns(UserWarning, match="4 of 30 queries") as caught:
         got = calculator((1, 5), device).get_accuracy(query, query_labels, reference, reference_labels)
+    assert caught[0].filename == __file__  # the caller's line
     expected = reference_metrics(query, query_labels, reference, reference_labels, (1, 5))
     assert got == pytest.approx(expected, rel=1e-12)
 

@@ -487,8 +487,12 @@ def test_a_pair_without_class_mates_is_left_out_of_the_mean_with_a_warning(caplo
                   for name, size in (("a", 3), ("b", 2), ("c", 4))}
     labels = {"a": torch.tensor([0, 0, 0]), "b": torch.tensor([1, 1]), "c": torch.tensor([0, 1, 0, 1])}
     pairs = [("a", "b"), ("a", "c"), ("c", "a")]
-    with pytest.warns(UserWarning, match="no item of their class"), caplog.at_level("WARNING"):
+    with pytest.warns(UserWarning, match="no item of their class") as caught, caplog.at_level("WARNING"):
         results = tester.evaluate(embeddings, labels, pairs)
+    # Named by pair (b has no class 0, a no class 1), at this line.
+    assert [str(warning.message).partition(":")[0] for warning in caught] == ["a->b", "c->a"]
+    assert str(caught[0].message).startswith("a->b: 3 of 3 queries have no item of their class")
+    assert {warning.filename for warning in caught} == {__file__}
     assert math.isnan(results["a->b"]["precision_at_1"])  # a's class 0 is absent from b
     for metric, value in results["mean"].items():
         assert value == pytest.approx((results["a->c"][metric] + results["c->a"][metric]) / 2, rel=1e-12), metric
