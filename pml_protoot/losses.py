@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
 from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
+from .ot import _compute_dtype
 
 __all__ = ["ProtoOTLoss"]
 
@@ -221,7 +222,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not self._labels_checked:  # passing class labels shows in the first batch large enough to judge
             self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
-        self.memory.fill(F.normalize(ref_emb.detach(), dim=1), labels)
+        # Normalised in float32 at least: in float16 F.normalize's eps underflows and a zero key becomes NaN.
+        self.memory.fill(F.normalize(ref_emb.detach().to(_compute_dtype(ref_emb)), dim=1), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)

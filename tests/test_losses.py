@@ -149,6 +149,18 @@ def test_loss_matches_reference_in_lower_precision(dtype, tolerance, official, d
     assert abs(loss.item() - expected) < tolerance * max(1.0, abs(expected))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_zero_key_in_half_precision_is_written_as_a_zero_row(dtype, device):
+    """F.normalize of a zero row is the zero row in float32; in float16 its eps underflowed, and the call
+    failed with "keys must be finite", about keys the caller never passed."""
+    memory = random_memory(TWO_DOMAINS, dtype=torch.float32, device=device)
+    embeddings, keys, labels = random_batch(BATCH, dtype=dtype, device=device)
+    keys[0] = 0
+    loss = ProtoOTLoss(memory, cross_domain_start_epoch=0)(embeddings, labels, ref_emb=keys)
+    slot, row = int(memory.domain_of[labels[0]]), int(memory.row_of[labels[0]])
+    assert torch.isfinite(loss) and not memory.bank(slot)[row].any()
+
+
 def test_three_domains_match_reference_with_mean_over_other_domains(device):
     domains = [2, 0, 1, 2, 0, 1, 2, 0, 1, 0, 2, 1, 1]
     memory = random_memory(domains, device=device)
