@@ -100,7 +100,10 @@ class PrototypeMemory(torch.nn.Module):
       row of a Sinkhorn plan is :math:`P_n = \mathrm{softmax}(s_n/\varepsilon + g)`
       (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
       is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
-      not change since the full OT, an approximation for a new key;
+      not change since the full OT, an approximation for a new key. Exact needs :math:`g` to be
+      recoverable from the plan, as it is for cosine scores at :math:`\varepsilon \ge 0.02`; far
+      below (:math:`10^{-4}`) the plan's off-argmax entries underflow, :math:`g` comes out 0 and
+      cached labels ignore :math:`\beta` (a few percent differ): keep ``refresh_every=1`` there;
     * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
       and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums, kept in float32
