@@ -48,14 +48,17 @@ def load_saved(path, what: str):
         ValueError: a file ``torch.save`` did not write, named as ``what``.
         OSError: the file cannot be read.
     """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # pickle, zip and torch errors alike
-        # torch's own message is pages of advice on weights_only: the exception's name says enough
-        hint = ("; a whole pickled model is refused too (it runs code on loading): save model.state_dict()"
-                if isinstance(err, pickle.UnpicklingError) else "")
-        raise ValueError(
-            f"{what} {os.fspath(path)!r} is not a file of tensors saved with torch.save ({type(err).__name__}){hint}"
-        ) from err
+    with open(path, "rb") as file:  # a missing or unreadable file raises its OSError here
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and torch errors alike; a truncated zip raises OSError
+            raise _not_saved_tensors(path, what, err) from err
+
+
+def _not_saved_tensors(path, what: str, err: Exception) -> ValueError:
+    # torch's own message is pages of advice on weights_only: the exception's name says enough
+    hint = ("; a whole pickled model is refused too (it runs code on loading): save model.state_dict()"
+            if isinstance(err, pickle.UnpicklingError) else "")
+    return ValueError(
+        f"{what} {os.fspath(path)!r} is not a file of tensors saved with torch.save ({type(err).__name__}){hint}"
+    )

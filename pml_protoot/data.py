@@ -1026,6 +1026,16 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
+    def __getstate__(self) -> dict:
+        # torch pickles a Generator through a temporary state tensor that a spawn or forkserver
+        # DataLoader worker cannot attach to (pytorch/pytorch#146828): carry the state as bytes.
+        return {**self.__dict__, "generator": self.generator.get_state().numpy().tobytes()}
+
+    def __setstate__(self, state: dict) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, generator=generator)
+
 
 class _Transformed(torch.utils.data.Dataset):
     """Images of ``dataset`` through ``transform``, labels dropped."""

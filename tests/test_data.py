@@ -1,6 +1,7 @@
 """Multi-domain folders, two views, the synthetic demo set, transforms, trunk features and the feature cache."""
 import logging
 import os
+import pickle
 import sys
 import time
 
@@ -550,6 +551,18 @@ def test_cached_views_are_drawn_afresh_in_every_worker_and_epoch():
     first_worker, second_worker = epochs[0][:8], epochs[0][8:16]  # batches alternate between workers
     assert not torch.equal(first_worker, second_worker)
     assert all(len(set(row.tolist())) == 2 for epoch in epochs for row in epoch)  # two different views
+
+
+def test_cached_views_reach_spawned_workers_and_copies_keep_the_draws():
+    """macOS and Windows start DataLoader workers by spawn: the dataset's generator must pickle without
+    torch's shared temporary tensor (the worker died: pytorch/pytorch#146828). A copy draws as the original."""
+    dataset = CachedTwoViewDataset(torch.randn(3, 8, 4), torch.tensor([0] * 4 + [1] * 4), seed=0)
+    dataset[0]  # a generator that has moved on
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert all(torch.equal(copy[i][0][0], dataset[i][0][0]) for i in range(8))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    batches = list(loader)
+    assert [indices.tolist() for _, indices in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_cached_views_state_dict_replays_the_draws():

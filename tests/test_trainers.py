@@ -235,6 +235,11 @@ def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
         trainer.load_checkpoint(tmp_path / "weights.pth")
     with pytest.raises(FileNotFoundError, match="absent.pth' is not a file"):
         trainer.load_checkpoint(tmp_path / "absent.pth")
+    torch.save(trainer.memory.state_dict(), tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # torch raises a bare OSError("Invalid argument")
+    with pytest.raises(ValueError, match=r"checkpoint '.*cut.pth' is not a file of tensors saved with torch.save"):
+        trainer.load_checkpoint(tmp_path / "cut.pth")
 
 
 def test_permuting_class_labels_leaves_training_identical(device):
