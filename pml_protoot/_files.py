@@ -6,6 +6,7 @@ import contextlib
 import os
 import pickle
 import secrets
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,22 @@ def atomic_write(path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def check_creatable(name: str, path, folder: bool) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``path`` is (or can be made) a folder (``folder``) or a
+    file in a writable folder: checked before the work whose result it would receive."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{name} {str(path)!r} is {'a file' if folder else 'a folder'}, expected a "
+                         f"{'folder' if folder else 'file name'}")
+    # An existing file is replaced: its folder is what must be writable (the root always exists).
+    candidates = path.parents if path.is_file() else (path, *path.parents)
+    existing = next(parent for parent in candidates if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
 
 
 def load_saved(path, what: str):

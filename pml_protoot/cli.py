@@ -56,7 +56,7 @@ import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_int, check_number, integer_phrase, range_phrase
-from ._files import atomic_write, load_saved
+from ._files import atomic_write, check_creatable, load_saved
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
@@ -463,7 +463,7 @@ def _resolve_train_config(args) -> dict:
     if config["out"] is None:
         config["out"] = os.path.join("runs", datetime.datetime.now().strftime("protoot-%Y%m%d-%H%M%S"))
     if config["feature_cache"] is not None:
-        _check_creatable("--feature-cache", Path(config["feature_cache"]), folder=False)
+        check_creatable("--feature-cache", Path(config["feature_cache"]), folder=False)
     # config.json must work from any folder: `protoot eval --checkpoint` reads these paths back.
     for key in ("data", "weights", "feature_cache"):
         if config[key] is not None and config[key] != LITE0_PACKAGE:
@@ -568,21 +568,7 @@ def _check_new_run_folder(out: Path) -> None:
         raise CommandError(
             f"--out {str(out)!r} already holds a run ({', '.join(previous)}); pass a new folder, e.g. --out {free}"
         )
-    _check_creatable("--out", out, folder=True)
-
-
-def _check_creatable(option: str, path: Path, folder: bool) -> None:
-    """Raise unless ``path`` is (or can be made) a folder (``folder``) or a file in a writable folder."""
-    if path.exists() and path.is_dir() != folder:
-        raise CommandError(f"{option} {str(path)!r} is {'a file' if folder else 'a folder'}, expected a "
-                           f"{'folder' if folder else 'file name'}")
-    # An existing file is replaced: its folder is what must be writable (the root always exists).
-    candidates = path.parents if path.is_file() else (path, *path.parents)
-    existing = next(parent for parent in candidates if parent.exists())
-    if not existing.is_dir():
-        raise CommandError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is not a folder")
-    if not os.access(existing, os.W_OK):
-        raise CommandError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
+    check_creatable("--out", out, folder=True)
 
 
 def _folder_domains(root) -> list[str]:
@@ -825,7 +811,7 @@ def evaluate(args) -> dict:
         raise CommandError("--weights and --pretrained choose the weights of --backbone; a --checkpoint's trunk "
                            "comes from the checkpoint")
     if args.out:
-        _check_creatable("--out", Path(args.out), folder=False)
+        check_creatable("--out", Path(args.out), folder=False)
     device = torch.device(args.device)
     if args.checkpoint is not None:
         config = _checkpoint_config(args)

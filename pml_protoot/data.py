@@ -30,7 +30,7 @@ from ._checks import (
     check_per_channel,
     check_positive_int,
 )
-from ._files import atomic_write, load_saved
+from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from .ot import _compute_dtype
 
@@ -787,7 +787,7 @@ class FeatureCache:
         num_views: ``V >= 2`` augmented views per image.
         path: ``.pt`` cache file, or ``None`` for memory only. A cache of other data, trunk,
             views or seed there is recomputed and replaced; any other file is refused, never
-            overwritten.
+            overwritten. A path that cannot be written is refused before the extraction.
         batch_size: images per trunk call.
         device: where the trunk runs: it is moved there (``None``: where it is).
         seed: seed of the augmentations.
@@ -861,6 +861,8 @@ class FeatureCache:
         ])
         self.path = None if path is None else Path(path)
         if not self._load():
+            if self.path is not None:  # before the extraction, whose result it is to receive
+                check_creatable("feature cache path", self.path, folder=False)
             self._compute(trunk if device is None else trunk.to(device), train_view, eval_view, num_views)
             self._save()
         self.domain_means = domain_means(self.eval_features, dataset.domain_ids)

@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from ._checks import caller_stacklevel, check_number, check_positive_int
-from ._files import atomic_write, load_saved
+from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from .data import _model_device
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
@@ -126,7 +126,8 @@ class ProtoOTTrainer(BaseTrainer):
             (after PML's own ``gradient_clippers``); ``None`` for no clipping.
         checkpoint_dir: if given, :meth:`save_checkpoint` writes ``last.pth`` there at
             the end of every epoch (rank 0 only; give it on every rank under
-            ``torch.distributed`` so that every rank's random states are gathered into it).
+            ``torch.distributed`` so that every rank's random states are gathered into it). A
+            folder that cannot be created or written is refused here, not after the first epoch.
         **pml_kwargs: any other ``BaseTrainer`` argument (``end_of_iteration_hook``,
             ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
 
@@ -199,9 +200,8 @@ class ProtoOTTrainer(BaseTrainer):
         if not isinstance(loss_funcs, dict) or "metric_loss" not in loss_funcs:
             raise ValueError(f"loss_funcs must be a dict holding 'metric_loss' (the loss the trainer calls), "
                              f"got {loss_funcs!r}"[:300])
-        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-            raise ValueError(f"checkpoint_dir must be a folder (created if missing), got the file "
-                             f"{os.fspath(checkpoint_dir)!r}")
+        if checkpoint_dir is not None:  # checked now, not at the first epoch's end
+            check_creatable("checkpoint_dir", checkpoint_dir, folder=True)
         metric_loss = loss_funcs["metric_loss"]
         miner = mining_funcs.get("tuple_miner") if isinstance(mining_funcs, dict) else None
         _check_no_label_mapping(pml_kwargs)

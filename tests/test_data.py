@@ -463,6 +463,21 @@ def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, dev
     )
 
 
+def test_feature_cache_refuses_an_unwritable_path_before_extracting(tiny_folder, tmp_path, monkeypatch):
+    """The features were extracted, then lost at the write (a hidden temporary file was named)."""
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(readonly))  # root writes anywhere
+    trunk = CountingTrunk()
+    with pytest.raises(ValueError, match=f"feature cache path '.*cache.pt' cannot be created: '{readonly}' is not "
+                                         "writable"):
+        build_cache(tiny_folder, trunk, readonly / "sub" / "cache.pt")
+    assert trunk.calls == 0
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="feature cache path '.*' cannot be created: '.*file' is not a folder"):
+        build_cache(tiny_folder, trunk, tmp_path / "file" / "cache.pt")
+
+
 def test_feature_cache_computes_eval_and_views_then_reloads_without_trunk(tiny_folder, tmp_path, device):
     trunk = CountingTrunk()
     trunk.train()

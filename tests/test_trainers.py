@@ -537,7 +537,7 @@ def test_bad_arguments_are_rejected_with_their_names(device):
         trainer.calculate_loss((torch.zeros(BATCH, FEATURE_DIM), torch.arange(BATCH)))
 
 
-def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_construction(device, tmp_path):
+def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_construction(device, tmp_path, monkeypatch):
     trainer = make_trainer(device)
     args = (trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs, trainer.dataset, trainer.memory)
 
@@ -563,8 +563,14 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
     build(*args[:4], half, trainer.memory, fill_dataset=trainer.fill_dataset)
     build(*args[:4], torch.utils.data.ConcatDataset([trainer.dataset, trainer.dataset]), trainer.memory)
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="checkpoint_dir must be a folder .*, got the file"):
+    with pytest.raises(ValueError, match="checkpoint_dir '.*file' is a file, expected a folder"):
         build(*args, checkpoint_dir=tmp_path / "file")
+    readonly = tmp_path / "readonly"  # refused now, not when the first epoch's checkpoint is written
+    readonly.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(readonly))  # root writes anywhere
+        with pytest.raises(ValueError, match=f"checkpoint_dir '.*runs' cannot be created: '{readonly}' is not writable"):
+            build(*args, checkpoint_dir=readonly / "runs")
     domains = trainer.memory.domain_ids[trainer.memory.domain_of].cpu()
     with pytest.raises(ValueError, match="sampler must be built on the memory's domains"):
         build(*args, sampler=CrossDomainSampler(domains.roll(1), BATCH))  # one sample in the other domain
