@@ -809,8 +809,9 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():
+        # The GPUs this process sees; a run saved with more resumes on fewer (torch would index past them).
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = state["numpy"]
     numpy_keys = numpy_keys.numpy().astype(np.uint32)
     np.random.set_state(("MT19937", numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss))

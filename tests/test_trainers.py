@@ -212,6 +212,23 @@ def test_resume_of_a_bfloat16_model_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(value, resumed.key_encoder.state_dict()[key]), key
 
 
+def test_random_states_of_more_gpus_than_this_process_sees_restore_those_it_has(monkeypatch):
+    """A checkpoint saved on 4 GPUs resumed on 1: torch would index a generator that does not exist."""
+    from pml_protoot import trainers
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    state = trainers._rng_state()
+    state["cuda"] = [torch.full((8,), gpu, dtype=torch.uint8) for gpu in range(4)]
+    trainers._set_rng_state(state)
+    assert [int(gpu_state[0]) for gpu_state in restored] == [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainers._set_rng_state(state)  # a CPU-only resume leaves CUDA alone
+    assert len(restored) == 1
+
+
 def test_a_checkpoint_of_another_setup_is_refused_before_anything_is_restored(tmp_path):
     trainer = make_trainer("cpu", checkpoint_dir=tmp_path)
     trainer.train(1, 1)
