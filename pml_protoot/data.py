@@ -791,7 +791,9 @@ class FeatureCache:
         batch_size: images per trunk call.
         device: where the trunk runs: it is moved there (``None``: where it is).
         seed: seed of the augmentations.
-        num_workers: ``DataLoader`` workers for image decoding.
+        num_workers: ``DataLoader`` workers for image decoding. Workers draw the augmented views
+            from their own seeds: the views then depend on ``num_workers`` and ``batch_size``
+            too, and the cache key covers both (with 0 workers they do not).
         progress: show tqdm progress bars.
         center_domains: subtract each domain's mean eval-view feature :math:`\mu_d` from
             every feature of that domain (all views) in :meth:`train_dataset` and
@@ -855,9 +857,12 @@ class FeatureCache:
         self.progress = bool(progress)
         self.seed = check_non_negative_int("seed", seed)
         self.center_domains = check_bool("center_domains", center_domains)
+        # Workers draw the augmented views from per-worker seeds, so the views then also depend on how
+        # many there are and on which batches each takes; in the main process they do not.
+        loading = [f"num_workers={num_workers}, batch_size={batch_size}"] if num_workers else []
         self.key = _digest([
             dataset.fingerprint(), repr(eval_view), repr(train_view), repr(trunk), _weights_digest(trunk),
-            str(num_views), str(seed),
+            str(num_views), str(seed), *loading,
         ])
         self.path = None if path is None else Path(path)
         if not self._load():

@@ -456,10 +456,11 @@ def tiny_folder(tmp_path):
     return make_synthetic_domains(tmp_path / "data", num_classes=2, images_per_class=(3, 2), image_size=16)
 
 
-def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, device="cpu"):
+def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, device="cpu", batch_size=4, num_workers=0):
     return FeatureCache(
         dataset, trunk, train_view=moco_v2_transform(image_size), eval_view=eval_transform(image_size),
-        num_views=num_views, path=path, batch_size=4, seed=seed, progress=False, device=device,
+        num_views=num_views, path=path, batch_size=batch_size, seed=seed, progress=False, device=device,
+        num_workers=num_workers,
     )
 
 
@@ -538,6 +539,22 @@ def test_feature_cache_invalidated_by_changes(change, tiny_folder, tmp_path):
     trunk.calls = 0
     build_cache(dataset, trunk, path, **kwargs)  # the rebuilt cache was saved under the new key
     assert trunk.calls == 0
+
+
+def test_feature_cache_views_drawn_in_workers_are_keyed_by_the_worker_setting(tiny_folder, tmp_path):
+    """Workers draw the augmented views from their own seeds: other views than in the main process, which a
+    cache written without workers must not stand in for (and the other way round)."""
+    trunk, path = CountingTrunk(), tmp_path / "cache.pt"
+    in_main = build_cache(tiny_folder, trunk, path)
+    trunk.calls = 0
+    in_workers = build_cache(tiny_folder, trunk, path, num_workers=2)
+    assert trunk.calls > 0 and not torch.equal(in_workers.view_features, in_main.view_features)
+    torch.testing.assert_close(in_workers.eval_features, in_main.eval_features)  # the eval view is not random
+    trunk.calls = 0
+    assert torch.equal(build_cache(tiny_folder, trunk, path, num_workers=2).view_features, in_workers.view_features)
+    assert trunk.calls == 0
+    # In the main process the batch size changes nothing: such caches keep their key.
+    assert torch.equal(build_cache(tiny_folder, trunk, None, batch_size=3).view_features, in_main.view_features)
 
 
 def test_feature_cache_train_dataset_gives_two_different_views_and_index(tiny_folder):
