@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     model = model.to(args.device).eval()
     data_config = timm.data.resolve_data_config(model=model)
     # ViTs and Swin take only the size timm builds them for; 64 keeps other backbones quick on a CPU.
-    size = args.image_size or (fixed_input_size(args.backbone) or (64,))[0]
+    size = args.image_size if args.image_size is not None else (fixed_input_size(args.backbone) or (64,))[0]
     dataset_dict = load_eval_images(args.data, args.domains, size, data_config["mean"], data_config["std"])
     return evaluate(model, dataset_dict)
 

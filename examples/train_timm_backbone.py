@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     # ViTs and Swin take only the size timm builds them for; 64 keeps other backbones quick on a CPU.
-    size = args.image_size or (fixed_input_size(args.backbone) or (64,))[0]
+    size = args.image_size if args.image_size is not None else (fixed_input_size(args.backbone) or (64,))[0]
     device = torch.device(args.device)
     torch.manual_seed(0)
 

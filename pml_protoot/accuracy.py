@@ -308,7 +308,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
                 "gallery item exactly, without a k-nearest-neighbour list); compute them with PML's AccuracyCalculator"
             )
         # A caller's autocast would run the similarity products in half precision: the ranking is exact float32.
-        with torch.autocast(query.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False):  # where the ranking runs
             if any(name in self.requires_knn() for name in metrics):
                 kwargs.update(
                     self._ranking_statistics(query, query_labels, reference, reference_labels, ref_includes_query)

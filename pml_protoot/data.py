@@ -681,9 +681,9 @@ def trunk_features(
     r"""``(N, F)`` outputs ``trunk(x)`` of every item of ``dataset``, in order, on the CPU.
 
     What :func:`~pml_protoot.backbones.pca_init_` starts a head from, and what
-    :class:`FeatureCache` stores. Floating inputs go to the trunk's device and dtype (those of its
-    first floating parameter; the CPU and the inputs' own dtype for a parameter-free trunk), as in
-    :class:`~pml_protoot.testers.CrossDomainTester`. The trunk runs in eval mode
+    :class:`FeatureCache` stores. Floating inputs go to the trunk's device (that of its first
+    parameter; the CPU for a parameter-free trunk) and to the dtype its floating parameters share
+    (kept as they are when they share none), as in :class:`~pml_protoot.testers.CrossDomainTester`. The trunk runs in eval mode
     (batch-norm running statistics, no dropout) under ``torch.no_grad()``; its
     train/eval mode is restored afterwards. Half-precision outputs (e.g. under autocast) are returned as
     float32; float32 and float64 outputs keep their dtype.
@@ -743,8 +743,10 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of ``model``'s first floating-point parameter; None when it has none."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    """The dtype of ``model``'s floating-point parameters when they share one; None when they do not
+    (a frozen float64 scalar before float32 layers: inputs are then left as they are) or there are none."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -222,8 +222,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not self._labels_checked:  # passing class labels shows in the first batch large enough to judge
             self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
-        # Normalised in float32 at least: in float16 F.normalize's eps underflows and a zero key becomes NaN.
-        self.memory.fill(F.normalize(ref_emb.detach().to(_compute_dtype(ref_emb)), dim=1), labels)
+        self.memory.fill(_unit_rows(ref_emb.detach()), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
@@ -259,8 +258,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
         whose keys are already in the memory (``forward`` does both)."""
         dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
-        queries = F.normalize(embeddings.to(dtype), dim=1)
-        keys = F.normalize(ref_emb.detach().to(dtype), dim=1)
+        queries = _unit_rows(embeddings).to(dtype)
+        keys = _unit_rows(ref_emb.detach()).to(dtype)
         # Domains only other ranks' batches hold come with no positions: their memory state still moves.
         # The rows are the memory's own, so the loss calls its unchecked methods (no device read per domain).
         groups = self.memory.split_by_domain(labels, across_ranks=True)
@@ -334,6 +333,12 @@ class ProtoOTLoss(BaseMetricLossFunction):
         negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
         logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def _unit_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows L2-normalised in float32 at least: in float16 F.normalize's eps underflows, and a zero row
+    (a zero key or query) would become NaN instead of staying zero."""
+    return F.normalize(tensor.to(_compute_dtype(tensor)), dim=1)
 
 
 def _check_weights(weights) -> tuple[float, float, float]:

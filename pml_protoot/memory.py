@@ -285,6 +285,10 @@ class PrototypeMemory(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
         self._keep_host_buffers_on_cpu()  # load_state_dict(assign=True) puts in the saved tensors, on any device
+        for name in ACCUMULATOR_BUFFERS:  # and in their dtypes: a float16 one from an older checkpoint
+            buffer = self._buffers.get(name)
+            if buffer is not None:
+                self._buffers[name] = buffer.to(_compute_dtype(buffer))
 
     def _keep_host_buffers_on_cpu(self) -> None:
         for name in HOST_BUFFERS:
@@ -341,7 +345,10 @@ class PrototypeMemory(torch.nn.Module):
         super()._apply(fn, recurse)
         for name, before in accumulators.items():
             moved = self._buffers[name]
-            self._buffers[name] = before.to(device=moved.device, dtype=_compute_dtype(moved))
+            dtype = _compute_dtype(moved)
+            # Recast from the values before a half-precision cast; a meta tensor holds none (to_empty).
+            source = moved if moved.dtype == dtype or before.is_meta else before
+            self._buffers[name] = source.to(device=moved.device, dtype=dtype)
         # Only CPU tensors are kept: a buffer that got elsewhere (a meta memory) takes fn's result, as before.
         self._buffers.update({name: buffer for name, buffer in host.items() if buffer.device.type == "cpu"})
         self._keep_host_buffers_on_cpu()

@@ -379,6 +379,16 @@ def test_trunk_features_cast_float32_inputs_to_the_trunks_dtype(dtype):
     torch.testing.assert_close(features, trunk(inputs.to(dtype)).detach().to(features.dtype))
 
 
+def test_trunk_features_leave_inputs_alone_for_a_trunk_of_mixed_dtypes():
+    """A frozen float64 scale before float32 layers: no one dtype to cast to (casting to the first
+    parameter's broke the float32 layers)."""
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    # The container's own parameter comes first in trunk.parameters(), before the layers'.
+    trunk.register_parameter("scale", torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False))
+    inputs = torch.randn(4, 3)
+    torch.testing.assert_close(trunk_features(trunk, inputs), trunk(inputs).detach())
+
+
 def test_trunk_features_restore_each_modules_own_mode():
     trunk = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout()).train()
     trunk[1].eval()  # e.g. frozen batch norm statistics inside a training model

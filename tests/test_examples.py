@@ -112,7 +112,7 @@ def stop_at_loading(size):
 @pytest.mark.parametrize(
     "backbone, given, expected",
     [("resnet10t", None, 64), ("resnet10t", 40, 40), ("vit_tiny_patch16_224", None, 224),
-     ("vit_tiny_patch16_224", 224, 224), ("xcit_nano_12_p16_224", 64, 64)],
+     ("vit_tiny_patch16_224", 224, 224), ("xcit_nano_12_p16_224", 64, 64), ("resnet10t", 0, 0)],
 )
 def test_examples_give_a_fixed_size_backbone_its_size_unless_told(example_name, loader, backbone, given, expected,
                                                                  monkeypatch):
@@ -120,7 +120,7 @@ def test_examples_give_a_fixed_size_backbone_its_size_unless_told(example_name, 
     64, on which a ViT failed deep in its first batch); a given one is used as given."""
     example = load_example(example_name)
     monkeypatch.setattr(example, loader, lambda data, domains, size, *args, **kwargs: stop_at_loading(size))
-    argv = ["--backbone", backbone, "--device", "cpu"] + (["--image-size", str(given)] if given else [])
+    argv = ["--backbone", backbone, "--device", "cpu"] + (["--image-size", str(given)] if given is not None else [])
     with pytest.raises(SizeChosen) as chosen:
         example.main(argv)
     assert chosen.value.args == (expected,)

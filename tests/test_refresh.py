@@ -157,6 +157,18 @@ def test_prototype_means_accumulate_in_float32_at_least_on_any_device(dtype, dev
     assert memory.prototype_means.device.type == torch.device(device).type and memory.prototypes.dtype == dtype
 
 
+def test_float32_means_survive_to_empty_and_assigning_loads():
+    """A meta memory materialised by to_empty has no values to recast; a state_dict loaded with assign=True
+    puts in its own tensors, a float16 one from an older checkpoint among them."""
+    materialised = PrototypeMemory(DOMAINS, DIM, K, refresh_every=2).half().to("meta").to_empty(device="cpu")
+    assert materialised.prototype_means.dtype == torch.float32 and materialised.prototype_means.device.type == "cpu"
+    saved = PrototypeMemory(DOMAINS, DIM, K, refresh_every=2).state_dict()
+    saved["prototype_means"] = saved["prototype_means"].half()
+    memory = PrototypeMemory(DOMAINS, DIM, K, refresh_every=2).half()
+    memory.load_state_dict(saved, assign=True)
+    assert memory.prototype_means.dtype == torch.float32
+
+
 def test_a_half_precision_memory_keeps_the_small_steps_of_the_prototype_means():
     """A batch moves the means of a 20,000-row bank by about 64 / 20,000 of a key: below a bfloat16 ulp.
     Between refreshes the means must follow those steps as a float32 memory of the same keys does
