@@ -20,6 +20,8 @@ from .ot import _compute_dtype
 __all__ = ["PrecisionAtKCalculator"]
 
 logger = logging.getLogger(__name__)
+#: The R = 0 warning's words after "<n> of <m>": CrossDomainTester names the pair in its own.
+NO_CLASS_MATES = "queries have no item of their class in the reference set (R = 0)"
 
 # Metrics that read the ranked list only down to depth R (or max k): exact from a top-R search.
 _DEPTH_METRICS = ("r_precision", "mean_average_precision_at_r")
@@ -324,8 +326,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         valid = relevant_counts > 0
         if not bool(valid.all()):
             warnings.warn(
-                f"{int((~valid).sum())} of {len(valid)} queries have no item of their class in the "
-                "reference set (R = 0) and are excluded from every metric",
+                f"{int((~valid).sum())} of {len(valid)} {NO_CLASS_MATES} and are excluded from every metric",
                 UserWarning,
                 stacklevel=caller_stacklevel(),
             )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from itertools import permutations
 
@@ -12,7 +13,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import caller_stacklevel, check_bool
 from ._progress import progress_bar
-from .accuracy import PrecisionAtKCalculator, _as_embeddings, _as_labels
+from .accuracy import NO_CLASS_MATES, PrecisionAtKCalculator, _as_embeddings, _as_labels
 from .data import _cast_floating, _floating_dtype, _image_and_label, _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
 
@@ -282,13 +283,13 @@ class CrossDomainTester(BaseTester):
         for query_domain, gallery_domain in pairs:
             logger.info("Scoring %s -> %s", query_domain, gallery_domain)
             key = self.pair_key(query_domain, gallery_domain)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")  # each pair's own, re-issued below under its name
+            _warn_if_no_class_mates(labels[query_domain], labels[gallery_domain], key)
+            with warnings.catch_warnings():  # the calculator's copy of that warning, without the pair's name
+                warnings.filterwarnings("ignore", message=rf"\d+ of \d+ {re.escape(NO_CLASS_MATES)}")
                 accuracies = self.accuracy_calculator.get_accuracy(
                     embeddings[query_domain], labels[query_domain], embeddings[gallery_domain], labels[gallery_domain],
                     False,
                 )
-            _reissue_for_pair(caught, key)
             results[key] = {k: _plain(v) for k, v in accuracies.items()}
         results[MEAN_KEY] = _mean_over_pairs(results)
         self.results = results
@@ -410,11 +411,12 @@ def _ranks_by_cosine_only(calculator) -> bool:
     )
 
 
-def _reissue_for_pair(caught: list, pair_key: str) -> None:
-    """Warn again what one pair's scoring warned ("3 of 6 queries have no item of their class ..."),
-    prefixed with its key and at the user's line: with several pairs the warnings were anonymous."""
-    for warning in caught:
-        warnings.warn(f"{pair_key}: {warning.message}", warning.category, stacklevel=caller_stacklevel())
+def _warn_if_no_class_mates(query_labels: torch.Tensor, gallery_labels: torch.Tensor, pair_key: str) -> None:
+    """Warn, naming the pair, at the user's line, when queries have no item of their class in the gallery."""
+    missing = int((~torch.isin(query_labels, gallery_labels.to(query_labels.device))).sum())
+    if missing:
+        warnings.warn(f"{missing} of {len(query_labels)} {NO_CLASS_MATES} of pair {pair_key}", UserWarning,
+                      stacklevel=caller_stacklevel())
 
 
 def _plain(value):
