@@ -334,7 +334,9 @@ def _add_model_options(parser, backbone_default: str | None = None, weights_defa
     """The model options; ``*_default``: the option's default as --help states it (None: no default)."""
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--backbone", help="any timm model name, or timm's 'local-dir:FOLDER' (with --pretrained: its weights)" + (f" ({backbone_default})" if backbone_default else "")
+        "--backbone",
+        help="any timm model name, or timm's 'local-dir:FOLDER' (with --pretrained: its weights)"
+        + (f" ({backbone_default})" if backbone_default else ""),
     )
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")

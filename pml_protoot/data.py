@@ -683,8 +683,8 @@ def trunk_features(
     What :func:`~pml_protoot.backbones.pca_init_` starts a head from, and what
     :class:`FeatureCache` stores. Floating inputs go to the trunk's device (that of its first
     parameter; the CPU for a parameter-free trunk) and to the dtype its floating parameters share
-    (kept as they are when they share none), as in :class:`~pml_protoot.testers.CrossDomainTester`. The trunk runs in eval mode
-    (batch-norm running statistics, no dropout) under ``torch.no_grad()``; its
+    (kept as they are when they share none), as in :class:`~pml_protoot.testers.CrossDomainTester`.
+    The trunk runs in eval mode (batch-norm running statistics, no dropout) under ``torch.no_grad()``; its
     train/eval mode is restored afterwards. Half-precision outputs (e.g. under autocast) are returned as
     float32; float32 and float64 outputs keep their dtype.
 

@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import caller_stacklevel, check_bool
 from ._progress import progress_bar
-from .accuracy import NO_CLASS_MATES, PrecisionAtKCalculator, _as_embeddings, _as_labels
+from .accuracy import NO_CLASS_MATES, PrecisionAtKCalculator, _as_embeddings, _as_labels, _relevant_counts
 from .data import _cast_floating, _floating_dtype, _image_and_label, _model_device, _upcast_half
 from .distributed import gather_strided, get_rank, get_world_size
 
@@ -412,8 +412,9 @@ def _ranks_by_cosine_only(calculator) -> bool:
 
 
 def _warn_if_no_class_mates(query_labels: torch.Tensor, gallery_labels: torch.Tensor, pair_key: str) -> None:
-    """Warn, naming the pair, at the user's line, when queries have no item of their class in the gallery."""
-    missing = int((~torch.isin(query_labels, gallery_labels.to(query_labels.device))).sum())
+    """Warn, naming the pair, at the user's line, when queries have no item of their class in the gallery
+    (R = 0, counted as the calculator counts R)."""
+    missing = int((_relevant_counts(query_labels, gallery_labels.to(query_labels.device), False) == 0).sum())
     if missing:
         warnings.warn(f"{missing} of {len(query_labels)} {NO_CLASS_MATES} of pair {pair_key}", UserWarning,
                       stacklevel=caller_stacklevel())
