@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import math
 import warnings
 from typing import Iterable
@@ -19,7 +18,6 @@ from .ot import _compute_dtype
 
 __all__ = ["PrecisionAtKCalculator"]
 
-logger = logging.getLogger(__name__)
 #: The R = 0 warning's words after "<n> of <m>": CrossDomainTester names the pair in its own.
 NO_CLASS_MATES = "queries have no item of their class in the reference set (R = 0)"
 
@@ -497,8 +495,6 @@ def _check_k_values(k_values) -> tuple[int, ...]:
     if not values:
         raise ValueError("k_values must hold at least one positive integer, got an empty sequence")
     for k in values:
-        if isinstance(k, (np.integer,)):
-            k = int(k)
         check_positive_int("k_values entry", k)
     return tuple(sorted({int(k) for k in values}))
 

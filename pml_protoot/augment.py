@@ -10,7 +10,9 @@ decoded ``uint8`` images.
 
 The functions below are the batched operations, each with per-image parameters and the
 formula it computes; every one equals torchvision's single-image functional op on
-float tensors (see the tests).
+float tensors (see the tests). The exception is :func:`resized_crop`: it matches
+``antialias=False``, and only away from the box's edge (its outputs within half an
+input pixel of the edge read the image beyond the box).
 """
 from __future__ import annotations
 

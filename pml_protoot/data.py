@@ -308,7 +308,7 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         super().__init__(list(domains), list(classes), samples, transform)
 
     def load_image(self, path: str) -> Image.Image:
-        return self._images[path].convert("RGB")  # a copy, RGB as MultiDomainImageFolder reads files
+        return _as_rgb(self._images[path])  # a copy, read as MultiDomainImageFolder reads files
 
     def fingerprint(self) -> str:
         """Digest of every image's name, mode, size and pixels (a 4 x 2 and a 2 x 4 image share bytes)."""
@@ -862,13 +862,18 @@ class FeatureCache:
         # Workers draw the augmented views from per-worker seeds, so the views then also depend on how
         # many there are and on which batches each takes; in the main process they do not.
         loading = [f"num_workers={num_workers}, batch_size={batch_size}"] if num_workers else []
+        self.path = None if path is None else Path(path)
+        stored = self._stored()  # before hashing, which reads every image: minutes on a large dataset
         self.key = _digest([
             dataset.fingerprint(), repr(eval_view), repr(train_view), repr(trunk), _weights_digest(trunk),
             str(num_views), str(seed), *loading,
         ])
-        self.path = None if path is None else Path(path)
-        if not self._load():
-            if self.path is not None:  # before the extraction, whose result it is to receive
+        if stored is not None and stored["key"] == self.key:
+            self.eval_features, self.view_features = stored["eval"], stored["views"]
+            logger.info("loaded cached features from %s", self.path)
+        else:
+            if stored is not None:  # a stale cache is replaced: its folder must be writable
+                logger.info("feature cache %s is stale (data, transforms, weights or views changed)", self.path)
                 check_creatable("feature cache path", self.path, folder=False)
             self._compute(trunk if device is None else trunk.to(device), train_view, eval_view, num_views)
             self._save()
@@ -880,9 +885,14 @@ class FeatureCache:
             return features
         return features - self.domain_means[self.dataset.domain_ids[indices]]
 
-    def _load(self) -> bool:
-        if self.path is None or not self.path.exists():
-            return False
+    def _stored(self) -> dict | None:
+        """The cache stored at ``path``, or None when there is none yet (``path`` then checked
+        creatable, before the extraction whose result it is to receive)."""
+        if self.path is None:
+            return None
+        if not self.path.exists():
+            check_creatable("feature cache path", self.path, folder=False)
+            return None
         if not self.path.is_file():
             raise ValueError(f"feature cache path {str(self.path)!r} must name a file, got a folder")
         stored = load_saved(self.path, "feature cache path")
@@ -891,12 +901,7 @@ class FeatureCache:
                 f"feature cache path {str(self.path)!r} holds something other than a feature cache (no {sorted(CACHE_ENTRIES)} "
                 "entries): it is not overwritten; give the cache a file name of its own"
             )
-        if stored.get("key") != self.key:
-            logger.info("feature cache %s is stale (data, transforms, weights or views changed)", self.path)
-            return False
-        self.eval_features, self.view_features = stored["eval"], stored["views"]
-        logger.info("loaded cached features from %s", self.path)
-        return True
+        return stored
 
     def _save(self) -> None:
         if self.path is None:

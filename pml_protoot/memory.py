@@ -26,7 +26,7 @@ from ._checks import (
     check_positive_int,
 )
 from ._progress import progress_bar
-from .distributed import all_gather_rows, broadcast_, get_rank, is_distributed
+from .distributed import all_gather_rows, broadcast_, get_rank
 from .ot import _compute_dtype, _logits, sinkhorn
 
 __all__ = [
@@ -306,7 +306,7 @@ class PrototypeMemory(torch.nn.Module):
                 _cast_finite(f"state_dict[{prefix + name!r}]", saved, self.bank(slot).dtype)
 
     def _convert_prototype_sums(self, state_dict, prefix: str) -> None:
-        """Checkpoints of ``refresh_every > 1`` made before the cache held means kept ``prototype_sums``
+        r"""Checkpoints of ``refresh_every > 1`` made before the cache held means kept ``prototype_sums``
         (:math:`\tilde P^\top M_d`): divide by the bank sizes into ``prototype_means``."""
         sums = state_dict.pop(prefix + "prototype_sums", None)
         if sums is not None and prefix + "prototype_means" not in state_dict:
@@ -817,9 +817,8 @@ class PrototypeMemory(torch.nn.Module):
             else:
                 centroids = torch.empty_like(self.prototypes[slot])
                 sizes = torch.empty(self.num_prototypes, device=centroids.device, dtype=torch.long)
-            if is_distributed():
-                broadcast_(centroids)
-                broadcast_(sizes)
+            broadcast_(centroids)  # no-op on one process
+            broadcast_(sizes)
             clusterings.append((centroids, sizes))
         return clusterings
 

@@ -1,7 +1,6 @@
 """OT pseudo-label mining: ProtoOT's prototype assignments as pairs/triplets for any PML loss."""
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -11,8 +10,6 @@ from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choic
 from .memory import check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTMiner"]
-
-logger = logging.getLogger(__name__)
 
 
 class ProtoOTMiner(BaseMiner):

@@ -169,6 +169,19 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert sixteen.mode == "RGB" and np.array_equal(np.asarray(sixteen), np.asarray(eight))
 
 
+def test_in_memory_16_bit_images_read_as_the_folder_reads_them(tmp_path):
+    root = write_layout(tmp_path)
+    gray = (np.arange(64).reshape(8, 8) * 4).astype(np.uint16) * 257
+    Image.fromarray(gray).save(root / "art" / "cat" / "img0.png")
+    from_file = MultiDomainImageFolder(root).load_image(str(root / "art" / "cat" / "img0.png"))
+    in_memory = InMemoryMultiDomainDataset(
+        {("art", "cat"): [Image.open(root / "art" / "cat" / "img0.png")], ("photo", "cat"): [Image.new("RGB", (8, 8))]},
+        ["art", "photo"], ["cat"],
+    )
+    image = in_memory.load_image(in_memory.samples[0][0])
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(from_file))
+
+
 def test_unreadable_image_error_names_the_file(tmp_path):
     root = write_layout(tmp_path)
     broken = root / "art" / "cat" / "img0.jpg"
@@ -474,11 +487,12 @@ def build_cache(dataset, trunk, path, *, num_views=3, image_size=16, seed=0, dev
     )
 
 
-def test_feature_cache_refuses_an_unwritable_path_before_extracting(tiny_folder, tmp_path, monkeypatch):
+def test_feature_cache_refuses_an_unwritable_path_before_hashing(tiny_folder, tmp_path, monkeypatch):
     """The features were extracted, then lost at the write (a hidden temporary file was named)."""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(readonly))  # root writes anywhere
+    monkeypatch.setattr(type(tiny_folder), "fingerprint", lambda self: pytest.fail("hashed before checking the path"))
     trunk = CountingTrunk()
     with pytest.raises(ValueError, match=f"feature cache path '.*cache.pt' cannot be created: '{readonly}' is not "
                                          "writable"):
@@ -661,7 +675,7 @@ def test_feature_cache_refuses_bad_input_before_hashing_or_extracting(change, er
 
 
 @pytest.mark.parametrize("content", ["checkpoint", "text", "folder"])
-def test_feature_cache_refuses_a_path_holding_anything_else_before_extracting(content, tiny_folder, tmp_path):
+def test_feature_cache_refuses_a_path_holding_anything_else_before_hashing(content, tiny_folder, tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
     if content == "checkpoint":
         torch.save({"models": {"trunk": {}}, "epoch": 3}, path)
@@ -671,6 +685,8 @@ def test_feature_cache_refuses_a_path_holding_anything_else_before_extracting(co
         path.mkdir()
     before = path.read_bytes() if path.is_file() else None
     trunk = CountingTrunk()
+    # Hashing reads every image: minutes on a large dataset, to be spent only once the path is known good.
+    monkeypatch.setattr(type(tiny_folder), "fingerprint", lambda self: pytest.fail("hashed before checking the path"))
     message = {"checkpoint": "holds something other than a feature cache", "text": "is not a file of tensors",
                "folder": "feature cache path .* must name a file, got a folder"}[content]
     with pytest.raises(ValueError, match=message):
