@@ -14,7 +14,7 @@ from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from ._checks import as_index_tensor, caller_stacklevel, check_bool, check_choice, check_matrix, check_positive_int
 from ._progress import progress_bar
-from .ot import _compute_dtype
+from ._tensors import unit_rows
 
 __all__ = ["PrecisionAtKCalculator"]
 
@@ -332,7 +332,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         if not bool(valid.any()):
             return stats
         gallery = _ClassSortedGallery(reference, reference_labels, self.device)
-        query = _normalised(query, self.device)
+        query = unit_rows(query.to(self.device))  # cosine = inner product
         rows_per_chunk = max(1, min(_MAX_CHUNK_ROWS, self.chunk_bytes // (16 * len(reference))))
         rows_done, per_chunk = [], []
         for rows in progress_bar(list(_class_chunks(query_labels, valid, rows_per_chunk)), "ranking", self.progress):
@@ -570,11 +570,6 @@ def _relevant_counts(query_labels, reference_labels, ref_includes_query) -> torc
     return per_class[inverse[: len(query_labels)]] - int(ref_includes_query)
 
 
-def _normalised(embeddings, device) -> torch.Tensor:
-    """L2-normalised rows on ``device``, float32 (float64 for float64 input): cosine = inner product."""
-    return torch.nn.functional.normalize(embeddings.to(device=device, dtype=_compute_dtype(embeddings)), dim=1)
-
-
 class _ClassSortedGallery:
     """The normalised gallery with its rows grouped by class (stable, so by index within a class).
 
@@ -590,7 +585,7 @@ class _ClassSortedGallery:
         order = torch.sort(reference_labels, stable=True)
         self.ids = order.indices.to(device)
         self.position = torch.argsort(order.indices)
-        self.embeddings = _normalised(reference, device)[self.ids]
+        self.embeddings = unit_rows(reference.to(device))[self.ids]
         self._labels = order.values
 
     @functools.cached_property

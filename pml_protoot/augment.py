@@ -25,6 +25,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
 from ._checks import check_per_channel, check_positive_int
+from ._tensors import at_least_float32
 from .data import MOCO_V2, blur_kernel_size, eval_resize_side
 
 __all__ = [
@@ -378,6 +379,4 @@ def _check_images(images) -> None:
 
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 0-255 -> float32 in [0, 1]; float32/64 kept; half precision computed in float32."""
-    if images.dtype == torch.uint8:
-        return images.float() / 255
-    return images if images.dtype in (torch.float32, torch.float64) else images.float()
+    return images.float() / 255 if images.dtype == torch.uint8 else at_least_float32(images)

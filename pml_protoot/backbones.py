@@ -13,7 +13,7 @@ from torch import nn
 
 from ._checks import check_bool, check_matrix, check_positive_int
 from ._files import load_saved
-from .ot import _compute_dtype
+from ._tensors import compute_dtype
 
 __all__ = ["create_trunk", "load_trunk_weights", "convert_efficientnet_lite0_weights", "embedding_head", "pca_init_"]
 
@@ -438,7 +438,7 @@ def pca_init_(head: nn.Sequential, features: torch.Tensor) -> nn.Sequential:
     if features.shape[0] < 2:
         raise ValueError(f"features must have at least 2 rows, got {features.shape[0]}")
     # In float32 at least: CPU SVD has no half-precision kernel, and the head's dtype only stores the result.
-    features = features.to(first.weight.device, _compute_dtype(first.weight))
+    features = features.to(first.weight.device, compute_dtype(first.weight))
     mean = features.mean(dim=0)
     centred = features - mean
     _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)

@@ -32,7 +32,7 @@ from ._checks import (
 )
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
-from .ot import _compute_dtype
+from ._tensors import at_least_float32, cast_floating, floating_dtype, model_device
 
 __all__ = [
     "domain_means",
@@ -721,14 +721,14 @@ def trunk_features(
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    device = _model_device(trunk)
+    device = model_device(trunk)
     batches = progress_bar(loader, description, show=progress)
     start = time.perf_counter()
     modes = [(module, module.training) for module in trunk.modules()]  # per module: modes may be mixed
     trunk.eval()
     try:
-        dtype = _floating_dtype(trunk)
-        outputs = [_upcast_half(trunk(_cast_floating(_inputs(batch).to(device), dtype))).cpu() for batch in batches]
+        dtype = floating_dtype(trunk)
+        outputs = [at_least_float32(trunk(cast_floating(_inputs(batch).to(device), dtype))).cpu() for batch in batches]
     finally:
         for module, training in modes:
             module.training = training
@@ -736,34 +736,9 @@ def trunk_features(
     return torch.cat(outputs)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s first parameter lives; the CPU for a parameter-free model."""
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of ``model``'s floating-point parameters when they share one; None when they do not
-    (a frozen float64 scalar before float32 layers: inputs are then left as they are) or there are none."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``tensor`` in ``dtype`` when both are floating point; integer tensors (``uint8`` images) as they are."""
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    return tensor.to(dtype)
-
-
 def _inputs(batch):
     """The model inputs of a collated batch: the batch itself, or its first field for ``(x, ...)`` items."""
     return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-def _upcast_half(features: torch.Tensor) -> torch.Tensor:
-    """Floating ``features`` in float32 at least (half precision upcast, float64 kept), as Sinkhorn computes."""
-    return features.to(_compute_dtype(features))
 
 
 #: What a FeatureCache file holds: its inputs' digest, eval-view and augmented-view features.

@@ -12,7 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
 from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
-from .ot import _compute_dtype
+from ._tensors import unit_rows
 
 __all__ = ["ProtoOTLoss"]
 
@@ -222,7 +222,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         labels = self._check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not self._labels_checked:  # passing class labels shows in the first batch large enough to judge
             self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
-        self.memory.fill(_unit_rows(ref_emb.detach()), labels)
+        self.memory.fill(unit_rows(ref_emb.detach()), labels)
         loss_dict = self.compute_loss(embeddings, labels, None, ref_emb, labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
@@ -258,8 +258,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
         whose keys are already in the memory (``forward`` does both)."""
         dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
-        queries = _unit_rows(embeddings).to(dtype)
-        keys = _unit_rows(ref_emb.detach()).to(dtype)
+        queries = unit_rows(embeddings).to(dtype)
+        keys = unit_rows(ref_emb.detach()).to(dtype)
         # Domains only other ranks' batches hold come with no positions: their memory state still moves.
         # The rows are the memory's own, so the loss calls its unchecked methods (no device read per domain).
         groups = self.memory.split_by_domain(labels, across_ranks=True)
@@ -333,12 +333,6 @@ class ProtoOTLoss(BaseMetricLossFunction):
         negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
         logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
-
-
-def _unit_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Rows L2-normalised in float32 at least: in float16 F.normalize's eps underflows, and a zero row
-    (a zero key or query) would become NaN instead of staying zero."""
-    return F.normalize(tensor.to(_compute_dtype(tensor)), dim=1)
 
 
 def _check_weights(weights) -> tuple[float, float, float]:

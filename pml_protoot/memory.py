@@ -26,8 +26,9 @@ from ._checks import (
     check_positive_int,
 )
 from ._progress import progress_bar
+from ._tensors import compute_dtype
 from .distributed import all_gather_rows, broadcast_, get_rank
-from .ot import _compute_dtype, _logits, sinkhorn
+from .ot import _logits, sinkhorn
 
 __all__ = [
     "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"
@@ -288,7 +289,7 @@ class PrototypeMemory(torch.nn.Module):
         for name in ACCUMULATOR_BUFFERS:  # and in their dtypes: a float16 one from an older checkpoint
             buffer = self._buffers.get(name)
             if buffer is not None:
-                self._buffers[name] = buffer.to(_compute_dtype(buffer))
+                self._buffers[name] = buffer.to(compute_dtype(buffer))
 
     def _keep_host_buffers_on_cpu(self) -> None:
         for name in HOST_BUFFERS:
@@ -345,7 +346,7 @@ class PrototypeMemory(torch.nn.Module):
         super()._apply(fn, recurse)
         for name, before in accumulators.items():
             moved = self._buffers[name]
-            dtype = _compute_dtype(moved)
+            dtype = compute_dtype(moved)
             # Recast from the values before a half-precision cast; a meta tensor holds none (to_empty).
             source = moved if moved.dtype == dtype or before.is_meta else before
             self._buffers[name] = source.to(device=moved.device, dtype=dtype)
@@ -549,7 +550,7 @@ class PrototypeMemory(torch.nn.Module):
         Computed in float32 at least (see :meth:`_ot_logits`); so are the scores, which in
         float16 overflow for keys longer than 65,504.
         """
-        dtype = _compute_dtype(keys)
+        dtype = compute_dtype(keys)
         scores = keys.to(dtype) @ self.reference_prototypes[domain, prototype_domain].to(dtype).T
         return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
 
@@ -959,7 +960,7 @@ def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     Accumulated in float32 at least (float64 stays float64): a float16 sum of a large
     cluster overflows past 65,504, and normalising that gives NaN prototypes.
     """
-    dtype = _compute_dtype(bank)
+    dtype = compute_dtype(bank)
     return assignment.detach().to(device=bank.device, dtype=dtype).T @ bank.to(dtype)
 
 
@@ -994,7 +995,7 @@ def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         True
     """
     result_dtype = plan.dtype
-    work_dtype = _compute_dtype(plan)  # float16's tiny * 2**24 is above 1
+    work_dtype = compute_dtype(plan)  # float16's tiny * 2**24 is above 1
     plan, logits = plan.to(work_dtype), logits.to(work_dtype)
     # Entries this close to underflow carry no reliable logarithm.
     usable = plan > torch.finfo(plan.dtype).tiny * 2**24

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._checks import check_bool, check_finite, check_number, check_positive_int
+from ._tensors import compute_dtype
 
 __all__ = ["sinkhorn"]
 
@@ -97,7 +98,7 @@ def sinkhorn(
         beta, has_zero = _class_marginal(class_marginal, scores)
         arguments = (scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
         plan = None
-        if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[_compute_dtype(scores)]:
+        if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[compute_dtype(scores)]:
             plan = _scaled_sinkhorn(*arguments, shift=False)
         if plan is None:
             plan = _scaled_sinkhorn(*arguments, shift=True)
@@ -124,9 +125,9 @@ def _check_arguments(scores, epsilon, iterations, normalize_scores, tol) -> floa
         check_number("tol", tol, low=0, strict=True)
     # Normalised rows score at most 1 in absolute value.
     largest_logit = (1.0 if check_bool("normalize_scores", normalize_scores) else max(-smallest, largest)) / epsilon
-    if largest_logit > torch.finfo(_compute_dtype(scores)).max:
+    if largest_logit > torch.finfo(compute_dtype(scores)).max:
         raise ValueError(
-            f"scores / epsilon must be finite in {_compute_dtype(scores)}, got max |scores| / epsilon = "
+            f"scores / epsilon must be finite in {compute_dtype(scores)}, got max |scores| / epsilon = "
             f"{largest_logit:.3g} (epsilon {epsilon}): use a larger epsilon or float64 scores"
         )
     return largest_logit
@@ -137,15 +138,10 @@ def _finite_scalings(u: torch.Tensor, v: torch.Tensor) -> bool:
     return math.isfinite(sum(torch.stack([u.sum(), v.sum()]).tolist()))
 
 
-def _compute_dtype(scores: torch.Tensor) -> torch.dtype:
-    """float32 at least: float64 stays float64, half precision is computed in float32."""
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
-
-
 def _class_marginal(class_marginal, scores: torch.Tensor):
     """Return ``(beta, has_zero)``: beta shaped (..., K, 1), normalised, in the compute dtype."""
     num_prototypes = scores.shape[-1]
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     if class_marginal is None:
         return torch.full((num_prototypes, 1), 1.0 / num_prototypes, dtype=dtype, device=scores.device), False
     try:
@@ -173,7 +169,7 @@ def _class_marginal(class_marginal, scores: torch.Tensor):
 
 def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=None) -> torch.Tensor:
     """``scores / epsilon`` in the compute dtype (rows L2-normalised first if asked), into ``out``."""
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     if out is None:
         out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
     divisor = epsilon
@@ -212,7 +208,7 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
     cannot overflow): two passes and a sync fewer. With few prototypes the buffer is
     prototype-major so that every reduction over samples reads contiguous memory.
     """
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     if scores.shape[-1] <= _PROTOTYPE_MAJOR_MAX_K:
         shape = scores.shape[:-2] + (scores.shape[-1], scores.shape[-2])
         kernel = torch.empty(shape, dtype=dtype, device=scores.device)

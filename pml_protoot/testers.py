@@ -13,8 +13,9 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import caller_stacklevel, check_bool
 from ._progress import progress_bar
+from ._tensors import at_least_float32, cast_floating, floating_dtype, model_device, unit_rows
 from .accuracy import NO_CLASS_MATES, PrecisionAtKCalculator, _as_embeddings, _as_labels, _relevant_counts
-from .data import _cast_floating, _floating_dtype, _image_and_label, _model_device, _upcast_half
+from .data import _image_and_label
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -191,7 +192,7 @@ class CrossDomainTester(BaseTester):
         embedder_model = torch.nn.Identity() if embedder_model is None else embedder_model
         trunk_model.eval()
         embedder_model.eval()
-        self.data_device = _model_device(trunk_model)
+        self.data_device = model_device(trunk_model)
         embeddings, labels = {}, {}
         for name in sorted({domain for pair in pairs for domain in pair}):
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
@@ -299,8 +300,8 @@ class CrossDomainTester(BaseTester):
     def _as_scored(self, argument: str, values) -> torch.Tensor:
         """``(N, D)`` embeddings as they are scored: checked, half precision upcast, then L2-normalised
         when ``normalize_embeddings`` (upcast first: normalising in half precision rounds a second time)."""
-        values = _upcast_half(_as_embeddings(argument, values))
-        return torch.nn.functional.normalize(values, dim=1) if self.normalize_embeddings else values
+        values = _as_embeddings(argument, values)
+        return unit_rows(values) if self.normalize_embeddings else at_least_float32(values)
 
     def summary_table(self, results: dict | None = None) -> str:
         """A plain-text table, one row per pair (and the mean), one column per metric.
@@ -351,15 +352,15 @@ class CrossDomainTester(BaseTester):
     def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
         """``(B, D)`` embeddings of one batch: floating inputs cast to ``dtype`` (or the trunk's
         floating dtype), the trunk's outputs to the embedder's, half-precision outputs upcast to float32."""
-        device = _model_device(trunk_model)
-        images = _cast_floating(input_imgs.to(device), self.dtype or _floating_dtype(trunk_model))
+        device = model_device(trunk_model)
+        images = cast_floating(input_imgs.to(device), self.dtype or floating_dtype(trunk_model))
         with torch.autocast(device_type=device.type, enabled=self.autocast):
             trunk_output = trunk_model(images)
             if self.use_trunk_output:
                 output = trunk_output
             else:  # e.g. a bfloat16 trunk under a float32 head
-                output = embedder_model(_cast_floating(trunk_output, _floating_dtype(embedder_model)))
-        return _upcast_half(output)  # float64 models are scored in float64, as evaluate() scores them
+                output = embedder_model(cast_floating(trunk_output, floating_dtype(embedder_model)))
+        return at_least_float32(output)  # float64 models are scored in float64, as evaluate() scores them
 
     def _reference_split_names(self, pairs) -> dict:
         """PML's ``reference_split_names`` of a test of ``pairs`` (record group names are made from it)."""

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
-from .data import _model_device
+from ._tensors import model_device, unit_rows
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -425,12 +425,13 @@ class ProtoOTTrainer(BaseTrainer):
 
     @torch.no_grad()
     def compute_keys(self, data):
-        """L2-normalised float32 ``(B, dim)`` keys of the EMA encoder in eval mode (see BatchNorm above)."""
+        """L2-normalised ``(B, dim)`` keys of the EMA encoder in eval mode (see BatchNorm above), in
+        float32 (float64 from a float64 key encoder)."""
         self.key_encoder.eval()
         data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
         with self._autocast():
             keys = self.key_encoder.module(data)
-        return F.normalize(keys.float(), dim=1)
+        return unit_rows(keys)
 
     @torch.no_grad()
     def _transformed(self, views):
@@ -748,7 +749,7 @@ def _check_takes_ref_emb(metric_loss, dim: int) -> None:
     first step, after a whole pass over the data fills the banks: one call of a copy (the loss's own
     state and records stay untouched) on 4 random unit vectors, the trainer's call."""
     metric_loss = copy.deepcopy(metric_loss)
-    device = _model_device(metric_loss)
+    device = model_device(metric_loss)
     embeddings = F.normalize(torch.randn(4, dim, generator=torch.Generator().manual_seed(0)), dim=1).to(device)
     labels = torch.arange(4, device=device)
     try:

@@ -311,6 +311,19 @@ def test_keys_use_running_batchnorm_statistics_not_the_batch(device):
     torch.testing.assert_close(trainer.compute_keys(features[:5]), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_float64_key_encoder_gives_float64_keys(device):
+    """Keys are normalised in the key encoder's float64, not rounded to float32 on the way to a float64 memory."""
+    trainer = make_trainer(device, dtype=torch.float64)
+    trainer.key_encoder.to(torch.float64)
+    features = synthetic_features()[0].to(device, torch.float64)
+    with torch.no_grad():
+        expected = trainer.key_encoder.module(features)
+        expected = expected / expected.norm(dim=1, keepdim=True)
+    keys = trainer.compute_keys(features)
+    assert keys.dtype == torch.float64
+    torch.testing.assert_close(keys, expected, rtol=1e-13, atol=1e-15)
+
+
 def assert_filled_with_the_key_encoders_features(trainer, device):
     """``fill_memory`` wrote each sample's key-encoder output of its clean feature into its bank row."""
     features, _, _ = synthetic_features()
