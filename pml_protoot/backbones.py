@@ -367,7 +367,8 @@ def embedding_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 12
         ``nn.Sequential`` mapping ``(B, in_dim)`` to ``(B, out_dim)``.
 
     Raises:
-        ValueError: a size is not a positive integer.
+        TypeError: a size is not an integer (``hidden_dim`` may be None).
+        ValueError: a size is below 1.
 
     Example:
         >>> import torch

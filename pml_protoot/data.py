@@ -413,6 +413,7 @@ def _image_and_label(item, argument: str = "dataset items", tensor_images: bool 
 
 SYNTHETIC_SHAPES = ("circle", "triangle", "square", "star", "cross", "moon")
 SYNTHETIC_STYLES = ("filled", "outline", "dots")
+SYNTHETIC_MIN_IMAGE_SIZE = 16  # no smaller image holds a recognisable shape
 
 
 def _ring(n: int, radius: float = 1.0, start: float = 0.0) -> np.ndarray:
@@ -547,7 +548,7 @@ def make_synthetic_domains(
     unknown = [d for d in domains if d not in SYNTHETIC_STYLES]
     if unknown or len(set(domains)) != len(domains) or len(domains) < 2:
         raise ValueError(f"domains must be two or more distinct names from {SYNTHETIC_STYLES}, got {domains}")
-    image_size = check_int("image_size", image_size, low=16)
+    image_size = check_int("image_size", image_size, low=SYNTHETIC_MIN_IMAGE_SIZE)
     seed = check_non_negative_int("seed", seed)
     if root is not None and Path(root).is_dir() and any(Path(root).iterdir()):
         raise ValueError(f"root must be a new or empty folder, {str(root)!r} already holds files")
@@ -985,13 +986,15 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
         seed: seed of the view choice, an integer >= 0.
 
     Raises:
-        ValueError: ``views`` not ``(V >= 2, N, F)``, ``domain_ids`` not of length ``N``, or a bad ``seed``.
+        TypeError: ``views`` not a tensor, ``domain_ids`` not integer indices, or ``seed`` not an integer.
+        ValueError: ``views`` not ``(V >= 2, N, F)``, ``domain_ids`` not of length ``N``, or ``seed < 0``.
     """
 
     def __init__(self, views: torch.Tensor, domain_ids: torch.Tensor, seed: int = 0):
-        if not isinstance(views, torch.Tensor) or views.dim() != 3 or views.shape[0] < 2:
-            shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
-            raise ValueError(f"views must be a (V, N, F) tensor with V >= 2 views, got {shape}")
+        if not isinstance(views, torch.Tensor):
+            raise TypeError(f"views must be a (V, N, F) tensor with V >= 2 views, got {type(views).__name__}")
+        if views.dim() != 3 or views.shape[0] < 2:
+            raise ValueError(f"views must be a (V, N, F) tensor with V >= 2 views, got {tuple(views.shape)}")
         self.views = views
         self.domain_ids = as_index_tensor("domain_ids", domain_ids)
         if len(self.domain_ids) != views.shape[1]:

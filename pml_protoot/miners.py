@@ -145,7 +145,7 @@ class ProtoOTMiner(BaseMiner):
             self._labels_checked = warn_if_class_labels(self.memory, "labels", labels)
         is_self_reference = ref_emb is embeddings
         ref_labels = self._reference_indices(labels, ref_emb, ref_labels, is_self_reference)
-        slots, own, cross = self._pseudo_labels(torch.cat([labels, ref_labels]))
+        slots, own, cross = self._step_pseudo_labels(torch.cat([labels, ref_labels]))
         batch = len(labels)
         positives, negatives = self._agreement_masks(
             (slots[:batch], own[:batch], cross[:batch]), (slots[batch:], own[batch:], cross[batch:])
@@ -182,8 +182,9 @@ class ProtoOTMiner(BaseMiner):
                              "index does not change), got different indices")
         return labels if is_self_reference else ref_labels
 
-    def _pseudo_labels(self, indices):
-        """Domain slot ``(M,)``, own-domain label ``(M,)`` and label under every domain's prototypes ``(M, D)``.
+    def _step_pseudo_labels(self, indices):
+        """Domain slot ``(M,)``, own-domain label ``(M,)`` and label under every domain's prototypes ``(M, D)``;
+        then, with ``update_prototypes``, the memory's prototype step.
 
         Entries of ``cross`` that are not computed (``cross_domain=False``) hold -1.
         """
@@ -211,7 +212,7 @@ class ProtoOTMiner(BaseMiner):
     def _agreement_masks(self, anchors, refs):
         """Positive and negative ``(B, R)`` masks from mutual agreement of pseudo-labels.
 
-        ``anchors`` and ``refs`` are ``(slots, own, cross)`` triples from :meth:`_pseudo_labels`.
+        ``anchors`` and ``refs`` are ``(slots, own, cross)`` triples from :meth:`_step_pseudo_labels`.
         """
         anchor_slots, anchor_own, anchor_cross = anchors
         ref_slots, ref_own, ref_cross = refs

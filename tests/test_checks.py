@@ -65,6 +65,7 @@ def test_public_integer_arguments_take_numpy_and_tensor_integers():
         (lambda: CachedTwoViewDataset(torch.zeros(1, 4, 2), [0, 0, 1, 1]),
          ValueError, r"V >= 2 views, got \(1, 4, 2\)"),
         (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 1]), ValueError, r"one domain per sample \(4\), got 2"),
+        (lambda: CachedTwoViewDataset([[[0.0]], [[0.0]]], [0]), TypeError, r"\(V, N, F\) tensor .*, got list"),
         (lambda: CachedTwoViewDataset(torch.zeros(2, 4, 2), [0, 0, 1, 1], seed=1.5),
          TypeError, "seed must be a non-negative integer, got 1.5"),
         (lambda: CrossDomainSampler([0, 1], 2, num_replicas=2, rank=2),
