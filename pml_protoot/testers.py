@@ -182,7 +182,8 @@ class CrossDomainTester(BaseTester):
         if not isinstance(dataset_dict, dict):
             raise TypeError(f"dataset_dict must be a dict {{domain: dataset}}, got {type(dataset_dict).__name__}")
         pairs = self._resolve_pairs(list(dataset_dict), pairs)
-        for name in sorted({domain for pair in pairs for domain in pair}):
+        domains = sorted({domain for pair in pairs for domain in pair})
+        for name in domains:
             if len(dataset_dict[name]) == 0:
                 raise ValueError(f"dataset_dict[{name!r}] must hold at least one item, got an empty dataset")
             if collate_fn is None and self.data_and_label_getter is c_f.return_input:
@@ -194,16 +195,14 @@ class CrossDomainTester(BaseTester):
         embedder_model.eval()
         self.data_device = model_device(trunk_model)
         embeddings, labels = {}, {}
-        for name in sorted({domain for pair in pairs for domain in pair}):
+        for name in domains:
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
-            embeddings[name], labels[name] = self._embed_domain(
-                dataset_dict[name], trunk_model, embedder_model, collate_fn
-            )
             # evaluate()'s preparation, named after this method's arguments: a cast would truncate label 0.5
             # to class 0.
-            embeddings[name] = self._as_scored(f"the model's embeddings of dataset_dict[{name!r}]", embeddings[name])
-            labels[name] = _as_labels(
-                f"dataset_dict[{name!r}] labels", labels[name], len(embeddings[name]), f"{name!r}"
+            embeddings[name], labels[name] = self._prepared(
+                name, *self._embed_domain(dataset_dict[name], trunk_model, embedder_model, collate_fn),
+                embeddings_argument=f"the model's embeddings of dataset_dict[{name!r}]",
+                labels_argument=f"dataset_dict[{name!r}] labels",
             )
         results = self._score(embeddings, labels, pairs)
         self.all_accuracies = {key: {"epoch": epoch, **metrics} for key, metrics in results.items()}
@@ -272,11 +271,17 @@ class CrossDomainTester(BaseTester):
         pairs = self._resolve_pairs(list(embeddings_by_domain), pairs)
         embeddings, labels = {}, {}
         for name in {domain for pair in pairs for domain in pair}:
-            embeddings[name] = self._as_scored(f"embeddings_by_domain[{name!r}]", embeddings_by_domain[name])
-            labels[name] = _as_labels(
-                f"labels_by_domain[{name!r}]", labels_by_domain[name], len(embeddings[name]), f"{name!r}"
+            embeddings[name], labels[name] = self._prepared(
+                name, embeddings_by_domain[name], labels_by_domain[name],
+                embeddings_argument=f"embeddings_by_domain[{name!r}]", labels_argument=f"labels_by_domain[{name!r}]",
             )
         return self._score(embeddings, labels, pairs)
+
+    def _prepared(self, domain: str, embeddings, labels, embeddings_argument: str, labels_argument: str) -> tuple:
+        """One domain's ``(N, D)`` embeddings as scored (:meth:`_as_scored`) and ``(N,)`` checked class labels;
+        errors name the caller's ``*_argument``."""
+        embeddings = self._as_scored(embeddings_argument, embeddings)
+        return embeddings, _as_labels(labels_argument, labels, len(embeddings), f"{domain!r}")
 
     def _score(self, embeddings: dict, labels: dict, pairs: list) -> dict:
         """The results of ``pairs`` from embeddings as scored (:meth:`_as_scored`) and checked labels."""
