@@ -1,10 +1,12 @@
 """Small helpers shared by the benchmarks: logging, thread pinning, peak memory, interleaved timing, JSON + markdown output."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -48,7 +50,25 @@ def peak_rss_mb() -> float:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv])
+    """This process's command, quoted as a shell needs it (method names hold spaces and ``+``)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse ``type``: an integer in ``[low, high]`` (no upper bound when ``high`` is None), so that
+    a bad value ends in argparse's error naming the option, before any work."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def write_results(name: str, payload: dict, markdown: str, *, smoke: bool = False) -> tuple[Path, Path]:

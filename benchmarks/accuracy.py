@@ -81,6 +81,7 @@ from pml_protoot import (
     pca_init_,
     trunk_features,
 )
+from pml_protoot._files import check_creatable
 from pml_protoot.augment import decoded_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,6 +90,7 @@ from _common import (  # noqa: E402
     command_line,
     configure_logging,
     device_name,
+    int_in,
     markdown_table,
     pin_threads,
     write_json_and_markdown,
@@ -102,6 +104,7 @@ CACHE_DIR = BENCHMARKS / "cache"
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini"
 FINETUNE_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_finetune"
 HOLDOUT_OUT = BENCHMARKS / "results" / "accuracy_pacs_mini_holdout"
+SEED_RANGE = (0, 2**32 - 1)  # numpy's global seed, seeded with the others, takes no other value
 HOLDOUT_SEED = 0  # the --holdout split's, the same for every run seed
 AMP_OPTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -311,7 +314,7 @@ def limit_per_domain(dataset: MultiDomainDataset, limit: int) -> MultiDomainData
 
 def extract_features(data, cache_dir, views, image_size, limit, device) -> tuple[Features, float]:
     """Features of every image (from the cache file when it matches) and the seconds it took."""
-    dataset = MultiDomainImageFolder(data, JOINT)
+    dataset = MultiDomainImageFolder(data_folder(data), JOINT)
     if limit:
         dataset = limit_per_domain(dataset, limit)
     trunk, feature_dim = create_trunk(BACKBONE, weights=convert_efficientnet_lite0_weights())
@@ -723,6 +726,8 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Cross-domain retrieval accuracy on pacs-mini\n",
         f"`{payload['command']}`\n",
+        *([f"Merged from those commands by `{payload['merged_by']}`; the wall time is their sum.\n"]
+          if "merged_by" in payload else []),
         f"Wall time {payload['wall_time_s'] / 60:.1f} min for training and scoring; feature extraction (or reading "
         f"its cache) {payload['feature_extraction_s']:.0f} s before that. "
         f"Machine: {payload['machine']}, torch threads {payload['threads']['torch_threads']}, "
@@ -784,31 +789,38 @@ def markdown(payload: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help=f"one pair ({'<->'.join(QUICK_PAIR)}), one seed, no joint run"
+        "--quick", action="store_true",
+        help=f"one pair ({'<->'.join(QUICK_PAIR)}, whatever --pairs says), the first of --seeds, no joint run",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int_in(*SEED_RANGE), nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)"
+    )
     parser.add_argument(
         "--pairs", nargs="+", choices=["+".join(pair) for pair in PAIRS], default=["+".join(pair) for pair in PAIRS],
         help="the domain pairs to train (e.g. to finish a run cut short, then --merge)",
     )
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS))
+    parser.add_argument("--epochs", type=int_in(1), default=60, help="training epochs of every run (default: 60)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(ALL_METHODS), metavar="METHOD",
+        help="rows to run, by name: the keys of METHODS and ABLATIONS in this script (default: METHODS; with "
+        "--merge: every method of the files)",
+    )
     parser.add_argument("--ablation", action="store_true", help="also run the ABLATIONS rows")
     parser.add_argument("--no-joint", action="store_true", help="skip the four-domain joint run")
     parser.add_argument(
-        "--jobs", type=int, default=1,
+        "--jobs", type=int_in(1), default=1,
         help="processes running (pair, seed, method) tasks side by side (one thread each; with --finetune they share the GPU)",
     )
-    parser.add_argument("--views", type=int, default=4, help="augmented views cached per image")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--limit-per-domain", type=int, help="use only N images per domain (smoke tests)")
-    parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--cache-dir", default=str(CACHE_DIR))
+    parser.add_argument("--views", type=int_in(2), default=4, help="augmented views cached per image (default: 4)")
+    parser.add_argument("--image-size", type=int_in(1), default=224, help="side of the trunk's images (default: 224)")
+    parser.add_argument("--limit-per-domain", type=int_in(1), help="use only N images per domain (smoke tests)")
+    parser.add_argument("--data", default=str(DATA), help="the pacs-mini folder (default: ../shared/data/pacs-mini)")
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="feature cache folder (default: benchmarks/cache)")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument(
         "--finetune", action="store_true", help="train the trunk end to end on image views (no feature cache; GPU)"
     )
-    parser.add_argument("--workers", type=int, default=8, help="--finetune: DataLoader processes")
+    parser.add_argument("--workers", type=int_in(0), default=8, help="--finetune: DataLoader processes")
     parser.add_argument(
         "--holdout", action="store_true",
         help="train the heads on a fixed half of each domain's images of each class, score them on the other half "
@@ -822,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", choices=list(AMP_OPTION_DTYPES), help="--finetune: autocast dtype (default bf16 on CUDA, none on CPU)"
     )
     parser.add_argument(
-        "--out", help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
+        "--out", type=out_prefix, help=f"output prefix: writes <out>.json and <out>.md (default {DEFAULT_OUT.name}, "
         f"{FINETUNE_OUT.name} with --finetune, {HOLDOUT_OUT.name} with --holdout, under benchmarks/results; under "
         "results/smoke/ with --quick "
         "or --limit-per-domain)"
@@ -833,11 +845,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the runs already in <out>.json (same protocol) and run only the (pair, seed, method) tasks it "
         "lacks, e.g. to go on with a run cut short; <out> then holds both",
     )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="replace <out>.json even when it holds runs this command does not make again, or runs of other settings "
+        "(refused otherwise: the published tables are merged from several commands)",
+    )
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown beside this results JSON")
     parser.add_argument(
-        "--merge", nargs="+", metavar="JSON", help="only combine the --methods runs of these results JSONs (e.g. more seeds) into --out"
+        "--merge", nargs="+", metavar="JSON",
+        help="only combine the --methods runs of these results JSONs (e.g. more seeds) into --out (needed)",
     )
     return parser
+
+
+def out_prefix(text: str) -> Path:
+    """``--out`` as a prefix: ``x``, ``x.json`` and ``x.md`` all mean ``x`` (``x.json.json`` otherwise)."""
+    path = Path(text)
+    return path.with_suffix("") if path.suffix in (".json", ".md") else path
 
 
 def merged(payloads: list[dict], methods) -> dict:
@@ -900,10 +924,45 @@ def resumed(out: Path, config: dict) -> dict | None:
     if not path.exists():
         logger.info("--resume: no %s yet, running every task", path)
         return None
-    previous = json.loads(path.read_text())
+    previous = read_results(path, "--resume")
     if differing := protocol_differences(previous["config"], config):
         raise SystemExit(f"--resume: {path} was made with other settings ({differing}); pass them, or another --out")
     return previous
+
+
+def read_results(path: Path, option: str) -> dict:
+    """The payload of a results JSON this script wrote.
+
+    Raises:
+        SystemExit: naming ``option``, when the file cannot be read or is not such a payload.
+    """
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{option}: cannot read {path} as a results JSON ({err})") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("config"), dict) and isinstance(payload.get("runs"), list)):
+        raise SystemExit(f"{option}: {path} is not a results JSON of this script (no config and runs)")
+    return payload
+
+
+def check_replaceable(out: Path, config: dict, runs: set) -> None:
+    """Refuse to replace ``<out>.json`` when it holds runs other than ``runs`` ``(method, train_domains,
+    seed)`` keys, or runs of another protocol: the published tables are merged from several commands,
+    and a command that makes only some of their rows would silently drop the others.
+
+    Raises:
+        SystemExit: naming what would be lost and the options that keep or replace it.
+    """
+    path = out.with_name(out.name + ".json")
+    if not path.exists():
+        return
+    previous = read_results(path, "--out")
+    lost = sorted(set(latest_runs([previous], ALL_METHODS)) - runs, key=str)
+    differing = protocol_differences(previous["config"], config)
+    if lost or differing:
+        what = (f"{len(lost)} run(s) this command does not make again, e.g. {lost[0]}" if lost
+                else f"runs made with other settings ({differing})")
+        raise SystemExit(f"--out: {path} holds {what}; pass --resume to add to it, another --out, or --force to replace it")
 
 
 def protocol_differences(there: dict, here: dict) -> str:
@@ -935,38 +994,26 @@ def default_out(args) -> Path:
 
 def main(argv=None) -> dict:
     global SOURCE
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.render:
-        payload = json.loads(Path(args.render).read_text())
+        payload = read_results(Path(args.render), "--render")
         Path(args.render).with_suffix(".md").write_text(markdown(payload))
         return payload
     if args.merge:
-        payload = merged([json.loads(Path(path).read_text()) for path in args.merge], args.methods)
-        write_outputs(Path(args.out or DEFAULT_OUT), payload)
-        return payload
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be a positive number of processes, got {args.jobs}")
+        return merge(args, parser)
     if args.holdout and args.finetune:
-        raise SystemExit("--holdout splits the cached features of a frozen trunk; it does not combine with --finetune")
+        parser.error("--holdout splits the cached features of a frozen trunk; it does not combine with --finetune")
+    out = args.out or default_out(args)
+    check_creatable("--out", out.with_name(out.name + ".json"), folder=False)
     configure_logging()
     threads = pin_threads(1)
     pairs = [tuple(pair.split("+")) for pair in args.pairs]
     seeds, pairs = (args.seeds[:1], [QUICK_PAIR]) if args.quick else (args.seeds, pairs)
     joint = not (args.quick or args.no_joint)
-    methods = args.methods + [m for m in ABLATIONS if args.ablation and m not in args.methods]
-    out = Path(args.out) if args.out else default_out(args)
+    methods = list(dict.fromkeys((args.methods or list(METHODS)) + (list(ABLATIONS) if args.ablation else [])))
     if args.finetune:
         args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
-        SOURCE, extraction_s = Images(
-            Path(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_OPTION_DTYPES[args.amp],
-            convert_efficientnet_lite0_weights(), args.augment,
-        ), 0.0
-    else:
-        SOURCE, extraction_s = extract_features(
-            args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
-        )
-        if args.holdout:
-            SOURCE = holdout_split(SOURCE)
     tasks = make_tasks(seeds, methods, ([JOINT] if joint else []) + pairs)
     config = {
         "epochs": args.epochs, "seeds": seeds, "pairs": [list(p) for p in pairs], "joint": joint,
@@ -975,13 +1022,27 @@ def main(argv=None) -> dict:
         "note": args.note, "finetune": args.finetune, "amp": args.amp, "augment": args.augment if args.finetune else None,
         "normalisation": NORMALISATION, "holdout": args.holdout,
     }
+    # Before the features: a refusal here costs seconds, not an extraction.
     previous = resumed(out, config) if args.resume else None
+    if not (args.resume or args.force):
+        check_replaceable(out, config, {(method, tuple(domains), seed) for domains, seed, method in tasks})
     todo = remaining(tasks, previous)
     if previous:
         logger.info("--resume: %d of %d tasks already in %s.json", len(tasks) - len(todo), len(tasks), out)
         if not todo:
             return previous
         kept_methods = [m for m in ALL_METHODS if m in {*methods, *previous["config"]["methods"]}]
+    if args.finetune:
+        SOURCE, extraction_s = Images(
+            data_folder(args.data), args.limit_per_domain, args.image_size, args.workers, AMP_OPTION_DTYPES[args.amp],
+            convert_efficientnet_lite0_weights(), args.augment,
+        ), 0.0
+    else:
+        SOURCE, extraction_s = extract_features(
+            args.data, args.cache_dir, args.views, args.image_size, args.limit_per_domain, args.device
+        )
+        if args.holdout:
+            SOURCE = holdout_split(SOURCE)
     start, runs = time.perf_counter(), []
     work = partial(run_task, epochs=args.epochs, device=args.device)
     for record in run_tasks(work, todo, args.jobs, start_method(SOURCE, args.device)):
@@ -993,6 +1054,29 @@ def main(argv=None) -> dict:
         write_outputs(out, payload)  # after every run: a cut-short run still leaves its results
     logger.info("wrote %s.json and %s.md", out, out)
     return payload
+
+
+def merge(args, parser) -> dict:
+    """``--merge``: the runs of ``--methods`` (every method of the files without it) into ``--out``."""
+    if args.out is None:
+        parser.error("--merge needs --out (e.g. the first file's name, to add the others to it)")
+    payloads = [read_results(Path(path), "--merge") for path in args.merge]
+    present = {method for payload in payloads for method in payload["config"]["methods"]}
+    payload = merged(payloads, args.methods or [m for m in ALL_METHODS if m in present])
+    if not payload["runs"]:
+        raise SystemExit(f"--merge: the files hold no run of --methods {args.methods} (they hold {sorted(present)})")
+    payload["merged_by"] = command_line()
+    if not args.force:
+        check_replaceable(args.out, payload["config"], set(latest_runs([payload], ALL_METHODS)))
+    write_outputs(args.out, payload)
+    return payload
+
+
+def data_folder(text: str) -> Path:
+    """``--data`` as a folder, or a SystemExit naming it."""
+    if not Path(text).is_dir():
+        raise SystemExit(f"--data: {text} is not a folder (pacs-mini: <domain>/<class>/<image>)")
+    return Path(text)
 
 
 def start_method(source: Features | Images, device: torch.device) -> str:

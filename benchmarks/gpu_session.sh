@@ -34,7 +34,8 @@ elif ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
-if [ -d "$PACS" ]; then  # where the tests and benchmarks look for it: ../shared/data/pacs-mini
+# where the tests and benchmarks look for it: ../shared/data/pacs-mini (a real folder there is kept)
+if [ -d "$PACS" ] && { [ -L ../shared/data/pacs-mini ] || [ ! -e ../shared/data/pacs-mini ]; }; then
     mkdir -p ../shared/data && ln -sfn "$PACS" ../shared/data/pacs-mini
 fi
 [ -d "$PACS/photo" ] || { echo "no pacs-mini at $PACS: carry .devpack (benchmarks/pack_device.sh)"; exit 1; }
@@ -54,7 +55,12 @@ if [[ " $STEPS " == *" finetune "* ]]; then
         --jobs "$FINETUNE_JOBS" --workers 2 \
         --epochs "$FINETUNE_EPOCHS" --methods "${finetune_methods[@]}" \
         --data "$PACS" --out "$OUT/accuracy_pacs_mini_finetune" ${FINETUNE_ARGS:-} >"$OUT/finetune.log" 2>&1
+    rc=$?
     tr '\r' '\n' <"$OUT/finetune.log" | grep -v "it/s\|s/it\|^ *$" | tail -20  # without progress bars
+    # 124: cut at FINETUNE_SECONDS, as planned (the next call goes on with --resume); anything else: read the log
+    echo "finetune exit code $rc$([ "$rc" = 124 ] && echo ' (cut at FINETUNE_SECONDS: resume next call)')"
+    # a write cut by the signal leaves its hidden temporary file; the finished table is intact beside it
+    find "$OUT" -maxdepth 1 -name '.*.tmp' -delete
 fi
 if [[ " $STEPS " == *" tests "* ]]; then
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")

@@ -562,12 +562,14 @@ def test_holdout_run_says_so_in_its_results(accuracy, pacs_mini, tmp_path):
                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--methods", "raw features"])
 
 
-def test_holdout_is_a_protocol_setting_and_refuses_finetune(accuracy):
+def test_holdout_is_a_protocol_setting_and_refuses_finetune(accuracy, capsys):
     here = {"holdout": True}
     assert "holdout False there, True here" in accuracy.protocol_differences({}, here)  # older results: not held out
     assert accuracy.protocol_differences({}, {"holdout": False}) == ""
-    with pytest.raises(SystemExit, match="--holdout .* does not combine with --finetune"):
+    with pytest.raises(SystemExit):
         accuracy.main(["--holdout", "--finetune", "--quick"])
+    assert "--holdout splits the cached features of a frozen trunk; it does not combine with --finetune" in (
+        capsys.readouterr().err)
 
 
 def load_script(name: str, monkeypatch):
@@ -714,3 +716,76 @@ def test_a_default_ablation_row_changes_only_what_its_name_says(accuracy, row):
     ablated = recipe_settings(accuracy.ALL_METHODS[row](domain_ids, epochs))
     assert default["cross_domain_start_epoch"] == 30  # the paper's 100 of 200 epochs
     assert {key: value for key, value in ablated.items() if value != default[key]} == DEFAULT_ROW_CHANGES[row]
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--seeds", "-1"), ("--epochs", "0"), ("--views", "1"), ("--limit-per-domain", "0"),
+                      ("--jobs", "0"), ("--workers", "-1"), ("--epochs", "two")],
+)
+def test_bad_numbers_are_refused_by_argparse_naming_the_option(accuracy, option, value, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(accuracy, "DEFAULT_OUT", tmp_path / "published")
+    monkeypatch.setattr(accuracy, "extract_features", lambda *args: pytest.fail("extracted before checking options"))
+    with pytest.raises(SystemExit) as exit_info:
+        accuracy.main([option, value])
+    assert exit_info.value.code == 2 and f"argument {option}: expected an integer" in capsys.readouterr().err
+
+
+def test_a_command_that_makes_only_some_rows_does_not_replace_a_table(accuracy, tmp_path, monkeypatch):
+    """The published tables are merged from several commands: rerunning one of them into the table's
+    --out would have dropped the others' rows."""
+    out = tmp_path / "table"
+    FakeRuns(accuracy, monkeypatch)
+    accuracy.main([*CUT_COMMAND, "--out", str(out)])
+    table = out.with_name("table.json").read_text()
+    narrower = FakeRuns(accuracy, monkeypatch)
+    with pytest.raises(SystemExit, match=r"--out: .*table.json holds 2 run\(s\) this command does not make again.*"
+                                         r"--resume .*--force"):
+        accuracy.main([*CUT_COMMAND[:-2], "ProtoOT default", "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds runs made with other settings .*epochs 60 there, 30 here"):
+        accuracy.main([*CUT_COMMAND, "--out", str(out), "--epochs", "30"])
+    assert narrower.finished == [] and out.with_name("table.json").read_text() == table
+    accuracy.main([*CUT_COMMAND, "--out", str(out)])  # the same command: it makes every row again
+    accuracy.main([*CUT_COMMAND[:-2], "ProtoOT default", "--out", str(out) + ".json", "--force"])
+    assert {run["method"] for run in json.loads(out.with_name("table.json").read_text())["runs"]} == {"ProtoOT default"}
+    assert not out.with_name("table.json.json").exists()
+
+
+def test_merge_takes_every_method_by_default_needs_out_and_says_it_merged(accuracy, tmp_path, monkeypatch, capsys):
+    FakeRuns(accuracy, monkeypatch)
+    monkeypatch.setattr(accuracy, "DEFAULT_OUT", tmp_path / "published")  # where a merge without --out once wrote
+    first, second = tmp_path / "first", tmp_path / "second"
+    accuracy.main([*CUT_COMMAND[:-2], "ProtoOT default", "--out", str(first)])
+    accuracy.main([*CUT_COMMAND[:-2], "ProtoOT default, tau 0.3", "--out", str(second)])
+    sources = [str(first) + ".json", str(second) + ".json"]
+    with pytest.raises(SystemExit):
+        accuracy.main(["--merge", *sources])
+    assert "--merge needs --out" in capsys.readouterr().err
+    payload = accuracy.main(["--merge", *sources, "--out", str(first)])  # the first file takes the second's rows
+    assert payload["config"]["methods"] == ["ProtoOT default", "ProtoOT default, tau 0.3"]
+    assert len(payload["runs"]) == 8 and payload == json.loads(first.with_name("first.json").read_text())
+    assert f"Merged from those commands by `{payload['merged_by']}`" in first.with_name("first.md").read_text()
+    with pytest.raises(SystemExit, match="--merge: the files hold no run of --methods"):
+        accuracy.main(["--merge", sources[1], "--methods", "ProtoOT official", "--out", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"runs": []}'])
+def test_resume_and_merge_refuse_a_file_that_is_not_results(accuracy, tmp_path, monkeypatch, content):
+    FakeRuns(accuracy, monkeypatch)
+    path = tmp_path / "cut.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match="--resume: .*cut.json"):
+        accuracy.main([*CUT_COMMAND, "--out", str(tmp_path / "cut"), "--resume"])
+    with pytest.raises(SystemExit, match="--merge: .*cut.json"):
+        accuracy.main(["--merge", str(path), "--out", str(tmp_path / "merged")])
+
+
+def test_missing_data_folder_names_the_option(accuracy, tmp_path):
+    with pytest.raises(SystemExit, match="--data: .*nope is not a folder"):
+        accuracy.extract_features(tmp_path / "nope", tmp_path, 2, 32, None, "cpu")
+
+
+def test_recorded_commands_quote_method_names(accuracy, monkeypatch):
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/accuracy.py", "--methods", "ProtoOTMiner + NTXentLoss"])
+    assert shlex.split(accuracy.command_line())[1:] == sys.argv
