@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from _common import command_line, interleaved_median_seconds, markdown_table, pin_threads, write_results
+from _common import command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
 from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, decode_transform, make_synthetic_domains, moco_v2_transform
 from pml_protoot.augment import decoded_side
 
@@ -55,9 +55,9 @@ def batched_views(decoded: torch.Tensor, augment: MoCoV2Augment, batch_size: int
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
-    parser.add_argument("--images", type=int, default=256, help="items per timed pass")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int_in(1), default=256, help="items per timed pass")
+    parser.add_argument("--batch-size", type=int_in(1), default=128)
+    parser.add_argument("--repeats", type=int_in(1), default=3)
     parser.add_argument("--out", help="results name under benchmarks/results (default bench_augment[_cuda])")
     args = parser.parse_args(argv)
     threads = pin_threads(1)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
+from _common import command_line, int_in, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
 
 METHODS = ("protoot", "protoot_float32", "pml", "torch_brute_force")
 K_VALUES = (1, 5, 15, 50, 100, 200)
@@ -128,7 +128,7 @@ def worker(method: str, size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
+    parser.add_argument("--sizes", type=int_in(1), nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", default="bench_eval", help="results name under benchmarks/results")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)

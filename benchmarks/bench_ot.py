@@ -29,6 +29,7 @@ from _common import (
     MIN_REPEAT_SECONDS,
     command_line,
     device_name,
+    int_in,
     interleaved_median_seconds,
     markdown_table,
     pin_threads,
@@ -228,7 +229,7 @@ def _load(averages) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int_in(1), default=5)
     parser.add_argument(
         "--quick", action="store_true", help="N up to 10k only (a smoke run: written under results/smoke/)"
     )

