@@ -789,3 +789,23 @@ def test_recorded_commands_quote_method_names(accuracy, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["benchmarks/accuracy.py", "--methods", "ProtoOTMiner + NTXentLoss"])
     assert shlex.split(accuracy.command_line())[1:] == sys.argv
+
+
+def test_bench_ot_flags_converged_ratios_of_runs_far_apart_in_rounds(monkeypatch):
+    bench_ot = load_script("bench_ot", monkeypatch)
+
+    def rows(pot_rounds):
+        return [{"N": 10, "K": 2, "mode": "converged", "method": name, "seconds": 1e-3,
+                 "rounds": pot_rounds if name.startswith("pot") else 4} for name in bench_ot.METHODS]
+
+    assert "†" not in bench_ot.speed_markdown(rows(pot_rounds=8))  # 2x the rounds: still the solvers compared
+    flagged = bench_ot.speed_markdown(rows(pot_rounds=9))
+    assert "| 1.00x † |" in flagged and "compares the stopping rules" in flagged
+
+
+@pytest.mark.parametrize("name", ["bench_ot", "bench_ot_cuda"])
+def test_stored_bench_ot_tables_render_from_their_json(monkeypatch, name):
+    bench_ot = load_script("bench_ot", monkeypatch)
+    results = ACCURACY_SCRIPT.parent / "results"
+    payload = json.loads((results / f"{name}.json").read_text())
+    assert bench_ot.report_markdown(payload) == (results / f"{name}.md").read_text()
