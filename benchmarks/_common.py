@@ -71,6 +71,30 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def check_replaceable(name: str, force: bool, option: str = "--out") -> None:
+    """Refuse, before any timing, to replace ``results/<name>.json`` that another command made (other
+    options: a smoke run's small sizes would silently replace a published table); ``--force`` replaces it.
+
+    Raises:
+        SystemExit: naming both commands and the options that write elsewhere or replace.
+    """
+    path = RESULTS_DIR / f"{name}.json"
+    if force or not path.exists():
+        return
+    stored = json.loads(path.read_text()).get("command", "")
+    if _arguments(stored) != _arguments(command_line()):
+        raise SystemExit(
+            f"{path} was made by `{stored}`, with other options than this command's: pass {option} NAME to "
+            "write beside it, or --force to replace it"
+        )
+
+
+def _arguments(command: str) -> tuple[str, list[str]]:
+    """The script's file name and its options, from a recorded command (any interpreter, any folder)."""
+    words = shlex.split(command)[1:]
+    return (Path(words[0]).name, words[1:]) if words else ("", [])
+
+
 def write_results(name: str, payload: dict, markdown: str, *, smoke: bool = False) -> tuple[Path, Path]:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (under ``results/smoke/`` for a smoke run);
     return both paths."""

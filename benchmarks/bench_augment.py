@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from _common import command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
+from _common import check_replaceable, command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
 from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, decode_transform, make_synthetic_domains, moco_v2_transform
 from pml_protoot.augment import decoded_side
 
@@ -59,7 +59,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int_in(1), default=128)
     parser.add_argument("--repeats", type=int_in(1), default=3)
     parser.add_argument("--out", help="results name under benchmarks/results (default bench_augment[_cuda])")
+    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args(argv)
+    name = args.out or ("bench_augment_cuda" if args.device.type == "cuda" else "bench_augment")
+    check_replaceable(name, args.force)
     threads = pin_threads(1)
     started, load_before = time.perf_counter(), os.getloadavg()
     images, source = load_images(args.images)
@@ -84,7 +87,6 @@ def main(argv=None) -> dict:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started, "rows": rows,
     }
-    name = args.out or ("bench_augment_cuda" if args.device.type == "cuda" else "bench_augment")
     json_path, md_path = write_results(name, payload, report(payload))
     print(report(payload))
     print(f"wrote {json_path} and {md_path}")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, int_in, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
+from _common import check_replaceable, command_line, int_in, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
 
 METHODS = ("protoot", "protoot_float32", "pml", "torch_brute_force")
 K_VALUES = (1, 5, 15, 50, 100, 200)
@@ -131,11 +131,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int_in(1), nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", default="bench_eval", help="results name under benchmarks/results")
+    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
+    check_replaceable(args.out, args.force)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs, load_before, started = [], os.getloadavg(), time.perf_counter()
     for size in args.sizes:

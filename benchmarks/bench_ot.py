@@ -28,6 +28,7 @@ from tqdm import tqdm
 from _common import (
     MIN_REPEAT_SECONDS,
     command_line,
+    check_replaceable,
     device_name,
     int_in,
     interleaved_median_seconds,
@@ -271,7 +272,11 @@ def main():
         "--quick", action="store_true", help="N up to 10k only (a smoke run: written under results/smoke/)"
     )
     parser.add_argument("--out", help="results name under benchmarks/results (default bench_ot[_cuda])")
+    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args()
+    name = args.out or ("bench_ot_cuda" if args.device == "cuda" else "bench_ot")
+    if not args.quick:  # a quick run writes under results/smoke/
+        check_replaceable(name, args.force)
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
     load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times
@@ -290,7 +295,6 @@ def main():
         "load_average_after": os.getloadavg(),
     }
     markdown = report_markdown(payload)
-    name = args.out or ("bench_ot_cuda" if device.type == "cuda" else "bench_ot")
     json_path, md_path = write_results(name, payload, markdown, smoke=args.quick)
     logger.info("wrote %s and %s", json_path, md_path)
     print(markdown)

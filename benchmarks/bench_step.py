@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
-from _common import command_line, device_name, int_in, markdown_table, peak_rss_mb, pin_threads, write_results
+from _common import check_replaceable, command_line, device_name, int_in, markdown_table, peak_rss_mb, pin_threads, write_results
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
@@ -274,10 +274,12 @@ def parse_args():
     parser.add_argument("--threads", type=int_in(1), default=1)
     parser.add_argument("--warmup", type=int_in(0), default=2)
     parser.add_argument("--steps", type=int_in(1), default=5)
-    parser.add_argument("--name", default="bench_step")
+    parser.add_argument("--name", default="bench_step", help="results name under benchmarks/results")
+    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     args = parse_args()
+    check_replaceable(args.name, args.force, option="--name")
     main(args)

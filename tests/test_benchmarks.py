@@ -587,7 +587,13 @@ def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
     module = load_script("bench_augment", monkeypatch)
     written = []
     monkeypatch.setattr(module, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
-    payload = module.main(["--images", "4", "--batch-size", "2", "--repeats", "1"])
+    arguments = ["--images", "4", "--batch-size", "2", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_augment.py", *arguments])
+    # The published table was made with the default options: a smoke run must not replace it unasked.
+    with pytest.raises(SystemExit, match=r"bench_augment.json was made by `python benchmarks/bench_augment.py`.*--force"):
+        module.main(arguments)
+    assert written == []
+    payload = module.main([*arguments, "--force"])
     assert [row["method"].split(" ")[0] for row in payload["rows"]] == ["moco_v2_transform", "MoCoV2Augment"]
     assert all(row["items_per_s"] > 0 and math.isclose(row["items_per_s"] * row["ms_per_item"], 1e3)
                for row in payload["rows"])
@@ -809,3 +815,16 @@ def test_stored_bench_ot_tables_render_from_their_json(monkeypatch, name):
     results = ACCURACY_SCRIPT.parent / "results"
     payload = json.loads((results / f"{name}.json").read_text())
     assert bench_ot.report_markdown(payload) == (results / f"{name}.md").read_text()
+
+
+def test_a_benchmark_rerun_with_the_published_options_may_replace_its_table(monkeypatch, tmp_path):
+    common = load_script("_common", monkeypatch)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --sizes 5 'a b'"}))
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/benchmarks/bench_x.py", "--sizes", "5", "a b"])
+    common.check_replaceable("bench_x", force=False)  # same script and options, any interpreter or folder
+    common.check_replaceable("bench_y", force=False)  # nothing published yet
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py", "--sizes", "6"])
+    with pytest.raises(SystemExit, match="was made by `python3 bench_x.py --sizes 5 'a b'`"):
+        common.check_replaceable("bench_x", force=False)
+    common.check_replaceable("bench_x", force=True)
