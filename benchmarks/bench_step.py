@@ -24,6 +24,7 @@ GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-siz
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -35,12 +36,25 @@ from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
-from _common import check_replaceable, command_line, device_name, int_in, markdown_table, peak_rss_mb, pin_threads, write_results
+from _common import (
+    check_replaceable,
+    command_line,
+    configure_logging,
+    device_name,
+    int_in,
+    markdown_table,
+    peak_rss_mb,
+    pin_threads,
+    synchronize,
+    write_results,
+)
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
 from pml_protoot.samplers import CrossDomainSampler
 from pml_protoot.trainers import ProtoOTTrainer
+
+logger = logging.getLogger("bench_step")
 
 NUM_DOMAINS = 2
 
@@ -79,14 +93,12 @@ def models(args):
     return {"trunk": trunk, "embedder": embedder}, optimizers
 
 
-def time_step(trainer) -> float:
+def time_step(trainer, device) -> float:
     """Seconds of one ``forward_and_backward`` (the optimizer step included), synchronised on CUDA."""
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     trainer.forward_and_backward()
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -131,15 +143,15 @@ def protoot_trainer(args, bank_size: int, refresh_every: int, neighbour_search: 
     return trainer
 
 
-def interleaved_step_times(trainers: dict, warmup: int, rounds: int) -> dict:
+def interleaved_step_times(trainers: dict, warmup: int, rounds: int, device) -> dict:
     """Per trainer, the times of ``rounds`` steps; each round steps every trainer once, so load hits all alike."""
     for _ in range(warmup):
         for trainer in trainers.values():
-            time_step(trainer)
+            time_step(trainer, device)
     times = {key: [] for key in trainers}
     for _ in tqdm(range(rounds), desc="interleaved rounds"):
         for key, trainer in trainers.items():
-            times[key].append(time_step(trainer))
+            times[key].append(time_step(trainer, device))
     return times
 
 
@@ -172,6 +184,7 @@ def summarise(times: list[float]) -> dict:
 
 
 def main(args):
+    configure_logging()
     load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times
     started = time.perf_counter()
     threads = pin_threads(args.threads)
@@ -184,7 +197,8 @@ def main(args):
             loss_only[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
                               "neighbour_search": neighbour_search,
                               **loss_only_step(args, bank_size, refresh_every, neighbour_search)}
-            print(key, loss_only[key]["mean_s"], loss_only[key]["recall_at_1"], flush=True)
+            logger.info("%s: mean %.1f ms a step, nearest-row recall@1 %.3f",
+                        key, 1e3 * loss_only[key]["mean_s"], loss_only[key]["recall_at_1"])
     results = {}
     if not args.loss_only:
         trainers, settings_of = {"ntxent": ntxent_trainer(args)}, {"ntxent": {}}
@@ -194,10 +208,8 @@ def main(args):
                 trainers[key] = protoot_trainer(args, bank_size, refresh_every, neighbour_search)
                 settings_of[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
                                     "neighbour_search": neighbour_search}
-        times = interleaved_step_times(trainers, args.warmup, max(args.steps, args.refresh_every))
+        times = interleaved_step_times(trainers, args.warmup, max(args.steps, args.refresh_every), args.device)
         results = {key: {**settings_of[key], **summarise(times[key])} for key in trainers}
-        for key, value in results.items():
-            print(key, value["median_s"], value["mean_s"], flush=True)
     payload = {
         "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
         "device": device_name(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
@@ -206,7 +218,9 @@ def main(args):
         "results": results, "loss_only": loss_only, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - started,
     }
-    write_results(args.name, payload, report(payload))
+    paths = write_results(args.name, payload, report(payload))
+    print(report(payload))
+    logger.info("wrote %s and %s", *paths)
 
 
 def report(payload: dict) -> str:
