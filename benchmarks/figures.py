@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -28,7 +27,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from _common import configure_logging, pin_threads  # noqa: E402
+from _common import configure_logging, int_in, pin_threads  # noqa: E402
 
 logger = logging.getLogger("benchmarks.figures")
 
@@ -168,10 +167,11 @@ def retrieval_strip(rankings: dict, query_rows: torch.Tensor, labels, paths, cla
     return figure
 
 
-def strip_figure(epochs: int, seed: int = 0, device: str = "cpu") -> plt.Figure:
+def strip_figure(epochs: int, seed: int = 0, device: str = "cpu", data=accuracy.DATA,
+                 cache_dir=accuracy.CACHE_DIR) -> plt.Figure:
     """Train ``STRIP_METHODS`` on ``STRIP_PAIR`` once (cached features) and draw their retrievals."""
-    features, _ = accuracy.extract_features(accuracy.DATA, accuracy.CACHE_DIR, 4, 224, None, device)
-    dataset = accuracy.MultiDomainImageFolder(accuracy.DATA, accuracy.JOINT)  # the order the cache holds
+    features, _ = accuracy.extract_features(data, cache_dir, 4, 224, None, device)
+    dataset = accuracy.MultiDomainImageFolder(data, accuracy.JOINT)  # the order the cache holds
     class_ids = [dataset.classes.index(name) for name in STRIP_CLASSES]
     rankings, query_rows = {}, None
     for method in STRIP_METHODS:
@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="accuracy.py's results JSON")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the strip's heads")
+    parser.add_argument("--epochs", type=int_in(1), default=30, help="training epochs of the strip's heads")
+    parser.add_argument("--data", default=str(accuracy.DATA), help="the pacs-mini folder of the strip")
+    parser.add_argument("--cache-dir", default=str(accuracy.CACHE_DIR), help="the strip's feature cache folder")
     parser.add_argument("--metric", default="P@15", choices=list(accuracy.METRICS))
     parser.add_argument("--no-strip", action="store_true", help="only the bar chart (no training)")
     return parser
@@ -210,10 +212,14 @@ def save(figure: plt.Figure, path: Path, dpi: int = DPI) -> Path:
 def main(argv=None) -> list[Path]:
     args = build_parser().parse_args(argv)
     configure_logging()
-    written = [save(accuracy_bars(json.loads(args.results.read_text()), args.metric), args.out / "accuracy_bars.png")]
+    results = accuracy.read_results(args.results, "--results")
+    if not pair_summary(results, args.metric)[1]:
+        raise SystemExit(f"--results: {args.results} holds no method with every pair direction of a seed")
+    written = [save(accuracy_bars(results, args.metric), args.out / "accuracy_bars.png")]
     if not args.no_strip:
         pin_threads(1)
-        written.append(save(strip_figure(args.epochs), args.out / "retrieval_strip.png", dpi=100))
+        strip = strip_figure(args.epochs, data=args.data, cache_dir=args.cache_dir)
+        written.append(save(strip, args.out / "retrieval_strip.png", dpi=100))
     return written
 
 

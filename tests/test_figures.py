@@ -131,3 +131,17 @@ def test_retrieval_strip_frames_hits_green_and_misses_red(figures, tmp_path):
     assert [text.get_text() for axes in figure.axes for text in axes.texts] == hits
     shown = [axes.images[0].get_array().shape for axes in figure.axes if axes.images]
     assert shown == [(30, 20, 3)] * (len(query_rows) + len(query_rows) * len(rankings) * 3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--results: cannot read .*missing.json"),
+    ({"config": {"pairs": [["photo", "sketch"]], "methods": ["m"], "seeds": [0], "epochs": 1}, "runs": []},
+     "--results: .* holds no method with every pair direction"),
+])
+def test_main_refuses_results_it_cannot_draw_naming_the_option(figures, tmp_path, content, message):
+    path = tmp_path / "missing.json"
+    if content is not None:
+        path.write_text(json.dumps(content))
+    with pytest.raises(SystemExit, match=message):
+        figures.main(["--results", str(path), "--out", str(tmp_path), "--no-strip"])
+    assert not (tmp_path / "accuracy_bars.png").exists()
