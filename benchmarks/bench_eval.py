@@ -139,18 +139,25 @@ def main() -> None:
         return
     check_replaceable(args.out, args.force)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs, load_before, started = [], os.getloadavg(), time.perf_counter()
+    runs, failures, load_before, started = [], [], os.getloadavg(), time.perf_counter()
     for size in args.sizes:
         for method in args.methods:
-            output = subprocess.run(
-                [sys.executable, __file__, "--worker", method, str(size)], check=True, capture_output=True, text=True
-            ).stdout
-            runs.append(json.loads(output.strip().splitlines()[-1]))
+            worker_run = subprocess.run(
+                [sys.executable, __file__, "--worker", method, str(size)], capture_output=True, text=True
+            )
+            if worker_run.returncode != 0:  # e.g. out of memory at the largest size: keep the other runs
+                last_line = (worker_run.stderr.strip().splitlines() or ["no output"])[-1]
+                failures.append(f"{method} N={size}: exit code {worker_run.returncode}, {last_line}")
+                logger.error("%s", failures[-1])
+                continue
+            runs.append(json.loads(worker_run.stdout.strip().splitlines()[-1]))
             logger.info("%s N=%d: %.2f s, %.0f MB", method, size, runs[-1]["seconds"], runs[-1]["peak_rss_mb"])
-    write_report(runs, load_before, os.getloadavg(), time.perf_counter() - started, args.out)
+    write_report(runs, failures, load_before, os.getloadavg(), time.perf_counter() - started, args.out)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
 
 
-def write_report(runs: list[dict], load_before, load_after, wall_seconds, name: str) -> None:
+def write_report(runs: list[dict], failures: list[str], load_before, load_after, wall_seconds, name: str) -> None:
     baseline = {run["size"]: run for run in runs if run["method"] == "pml"}
     rows = []
     for run in runs:
@@ -178,9 +185,10 @@ def write_report(runs: list[dict], load_before, load_after, wall_seconds, name: 
         f"Load average (1, 5, 15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
         f"{'/'.join(f'{x:.2f}' for x in load_after)}; wall time {wall_seconds / 60:.1f} min.\n\n"
         + markdown_table(header, rows)
+        + "".join(f"\nFailed: {failure}\n" for failure in failures)
     )
     payload = {
-        "command": command_line(), "pml_k": PML_K, "k_values": K_VALUES, "runs": runs,
+        "command": command_line(), "pml_k": PML_K, "k_values": K_VALUES, "runs": runs, "failures": failures,
         "load_average_before": load_before, "load_average_after": load_after, "wall_seconds": wall_seconds,
     }
     paths = write_results(name, payload, markdown)

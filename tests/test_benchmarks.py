@@ -828,3 +828,27 @@ def test_a_benchmark_rerun_with_the_published_options_may_replace_its_table(monk
     with pytest.raises(SystemExit, match="was made by `python3 bench_x.py --sizes 5 'a b'`"):
         common.check_replaceable("bench_x", force=False)
     common.check_replaceable("bench_x", force=True)
+
+
+def test_bench_eval_keeps_the_runs_that_finished_when_a_worker_fails(monkeypatch):
+    bench_eval = load_script("bench_eval", monkeypatch)
+    metrics = {"precision_at_1": 0.5, "r_precision": 0.5, "mean_average_precision_at_r": 0.5}
+
+    def fake_worker(command, **kwargs):
+        method, size = command[-2], int(command[-1])
+        if size == 20:  # e.g. out of memory at the larger size
+            return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nMemoryError: cannot allocate\n")
+        run = {"method": method, "size": size, "seconds": 1.0, "cpu_seconds": 1.0, "peak_rss_mb": 100.0,
+               "r_metrics_capped": False, "metrics": metrics}
+        return subprocess.CompletedProcess(command, 0, "log line\n" + json.dumps(run) + "\n", "")
+
+    written = []
+    monkeypatch.setattr(bench_eval.subprocess, "run", fake_worker)
+    monkeypatch.setattr(bench_eval, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
+    monkeypatch.setattr(sys, "argv", ["bench_eval.py", "--sizes", "10", "20", "--methods", "pml", "protoot",
+                                      "--out", "bench_eval_never_published"])
+    with pytest.raises(SystemExit, match=r"2 run\(s\) failed:\npml N=20: exit code 1, MemoryError: cannot allocate"):
+        bench_eval.main()
+    (name, payload, markdown), = written
+    assert [(run["method"], run["size"]) for run in payload["runs"]] == [("pml", 10), ("protoot", 10)]
+    assert "Failed: protoot N=20: exit code 1, MemoryError: cannot allocate" in markdown
