@@ -166,7 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
         weights_default=f"default: {_default_text(DEMO_DEFAULTS['weights'])} for the demo without --backbone, "
         f"{_default_text(FOLDER_DEFAULTS['weights'])} for --data or with --backbone: the trunk starts at random",
     )
-    training = train_parser.add_argument_group(
+    _add_training_options(train_parser)
+    train_parser.set_defaults(handler=train)
+
+    eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
+    eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
+    _add_data_options(
+        eval_parser,
+        image_size_default=f"default: the run's with --checkpoint, {BACKBONE_EVAL_IMAGE_SIZE} with --backbone "
+        "(a fixed-size backbone such as a ViT: its size)",
+    )
+    _add_model_options(eval_parser)
+    eval_parser.add_argument(
+        "--batch-size", type=_integer_option(1),
+        help="images per trunk call when embedding (default: the checkpoint's training --batch-size, with which "
+        f"its run embedded them, so that its numbers are reproduced; {BACKBONE_EVAL_BATCH_SIZE} with --backbone)",
+    )
+    eval_parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
+    eval_parser.set_defaults(handler=evaluate)
+    return parser
+
+
+def _add_training_options(parser) -> None:
+    """``protoot train``'s training options; unset ones get the demo's or a folder's defaults later."""
+    training = parser.add_argument_group(
         "training (unset: demo defaults; for --data the paper's learning rate and schedule with the package's "
         "defaults, e.g. --momentum 0.99)"
     )
@@ -229,24 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--out", metavar="DIR", help="output folder, new or without a run in it (default: runs/protoot-<time>)"
     )
-    train_parser.set_defaults(handler=train)
-
-    eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
-    eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
-    _add_data_options(
-        eval_parser,
-        image_size_default=f"default: the run's with --checkpoint, {BACKBONE_EVAL_IMAGE_SIZE} with --backbone "
-        "(a fixed-size backbone such as a ViT: its size)",
-    )
-    _add_model_options(eval_parser)
-    eval_parser.add_argument(
-        "--batch-size", type=_integer_option(1),
-        help="images per trunk call when embedding (default: the checkpoint's training --batch-size, with which "
-        f"its run embedded them, so that its numbers are reproduced; {BACKBONE_EVAL_BATCH_SIZE} with --backbone)",
-    )
-    eval_parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
-    eval_parser.set_defaults(handler=evaluate)
-    return parser
 
 
 def _add_data_options(parser, image_size_default: str) -> None:
