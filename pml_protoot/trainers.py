@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
-from ._tensors import model_device, unit_rows
+from ._tensors import at_least_float32, model_device, unit_rows
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -403,7 +403,8 @@ class ProtoOTTrainer(BaseTrainer):
             embeddings = self.compute_embeddings(query_views)
         keys = self.compute_keys(key_views)
         indices = c_f.to_device(torch.as_tensor(indices), device=self.data_device)
-        self.losses["metric_loss"] = self.maybe_get_metric_loss(embeddings.float(), indices, keys)
+        # autocast's half-precision outputs in float32; a float64 model's stay float64, as its keys do
+        self.losses["metric_loss"] = self.maybe_get_metric_loss(at_least_float32(embeddings), indices, keys)
 
     def maybe_get_metric_loss(self, embeddings, indices, keys):
         if self.loss_weights.get("metric_loss", 0) <= 0:

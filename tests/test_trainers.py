@@ -324,6 +324,21 @@ def test_a_float64_key_encoder_gives_float64_keys(device):
     torch.testing.assert_close(keys, expected, rtol=1e-13, atol=1e-15)
 
 
+def test_a_float64_model_trains_the_loss_in_float64(device):
+    """Its queries reach the loss as float64 (they were cast to float32), as its keys do."""
+    trainer = make_trainer(device, dtype=torch.float64)
+    for model in (trainer.models["trunk"], trainer.models["embedder"], trainer.key_encoder):
+        model.to(torch.float64)
+    trainer.memory.to(torch.float64)
+    seen = []
+    loss_func = trainer.loss_funcs["metric_loss"]
+    forward = loss_func.forward
+    loss_func.forward = lambda embeddings, labels, **kwargs: (
+        seen.append((embeddings.dtype, kwargs["ref_emb"].dtype)) or forward(embeddings, labels, **kwargs))
+    trainer.train(1, 1)
+    assert seen and set(seen) == {(torch.float64, torch.float64)}
+
+
 def assert_filled_with_the_key_encoders_features(trainer, device):
     """``fill_memory`` wrote each sample's key-encoder output of its clean feature into its bank row."""
     features, _, _ = synthetic_features()
