@@ -52,10 +52,10 @@ class ProtoOTLoss(BaseMetricLossFunction):
     ``PrototypeMemory(..., refresh_every=R)`` runs the full OT every ``R`` steps and
     labels batches from the cached plan in between (see ``PrototypeMemory``). The nearest
     neighbour comes from ``memory.nearest_rows``: an exact :math:`O(B N_d \cdot \text{dim})`
-    matmul for banks under 100,000 rows (``neighbour_search="auto"``, the default, or
-    ``"exact"`` at any size), else a faiss IVF index that is exact for rows written
-    since its build and approximate only through its probing. Exact ProtoOT at any size:
-    ``PrototypeMemory(..., refresh_every=1, neighbour_search="exact")``; at a million rows,
+    matmul by default (``neighbour_search="auto"`` with ``refresh_every=1``, or ``"exact"``),
+    else a faiss IVF index (``"auto"`` with ``refresh_every > 1`` from 100,000 rows, or
+    ``"ivf"``) that is exact for rows written since its build and approximate only through
+    its probing. The defaults are exact ProtoOT at any size; at a million rows,
     ``refresh_every=10`` with the default ``"auto"`` removes every per-step full-bank pass
     (measured costs in ``PrototypeMemory``'s docstring). Under
     ``torch.distributed`` the memory all-gathers the keys, and every rank updates the

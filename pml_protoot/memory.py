@@ -44,7 +44,7 @@ CLUSTER_SIZE_RULES = ("official", "matched")
 #: Ways ``PrototypeMemory.nearest_rows`` can search a bank (see the class docstring).
 NEIGHBOUR_SEARCHES = ("exact", "ivf", "auto")
 
-#: ``neighbour_search="auto"`` uses the IVF index for banks with at least this many rows.
+#: ``neighbour_search="auto"`` uses the IVF index for banks with at least this many rows (``refresh_every > 1``).
 AUTO_IVF_MIN_ROWS = 100_000
 #: Bookkeeping buffers read in Python on every step, kept on the CPU on any device (see ``_apply``).
 HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
@@ -116,10 +116,11 @@ class PrototypeMemory(torch.nn.Module):
     inner product, ``ivf_nlist`` lists, default :math:`\sqrt{N_d}`, rebuilt at every
     :meth:`recluster`) plus an exact buffer of the rows written since: exact for those
     rows and for the own-row exclusion, approximate only through probing ``ivf_nprobe``
-    lists (``ivf_nprobe >= ivf_nlist`` is exact); ``"auto"`` (default) is exact below
-    ``AUTO_IVF_MIN_ROWS`` (100,000) rows and uses the index from there. The index holds a
-    float32 CPU copy of the bank. Exact ProtoOT at any size is ``refresh_every=1,
-    neighbour_search="exact"`` (the defaults are exact below 100,000 rows a domain); with
+    lists (``ivf_nprobe >= ivf_nlist`` is exact); ``"auto"`` (default) uses the index only
+    with ``refresh_every > 1``, from ``AUTO_IVF_MIN_ROWS`` (100,000) rows a domain, and is
+    exact otherwise: with ``refresh_every=1`` every step solves the OT over the whole bank,
+    beside which the exact search costs a few per cent. The index holds a float32 CPU copy
+    of the bank. The defaults (``refresh_every=1``, ``"auto"``) are exact ProtoOT at any size; with
     ``refresh_every=R > 1`` and ``"ivf"``/``"auto"`` no step does full-bank work except
     one refresh in ``R``, and the other per-step terms are :math:`O(B K \cdot \text{dim})`.
     Measured on one shared CPU thread (``benchmarks/bench_step.py``, K = 7, 64 keys x 2
@@ -656,14 +657,16 @@ class PrototypeMemory(torch.nn.Module):
     def uses_ivf(self, domain: int) -> bool:
         """Whether :meth:`nearest_rows` searches bank ``domain`` through a :class:`BankIndex`."""
         if self.neighbour_search == "auto":
-            return len(self.bank(domain)) >= AUTO_IVF_MIN_ROWS
+            # With refresh_every=1 every step solves the OT over the whole bank anyway: exact search adds
+            # a few per cent there (measured at 100k-175k rows, K = 345), not worth approximate neighbours.
+            return self.refresh_every > 1 and len(self.bank(domain)) >= AUTO_IVF_MIN_ROWS
         return self.neighbour_search == "ivf"
 
     @_outside_autocast
     def nearest_rows(self, domain: int, anchors: torch.Tensor, own_rows) -> torch.Tensor:
         r"""Bank rows most similar (dot product) to each anchor, never the anchor's own row.
 
-        ``"exact"`` (or ``"auto"`` below ``AUTO_IVF_MIN_ROWS`` rows): brute force,
+        ``"exact"`` (or ``"auto"`` with ``refresh_every=1`` or below ``AUTO_IVF_MIN_ROWS`` rows): brute force,
         :math:`O(B N_d \cdot \text{dim})`. Otherwise the domain's :class:`BankIndex`
         (built at :meth:`recluster`, or here when missing, e.g. after
         ``load_state_dict``): exact for rows written since the build, approximate

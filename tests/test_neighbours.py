@@ -92,10 +92,13 @@ def test_loss_with_exhaustive_ivf_equals_the_exact_loss(dtype, device):
 
 def test_auto_uses_the_index_from_the_size_threshold_and_load_state_dict_rebuilds_it(monkeypatch, device):
     monkeypatch.setattr(memory_module, "AUTO_IVF_MIN_ROWS", 100)  # domain 0 has 120 rows, domain 1 has 90
-    memory = ready_memory(torch.float32, device, neighbour_search="auto", ivf_nprobe=1000)
+    # Every step of refresh_every=1 solves the OT over the whole bank: there, exact search is worth its cost.
+    exact_steps = ready_memory(torch.float32, device, neighbour_search="auto")
+    assert (exact_steps.uses_ivf(0), exact_steps.uses_ivf(1)) == (False, False) and exact_steps._bank_indexes == {}
+    memory = ready_memory(torch.float32, device, neighbour_search="auto", ivf_nprobe=1000, refresh_every=2)
     assert (memory.uses_ivf(0), memory.uses_ivf(1)) == (True, False)
     assert set(memory._bank_indexes) == {0}
-    restored = PrototypeMemory(DOMAINS, DIM, K, neighbour_search="auto", ivf_nprobe=1000).to(device)
+    restored = PrototypeMemory(DOMAINS, DIM, K, neighbour_search="auto", ivf_nprobe=1000, refresh_every=2).to(device)
     restored.load_state_dict(memory.state_dict())
     assert restored._bank_indexes == {}
     anchors, own_rows = unit_rows(5, 7).to(device), torch.arange(5, device=device)
