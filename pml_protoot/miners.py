@@ -81,6 +81,9 @@ class ProtoOTMiner(BaseMiner):
             ``reset_prototypes``). Under
             ``torch.distributed`` it then steps every domain of the global batch, also
             those this rank's batch lacks: a collective, called by every rank every step.
+            The miner then steps the memory as ``ProtoOTLoss`` does, so a memory's
+            ``refresh_every > 1`` labels from its cached plans between refreshes; without
+            ``update_prototypes`` every label comes from an exact plan, every step.
         **kwargs: passed to PML's ``BaseMiner`` (e.g. ``distance``; unused for mining).
 
     Raises:
@@ -186,28 +189,41 @@ class ProtoOTMiner(BaseMiner):
         """Domain slot ``(M,)``, own-domain label ``(M,)`` and label under every domain's prototypes ``(M, D)``;
         then, with ``update_prototypes``, the memory's prototype step.
 
-        Entries of ``cross`` that are not computed (``cross_domain=False``) hold -1.
+        With ``update_prototypes`` the labels come from the memory's step methods, so ``refresh_every > 1``
+        labels from its cached plans between refreshes, as ``ProtoOTLoss`` does; without it nothing steps
+        the memory, whose cached plans would go stale, and every label is exact. Entries of ``cross`` that
+        are not computed (``cross_domain=False``) hold -1.
         """
+        self.memory.check_ready()
         num_domains = self.memory.num_domains
         device = indices.device
         slots = torch.empty(len(indices), dtype=torch.long, device=device)
         cross = torch.full((len(indices), num_domains), -1, dtype=torch.long, device=device)
-        own_assignments = []
         # With update_prototypes, domains only other ranks' batches hold come too (no positions): their
-        # prototypes move on every rank alike.
-        for slot, positions, rows in self.memory.split_by_domain(indices, across_ranks=self.update_prototypes):
+        # prototypes, and with refresh_every > 1 their cached plans, move on every rank alike.
+        groups = self.memory.split_by_domain(indices, across_ranks=self.update_prototypes)
+        caching = self.update_prototypes and self.memory.refresh_every > 1
+        for slot, positions, rows in groups:
             slots[positions] = slot
-            for target in range(num_domains) if self.cross_domain and len(positions) else [slot]:
-                assignment = self.memory.assign(slot, prototype_domain=target)
-                cross[positions, target] = assignment.argmax(dim=1).to(device)[rows]
-                if target == slot:
-                    own_assignments.append((slot, assignment))
-        # Update after every label is read, so all pseudo-labels of this batch share one set of prototypes.
-        if self.update_prototypes:
-            for slot, assignment in own_assignments:
-                self.memory._move_prototypes(slot, assignment)  # a Sinkhorn plan: no per-step checks
+            for target in range(num_domains) if self.cross_domain and (len(positions) or caching) else []:
+                if target != slot:
+                    cross[positions, target] = self._labels(slot, target, rows).to(device)
+        # Own labels last, each read before its domain's prototypes move (and the cross labels before any
+        # move): every pseudo-label of this batch comes from one set of prototypes.
+        for slot, positions, rows in groups:
+            if self.update_prototypes:
+                cross[positions, slot] = self.memory._step_pseudo_labels(slot, rows).to(device)
+            else:
+                cross[positions, slot] = self._labels(slot, slot, rows).to(device)
         own = cross.gather(1, slots.unsqueeze(1)).squeeze(1)
         return slots, own, cross
+
+    def _labels(self, slot: int, target: int, rows: torch.Tensor) -> torch.Tensor:
+        """Labels of bank ``slot``'s ``rows`` under domain ``target``'s prototypes: from the memory's refresh
+        cache when the prototypes move (``update_prototypes``), else from the exact plan."""
+        if self.update_prototypes:
+            return self.memory._cross_pseudo_labels(slot, target, rows)
+        return self.memory.assign(slot, target)[rows].argmax(dim=1)
 
     def _agreement_masks(self, anchors, refs):
         """Positive and negative ``(B, R)`` masks from mutual agreement of pseudo-labels.

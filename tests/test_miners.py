@@ -15,7 +15,7 @@ from pml_protoot.miners import ProtoOTMiner
 DTYPES = [torch.float16, torch.float32, torch.float64]
 
 
-def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0):
+def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0, **options):
     """Memory whose banks hold tight class clusters and whose prototypes sit at the class means.
 
     Returns the memory and the true class of every global index. Classes are assigned
@@ -30,7 +30,7 @@ def separated_memory(device, dtype, num_classes=3, per_domain=(9, 12), seed=0):
     shifts = 0.2 * torch.eye(dim)[num_classes : num_classes + len(per_domain)]
     noise = 0.05 * torch.randn(len(classes), dim, generator=generator)
     keys = F.normalize(centers[classes] + shifts[domains] + noise, dim=1)
-    memory = PrototypeMemory(domains, dim=dim, num_prototypes=num_classes, kmeans_nredo=1)
+    memory = PrototypeMemory(domains, dim=dim, num_prototypes=num_classes, kmeans_nredo=1, **options)
     memory.fill(keys, torch.arange(len(classes)))
     memory.recluster(0)
     for slot in range(len(per_domain)):
@@ -328,3 +328,32 @@ def test_class_labels_instead_of_sample_indices_warn_once(device):
         warnings.simplefilter("error")
         miner(embeddings, class_labels)  # once per miner
         ProtoOTMiner(memory)(embeddings, torch.randperm(37, device=device)[:18].repeat(2))  # two views of samples
+
+
+def test_the_miner_steps_a_refreshing_memory_as_the_loss_does(device):
+    """With update_prototypes and refresh_every=R, the miner's labels, prototypes and refresh caches are
+    those of the memory's own step methods, which solve the full OT only at refreshes (it ran D x D every step)."""
+    memory = separated_memory(device, torch.float32, refresh_every=3)[0]
+    reference = copy.deepcopy(memory)
+    miner = ProtoOTMiner(memory, update_prototypes=True, positives="agreement")
+    solved = []
+    sinkhorn = memory._sinkhorn
+    memory._sinkhorn = lambda domain, scores: solved.append(domain) or sinkhorn(domain, scores)
+    indices = torch.tensor([0, 4, 10, 20], device=device)
+    counts = []
+    for step in range(4):
+        solved.clear()
+        slots, own, cross = miner._step_pseudo_labels(indices)
+        expected_cross = {(0, 1): reference._cross_pseudo_labels(0, 1, torch.tensor([0, 4], device=device)),
+                          (1, 0): reference._cross_pseudo_labels(1, 0, torch.tensor([1, 11], device=device))}
+        expected_own = [reference._step_pseudo_labels(0, torch.tensor([0, 4], device=device)),
+                        reference._step_pseudo_labels(1, torch.tensor([1, 11], device=device))]
+        counts.append(len(solved))
+        assert own.tolist() == torch.cat(expected_own).tolist()
+        assert cross[:2, 1].tolist() == expected_cross[(0, 1)].tolist()
+        assert cross[2:, 0].tolist() == expected_cross[(1, 0)].tolist()
+        for name in ("prototypes", "column_potentials", "refresh_countdown", "potentials_valid"):
+            assert torch.equal(getattr(memory, name), getattr(reference, name)), (step, name)
+    # A refresh solves the D own plans; the cross plans of a refreshed bank follow at their next use
+    # (none is cached at the first step). D x D = 4 full plans a step before.
+    assert counts == [4, 2, 0, 2]
