@@ -890,10 +890,10 @@ class FeatureCache:
         self.eval_features = self._extract(trunk, eval_view, "eval view")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.view_features = torch.stack([
-                self._extract(trunk, train_view, f"augmented view {v + 1}/{num_views}")
-                for v in range(num_views)
-            ])
+            # filled view by view: stacking a list would hold every view twice
+            self.view_features = torch.empty(num_views, *self.eval_features.shape)
+            for v in range(num_views):
+                self.view_features[v] = self._extract(trunk, train_view, f"augmented view {v + 1}/{num_views}")
 
     def _extract(self, trunk, transform, description) -> torch.Tensor:
         features = trunk_features(
@@ -904,9 +904,8 @@ class FeatureCache:
 
     def train_dataset(self, seed: int = 0) -> "CachedTwoViewDataset":
         """Label-free training set: item ``i`` is ``((view_a, view_b), i)``, two distinct cached views."""
-        every_sample = torch.arange(self.view_features.shape[1])
-        views = self._centred(self.view_features, every_sample)
-        return CachedTwoViewDataset(views, self.dataset.domain_ids, seed=seed)
+        offsets = self.domain_means if self.center_domains else None  # centred as drawn: no copy of every view
+        return CachedTwoViewDataset(self.view_features, self.dataset.domain_ids, seed=seed, domain_offsets=offsets)
 
     def eval_dataset(self, domain: str) -> torch.utils.data.TensorDataset:
         """Items ``(eval_feature (F,), class_label)`` of one domain, for a tester."""
@@ -984,13 +983,19 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
         views: ``(V, N, F)`` cached features, ``V >= 2``.
         domain_ids: ``(N,)`` domain slot of every index (for the sampler).
         seed: seed of the view choice, an integer >= 0.
+        domain_offsets: ``(D, F)``, subtracted from both views of a sample of domain ``d`` (row ``d``) as
+            they are drawn: :class:`FeatureCache`'s domain centring without a centred copy of ``views``
+            (on a DomainNet-sized cache, many GB); ``None`` (default) leaves the views as they are.
 
     Raises:
-        TypeError: ``views`` not a tensor, ``domain_ids`` not integer indices, or ``seed`` not an integer.
-        ValueError: ``views`` not ``(V >= 2, N, F)``, ``domain_ids`` not of length ``N``, or ``seed < 0``.
+        TypeError: ``views`` or ``domain_offsets`` not a tensor, ``domain_ids`` not integer indices, or
+            ``seed`` not an integer.
+        ValueError: ``views`` not ``(V >= 2, N, F)``, ``domain_ids`` not of length ``N``, ``seed < 0``, or
+            ``domain_offsets`` without a row for every domain slot or of another width than ``F``.
     """
 
-    def __init__(self, views: torch.Tensor, domain_ids: torch.Tensor, seed: int = 0):
+    def __init__(self, views: torch.Tensor, domain_ids: torch.Tensor, seed: int = 0,
+                 domain_offsets: torch.Tensor | None = None):
         if not isinstance(views, torch.Tensor):
             raise TypeError(f"views must be a (V, N, F) tensor with V >= 2 views, got {type(views).__name__}")
         if views.dim() != 3 or views.shape[0] < 2:
@@ -1001,6 +1006,7 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"domain_ids must hold one domain per sample ({views.shape[1]}), got {len(self.domain_ids)}"
             )
+        self.domain_offsets = None if domain_offsets is None else _checked_offsets(domain_offsets, self.domain_ids, views)
         self.generator = torch.Generator().manual_seed(check_non_negative_int("seed", seed))
 
     def __len__(self) -> int:
@@ -1010,7 +1016,11 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
         # A worker's copy of self.generator would repeat the same draws in every worker and epoch.
         generator = None if torch.utils.data.get_worker_info() is not None else self.generator
         first, second = torch.randperm(self.views.shape[0], generator=generator)[:2].tolist()
-        return (self.views[first, index], self.views[second, index]), index
+        view_a, view_b = self.views[first, index], self.views[second, index]
+        if self.domain_offsets is not None:
+            offset = self.domain_offsets[self.domain_ids[index]]
+            view_a, view_b = view_a - offset, view_b - offset
+        return (view_a, view_b), index
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -1027,6 +1037,17 @@ class CachedTwoViewDataset(torch.utils.data.Dataset):
         generator = torch.Generator()
         generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
         self.__dict__.update(state, generator=generator)
+
+
+def _checked_offsets(offsets, domain_ids: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """``offsets`` if they are a ``(D, F)`` tensor with a row for every slot in ``domain_ids``."""
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"domain_offsets must be a (D, F) tensor or None, got {type(offsets).__name__}")
+    slots = int(domain_ids.max()) + 1 if len(domain_ids) else 0
+    if offsets.dim() != 2 or offsets.shape[0] < slots or offsets.shape[1] != views.shape[2]:
+        raise ValueError(f"domain_offsets must have shape (D >= {slots}, {views.shape[2]}): a row for every domain "
+                         f"slot, as wide as the views; got {tuple(offsets.shape)}")
+    return offsets
 
 
 class _Transformed(torch.utils.data.Dataset):

@@ -714,6 +714,26 @@ def test_feature_cache_centres_each_domain_by_its_eval_mean():
         candidates = plain.view_features[:, members[0]] - mean
         for view in (view_a, view_b):
             assert any(torch.allclose(view, candidate, atol=1e-6) for candidate in candidates)
+    # Centred as items are drawn: the training set holds the cache's own views, not a centred copy of them.
+    assert centred.train_dataset().views.data_ptr() == centred.view_features.data_ptr()
+
+
+def test_cached_two_views_subtract_their_domain_offset_as_drawn():
+    views = torch.randn(3, 5, 4)
+    domain_ids = torch.tensor([0, 1, 1, 0, 1])
+    offsets = torch.randn(2, 4)
+    shifted = CachedTwoViewDataset(views, domain_ids, seed=7, domain_offsets=offsets)
+    centred_copy = CachedTwoViewDataset(views - offsets[domain_ids], domain_ids, seed=7)
+    for index in range(5):  # same seed: the same views drawn, and the same arithmetic, bit for bit
+        (a, b), i = shifted[index]
+        (expected_a, expected_b), j = centred_copy[index]
+        assert i == j == index and torch.equal(a, expected_a) and torch.equal(b, expected_b)
+    with pytest.raises(TypeError, match="domain_offsets must be a .* tensor or None, got list"):
+        CachedTwoViewDataset(views, domain_ids, domain_offsets=[[0.0] * 4] * 2)
+    with pytest.raises(ValueError, match=r"domain_offsets must have shape \(D >= 2, 4\).*got \(1, 4\)"):
+        CachedTwoViewDataset(views, domain_ids, domain_offsets=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"got \(2, 3\)"):
+        CachedTwoViewDataset(views, domain_ids, domain_offsets=torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
