@@ -891,7 +891,7 @@ class FeatureCache:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             # filled view by view: stacking a list would hold every view twice
-            self.view_features = torch.empty(num_views, *self.eval_features.shape)
+            self.view_features = torch.empty(num_views, *self.eval_features.shape, dtype=self.eval_features.dtype)
             for v in range(num_views):
                 self.view_features[v] = self._extract(trunk, train_view, f"augmented view {v + 1}/{num_views}")
 
