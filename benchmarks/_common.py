@@ -71,28 +71,36 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
-def check_replaceable(name: str, force: bool, option: str = "--out") -> None:
-    """Refuse, before any timing, to replace ``results/<name>.json`` that another command made (other
-    options: a smoke run's small sizes would silently replace a published table); ``--force`` replaces it.
+def check_replaceable(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      option: str = "--out") -> None:
+    """Refuse, before any timing, to replace ``results/<name>.json`` that was made with other option
+    values (a smoke run's small sizes would silently replace a published table); ``--force`` replaces it.
+    The recorded command is parsed by ``parser``, so option order and spelled-out defaults do not count.
 
     Raises:
-        SystemExit: naming both commands and the options that write elsewhere or replace.
+        SystemExit: naming the recorded command and the options that write elsewhere or replace.
     """
     path = RESULTS_DIR / f"{name}.json"
-    if force or not path.exists():
+    if args.force or not path.exists():
         return
     stored = json.loads(path.read_text()).get("command", "")
-    if _arguments(stored) != _arguments(command_line()):
+    if _option_values(parser, shlex.split(stored)[2:], option) != _option_values(parser, None, option, args):
         raise SystemExit(
             f"{path} was made by `{stored}`, with other options than this command's: pass {option} NAME to "
             "write beside it, or --force to replace it"
         )
 
 
-def _arguments(command: str) -> tuple[str, list[str]]:
-    """The script's file name and its options, from a recorded command (any interpreter, any folder)."""
-    words = shlex.split(command)[1:]
-    return (Path(words[0]).name, words[1:]) if words else ("", [])
+def _option_values(parser, words, option: str, args=None) -> dict | None:
+    """The option values of ``words`` (or of ``args``), without ``--force`` and ``option``; None when
+    ``words`` do not parse (a command of an older version of the script)."""
+    if args is None:
+        try:
+            args = parser.parse_args(words)
+        except SystemExit:
+            return None
+    ignored = {"force", option.lstrip("-").replace("-", "_")}
+    return {key: str(value) for key, value in vars(args).items() if key not in ignored}
 
 
 def write_results(name: str, payload: dict, markdown: str, *, smoke: bool = False) -> tuple[Path, Path]:

@@ -16,6 +16,9 @@ all four domains jointly (12 directions). Metrics: ProtoOT's P@1/5/15/50 and ful
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --holdout       # scored on images the heads never saw
     python benchmarks/accuracy.py --finetune --device cuda          # trunk trained end to end (GPU)
 
+Each writes its published table under benchmarks/results/; a table that holds rows merged in later
+(``--merge``) is not replaced by a command that would drop them (``--out`` elsewhere, or ``--force``).
+
 ``--finetune`` is the same protocol with the trunk unfrozen: no feature cache, every step
 draws fresh MoCo-v2 views of the images (``--augment batched``, the default: images decoded
 once, ``MoCoV2Augment`` on each batch on the device; ``--augment pil``: the PIL pipeline in
@@ -1005,7 +1008,10 @@ def main(argv=None) -> dict:
     if args.holdout and args.finetune:
         parser.error("--holdout splits the cached features of a frozen trunk; it does not combine with --finetune")
     out = args.out or default_out(args)
-    check_creatable("--out", out.with_name(out.name + ".json"), folder=False)
+    try:
+        check_creatable("--out", out.with_name(out.name + ".json"), folder=False)
+    except ValueError as err:
+        parser.error(str(err))
     configure_logging()
     threads = pin_threads(1)
     pairs = [tuple(pair.split("+")) for pair in args.pairs]
@@ -1024,7 +1030,8 @@ def main(argv=None) -> dict:
     }
     # Before the features: a refusal here costs seconds, not an extraction.
     previous = resumed(out, config) if args.resume else None
-    if not (args.resume or args.force):
+    # smoke results (git-ignored) are throwaway: only a table worth keeping is guarded
+    if not (args.resume or args.force or out.resolve().is_relative_to(SMOKE_DIR.resolve())):
         check_replaceable(out, config, {(method, tuple(domains), seed) for domains, seed, method in tasks})
     todo = remaining(tasks, previous)
     if previous:

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args(argv)
     name = args.out or ("bench_augment_cuda" if args.device.type == "cuda" else "bench_augment")
-    check_replaceable(name, args.force)
+    check_replaceable(name, parser, args)
     threads = pin_threads(1)
     started, load_before = time.perf_counter(), os.getloadavg()
     images, source = load_images(args.images)

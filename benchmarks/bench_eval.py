@@ -137,7 +137,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
-    check_replaceable(args.out, args.force)
+    check_replaceable(args.out, parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs, failures, load_before, started = [], [], os.getloadavg(), time.perf_counter()
     for size in args.sizes:
@@ -152,9 +152,13 @@ def main() -> None:
                 continue
             runs.append(json.loads(worker_run.stdout.strip().splitlines()[-1]))
             logger.info("%s N=%d: %.2f s, %.0f MB", method, size, runs[-1]["seconds"], runs[-1]["peak_rss_mb"])
+    if failures:  # never in place of a complete table: beside it, and only what finished
+        if runs:
+            write_report(runs, failures, load_before, os.getloadavg(), time.perf_counter() - started,
+                         f"{args.out}_partial")
+        raise SystemExit(f"{len(failures)} run(s) failed" + (f" ({args.out}_partial holds the others)" if runs else "")
+                         + ":\n" + "\n".join(failures))
     write_report(runs, failures, load_before, os.getloadavg(), time.perf_counter() - started, args.out)
-    if failures:
-        raise SystemExit(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
 
 
 def write_report(runs: list[dict], failures: list[str], load_before, load_after, wall_seconds, name: str) -> None:

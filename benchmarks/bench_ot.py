@@ -274,9 +274,9 @@ def main():
     parser.add_argument("--out", help="results name under benchmarks/results (default bench_ot[_cuda])")
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args()
-    name = args.out or ("bench_ot_cuda" if args.device == "cuda" else "bench_ot")
+    name = args.out or ("bench_ot_cuda" if torch.device(args.device).type == "cuda" else "bench_ot")
     if not args.quick:  # a quick run writes under results/smoke/
-        check_replaceable(name, args.force)
+        check_replaceable(name, parser, args)
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
     load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times

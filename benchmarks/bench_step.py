@@ -6,7 +6,7 @@ runs the query view with gradient and the key view through its momentum encoder
 without. Banks hold ``--bank-sizes`` samples per domain (random unit keys written
 directly: the step cost, not the bank filling, is measured). ProtoOT is timed exact
 (``refresh_every=1``, ``neighbour_search="exact"``) and scaled (``--refresh-every`` R and
-``--neighbour-search``, "auto" = faiss IVF from 100k rows); a refresh step is one of
+``--neighbour-search``, "auto" = faiss IVF from 100k rows with refresh_every > 1); a refresh step is one of
 every R, so the amortised per-step time is the mean over R consecutive steps (reported
 beside the median). The training steps are timed in interleaved rounds (every round times
 one step of every trainer), so that the load of a shared machine hits all settings alike
@@ -269,7 +269,7 @@ def _rows_with_ratios(results: dict):
         yield cells, value, [f"{value['mean_s'] / base[setting]:.2f}", f"{value['mean_s'] / exact_base:.2f}"]
 
 
-def parse_args():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
     parser.add_argument("--trunk", default="resnet18")
@@ -290,10 +290,11 @@ def parse_args():
     parser.add_argument("--steps", type=int_in(1), default=5)
     parser.add_argument("--name", default="bench_step", help="results name under benchmarks/results")
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
-    return parser.parse_args()
+    return parser
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    check_replaceable(args.name, args.force, option="--name")
+    parser = build_parser()
+    args = parser.parse_args()
+    check_replaceable(args.name, parser, args, option="--name")
     main(args)

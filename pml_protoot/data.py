@@ -848,7 +848,8 @@ class FeatureCache:
             self.eval_features, self.view_features = stored["eval"], stored["views"]
             logger.info("loaded cached features from %s", self.path)
         else:
-            if stored is not None:  # a stale cache is replaced: its folder must be writable
+            stale, stored = stored is not None, None  # freed before the extraction that replaces it
+            if stale:  # a stale cache is replaced: its folder must be writable
                 logger.info("feature cache %s is stale (data, transforms, weights or views changed)", self.path)
                 check_creatable("feature cache path", self.path, folder=False)
             self._compute(trunk if device is None else trunk.to(device), train_view, eval_view, num_views)
@@ -891,7 +892,7 @@ class FeatureCache:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             # filled view by view: stacking a list would hold every view twice
-            self.view_features = torch.empty(num_views, *self.eval_features.shape, dtype=self.eval_features.dtype)
+            self.view_features = self.eval_features.new_empty((num_views, *self.eval_features.shape))
             for v in range(num_views):
                 self.view_features[v] = self._extract(trunk, train_view, f"augmented view {v + 1}/{num_views}")
 

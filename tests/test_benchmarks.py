@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/accuracy.py ``--quick`` on a few pacs-mini images per domain."""
+import argparse
 import importlib.util
 import json
 import math
@@ -820,14 +821,22 @@ def test_stored_bench_ot_tables_render_from_their_json(monkeypatch, name):
 def test_a_benchmark_rerun_with_the_published_options_may_replace_its_table(monkeypatch, tmp_path):
     common = load_script("_common", monkeypatch)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --sizes 5 'a b'"}))
-    monkeypatch.setattr(sys, "argv", ["/elsewhere/benchmarks/bench_x.py", "--sizes", "5", "a b"])
-    common.check_replaceable("bench_x", force=False)  # same script and options, any interpreter or folder
-    common.check_replaceable("bench_y", force=False)  # nothing published yet
-    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py", "--sizes", "6"])
-    with pytest.raises(SystemExit, match="was made by `python3 bench_x.py --sizes 5 'a b'`"):
-        common.check_replaceable("bench_x", force=False)
-    common.check_replaceable("bench_x", force=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 6])
+    parser.add_argument("--mode", default="a b")
+    parser.add_argument("--out", default="bench_x")
+    parser.add_argument("--force", action="store_true")
+    (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --mode 'a b' --sizes 5 6 --force"}))
+    # the same values in any order or spelling, any interpreter or folder, with or without --force or --out
+    for words in ([], ["--sizes", "5", "6"], ["--out", "bench_x", "--mode", "a b"]):
+        common.check_replaceable("bench_x", parser, parser.parse_args(words))
+    common.check_replaceable("bench_y", parser, parser.parse_args(["--sizes", "1"]))  # nothing published yet
+    with pytest.raises(SystemExit, match="was made by `python3 bench_x.py --mode 'a b' --sizes 5 6 --force`"):
+        common.check_replaceable("bench_x", parser, parser.parse_args(["--sizes", "6"]))
+    common.check_replaceable("bench_x", parser, parser.parse_args(["--sizes", "6", "--force"]))
+    (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --gone 1"}))  # older options
+    with pytest.raises(SystemExit, match="with other options"):
+        common.check_replaceable("bench_x", parser, parser.parse_args([]))
 
 
 def test_bench_eval_keeps_the_runs_that_finished_when_a_worker_fails(monkeypatch):
@@ -847,8 +856,29 @@ def test_bench_eval_keeps_the_runs_that_finished_when_a_worker_fails(monkeypatch
     monkeypatch.setattr(bench_eval, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
     monkeypatch.setattr(sys, "argv", ["bench_eval.py", "--sizes", "10", "20", "--methods", "pml", "protoot",
                                       "--out", "bench_eval_never_published"])
-    with pytest.raises(SystemExit, match=r"2 run\(s\) failed:\npml N=20: exit code 1, MemoryError: cannot allocate"):
+    with pytest.raises(SystemExit, match=r"2 run\(s\) failed \(bench_eval_never_published_partial holds the others\):"
+                                         r"\npml N=20: exit code 1, MemoryError: cannot allocate"):
         bench_eval.main()
-    (name, payload, markdown), = written
+    (name, payload, markdown), = written  # beside the table, never in its place
+    assert name == "bench_eval_never_published_partial"
     assert [(run["method"], run["size"]) for run in payload["runs"]] == [("pml", 10), ("protoot", 10)]
     assert "Failed: protoot N=20: exit code 1, MemoryError: cannot allocate" in markdown
+    written.clear()
+    monkeypatch.setattr(sys, "argv", ["bench_eval.py", "--sizes", "20", "--out", "bench_eval_never_published"])
+    with pytest.raises(SystemExit, match=r"4 run\(s\) failed:"):
+        bench_eval.main()
+    assert written == []  # nothing finished: nothing written
+
+
+def test_smoke_runs_are_not_guarded_and_an_uncreatable_out_is_an_argument_error(accuracy, tmp_path, monkeypatch,
+                                                                                 capsys):
+    FakeRuns(accuracy, monkeypatch)
+    monkeypatch.setattr(accuracy, "SMOKE_DIR", tmp_path / "smoke")
+    smoke = tmp_path / "smoke" / "quick"
+    accuracy.main([*CUT_COMMAND, "--out", str(smoke)])
+    accuracy.main([*CUT_COMMAND[:-2], "ProtoOT default", "--epochs", "2", "--out", str(smoke)])  # throwaway: replaced
+    assert {run["method"] for run in json.loads(smoke.with_name("quick.json").read_text())["runs"]} == {"ProtoOT default"}
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        accuracy.main([*CUT_COMMAND, "--out", str(tmp_path / "afile" / "table")])
+    assert "error: --out " in capsys.readouterr().err

@@ -774,3 +774,29 @@ def test_in_memory_images_under_an_unknown_domain_or_class_are_refused():
     blank = Image.new("RGB", (4, 4))
     with pytest.raises(ValueError, match=r"keys outside domains x classes.*\('a', 'dog'\)"):
         InMemoryMultiDomainDataset({("a", "x"): [blank], ("a", "dog"): [blank]}, ["a", "b"], ["x"])
+
+
+def test_a_stale_feature_cache_is_freed_before_its_replacement_is_extracted(tiny_folder, tmp_path, monkeypatch):
+    """On a large dataset the stale cache is as big as the new one: both at once doubled the peak."""
+    import gc
+    import weakref
+
+    import pml_protoot.data as data_module
+
+    path = tmp_path / "cache.pt"
+    build_cache(tiny_folder, CountingTrunk(), path, seed=0)
+    loaded, alive_at_extraction = [], []
+    load_saved = data_module.load_saved
+    monkeypatch.setattr(data_module, "load_saved", lambda *args: loaded.append(result := load_saved(*args)) or result)
+    compute = FeatureCache._compute
+
+    def checking_compute(self, *args):
+        references = [weakref.ref(stored["views"]) for stored in loaded]
+        loaded.clear()
+        gc.collect()
+        alive_at_extraction.extend(reference() is not None for reference in references)
+        return compute(self, *args)
+
+    monkeypatch.setattr(FeatureCache, "_compute", checking_compute)
+    build_cache(tiny_folder, CountingTrunk(), path, seed=1)  # another seed: the stored cache is stale
+    assert alive_at_extraction == [False]
