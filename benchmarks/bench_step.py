@@ -18,7 +18,7 @@ keys, no CNN), which shows the memory's own scaling with the bank size, and repo
 IVF's recall@1 against the exact neighbour search on the last batch's keys (random unit
 keys: no cluster structure, the IVF's worst case).
 
-CPU:  python benchmarks/bench_step.py                        (resnet18, 112 px)
+CPU:  python benchmarks/bench_step.py --warmup 1 --steps 5   (resnet18, 112 px; the published table)
 GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224
 """
 from __future__ import annotations
