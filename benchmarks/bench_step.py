@@ -19,7 +19,7 @@ IVF's recall@1 against the exact neighbour search on the last batch's keys (rand
 keys: no cluster structure, the IVF's worst case).
 
 CPU:  python benchmarks/bench_step.py --warmup 1 --steps 5   (resnet18, 112 px; the published table)
-GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224
+GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224 --name bench_step_cuda
 """
 from __future__ import annotations
 
