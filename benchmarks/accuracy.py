@@ -729,8 +729,8 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Cross-domain retrieval accuracy on pacs-mini\n",
         f"`{payload['command']}`\n",
-        *([f"Merged from those commands by `{payload['merged_by']}`; the wall time is their sum.\n"]
-          if "merged_by" in payload else []),
+        *([f"Merged from those commands by {', then '.join(f'`{m}`' for m in payload['merged_by'])}; the wall time "
+           "is their sum.\n"] if "merged_by" in payload else []),
         f"Wall time {payload['wall_time_s'] / 60:.1f} min for training and scoring; feature extraction (or reading "
         f"its cache) {payload['feature_extraction_s']:.0f} s before that. "
         f"Machine: {payload['machine']}, torch threads {payload['threads']['torch_threads']}, "
@@ -1072,7 +1072,8 @@ def merge(args, parser) -> dict:
     payload = merged(payloads, args.methods or [m for m in ALL_METHODS if m in present])
     if not payload["runs"]:
         raise SystemExit(f"--merge: the files hold no run of --methods {args.methods} (they hold {sorted(present)})")
-    payload["merged_by"] = command_line()
+    # every merge that made the sources, then this one
+    payload["merged_by"] = [*(m for source in payloads for m in source.get("merged_by", [])), command_line()]
     if not args.force:
         check_replaceable(args.out, payload["config"], set(latest_runs([payload], ALL_METHODS)))
     write_outputs(args.out, payload)

@@ -770,7 +770,12 @@ def test_merge_takes_every_method_by_default_needs_out_and_says_it_merged(accura
     payload = accuracy.main(["--merge", *sources, "--out", str(first)])  # the first file takes the second's rows
     assert payload["config"]["methods"] == ["ProtoOT default", "ProtoOT default, tau 0.3"]
     assert len(payload["runs"]) == 8 and payload == json.loads(first.with_name("first.json").read_text())
-    assert f"Merged from those commands by `{payload['merged_by']}`" in first.with_name("first.md").read_text()
+    assert f"Merged from those commands by `{payload['merged_by'][0]}`;" in first.with_name("first.md").read_text()
+    third = tmp_path / "third"
+    accuracy.main([*CUT_COMMAND[:-2], "ProtoOT official", "--out", str(third)])
+    again = accuracy.main(["--merge", str(first) + ".json", str(third) + ".json", "--out", str(first)])
+    assert len(again["merged_by"]) == 2  # the first merge is still named after the second
+    assert ", then `" in first.with_name("first.md").read_text()
     with pytest.raises(SystemExit, match="--merge: the files hold no run of --methods"):
         accuracy.main(["--merge", sources[1], "--methods", "ProtoOT official", "--out", str(tmp_path / "none")])
 
