@@ -856,12 +856,6 @@ class FeatureCache:
             self._save()
         self.domain_means = domain_means(self.eval_features, dataset.domain_ids)
 
-    def _centred(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``features`` of samples ``indices`` (last dim F), less their domain's mean when centring."""
-        if not self.center_domains:
-            return features
-        return features - self.domain_means[self.dataset.domain_ids[indices]]
-
     def _stored(self) -> dict | None:
         """The cache stored at ``path``, or None when there is none yet (``path`` then checked
         creatable, before the extraction whose result it is to receive)."""
@@ -912,7 +906,10 @@ class FeatureCache:
         """Items ``(eval_feature (F,), class_label)`` of one domain, for a tester."""
         indices = self.dataset.domain_indices(domain)
         labels = torch.tensor(self.dataset.targets, dtype=torch.long)[indices]
-        return torch.utils.data.TensorDataset(self._centred(self.eval_features[indices], indices), labels)
+        features = self.eval_features[indices]
+        if self.center_domains:
+            features = features - self.domain_means[self.dataset.domains.index(domain)]
+        return torch.utils.data.TensorDataset(features, labels)
 
 
 def _check_cache_inputs(dataset, trunk, train_view, eval_view) -> None:
