@@ -11,8 +11,8 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
-from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 from ._tensors import unit_rows
+from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTLoss"]
 
