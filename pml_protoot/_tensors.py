@@ -46,3 +46,22 @@ def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tens
     if dtype is None or not tensor.is_floating_point():
         return tensor
     return tensor.to(dtype)
+
+
+def sum_rows_by_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    r"""``(G, D)`` sums :math:`S_g = \sum_{n:\, g_n = g} v_n` of the ``(N, D)`` rows of ``values`` by their
+    ``(N,)`` groups in ``[0, G)``, in ``values``' dtype and on its device, the same bits on every call.
+
+    On the CPU by ``index_add_``; elsewhere by a one-hot product, :math:`S = \mathbb{1}[g_n = g]^\top V`
+    (:math:`O(NGD)`), because CUDA's ``index_add_`` adds with atomics in whatever order the threads
+    run (deterministic only under ``torch.use_deterministic_algorithms``).
+    """
+    if values.device.type == "cpu":
+        return values.new_zeros(num_groups, values.shape[1]).index_add_(0, groups, values)
+    return one_hot_row_sums(values, groups, num_groups)
+
+
+def one_hot_row_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """:func:`sum_rows_by_group` as one matrix product on any device (what it runs off the CPU)."""
+    one_hot = groups[:, None] == torch.arange(num_groups, device=groups.device)  # no read-back, unlike F.one_hot
+    return one_hot.to(values.dtype).T @ values

@@ -32,7 +32,7 @@ from ._checks import (
 )
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
-from ._tensors import at_least_float32, cast_floating, floating_dtype, model_device
+from ._tensors import at_least_float32, cast_floating, floating_dtype, model_device, sum_rows_by_group
 
 __all__ = [
     "domain_means",
@@ -966,8 +966,7 @@ def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tens
     if (counts == 0).any():
         raise ValueError(f"domain_ids must use every slot 0..{len(counts) - 1}; empty: "
                          f"{torch.nonzero(counts == 0).flatten().tolist()}")
-    sums = features.new_zeros(len(counts), features.shape[1]).index_add_(0, domain_ids, features)
-    return sums / counts[:, None].to(features.dtype)
+    return sum_rows_by_group(features, domain_ids, len(counts)) / counts[:, None].to(features.dtype)
 
 
 class CachedTwoViewDataset(torch.utils.data.Dataset):

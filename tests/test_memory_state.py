@@ -16,6 +16,7 @@ DOMAINS = [0] * 120 + [1] * 90
 SEARCHES = {
     "exact": {"neighbour_search": "exact"},
     "ivf": {"neighbour_search": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_buffer_rows": 16},
+    "exact-refresh": {"neighbour_search": "exact", "refresh_every": 3},
     "ivf-refresh": {"neighbour_search": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_buffer_rows": 16,
                     "refresh_every": 3},
 }

@@ -41,14 +41,14 @@ def plan_row(key, prototypes, potentials):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [[0.4, 0.3, 0.1, 0.1, 0.1], [0.4, 0.3, 0.0, 0.2, 0.1]], ids=["positive", "zero_entry"])
-def test_column_potentials_reproduce_every_row_of_the_official_plan(dtype, beta):
+def test_column_potentials_reproduce_every_row_of_the_official_plan(dtype, beta, device):
     generator = torch.Generator().manual_seed(1)
     scores = (torch.rand(40, 5, generator=generator, dtype=torch.float64) * 2 - 1)
     beta = torch.tensor(beta, dtype=torch.float64)
     kept = beta > 0  # the official formula is 0/0 on a zero beta_k: that column's mass is 0
     plan = torch.zeros_like(scores)
     plan[:, kept] = official_sinkhorn(scores[:, kept], beta[kept])
-    potentials = column_potentials((scores / EPSILON).to(dtype), plan.to(dtype))
+    potentials = column_potentials((scores / EPSILON).to(device, dtype), plan.to(device, dtype)).cpu()
     for n in range(len(scores)):
         # With identity prototypes, key @ c_k is scores[n, k].
         rebuilt = plan_row(scores[n], torch.eye(5, dtype=torch.float64), potentials)
