@@ -14,3 +14,14 @@ def official_sinkhorn(scores, beta, epsilon=0.05, iterations=3):
         for n in range(num_samples):
             q[:, n] /= q[:, n].sum() * num_samples
     return num_samples * q.T
+
+
+#: The memory buffers Python reads every step, which stay on the CPU wherever the memory goes.
+MEMORY_HOST_BUFFERS = {"epoch", "refresh_countdown", "potentials_valid"}
+
+
+def assert_memory_on(memory, device):
+    """Every buffer of a PrototypeMemory on ``device``'s type but the step bookkeeping, on the CPU."""
+    for name, buffer in memory.named_buffers():
+        expected = "cpu" if name.rsplit(".", 1)[-1] in MEMORY_HOST_BUFFERS else torch.device(device).type
+        assert buffer.device.type == expected, f"{name} is on {buffer.device}, expected {expected}"

@@ -13,7 +13,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, warn_if_class_labels
 from pml_protoot.samplers import CrossDomainSampler
-from references import official_sinkhorn
+from references import assert_memory_on, official_sinkhorn
 
 DIM, K = 5, 3
 
@@ -312,7 +312,7 @@ def test_state_round_trip_gives_identical_losses(device):
     fresh_loss = ProtoOTLoss(fresh_memory, cross_domain_start_epoch=0)
     fresh_loss.load_state_dict(loss_func.state_dict())  # the memory is a submodule of the loss
     fresh_loss.to(device)
-    assert all(buffer.device.type == torch.device(device).type for buffer in fresh_memory.buffers())
+    assert_memory_on(fresh_memory, device)
     on_device = fresh_loss(embeddings.detach().to(device), labels.to(device), ref_emb=keys.to(device))
     torch.testing.assert_close(on_device.cpu(), loss_func(embeddings.detach(), labels, ref_emb=keys))
     torch.testing.assert_close(fresh_memory.prototypes.cpu(), memory.prototypes)
