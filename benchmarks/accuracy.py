@@ -612,7 +612,7 @@ def summarise(runs: list[dict], methods, train_sets, directions, metric: str) ->
     """
     rows = []
     for method in methods:
-        per_seed = seed_values(runs, method, train_sets, directions, metric)
+        per_seed = list(seed_values(runs, method, train_sets, directions, metric).values())
         if not per_seed:
             continue
         cells = [format_spread([values[d] for values in per_seed]) for d in directions]
@@ -621,8 +621,8 @@ def summarise(runs: list[dict], methods, train_sets, directions, metric: str) ->
     return rows
 
 
-def seed_values(runs: list[dict], method: str, train_sets, directions, metric: str) -> list[dict]:
-    """``[{direction: value}]``, one dict per seed of ``method`` that scored every one of ``directions``
+def seed_values(runs: list[dict], method: str, train_sets, directions, metric: str) -> dict[int, dict]:
+    """``{seed: {direction: value}}`` for the seeds of ``method`` that scored every one of ``directions``
     in runs trained on one of ``train_sets``."""
     per_seed = {}
     for run in runs:
@@ -630,7 +630,7 @@ def seed_values(runs: list[dict], method: str, train_sets, directions, metric: s
             per_seed.setdefault(run["seed"], {}).update(
                 {d: v[metric] for d, v in run["directions"].items() if d in directions}
             )
-    return [values for values in per_seed.values() if len(values) == len(directions)]
+    return {seed: values for seed, values in per_seed.items() if len(values) == len(directions)}
 
 
 def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[str]]:
@@ -640,7 +640,7 @@ def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[
     for method in methods:
         cells = []
         for metric in ("P@15", "mAP"):
-            per_seed = seed_values(runs, method, train_sets, directions, metric)
+            per_seed = list(seed_values(runs, method, train_sets, directions, metric).values())
             if len(per_seed) < 2:
                 break
             stds = [100 * statistics.stdev(values[d] for values in per_seed) for d in directions]
@@ -649,6 +649,15 @@ def seed_spread(runs: list[dict], methods, train_sets, directions) -> list[list[
         if len(cells) == 6:
             rows.append([method, *cells])
     return rows
+
+
+def counted_seeds_sentence(runs: list[dict], methods, train_sets, directions) -> str:
+    """Which seeds the paired tables average per method: a cut-short table counts a seed only where the
+    method finished every tabulated pair with it."""
+    counted = {method: sorted(seed_values(runs, method, train_sets, directions, "P@15")) for method in methods}
+    parts = [f"{method} {', '.join(map(str, seeds))}" for method, seeds in counted.items() if seeds]
+    return ("Seeds in the paired tables (those that finished every tabulated pair; the other runs are in the "
+            "JSON): " + "; ".join(parts) + "." if parts else "")
 
 
 def format_spread(values) -> str:
@@ -758,7 +767,8 @@ def markdown(payload: dict) -> str:
     if config.get("note"):
         lines.append(f"Note: {config['note']}\n")
     if not payload.get("complete", True):
-        lines.append(f"**Partial results: the run was cut short after {len(runs)} runs.**\n")
+        lines.append(f"**Partial results: the run was cut short after {len(runs)} runs.** "
+                     + counted_seeds_sentence(runs, methods, pairs, pair_directions) + "\n")
     for pair, done in unfinished.items():
         lines.append(f"Left out of the tables, finished by only some methods: {'+'.join(pair)} ({', '.join(done)}; "
                      "their numbers are in the JSON).\n")

@@ -245,6 +245,25 @@ def test_cut_short_tables_hold_the_pairs_every_method_finished(accuracy):
     assert "Seeds [0]:" in markdown  # the seeds that ran, not the seeds asked for
 
 
+def test_cut_short_tables_name_the_seeds_they_average_per_method(accuracy):
+    """A seed counts where its method finished every tabulated pair: the table of a cut run says which."""
+    first, second = (list(pair) for pair in accuracy.PAIRS[:2])
+
+    def run(method, pair, seed):
+        directions = {d: {metric: 0.1 * seed for metric in accuracy.METRICS} for d in accuracy.direction_names(pair)}
+        return {"method": method, "train_domains": pair, "seed": seed, "directions": directions}
+
+    runs = [run("a", first, 0), run("a", second, 0), run("a", first, 1), run("a", second, 1),
+            run("b", first, 0), run("b", second, 0), run("b", first, 1)]  # b's seed 1 lacks the second pair
+    directions = [d for pair in (first, second) for d in accuracy.direction_names(pair)]
+    assert accuracy.counted_seeds_sentence(runs, ["a", "b", "never ran"], [first, second], directions).endswith(
+        "a 0, 1; b 0."
+    )
+    rows = accuracy.summarise(runs, ["a", "b"], [first, second], directions, "P@15")
+    assert rows[0][1] == "5.0 ± 7.1" and rows[1][1] == "0.0"  # b's row is seed 0 alone
+    assert accuracy.counted_seeds_sentence([], ["a"], [first], directions) == ""
+
+
 def test_phase_sentence_gives_each_methods_median_seconds(accuracy):
     runs = [
         {"method": "m", "phase_s": {"setup": setup, "first_epoch": 10.0 * setup}} for setup in (1.0, 2.0, 30.0)
