@@ -64,8 +64,10 @@ if [[ " $STEPS " == *" finetune "* ]]; then
 fi
 if [[ " $STEPS " == *" tests "* ]]; then
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-    TEST_DEVICE=cuda timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider $parallel tests 2>&1 \
-        | tail -25 | tee "$OUT/tests_cuda.log"
+    # The whole log comes back in $OUT (a failure's traceback too); the summary is printed.
+    TEST_DEVICE=cuda timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider --tb=short $parallel tests \
+        >"$OUT/tests_cuda.log" 2>&1
+    tail -25 "$OUT/tests_cuda.log"
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
     # 128 images: the PIL side's four passes over 256 (calibration + 3 rounds, about 16 s on one core)
