@@ -13,10 +13,12 @@ one step of every trainer), so that the load of a shared machine hits all settin
 and the ratios stay meaningful. Images are random tensors made per item (data loading is
 negligible).
 
-A second table times ``ProtoOTLoss`` alone (forward + backward on random queries and
-keys, no CNN), which shows the memory's own scaling with the bank size, and reports the
+A second table times the memory's methods alone (forward + backward on random queries and
+keys, no CNN): ``ProtoOTLoss``, and ``ProtoOTMiner(update_prototypes=True)`` mining for PML's
+``NTXentLoss`` (the keys written first, as ``ProtoOTTrainer`` does), which steps the memory
+as the loss does. It shows the memory's own scaling with the bank size, and reports the
 IVF's recall@1 against the exact neighbour search on the last batch's keys (random unit
-keys: no cluster structure, the IVF's worst case).
+keys: no cluster structure, the IVF's worst case; the miner searches no neighbours).
 
 CPU:  python benchmarks/bench_step.py --warmup 1 --steps 5   (resnet18, 112 px; the published table)
 GPU:  python benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224 --name bench_step_cuda
@@ -51,12 +53,15 @@ from _common import (
 from pml_protoot.backbones import create_trunk, embedding_head
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory, exact_nearest_rows
+from pml_protoot.miners import ProtoOTMiner
 from pml_protoot.samplers import CrossDomainSampler
 from pml_protoot.trainers import ProtoOTTrainer
 
 logger = logging.getLogger("bench_step")
 
 NUM_DOMAINS = 2
+#: What the no-CNN table times, each a step of the memory: ProtoOT's loss, or the miner for a PML loss.
+MEMORY_METHODS = ("ProtoOTLoss", "ProtoOTMiner + NTXentLoss")
 
 
 class RandomTwoViews(torch.utils.data.Dataset):
@@ -155,11 +160,24 @@ def interleaved_step_times(trainers: dict, warmup: int, rounds: int, device) -> 
     return times
 
 
-def loss_only_step(args, bank_size: int, refresh_every: int, neighbour_search: str) -> dict:
-    """Time ProtoOTLoss forward + backward alone; recall@1 of the memory's search vs exact (last batch)."""
+def memory_step(method: str, memory: PrototypeMemory):
+    """``step(queries, indices, keys) -> loss`` of one of :data:`MEMORY_METHODS`."""
+    if method == "ProtoOTLoss":
+        loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+        return lambda queries, indices, keys: loss_func(queries, indices, ref_emb=keys)
+    miner, loss_func = ProtoOTMiner(memory, update_prototypes=True), NTXentLoss()
+
+    def mine_then_contrast(queries, indices, keys):
+        memory.fill(keys, indices)
+        return loss_func(queries, indices, miner(queries, indices, keys), ref_emb=keys)
+    return mine_then_contrast
+
+
+def loss_only_step(args, method: str, bank_size: int, refresh_every: int, neighbour_search: str) -> dict:
+    """Time a memory method's forward + backward alone; recall@1 of the memory's search vs exact (last batch)."""
     memory = filled_memory(args, bank_size, refresh_every, neighbour_search)
     memory.recluster(epoch=0)
-    loss_func = ProtoOTLoss(memory, cross_domain_start_epoch=0)
+    step_loss = memory_step(method, memory)
     batch = args.batch_per_domain
     times = []
     for step in range(args.warmup + max(args.loss_only_steps, refresh_every)):
@@ -167,7 +185,7 @@ def loss_only_step(args, bank_size: int, refresh_every: int, neighbour_search: s
         queries = torch.randn(len(indices), 128, device=args.device, requires_grad=True)
         keys = F.normalize(torch.randn(len(indices), 128, device=args.device), dim=1)
         start = time.perf_counter()
-        loss_func(queries, indices.to(args.device), ref_emb=keys).backward()
+        step_loss(queries, indices.to(args.device), keys).backward()
         if args.device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -175,7 +193,8 @@ def loss_only_step(args, bank_size: int, refresh_every: int, neighbour_search: s
     own_rows = memory.row_of[indices[:batch].to(args.device)]
     found = memory.nearest_rows(0, keys[:batch], own_rows)
     recall = float((found == exact_nearest_rows(keys[:batch], memory.bank(0), own_rows)).float().mean())
-    return {**summarise(times), "ivf": memory.uses_ivf(0), "recall_at_1": recall}
+    searches = method == "ProtoOTLoss"
+    return {**summarise(times), "ivf": searches and memory.uses_ivf(0), "recall_at_1": recall if searches else None}
 
 
 def summarise(times: list[float]) -> dict:
@@ -191,14 +210,14 @@ def main(args):
     torch.manual_seed(0)
     settings = [(1, "exact"), (args.refresh_every, args.neighbour_search)]
     loss_only = {}
-    for bank_size in args.bank_sizes:
-        for refresh_every, neighbour_search in settings:
-            key = f"loss_bank{bank_size}_refresh{refresh_every}_{neighbour_search}"
-            loss_only[key] = {"bank_size": bank_size, "refresh_every": refresh_every,
-                              "neighbour_search": neighbour_search,
-                              **loss_only_step(args, bank_size, refresh_every, neighbour_search)}
-            logger.info("%s: mean %.1f ms a step, nearest-row recall@1 %.3f",
-                        key, 1e3 * loss_only[key]["mean_s"], loss_only[key]["recall_at_1"])
+    for method in MEMORY_METHODS:
+        for bank_size in args.bank_sizes:
+            for refresh_every, neighbour_search in settings:
+                key = f"{method}_bank{bank_size}_refresh{refresh_every}_{neighbour_search}"
+                loss_only[key] = {"method": method, "bank_size": bank_size, "refresh_every": refresh_every,
+                                  "neighbour_search": neighbour_search,
+                                  **loss_only_step(args, method, bank_size, refresh_every, neighbour_search)}
+                logger.info("%s: mean %.1f ms a step", key, 1e3 * loss_only[key]["mean_s"])
     results = {}
     if not args.loss_only:
         trainers, settings_of = {"ntxent": ntxent_trainer(args)}, {"ntxent": {}}
@@ -246,11 +265,15 @@ def report(payload: dict) -> str:
         header = ["method", "bank / domain", "refresh_every", "neighbour_search", "median step (s)", "mean step (s)",
                   "mean / NTXent median", "x smallest bank", "x exact smallest"]
         text += "## Training step (ProtoOTTrainer, CNN included)\n\n" + markdown_table(header, rows) + "\n"
-    rows = [[*cells, "yes" if value["ivf"] else "no", f"{value['recall_at_1']:.2f}", *ratios]
+    rows = [[value.get("method", "ProtoOTLoss"), *cells, "yes" if value["ivf"] else "no", _recall(value), *ratios]
             for cells, value, ratios in _rows_with_ratios(loss_only)]
-    header = ["bank / domain", "refresh_every", "neighbour_search", "median (s)", "mean (s)", "IVF used",
+    header = ["method", "bank / domain", "refresh_every", "neighbour_search", "median (s)", "mean (s)", "IVF used",
               "recall@1 vs exact", "x smallest bank", "x exact smallest"]
-    return text + "## ProtoOTLoss alone (forward + backward, no CNN)\n\n" + markdown_table(header, rows)
+    return text + "## The memory's methods alone (forward + backward, no CNN)\n\n" + markdown_table(header, rows)
+
+
+def _recall(value: dict) -> str:
+    return "-" if value["recall_at_1"] is None else f"{value['recall_at_1']:.2f}"
 
 
 def _load(averages) -> str:
@@ -258,15 +281,17 @@ def _load(averages) -> str:
 
 
 def _rows_with_ratios(results: dict):
-    """Yield (setting and time cells, result, ratio cells) per result, ratios against the smallest bank."""
+    """Yield (setting and time cells, result, ratio cells) per result, ratios against the same method's
+    smallest bank (results without a method, the trainer's and older files', are one method)."""
     smallest = min(value["bank_size"] for value in results.values())
-    base = {(v["refresh_every"], v["neighbour_search"]): v["mean_s"]
+    base = {(v.get("method"), v["refresh_every"], v["neighbour_search"]): v["mean_s"]
             for v in results.values() if v["bank_size"] == smallest}
-    exact_base = base[(1, "exact")]
     for value in results.values():
         setting = (value["refresh_every"], value["neighbour_search"])
+        method = value.get("method")
         cells = [value["bank_size"], *setting, f"{value['median_s']:.3f}", f"{value['mean_s']:.3f}"]
-        yield cells, value, [f"{value['mean_s'] / base[setting]:.2f}", f"{value['mean_s'] / exact_base:.2f}"]
+        yield cells, value, [f"{value['mean_s'] / base[(method, *setting)]:.2f}",
+                             f"{value['mean_s'] / base[(method, 1, 'exact')]:.2f}"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--neighbour-search", choices=["exact", "ivf", "auto"], default="auto")
     parser.add_argument("--ivf-nprobe", type=int_in(1), default=32)
     parser.add_argument("--loss-only-steps", type=int_in(1), default=20)
-    parser.add_argument("--loss-only", action="store_true", help="only the ProtoOTLoss table (no CNN, no NTXent)")
+    parser.add_argument("--loss-only", action="store_true", help="only the table of the memory's methods (no CNN, no trainers)")
     parser.add_argument("--num-prototypes", type=int_in(2), default=7)
     parser.add_argument("--threads", type=int_in(1), default=1)
     parser.add_argument("--warmup", type=int_in(0), default=2)

@@ -602,6 +602,32 @@ def load_script(name: str, monkeypatch):
     return module
 
 
+def test_bench_step_times_the_loss_and_the_miner_on_the_memory(monkeypatch):
+    """``benchmarks/bench_step.py --loss-only`` on tiny banks: every (method, bank, setting) timed, the miner
+    without a neighbour search, ratios against each method's own smallest exact bank."""
+    bench_step = load_script("bench_step", monkeypatch)
+    written = []
+    monkeypatch.setattr(bench_step, "write_results", lambda *result: written.append(result) or ("a.json", "a.md"))
+    monkeypatch.setattr(bench_step, "pin_threads", lambda threads: {"torch_threads": threads, "faiss_threads": threads})
+    bench_step.main(bench_step.build_parser().parse_args([
+        "--loss-only", "--bank-sizes", "40", "80", "--loss-only-steps", "2", "--warmup", "0", "--refresh-every", "2",
+        "--neighbour-search", "ivf", "--ivf-nprobe", "2", "--num-prototypes", "3", "--batch-per-domain", "4",
+    ]))
+    (name, payload, markdown), = written
+    rows = list(payload["loss_only"].values())
+    assert name == "bench_step" and payload["results"] == {}
+    assert sorted((r["method"], r["bank_size"], r["refresh_every"]) for r in rows) == sorted(
+        (method, bank, refresh) for method in bench_step.MEMORY_METHODS for bank in (40, 80) for refresh in (1, 2))
+    assert all(r["steps"] == 2 and r["mean_s"] > 0 for r in rows)
+    for r in rows:
+        searched = r["method"] == "ProtoOTLoss"
+        assert r["ivf"] == (searched and r["refresh_every"] == 2) and (r["recall_at_1"] is None) != searched
+    for method in bench_step.MEMORY_METHODS:
+        assert f"| {method} | 40 | 1 | exact |" in markdown
+        line = next(line for line in markdown.splitlines() if line.startswith(f"| {method} | 40 | 1 | exact |"))
+        assert line.endswith("| 1.00 | 1.00 |")
+
+
 def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
     """``benchmarks/bench_augment.py`` on four images: both methods timed, the ratio reported."""
     module = load_script("bench_augment", monkeypatch)
