@@ -942,7 +942,7 @@ def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tens
         domain_ids: ``(N,)`` domain slot ``0..D-1`` of every row; every slot must occur.
 
     Returns:
-        ``(D, F)`` means, in the dtype of ``features``.
+        ``(D, F)`` means, in the dtype of ``features`` (computed in float32 at least).
 
     Raises:
         TypeError: ``features`` not a floating-point tensor, or ``domain_ids`` not 1-D integers.
@@ -966,7 +966,9 @@ def domain_means(features: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tens
     if (counts == 0).any():
         raise ValueError(f"domain_ids must use every slot 0..{len(counts) - 1}; empty: "
                          f"{torch.nonzero(counts == 0).flatten().tolist()}")
-    return sum_rows_by_group(features, domain_ids, len(counts)) / counts[:, None].to(features.dtype)
+    # Summed and divided in float32 at least: a float16 sum (and count) overflows past 65,504.
+    sums = sum_rows_by_group(at_least_float32(features), domain_ids, len(counts))
+    return (sums / counts[:, None].to(sums.dtype)).to(features.dtype)
 
 
 class CachedTwoViewDataset(torch.utils.data.Dataset):

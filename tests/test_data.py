@@ -748,6 +748,19 @@ def test_domain_means_equal_a_loop_and_reject_bad_slots(dtype, device):
         domain_means(features, domain_ids[:5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_domain_means_of_half_precision_features_do_not_overflow(dtype, device):
+    """70,000 rows of a domain: their float16 sum and count pass 65,504 (the means were NaN)."""
+    generator = torch.Generator().manual_seed(0)
+    features = (1.5 + torch.rand(70_001, 2, generator=generator)).to(dtype)
+    domain_ids = torch.zeros(70_001, dtype=torch.long)
+    domain_ids[-1] = 1
+    means = domain_means(features.to(device), domain_ids.to(device))
+    assert means.dtype == dtype
+    expected = torch.stack([features[:-1].double().mean(0), features[-1].double()])
+    torch.testing.assert_close(means.cpu().double(), expected, rtol=0, atol=float(torch.finfo(dtype).eps) * 2)
+
+
 @pytest.mark.parametrize(
     "features, domain_ids, error, match",
     [
