@@ -26,12 +26,12 @@ from ._checks import (
     check_positive_int,
 )
 from ._progress import progress_bar
-from ._tensors import compute_dtype, sum_rows_by_group
+from ._tensors import compute_dtype
 from .distributed import all_gather_rows, broadcast_, get_rank
 from .ot import _logits, sinkhorn
 
 __all__ = [
-    "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "column_potentials", "exact_nearest_rows"
+    "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "exact_nearest_rows"
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,14 +97,12 @@ class PrototypeMemory(torch.nn.Module):
     the full OT runs once every ``R`` steps of a domain (and after every
     :meth:`recluster`); in between, work is :math:`O(B K \cdot \text{dim})`:
 
-    * the plan's column potential :math:`g` (``K``) is kept from the last full OT: every
+    * the plan's column potential :math:`g` (``K``) is kept from the last full OT
+      (``sinkhorn(..., return_potentials=True)``, from its scaling vectors): every
       row of a Sinkhorn plan is :math:`P_n = \mathrm{softmax}(s_n/\varepsilon + g)`
       (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
       is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
-      not change since the full OT, an approximation for a new key. Exact needs :math:`g` to be
-      recoverable from the plan, as it is for cosine scores at :math:`\varepsilon \ge 0.02`; far
-      below (:math:`10^{-4}`) the plan's off-argmax entries underflow, :math:`g` comes out 0 and
-      cached labels ignore :math:`\beta` (a few percent differ): keep ``refresh_every=1`` there;
+      not change since the full OT, an approximation for a new key;
     * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
       and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums, kept in float32
@@ -526,14 +524,16 @@ class PrototypeMemory(torch.nn.Module):
         self.check_ready()
         return self._sinkhorn(domain, self.bank(domain) @ self.prototypes[prototype_domain].T)
 
-    def _sinkhorn(self, domain: int, scores: torch.Tensor) -> torch.Tensor:
-        """Sinkhorn of ``(N_d, K)`` scores under ``domain``'s class marginal and the memory's settings."""
+    def _sinkhorn(self, domain: int, scores: torch.Tensor, return_potentials: bool = False):
+        """Sinkhorn of ``(N_d, K)`` scores under ``domain``'s class marginal and the memory's settings
+        (with ``return_potentials``, ``(plan, column potentials)``)."""
         return sinkhorn(
             scores,
             self.class_marginals[domain],
             self.epsilon,
             self.sinkhorn_iterations,
             normalize_scores=self.normalize_scores,
+            return_potentials=return_potentials,
         )
 
     def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:
@@ -560,9 +560,8 @@ class PrototypeMemory(torch.nn.Module):
         if self.refresh_every == 1:
             return self.assign(domain, prototype_domain)
         prototypes = self.prototypes[prototype_domain]
-        scores = self.bank(domain) @ prototypes.T  # computed once for the plan and its potentials
-        assignment = self._sinkhorn(domain, scores)
-        potentials = column_potentials(self._ot_logits(scores), assignment)  # -inf: a column without mass
+        # -inf potential: a column without mass
+        assignment, potentials = self._sinkhorn(domain, self.bank(domain) @ prototypes.T, return_potentials=True)
         self.column_potentials[domain, prototype_domain] = _cast_finite(
             "column potentials", potentials, self.column_potentials.dtype
         )
@@ -965,59 +964,6 @@ def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     """
     dtype = compute_dtype(bank)
     return assignment.detach().to(device=bank.device, dtype=dtype).T @ bank.to(dtype)
-
-
-def column_potentials(logits: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-    r"""Recover the column potential :math:`g` of a Sinkhorn plan: :math:`P_n = \mathrm{softmax}(x_n + g)`.
-
-    Sinkhorn ends by normalising rows, so any number of rounds leaves
-    :math:`P_{nk} = e^{x_{nk} + g_k} / \sum_j e^{x_{nj} + g_j}` for one vector :math:`g`
-    (defined up to a constant). For a row ``n`` with argmax column ``j``,
-    :math:`g_k - g_j = \log P_{nk} - \log P_{nj} - (x_{nk} - x_{nj})`; every entry that
-    did not underflow gives one such difference, and :math:`g` is their least-squares
-    fit (a ``K x K`` graph-Laplacian system: exact, up to rounding, when the columns are
-    linked by non-negligible entries, as they are for cosine scores and
-    :math:`\varepsilon \geq 0.02`). Cost :math:`O(NK)` on the CPU, :math:`O(NK^2)` in one matrix product
-    on an accelerator (:func:`~pml_protoot._tensors.sum_rows_by_group`, for the same bits every call);
-    run only at a refresh.
-
-    Args:
-        logits: ``(N, K)`` what Sinkhorn exponentiated, :math:`x = S/\varepsilon`.
-        plan: ``(N, K)`` its output :math:`P` (rows summing to 1).
-
-    A column without a single usable entry (zero class marginal :math:`\beta_k`, or mass
-    that underflowed) gets :math:`g_k = -\infty`, so rebuilt rows give it no mass either.
-
-    Returns:
-        ``(K,)`` :math:`g` with mean 0 over the columns that carry mass, ``-inf`` on the others,
-        in ``plan``'s dtype.
-
-    Example:
-        >>> import torch
-        >>> from pml_protoot.memory import column_potentials
-        >>> logits, g = torch.randn(50, 4, dtype=torch.float64), torch.tensor([0.5, -1.0, 0.0, 0.5], dtype=torch.float64)
-        >>> torch.allclose(column_potentials(logits, torch.softmax(logits + g, dim=1)), g)
-        True
-    """
-    result_dtype = plan.dtype
-    work_dtype = compute_dtype(plan)  # float16's tiny * 2**24 is above 1
-    plan, logits = plan.to(work_dtype), logits.to(work_dtype)
-    # Entries this close to underflow carry no reliable logarithm.
-    usable = plan > torch.finfo(plan.dtype).tiny * 2**24
-    top = plan.argmax(dim=1, keepdim=True)
-    relative = plan.clamp_min(torch.finfo(plan.dtype).tiny).log_() - logits  # g_k - h_n on usable entries
-    relative -= relative.gather(1, top)  # g_k - g_top(n)
-    weights = usable.to(plan.dtype)
-    num_prototypes = plan.shape[1]
-    edge_weight = sum_rows_by_group(weights, top.squeeze(1), num_prototypes)
-    edge_sum = sum_rows_by_group(relative.mul_(weights), top.squeeze(1), num_prototypes)
-    degree = torch.diag(edge_weight.sum(dim=0) + edge_weight.sum(dim=1))
-    laplacian = degree - edge_weight - edge_weight.T
-    rhs = edge_sum.sum(dim=0) - edge_sum.sum(dim=1)
-    potentials = torch.linalg.pinv(laplacian.double()) @ rhs.double()
-    carries_mass = usable.any(dim=0)
-    potentials -= potentials[carries_mass].mean()
-    return potentials.masked_fill(~carries_mass, -math.inf).to(result_dtype)
 
 
 class BankIndex:

@@ -20,7 +20,8 @@ def sinkhorn(
     *,
     normalize_scores: bool = False,
     tol: float | None = None,
-) -> torch.Tensor:
+    return_potentials: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Soft-assign N samples to K prototypes under a class marginal (SwAV/ProtoOT Sinkhorn).
 
     Solves, by ``iterations`` rounds of Sinkhorn-Knopp scaling, the entropic transport
@@ -67,14 +68,22 @@ def sinkhorn(
             code does (``F.normalize(M C^T, dim=1)``).
         tol: stop early once every column sum of ``Q`` is within ``tol`` of
             :math:`\beta` (L-infinity); ``None`` runs exactly ``iterations`` rounds.
+        return_potentials: also return the column potentials :math:`g`. Every round ends by
+            scaling sample rows, so any number of rounds leaves
+            :math:`P_n = \mathrm{softmax}(x_n + g)` with :math:`x = S / \varepsilon` (rows of
+            ``S`` normalised first with ``normalize_scores``) and :math:`g = \log v` plus the
+            round-1 column factors: rows of the plan for new scores follow in :math:`O(K)` each.
 
     Returns:
-        ``P`` with the shape of ``scores``, float32 (float64 for float64 input), no gradient.
+        ``P`` with the shape of ``scores``, float32 (float64 for float64 input), no gradient;
+        with ``return_potentials``, ``(P, g)``: ``g`` of shape ``(K,)`` or ``(B, K)`` in ``P``'s
+        dtype, mean 0 over the columns that carry mass and ``-inf`` on those that carry none
+        (:math:`\beta_k = 0`).
 
     Raises:
         TypeError: ``scores`` is not a floating tensor; ``epsilon``/``tol`` are not real
-            numbers; ``iterations`` is not an integer; ``normalize_scores`` is not a bool;
-            ``class_marginal`` is not numeric.
+            numbers; ``iterations`` is not an integer; ``normalize_scores`` or
+            ``return_potentials`` is not a bool; ``class_marginal`` is not numeric.
         ValueError: bad or empty shapes, non-finite scores, ``epsilon <= 0``, ``scores / epsilon``
             beyond the compute dtype's range, ``iterations`` below 1, ``tol <= 0``,
             or a negative/all-zero/mis-shaped ``class_marginal``.
@@ -89,23 +98,35 @@ def sinkhorn(
         True
         >>> torch.allclose(P.sum(0), torch.tensor([3.0, 1.5, 1.5]), atol=1e-4)
         True
+        >>> P, g = sinkhorn(scores, iterations=3, return_potentials=True)
+        >>> torch.allclose(P, torch.softmax(scores / 0.05 + g, dim=1), atol=1e-6)
+        True
     """
     largest_logit = _check_arguments(scores, epsilon, iterations, normalize_scores, tol)
+    check_bool("return_potentials", return_potentials)
     autocast = torch.is_autocast_enabled(scores.device.type)
     with torch.no_grad(), (
         torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
     ):
         beta, has_zero = _class_marginal(class_marginal, scores)
         arguments = (scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
-        plan = None
+        solved = None
         if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[compute_dtype(scores)]:
-            plan = _scaled_sinkhorn(*arguments, shift=False)
-        if plan is None:
-            plan = _scaled_sinkhorn(*arguments, shift=True)
-        if plan is None:
+            solved = _scaled_sinkhorn(*arguments, shift=False)
+        if solved is None:
+            solved = _scaled_sinkhorn(*arguments, shift=True)
+        if solved is None:
             log_beta = beta.mT.log()  # (..., 1, K)
-            plan = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
-        return plan
+            solved = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
+        plan, potentials = solved
+        return (plan, _centred(potentials)) if return_potentials else plan
+
+
+def _centred(potentials: torch.Tensor) -> torch.Tensor:
+    """``(..., K)`` potentials less their mean over the finite entries (a column without mass stays -inf)."""
+    finite = torch.isfinite(potentials)
+    mean = torch.where(finite, potentials, 0).sum(-1, keepdim=True) / finite.sum(-1, keepdim=True)
+    return potentials - mean
 
 
 def _check_arguments(scores, epsilon, iterations, normalize_scores, tol) -> float:
@@ -197,7 +218,8 @@ _MIN_ROW_MAX = math.exp(-27.0)
 
 
 def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
-    """Return ``W^T = exp(S/eps - c)^T`` (..., K, N) up to a per-sample factor, and its sample sums.
+    """Return ``W^T`` (..., K, N) up to a per-sample factor, its sample sums, and ``log f`` (..., K, 1):
+    ``W = exp(S/eps) diag(f)`` with ``f = beta / column sums`` of ``exp(S/eps - c)``, times ``exp(-c)``.
 
     ``c`` is 0 without ``shift``.
 
@@ -222,24 +244,27 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
     column_sum = kernel.sum(dim=-1, keepdim=True)
     kernel.mul_(beta / column_sum)
     sample_sum = kernel.sum(dim=-2, keepdim=True)  # (..., 1, N)
+    log_factor = beta.log() - column_sum.log()  # -inf where beta_k = 0
     if not shift:  # no underflow below the caller's bound
-        return kernel, sample_sum
+        return kernel, sample_sum, log_factor
+    log_factor -= column_max
     # max over prototypes >= sum / K: the exact max is needed only when some sum is small
     if sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX:
-        return kernel, sample_sum
-    log_shift = column_max + column_sum.log() - beta.log()
-    _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
+        return kernel, sample_sum, log_factor
+    # the same columns, rebuilt with per-sample shifts (absorbed by the row scaling)
+    _logits(scores, epsilon, normalize_scores, out=kernel.mT).add_(log_factor.mT)
     kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
-    return kernel, kernel.sum(dim=-2, keepdim=True)
+    return kernel, kernel.sum(dim=-2, keepdim=True), log_factor
 
 
 def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift):
-    """Scaling-vector Sinkhorn on a round-1 kernel (column-shifted if ``shift``); ``None`` if it under/overflows.
+    """Scaling-vector Sinkhorn on a round-1 kernel (column-shifted if ``shift``): ``(plan, g)`` (g uncentred,
+    ``(..., K)``), or ``None`` if it under/overflows.
 
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    kernel, sample_sum = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift)
+    kernel, sample_sum, log_factor = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift)
     num_samples = kernel.shape[-1]
     # u holds N times the row scaling (so P = diag(u) W diag(v) directly) and v is computed
     # from N * beta: no per-round multiplication by N.
@@ -262,17 +287,19 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
             return None
     if v is not None and tol is None and not _finite_scalings(u, v):
         return None
+    potentials = log_factor.squeeze(-1)
     if v is not None:  # prototype-major: scaling rows of (K, N) reads contiguous memory
         kernel.mul_(v)
+        potentials = potentials + v.squeeze(-1).log()
     plan = kernel.mT
     if plan.is_contiguous():  # sample-major kernel: scale in place
-        return plan.mul_(u.mT)
+        return plan.mul_(u.mT), potentials
     # prototype-major: the last scaling also transposes into a fresh (N, K) plan
-    return torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device))
+    return torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)), potentials
 
 
 def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
-    """Plain log-domain Sinkhorn: slower, never under/overflows.
+    """Plain log-domain Sinkhorn, ``(plan, g)``: slower, never under/overflows.
 
     ``f`` (..., N, 1) and ``g`` (..., 1, K) are the row and column log-potentials of
     ``Q = exp(logits + f + g)``.
@@ -291,4 +318,4 @@ def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores
     # row softmax of logits + g. Forming it so keeps rows summing to 1 to rounding: summing
     # logits, f and g (each up to |S| / epsilon, e.g. 1e6) in float32 would lose about 0.06
     # in the exponent and up to 8 % of a row's mass.
-    return torch.softmax(logits + g, dim=-1)
+    return torch.softmax(logits + g, dim=-1), g.squeeze(-2)

@@ -338,7 +338,7 @@ def test_the_miner_steps_a_refreshing_memory_as_the_loss_does(device):
     miner = ProtoOTMiner(memory, update_prototypes=True, positives="agreement")
     solved = []
     sinkhorn = memory._sinkhorn
-    memory._sinkhorn = lambda domain, scores: solved.append(domain) or sinkhorn(domain, scores)
+    memory._sinkhorn = lambda domain, scores, **options: solved.append(domain) or sinkhorn(domain, scores, **options)
     indices = torch.tensor([0, 4, 10, 20], device=device)
     counts = []
     for step in range(4):

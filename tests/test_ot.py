@@ -359,6 +359,53 @@ def test_log_domain_fallback_tolerance(count_log_domain_calls, device):
     )
 
 
+def rows_from_potentials(scores, potentials, epsilon):
+    """Each row of a plan by its closed form, written out: P_nk = exp(s_nk/eps + g_k) / sum_j exp(s_nj/eps + g_j)."""
+    rows = []
+    for row in scores.double().tolist():
+        logits = [score / epsilon + g for score, g in zip(row, potentials.double().tolist())]
+        weights = [math.exp(logit - max(logits)) for logit in logits]  # exp(-inf) = 0: a column without mass
+        rows.append([weight / sum(weights) for weight in weights])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def assert_centred(potentials):
+    """Mean 0 over the finite entries, to the rounding of their dtype."""
+    finite = potentials[torch.isfinite(potentials)]
+    scale = max(1.0, float(finite.abs().max()))
+    assert abs(float(finite.double().mean())) < 8 * torch.finfo(potentials.dtype).eps * scale
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_potentials_rebuild_every_row_of_the_plan(iterations, kernel, device):
+    scores = random_scores(17, shape=(30, 5), device=device)
+    beta = torch.tensor([0.4, 0.3, 0.0, 0.2, 0.1], dtype=torch.float64, device=device)
+    plan, potentials = sinkhorn(scores, beta, 0.05, iterations, return_potentials=True)
+    assert torch.equal(plan, sinkhorn(scores, beta, 0.05, iterations))  # the same plan as without them
+    assert potentials.shape == (5,) and potentials.dtype == torch.float64 and potentials[2] == -math.inf
+    assert_centred(potentials.cpu())
+    torch.testing.assert_close(rows_from_potentials(scores.cpu(), potentials.cpu(), 0.05), plan.cpu(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [2, 5])
+def test_log_domain_fallback_potentials_rebuild_its_plan(iterations, count_log_domain_calls, device):
+    scores, beta, epsilon = extreme_problem(device)
+    plan, potentials = sinkhorn(scores, beta, epsilon, iterations, return_potentials=True)
+    assert len(count_log_domain_calls) == 1
+    assert_centred(potentials.cpu())
+    torch.testing.assert_close(rows_from_potentials(scores.cpu(), potentials.cpu(), epsilon), plan.cpu(), rtol=0, atol=1e-9)
+
+
+def test_batched_potentials_of_normalised_scores_in_float32_with_early_stop(device):
+    scores = random_scores(18, shape=(2, 25, 4), dtype=torch.float32, device=device) * 3
+    plan, potentials = sinkhorn(scores, None, 0.1, 50, normalize_scores=True, tol=1e-4, return_potentials=True)
+    assert potentials.shape == (2, 4) and potentials.dtype == torch.float32
+    for item in range(2):
+        assert_centred(potentials[item].cpu())
+        expected = rows_from_potentials(F.normalize(scores[item].cpu().double(), dim=1), potentials[item].cpu(), 0.1)
+        torch.testing.assert_close(plan[item].cpu().double(), expected, rtol=0, atol=1e-5)
+
+
 def test_marginal_is_normalised_and_inputs_untouched(device):
     scores, beta = random_scores(13, dtype=torch.float32, device=device), random_marginal(13, dtype=torch.float32, device=device)
     scores.requires_grad_(True)
@@ -389,6 +436,7 @@ SCORES = torch.rand(5, 3)
         ({"epsilon": 1e-40}, ValueError, "scores / epsilon"),
         ({"normalize_scores": "False"}, TypeError, "normalize_scores"),
         ({"normalize_scores": 1}, TypeError, "normalize_scores"),
+        ({"return_potentials": 1}, TypeError, "return_potentials"),
         ({"scores": torch.tensor([[0.1, float("nan")], [0.2, 0.3]])}, ValueError, "scores"),
         ({"scores": torch.tensor([[0.1, float("inf")], [0.2, 0.3]])}, ValueError, "scores"),
         ({"epsilon": 0.0}, ValueError, "epsilon"),

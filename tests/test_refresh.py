@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pml_protoot.losses import ProtoOTLoss
-from pml_protoot.memory import PrototypeMemory, column_potentials
+from pml_protoot.memory import PrototypeMemory
+from pml_protoot.ot import sinkhorn
 from references import official_sinkhorn
 
 DTYPES = [torch.float32, torch.float64]
@@ -41,14 +42,15 @@ def plan_row(key, prototypes, potentials):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [[0.4, 0.3, 0.1, 0.1, 0.1], [0.4, 0.3, 0.0, 0.2, 0.1]], ids=["positive", "zero_entry"])
-def test_column_potentials_reproduce_every_row_of_the_official_plan(dtype, beta, device):
+def test_sinkhorn_potentials_reproduce_every_row_of_the_official_plan(dtype, beta, device):
     generator = torch.Generator().manual_seed(1)
     scores = (torch.rand(40, 5, generator=generator, dtype=torch.float64) * 2 - 1)
     beta = torch.tensor(beta, dtype=torch.float64)
     kept = beta > 0  # the official formula is 0/0 on a zero beta_k: that column's mass is 0
     plan = torch.zeros_like(scores)
     plan[:, kept] = official_sinkhorn(scores[:, kept], beta[kept])
-    potentials = column_potentials((scores / EPSILON).to(device, dtype), plan.to(device, dtype)).cpu()
+    _, potentials = sinkhorn(scores.to(device, dtype), beta.to(device), EPSILON, 3, return_potentials=True)
+    potentials = potentials.cpu()
     for n in range(len(scores)):
         # With identity prototypes, key @ c_k is scores[n, k].
         rebuilt = plan_row(scores[n], torch.eye(5, dtype=torch.float64), potentials)
@@ -250,10 +252,29 @@ def test_a_checkpoint_with_the_former_prototype_sums_loads_as_means(device):
     assert restored.step_pseudo_labels(0, rows).tolist() == memory.step_pseudo_labels(0, rows).tolist()
 
 
-def test_column_potentials_of_a_float16_plan_are_finite():
-    generator = torch.Generator().manual_seed(3)
-    scores = torch.rand(40, 4, generator=generator, dtype=torch.float64) * 2 - 1
-    plan = official_sinkhorn(scores, torch.full((4,), 0.25, dtype=torch.float64))
-    potentials = column_potentials((scores / EPSILON).half(), plan.half())
-    assert potentials.dtype == torch.float16 and potentials.isfinite().all()
-    torch.testing.assert_close(potentials.float(), column_potentials(scores / EPSILON, plan).float(), atol=0.05, rtol=0)
+def test_a_half_precision_memory_caches_finite_potentials_that_keep_its_labels(device):
+    """The potentials come from a float32 Sinkhorn and are cached in float16: rows that did not change
+    since the refresh get the refresh's labels from the cache."""
+    memory = ready_memory(3, torch.float16, device, seed=4)
+    rows = torch.arange(30, device=device)
+    refreshed = memory.step_pseudo_labels(0, rows)
+    assert memory.column_potentials.dtype == torch.float16 and memory.column_potentials[0, 0].isfinite().all()
+    assert int(memory.refresh_countdown[0]) == 2
+    assert memory.step_pseudo_labels(0, rows).tolist() == refreshed.tolist()  # from the cache
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epsilon", [0.05, 1e-3, 1e-4])
+def test_cached_labels_of_unchanged_rows_are_the_refresh_labels_at_any_epsilon(epsilon, dtype, device):
+    """The cached potentials are Sinkhorn's own: at a tiny epsilon, where a plan's off-argmax entries
+    underflow, they still carry the class marginal."""
+    domains = [0] * 200 + [1] * 150
+    memory = PrototypeMemory(domains, DIM, 5, kmeans_nredo=1, epsilon=epsilon, refresh_every=3).to(device, dtype)
+    keys = unit_keys(350, 9, dtype)
+    keys[:200] += 0.8 * keys[0]  # one crowded region: the marginal must push rows off their nearest prototype
+    memory.fill(F.normalize(keys, dim=1).to(device), torch.arange(350))
+    memory.recluster(epoch=0)
+    rows = torch.arange(200, device=device)
+    refreshed = memory.step_pseudo_labels(0, rows)
+    nearest = (memory.bank(0) @ memory.reference_prototypes[0, 0].T).argmax(dim=1)
+    assert (refreshed != nearest).any()  # the marginal matters here
+    assert memory.step_pseudo_labels(0, rows).tolist() == refreshed.tolist()
