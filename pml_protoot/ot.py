@@ -244,17 +244,16 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
     column_sum = kernel.sum(dim=-1, keepdim=True)
     kernel.mul_(beta / column_sum)
     sample_sum = kernel.sum(dim=-2, keepdim=True)  # (..., 1, N)
-    log_factor = beta.log() - column_sum.log()  # -inf where beta_k = 0
     if not shift:  # no underflow below the caller's bound
-        return kernel, sample_sum, log_factor
-    log_factor -= column_max
+        return kernel, sample_sum, beta.log() - column_sum.log()  # -inf where beta_k = 0
+    log_shift = column_max + column_sum.log() - beta.log()  # the kernel is exp(S/eps - log_shift)
     # max over prototypes >= sum / K: the exact max is needed only when some sum is small
     if sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX:
-        return kernel, sample_sum, log_factor
+        return kernel, sample_sum, -log_shift
     # the same columns, rebuilt with per-sample shifts (absorbed by the row scaling)
-    _logits(scores, epsilon, normalize_scores, out=kernel.mT).add_(log_factor.mT)
+    _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
     kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
-    return kernel, kernel.sum(dim=-2, keepdim=True), log_factor
+    return kernel, kernel.sum(dim=-2, keepdim=True), -log_shift
 
 
 def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift):

@@ -387,6 +387,23 @@ def test_potentials_rebuild_every_row_of_the_plan(iterations, kernel, device):
     torch.testing.assert_close(rows_from_potentials(scores.cpu(), potentials.cpu(), 0.05), plan.cpu(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_potentials_of_the_per_sample_rebuilt_kernel_rebuild_its_plan(iterations, monkeypatch, device):
+    """Small epsilon in float32: samples far below every column max make round 1 rebuild its kernel
+    with per-sample shifts (a second _logits pass); the potentials must still give every row."""
+    logits_calls = []
+    original = ot_module._logits
+    monkeypatch.setattr(ot_module, "_logits", lambda *args, **kwargs: logits_calls.append(1) or original(*args, **kwargs))
+    scores = random_scores(19, shape=(60, 5), dtype=torch.float32, device=device)
+    beta = random_marginal(19, 5, dtype=torch.float32, device=device)
+    plan, potentials = sinkhorn(scores, beta, 0.01, iterations, return_potentials=True)
+    assert len(logits_calls) == 2  # the rebuild ran
+    expected = log_domain_official_sinkhorn(scores.double(), beta.double(), 0.01, iterations)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rows_from_potentials(scores.cpu(), potentials.cpu(), 0.01), plan.cpu().double(),
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("iterations", [2, 5])
 def test_log_domain_fallback_potentials_rebuild_its_plan(iterations, count_log_domain_calls, device):
     scores, beta, epsilon = extreme_problem(device)
