@@ -49,8 +49,9 @@ AUTO_IVF_MIN_ROWS = 100_000
 #: Bookkeeping buffers read in Python on every step, kept on the CPU on any device (see ``_apply``).
 HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
 #: Buffers kept in float32 at least whatever the memory's dtype: a step adds about B / N_d to the prototype
-#: means, below a float16 or bfloat16 ulp of a mean on a large bank, so the additions would round away.
-ACCUMULATOR_BUFFERS = ("prototype_means",)
+#: means, below a float16 or bfloat16 ulp of a mean on a large bank, so the additions would round away; the
+#: column potentials reach about max |S| / epsilon, past float16's range at a small epsilon (D x D x K values).
+ACCUMULATOR_BUFFERS = ("prototype_means", "column_potentials")
 
 
 def _outside_autocast(method):
@@ -102,7 +103,9 @@ class PrototypeMemory(torch.nn.Module):
       row of a Sinkhorn plan is :math:`P_n = \mathrm{softmax}(s_n/\varepsilon + g)`
       (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
       is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
-      not change since the full OT, an approximation for a new key;
+      not change since the full OT (in a float32 or float64 memory; a half-precision one scores
+      the full OT in its dtype, the cache in float32, so near ties can differ), an approximation
+      for a new key; :math:`g` is kept in float32 at least;
     * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
       and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums, kept in float32
@@ -562,9 +565,7 @@ class PrototypeMemory(torch.nn.Module):
         prototypes = self.prototypes[prototype_domain]
         # -inf potential: a column without mass
         assignment, potentials = self._sinkhorn(domain, self.bank(domain) @ prototypes.T, return_potentials=True)
-        self.column_potentials[domain, prototype_domain] = _cast_finite(
-            "column potentials", potentials, self.column_potentials.dtype
-        )
+        self.column_potentials[domain, prototype_domain] = potentials  # float32 at least, as Sinkhorn computes
         self.reference_prototypes[domain, prototype_domain] = prototypes
         self.potentials_valid[domain, prototype_domain] = True
         return assignment
