@@ -62,6 +62,11 @@ def sum_rows_by_group(values: torch.Tensor, groups: torch.Tensor, num_groups: in
 
 
 def one_hot_row_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """:func:`sum_rows_by_group` as one matrix product on any device (what it runs off the CPU)."""
+    """:func:`sum_rows_by_group` as one matrix product on any device (what it runs off the CPU).
+
+    The product runs in float64 (float32 on MPS, which has none): a float32 one would follow
+    ``torch.backends.cuda.matmul.allow_tf32`` down to a 10-bit mantissa.
+    """
+    work_dtype = torch.float32 if values.device.type == "mps" else torch.float64
     one_hot = groups[:, None] == torch.arange(num_groups, device=groups.device)  # no read-back, unlike F.one_hot
-    return one_hot.to(values.dtype).T @ values
+    return (one_hot.to(work_dtype).T @ values.to(work_dtype)).to(values.dtype)
