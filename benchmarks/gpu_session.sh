@@ -6,7 +6,8 @@
 #      FINETUNE_SECONDS; accuracy.py writes after every run, and runs go seed by seed, then method by
 #      method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS adds options, e.g. "--pairs art_painting+sketch"),
 #   tests: the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
-#   bench: bench_augment.py on CUDA.
+#   bench: bench_augment.py on CUDA,
+#   step: bench_step.py on CUDA (resnet50 at 224 px; never measured yet), cut by STEP_SECONDS.
 # Run from the repository root on the device machine, with .devpack/ carried: benchmarks/pack_device.sh
 # writes it (the wheels the image lacks and pacs-mini, xz-compressed to fit one call's 64 MiB).
 # Without .devpack it falls back to wheels in .whl/ and pacs-mini at $PACS.
@@ -22,10 +23,11 @@ FINETUNE_METHODS=${FINETUNE_METHODS:-raw features|ProtoOT official|ProtoOT defau
 IFS='|' read -r -a finetune_methods <<<"$FINETUNE_METHODS"
 TEST_SECONDS=${TEST_SECONDS:-100}
 BENCH_SECONDS=${BENCH_SECONDS:-45}  # 45 s cut bench_augment short on an H200: give it more when the finetune leaves time
+STEP_SECONDS=${STEP_SECONDS:-150}
 STEPS=${STEPS:-finetune tests}
 mkdir -p "$OUT"
 # The committed results would be copied to $OUT in place of a step that wrote nothing.
-rm -f benchmarks/results/bench_augment_cuda.*
+rm -f benchmarks/results/bench_augment_cuda.* benchmarks/results/bench_step_cuda.*
 export PYTHONUNBUFFERED=1
 if [ -f .devpack/site.tar.xz ]; then
     tar xJf .devpack/site.tar.xz -C /tmp || exit 1
@@ -74,4 +76,9 @@ if [[ " $STEPS " == *" bench "* ]]; then
     # and CUDA's start left 256 unfinished at 45 s on the H200
     timeout "$BENCH_SECONDS" python3 benchmarks/bench_augment.py --device cuda --images 128 2>&1 | tail -8
     cp benchmarks/results/bench_augment_cuda.* "$OUT/"
+fi
+if [[ " $STEPS " == *" step "* ]]; then
+    timeout "$STEP_SECONDS" python3 benchmarks/bench_step.py --device cuda --trunk resnet50 --image-size 224 \
+        --name bench_step_cuda 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -30
+    cp benchmarks/results/bench_step_cuda.* "$OUT/"
 fi
