@@ -112,9 +112,9 @@ def sinkhorn(
         arguments = (scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
         solved = None
         if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[compute_dtype(scores)]:
-            solved = _scaled_sinkhorn(*arguments, shift=False)
+            solved = _scaled_sinkhorn(*arguments, shift=False, potentials=return_potentials)
         if solved is None:
-            solved = _scaled_sinkhorn(*arguments, shift=True)
+            solved = _scaled_sinkhorn(*arguments, shift=True, potentials=return_potentials)
         if solved is None:
             log_beta = beta.mT.log()  # (..., 1, K)
             solved = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
@@ -217,9 +217,10 @@ _PROTOTYPE_MAJOR_MAX_K = 16
 _MIN_ROW_MAX = math.exp(-27.0)
 
 
-def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
-    """Return ``W^T`` (..., K, N) up to a per-sample factor, its sample sums, and ``log f`` (..., K, 1):
-    ``W = exp(S/eps) diag(f)`` with ``f = beta / column sums`` of ``exp(S/eps - c)``, times ``exp(-c)``.
+def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials):
+    """Return ``W^T`` (..., K, N) up to a per-sample factor, its sample sums, and, with ``potentials``,
+    ``log f`` (..., K, 1) (else None): ``W = exp(S/eps) diag(f)`` with ``f = beta / column sums`` of
+    ``exp(S/eps - c)``, times ``exp(-c)``.
 
     ``c`` is 0 without ``shift``.
 
@@ -245,25 +246,29 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift):
     kernel.mul_(beta / column_sum)
     sample_sum = kernel.sum(dim=-2, keepdim=True)  # (..., 1, N)
     if not shift:  # no underflow below the caller's bound
-        return kernel, sample_sum, beta.log() - column_sum.log()  # -inf where beta_k = 0
-    log_shift = column_max + column_sum.log() - beta.log()  # the kernel is exp(S/eps - log_shift)
+        return kernel, sample_sum, beta.log() - column_sum.log() if potentials else None  # -inf where beta_k = 0
     # max over prototypes >= sum / K: the exact max is needed only when some sum is small
-    if sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX:
-        return kernel, sample_sum, -log_shift
-    # the same columns, rebuilt with per-sample shifts (absorbed by the row scaling)
-    _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
-    kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
-    return kernel, kernel.sum(dim=-2, keepdim=True), -log_shift
+    rebuild = not (
+        sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX
+    )
+    if not (rebuild or potentials):
+        return kernel, sample_sum, None
+    log_shift = column_max + column_sum.log() - beta.log()  # the kernel is exp(S/eps - log_shift)
+    if rebuild:  # the same columns, rebuilt with per-sample shifts (absorbed by the row scaling)
+        _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
+        kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
+        sample_sum = kernel.sum(dim=-2, keepdim=True)
+    return kernel, sample_sum, -log_shift if potentials else None
 
 
-def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift):
+def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift, potentials):
     """Scaling-vector Sinkhorn on a round-1 kernel (column-shifted if ``shift``): ``(plan, g)`` (g uncentred,
-    ``(..., K)``), or ``None`` if it under/overflows.
+    ``(..., K)``, with ``potentials``; else None), or ``None`` if it under/overflows.
 
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    kernel, sample_sum, log_factor = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift)
+    kernel, sample_sum, log_factor = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials)
     num_samples = kernel.shape[-1]
     # u holds N times the row scaling (so P = diag(u) W diag(v) directly) and v is computed
     # from N * beta: no per-round multiplication by N.
@@ -286,15 +291,14 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
             return None
     if v is not None and tol is None and not _finite_scalings(u, v):
         return None
-    potentials = log_factor.squeeze(-1)
+    g = None if log_factor is None else log_factor.squeeze(-1) + (0 if v is None else v.squeeze(-1).log())
     if v is not None:  # prototype-major: scaling rows of (K, N) reads contiguous memory
         kernel.mul_(v)
-        potentials = potentials + v.squeeze(-1).log()
     plan = kernel.mT
     if plan.is_contiguous():  # sample-major kernel: scale in place
-        return plan.mul_(u.mT), potentials
+        return plan.mul_(u.mT), g
     # prototype-major: the last scaling also transposes into a fresh (N, K) plan
-    return torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)), potentials
+    return torch.mul(plan, u.mT, out=torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)), g
 
 
 def _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol):
