@@ -184,10 +184,10 @@ def loss_only_step(args, method: str, bank_size: int, refresh_every: int, neighb
         indices = torch.cat([torch.randint(0, bank_size, (batch,)) + slot * bank_size for slot in range(NUM_DOMAINS)])
         queries = torch.randn(len(indices), 128, device=args.device, requires_grad=True)
         keys = F.normalize(torch.randn(len(indices), 128, device=args.device), dim=1)
+        synchronize(args.device)  # the random inputs are not part of the step, as in time_step
         start = time.perf_counter()
         step_loss(queries, indices.to(args.device), keys).backward()
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     if method != "ProtoOTLoss":  # the miner searches no neighbours
