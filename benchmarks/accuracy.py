@@ -48,6 +48,7 @@ import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -1113,18 +1114,41 @@ def run_tasks(work, tasks, jobs, start="fork"):
         yield from map(work, tasks)
         return
     context = get_context(start)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker, initargs=(SOURCE,)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=start_worker, initargs=(SOURCE, os.getpid())
+    ) as pool:
         for future in as_completed([pool.submit(work, task) for task in tasks]):
             yield future.result()
 
 
-def start_worker(source: Features | Images) -> None:
-    """Set up a ``--jobs`` process as ``main`` set up itself: a spawned one inherits none of it."""
+def start_worker(source: Features | Images, parent_pid: int) -> None:
+    """Set up a ``--jobs`` process as ``main`` set up itself (a spawned one inherits none of it), to end
+    with its parent."""
     global SOURCE
     SOURCE = source
     configure_logging()
     pin_threads(1)
     fork_data_loader_workers()
+    exit_when_orphaned(parent_pid)
+
+
+def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> threading.Thread:
+    """End this process within ``poll_s`` seconds of ``parent_pid`` ceasing to be its parent.
+
+    A parent killed by a signal sent to it alone (``kill``, ``timeout``, a batch system's SIGTERM) runs no
+    cleanup, and its job processes would train their current runs to the end (minutes each) for results
+    nobody collects. The parent id is passed in, not read here: a parent gone before the worker starts
+    would otherwise be missed.
+    """
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        logger.warning("job process %d: its parent %d has ended; stopping", os.getpid(), parent_pid)
+        os._exit(1)  # a daemon thread cannot raise in the main thread, which may sit in a long torch call
+
+    watcher = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    watcher.start()
+    return watcher
 
 
 def fork_data_loader_workers() -> None:

@@ -1,10 +1,14 @@
 """Smoke test of benchmarks/accuracy.py ``--quick`` on a few pacs-mini images per domain."""
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -451,6 +455,65 @@ def test_job_processes_fork_their_data_loader_workers(accuracy):
         assert next(iter(loader)) == ["fork", "fork"]
     finally:
         multiprocessing.set_start_method(before, force=True)
+
+
+ORPHANED_JOBS_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {benchmarks!r})
+sys.argv = ["accuracy.py"]
+import importlib.util
+spec = importlib.util.spec_from_file_location("benchmark_accuracy", {script!r})
+accuracy = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = accuracy
+spec.loader.exec_module(accuracy)
+
+def work(task):
+    with open(os.path.join({folder!r}, f"worker{{os.getpid()}}"), "w"):
+        pass
+    time.sleep(120)  # a long run
+
+if __name__ == "__main__":
+    list(accuracy.run_tasks(work, [0, 1], jobs=2, start={start!r}))
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not yet reaped by whoever adopted it) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals a process by its id")
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_job_processes_end_with_a_parent_killed_alone(tmp_path, start):
+    """SIGTERM to the parent alone (``timeout``, ``kill``) must not leave its ``--jobs`` processes training."""
+    script = tmp_path / "jobs.py"
+    script.write_text(ORPHANED_JOBS_SCRIPT.format(
+        benchmarks=str(ACCURACY_SCRIPT.parent), script=str(ACCURACY_SCRIPT), folder=str(tmp_path), start=start
+    ))
+    parent, workers = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE), []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := [int(f.name[6:]) for f in tmp_path.glob("worker*")]) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read() if parent.poll() else ""
+            time.sleep(0.1)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "a job process outlived its parent"
+    finally:
+        parent.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.filterwarnings("ignore:.*no item of their class")
