@@ -71,7 +71,7 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
-def check_replaceable(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+def check_same_options(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
                       option: str = "--out") -> None:
     """Refuse, before any timing, to replace ``results/<name>.json`` that was made with other option
     values (a smoke run's small sizes would silently replace a published table); ``--force`` replaces it.

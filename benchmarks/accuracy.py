@@ -890,7 +890,7 @@ def merged(payloads: list[dict], methods) -> dict:
     for payload in payloads[1:]:
         if differing := protocol_differences(payloads[0]["config"], payload["config"]):
             raise SystemExit(f"--merge: results made with other settings cannot be merged ({differing})")
-    present = {m for p in payloads for m in p["config"]["methods"]}
+    present = methods_present(payloads)
     config = dict(payloads[0]["config"])
     config["seeds"] = sorted({seed for p in payloads for seed in p["config"]["seeds"]})
     config["pairs"] = [list(pair) for pair in PAIRS if any(list(pair) in p["config"]["pairs"] for p in payloads)]
@@ -907,6 +907,11 @@ def merged(payloads: list[dict], methods) -> dict:
         "config": config,
         "runs": list(latest_runs(payloads, methods).values()),
     }
+
+
+def methods_present(payloads: list[dict]) -> set[str]:
+    """The methods any of ``payloads`` ran."""
+    return {method for payload in payloads for method in payload["config"]["methods"]}
 
 
 def latest_runs(payloads: list[dict], methods) -> dict:
@@ -959,7 +964,7 @@ def read_results(path: Path, option: str) -> dict:
     return payload
 
 
-def check_replaceable(out: Path, config: dict, runs: set) -> None:
+def check_no_runs_dropped(out: Path, config: dict, runs: set) -> None:
     """Refuse to replace ``<out>.json`` when it holds runs other than ``runs`` ``(method, train_domains,
     seed)`` keys, or runs of another protocol: the published tables are merged from several commands,
     and a command that makes only some of their rows would silently drop the others.
@@ -1043,7 +1048,7 @@ def main(argv=None) -> dict:
     previous = resumed(out, config) if args.resume else None
     # smoke results (git-ignored) are throwaway: only a table worth keeping is guarded
     if not (args.resume or args.force or out.resolve().is_relative_to(SMOKE_DIR.resolve())):
-        check_replaceable(out, config, {(method, tuple(domains), seed) for domains, seed, method in tasks})
+        check_no_runs_dropped(out, config, {(method, tuple(domains), seed) for domains, seed, method in tasks})
     todo = remaining(tasks, previous)
     if previous:
         logger.info("--resume: %d of %d tasks already in %s.json", len(tasks) - len(todo), len(tasks), out)
@@ -1079,14 +1084,14 @@ def merge(args, parser) -> dict:
     if args.out is None:
         parser.error("--merge needs --out (e.g. the first file's name, to add the others to it)")
     payloads = [read_results(Path(path), "--merge") for path in args.merge]
-    present = {method for payload in payloads for method in payload["config"]["methods"]}
+    present = methods_present(payloads)
     payload = merged(payloads, args.methods or [m for m in ALL_METHODS if m in present])
     if not payload["runs"]:
         raise SystemExit(f"--merge: the files hold no run of --methods {args.methods} (they hold {sorted(present)})")
     # every merge that made the sources, then this one
     payload["merged_by"] = [*(m for source in payloads for m in source.get("merged_by", [])), command_line()]
     if not args.force:
-        check_replaceable(args.out, payload["config"], set(latest_runs([payload], ALL_METHODS)))
+        check_no_runs_dropped(args.out, payload["config"], set(latest_runs([payload], ALL_METHODS)))
     write_outputs(args.out, payload)
     return payload
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from _common import check_replaceable, command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
+from _common import check_same_options, command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
 from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, decode_transform, make_synthetic_domains, moco_v2_transform
 from pml_protoot.augment import decoded_side
 
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args(argv)
     name = args.out or ("bench_augment_cuda" if args.device.type == "cuda" else "bench_augment")
-    check_replaceable(name, parser, args)
+    check_same_options(name, parser, args)
     threads = pin_threads(1)
     started, load_before = time.perf_counter(), os.getloadavg()
     images, source = load_images(args.images)

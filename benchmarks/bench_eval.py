@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_replaceable, command_line, int_in, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
+from _common import check_same_options, command_line, int_in, markdown_table, peak_rss_mb, pin_threads, write_results  # noqa: E402
 
 METHODS = ("protoot", "protoot_float32", "pml", "torch_brute_force")
 K_VALUES = (1, 5, 15, 50, 100, 200)
@@ -137,7 +137,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
         return
-    check_replaceable(args.out, parser, args)
+    check_same_options(args.out, parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs, failures, load_before, started = [], [], os.getloadavg(), time.perf_counter()
     for size in args.sizes:

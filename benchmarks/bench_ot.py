@@ -28,7 +28,7 @@ from tqdm import tqdm
 from _common import (
     MIN_REPEAT_SECONDS,
     command_line,
-    check_replaceable,
+    check_same_options,
     device_name,
     int_in,
     interleaved_median_seconds,
@@ -276,7 +276,7 @@ def main():
     args = parser.parse_args()
     name = args.out or ("bench_ot_cuda" if torch.device(args.device).type == "cuda" else "bench_ot")
     if not args.quick:  # a quick run writes under results/smoke/
-        check_replaceable(name, parser, args)
+        check_same_options(name, parser, args)
     logging.basicConfig(level=logging.INFO)
     device = torch.device(args.device)
     load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times

@@ -39,7 +39,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
 from _common import (
-    check_replaceable,
+    check_same_options,
     command_line,
     configure_logging,
     device_name,
@@ -322,5 +322,5 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     parser = build_parser()
     args = parser.parse_args()
-    check_replaceable(args.name, parser, args, option="--name")
+    check_same_options(args.name, parser, args, option="--name")
     main(args)

@@ -942,14 +942,14 @@ def test_a_benchmark_rerun_with_the_published_options_may_replace_its_table(monk
     (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --mode 'a b' --sizes 5 6 --force"}))
     # the same values in any order or spelling, any interpreter or folder, with or without --force or --out
     for words in ([], ["--sizes", "5", "6"], ["--out", "bench_x", "--mode", "a b"]):
-        common.check_replaceable("bench_x", parser, parser.parse_args(words))
-    common.check_replaceable("bench_y", parser, parser.parse_args(["--sizes", "1"]))  # nothing published yet
+        common.check_same_options("bench_x", parser, parser.parse_args(words))
+    common.check_same_options("bench_y", parser, parser.parse_args(["--sizes", "1"]))  # nothing published yet
     with pytest.raises(SystemExit, match="was made by `python3 bench_x.py --mode 'a b' --sizes 5 6 --force`"):
-        common.check_replaceable("bench_x", parser, parser.parse_args(["--sizes", "6"]))
-    common.check_replaceable("bench_x", parser, parser.parse_args(["--sizes", "6", "--force"]))
+        common.check_same_options("bench_x", parser, parser.parse_args(["--sizes", "6"]))
+    common.check_same_options("bench_x", parser, parser.parse_args(["--sizes", "6", "--force"]))
     (tmp_path / "bench_x.json").write_text(json.dumps({"command": "python3 bench_x.py --gone 1"}))  # older options
     with pytest.raises(SystemExit, match="with other options"):
-        common.check_replaceable("bench_x", parser, parser.parse_args([]))
+        common.check_same_options("bench_x", parser, parser.parse_args([]))
 
 
 def test_bench_eval_keeps_the_runs_that_finished_when_a_worker_fails(monkeypatch):
