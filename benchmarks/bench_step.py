@@ -13,6 +13,11 @@ one step of every trainer), so that the load of a shared machine hits all settin
 and the ratios stay meaningful. Images are random tensors made per item (data loading is
 negligible).
 
+A profile (``--profile-steps``, after the timed rounds) says where a step's time goes for the
+NTXent trainer and the ProtoOT trainers at the smallest bank: per step, the time the device
+ran work (CUDA: kernels and copies; CPU: the operators' own time), its number of kernels
+(CUDA) or operator calls (CPU), and the operators that took most of it.
+
 A second table times the memory's methods alone (forward + backward on random queries and
 keys, no CNN): ``ProtoOTLoss``, and ``ProtoOTMiner(update_prototypes=True)`` mining for PML's
 ``NTXentLoss`` (the keys written first, as ``ProtoOTTrainer`` does), which steps the memory
@@ -34,6 +39,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
@@ -62,6 +69,8 @@ logger = logging.getLogger("bench_step")
 NUM_DOMAINS = 2
 #: What the no-CNN table times, each a step of the memory: ProtoOT's loss, or the miner for a PML loss.
 MEMORY_METHODS = ("ProtoOTLoss", "ProtoOTMiner + NTXentLoss")
+#: Operators the profile lists per trainer, those with the most device time first.
+PROFILED_OPS = 5
 
 
 class RandomTwoViews(torch.utils.data.Dataset):
@@ -160,6 +169,36 @@ def interleaved_step_times(trainers: dict, warmup: int, rounds: int, device) -> 
     return times
 
 
+def profile_steps(trainer, steps: int, device) -> dict:
+    """Where ``steps`` more (warm) steps of ``trainer`` spend their time, per step (``profile_summary``)."""
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]) as profiler:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.forward_and_backward()
+        synchronize(device)
+        wall_s = time.perf_counter() - start
+    return {"wall_ms": 1e3 * wall_s / steps, **profile_summary(profiler.key_averages(), on_cuda, steps)}
+
+
+def profile_summary(averages, on_cuda: bool, steps: int) -> dict:
+    """Per step: ``work_ms``, the device's busy time (CUDA: kernels and copies; CPU: the aten operators'
+    own time), ``launches`` (CUDA kernels and copies; CPU: aten operator calls) and ``top_ops``, the
+    :data:`PROFILED_OPS` aten operators with the most of that time (their own, their children's apart)."""
+    def busy_us(average):
+        return average.self_device_time_total if on_cuda else average.self_cpu_time_total
+
+    operators = [average for average in averages if average.key.startswith("aten::")]
+    work = [average for average in averages if average.device_type == DeviceType.CUDA] if on_cuda else operators
+    top = sorted(operators, key=busy_us, reverse=True)[:PROFILED_OPS]
+    return {
+        "work_ms": sum(map(busy_us, work)) / 1e3 / steps,
+        "launches": sum(average.count for average in work) / steps,
+        "top_ops": [{"op": op.key, "ms": busy_us(op) / 1e3 / steps, "calls": op.count / steps} for op in top],
+    }
+
+
 def memory_step(method: str, memory: PrototypeMemory):
     """``step(queries, indices, keys) -> loss`` of one of :data:`MEMORY_METHODS`."""
     if method == "ProtoOTLoss":
@@ -219,7 +258,7 @@ def main(args):
                                   "neighbour_search": neighbour_search,
                                   **loss_only_step(args, method, bank_size, refresh_every, neighbour_search)}
                 logger.info("%s: mean %.1f ms a step", key, 1e3 * loss_only[key]["mean_s"])
-    results = {}
+    results, trainers = {}, {}
     if not args.loss_only:
         trainers, settings_of = {"ntxent": ntxent_trainer(args)}, {"ntxent": {}}
         for bank_size in args.trainer_bank_sizes:
@@ -239,6 +278,12 @@ def main(args):
         "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - started,
     }
     paths = write_results(args.name, payload, report(payload))
+    profiled = {key: trainer for key, trainer in trainers.items()
+                if results[key].get("bank_size", min(args.trainer_bank_sizes)) == min(args.trainer_bank_sizes)}
+    if args.profile_steps and profiled:  # after the timings are written: the profile is extra, never their cost
+        payload["profiles"] = {key: profile_steps(trainer, args.profile_steps, args.device)
+                               for key, trainer in profiled.items()}
+        paths = write_results(args.name, payload, report(payload))
     print(report(payload))
     logger.info("wrote %s and %s", *paths)
 
@@ -266,11 +311,25 @@ def report(payload: dict) -> str:
         header = ["method", "bank / domain", "refresh_every", "neighbour_search", "median step (s)", "mean step (s)",
                   "mean / NTXent median", "x smallest bank", "x exact smallest"]
         text += "## Training step (ProtoOTTrainer, CNN included)\n\n" + markdown_table(header, rows) + "\n"
+    if payload.get("profiles"):
+        text += _profile_section(payload["profiles"], payload["device"])
     rows = [[value.get("method", "ProtoOTLoss"), *cells, "yes" if value["ivf"] else "no", _recall(value), *ratios]
             for cells, value, ratios in _rows_with_ratios(loss_only)]
     header = ["method", "bank / domain", "refresh_every", "neighbour_search", "median (s)", "mean (s)", "IVF used",
               "recall@1 vs exact", "x smallest bank", "x exact smallest"]
     return text + "## The memory's methods alone (forward + backward, no CNN)\n\n" + markdown_table(header, rows)
+
+
+def _profile_section(profiles: dict, device: str) -> str:
+    cuda = device.startswith("cuda")
+    work, launches = ("kernel time", "kernels") if cuda else ("operator time (own)", "operator calls")
+    header = ["trainer", "wall / step (ms)", f"{work} / step (ms)", f"{launches} / step",
+              "top operators (ms / step, calls / step)"]
+    rows = [[key, f"{value['wall_ms']:.1f}", f"{value['work_ms']:.1f}", f"{value['launches']:.0f}",
+             "; ".join(f"{op['op']} {op['ms']:.1f} ({op['calls']:.0f})" for op in value["top_ops"])]
+            for key, value in profiles.items()]
+    return ("## Where a step's time goes (torch.profiler, smallest bank)\n\n" + markdown_table(header, rows) + "\n"
+            "The profiler's own overhead is in the wall time; an operator's time excludes its children's.\n\n")
 
 
 def _recall(value: dict) -> str:
@@ -314,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int_in(1), default=1)
     parser.add_argument("--warmup", type=int_in(0), default=2)
     parser.add_argument("--steps", type=int_in(1), default=5)
+    parser.add_argument("--profile-steps", type=int_in(0), default=3,
+                        help="steps profiled per trainer at the smallest bank, after the timed ones (0: none)")
     parser.add_argument("--name", default="bench_step", help="results name under benchmarks/results")
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     return parser

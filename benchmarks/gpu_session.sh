@@ -7,7 +7,8 @@
 #      method; FINETUNE_METHODS picks the rows, FINETUNE_ARGS adds options, e.g. "--pairs art_painting+sketch"),
 #   tests: the test suite on CUDA (TEST_DEVICE=cuda; pytest-xdist when installed),
 #   bench: bench_augment.py on CUDA,
-#   step: bench_step.py on CUDA (resnet50 at 224 px; never measured yet), cut by STEP_SECONDS.
+#   step: bench_step.py on CUDA (resnet50 at 224 px; never measured yet), cut by STEP_SECONDS; its table
+#      ends with where a step's GPU time goes (kernel time, kernels a step, top operators).
 # Run from the repository root on the device machine, with .devpack/ carried: benchmarks/pack_device.sh
 # writes it (the wheels the image lacks and pacs-mini, xz-compressed to fit one call's 64 MiB).
 # Without .devpack it falls back to wheels in .whl/ and pacs-mini at $PACS.

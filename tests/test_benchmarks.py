@@ -691,6 +691,53 @@ def test_bench_step_times_the_loss_and_the_miner_on_the_memory(monkeypatch):
         assert line.endswith("| 1.00 | 1.00 |")
 
 
+class MatmulsAndAnExp:
+    """A stand-in trainer whose step runs known operators: two matrix products and one exp."""
+
+    def __init__(self):
+        import torch
+
+        self.a, self.b = torch.randn(64, 64), torch.randn(64, 64)
+
+    def forward_and_backward(self):
+        import torch
+
+        torch.exp(self.a @ self.b @ self.b)
+
+
+def test_bench_step_profile_counts_each_operator_per_step(monkeypatch):
+    import torch
+
+    bench_step = load_script("bench_step", monkeypatch)
+    summary = bench_step.profile_steps(MatmulsAndAnExp(), 4, torch.device("cpu"))
+    calls = {op["op"]: op["calls"] for op in summary["top_ops"]}
+    assert calls["aten::mm"] == 2 and calls["aten::exp"] == 1
+    times = [op["ms"] for op in summary["top_ops"]]
+    assert times == sorted(times, reverse=True) and len(times) <= bench_step.PROFILED_OPS
+    assert summary["launches"] >= 3 and 0 < sum(times) <= summary["work_ms"] <= summary["wall_ms"]
+
+
+def test_bench_step_profiles_each_trainer_at_the_smallest_bank(monkeypatch):
+    """The training-step table on a tiny trunk, then the profile of the trainers at the smallest bank."""
+    bench_step = load_script("bench_step", monkeypatch)
+    written = []
+    monkeypatch.setattr(bench_step, "write_results", lambda name, payload, markdown: written.append(
+        (name, json.loads(json.dumps(payload)), markdown)) or ("a.json", "a.md"))  # as written then
+    monkeypatch.setattr(bench_step, "pin_threads", lambda threads: {"torch_threads": threads, "faiss_threads": threads})
+    bench_step.main(bench_step.build_parser().parse_args([
+        "--bank-sizes", "40", "--trainer-bank-sizes", "40", "80", "--image-size", "16", "--batch-per-domain", "4",
+        "--steps", "2", "--warmup", "0", "--loss-only-steps", "1", "--refresh-every", "2", "--num-prototypes", "3",
+        "--profile-steps", "1",
+    ]))
+    (_, timed, _), (name, payload, markdown) = written  # the timings are written before the profile runs
+    assert "profiles" not in timed and payload["results"] == timed["results"] and name == "bench_step"
+    assert set(payload["profiles"]) == {"ntxent", "protoot_bank40_refresh1_exact", "protoot_bank40_refresh2_auto"}
+    for profile in payload["profiles"].values():
+        assert profile["launches"] > 0 and 0 < profile["work_ms"] <= profile["wall_ms"]
+        assert any(op["op"] == "aten::convolution_backward" for op in profile["top_ops"])  # the trunk's
+    assert "## Where a step's time goes" in markdown and "| protoot_bank40_refresh2_auto |" in markdown
+
+
 def test_bench_augment_times_the_pil_and_the_batched_pipeline(monkeypatch):
     """``benchmarks/bench_augment.py`` on four images: both methods timed, the ratio reported."""
     module = load_script("bench_augment", monkeypatch)
