@@ -58,8 +58,12 @@ def check_creatable(name: str, path, folder: bool) -> None:
         raise ValueError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is not writable")
 
 
-def load_saved(path, what: str):
+def load_saved(path, what: str, remedy: str | None = None):
     """``torch.load`` of ``path`` on the CPU, tensors and containers only (``weights_only``).
+
+    Args:
+        remedy: what the error for a file ``torch.save`` did not write says to do; by default, to save a
+            model's ``state_dict()`` (a whole pickled model is refused).
 
     Raises:
         ValueError: a file ``torch.save`` did not write, named as ``what``.
@@ -69,13 +73,14 @@ def load_saved(path, what: str):
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and torch errors alike; a truncated zip raises OSError
-            raise _not_saved_tensors(path, what, err) from err
+            raise _not_saved_tensors(path, what, err, remedy) from err
 
 
-def _not_saved_tensors(path, what: str, err: Exception) -> ValueError:
+def _not_saved_tensors(path, what: str, err: Exception, remedy: str | None) -> ValueError:
     # torch's own message is pages of advice on weights_only: the exception's name says enough
-    hint = ("; a whole pickled model is refused too (it runs code on loading): save model.state_dict()"
-            if isinstance(err, pickle.UnpicklingError) else "")
+    if remedy is None and isinstance(err, pickle.UnpicklingError):
+        remedy = "a whole pickled model is refused too (it runs code on loading): save model.state_dict()"
     return ValueError(
-        f"{what} {os.fspath(path)!r} is not a file of tensors saved with torch.save ({type(err).__name__}){hint}"
+        f"{what} {os.fspath(path)!r} is not a file of tensors saved with torch.save ({type(err).__name__})"
+        + (f"; {remedy}" if remedy else "")
     )

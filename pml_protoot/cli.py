@@ -822,6 +822,7 @@ def evaluate(args) -> dict:
     device = torch.device(args.device)
     if args.checkpoint is not None:
         config = _checkpoint_config(args)
+        key_state, epoch = _key_encoder_state(args.checkpoint)  # before any model is built: a wrong file fails now
     else:
         check_model_name(args.backbone, "--backbone")
         size = _fit_image_size(args.backbone, args.image_size, BACKBONE_EVAL_IMAGE_SIZE)
@@ -835,7 +836,7 @@ def evaluate(args) -> dict:
         # gone, the hub) are not needed. A frozen trunk is not in it: that one is rebuilt as trained.
         built_as = config if config["freeze_trunk"] else {**config, "pretrained": False, "weights": None}
         trunk, head, normalisation = _build_encoder(built_as)
-        epoch = _load_key_encoder(args.checkpoint, trunk, head, config)
+        _load_key_encoder(key_state, args.checkpoint, trunk, head, config)
     else:
         _warn_if_random_trunk(config, "scoring")
         trunk, _, normalisation = _build_encoder(config)
@@ -904,20 +905,24 @@ def _checkpoint_folder_message(folder: Path, shown: int = 3) -> str:
     return f"{given}; it holds {listed}: pass e.g. --checkpoint {suggested}"
 
 
-def _load_key_encoder(path, trunk, head, config: dict) -> int:
-    """Load the checkpoint's momentum key encoder (``Sequential(trunk, head)``) into ``trunk`` and ``head``.
-
-    A frozen-trunk run trained on cached features (its trainer's trunk was ``nn.Identity``),
-    so only the head comes from the checkpoint; the trunk is the one ``config.json`` names.
-
-    Returns:
-        The epoch the checkpoint was saved after (0 if it does not say).
-    """
-    state = load_saved(path, "--checkpoint")
+def _key_encoder_state(path) -> tuple[dict, int]:
+    """The momentum key encoder's state dict in a ``protoot train`` checkpoint, and the epoch it was saved
+    after (0 if it does not say)."""
+    written_as = f"protoot train writes its checkpoint as {CHECKPOINT_NAME} beside {CONFIG_NAME}"
+    state = load_saved(path, "--checkpoint", remedy=written_as)
     try:
         key_state = {key.removeprefix("module."): value for key, value in state["key_encoder"].items()}
     except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry)") from err
+        raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry); {written_as}") from err
+    return key_state, int(state.get("epoch", 0))
+
+
+def _load_key_encoder(key_state: dict, path, trunk, head, config: dict) -> None:
+    """Load a checkpoint's momentum key encoder (``Sequential(trunk, head)``) into ``trunk`` and ``head``.
+
+    A frozen-trunk run trained on cached features (its trainer's trunk was ``nn.Identity``),
+    so only the head comes from the checkpoint; the trunk is the one ``config.json`` names.
+    """
     encoder = torch.nn.Sequential(torch.nn.Identity() if config["freeze_trunk"] else trunk, head)
     problems = state_dict_mismatch(encoder.state_dict(), key_state, "checkpoint", shown=3)
     if problems:
@@ -926,7 +931,6 @@ def _load_key_encoder(path, trunk, head, config: dict) -> int:
             f"(backbone {config['backbone']!r}, freeze_trunk {config['freeze_trunk']}): {problems}"
         )
     encoder.load_state_dict(key_state)
-    return int(state.get("epoch", 0))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -279,6 +280,7 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         transform: applied to each image.
 
     Raises:
+        TypeError: ``images`` is not a dict of ``(domain, class_name)`` keys and lists of PIL images.
         ValueError: a key of ``images`` names a domain or class not in ``domains``/``classes``, a
             domain or class name given twice, fewer than two domains, or a domain without images.
 
@@ -293,6 +295,7 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
     """
 
     def __init__(self, images: dict, domains: Sequence[str], classes: Sequence[str], transform=None):
+        _check_image_lists(images)
         unknown = sorted(set(images) - {(domain, name) for domain in domains for name in classes}, key=str)
         if unknown:
             raise ValueError(f"images has keys outside domains x classes, whose images would be dropped: {unknown[:5]} "
@@ -317,6 +320,21 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
             digest.update(f"{key}\0{image.mode}\0{image.size}".encode())
             digest.update(image.tobytes())
         return digest.hexdigest()
+
+
+def _check_image_lists(images) -> None:
+    """Refuse ``images`` unless it is ``{(domain, class_name): [PIL images]}``."""
+    expected = "images must be a dict {(domain, class_name): [PIL images]}"
+    if not isinstance(images, dict):
+        raise TypeError(f"{expected}, got a {type(images).__name__}")
+    for key, value in images.items():
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError(f"{expected}, got the key {key!r}")
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{expected}, got a {type(value).__name__} under {key!r}")
+        for image in value:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"{expected}, got a {type(image).__name__} in the list under {key!r}")
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -403,10 +421,45 @@ def _image_and_label(item, argument: str = "dataset items", tensor_images: bool 
     if len(item) != 2:
         raise ValueError(f"{argument} must be (image, class_label) tuples, got a {type(item).__name__} "
                          f"of length {len(item)}")
-    if tensor_images and isinstance(item[0], Image.Image):
-        raise TypeError(f"{argument} hold PIL images, which torch's default collate cannot batch: the images must "
-                        "be tensors; build the dataset with transform=eval_transform(...)")
+    if tensor_images:
+        check_no_pil_images(argument, item)
     return item
+
+
+def peek_item(dataset, index: int = 0):
+    """``dataset[index]``, read to check the items' layout before any work, leaving every random state as
+    it was: torch's CPU generator, Python's and NumPy's global ones (a random transform runs in
+    ``__getitem__``) and the dataset's own state where it has one (``state_dict``, as the trainer checkpoints
+    it). Returns None for a dataset that cannot be indexed or is empty."""
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) <= index:
+        return None
+    own_state = dataset.state_dict() if callable(getattr(dataset, "state_dict", None)) else None
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return dataset[index]
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        if own_state is not None:
+            dataset.load_state_dict(own_state)
+
+
+def item_layout(item) -> str:
+    """A dataset item's layout for error messages, e.g. ``"(Image, int)"`` or ``"((Tensor, Tensor), int)"``."""
+    if isinstance(item, (tuple, list)):
+        return "(" + ", ".join(item_layout(field) for field in item) + ")"
+    return type(item).__name__
+
+
+def check_no_pil_images(argument: str, item, remedy: str = "build the dataset with transform=eval_transform(...)"
+                        ) -> None:
+    """Refuse an item that is a PIL image or starts with one: torch's default collate cannot batch it (a
+    dataset built without its evaluation transform, by default ``remedy``)."""
+    first = item[0] if isinstance(item, (tuple, list)) and item else item
+    if isinstance(first, Image.Image):
+        raise TypeError(f"{argument} hold PIL images, which torch's default collate cannot batch: the images must "
+                        f"be tensors; {remedy}")
 
 
 # ---------------------------------------------------------------- synthetic demo set
@@ -702,8 +755,8 @@ def trunk_features(
         ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
 
     Raises:
-        TypeError: ``trunk`` is not a ``torch.nn.Module``, or ``batch_size`` / ``num_workers`` not
-            an integer.
+        TypeError: ``trunk`` is not a ``torch.nn.Module``, ``batch_size`` / ``num_workers`` not
+            an integer, or items that are (or start with) PIL images.
         ValueError: ``dataset`` is empty, or ``batch_size < 1`` / ``num_workers < 0``.
 
     Example:
@@ -721,6 +774,7 @@ def trunk_features(
     check_non_negative_int("num_workers", num_workers)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
+    check_no_pil_images("dataset items", peek_item(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device = model_device(trunk)
     batches = progress_bar(loader, description, show=progress)

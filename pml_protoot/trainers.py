@@ -22,6 +22,7 @@ from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from ._tensors import at_least_float32, model_device, unit_rows
+from .data import check_no_pil_images, item_layout, peek_item
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -37,6 +38,8 @@ __all__ = ["ProtoOTTrainer"]
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = (None, torch.bfloat16, torch.float16)
+TWO_VIEW_ITEMS = "dataset items must be ((query_view, key_view), global_index), e.g. from TwoViewDataset"
+FILL_ITEMS = "fill_dataset items must be (eval_view, anything) with a tensor (or array) eval view"
 CHECKPOINT_NAME = "last.pth"
 
 
@@ -213,6 +216,9 @@ class ProtoOTTrainer(BaseTrainer):
             )
         _check_loss_and_miner(metric_loss, miner, memory)
         _check_fill_dataset_size(dataset, fill_dataset, memory)
+        # A collate_fn or data_and_label_getter of the user's own may take items of another layout.
+        custom_items = any(pml_kwargs.get(name) is not None for name in ("collate_fn", "data_and_label_getter"))
+        _check_first_items(None if custom_items else dataset, fill_dataset)
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -449,10 +455,7 @@ class ProtoOTTrainer(BaseTrainer):
         try:
             (query_views, key_views), indices = batch
         except (TypeError, ValueError) as err:
-            raise ValueError(
-                "dataset items must be ((query_view, key_view), global_index), e.g. from TwoViewDataset; "
-                f"got a batch of type {type(batch).__name__}"
-            ) from err
+            raise ValueError(f"{TWO_VIEW_ITEMS}; got a batch that collates to {item_layout(batch)}") from err
         return (query_views, key_views), indices
 
     def backward(self):
@@ -637,11 +640,44 @@ def _check_wrapping(models: dict) -> bool:
 def _first_field(batch):
     """The eval views of a batch of ``fill_dataset`` items ``(eval_view, anything)``, or a ValueError."""
     if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
-        shown = f"({type(batch[0]).__name__}, ...)" if isinstance(batch, (tuple, list)) and batch else (
-            type(batch).__name__)
-        raise ValueError(f"fill_dataset items must be (eval_view, anything) with a tensor (or array) eval view, "
-                         f"got items that collate to {shown}")
+        raise ValueError(f"{FILL_ITEMS}, got items that collate to {item_layout(batch)}")
     return batch[0]
+
+
+def _check_first_items(dataset, fill_dataset) -> None:
+    """Refuse a training (unless None) or bank-filling dataset whose first item has the wrong layout now, not
+    after the bank-filling pass and K-means (a ``MetricLossOnly`` dataset of ``(image, class_label)`` items is
+    the usual slip)."""
+    item = peek_item(dataset) if dataset is not None else None
+    if item is not None and not _is_two_view_item(item):
+        hint = (": (image, class_label) items, as MetricLossOnly takes, go through TwoViewDataset(images, views, "
+                "views), whose labels are the sample indices") if _is_image_and_label(item) else ""
+        raise ValueError(f"{TWO_VIEW_ITEMS}; dataset[0] is {item_layout(item)}{hint}")
+    if item is not None:
+        check_no_pil_images("dataset views", item[0], "give TwoViewDataset views that make tensors, e.g. "
+                            "moco_v2_transform(...)")
+    item = peek_item(fill_dataset) if fill_dataset is not None else None
+    if item is None:
+        return
+    check_no_pil_images("fill_dataset items", item)
+    if not isinstance(item, (tuple, list)) or not item or not isinstance(item[0], (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{FILL_ITEMS}; fill_dataset[0] is {item_layout(item)}")
+
+
+def _is_two_view_item(item) -> bool:
+    """Whether ``item`` is ``((query_view, key_view), index)`` with an integer index."""
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list))
+            and len(item[0]) == 2 and _is_integer(item[1]))
+
+
+def _is_image_and_label(item) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (tuple, list))
+
+
+def _is_integer(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_fill_dataset_size(dataset, fill_dataset, memory) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pml_protoot.augment import MoCoV2Augment
+from pml_protoot import cli
 from pml_protoot.cli import main
 from pml_protoot.data import eval_transform, make_synthetic_domains
 
@@ -304,9 +305,12 @@ def test_eval_refuses_weights_options_beside_a_checkpoint(option, demo_run, caps
          "{more} more; shape mismatches"),
         ("json_file", "--checkpoint {path!r} is not a file of tensors saved with torch.save (UnpicklingError)"),
         ("text_file", "--checkpoint {path!r} is not a file of tensors saved with torch.save (UnpicklingError)"),
+        ("no_key_encoder", "{path!r} is not a protoot train checkpoint (no key_encoder entry); protoot train writes "
+         "its checkpoint as last.pth beside config.json"),
     ],
 )
-def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, demo_run, tmp_path, capsys):
+def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, demo_run, tmp_path, capsys,
+                                                               monkeypatch):
     path = tmp_path / "last.pth"
     shutil.copy(demo_run / "last.pth", path)
     config = json.loads((demo_run / "config.json").read_text())
@@ -319,6 +323,11 @@ def test_eval_rejects_a_checkpoint_without_its_config_or_model(case, expected, d
         path.write_text(json.dumps(config))
     elif case == "text_file":
         path.write_text("garbage")
+    elif case == "no_key_encoder":
+        torch.save({"epoch": 3}, path)
+    if case in ("json_file", "text_file", "no_key_encoder"):  # refused before a model is built (weights loaded)
+        expected += "; protoot train writes its checkpoint as last.pth beside config.json" * (case != "no_key_encoder")
+        monkeypatch.setattr(cli, "_build_encoder", lambda config: pytest.fail("built a model for a wrong file"))
     status, _, err = run_main(["eval", "--checkpoint", path, "--quiet"], capsys)
     assert status == 2
     message = err.strip().splitlines()[-1]
@@ -438,7 +447,6 @@ def test_default_demo_trains_in_under_three_minutes_and_improves_every_pair(tmp_
 
 def test_pca_head_starts_the_head_from_the_cached_features(tmp_path, capsys, monkeypatch):
     """``--pca-head`` (default) calls ``pca_init_`` on the centred eval-view features; ``--no-pca-head`` does not."""
-    from pml_protoot import cli
 
     calls = []
     monkeypatch.setattr(cli, "pca_init_", lambda head, features: calls.append(features.clone()) or head)
@@ -473,7 +481,6 @@ def test_folder_run_warns_of_a_random_trunk_but_not_of_its_single_optimizer(imag
 
 
 def test_hidden_folders_under_data_are_not_domains(image_folder, tmp_path, capsys):
-    from pml_protoot import cli
 
     for hidden in (image_folder / ".git" / "objects", image_folder / "filled" / ".ipynb_checkpoints"):
         hidden.mkdir(parents=True)
@@ -501,7 +508,6 @@ def test_hidden_folders_under_data_are_not_domains(image_folder, tmp_path, capsy
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(option, value, expected, tmp_path, capsys, monkeypatch):
-    from pml_protoot import cli
 
     monkeypatch.setattr(cli, "_load_dataset", lambda config: pytest.fail("read the data before checking options"))
     status, _, err = run_main(["train", option, value, "--out", tmp_path / "run", "--quiet"], capsys)
@@ -518,7 +524,6 @@ def test_cuda_device_without_cuda_is_refused_naming_device(command, tmp_path, ca
 
 @pytest.mark.parametrize("case", ["holds_a_run", "under_a_file"])
 def test_unusable_out_folder_is_refused_before_any_work(case, demo_run, tmp_path, capsys, monkeypatch):
-    from pml_protoot import cli
 
     monkeypatch.setattr(cli, "_load_dataset", lambda config: pytest.fail("read the data before checking --out"))
     if case == "holds_a_run":  # an older run's results.json would sit beside the new files
@@ -646,7 +651,6 @@ INTEGER_OPTION_REFUSALS.append(("eval", "--batch-size", "0", "expected a positiv
 def test_bad_integer_options_are_refused_when_parsed_naming_the_option(
     command, option, value, expected, tmp_path, capsys, monkeypatch
 ):
-    from pml_protoot import cli
 
     for step in ("_load_dataset", "_build_encoder"):
         monkeypatch.setattr(cli, step, lambda config: pytest.fail("started work before checking options"))
@@ -682,7 +686,6 @@ def batches(count: int, batch_size: int) -> list[int]:
 
 def record_batch_sizes(monkeypatch) -> dict:
     """``{"trunk": [...], "head": [...]}``, filled with the batch size of every call of the encoder eval builds."""
-    from pml_protoot import cli
 
     calls = {"trunk": [], "head": []}
     build = cli._build_encoder
@@ -729,7 +732,6 @@ def test_eval_of_a_timm_model_embeds_with_its_batch_size(batch_size, expected, t
 
 
 def forbid_work(monkeypatch):
-    from pml_protoot import cli
 
     for step in ("_load_dataset", "_build_encoder"):
         monkeypatch.setattr(cli, step, lambda config: pytest.fail("started work before checking --image-size"))
@@ -737,7 +739,6 @@ def forbid_work(monkeypatch):
 
 def record_image_size(monkeypatch) -> list:
     """Stop at the model build, keeping the resolved --image-size."""
-    from pml_protoot import cli
 
     sizes = []
 
@@ -814,7 +815,6 @@ def check_resolved_image_size(argv, expected, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_image_size_too_small_for_a_cnn_is_a_one_line_error_before_any_features(command, tmp_path, capsys, monkeypatch):
     """convnext_atto's stem and downsampling layers reduce 16x16 images below a 2x2 kernel."""
-    from pml_protoot import cli
 
     monkeypatch.setattr(cli, "trunk_features", lambda *a, **k: pytest.fail("embedded images before the size check"))
     monkeypatch.setattr(cli, "FeatureCache", lambda *a, **k: pytest.fail("embedded images before the size check"))
@@ -827,7 +827,6 @@ def test_image_size_too_small_for_a_cnn_is_a_one_line_error_before_any_features(
 
 
 def test_the_image_size_check_leaves_the_trunk_in_its_mode():
-    from pml_protoot import cli
 
     trunk = timm.create_model("resnet10t", num_classes=0)
     cli._check_takes_image_size(trunk, {"image_size": 32, "backbone": "resnet10t"})
@@ -891,7 +890,6 @@ def test_eval_of_an_end_to_end_run_needs_neither_its_weights_file_nor_its_k_and_
 
 def stop_at_the_model(monkeypatch):
     """Stop ``train`` where work on the model would begin."""
-    from pml_protoot import cli
 
     def stop(config):
         raise cli.CommandError("stopped at the model")
@@ -926,7 +924,6 @@ def test_a_cross_domain_start_not_below_epochs_is_not_refused(image_folder, tmp_
 @pytest.mark.parametrize("batch_size, warned", [(12, False), (14, True), (40, True)])
 def test_a_batch_larger_than_a_domain_is_warned_of(batch_size, warned, caplog):
     """CrossDomainSampler cycles a domain smaller than its share of the batch: its images repeat in every batch."""
-    from pml_protoot import cli
 
     dataset = make_synthetic_domains(num_classes=2, images_per_class=3, image_size=16)  # 6 images a domain
     caplog.set_level(logging.INFO)

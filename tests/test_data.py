@@ -21,6 +21,7 @@ from pml_protoot.data import (
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
+    peek_item,
     trunk_features,
 )
 
@@ -449,6 +450,9 @@ def test_trunk_features_progress_bar_on_a_terminal_and_a_log_line_always(capsys,
         (torch.nn.Linear(3, 2), torch.randn(2, 3), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
         (torch.nn.Linear(3, 2), torch.randn(2, 3), {"num_workers": -1}, ValueError, "num_workers must be a non-negative integer, got -1"),
         (torch.nn.Linear(3, 2), torch.randn(0, 3), {}, ValueError, "dataset is empty"),
+        (torch.nn.Linear(3, 2), [(Image.new("RGB", (4, 4)), 0)], {}, TypeError,
+         r"dataset items hold PIL images, .* build the dataset with transform=eval_transform\(\.\.\.\)"),
+        (torch.nn.Linear(3, 2), [Image.new("RGB", (4, 4))], {}, TypeError, "dataset items hold PIL images"),
     ],
 )
 def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
@@ -813,3 +817,52 @@ def test_a_stale_feature_cache_is_freed_before_its_replacement_is_extracted(tiny
     monkeypatch.setattr(FeatureCache, "_compute", checking_compute)
     build_cache(tiny_folder, CountingTrunk(), path, seed=1)  # another seed: the stored cache is stale
     assert alive_at_extraction == [False]
+
+
+class DrawsFromEveryGenerator(torch.utils.data.Dataset):
+    """Items drawn from torch's, Python's and NumPy's global generators and from a generator of its own
+    (with a ``state_dict``, as CachedTwoViewDataset has)."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(1)
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        import random
+
+        own = torch.rand(1, generator=self.generator)
+        return torch.rand(1), random.random(), np.random.rand(), own
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def test_peek_item_reads_an_item_leaving_every_random_state_as_it_was():
+    """The trainer and trunk_features read item 0 to check its layout; the draws of training must not move."""
+    import random
+
+    dataset, twin = DrawsFromEveryGenerator(), DrawsFromEveryGenerator()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    peeked = peek_item(dataset)
+    after_peek = dataset[0]
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    first = twin[0]
+    assert peeked == first and after_peek == first  # the same draws as a dataset never peeked at
+    assert peek_item(dataset, 3) is None and peek_item(iter([1])) is None  # out of range, not indexable
+
+
+@pytest.mark.parametrize("images, shown", [
+    ([Image.new("RGB", (4, 4))] * 2, "got a list$"),
+    ({"a": [Image.new("RGB", (4, 4))]}, "got the key 'a'"),
+    ({("a", "x"): Image.new("RGB", (4, 4))}, r"got a Image under \('a', 'x'\)"),
+    ({("a", "x"): [torch.zeros(3, 4, 4)]}, r"got a Tensor in the list under \('a', 'x'\)"),
+])
+def test_in_memory_dataset_names_the_layout_images_must_have(images, shown):
+    """A list of images gave "unhashable type: 'Image'" from inside the constructor."""
+    with pytest.raises(TypeError, match=r"images must be a dict \{\(domain, class_name\): \[PIL images\]\}, " + shown):
+        InMemoryMultiDomainDataset(images, ["a", "b"], ["x"])

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
-from pml_protoot.data import CachedTwoViewDataset, TwoViewDataset
+from pml_protoot.data import CachedTwoViewDataset, TwoViewDataset, make_synthetic_domains, moco_v2_transform
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.miners import ProtoOTMiner
 from pml_protoot.samplers import CrossDomainSampler
+from pml_protoot import trainers
 from pml_protoot.trainers import ProtoOTTrainer
 
 NUM_CLASSES, PER_CLASS, FEATURE_DIM, EMBED_DIM, BATCH = 4, 12, 16, 8, 16
@@ -597,9 +598,15 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
     with pytest.raises(ValueError, match=rf"fill_dataset must hold one item per memory sample \({n}\), got 3"):
         build(*args, fill_dataset=trainer.fill_dataset.features[:3])
     # Rows instead of (row, label) pairs; the training set's ((view, view), i) items by mistake.
-    for fill_dataset, shown in ((trainer.fill_dataset.features, "Tensor"), (trainer.dataset, "\\(list, ...\\)")):
-        with pytest.raises(ValueError, match=rf"fill_dataset items must be \(eval_view, anything\) .* to {shown}"):
-            build(*args, fill_dataset=fill_dataset).fill_memory()
+    for fill_dataset, shown in ((trainer.fill_dataset.features, "Tensor"),
+                                (trainer.dataset, r"\(\(Tensor, Tensor\), int\)")):
+        with pytest.raises(ValueError, match=rf"fill_dataset items must be \(eval_view, anything\) .* is {shown}$"):
+            build(*args, fill_dataset=fill_dataset)
+    # MetricLossOnly's (image, class_label) items as the training set: refused before the banks are filled.
+    with pytest.raises(ValueError, match=r"dataset items must be \(\(query_view, key_view\), global_index\).*; "
+                                         r"dataset\[0\] is \(Tensor, int\): \(image, class_label\) items, as "
+                                         "MetricLossOnly takes, go through TwoViewDataset"):
+        build(*args[:4], trainer.fill_dataset, trainer.memory)
     assert not trainer.memory.written.any()
     half = torch.utils.data.Subset(trainer.dataset, range(n // 2))
     with pytest.raises(ValueError, match=rf"dataset fills the banks .* every memory sample \({n}\), got {n // 2}"):
@@ -620,6 +627,38 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
     with pytest.raises(ValueError, match="sampler must be built on the memory's domains"):
         build(*args, sampler=CrossDomainSampler(domains.roll(1), BATCH))  # one sample in the other domain
     build(*args, sampler=CrossDomainSampler(10 - domains, BATCH))  # the same domains under other ids
+
+
+def test_pil_images_are_refused_at_construction_naming_the_dataset_and_the_remedy():
+    """torch's collate failed on them at the first batch, naming neither the dataset nor the transform."""
+    images = make_synthetic_domains(num_classes=2, images_per_class=(4, 4), image_size=16)
+    memory = PrototypeMemory(images.domain_ids, dim=EMBED_DIM, num_prototypes=2)
+    embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, EMBED_DIM))
+    args = ({"trunk": torch.nn.Identity(), "embedder": embedder},
+            {"embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.1)}, 4, {"metric_loss": ProtoOTLoss(memory)})
+    tensor_views = TwoViewDataset(images, moco_v2_transform(16), moco_v2_transform(16))
+    with pytest.raises(TypeError, match=r"fill_dataset items hold PIL images, .*transform=eval_transform\(\.\.\.\)"):
+        ProtoOTTrainer(*args, tensor_views, memory, fill_dataset=images)
+    with pytest.raises(TypeError, match=r"dataset views hold PIL images, .*views that make tensors, e\.g\. moco_v2"):
+        ProtoOTTrainer(*args, TwoViewDataset(images, lambda image: image, lambda image: image), memory)
+    ProtoOTTrainer(*args, tensor_views, memory)  # what the messages ask for
+
+
+def test_checking_the_first_items_leaves_the_random_streams_of_training_alone(device, monkeypatch):
+    """Building a trainer reads the first items through their random views: what training then draws from
+    torch's generator and from the dataset's own must be what it drew without the check."""
+    def random_states_after_building(**options):
+        trainer = make_trainer(device, **options)
+        own = trainer.dataset.state_dict()["generator"] if options.get("cached_views") else None
+        return torch.get_rng_state(), own
+
+    settings = ({"views": lambda feature: feature + torch.randn_like(feature)}, {"cached_views": True})
+    checked = [random_states_after_building(**options) for options in settings]
+    monkeypatch.setattr(trainers, "_check_first_items", lambda dataset, fill_dataset: None)
+    unchecked = [random_states_after_building(**options) for options in settings]
+    for (global_state, own_state), (expected_global, expected_own) in zip(checked, unchecked):
+        assert torch.equal(global_state, expected_global)
+        assert own_state is expected_own is None or torch.equal(own_state, expected_own)
 
 
 def test_losses_and_miners_the_step_would_misuse_or_ignore_are_refused(device):
