@@ -136,16 +136,19 @@ class ProtoOTTrainer(BaseTrainer):
 
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``, ``batch_transform`` is not callable,
-            ``momentum`` or ``grad_clip_norm`` is not a number, or ``batch_size`` not an integer.
+            ``momentum`` or ``grad_clip_norm`` is not a number, ``batch_size`` not an integer, or
+            the first item of ``dataset`` or ``fill_dataset`` holds PIL images.
         ValueError: ``momentum`` or ``grad_clip_norm`` out of range, a bad ``amp_dtype``,
             ``loss_funcs`` without ``"metric_loss"``, a ``ProtoOTLoss`` on another memory, a loss
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
             ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
             ``dataset`` shorter than it), a ``CrossDomainSampler``
-            on other domains than the memory's, or a ``checkpoint_dir`` that is a file; at the
-            first batch of the bank filling, ``fill_dataset`` items that are not ``(tensor, ...)``
-            or models whose embeddings are not ``memory.dim`` wide.
+            on other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first
+            item of ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a
+            ``collate_fn`` or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that
+            is not ``(tensor, ...)``; at the first batch of the bank filling, models whose
+            embeddings are not ``memory.dim`` wide.
 
     Warns:
         UserWarning: a ``ProtoOTMiner`` without ``update_prototypes`` on a memory without
