@@ -109,7 +109,7 @@ DATA_OPTION_DEFAULTS = {"k": [1, 5, 15], "workers": 0}
 #: the paper's 0.999 measured clearly worse (a short run's key encoder stays half or more at its initialisation).
 DEMO_DEFAULTS = {
     "backbone": LITE0_TIMM_NAME, "weights": LITE0_PACKAGE, "freeze_trunk": True, "image_size": 64, "epochs": 20,
-    "batch_size": 64, "lr": 1e-3, "momentum": 0.9,
+    "batch_size": None, "lr": 1e-3, "momentum": 0.9,
 }
 FOLDER_DEFAULTS = {
     "backbone": "resnet50", "weights": None, "freeze_trunk": False, "image_size": 224, "epochs": 200,
@@ -120,6 +120,7 @@ FOLDER_DEFAULTS = {
 #: features; off for --data), as --help says, whichever trunk is picked.
 MODEL_OPTIONS = ("backbone", "weights")
 FOLDER_BATCH_PER_DOMAIN = 64  # ProtoOT: 64 images of every domain per step
+DEMO_BATCH_PER_DOMAIN = 32  # 64 a step with the demo's two domains; any number of its styles divides it
 BACKBONE_EVAL_BATCH_SIZE = 64  # ``protoot eval --backbone``: there is no training run to take it from
 BACKBONE_EVAL_IMAGE_SIZE = 224  # ``protoot eval --backbone`` without --image-size (a fixed-size backbone: its own)
 #: numpy's global seed (seeded with every other RNG) takes no other value
@@ -215,7 +216,7 @@ def _add_training_options(parser) -> None:
     training.add_argument(
         "--batch-size", type=_integer_option(1),
         help=f"images per step, all domains together, and per trunk call when embedding for evaluation "
-        f"(default: {DEMO_DEFAULTS['batch_size']} for the demo, {FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
+        f"(default: {DEMO_BATCH_PER_DOMAIN} per domain for the demo, {FOLDER_BATCH_PER_DOMAIN} per domain for --data)",
     )
     training.add_argument(
         "--num-prototypes", type=_integer_option(2), help="K per domain, at least 2 (default: number of classes)"
@@ -257,7 +258,11 @@ def _add_training_options(parser) -> None:
 def _add_data_options(parser, image_size_default: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
-    group.add_argument("--domains", nargs="+", metavar="NAME", help="two or more domain folders (default: all)")
+    group.add_argument(
+        "--domains", nargs="+", metavar="NAME",
+        help=f"two or more domain folders (default: all of --data's; the demo's: {' '.join(DEMO_DATA['domains'])}, "
+        f"of {', '.join(SYNTHETIC_STYLES)})",
+    )
     group.add_argument(
         "--image-size", type=_integer_option(1),
         help=f"side of the square images the trunk sees ({image_size_default}; at least {SYNTHETIC_MIN_IMAGE_SIZE} "
@@ -464,7 +469,9 @@ def _resolve_train_config(args) -> dict:
         config["backbone"], args.image_size, config["image_size"], demo_training=config["data"] is None
     )
     if config["batch_size"] is None:
-        config["batch_size"] = FOLDER_BATCH_PER_DOMAIN * len(args.domains or _folder_domains(args.data))
+        demo = args.data is None
+        domains = args.domains or (DEMO_DATA["domains"] if demo else _folder_domains(args.data))
+        config["batch_size"] = (DEMO_BATCH_PER_DOMAIN if demo else FOLDER_BATCH_PER_DOMAIN) * len(domains)
     if config["cross_domain_start"] is None:
         config["cross_domain_start"] = config["epochs"] // 2
     if config["out"] is None:

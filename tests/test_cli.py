@@ -407,20 +407,29 @@ def default_phrase(value) -> str:
 
 def test_train_help_states_every_default_that_depends_on_data(capsys, monkeypatch):
     """Every entry of DEMO_DEFAULTS/FOLDER_DEFAULTS is in its option's help, as the constants say it."""
-    from pml_protoot.cli import DEMO_DEFAULTS, FOLDER_BATCH_PER_DOMAIN, FOLDER_DEFAULTS, build_parser
+    from pml_protoot.cli import DEMO_BATCH_PER_DOMAIN, DEMO_DEFAULTS, FOLDER_BATCH_PER_DOMAIN, FOLDER_DEFAULTS, build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     helps = {action.dest: " ".join(action.help.split()) for action in commands["train"]._actions}
     assert DEMO_DEFAULTS.keys() == FOLDER_DEFAULTS.keys()
     for name, demo in DEMO_DEFAULTS.items():
         folder = FOLDER_DEFAULTS[name]
-        folder = f"{FOLDER_BATCH_PER_DOMAIN} per domain" if name == "batch_size" and folder is None else folder
+        if name == "batch_size":  # unset: a number per domain
+            demo, folder = f"{DEMO_BATCH_PER_DOMAIN} per domain", f"{FOLDER_BATCH_PER_DOMAIN} per domain"
         assert f"{default_phrase(demo)} for the demo" in helps[name], (name, helps[name])
         assert f"{default_phrase(folder)} for --data" in helps[name], (name, helps[name])
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: the phrases are whole in what the user reads
     printed = run_main(["train", "--help"], capsys)[1]
     backbones = f"default: {DEMO_DEFAULTS['backbone']} for the demo, {FOLDER_DEFAULTS['backbone']} for --data"
     assert backbones in printed and f"default: {DEMO_DEFAULTS['image_size']} for the demo" in printed
+
+
+@pytest.mark.parametrize("domains, expected", [([], 64), (["filled", "outline", "dots"], 96), (["dots", "filled"], 64)])
+def test_the_demos_default_batch_fits_any_number_of_its_domains(domains, expected):
+    """A fixed 64 refused the demo's three styles: "--batch-size must be a multiple of the number of domains"."""
+    argv = ["train", *(["--domains", *domains] if domains else [])]
+    config = cli._resolve_train_config(cli.build_parser().parse_args(argv))
+    assert config["batch_size"] == expected == cli.DEMO_BATCH_PER_DOMAIN * max(len(domains), 2)
 
 
 def console_command():
