@@ -52,12 +52,14 @@ HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
 #: means, below a float16 or bfloat16 ulp of a mean on a large bank, so the additions would round away; the
 #: column potentials reach about max |S| / epsilon, past float16's range at a small epsilon (D x D x K values).
 ACCUMULATOR_BUFFERS = ("prototype_means", "column_potentials")
+#: Bank rows a half-precision memory upcasts at a time to score them in float32: a bounded temporary.
+SCORE_CHUNK_ROWS = 65_536
 
 
 def _outside_autocast(method):
     """Run a memory method with the memory's device type's autocast off, so that a caller's
     ``torch.autocast`` does not lower its precision: banks and prototypes are computed in the memory's
-    dtype, Sinkhorn in float32 at least (``assign`` of a half-precision memory returns float32)."""
+    dtype, scores and Sinkhorn in float32 at least (``assign`` of a half-precision memory returns float32)."""
     @functools.wraps(method)
     def in_memory_dtype(self, *args, **kwargs):
         with torch.autocast(self.prototypes.device.type, enabled=False):
@@ -103,9 +105,8 @@ class PrototypeMemory(torch.nn.Module):
       row of a Sinkhorn plan is :math:`P_n = \mathrm{softmax}(s_n/\varepsilon + g)`
       (``s_n`` the row's scores against the prototypes used by that OT), so a batch row
       is labelled :math:`\arg\max_k (s_{nk}/\varepsilon + g_k)`: exact for a key that did
-      not change since the full OT (in a float32 or float64 memory; a half-precision one scores
-      the full OT in its dtype, the cache in float32, so near ties can differ), an approximation
-      for a new key; :math:`g` is kept in float32 at least;
+      not change since the full OT (both score in float32 at least, a half-precision memory's
+      rows upcast), an approximation for a new key; :math:`g` is kept in float32 at least;
     * the prototype means :math:`\Sigma = \tilde P^\top M_d / N_d` are updated as :meth:`fill`
       writes rows (old rows' contributions out, new ones in, with that row formula),
       and :math:`C_d = \mathrm{normalise}(\Sigma)` each step (means, not sums, kept in float32
@@ -525,7 +526,18 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         prototype_domain = domain if prototype_domain is None else self._check_slot("prototype_domain", prototype_domain)
         self.check_ready()
-        return self._sinkhorn(domain, self.bank(domain) @ self.prototypes[prototype_domain].T)
+        return self._sinkhorn(domain, self._bank_scores(domain, self.prototypes[prototype_domain]))
+
+    def _bank_scores(self, domain: int, prototypes: torch.Tensor) -> torch.Tensor:
+        """``(N_d, K)`` scores of ``domain``'s bank against ``(K, dim)`` ``prototypes``, in float32 at least, as
+        :meth:`_plan_rows` scores a batch, so that cached labels of unchanged rows are the full plan's in a
+        half-precision memory too (its rows are upcast :data:`SCORE_CHUNK_ROWS` at a time)."""
+        bank = self.bank(domain)
+        dtype = compute_dtype(bank)
+        if dtype == bank.dtype:
+            return bank @ prototypes.T
+        prototypes = prototypes.to(dtype)
+        return torch.cat([rows.to(dtype) @ prototypes.T for rows in bank.split(SCORE_CHUNK_ROWS)])
 
     def _sinkhorn(self, domain: int, scores: torch.Tensor, return_potentials: bool = False):
         """Sinkhorn of ``(N_d, K)`` scores under ``domain``'s class marginal and the memory's settings
@@ -564,7 +576,7 @@ class PrototypeMemory(torch.nn.Module):
             return self.assign(domain, prototype_domain)
         prototypes = self.prototypes[prototype_domain]
         # -inf potential: a column without mass
-        assignment, potentials = self._sinkhorn(domain, self.bank(domain) @ prototypes.T, return_potentials=True)
+        assignment, potentials = self._sinkhorn(domain, self._bank_scores(domain, prototypes), return_potentials=True)
         self.column_potentials[domain, prototype_domain] = potentials  # float32 at least, as Sinkhorn computes
         self.reference_prototypes[domain, prototype_domain] = prototypes
         self.potentials_valid[domain, prototype_domain] = True

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pml_protoot.losses import ProtoOTLoss
+from pml_protoot import memory as memory_module
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.ot import sinkhorn
 from references import official_sinkhorn
@@ -264,7 +265,7 @@ def test_a_half_precision_memory_caches_its_potentials_in_float32(epsilon, devic
     assert memory.state_dict()["column_potentials"].dtype == torch.float32
     memory.step_pseudo_labels(0, rows)  # from the cache
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("epsilon", [0.05, 1e-3, 1e-4])
 def test_cached_labels_of_unchanged_rows_are_the_refresh_labels_at_any_epsilon(epsilon, dtype, device):
     """The cached potentials are Sinkhorn's own: at a tiny epsilon, where a plan's off-argmax entries
@@ -280,3 +281,13 @@ def test_cached_labels_of_unchanged_rows_are_the_refresh_labels_at_any_epsilon(e
     nearest = (memory.bank(0) @ memory.reference_prototypes[0, 0].T).argmax(dim=1)
     assert (refreshed != nearest).any()  # the marginal matters here
     assert memory.step_pseudo_labels(0, rows).tolist() == refreshed.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_memory_scores_its_bank_in_float32_a_chunk_of_rows_at_a_time(dtype, device, monkeypatch):
+    """It scored in its own dtype, so cached labels of unchanged rows could differ from the full plan's."""
+    monkeypatch.setattr(memory_module, "SCORE_CHUNK_ROWS", 7)  # 30 rows: 5 chunks, the last one short
+    memory = ready_memory(1, dtype, device)
+    scores = memory.bank(0).float() @ memory.prototypes[1].float().T  # upcast first, written plainly
+    expected = sinkhorn(scores, memory.class_marginals[0], EPSILON, memory.sinkhorn_iterations)
+    torch.testing.assert_close(memory.assign(0, 1), expected, rtol=0, atol=1e-6)
