@@ -714,7 +714,8 @@ def test_bench_step_profile_counts_each_operator_per_step(monkeypatch):
     assert calls["aten::mm"] == 2 and calls["aten::exp"] == 1
     times = [op["ms"] for op in summary["top_ops"]]
     assert times == sorted(times, reverse=True) and len(times) <= bench_step.PROFILED_OPS
-    assert summary["launches"] >= 3 and 0 < sum(times) <= summary["work_ms"] <= summary["wall_ms"]
+    # the listed operators' time is part of all of it (the same numbers summed in another order)
+    assert summary["launches"] >= 3 and 0 < sum(times) <= summary["work_ms"] * (1 + 1e-9) <= summary["wall_ms"]
 
 
 def test_bench_step_profiles_each_trainer_at_the_smallest_bank(monkeypatch):

@@ -323,6 +323,7 @@ def test_protoot_trainer_epoch_longer_than_one_pass_does_not_repeat_its_batches(
         data_device=torch.device(device),
         dataloader_num_workers=0,
     )
+    fetched.clear()  # the trainer read item 0 when built, to check its layout
     trainer.train(1, 1)
     assert len(fetched) == 8 * batch_size
     first, second = fetched[: 4 * batch_size], fetched[4 * batch_size :]
