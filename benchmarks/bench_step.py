@@ -190,7 +190,9 @@ def profile_summary(averages, on_cuda: bool, steps: int) -> dict:
         return average.self_device_time_total if on_cuda else average.self_cpu_time_total
 
     operators = [average for average in averages if average.key.startswith("aten::")]
-    work = [average for average in averages if average.device_type == DeviceType.CUDA] if on_cuda else operators
+    # A record_function range (the optimizer's step) also has a CUDA row spanning its kernels: not work of its own.
+    work = [average for average in averages if average.device_type == DeviceType.CUDA
+            and not getattr(average, "is_user_annotation", False)] if on_cuda else operators
     top = sorted(operators, key=busy_us, reverse=True)[:PROFILED_OPS]
     return {
         "work_ms": sum(map(busy_us, work)) / 1e3 / steps,

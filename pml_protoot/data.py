@@ -426,23 +426,55 @@ def _image_and_label(item, argument: str = "dataset items", tensor_images: bool 
     return item
 
 
-def peek_item(dataset, index: int = 0):
-    """``dataset[index]``, read to check the items' layout before any work, leaving every random state as
-    it was: torch's CPU generator, Python's and NumPy's global ones (a random transform runs in
-    ``__getitem__``) and the dataset's own state where it has one (``state_dict``, as the trainer checkpoints
-    it). Returns None for a dataset that cannot be indexed or is empty."""
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) <= index:
+def first_item(dataset, num_workers: int = 0):
+    """``dataset[0]``, read to check the items' layout before any work, as a ``DataLoader`` with
+    ``num_workers`` would read it, and without moving what training then draws.
+
+    With ``num_workers > 0`` the item is read in a worker process: a dataset that opens files lazily
+    (h5py, LMDB) keeps no handle here for later workers to inherit, and whatever random state the read
+    moves stays in that process. With 0 it is read here, and torch's generators (CPU, and CUDA once
+    initialised), Python's and NumPy's, and the state of the dataset and of the datasets it wraps
+    (``.dataset``, ``.datasets``) that have ``state_dict``/``load_state_dict`` are put back; a generator a
+    transform holds of its own is not.
+
+    Returns:
+        The item, or None for an empty dataset or one that cannot be indexed (an ``IterableDataset``).
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
         return None
-    own_state = dataset.state_dict() if callable(getattr(dataset, "state_dict", None)) else None
+    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return None
+    saved = [(part, part.state_dict()) for part in _stateful_datasets(dataset)] if num_workers == 0 else []
     python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=[]):
-            return dataset[index]
+        with torch.random.fork_rng(devices=cuda_devices):  # a loader draws its workers' seed here too
+            if num_workers == 0:
+                return dataset[0]
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[0], num_workers=1, collate_fn=_as_is)
+            return next(iter(loader))
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-        if own_state is not None:
-            dataset.load_state_dict(own_state)
+        for part, state in saved:
+            part.load_state_dict(state)
+
+
+def _as_is(item):
+    """A ``collate_fn`` that leaves an item as the dataset made it (module level: workers may pickle it)."""
+    return item
+
+
+def _stateful_datasets(dataset) -> list:
+    """``dataset`` and the datasets it wraps (``.dataset``, ``.datasets``) that have a state to restore."""
+    found, pending = [], [dataset]
+    while pending:
+        part = pending.pop()
+        if callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None)):
+            found.append(part)
+        inner = [getattr(part, "dataset", None), *(getattr(part, "datasets", None) or [])]
+        pending += [candidate for candidate in inner if isinstance(candidate, torch.utils.data.Dataset)]
+    return found
 
 
 def item_layout(item) -> str:
@@ -774,7 +806,7 @@ def trunk_features(
     check_non_negative_int("num_workers", num_workers)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
-    check_no_pil_images("dataset items", peek_item(dataset))
+    check_no_pil_images("dataset items", first_item(dataset, num_workers))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device = model_device(trunk)
     batches = progress_bar(loader, description, show=progress)

@@ -22,7 +22,7 @@ from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from ._tensors import at_least_float32, model_device, unit_rows
-from .data import check_no_pil_images, item_layout, peek_item
+from .data import check_no_pil_images, first_item, item_layout
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -221,7 +221,7 @@ class ProtoOTTrainer(BaseTrainer):
         _check_fill_dataset_size(dataset, fill_dataset, memory)
         # A collate_fn or data_and_label_getter of the user's own may take items of another layout.
         custom_items = any(pml_kwargs.get(name) is not None for name in ("collate_fn", "data_and_label_getter"))
-        _check_first_items(None if custom_items else dataset, fill_dataset)
+        _check_first_items(None if custom_items else dataset, fill_dataset, pml_kwargs.get("dataloader_num_workers", 2))
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -647,19 +647,19 @@ def _first_field(batch):
     return batch[0]
 
 
-def _check_first_items(dataset, fill_dataset) -> None:
+def _check_first_items(dataset, fill_dataset, num_workers: int) -> None:
     """Refuse a training (unless None) or bank-filling dataset whose first item has the wrong layout now, not
     after the bank-filling pass and K-means (a ``MetricLossOnly`` dataset of ``(image, class_label)`` items is
-    the usual slip)."""
-    item = peek_item(dataset) if dataset is not None else None
+    the usual slip). The items are read as the trainer's loaders read them (:func:`~pml_protoot.data.first_item`)."""
+    item = first_item(dataset, num_workers) if dataset is not None else None
     if item is not None and not _is_two_view_item(item):
         hint = (": (image, class_label) items, as MetricLossOnly takes, go through TwoViewDataset(images, views, "
                 "views), whose labels are the sample indices") if _is_image_and_label(item) else ""
         raise ValueError(f"{TWO_VIEW_ITEMS}; dataset[0] is {item_layout(item)}{hint}")
-    if item is not None:
-        check_no_pil_images("dataset views", item[0], "give TwoViewDataset views that make tensors, e.g. "
+    for view in item[0] if item is not None else ():
+        check_no_pil_images("dataset views", view, "give TwoViewDataset views that make tensors, e.g. "
                             "moco_v2_transform(...)")
-    item = peek_item(fill_dataset) if fill_dataset is not None else None
+    item = first_item(fill_dataset, num_workers) if fill_dataset is not None else None
     if item is None:
         return
     check_no_pil_images("fill_dataset items", item)
@@ -668,18 +668,22 @@ def _check_first_items(dataset, fill_dataset) -> None:
 
 
 def _is_two_view_item(item) -> bool:
-    """Whether ``item`` is ``((query_view, key_view), index)`` with an integer index."""
+    """Whether ``item`` is ``((query_view, key_view), index)``."""
     return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list))
-            and len(item[0]) == 2 and _is_integer(item[1]))
+            and len(item[0]) == 2 and _is_index(item[1]))
 
 
 def _is_image_and_label(item) -> bool:
     return isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item[0], (tuple, list))
 
 
-def _is_integer(value) -> bool:
+def _is_index(value) -> bool:
+    """Whether ``value`` is an integer sample index, or a row of them (PML's ``label_hierarchy_level``
+    picks one column)."""
     if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+        return value.ndim <= 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    if isinstance(value, np.ndarray):
+        return value.ndim <= 1 and np.issubdtype(value.dtype, np.integer)
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 

@@ -718,6 +718,31 @@ def test_bench_step_profile_counts_each_operator_per_step(monkeypatch):
     assert summary["launches"] >= 3 and 0 < sum(times) <= summary["work_ms"] * (1 + 1e-9) <= summary["wall_ms"]
 
 
+def test_bench_step_profile_on_cuda_sums_kernels_not_the_ranges_around_them(monkeypatch):
+    """key_averages() rows as torch gives them on a GPU (stand-ins: this machine has none): kernels and copies
+    are CUDA rows; a record_function range such as the optimizer's step also has one, spanning its kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench_step = load_script("bench_step", monkeypatch)
+
+    def row(key, device_type, self_device_us, count, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,
+                               self_cpu_time_total=0, count=count, is_user_annotation=annotation)
+
+    averages = [
+        row("aten::mm", DeviceType.CPU, 300, 4), row("aten::add_", DeviceType.CPU, 100, 2),
+        row("ampere_sgemm_128x64", DeviceType.CUDA, 300, 4), row("vectorized_elementwise_kernel", DeviceType.CUDA, 100, 2),
+        row("Memcpy HtoD", DeviceType.CUDA, 40, 2),
+        row("Optimizer.step#Adam.step", DeviceType.CUDA, 500, 2, annotation=True),
+    ]
+    summary = bench_step.profile_summary(averages, on_cuda=True, steps=2)
+    assert summary["work_ms"] == pytest.approx((300 + 100 + 40) / 1e3 / 2) and summary["launches"] == (4 + 2 + 2) / 2
+    assert [op["op"] for op in summary["top_ops"]] == ["aten::mm", "aten::add_"]
+    assert summary["top_ops"][0] == {"op": "aten::mm", "ms": 0.15, "calls": 2}
+
+
 def test_bench_step_profiles_each_trainer_at_the_smallest_bank(monkeypatch):
     """The training-step table on a tiny trunk, then the profile of the trainers at the smallest bank."""
     bench_step = load_script("bench_step", monkeypatch)

@@ -21,7 +21,7 @@ from pml_protoot.data import (
     eval_transform,
     make_synthetic_domains,
     moco_v2_transform,
-    peek_item,
+    first_item,
     trunk_features,
 )
 
@@ -821,10 +821,11 @@ def test_a_stale_feature_cache_is_freed_before_its_replacement_is_extracted(tiny
 
 class DrawsFromEveryGenerator(torch.utils.data.Dataset):
     """Items drawn from torch's, Python's and NumPy's global generators and from a generator of its own
-    (with a ``state_dict``, as CachedTwoViewDataset has)."""
+    (with a ``state_dict``, as CachedTwoViewDataset has); ``opened`` records where it opened its "file"."""
 
     def __init__(self):
         self.generator = torch.Generator().manual_seed(1)
+        self.opened_in = None
 
     def __len__(self):
         return 3
@@ -832,6 +833,7 @@ class DrawsFromEveryGenerator(torch.utils.data.Dataset):
     def __getitem__(self, index):
         import random
 
+        self.opened_in = self.opened_in or os.getpid()  # a lazily opened file handle, as h5py datasets do
         own = torch.rand(1, generator=self.generator)
         return torch.rand(1), random.random(), np.random.rand(), own
 
@@ -842,18 +844,44 @@ class DrawsFromEveryGenerator(torch.utils.data.Dataset):
         self.generator.set_state(state["generator"])
 
 
-def test_peek_item_reads_an_item_leaving_every_random_state_as_it_was():
+@pytest.mark.parametrize("wrap", [lambda d: d, lambda d: torch.utils.data.Subset(d, [0, 1]),
+                                  lambda d: torch.utils.data.ConcatDataset([d, d])], ids=["plain", "subset", "concat"])
+def test_first_item_read_here_leaves_every_random_state_as_it_was(wrap):
     """The trainer and trunk_features read item 0 to check its layout; the draws of training must not move."""
     import random
 
     dataset, twin = DrawsFromEveryGenerator(), DrawsFromEveryGenerator()
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    peeked = peek_item(dataset)
+    peeked = first_item(wrap(dataset))
     after_peek = dataset[0]
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     first = twin[0]
-    assert peeked == first and after_peek == first  # the same draws as a dataset never peeked at
-    assert peek_item(dataset, 3) is None and peek_item(iter([1])) is None  # out of range, not indexable
+    assert peeked == first and after_peek == first  # the same draws as a dataset never read
+
+
+def test_first_item_with_workers_is_read_in_a_worker_process():
+    """A dataset that opens its files lazily must not hand this process's handle to the loader's workers."""
+    dataset = DrawsFromEveryGenerator()
+    generator_state = dataset.generator.get_state()
+    torch.manual_seed(0)
+    expected_global = torch.get_rng_state()
+    item = first_item(dataset, num_workers=2)
+    assert len(item) == 4 and dataset.opened_in is None  # opened in the worker, not here
+    assert torch.equal(dataset.generator.get_state(), generator_state)
+    assert torch.equal(torch.get_rng_state(), expected_global)  # the loader's seed draw is undone
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(3))
+
+    def __len__(self):
+        return 3
+
+
+def test_first_item_of_what_cannot_be_indexed_or_is_empty_is_none():
+    assert first_item(Stream()) is None and first_item([]) is None and first_item(iter([1])) is None
+    assert first_item([(1, 2)]) == (1, 2)
 
 
 @pytest.mark.parametrize("images, shown", [

@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -641,7 +642,39 @@ def test_pil_images_are_refused_at_construction_naming_the_dataset_and_the_remed
         ProtoOTTrainer(*args, tensor_views, memory, fill_dataset=images)
     with pytest.raises(TypeError, match=r"dataset views hold PIL images, .*views that make tensors, e\.g\. moco_v2"):
         ProtoOTTrainer(*args, TwoViewDataset(images, lambda image: image, lambda image: image), memory)
+    key_view_only = TwoViewDataset(images, moco_v2_transform(16), lambda image: image)
+    with pytest.raises(TypeError, match="dataset views hold PIL images"):
+        ProtoOTTrainer(*args, key_view_only, memory)
     ProtoOTTrainer(*args, tensor_views, memory)  # what the messages ask for
+
+
+class HierarchicalIndices(torch.utils.data.Dataset):
+    """Items ``((query, key), index)`` with the index as ``kind``: PML's hierarchical ``(-i, i)`` label row
+    (``label_hierarchy_level=1`` picks ``i``), or a 0-d NumPy integer array."""
+
+    def __init__(self, two_views, kind):
+        self.two_views, self.kind = two_views, kind
+
+    def __len__(self):
+        return len(self.two_views)
+
+    def __getitem__(self, index):
+        views, global_index = self.two_views[index]
+        if self.kind == "row":
+            return views, torch.tensor([-global_index, global_index])
+        return views, np.array(global_index)
+
+
+@pytest.mark.parametrize("kind", ["row", "numpy"])
+def test_index_rows_and_arrays_pass_the_first_item_check_and_train(kind, device):
+    """The layout check refused these valid indices, which training and the bank filling take."""
+    trainer = make_trainer(device, fill_dataset=None, views=lambda feature: feature)
+    options = {"label_hierarchy_level": 1} if kind == "row" else {}
+    rebuilt = ProtoOTTrainer(trainer.models, trainer.optimizers, BATCH, trainer.loss_funcs,
+                             HierarchicalIndices(trainer.dataset, kind), trainer.memory, sampler=trainer.sampler,
+                             data_device=torch.device(device), dataloader_num_workers=0, **options)
+    assert_filled_with_the_key_encoders_features(rebuilt, device)
+    rebuilt.train(num_epochs=1)
 
 
 def test_checking_the_first_items_leaves_the_random_streams_of_training_alone(device, monkeypatch):
@@ -654,7 +687,7 @@ def test_checking_the_first_items_leaves_the_random_streams_of_training_alone(de
 
     settings = ({"views": lambda feature: feature + torch.randn_like(feature)}, {"cached_views": True})
     checked = [random_states_after_building(**options) for options in settings]
-    monkeypatch.setattr(trainers, "_check_first_items", lambda dataset, fill_dataset: None)
+    monkeypatch.setattr(trainers, "_check_first_items", lambda dataset, fill_dataset, num_workers: None)
     unchecked = [random_states_after_building(**options) for options in settings]
     for (global_state, own_state), (expected_global, expected_own) in zip(checked, unchecked):
         assert torch.equal(global_state, expected_global)
