@@ -806,8 +806,8 @@ def trunk_features(
     check_non_negative_int("num_workers", num_workers)
     if len(dataset) == 0:
         raise ValueError("dataset is empty: there is nothing to extract features from")
-    check_no_pil_images("dataset items", first_item(dataset, num_workers))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate_tensors)
     device = model_device(trunk)
     batches = progress_bar(loader, description, show=progress)
     start = time.perf_counter()
@@ -821,6 +821,12 @@ def trunk_features(
             module.training = training
     logger.info("%s: %d items in %.1f s", description, len(dataset), time.perf_counter() - start)
     return torch.cat(outputs)
+
+
+def _collate_tensors(items: list):
+    """torch's default collate, refusing PIL images in words that say what to do (torch's own do not)."""
+    check_no_pil_images("dataset items", items[0])
+    return torch.utils.data.default_collate(items)
 
 
 def _inputs(batch):

@@ -219,9 +219,6 @@ class ProtoOTTrainer(BaseTrainer):
             )
         _check_loss_and_miner(metric_loss, miner, memory)
         _check_fill_dataset_size(dataset, fill_dataset, memory)
-        # A collate_fn or data_and_label_getter of the user's own may take items of another layout.
-        custom_items = any(pml_kwargs.get(name) is not None for name in ("collate_fn", "data_and_label_getter"))
-        _check_first_items(None if custom_items else dataset, fill_dataset, pml_kwargs.get("dataloader_num_workers", 2))
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -244,6 +241,13 @@ class ProtoOTTrainer(BaseTrainer):
         )
 
     # ----- setup -------------------------------------------------------------------------
+    def custom_setup(self):
+        """PML hook, run once PML has stored its arguments and before anything is built: refuse a
+        dataset whose first item has the wrong layout (:func:`_check_first_items`). A ``collate_fn`` or
+        ``data_and_label_getter`` of the user's own may take training items of another layout."""
+        custom_items = self.collate_fn is not None or self.data_and_label_getter is not None
+        _check_first_items(None if custom_items else self.dataset, self.fill_dataset, self.dataloader_num_workers)
+
     def initialize_models(self):
         super().initialize_models()
         self.query_encoder = torch.nn.Sequential(self.models["trunk"], self.models["embedder"])
