@@ -1137,7 +1137,7 @@ def start_worker(source: Features | Images, parent_pid: int) -> None:
     exit_when_orphaned(parent_pid)
 
 
-def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> threading.Thread:
+def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
     """End this process within ``poll_s`` seconds of ``parent_pid`` ceasing to be its parent.
 
     A parent killed by a signal sent to it alone (``kill``, ``timeout``, a batch system's SIGTERM) runs no
@@ -1151,9 +1151,7 @@ def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> threading.Thread
         logger.warning("job process %d: its parent %d has ended; stopping", os.getpid(), parent_pid)
         os._exit(1)  # a daemon thread cannot raise in the main thread, which may sit in a long torch call
 
-    watcher = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
-    watcher.start()
-    return watcher
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
 
 
 def fork_data_loader_workers() -> None:

@@ -526,18 +526,7 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         prototype_domain = domain if prototype_domain is None else self._check_slot("prototype_domain", prototype_domain)
         self.check_ready()
-        return self._sinkhorn(domain, self._bank_scores(domain, self.prototypes[prototype_domain]))
-
-    def _bank_scores(self, domain: int, prototypes: torch.Tensor) -> torch.Tensor:
-        """``(N_d, K)`` scores of ``domain``'s bank against ``(K, dim)`` ``prototypes``, in float32 at least, as
-        :meth:`_plan_rows` scores a batch, so that cached labels of unchanged rows are the full plan's in a
-        half-precision memory too (its rows are upcast :data:`SCORE_CHUNK_ROWS` at a time)."""
-        bank = self.bank(domain)
-        dtype = compute_dtype(bank)
-        if dtype == bank.dtype:
-            return bank @ prototypes.T
-        prototypes = prototypes.to(dtype)
-        return torch.cat([rows.to(dtype) @ prototypes.T for rows in bank.split(SCORE_CHUNK_ROWS)])
+        return self._sinkhorn(domain, _scores(self.bank(domain), self.prototypes[prototype_domain]))
 
     def _sinkhorn(self, domain: int, scores: torch.Tensor, return_potentials: bool = False):
         """Sinkhorn of ``(N_d, K)`` scores under ``domain``'s class marginal and the memory's settings
@@ -566,8 +555,7 @@ class PrototypeMemory(torch.nn.Module):
         Computed in float32 at least (see :meth:`_ot_logits`); so are the scores, which in
         float16 overflow for keys longer than 65,504.
         """
-        dtype = compute_dtype(keys)
-        scores = keys.to(dtype) @ self.reference_prototypes[domain, prototype_domain].to(dtype).T
+        scores = _scores(keys, self.reference_prototypes[domain, prototype_domain])
         return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
 
     def _full_plan(self, domain: int, prototype_domain: int) -> torch.Tensor:
@@ -576,7 +564,7 @@ class PrototypeMemory(torch.nn.Module):
             return self.assign(domain, prototype_domain)
         prototypes = self.prototypes[prototype_domain]
         # -inf potential: a column without mass
-        assignment, potentials = self._sinkhorn(domain, self._bank_scores(domain, prototypes), return_potentials=True)
+        assignment, potentials = self._sinkhorn(domain, _scores(self.bank(domain), prototypes), return_potentials=True)
         self.column_potentials[domain, prototype_domain] = potentials  # float32 at least, as Sinkhorn computes
         self.reference_prototypes[domain, prototype_domain] = prototypes
         self.potentials_valid[domain, prototype_domain] = True
@@ -967,6 +955,17 @@ def _cast_finite(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.T
             "wider memory dtype (memory.float())"
         )
     return cast
+
+
+def _scores(rows: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` scores of ``(N, dim)`` rows against ``(K, dim)`` prototypes in float32 at least: the full
+    OT's bank and the cached plan's batch are scored alike, so that cached labels of unchanged rows are
+    the full plan's. Half-precision rows are upcast :data:`SCORE_CHUNK_ROWS` at a time (a bounded temporary)."""
+    dtype = compute_dtype(rows)
+    prototypes = prototypes.to(dtype)
+    if rows.dtype == dtype:
+        return rows @ prototypes.T
+    return torch.cat([chunk.to(dtype) @ prototypes.T for chunk in rows.split(SCORE_CHUNK_ROWS)])
 
 
 def _weighted_sums(assignment: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
