@@ -22,7 +22,7 @@ from ._checks import caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from ._tensors import at_least_float32, model_device, unit_rows
-from .data import check_no_pil_images, first_item, item_layout
+from .data import TwoViewDataset, check_no_pil_images, first_item, item_layout
 from .distributed import all_gather_objects, get_rank, get_world_size, is_distributed
 from .losses import ProtoOTLoss
 from .memory import PrototypeMemory
@@ -143,8 +143,9 @@ class ProtoOTTrainer(BaseTrainer):
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
             ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
-            ``dataset`` shorter than it), a ``CrossDomainSampler``
-            on other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first
+            ``dataset`` shorter than it), a ``fill_dataset`` whose ``domains`` differ from the training
+            dataset's (or from those of the dataset a ``TwoViewDataset`` wraps) or whose ``domain_ids`` split the
+            samples otherwise than the memory, a ``CrossDomainSampler`` on other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first
             item of ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a
             ``collate_fn`` or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that
             is not ``(tensor, ...)``; at the first batch of the bank filling, models whose
@@ -219,6 +220,7 @@ class ProtoOTTrainer(BaseTrainer):
             )
         _check_loss_and_miner(metric_loss, miner, memory)
         _check_fill_dataset_size(dataset, fill_dataset, memory)
+        _check_fill_dataset_domains(dataset, fill_dataset, memory)
         _check_sampler_domains(sampler, memory)
         _check_sampler_shards(sampler)
         if isinstance(sampler, CrossDomainSampler) and batch_size % sampler.batch_size:
@@ -708,19 +710,65 @@ def _check_sampler_domains(sampler, memory) -> None:
     balanced over the memory's domains, silently."""
     if not isinstance(sampler, CrossDomainSampler):
         return
-    # The same partition of the indices, whatever ids each was given: domains in order of their first index.
-    domain_of = memory.domain_of.cpu()
-    memory_domains = sorted((torch.nonzero(domain_of == slot).flatten() for slot in range(memory.num_domains)),
-                            key=lambda indices: int(indices[0]))
-    sampler_domains = sorted(sampler.domain_indices, key=lambda indices: int(indices[0]))
-    if len(sampler_domains) != len(memory_domains) or not all(
-        torch.equal(ours, theirs) for ours, theirs in zip(sampler_domains, memory_domains)
-    ):
+    domain_ids = torch.empty(sum(len(indices) for indices in sampler.domain_indices), dtype=torch.long)
+    for slot, indices in enumerate(sampler.domain_indices):
+        domain_ids[indices] = slot
+    difference = _domain_split_difference(domain_ids, memory, "the sampler's domains")
+    if difference is not None:
         raise ValueError(
             "sampler must be built on the memory's domains (CrossDomainSampler(domain_ids, ...) with the "
-            f"domain_ids of PrototypeMemory): the sampler has domains of sizes "
-            f"{[len(indices) for indices in sampler.domain_indices]}, the memory {[len(i) for i in memory_domains]}"
+            f"domain_ids of PrototypeMemory): {difference}"
         )
+
+
+def _check_fill_dataset_domains(dataset, fill_dataset, memory) -> None:
+    """Refuse a ``fill_dataset`` that lists the samples in another domain order than the training ``dataset``
+    or the memory: the banks would start from another domain's images, silently (item ``i`` of both is
+    sample ``i``). Datasets that expose neither ``domains`` nor ``domain_ids`` are not checked."""
+    if fill_dataset is None:
+        return
+    fill_domains, fill_domain_ids = _domain_layout(fill_dataset)
+    train_domains, _ = _domain_layout(dataset)
+    if fill_domains is not None and train_domains is not None and list(fill_domains) != list(train_domains):
+        raise ValueError(
+            "fill_dataset must list the samples in the training dataset's order (item i of both is sample i): "
+            f"its domains are {list(fill_domains)}, the dataset's {list(train_domains)}; build both with the same "
+            "domains, in the same order"
+        )
+    difference = None if fill_domain_ids is None else _domain_split_difference(fill_domain_ids, memory, "its domain_ids")
+    if difference is not None:
+        raise ValueError(f"fill_dataset must list the samples in the memory's order (item i is sample i): {difference}")
+
+
+def _domain_layout(dataset) -> tuple:
+    """``(domains, domain_ids)`` of a dataset or of the dataset a :class:`TwoViewDataset` wraps; None where
+    it exposes none."""
+    source = dataset.dataset if isinstance(dataset, TwoViewDataset) else dataset
+    domain_ids = getattr(dataset, "domain_ids", getattr(source, "domain_ids", None))
+    return getattr(source, "domains", None), (domain_ids if torch.is_tensor(domain_ids) else None)
+
+
+def _domain_split_difference(domain_ids: torch.Tensor, memory, subject: str) -> str | None:
+    """None when ``(N,)`` ``domain_ids`` split the samples into the memory's domains, whatever id each domain
+    has; else a clause on ``subject`` saying where the splits part."""
+    ours, theirs = _numbered_by_first_sample(domain_ids), _numbered_by_first_sample(memory.domain_of)
+    if len(ours) != len(theirs):
+        return f"{subject} cover {len(ours)} samples, the memory's {len(theirs)}"
+    parted = torch.nonzero(ours != theirs).flatten()
+    if len(parted) == 0:
+        return None
+    return (f"{subject} split the samples otherwise than the memory's from sample {int(parted[0])} on "
+            f"(domain sizes {torch.bincount(ours).tolist()}, the memory's {torch.bincount(theirs).tolist()})")
+
+
+def _numbered_by_first_sample(domain_ids: torch.Tensor) -> torch.Tensor:
+    """``domain_ids`` renumbered 0, 1, ... in the order of each domain's first sample."""
+    _, slots = torch.unique(domain_ids.cpu(), return_inverse=True)
+    first_sample = torch.full((int(slots.max()) + 1,), len(slots)).scatter_reduce(
+        0, slots, torch.arange(len(slots)), "amin")
+    number = torch.empty_like(first_sample)
+    number[torch.argsort(first_sample)] = torch.arange(len(first_sample))
+    return number[slots]
 
 
 def _check_sampler_shards(sampler) -> None:

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss
 
-from pml_protoot.data import CachedTwoViewDataset, TwoViewDataset, make_synthetic_domains, moco_v2_transform
+from pml_protoot.data import (
+    CachedTwoViewDataset,
+    TwoViewDataset,
+    eval_transform,
+    make_synthetic_domains,
+    moco_v2_transform,
+)
 from pml_protoot.losses import ProtoOTLoss
 from pml_protoot.memory import PrototypeMemory
 from pml_protoot.miners import ProtoOTMiner
@@ -625,8 +631,11 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
         with pytest.raises(ValueError, match=f"checkpoint_dir '.*runs' cannot be created: '{readonly}' is not writable"):
             build(*args, checkpoint_dir=readonly / "runs")
     domains = trainer.memory.domain_ids[trainer.memory.domain_of].cpu()
-    with pytest.raises(ValueError, match="sampler must be built on the memory's domains"):
+    with pytest.raises(ValueError, match=r"sampler must be built on the memory's domains .*: the sampler's domains "
+                                         r"split the samples otherwise than the memory's from sample \d+ on"):
         build(*args, sampler=CrossDomainSampler(domains.roll(1), BATCH))  # one sample in the other domain
+    with pytest.raises(ValueError, match=rf"the sampler's domains cover {n - 1} samples, the memory's {n}$"):
+        build(*args, sampler=CrossDomainSampler(domains[:-1], BATCH))
     build(*args, sampler=CrossDomainSampler(10 - domains, BATCH))  # the same domains under other ids
 
 
@@ -646,6 +655,44 @@ def test_pil_images_are_refused_at_construction_naming_the_dataset_and_the_remed
     with pytest.raises(TypeError, match="dataset views hold PIL images"):
         ProtoOTTrainer(*args, key_view_only, memory)
     ProtoOTTrainer(*args, tensor_views, memory)  # what the messages ask for
+
+
+class WithDomainIds(torch.utils.data.Dataset):
+    """``dataset``'s items under other ``domain_ids``."""
+
+    def __init__(self, dataset, domain_ids):
+        self.dataset, self.domain_ids = dataset, domain_ids
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+
+def test_a_fill_dataset_in_another_domain_order_is_refused_at_construction():
+    """With the domains listed in another order, the banks started from the other domain's images, silently
+    (the domains are of one size here, so no length differed either)."""
+    images = make_synthetic_domains(num_classes=2, images_per_class=4, image_size=16)
+    memory = PrototypeMemory(images.domain_ids, dim=EMBED_DIM, num_prototypes=2)
+    embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, EMBED_DIM))
+    args = ({"trunk": torch.nn.Identity(), "embedder": embedder},
+            {"embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.1)}, 4, {"metric_loss": ProtoOTLoss(memory)},
+            TwoViewDataset(images, moco_v2_transform(16), moco_v2_transform(16)), memory)
+    in_order = make_synthetic_domains(num_classes=2, images_per_class=4, image_size=16, transform=eval_transform(16))
+    swapped = make_synthetic_domains(num_classes=2, images_per_class=4, image_size=16, domains=("outline", "filled"),
+                                     transform=eval_transform(16))
+    assert len(swapped) == len(in_order) and torch.equal(swapped.domain_ids, in_order.domain_ids)
+    with pytest.raises(ValueError, match=r"fill_dataset must list the samples in the training dataset's order .*: its "
+                                         r"domains are \['outline', 'filled'\], the dataset's \['filled', 'outline'\]"):
+        ProtoOTTrainer(*args, fill_dataset=swapped)
+    # Without domain names: domain_ids that move one sample to the other domain.
+    with pytest.raises(ValueError, match=r"fill_dataset must list the samples in the memory's order .*: its domain_ids "
+                                         r"split the samples otherwise than the memory's from sample 1 on "
+                                         r"\(domain sizes \[8, 8\], the memory's \[8, 8\]\)"):
+        ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, images.domain_ids.roll(1)))
+    ProtoOTTrainer(*args, fill_dataset=in_order)
+    ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, 5 - images.domain_ids))  # the same domains, other ids
 
 
 class HierarchicalIndices(torch.utils.data.Dataset):
