@@ -20,16 +20,32 @@ def as_index_tensor(name: str, values, device=None) -> torch.Tensor:
     """Return ``values`` as a 1-D int64 tensor, or raise naming ``name``."""
     if isinstance(values, torch.Tensor):
         tensor = values
+    elif isinstance(values, np.ndarray) and values.dtype.kind in "biufc":  # numbers: the dtype is checked below
+        tensor = torch.as_tensor(values)
     else:
         try:  # an empty sequence holds no integers to infer: torch would make it float32
             tensor = torch.as_tensor(values) if len(values) else torch.zeros(0, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got {type(values).__name__}") from err
+            raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got {_sequence_description(values)}"
+                            ) from err
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     return tensor.to(device=device, dtype=torch.long)
+
+
+def _sequence_description(values) -> str:
+    """What ``values`` is and holds, for a message: its dtype, else its first element that is not an integer."""
+    if isinstance(values, np.ndarray):
+        return f"a numpy array of dtype {values.dtype}"
+    try:
+        odd = next((value for value in values if not isinstance(value, (numbers.Integral, torch.Tensor))), None)
+    except TypeError:  # not iterable
+        return type(values).__name__
+    if odd is None:
+        return type(values).__name__
+    return f"a {type(values).__name__} holding {type(odd).__name__} {odd!r:.40}"
 
 
 def check_in_range(name: str, indices: torch.Tensor, upper: int) -> None:

@@ -542,8 +542,6 @@ def _in_common_dtype(query, reference) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _as_labels(name, labels, expected_length, embeddings_name) -> torch.Tensor:
-    if isinstance(labels, np.ndarray):
-        labels = torch.from_numpy(labels)
     labels = as_index_tensor(name, labels).cpu()
     if len(labels) != expected_length:
         raise ValueError(

@@ -410,19 +410,14 @@ def _own_transform(dataset):
     return getattr(dataset, "transform", None)
 
 
-def _image_and_label(item, argument: str = "dataset items", tensor_images: bool = False) -> tuple:
+def _image_and_label(item, argument: str = "dataset items") -> tuple:
     """``item`` if it is an ``(image, class_label)`` pair; a bare tensor of two rows would unpack silently.
-
-    With ``tensor_images``, a PIL image is refused too: torch's default collate cannot batch it (a dataset
-    built without its evaluation transform). ``argument`` names the items in the message.
-    """
+    ``argument`` names the items in the message."""
     if not isinstance(item, (tuple, list)):
         raise TypeError(f"{argument} must be (image, class_label) tuples, got a {type(item).__name__}")
     if len(item) != 2:
         raise ValueError(f"{argument} must be (image, class_label) tuples, got a {type(item).__name__} "
                          f"of length {len(item)}")
-    if tensor_images:
-        check_no_pil_images(argument, item)
     return item
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 import warnings
 from itertools import permutations
@@ -15,7 +16,7 @@ from ._checks import caller_stacklevel, check_bool
 from ._progress import progress_bar
 from ._tensors import at_least_float32, cast_floating, floating_dtype, model_device, unit_rows
 from .accuracy import NO_CLASS_MATES, PrecisionAtKCalculator, _as_embeddings, _as_labels, _relevant_counts
-from .data import _image_and_label
+from .data import _image_and_label, check_no_pil_images
 from .distributed import gather_strided, get_rank, get_world_size
 
 __all__ = ["CrossDomainTester"]
@@ -173,7 +174,9 @@ class CrossDomainTester(BaseTester):
                 integers (refused as :meth:`evaluate` refuses them, float labels included), or (with
                 the default ``collate_fn`` and ``data_and_label_getter``, checked on each domain's
                 first item before embedding) a domain's items are not ``(image, class_label)``
-                tuples or hold PIL images (build the dataset with ``transform=eval_transform(...)``).
+                tuples of one tensor (or array) image and a numeric label: PIL images (build the dataset
+                with ``transform=eval_transform(...)``), a training set's two views, the pair swapped, or
+                class names as labels.
             ValueError: fewer than two domains, an empty domain, a pair naming an unknown
                 domain or the same domain twice, a pair in PML's ``(query, [references])``
                 form (write one ``(query, reference)`` pair per reference), or a domain's items
@@ -188,8 +191,8 @@ class CrossDomainTester(BaseTester):
                 raise ValueError(f"dataset_dict[{name!r}] must hold at least one item, got an empty dataset")
             if collate_fn is None and self.data_and_label_getter is c_f.return_input:
                 # The items as compute_all_embeddings reads their batches, checked before embedding and named by
-                # domain: torch's default collate fails on a PIL image (a dataset built without a transform).
-                _image_and_label(dataset_dict[name][0], f"dataset_dict[{name!r}] items", tensor_images=True)
+                # domain: later failures (the default collate, the trunk, PML's label mapping) name neither.
+                _check_eval_item(dataset_dict[name][0], f"dataset_dict[{name!r}] items")
         embedder_model = torch.nn.Identity() if embedder_model is None else embedder_model
         trunk_model.eval()
         embedder_model.eval()
@@ -388,6 +391,31 @@ class CrossDomainTester(BaseTester):
         if not resolved:
             raise ValueError("pairs must hold at least one (query_domain, gallery_domain) pair, got none")
         return resolved
+
+
+def _check_eval_item(item, argument: str) -> None:
+    """Refuse an item that is not ``(image, class_label)`` with one tensor (or array) image and a numeric
+    label (a number, tensor or array; a list of them for PML's label hierarchy): a dataset built without its
+    eval transform (PIL images), a training set's two views, the pair swapped, or class names as labels."""
+    image, label = _image_and_label(item, argument)
+    check_no_pil_images(argument, item)
+    if isinstance(image, (tuple, list)):
+        raise TypeError(f"{argument} must be (image, class_label) with one image, got {len(image)} "
+                        "(a training dataset's views?): test on the images with transform=eval_transform(...)")
+    if not isinstance(image, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"{argument} must be (image, class_label) with a tensor image first, got "
+                        f"{type(image).__name__} {image!r:.40} first")
+    if not _is_numeric_label(label):
+        raise TypeError(f"{argument} must have integer class labels, got {type(label).__name__} {label!r:.40}: "
+                        "map class names to integers (e.g. the dataset's class_to_idx)")
+
+
+def _is_numeric_label(label) -> bool:
+    if isinstance(label, (tuple, list)):  # one label per level of PML's label hierarchy
+        return len(label) > 0 and all(_is_numeric_label(level) for level in label)
+    if isinstance(label, np.ndarray):
+        return label.dtype.kind in "biuf"
+    return isinstance(label, (numbers.Real, torch.Tensor))
 
 
 def _check_pair(pair, domains: list) -> None:

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from pml_protoot import CachedTwoViewDataset, CrossDomainSampler, FeatureCache, PrototypeMemory, ProtoOTLoss, sinkhorn
+from pml_protoot import (
+    CachedTwoViewDataset,
+    CrossDomainSampler,
+    FeatureCache,
+    PrecisionAtKCalculator,
+    PrototypeMemory,
+    ProtoOTLoss,
+    sinkhorn,
+)
 from pml_protoot._checks import check_int, check_number
 from pml_protoot.data import make_synthetic_domains
 
@@ -150,3 +158,23 @@ def test_an_empty_index_list_is_an_empty_integer_tensor():
     memory.recluster(0)
     loss = ProtoOTLoss(memory)(torch.zeros(0, 2), [], ref_emb=torch.zeros(0, 2))  # an empty batch, as a list
     assert loss == 0
+
+
+def test_index_arguments_of_names_say_what_they_hold():
+    """Domain names as domains, or class names as labels: the message said 'a 1-D integer sequence, got list', which
+    a list is, or repeated torch's conversion error naming no argument."""
+    with pytest.raises(TypeError, match=r"^domains must be a 1-D integer sequence or tensor, got a list holding "
+                                        r"str 'photo'$"):
+        PrototypeMemory(["photo"] * 3 + ["sketch"] * 3, dim=2, num_prototypes=2)
+    with pytest.raises(TypeError, match=r"^domains must be a 1-D integer sequence or tensor, got a tuple holding "
+                                        r"str 'sketch'$"):
+        CrossDomainSampler((0, 0, "sketch", "sketch"), batch_size=2)
+    calculator = PrecisionAtKCalculator(k_values=(1,))
+    embeddings = torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"^query_labels must be a 1-D integer sequence or tensor, got a numpy array "
+                                        r"of dtype <U3$"):
+        calculator.get_accuracy(embeddings, np.array(["dog"] * 4), embeddings, np.arange(4))
+    with pytest.raises(TypeError, match=r"^reference_labels must hold integers, got dtype torch.float64$"):
+        calculator.get_accuracy(embeddings, np.arange(4), embeddings, np.arange(4.0))
+    for labels in (np.arange(4, dtype=np.uint8), np.arange(4), list(range(4))):  # every integer kind still scores
+        assert calculator.get_accuracy(embeddings, labels, embeddings, labels)["precision_at_1"] == 1

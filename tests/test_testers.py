@@ -222,6 +222,48 @@ def test_items_that_are_not_image_label_pairs_are_refused_saying_what_they_hold(
         make_tester().test(triples, 0, trunk, collate_fn=torch.utils.data.default_collate)
 
 
+class MappedItems(torch.utils.data.Dataset):
+    """``dataset``'s items through ``change``."""
+
+    def __init__(self, dataset, change):
+        self.dataset, self.change = dataset, change
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.change(*self.dataset[index])
+
+
+@pytest.mark.parametrize("change, error", [
+    # a training set's ((query, key), index) items: failed in the trunk's .to() after the loader started
+    (lambda x, y: ((x, x), y), r"must be \(image, class_label\) with one image, got 2 \(a training dataset's views\?\)"),
+    # the pair swapped: failed in the trunk, naming no dataset
+    (lambda x, y: (int(y), x), r"must be \(image, class_label\) with a tensor image first, got int \d first"),
+    # class names: a NumPy AxisError from PML's label mapping
+    (lambda x, y: (x, "dog"), r"must have integer class labels, got str 'dog': map class names to integers"),
+    (lambda x, y: (x, [int(y), "dog"]), r"must have integer class labels, got list \[\d, 'dog'\]:"),
+], ids=["two_views", "swapped", "class_name", "class_name_in_a_hierarchy"])
+def test_items_of_another_kind_are_refused_before_embedding_naming_the_domain(change, error):
+    datasets = {name: MappedItems(dataset, change) for name, dataset in domain_datasets({"photo": 3, "sketch": 4}).items()}
+    trunk = CountingTrunk(6, 4)
+    with pytest.raises(TypeError, match=r"dataset_dict\['photo'\] items " + error):
+        make_tester().test(datasets, 0, trunk)
+    assert trunk.images_seen == 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda x, y: (x.numpy(), y.numpy()),  # arrays
+    lambda x, y: (x, [y, y]),  # PML's label hierarchy: one label per level
+    lambda x, y: (x, int(y)),
+], ids=["arrays", "hierarchy", "python_int"])
+def test_items_of_every_accepted_kind_pass_the_check_and_score_alike(change):
+    datasets = domain_datasets({"photo": 3, "sketch": 4})
+    mapped = {name: MappedItems(dataset, change) for name, dataset in datasets.items()}
+    trunk = CountingTrunk(6, 4)
+    assert make_tester().test(mapped, 0, trunk) == make_tester().test(datasets, 0, trunk)
+
+
 def test_a_dataset_of_pil_images_is_refused_before_embedding_with_the_fix():
     """A dataset built without a transform holds PIL images, which torch's default collate cannot batch: its
     TypeError named neither the domain nor the fix."""
