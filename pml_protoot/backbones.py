@@ -7,6 +7,8 @@ from collections import OrderedDict
 from typing import Mapping
 
 import huggingface_hub.constants
+import safetensors
+import safetensors.torch
 import timm
 import torch
 from torch import nn
@@ -35,8 +37,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
             ``"hf-hub:<repo>"`` / ``"local-dir:<folder>"`` (a folder from ``timm.models.save_for_hf``).
         pretrained: download timm's pretrained weights from the hub (needs internet); for a
             ``"local-dir:"`` name, load the folder's weights (offline).
-        weights: path of a local state dict (``torch.save(model.state_dict())``) or a
-            state dict itself, loaded with a strict key and shape check. Classifier
+        weights: path of a local state dict (``torch.save(model.state_dict())``, or a
+            safetensors file, timm's format) or a state dict itself, loaded with a strict key and shape check. Classifier
             entries (``model.default_cfg["classifier"]``) are ignored when
             ``num_classes=0``, so a full timm checkpoint fits a headless trunk.
         num_classes: classifier outputs; 0 removes the classifier.
@@ -56,7 +58,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
             ``weights`` file that ``torch.save`` did not write, or ``global_pool=""`` or
             ``features_only=True`` (their outputs are feature maps, not ``(B, feature_dim)`` rows).
         FileNotFoundError: ``weights`` names a missing file.
-        OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline).
+        OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline), or
+            a ``"local-dir:"`` folder holds no weights file (``FileNotFoundError``).
         TypeError: a ``timm_kwargs`` argument the model does not take (timm's message).
 
     Example:
@@ -78,6 +81,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     if num_classes != 0:
         check_positive_int("num_classes", num_classes)
     _check_pooled_output(timm_kwargs)
+    if pretrained:
+        _check_local_weights(name)
     try:
         trunk = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     except OSError as err:  # the hub download (connection errors and a missing cache alike)
@@ -94,6 +99,25 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
     # Models with a pre-logits layer (MobileNetV3, GhostNet, ...) output head_hidden_size features
     # without a classifier, not the num_features of their last stage.
     return trunk, num_classes or getattr(trunk, "head_hidden_size", None) or trunk.num_features
+
+
+#: The extensions of the weights files timm reads from a ``local-dir:`` folder (its preferred names,
+#: model.safetensors, pytorch_model.bin, ..., have these too).
+LOCAL_DIR_WEIGHTS_EXTENSIONS = (".safetensors", ".pth", ".pth.tar", ".bin")
+
+
+def _check_local_weights(name: str) -> None:
+    """Refuse ``pretrained`` for a ``local-dir:`` folder without a weights file, which timm reports with a
+    RuntimeError (no OSError, as for a missing hub file)."""
+    source, location = _model_source(name, "name")
+    if source != "local-dir":
+        return
+    if not any(entry.endswith(LOCAL_DIR_WEIGHTS_EXTENSIONS) for entry in os.listdir(location)):
+        raise FileNotFoundError(
+            f"pretrained=True (protoot: --pretrained) loads the weights in {location!r}, but it holds no "
+            f"{', '.join('*' + extension for extension in LOCAL_DIR_WEIGHTS_EXTENSIONS)} file "
+            "(timm.models.save_for_hf writes one beside config.json)"
+        )
 
 
 def _check_pooled_output(timm_kwargs: Mapping) -> None:
@@ -132,7 +156,9 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
     state, source = _read_state_dict(weights)
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise TypeError(f"weights{source} must map names to tensors; not tensors: {not_tensors[:5]}")
+        wrapped = [key for key in not_tensors if isinstance(state[key], Mapping)]
+        hint = f" (the state dict may be under {wrapped[0]!r}: pass that entry)" if wrapped else ""
+        raise TypeError(f"weights{source} must map names to tensors; not tensors: {not_tensors[:5]}{hint}")
     expected = trunk.state_dict()
     state = _drop_absent_classifier(trunk, state, expected)
     problems = state_dict_mismatch(expected, state, "weights", shown=5)  # another model: thousands of keys
@@ -252,12 +278,28 @@ def _read_state_dict(weights) -> tuple[Mapping[str, torch.Tensor], str]:
         raise TypeError(f"weights must be a file path or a state dict, got {type(weights).__name__}")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
-    state = load_saved(weights, "weights file")
+    state = _load_safetensors(weights) if _is_safetensors(weights) else load_saved(weights, "weights file")
     if not isinstance(state, Mapping):
         raise TypeError(
             f"weights file {os.fspath(weights)!r} must hold a state dict, got {type(state).__name__}"
         )
     return state, f" from {os.fspath(weights)!r}"
+
+
+def _is_safetensors(path) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte little-endian header length that fits the
+    file, then the header's JSON object (a torch.save file starts with a zip or pickle signature)."""
+    with open(path, "rb") as file:
+        start = file.read(9)
+    header_length = int.from_bytes(start[:8], "little")
+    return len(start) == 9 and start[8:] == b"{" and header_length <= os.path.getsize(path) - 8
+
+
+def _load_safetensors(path) -> dict:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"weights file {os.fspath(path)!r} is not a valid safetensors file ({err})") from err
 
 
 def _drop_absent_classifier(trunk, state, expected):

@@ -4,6 +4,7 @@ import re
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,45 @@ def test_weights_file_loads_every_tensor(tmp_path):
     trunk, _ = create_trunk("resnet18", weights=path)
     for key, value in source.state_dict().items():
         assert torch.equal(trunk.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["r18.safetensors", "r18.bin"])  # the format is read from the file, not its name
+def test_a_safetensors_weights_file_loads_every_tensor(tmp_path, name):
+    """timm's own format was refused as 'not a file of tensors saved with torch.save ... save model.state_dict()'."""
+    source, _ = create_trunk("resnet18")
+    safetensors.torch.save_file(source.state_dict(), tmp_path / name)
+    trunk, _ = create_trunk("resnet18", weights=tmp_path / name)
+    for key, value in source.state_dict().items():
+        assert torch.equal(trunk.state_dict()[key], value), key
+
+
+def test_a_damaged_safetensors_file_is_a_one_line_value_error(tmp_path):
+    source, _ = create_trunk("resnet18")
+    path = tmp_path / "r18.safetensors"
+    safetensors.torch.save_file(source.state_dict(), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"weights file '{path}' is not a valid safetensors file") as info:
+        create_trunk("resnet18", weights=path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_state_dict_under_a_key_is_pointed_at():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"not tensors: \['state_dict'\] \(the state dict may be under 'state_dict': "
+                                        r"pass that entry\)"):
+        load_trunk_weights(model, {"state_dict": model.state_dict()})
+
+
+def test_pretrained_from_a_local_dir_without_weights_is_a_file_not_found_error(tmp_path):
+    """timm raised 'RuntimeError: No suitable checkpoints found', which no caller expects of missing weights."""
+    timm.models.save_for_hf(timm.create_model("resnet10t"), tmp_path / "ld")
+    create_trunk(f"local-dir:{tmp_path / 'ld'}", pretrained=True)
+    for weights in (path for path in (tmp_path / "ld").iterdir() if path.name != "config.json"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"loads the weights in '{tmp_path / 'ld'}', but it holds no "
+                                                r"\*\.safetensors, \*\.pth, \*\.pth\.tar, \*\.bin file"):
+        create_trunk(f"local-dir:{tmp_path / 'ld'}", pretrained=True)
+    create_trunk(f"local-dir:{tmp_path / 'ld'}")  # a random model of its config needs no weights
 
 
 def test_full_checkpoint_with_classifier_fits_headless_trunk(tmp_path):
