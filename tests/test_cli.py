@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def corrupt_one_image(root: Path) -> Path:
         ("augment_with_frozen_trunk", "--augment only applies end to end (--no-freeze-trunk); training on cached "
          "trunk features would ignore it"),
         ("missing_domain", "['sketch'] not found"),
-        ("one_domain", "at least two domains"),
+        ("one_domain", "--domains must name at least two domains, got ['filled']"),
         ("unreadable_image", "cannot read image file"),
         ("batch_not_divisible", "--batch-size must be a multiple of the number of domains (2: each batch holds as "
          "many images of each), got 5"),
@@ -287,10 +288,129 @@ def test_bad_input_gives_one_line_error_exit_2_and_no_checkpoint(case, expected,
     assert not (out / "last.pth").exists() and not (out.exists() and any(out.iterdir()))
 
 
+@pytest.fixture
+def end_to_end_run(image_folder, tmp_path, capsys):
+    """Output folder of a one-epoch end-to-end run of a random resnet10t on ``image_folder``."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", image_folder, "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--out", out,
+            *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    return out
+
+
 @pytest.mark.parametrize("option", [["--weights", "trunk.pth"], ["--pretrained"]])
-def test_eval_refuses_weights_options_beside_a_checkpoint(option, demo_run, capsys):
-    status, _, err = run_main(["eval", "--checkpoint", demo_run / "last.pth", "--quiet", *option], capsys)
-    assert status == 2 and "--weights and --pretrained choose the weights of --backbone" in err
+def test_eval_refuses_weights_options_beside_an_end_to_end_checkpoint(option, end_to_end_run, capsys):
+    status, _, err = run_main(["eval", "--checkpoint", end_to_end_run / "last.pth", "--quiet", *option], capsys)
+    assert status == 2 and err.strip() == (
+        "protoot: error: --weights and --pretrained choose the weights of --backbone, or of a --freeze-trunk run's "
+        "trunk; an end-to-end run's trunk comes from its checkpoint")
+
+
+def test_eval_of_a_frozen_run_whose_weights_file_moved_takes_it_from_weights(image_folder, tmp_path, capsys):
+    """A frozen trunk is not in the checkpoint: the error named --weights, which the user had not given, and
+    --weights, the only remedy short of editing config.json, was refused."""
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), tmp_path / "weights.pth")
+    out = tmp_path / "run"
+    argv = ["train", "--data", image_folder, "--weights", tmp_path / "weights.pth", "--freeze-trunk", "--batch-size",
+            "4", "--epochs", "1", "--device", "cpu", "--out", out, *TINY_MODEL]
+    assert run_main(argv, capsys)[0] == 0
+    (tmp_path / "weights.pth").rename(tmp_path / "moved.pth")
+    status, _, err = run_main(["eval", "--checkpoint", out / "last.pth", "--quiet"], capsys)
+    assert status == 2 and err.strip() == (
+        "protoot: error: the run's --weights (config.json; pass --weights FILE if it moved): weights file not found: "
+        f"{str(tmp_path / 'weights.pth')!r}")
+    argv = ["eval", "--checkpoint", out / "last.pth", "--weights", tmp_path / "moved.pth", "--out", tmp_path / "e.json"]
+    assert run_main(argv, capsys)[0] == 0
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads((out / "results.json").read_text())["after"]
+
+
+@pytest.mark.parametrize("name", ["last.pth", "config.json", "results.json"])
+def test_eval_out_that_is_one_of_the_runs_files_is_refused(name, demo_run, capsys, monkeypatch):
+    """eval --out wrote its JSON over the checkpoint (the run could not be evaluated again) or over train's results."""
+    monkeypatch.chdir(demo_run.parent)
+    before = {path.name: path.read_bytes() for path in demo_run.iterdir()}
+    given = Path(demo_run.name) / ".." / demo_run.name / name  # the same file by another path
+    status, _, err = run_main(["eval", "--checkpoint", demo_run / "last.pth", "--out", given, "--quiet"], capsys)
+    assert status == 2 and err.strip() == (
+        f"protoot: error: --out {str(given)!r} is the run's {name}, which eval would overwrite; pass another file, "
+        f"e.g. --out {demo_run / 'eval.json'}")
+    assert {path.name: path.read_bytes() for path in demo_run.iterdir()} == before
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{bad", "{config!r} is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+             "(char 1)); protoot train writes it beside the checkpoint"),
+    ("5", "{config!r} is not a protoot train config: expected a JSON object, got int"),
+])
+def test_a_damaged_config_is_named_in_the_error(content, expected, demo_run, tmp_path, capsys):
+    shutil.copy(demo_run / "last.pth", tmp_path / "last.pth")
+    (tmp_path / "config.json").write_text(content)
+    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--quiet"], capsys)
+    assert status == 2 and err.strip() == "protoot: error: " + expected.format(config=str(tmp_path / "config.json"))
+
+
+def test_a_config_without_the_reporting_options_is_scored_with_their_defaults(demo_run, tmp_path, capsys):
+    """k and workers were read as config["k"]: a KeyError traceback for a config without them."""
+    shutil.copy(demo_run / "last.pth", tmp_path / "last.pth")
+    config = json.loads((demo_run / "config.json").read_text())
+    assert config["k"] == [1, 5, 15] and config["workers"] == 0  # the defaults
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("k", "workers")}))
+    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--out", tmp_path / "e.json"], capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads((demo_run / "results.json").read_text())["after"]
+
+
+def test_eval_names_the_runs_data_folder_and_domains_when_they_are_gone(end_to_end_run, image_folder, tmp_path, capsys):
+    """The folder checks named --data and --domains, which the user had not given."""
+    other = tmp_path / "other"
+    make_synthetic_domains(other, num_classes=2, images_per_class=4, image_size=16, domains=("dots", "outline"))
+    checkpoint = end_to_end_run / "last.pth"
+    status, _, err = run_main(["eval", "--checkpoint", checkpoint, "--data", other, "--quiet"], capsys)
+    assert status == 2 and err.strip() == (
+        f"protoot: error: {str(other)!r} has no folder for the run's domains ['filled'] (config.json); pass --domains "
+        "to score others")
+    assert run_main(["eval", "--checkpoint", checkpoint, "--data", other, "--domains", "dots", "outline"], capsys)[0] == 0
+    image_folder.rename(tmp_path / "moved")
+    status, _, err = run_main(["eval", "--checkpoint", checkpoint, "--quiet"], capsys)
+    assert status == 2 and err.strip() == (
+        f"protoot: error: the run's data folder {str(image_folder)!r} (config.json) is gone; pass --data DIR where its "
+        "images are now")
+    assert run_main(["eval", "--checkpoint", checkpoint, "--data", tmp_path / "moved", "--quiet"], capsys)[0] == 0
+
+
+def test_a_relative_local_dir_backbone_is_saved_in_full(image_folder, tmp_path, capsys, monkeypatch):
+    """config.json kept 'local-dir:ld' as typed: eval --checkpoint from any other folder could not find it."""
+    timm.models.save_for_hf(timm.create_model("resnet10t"), tmp_path / "ld")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "data", "--backbone", "local-dir:ld", "--pretrained", "--image-size", "16",
+            "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--out", "run", "--quiet"]
+    assert run_main(argv, capsys)[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["backbone"] == f"local-dir:{tmp_path / 'ld'}"
+    monkeypatch.chdir(image_folder)
+    status, _, err = run_main(["eval", "--checkpoint", tmp_path / "run" / "last.pth", "--quiet"], capsys)
+    assert status == 0, err
+
+
+def test_a_local_dir_without_weights_is_a_one_line_error(tmp_path, capsys):
+    """timm raised a RuntimeError, which the command did not catch: a traceback and exit status 1."""
+    (tmp_path / "ld").mkdir()
+    (tmp_path / "ld" / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 10}))
+    argv = ["eval", "--backbone", f"local-dir:{tmp_path / 'ld'}", "--pretrained", "--image-size", "16", "--quiet"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and err.strip() == (
+        f"protoot: error: pretrained=True (protoot: --pretrained) loads the weights in {str(tmp_path / 'ld')!r}, but "
+        "it holds no *.safetensors, *.pth, *.pth.tar, *.bin file (timm.models.save_for_hf writes one beside "
+        "config.json)")
+
+
+def test_a_diverging_run_says_so_and_names_the_learning_rate(image_folder, tmp_path, capsys):
+    """It ended with 'ref_emb must be finite', the name of an argument the user never sees."""
+    argv = ["train", "--data", image_folder, "--batch-size", "4", "--epochs", "2", "--lr", "1e12", "--device", "cpu",
+            "--out", tmp_path / "run", *TINY_MODEL]
+    status, _, err = run_main(argv, capsys)
+    message = err.strip().splitlines()[-1]
+    assert status == 2 and message.startswith("protoot: error: training diverged in epoch ")
+    assert re.search(r"must be finite, got \d+ NaN/inf entries\): lower --lr \(it was 1e\+12\)$", message), message
 
 
 @pytest.mark.parametrize(
@@ -390,6 +510,29 @@ def test_argparse_errors_and_help_return_their_status(capsys):
     assert run_main(["--help"], capsys)[0] == 0
     status, _, err = run_main(["train", "--amp", "fp8"], capsys)
     assert status == 2 and "invalid choice: 'fp8'" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--lr", "-1"], "protoot train: error: argument --lr: expected a number > 0, got '-1' "
+                              "(see protoot train --help)"),
+    (["eval", "--bogus"], "protoot: error: unrecognized arguments: --bogus (see protoot --help)"),
+    (["frobnicate"], "protoot: error: argument command: invalid choice: 'frobnicate' (choose from 'train', 'eval') "
+                     "(see protoot --help)"),
+])
+def test_option_errors_are_one_line(argv, expected, capsys):
+    """argparse printed its usage block (15 lines for train) above the message."""
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and err == expected + "\n"
+
+
+@pytest.mark.parametrize("command, option", [("train", "--out"), ("train", "--data"), ("train", "--feature-cache"),
+                                             ("train", "--weights"), ("eval", "--checkpoint"), ("eval", "--out")])
+def test_an_empty_path_is_refused(command, option, tmp_path, capsys, monkeypatch):
+    """An unset variable in --out "$OUT" wrote a whole run into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main([command, option, ""], capsys)
+    assert status == 2 and f"argument {option}: expected a path, got ''" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_version_prints_the_package_version(capsys):
@@ -665,7 +808,8 @@ def test_bad_integer_options_are_refused_when_parsed_naming_the_option(
         monkeypatch.setattr(cli, step, lambda config: pytest.fail("started work before checking options"))
     values = ["1", value] if option == "--k" else [value]  # every value of a list is checked
     status, _, err = run_main([command, option, *values, "--backbone", "resnet10t", "--quiet"], capsys)
-    assert status == 2 and err.strip().splitlines()[-1] == f"protoot {command}: error: argument {option}: {expected}"
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"protoot {command}: error: argument {option}: {expected} (see protoot {command} --help)")
 
 
 def test_every_integer_option_has_a_range_checked_type():
@@ -699,8 +843,8 @@ def record_batch_sizes(monkeypatch) -> dict:
     calls = {"trunk": [], "head": []}
     build = cli._build_encoder
 
-    def build_and_record(config):
-        trunk, head, normalisation = build(config)
+    def build_and_record(config, *args):
+        trunk, head, normalisation = build(config, *args)
         for name, module in (("trunk", trunk), ("head", head)):
             module.register_forward_hook(lambda module, inputs, output, name=name: calls[name].append(len(inputs[0])))
         return trunk, head, normalisation
