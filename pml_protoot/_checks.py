@@ -18,10 +18,11 @@ import torch
 
 def as_index_tensor(name: str, values, device=None) -> torch.Tensor:
     """Return ``values`` as a 1-D int64 tensor, or raise naming ``name``."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        # torch takes neither negative strides (argsort(...)[::-1]) nor a foreign byte order
+        values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
     if isinstance(values, torch.Tensor):
         tensor = values
-    elif isinstance(values, np.ndarray) and values.dtype.kind in "biufc":  # numbers: the dtype is checked below
-        tensor = torch.as_tensor(values)
     else:
         try:  # an empty sequence holds no integers to infer: torch would make it float32
             tensor = torch.as_tensor(values) if len(values) else torch.zeros(0, dtype=torch.long)

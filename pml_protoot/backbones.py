@@ -55,7 +55,7 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         TypeError: ``name`` is not a string, or ``pretrained`` not a bool.
         ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
             ``num_classes``, ``weights`` whose keys/shapes do not match (listed), a
-            ``weights`` file that ``torch.save`` did not write, or ``global_pool=""`` or
+            ``weights`` file that is neither a ``torch.save`` nor a valid safetensors file, or ``global_pool=""`` or
             ``features_only=True`` (their outputs are feature maps, not ``(B, feature_dim)`` rows).
         FileNotFoundError: ``weights`` names a missing file.
         OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline), or
@@ -136,13 +136,15 @@ def load_trunk_weights(trunk: nn.Module, weights) -> None:
 
     Args:
         trunk: the model (a timm model, or any ``nn.Module``).
-        weights: a state dict or the path of one saved with ``torch.save``.
+        weights: a state dict, or the path of one saved with ``torch.save`` or as a safetensors file
+            (told by its header, whatever its name).
 
     Raises:
         FileNotFoundError: ``weights`` names a missing file.
-        TypeError: ``weights`` is neither a path nor a mapping of tensors.
+        TypeError: ``weights`` is neither a path nor a mapping of tensors (the message points at a
+            state dict wrapped under a key such as ``"state_dict"``).
         ValueError: missing keys, unexpected keys or shape mismatches, all listed, or a
-            file that ``torch.save`` did not write.
+            file that is neither a ``torch.save`` file nor a valid safetensors file.
 
     Example:
         >>> from torch import nn

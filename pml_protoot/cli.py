@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    # main() reports a command's unrecognised arguments through its own parser, which names its --help
+    parser.command_parsers = commands.choices
     train_parser = commands.add_parser("train", help="train ProtoOT (no arguments: the embedded demo)")
     _add_data_options(
         train_parser,
@@ -393,7 +395,9 @@ def main(argv=None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unrecognised = parser.parse_known_args(argv)
+        if unrecognised:
+            parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unrecognised)}")
     except SystemExit as exit_:  # --help and argparse's own errors
         return int(exit_.code or 0)
     logging.basicConfig(
@@ -466,9 +470,7 @@ def train(args) -> dict:
     try:
         trainer.train(num_epochs=config["epochs"])
     except NonFiniteError as err:  # the encoders' outputs: the images and cached features are finite
-        epoch = getattr(trainer, "epoch", None)  # PML's, from 1; unset while the banks are filled
-        raise CommandError(f"training diverged{f' in epoch {epoch}' if epoch else ''} ({_one_line(err)}): lower "
-                           f"--lr (it was {config['lr']:g})") from err
+        raise CommandError(_non_finite_message(err, config, getattr(trainer, "epoch", None))) from err
     key_trunk, key_head = trainer.key_encoder.module
     print(f"After {config['epochs']} epochs (momentum key encoder):")
     after = _score(tester, eval_sets, key_trunk, key_head, device, epoch=config["epochs"])
@@ -476,6 +478,15 @@ def train(args) -> dict:
     _write_json(out / RESULTS_NAME, results)
     print(f"Wrote {out / CONFIG_NAME}, {out / CHECKPOINT_NAME}, {out / RESULTS_NAME}")
     return results
+
+
+def _non_finite_message(err: NonFiniteError, config: dict, epoch: int | None) -> str:
+    """What non-finite encoder outputs during ``trainer.train`` mean: a diverged run once PML's epochs
+    (from 1) have begun; before, while the banks are filled, the initial model's outputs."""
+    if epoch:
+        return f"training diverged in epoch {epoch} ({_one_line(err)}): lower --lr (it was {config['lr']:g})"
+    fp16 = "; float16 overflows where bfloat16 does not: try --amp bf16" if config["amp"] == "fp16" else ""
+    return f"the model's outputs are not finite before training ({_one_line(err)}){fp16}"
 
 
 def _resolve_train_config(args) -> dict:
@@ -863,9 +874,9 @@ def evaluate(args) -> dict:
         check_creatable("--out", Path(args.out), folder=False)
     device = torch.device(args.device)
     if args.checkpoint is not None:
-        if args.out:
-            _check_not_a_run_file(Path(args.out), Path(args.checkpoint))
         config = _checkpoint_config(args)
+        if args.out:
+            _check_not_a_run_file(Path(args.out), Path(args.checkpoint), config)
         key_state, epoch = _key_encoder_state(args.checkpoint)  # before any model is built: a wrong file fails now
     else:
         check_model_name(args.backbone, "--backbone")
@@ -967,20 +978,27 @@ def _check_run_data_is_there(config: dict, args) -> None:
     if args.data is None and not data.is_dir():
         raise CommandError(f"the run's data folder {str(data)!r} (config.json) is gone; pass --data DIR where its "
                            "images are now")
-    missing = [domain for domain in config["domains"] if not (data / domain).is_dir()]
+    # None: the run's config.json predates resolved domains, so the run took all of the folder's
+    missing = [domain for domain in config["domains"] or () if not (data / domain).is_dir()]
     if args.domains is None and data.is_dir() and missing:
         raise CommandError(f"{str(data)!r} has no folder for the run's domains {missing} (config.json); pass "
                            "--domains to score others")
 
 
-def _check_not_a_run_file(out: Path, checkpoint: Path) -> None:
-    """Refuse an ``eval --out`` that would overwrite the checkpoint or the run's ``config.json``/``results.json``:
-    the run could no longer be evaluated, or would lose its training-time results."""
-    run_files = [checkpoint, checkpoint.parent / CONFIG_NAME, checkpoint.parent / RESULTS_NAME]
-    clash = next((path for path in run_files if os.path.abspath(path) == os.path.abspath(out)
+def _check_not_a_run_file(out: Path, checkpoint: Path, config: dict) -> None:
+    """Refuse an ``eval --out`` that would overwrite a file of the run: its checkpoint, ``config.json`` or
+    ``results.json``, or the ``--weights`` file and ``--feature-cache`` it names. The run could no longer be
+    evaluated, or would lose its training-time results."""
+    run_files = {checkpoint: checkpoint.name, checkpoint.parent / CONFIG_NAME: CONFIG_NAME,
+                 checkpoint.parent / RESULTS_NAME: RESULTS_NAME}
+    if config["weights"] not in (None, LITE0_PACKAGE):
+        run_files[Path(config["weights"])] = "--weights file"
+    if config.get("feature_cache"):
+        run_files[Path(config["feature_cache"])] = "--feature-cache"
+    clash = next((name for path, name in run_files.items() if os.path.abspath(path) == os.path.abspath(out)
                   or (out.exists() and path.exists() and os.path.samefile(path, out))), None)
     if clash is not None:
-        raise CommandError(f"--out {str(out)!r} is the run's {clash.name}, which eval would overwrite; pass another "
+        raise CommandError(f"--out {str(out)!r} is the run's {clash}, which eval would overwrite; pass another "
                            f"file, e.g. --out {checkpoint.parent / 'eval.json'}")
 
 

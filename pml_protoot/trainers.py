@@ -18,7 +18,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from ._checks import caller_stacklevel, check_number, check_positive_int
+from ._checks import as_index_tensor, caller_stacklevel, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from ._tensors import at_least_float32, model_device, unit_rows
@@ -143,8 +143,8 @@ class ProtoOTTrainer(BaseTrainer):
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
             ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
-            ``dataset`` shorter than it), a ``fill_dataset`` whose ``domains`` differ from the training
-            dataset's (or from those of the dataset a ``TwoViewDataset`` wraps) or whose ``domain_ids`` split the
+            ``dataset`` shorter than it), a ``fill_dataset`` whose ``domains`` are the training dataset's
+            (or those of the dataset a ``TwoViewDataset`` wraps) in another order, or whose ``domain_ids`` split the
             samples otherwise than the memory, a ``CrossDomainSampler`` on other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first
             item of ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a
             ``collate_fn`` or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that
@@ -729,13 +729,18 @@ def _check_fill_dataset_domains(dataset, fill_dataset, memory) -> None:
         return
     fill_domains, fill_domain_ids = _domain_layout(fill_dataset)
     train_domains, _ = _domain_layout(dataset)
-    if fill_domains is not None and train_domains is not None and list(fill_domains) != list(train_domains):
+    # The same names in another order; other names (say, capitalised) are left to the domain_ids check.
+    if (fill_domains is not None and train_domains is not None and list(fill_domains) != list(train_domains)
+            and sorted(fill_domains) == sorted(train_domains)):
         raise ValueError(
             "fill_dataset must list the samples in the training dataset's order (item i of both is sample i): "
             f"its domains are {list(fill_domains)}, the dataset's {list(train_domains)}; build both with the same "
             "domains, in the same order"
         )
-    difference = None if fill_domain_ids is None else _domain_split_difference(fill_domain_ids, memory, "its domain_ids")
+    if fill_domain_ids is None:
+        return
+    fill_domain_ids = as_index_tensor("fill_dataset.domain_ids", fill_domain_ids)
+    difference = _domain_split_difference(fill_domain_ids, memory, "its domain_ids")
     if difference is not None:
         raise ValueError(f"fill_dataset must list the samples in the memory's order (item i is sample i): {difference}")
 
@@ -744,31 +749,26 @@ def _domain_layout(dataset) -> tuple:
     """``(domains, domain_ids)`` of a dataset or of the dataset a :class:`TwoViewDataset` wraps; None where
     it exposes none."""
     source = dataset.dataset if isinstance(dataset, TwoViewDataset) else dataset
-    domain_ids = getattr(dataset, "domain_ids", getattr(source, "domain_ids", None))
-    return getattr(source, "domains", None), (domain_ids if torch.is_tensor(domain_ids) else None)
+    return getattr(source, "domains", None), getattr(dataset, "domain_ids", getattr(source, "domain_ids", None))
 
 
 def _domain_split_difference(domain_ids: torch.Tensor, memory, subject: str) -> str | None:
     """None when ``(N,)`` ``domain_ids`` split the samples into the memory's domains, whatever id each domain
-    has; else a clause on ``subject`` saying where the splits part."""
-    ours, theirs = _numbered_by_first_sample(domain_ids), _numbered_by_first_sample(memory.domain_of)
+    has; else a clause on ``subject`` naming the first sample whose domain is not matched one to one."""
+    ours = torch.unique(domain_ids.cpu(), return_inverse=True)[1]
+    theirs = memory.domain_of.cpu()
     if len(ours) != len(theirs):
         return f"{subject} cover {len(ours)} samples, the memory's {len(theirs)}"
-    parted = torch.nonzero(ours != theirs).flatten()
+    pairs = ours * memory.num_domains + theirs
+    # Sample i's two domains match one to one when every sample of either is in the other.
+    ours_size, theirs_size, shared = (torch.bincount(ids)[ids] for ids in (ours, theirs, pairs))
+    parted = torch.nonzero((shared != ours_size) | (shared != theirs_size)).flatten()
     if len(parted) == 0:
         return None
-    return (f"{subject} split the samples otherwise than the memory's from sample {int(parted[0])} on "
-            f"(domain sizes {torch.bincount(ours).tolist()}, the memory's {torch.bincount(theirs).tolist()})")
-
-
-def _numbered_by_first_sample(domain_ids: torch.Tensor) -> torch.Tensor:
-    """``domain_ids`` renumbered 0, 1, ... in the order of each domain's first sample."""
-    _, slots = torch.unique(domain_ids.cpu(), return_inverse=True)
-    first_sample = torch.full((int(slots.max()) + 1,), len(slots)).scatter_reduce(
-        0, slots, torch.arange(len(slots)), "amin")
-    number = torch.empty_like(first_sample)
-    number[torch.argsort(first_sample)] = torch.arange(len(first_sample))
-    return number[slots]
+    first = int(parted[0])
+    return (f"{subject} split the samples otherwise than the memory's: sample {first} is in a domain of "
+            f"{int(ours_size[first])} samples there, of {int(theirs_size[first])} in the memory, "
+            f"{int(shared[first])} of them in both")
 
 
 def _check_sampler_shards(sampler) -> None:

@@ -178,3 +178,13 @@ def test_index_arguments_of_names_say_what_they_hold():
         calculator.get_accuracy(embeddings, np.arange(4), embeddings, np.arange(4.0))
     for labels in (np.arange(4, dtype=np.uint8), np.arange(4), list(range(4))):  # every integer kind still scores
         assert calculator.get_accuracy(embeddings, labels, embeddings, labels)["precision_at_1"] == 1
+
+
+@pytest.mark.parametrize("indices", [np.array([3, 1, 0, 2])[::-1], np.array([2, 0, 1, 3], dtype=">i8"),
+                                     np.array([2, 0, 1, 3], dtype=np.uint8)])
+def test_numpy_indices_of_any_layout_are_taken(indices):
+    """Reversed (argsort(...)[::-1]) and big-endian arrays were refused: torch takes neither as they are."""
+    from pml_protoot._checks import as_index_tensor
+
+    assert as_index_tensor("indices", indices).tolist() == [int(index) for index in indices]
+    assert as_index_tensor("indices", np.array([])).dtype == torch.long  # an empty array holds no float to refuse

@@ -322,6 +322,12 @@ def test_eval_of_a_frozen_run_whose_weights_file_moved_takes_it_from_weights(ima
     argv = ["eval", "--checkpoint", out / "last.pth", "--weights", tmp_path / "moved.pth", "--out", tmp_path / "e.json"]
     assert run_main(argv, capsys)[0] == 0
     assert json.loads((tmp_path / "e.json").read_text()) == json.loads((out / "results.json").read_text())["after"]
+    # --out is not the weights the frozen trunk is rebuilt from
+    weights = (tmp_path / "moved.pth").read_bytes()
+    argv[-1] = tmp_path / "moved.pth"
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and "is the run's --weights file, which eval would overwrite" in err
+    assert (tmp_path / "moved.pth").read_bytes() == weights
 
 
 @pytest.mark.parametrize("name", ["last.pth", "config.json", "results.json"])
@@ -358,6 +364,32 @@ def test_a_config_without_the_reporting_options_is_scored_with_their_defaults(de
     status, _, err = run_main(["eval", "--checkpoint", tmp_path / "last.pth", "--out", tmp_path / "e.json"], capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "e.json").read_text()) == json.loads((demo_run / "results.json").read_text())["after"]
+
+
+def test_a_config_from_before_domains_were_resolved_scores_all_of_the_folders(end_to_end_run, capsys, tmp_path):
+    """config.json of older runs holds no k or workers, and domains null when --domains was not given."""
+    config = json.loads((end_to_end_run / "config.json").read_text())
+    old = {key: value for key, value in config.items() if key not in ("k", "workers")}
+    (end_to_end_run / "config.json").write_text(json.dumps({**old, "domains": None}))
+    argv = ["eval", "--checkpoint", end_to_end_run / "last.pth", "--out", tmp_path / "e.json"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads((end_to_end_run / "results.json").read_text())["after"]
+
+
+@pytest.mark.parametrize("epoch, amp, expected", [
+    (2, None, "training diverged in epoch 2 (embeddings must be finite, got 3 NaN/inf entries): lower --lr (it was 0.1)"),
+    (None, "fp16", "the model's outputs are not finite before training (embeddings must be finite, got 3 NaN/inf "
+                   "entries); float16 overflows where bfloat16 does not: try --amp bf16"),
+    (None, None, "the model's outputs are not finite before training (embeddings must be finite, got 3 NaN/inf "
+                 "entries)"),
+])
+def test_non_finite_outputs_are_a_diverged_run_only_once_training_began(epoch, amp, expected):
+    """While the banks are filled (no epoch yet) the outputs are the initial model's: --lr is not the cause."""
+    from pml_protoot._checks import NonFiniteError
+
+    error = NonFiniteError("embeddings must be finite, got 3 NaN/inf entries")
+    assert cli._non_finite_message(error, {"lr": 0.1, "amp": amp}, epoch) == expected
 
 
 def test_eval_names_the_runs_data_folder_and_domains_when_they_are_gone(end_to_end_run, image_folder, tmp_path, capsys):
@@ -515,7 +547,7 @@ def test_argparse_errors_and_help_return_their_status(capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--lr", "-1"], "protoot train: error: argument --lr: expected a number > 0, got '-1' "
                               "(see protoot train --help)"),
-    (["eval", "--bogus"], "protoot: error: unrecognized arguments: --bogus (see protoot --help)"),
+    (["eval", "--bogus"], "protoot eval: error: unrecognized arguments: --bogus (see protoot eval --help)"),
     (["frobnicate"], "protoot: error: argument command: invalid choice: 'frobnicate' (choose from 'train', 'eval') "
                      "(see protoot --help)"),
 ])

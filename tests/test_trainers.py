@@ -632,7 +632,7 @@ def test_arguments_that_failed_only_after_the_bank_filling_are_refused_at_constr
             build(*args, checkpoint_dir=readonly / "runs")
     domains = trainer.memory.domain_ids[trainer.memory.domain_of].cpu()
     with pytest.raises(ValueError, match=r"sampler must be built on the memory's domains .*: the sampler's domains "
-                                         r"split the samples otherwise than the memory's from sample \d+ on"):
+                                         r"split the samples otherwise than the memory's: sample 0 is in a domain of"):
         build(*args, sampler=CrossDomainSampler(domains.roll(1), BATCH))  # one sample in the other domain
     with pytest.raises(ValueError, match=rf"the sampler's domains cover {n - 1} samples, the memory's {n}$"):
         build(*args, sampler=CrossDomainSampler(domains[:-1], BATCH))
@@ -688,11 +688,18 @@ def test_a_fill_dataset_in_another_domain_order_is_refused_at_construction():
         ProtoOTTrainer(*args, fill_dataset=swapped)
     # Without domain names: domain_ids that move one sample to the other domain.
     with pytest.raises(ValueError, match=r"fill_dataset must list the samples in the memory's order .*: its domain_ids "
-                                         r"split the samples otherwise than the memory's from sample 1 on "
-                                         r"\(domain sizes \[8, 8\], the memory's \[8, 8\]\)"):
+                                         r"split the samples otherwise than the memory's: sample 0 is in a domain "
+                                         r"of 8 samples there, of 8 in the memory, 1 of them in both$"):
         ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, images.domain_ids.roll(1)))
+    with pytest.raises(ValueError, match=r"sample 0 is in a domain of 8 samples there, of 8 in the memory, 1 of them "
+                                         r"in both$"):
+        ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, images.domain_ids.roll(1).numpy()))  # NumPy ids
+    with pytest.raises(ValueError, match=r"fill_dataset.domain_ids must be 1-D, got shape \(16, 1\)"):
+        ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, images.domain_ids[:, None]))
     ProtoOTTrainer(*args, fill_dataset=in_order)
     ProtoOTTrainer(*args, fill_dataset=WithDomainIds(in_order, 5 - images.domain_ids))  # the same domains, other ids
+    in_order.domains = ["Filled", "Outline"]  # other names in the same order: the samples are where they should be
+    ProtoOTTrainer(*args, fill_dataset=in_order)
 
 
 class HierarchicalIndices(torch.utils.data.Dataset):
