@@ -25,7 +25,8 @@ features (``--pretrained`` or ``--weights``). Both embed ``--batch-size`` images
 
 Bad input (missing domain folder, fewer than two domains, an unreadable image, a batch
 size not divisible by the number of domains, ...) ends with ``protoot: error: <message>``
-on stderr and exit code 2, without a traceback (``--debug`` shows it).
+on stderr and exit code 2, without a traceback (``--debug`` shows it); so do bad options, in one line.
+Ctrl-C ends with ``protoot: interrupted`` and exit code 130; ``last.pth`` then holds the last finished epoch.
 
 Example:
     >>> from pml_protoot.cli import main
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
         argv: arguments without the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        0 on success, 2 on a reported error (message on stderr, no traceback).
+        0 on success, 2 on a reported error (message on stderr, no traceback), 130 when interrupted (Ctrl-C).
     """
     parser = build_parser()
     try:
@@ -412,6 +413,11 @@ def main(argv=None) -> int:
             raise
         print(f"protoot: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint of the last finished epoch is whole (atomic writes)
+        if args.debug:
+            raise
+        print("protoot: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

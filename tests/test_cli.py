@@ -567,6 +567,21 @@ def test_an_empty_path_is_refused(command, option, tmp_path, capsys, monkeypatch
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_ctrl_c_ends_with_one_line_and_status_130(debug, capsys, monkeypatch):
+    """It printed a Python traceback; --debug still shows it."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate", interrupted)
+    argv = ["eval", "--backbone", "resnet10t", "--quiet"] + ["--debug"] * debug
+    if debug:
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    else:
+        assert run_main(argv, capsys) == (130, "", "protoot: interrupted\n")
+
+
 def test_version_prints_the_package_version(capsys):
     import pml_protoot
 
