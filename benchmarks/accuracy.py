@@ -984,6 +984,24 @@ def check_no_runs_dropped(out: Path, config: dict, runs: set) -> None:
         raise SystemExit(f"--out: {path} holds {what}; pass --resume to add to it, another --out, or --force to replace it")
 
 
+def check_not_merged(out: Path) -> None:
+    """Refuse to run a command into a table merged from several (``--merge`` joins their commands with " + "),
+    its own first command included: the table is rewritten after every run, so until the command ends (or
+    for good, if it is cut) it holds a fraction of its rows, and the rows it remakes replace the others'.
+
+    Raises:
+        SystemExit: naming the options that keep or replace it.
+    """
+    path = out.with_name(out.name + ".json")
+    if not path.exists():
+        return
+    previous = read_results(path, "--out")
+    commands = str(previous.get("command", "")).count(" + ") + 1
+    if commands > 1 or previous.get("merged_by"):
+        raise SystemExit(f"--out: {path} was merged from {commands} commands; run this one into another --out and "
+                         "--merge it in, pass --resume to add to it, or --force to replace it")
+
+
 def protocol_differences(there: dict, here: dict) -> str:
     """The ``PROTOCOL`` settings in which two results' configs differ, as ``"key X there, Y here; ..."``
     (empty when none do)."""
@@ -1049,6 +1067,7 @@ def main(argv=None) -> dict:
     # smoke results (git-ignored) are throwaway: only a table worth keeping is guarded
     if not (args.resume or args.force or out.resolve().is_relative_to(SMOKE_DIR.resolve())):
         check_no_runs_dropped(out, config, {(method, tuple(domains), seed) for domains, seed, method in tasks})
+        check_not_merged(out)
     todo = remaining(tasks, previous)
     if previous:
         logger.info("--resume: %d of %d tasks already in %s.json", len(tasks) - len(todo), len(tasks), out)

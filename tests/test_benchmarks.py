@@ -961,6 +961,29 @@ def test_merge_takes_every_method_by_default_needs_out_and_says_it_merged(accura
         accuracy.main(["--merge", sources[1], "--methods", "ProtoOT official", "--out", str(tmp_path / "none")])
 
 
+def test_a_table_merged_from_several_commands_is_not_rewritten_by_one_of_them(accuracy, tmp_path, monkeypatch):
+    """A command that makes every row again (the table's first command, say) rewrote it run by run: a cut run
+    left a fraction of the table."""
+    seeds, command = CUT_COMMAND.index("--seeds"), [*CUT_COMMAND[:-2], "ProtoOT default"]  # raw features: seed 0 only
+    with_seeds = lambda *chosen: [*command[:seeds + 1], *chosen, *command[seeds + 3:]]  # noqa: E731
+    FakeRuns(accuracy, monkeypatch)
+    table, other = tmp_path / "table", tmp_path / "other"
+    accuracy.main([*with_seeds("0", "1"), "--out", str(table)])
+    accuracy.main([*with_seeds("2"), "--out", str(other)])
+    accuracy.main(["--merge", str(table) + ".json", str(other) + ".json", "--out", str(table)])
+    merged = table.with_name("table.json").read_text()
+    rerun = FakeRuns(accuracy, monkeypatch)
+    every_row = with_seeds("0", "1", "2")
+    with pytest.raises(SystemExit, match=r"--out: .*table.json was merged from 2 commands; run this one into another "
+                                         r"--out and --merge it in, pass --resume to add to it, or --force"):
+        accuracy.main([*every_row, "--out", str(table)])
+    assert rerun.finished == [] and table.with_name("table.json").read_text() == merged
+    accuracy.main([*every_row, "--out", str(table), "--resume"])  # nothing left to run: the table stays whole
+    assert rerun.finished == [] and len(json.loads(merged)["runs"]) == 6
+    accuracy.main([*with_seeds("0"), "--out", str(table), "--force"])
+    assert {run["seed"] for run in json.loads(table.with_name("table.json").read_text())["runs"]} == {0}
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"runs": []}'])
 def test_resume_and_merge_refuse_a_file_that_is_not_results(accuracy, tmp_path, monkeypatch, content):
     FakeRuns(accuracy, monkeypatch)
