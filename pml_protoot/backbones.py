@@ -38,8 +38,8 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         pretrained: download timm's pretrained weights from the hub (needs internet); for a
             ``"local-dir:"`` name, load the folder's weights (offline).
         weights: path of a local state dict (``torch.save(model.state_dict())``, or a
-            safetensors file, timm's format) or a state dict itself, loaded with a strict key and shape check. Classifier
-            entries (``model.default_cfg["classifier"]``) are ignored when
+            safetensors file, timm's format) or a state dict itself, loaded with a strict key
+            and shape check. Classifier entries (``model.default_cfg["classifier"]``) are ignored when
             ``num_classes=0``, so a full timm checkpoint fits a headless trunk.
         num_classes: classifier outputs; 0 removes the classifier.
         **timm_kwargs: further keyword arguments of ``timm.create_model``, passed on as
@@ -55,8 +55,9 @@ def create_trunk(name: str, *, pretrained: bool = False, weights=None, num_class
         TypeError: ``name`` is not a string, or ``pretrained`` not a bool.
         ValueError: unknown model name, both ``pretrained`` and ``weights`` given, bad
             ``num_classes``, ``weights`` whose keys/shapes do not match (listed), a
-            ``weights`` file that is neither a ``torch.save`` nor a valid safetensors file, or ``global_pool=""`` or
-            ``features_only=True`` (their outputs are feature maps, not ``(B, feature_dim)`` rows).
+            ``weights`` file that is neither a ``torch.save`` nor a valid safetensors file, or
+            ``global_pool=""`` or ``features_only=True`` (their outputs are feature maps, not
+            ``(B, feature_dim)`` rows).
         FileNotFoundError: ``weights`` names a missing file.
         OSError: ``pretrained`` weights could not be downloaded (the message says what to do offline), or
             a ``"local-dir:"`` folder holds no weights file (``FileNotFoundError``).

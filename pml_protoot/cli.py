@@ -896,7 +896,8 @@ def evaluate(args) -> dict:
         # An end-to-end run's trunk is all in the checkpoint: its starting weights (a file that may be
         # gone, the hub) are not needed. A frozen trunk is not in it: that one is rebuilt as trained.
         built_as = config if config["freeze_trunk"] else {**config, "pretrained": False, "weights": None}
-        weights_named = "--weights" if args.weights else "the run's --weights (config.json; pass --weights FILE if it moved)"
+        weights_named = ("--weights" if args.weights
+                         else "the run's --weights (config.json; pass --weights FILE if it moved)")
         trunk, head, normalisation = _build_encoder(built_as, weights_named)
         _load_key_encoder(key_state, args.checkpoint, trunk, head, config)
     else:
@@ -981,12 +982,16 @@ def _check_run_data_is_there(config: dict, args) -> None:
     if config["data"] is None:
         return
     data = Path(config["data"])
-    if args.data is None and not data.is_dir():
-        raise CommandError(f"the run's data folder {str(data)!r} (config.json) is gone; pass --data DIR where its "
-                           "images are now")
+    if not data.is_dir():  # a --data given now is checked, and named, by the folder checks
+        if args.data is None:
+            raise CommandError(f"the run's data folder {str(data)!r} (config.json) is gone; pass --data DIR where "
+                               "its images are now")
+        return
+    if args.domains is not None:
+        return
     # None: the run's config.json predates resolved domains, so the run took all of the folder's
     missing = [domain for domain in config["domains"] or () if not (data / domain).is_dir()]
-    if args.domains is None and data.is_dir() and missing:
+    if missing:
         raise CommandError(f"{str(data)!r} has no folder for the run's domains {missing} (config.json); pass "
                            "--domains to score others")
 
@@ -1032,7 +1037,8 @@ def _key_encoder_state(path) -> tuple[dict, int]:
     try:
         key_state = {key.removeprefix("module."): value for key, value in state["key_encoder"].items()}
     except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry); {written_as}") from err
+        raise ValueError(f"{str(path)!r} is not a protoot train checkpoint (no key_encoder entry); "
+                         f"{written_as}") from err
     return key_state, int(state.get("epoch", 0))
 
 

@@ -446,7 +446,8 @@ def first_item(dataset, num_workers: int = 0):
         with torch.random.fork_rng(devices=cuda_devices):  # a loader draws its workers' seed here too
             if num_workers == 0:
                 return dataset[0]
-            loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[0], num_workers=1, collate_fn=_as_is)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[0], num_workers=1,
+                                                 collate_fn=_as_is)
             return next(iter(loader))
     finally:
         random.setstate(python_state)

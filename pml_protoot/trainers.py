@@ -143,13 +143,13 @@ class ProtoOTTrainer(BaseTrainer):
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
             ``fill_dataset`` whose length is not ``memory.num_samples`` (without one, a training
-            ``dataset`` shorter than it), a ``fill_dataset`` whose ``domains`` are the training dataset's
-            (or those of the dataset a ``TwoViewDataset`` wraps) in another order, or whose ``domain_ids`` split the
-            samples otherwise than the memory, a ``CrossDomainSampler`` on other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first
-            item of ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a
-            ``collate_fn`` or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that
-            is not ``(tensor, ...)``; at the first batch of the bank filling, models whose
-            embeddings are not ``memory.dim`` wide.
+            ``dataset`` shorter than it), a ``fill_dataset`` whose ``domains`` are the training
+            dataset's (or those of the dataset a ``TwoViewDataset`` wraps) in another order, or whose
+            ``domain_ids`` split the samples otherwise than the memory, a ``CrossDomainSampler`` on
+            other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first item of
+            ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a ``collate_fn``
+            or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that is not ``(tensor, ...)``;
+            at the first batch of the bank filling, models whose embeddings are not ``memory.dim`` wide.
 
     Warns:
         UserWarning: a ``ProtoOTMiner`` without ``update_prototypes`` on a memory without
@@ -687,7 +687,8 @@ def _is_index(value) -> bool:
     """Whether ``value`` is an integer sample index, or a row of them (PML's ``label_hierarchy_level``
     picks one column)."""
     if isinstance(value, torch.Tensor):
-        return value.ndim <= 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return (value.ndim <= 1 and not value.is_floating_point() and not value.is_complex()
+                and value.dtype != torch.bool)
     if isinstance(value, np.ndarray):
         return value.ndim <= 1 and np.issubdtype(value.dtype, np.integer)
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
