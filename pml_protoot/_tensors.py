@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 for a float64 ``tensor``, float32 for any other."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any of ``tensors`` is float64, float32 otherwise (half precision included)."""
+    return torch.float64 if any(tensor.dtype == torch.float64 for tensor in tensors) else torch.float32
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:

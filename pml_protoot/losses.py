@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
-from ._tensors import unit_rows
+from ._tensors import compute_dtype, unit_rows
 from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTLoss"]
@@ -257,7 +257,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """PML hook: the ``{"in_domain", "cross_domain"}`` loss dict; expects validated input
         whose keys are already in the memory (``forward`` does both)."""
-        dtype = torch.promote_types(embeddings.dtype, self.memory.prototypes.dtype)
+        dtype = compute_dtype(embeddings, self.memory.prototypes)  # half precision would run the softmax in bf16
         queries = unit_rows(embeddings).to(dtype)
         keys = unit_rows(ref_emb.detach()).to(dtype)
         # Domains only other ranks' batches hold come with no positions: their memory state still moves.
