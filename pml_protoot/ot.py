@@ -50,9 +50,11 @@ def sinkhorn(
     nothing can overflow, the arithmetic is the official one and the operations fewest.
     Beyond that, round 1 builds a kernel :math:`W = e^{S/\varepsilon - c}` shifted by its
     column log-sum-exp ``c`` (so nothing overflows while ``scores / epsilon`` itself is finite) in a single
-    N x K buffer. If a scaling vector still under- or overflows (an extreme class marginal,
-    e.g. :math:`\beta_k < 10^{-38}` in float32 with tiny ``epsilon``), the call falls back
-    to the shifted kernel, then to plain log-domain rounds.
+    N x K buffer. If an entry of that kernel underflows (scores in a column spanning more
+    than about :math:`87\varepsilon` in float32, :math:`708\varepsilon` in float64: converged rounds
+    would solve the problem without those cells), or a scaling vector under- or overflows (an extreme
+    class marginal, e.g. :math:`\beta_k < 10^{-38}` in float32 with tiny ``epsilon``), the call
+    falls back: from the plain kernel to the shifted one, from the shifted one to plain log-domain rounds.
 
     Args:
         scores: ``(N, K)`` or batched ``(B, N, K)`` similarities of samples to prototypes.
@@ -222,7 +224,7 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials
     ``log f`` (..., K, 1) (else None): ``W = exp(S/eps) diag(f)`` with ``f = beta / column sums`` of
     ``exp(S/eps - c)``, times ``exp(-c)``.
 
-    ``c`` is 0 without ``shift``.
+    ``c`` is 0 without ``shift``. None with ``shift`` when an entry of ``W`` underflowed, leaving the support.
 
     Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. With
     ``shift``, shifting by the column max makes every ``exp`` safe and needs one N x K buffer;
@@ -251,13 +253,15 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials
     rebuild = not (
         sample_sum.amin().item() >= scores.shape[-1] * _MIN_ROW_MAX or kernel.amax(dim=-2).min() >= _MIN_ROW_MAX
     )
-    if not (rebuild or potentials):
-        return kernel, sample_sum, None
     log_shift = column_max + column_sum.log() - beta.log()  # the kernel is exp(S/eps - log_shift)
     if rebuild:  # the same columns, rebuilt with per-sample shifts (absorbed by the row scaling)
         _logits(scores, epsilon, normalize_scores, out=kernel.mT).sub_(log_shift.mT)
         kernel.sub_(kernel.amax(dim=-2, keepdim=True)).exp_()
         sample_sum = kernel.sum(dim=-2, keepdim=True)
+    # An entry that underflowed (or lost precision as a subnormal) has left the plan's support: later
+    # rounds would converge to the plan on what is left, far from the true one with enough rounds.
+    if torch.where(beta > 0, kernel, torch.inf).amin() < torch.finfo(dtype).tiny:
+        return None
     return kernel, sample_sum, -log_shift if potentials else None
 
 
@@ -268,7 +272,10 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    kernel, sample_sum, log_factor = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials)
+    round_one = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials)
+    if round_one is None:
+        return None
+    kernel, sample_sum, log_factor = round_one
     num_samples = kernel.shape[-1]
     # u holds N times the row scaling (so P = diag(u) W diag(v) directly) and v is computed
     # from N * beta: no per-round multiplication by N.

@@ -243,15 +243,34 @@ def test_plain_kernel_runs_where_a_quarter_of_the_exponent_range_bounds_scores(
 
 
 def test_overflowing_plain_kernel_falls_back_to_the_shifted_one(kernel_runs, monkeypatch, device):
-    """With the bound lifted, exp(S/eps) overflows at eps 0.001: the plain path gives up, the answer stays right."""
+    """With the bound lifted, exp(S/eps) overflows (scores up to 1 at eps 0.01, in float32): the plain path
+    gives up. Scores within 0.2 of each other keep every shifted entry above exp(-20): the shifted one answers."""
     monkeypatch.setattr(ot_module, "_PLAIN_KERNEL_MAX_LOGIT", {torch.float32: math.inf, torch.float64: math.inf})
-    scores = random_scores(16, dtype=torch.float32, device=device)
+    scores = 0.9 + 0.1 * random_scores(16, dtype=torch.float32, device=device)
     scores[0, 0] = 1.0
     beta = random_marginal(16, dtype=torch.float32, device=device)
-    plan = sinkhorn(scores, beta, 0.001, 3)
+    plan = sinkhorn(scores, beta, 0.01, 3)
     assert kernel_runs == [(False, False), (True, True)]
-    expected = log_domain_official_sinkhorn(scores.double(), beta.double(), 0.001, 3)
-    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-4)
+    expected = log_domain_official_sinkhorn(scores.double(), beta.double(), 0.01, 3)
+    torch.testing.assert_close(plan.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, epsilon", [(torch.float64, 1e-3), (torch.float32, 5e-3)])
+def test_converged_plan_matches_pot_where_the_shifted_kernel_underflows(dtype, epsilon, kernel_runs, device):
+    """Scores spanning 2 at these epsilons put shifted kernel entries below the dtype's smallest normal
+    number: dropping them from the plan's support (the kernel held exact zeros) made rounds converge to
+    another plan, rows of it one-hot on the wrong prototype. The call must go to the log domain instead."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 5, generator=generator, dtype=torch.float64) * 2 - 1
+    beta = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
+    beta /= beta.sum()
+    plan = sinkhorn(scores.to(device, dtype), beta.to(device, dtype), epsilon, iterations=100_000, tol=1e-7)
+    assert kernel_runs == [(True, False)]  # neither scaled kernel answered
+    uniform = torch.full((50,), 1 / 50, dtype=torch.float64)
+    pot_plan = 50 * pot.bregman.sinkhorn_log(
+        uniform, beta, -scores.to(dtype).double(), epsilon, numItermax=100_000, stopThr=1e-12
+    )
+    torch.testing.assert_close(plan.double().cpu(), pot_plan, rtol=0, atol=1e-3)
 
 
 def test_small_epsilon_is_where_the_plain_formula_overflows():
@@ -316,7 +335,8 @@ def test_tolerance_never_exceeds_iterations(kernel, device):
 
 
 def extreme_problem(device):
-    """A class marginal with a 1e-320 entry and epsilon 1e-4: the scaling vectors overflow."""
+    """A class marginal with a 1e-320 entry and epsilon 1e-4: shifted kernel entries underflow and the
+    scaling vectors overflow."""
     scores = random_scores(14, shape=(20, 4), device=device)
     beta = torch.tensor([0.3, 0.3, 0.4, 1e-320], dtype=torch.float64, device=device)
     return scores, beta, 1e-4
@@ -326,7 +346,7 @@ def extreme_problem(device):
 def test_log_domain_fallback_equals_official_formula(iterations, count_log_domain_calls, device):
     scores, beta, epsilon = extreme_problem(device)
     result = sinkhorn(scores, beta, epsilon, iterations)
-    assert len(count_log_domain_calls) == (0 if iterations == 1 else 1)
+    assert len(count_log_domain_calls) == 1
     assert torch.isfinite(result).all()
     expected = log_domain_official_sinkhorn(scores, beta, epsilon, iterations)
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
@@ -389,12 +409,14 @@ def test_potentials_rebuild_every_row_of_the_plan(iterations, kernel, device):
 
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_potentials_of_the_per_sample_rebuilt_kernel_rebuild_its_plan(iterations, monkeypatch, device):
-    """Small epsilon in float32: samples far below every column max make round 1 rebuild its kernel
-    with per-sample shifts (a second _logits pass); the potentials must still give every row."""
+    """Small epsilon in float32: a sample 35 logits below every column max (all scores within 0.45, so
+    no entry underflows) makes round 1 rebuild its kernel with per-sample shifts (a second _logits pass);
+    the potentials must still give every row."""
     logits_calls = []
     original = ot_module._logits
     monkeypatch.setattr(ot_module, "_logits", lambda *args, **kwargs: logits_calls.append(1) or original(*args, **kwargs))
-    scores = random_scores(19, shape=(60, 5), dtype=torch.float32, device=device)
+    scores = 0.55 + 0.05 * random_scores(19, shape=(60, 5), dtype=torch.float32, device=device)
+    scores[0] = 0.15
     beta = random_marginal(19, 5, dtype=torch.float32, device=device)
     plan, potentials = sinkhorn(scores, beta, 0.01, iterations, return_potentials=True)
     assert len(logits_calls) == 2  # the rebuild ran
