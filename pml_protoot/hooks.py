@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
+from .distributed import get_rank
 from .testers import CrossDomainTester
 
 __all__ = ["ProtoOTHookContainer"]
@@ -36,7 +39,11 @@ class ProtoOTHookContainer(HookContainer):
 
     Its resume restores what PML's does (models, optimizers, ...) plus the key encoder,
     not the sampler or RNG states; :meth:`ProtoOTTrainer.load_checkpoint` with
-    ``checkpoint_dir`` is the exact resume.
+    ``checkpoint_dir`` is the exact resume. Record group names that record-keeper hashes
+    (over 64 characters) are hashed here too, so a new process finds earlier records.
+
+    Under ``torch.distributed`` every rank needs the hook (the tester all-gathers), each with
+    its own record folder; only rank 0 saves models.
 
     Args:
         record_keeper: a ``record_keeper.RecordKeeper``, as for PML's container.
@@ -67,17 +74,61 @@ class ProtoOTHookContainer(HookContainer):
         Raises:
             ValueError: another split of this container already has the same table-safe name.
         """
+        from record_keeper.utils import hash_if_too_long  # installed wherever a RecordKeeper is
+
         name = _table_safe(super().record_group_name(tester, split_name))
-        for hashed, full in self.record_keeper.hash_map.items():  # record-keeper hashes long names
-            if full == name:
-                name = hashed
-                break
         claimed = self._split_of_group.setdefault(name, split_name)
         if claimed != split_name:
             raise ValueError(f"results keys {claimed!r} and {split_name!r} both record as {name!r} (record-keeper "
                              "takes only letters, digits and _ in its table names): rename a domain or pass "
                              "the tester another pair_separator")
-        return name
+        # record-keeper stores a long name hashed; PML found the hash only in this process's hash_map,
+        # so a resumed run looked up tables that did not exist, and tested and recorded epochs again.
+        hashed = hash_if_too_long(name)
+        if hashed != name:
+            self.record_keeper.hash_map[hashed] = name  # kept readable in the records' hash_map.json
+        return hashed
+
+    def load_latest_saved_models(self, trainer, model_folder, device=None, best=False):
+        """PML's, refusing a folder that lacks a ``protoot_modules`` file (``key_encoder_<suffix>.pth``,
+        and ``memory_<suffix>.pth`` where no loss or miner holds the memory), e.g. one written by PML's
+        container: PML's loader logs a missing file and goes on, here with the key encoder untrained.
+
+        Returns:
+            The epoch to resume from: the last saved one plus 1 (1 when nothing is saved).
+
+        Raises:
+            FileNotFoundError: the latest saved models have no file for a ``protoot_modules`` entry.
+        """
+        _, suffix = c_f.latest_version(model_folder, "trunk_*.pth", best=best)
+        for name in trainer.protoot_modules if suffix is not None else ():
+            path = c_f.modelpath_creator(model_folder, name, suffix)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: the models saved as {suffix!r} in {model_folder} cannot resume a "
+                    f"ProtoOTTrainer without its {name} (a folder of PML's HookContainer has none)"
+                )
+        return super().load_latest_saved_models(trainer, model_folder, device=device, best=best)
+
+    def end_of_epoch_hook(self, tester, dataset_dict, model_folder, test_interval=1, patience=None,
+                          splits_to_eval=None, test_collate_fn=None):
+        """PML's, refusing now a ``validation_split_name`` the tester will not report (PML's failed with a
+        ``KeyError`` after the first epoch and the bank filling). Under ``torch.distributed`` give it to
+        every rank: the tester all-gathers embeddings, so every rank must test."""
+        reported = _reported_split_names(tester, dataset_dict, splits_to_eval)
+        if self.validation_split_name not in reported:
+            raise ValueError(
+                f"validation_split_name {self.validation_split_name!r} is not among the results keys "
+                f"{type(tester).__name__} will report for this dataset_dict: {sorted(reported)}"
+            )
+        return super().end_of_epoch_hook(tester, dataset_dict, model_folder, test_interval, patience,
+                                         splits_to_eval, test_collate_fn)
+
+    def save_models(self, trainer, model_folder, curr_suffix, prev_suffix=None):
+        """PML's, on rank 0 only under ``torch.distributed``: every rank holds the same models, and
+        ranks sharing a model folder wrote the same files at once."""
+        if get_rank() == 0:
+            super().save_models(trainer, model_folder, curr_suffix, prev_suffix)
 
     def run_tester_separately(self, tester, dataset_dict, epoch, trunk, embedder, splits_to_eval=None,
                               collate_fn=None, skip_eval_if_already_done=True):
@@ -108,6 +159,14 @@ class ProtoOTHookContainer(HookContainer):
         return super().save_models_and_eval(
             trainer, dataset_dict, model_folder, test_interval, _KeyEncoderTester(tester, trainer), *args, **kwargs
         )
+
+
+def _reported_split_names(tester, dataset_dict, splits_to_eval) -> set:
+    """The results keys a test of ``dataset_dict`` will give: a :class:`CrossDomainTester`'s pairs and
+    ``"mean"``; a PML tester's query splits."""
+    if isinstance(tester, CrossDomainTester):
+        return set(tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), splits_to_eval)))
+    return {query for query, _ in splits_to_eval} if splits_to_eval else set(dataset_dict)
 
 
 class _PlannedTest:

@@ -130,3 +130,60 @@ def test_run_tester_separately_leaves_other_testers_to_pml_and_a_skipped_tester_
     names = tester.reference_split_names
     assert not hooks.run_tester_separately(tester, datasets, 1, model, None)
     assert tester.reference_split_names is names  # the planned test's names stayed off the tester
+
+
+def test_a_new_process_skips_epochs_recorded_under_hashed_group_names(tmp_path):
+    """record-keeper hashes group names of over 64 characters (every pair's here) and kept the hash only
+    in the hash_map of the process that wrote them: run_tester_separately in a new process (before it
+    wrote anything) looked up unhashed tables, found no records, and tested and recorded epoch 2 again."""
+    trainer, first_tester, first_hooks = train_with_hooks(tmp_path)
+    assert len(first_hooks.record_keeper.hash_map[first_hooks.record_group_name(first_tester, "mean")]) > 64
+    keeper = record_keeper.RecordKeeper(record_writer=record_keeper.RecordWriter(folder=str(tmp_path / "records")))
+    hooks = ProtoOTHookContainer(keeper)  # a new process: an empty hash_map
+    tester = make_tester(end_of_testing_hook=hooks.end_of_testing_hook)
+    key_trunk, key_embedder = trainer.key_encoder.module
+    assert not hooks.run_tester_separately(tester, domain_datasets(), 2, key_trunk, key_embedder)
+    assert hooks.run_tester_separately(tester, domain_datasets(), 3, key_trunk, key_embedder)
+    keeper.save_records()
+    assert hooks.get_accuracy_history(tester, "mean")["epoch"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("missing", ["key_encoder_2.pth", "all ProtoOT files (a PML HookContainer's folder)"])
+def test_load_latest_saved_models_refuses_models_without_the_key_encoder(tmp_path, missing):
+    """PML's loader only logs a missing file: resuming went on with an untrained key encoder."""
+    train_with_hooks(tmp_path)
+    for path in (tmp_path / "models").glob("key_encoder_*.pth" if missing.startswith("all") else missing):
+        path.unlink()
+    hooks = ProtoOTHookContainer(record_keeper.RecordKeeper())
+    with pytest.raises(FileNotFoundError, match=r"key_encoder_2\.pth is missing: the models saved as 2 in .* cannot "
+                                                r"resume a ProtoOTTrainer without its key_encoder"):
+        hooks.load_latest_saved_models(make_trainer("cpu", seed=5), str(tmp_path / "models"))
+
+
+def test_load_latest_saved_models_of_an_empty_folder_starts_at_epoch_1(tmp_path):
+    hooks = ProtoOTHookContainer(record_keeper.RecordKeeper())
+    assert hooks.load_latest_saved_models(make_trainer("cpu"), str(tmp_path)) == 1
+
+
+def test_a_validation_split_the_tester_will_not_report_is_refused_when_the_hook_is_made(tmp_path):
+    """PML's container failed with a bare KeyError after the first epoch and the bank filling."""
+    hooks = ProtoOTHookContainer(record_keeper.RecordKeeper(), primary_metric="precision_at_1")
+    pml_tester = GlobalEmbeddingSpaceTester(accuracy_calculator=AccuracyCalculator(include=("precision_at_1",)))
+    with pytest.raises(ValueError, match=r"validation_split_name 'mean' is not among the results keys "
+                                         r"GlobalEmbeddingSpaceTester will report for this dataset_dict: \['val'\]"):
+        hooks.end_of_epoch_hook(pml_tester, {"val": None}, str(tmp_path))
+    hooks.end_of_epoch_hook(pml_tester, {"other": None}, str(tmp_path), splits_to_eval=[("mean", ["other"])])
+    pair_hooks = ProtoOTHookContainer(record_keeper.RecordKeeper(), validation_split_name="photo_to_sketch")
+    pair_hooks.end_of_epoch_hook(make_tester(), domain_datasets(), str(tmp_path))
+    with pytest.raises(ValueError, match=r"'photo_to_sketch' is not among .*: \['mean', 'sketch_to_photo'\]"):
+        pair_hooks.end_of_epoch_hook(make_tester(), domain_datasets(), str(tmp_path),
+                                     splits_to_eval=[("sketch", "photo")])
+
+
+def test_only_rank_0_saves_models(tmp_path, monkeypatch):
+    """Under torch.distributed every rank runs the hook (the tester is a collective) and holds the same
+    models: the others' writes into a shared model folder raced rank 0's."""
+    monkeypatch.setattr("pml_protoot.hooks.get_rank", lambda: 1)
+    trainer, tester, hooks = train_with_hooks(tmp_path)
+    assert hooks.get_accuracy_history(tester, "mean")["epoch"] == [1, 2]  # it tested and recorded
+    assert list((tmp_path / "models").iterdir()) == []
