@@ -148,7 +148,8 @@ class ProtoOTTrainer(BaseTrainer):
             ``domain_ids`` split the samples otherwise than the memory, a ``CrossDomainSampler`` on
             other domains than the memory's, a ``checkpoint_dir`` that is a file, or a first item of
             ``dataset`` that is not ``((query_view, key_view), index)`` (unchecked with a ``collate_fn``
-            or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that is not ``(tensor, ...)``;
+            or ``data_and_label_getter`` of your own) or of ``fill_dataset`` that is not ``(tensor, ...)``
+            (a float tensor beside a ``batch_transform``: it does not transform fill views);
             at the first batch of the bank filling, models whose embeddings are not ``memory.dim`` wide.
 
     Warns:
@@ -248,7 +249,8 @@ class ProtoOTTrainer(BaseTrainer):
         dataset whose first item has the wrong layout (:func:`_check_first_items`). A ``collate_fn`` or
         ``data_and_label_getter`` of the user's own may take training items of another layout."""
         custom_items = self.collate_fn is not None or self.data_and_label_getter is not None
-        _check_first_items(None if custom_items else self.dataset, self.fill_dataset, self.dataloader_num_workers)
+        _check_first_items(None if custom_items else self.dataset, self.fill_dataset, self.dataloader_num_workers,
+                           self.batch_transform)
 
     def initialize_models(self):
         super().initialize_models()
@@ -653,10 +655,12 @@ def _first_field(batch):
     return batch[0]
 
 
-def _check_first_items(dataset, fill_dataset, num_workers: int) -> None:
+def _check_first_items(dataset, fill_dataset, num_workers: int, batch_transform=None) -> None:
     """Refuse a training (unless None) or bank-filling dataset whose first item has the wrong layout now, not
     after the bank-filling pass and K-means (a ``MetricLossOnly`` dataset of ``(image, class_label)`` items is
-    the usual slip). The items are read as the trainer's loaders read them (:func:`~pml_protoot.data.first_item`)."""
+    the usual slip), and integer fill views beside a ``batch_transform`` (built like its decoded training
+    images, they reach the models untransformed). The items are read as the trainer's loaders read them
+    (:func:`~pml_protoot.data.first_item`)."""
     item = first_item(dataset, num_workers) if dataset is not None else None
     if item is not None and not _is_two_view_item(item):
         hint = (": (image, class_label) items, as MetricLossOnly takes, go through TwoViewDataset(images, views, "
@@ -671,6 +675,11 @@ def _check_first_items(dataset, fill_dataset, num_workers: int) -> None:
     check_no_pil_images("fill_dataset items", item)
     if not isinstance(item, (tuple, list)) or not item or not isinstance(item[0], (torch.Tensor, np.ndarray)):
         raise ValueError(f"{FILL_ITEMS}; fill_dataset[0] is {item_layout(item)}")
+    if batch_transform is not None and not torch.as_tensor(item[0]).is_floating_point():
+        raise ValueError(
+            f"fill_dataset[0]'s eval view is of dtype {item[0].dtype}: fill_dataset views reach the models as they "
+            "are, not through batch_transform; give normalised float eval views, e.g. eval_transform(size, mean, std)"
+        )
 
 
 def _is_two_view_item(item) -> bool:

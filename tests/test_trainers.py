@@ -563,6 +563,20 @@ def test_batch_transform_leaves_the_fill_dataset_alone(device):
     assert calls == [BATCH, BATCH]  # one step's query and key views; the eval-view fill set is not transformed
 
 
+@pytest.mark.parametrize("to_array", [False, True], ids=["tensor", "array"])
+def test_integer_fill_views_beside_a_batch_transform_are_refused_at_construction(to_array, device):
+    """A fill set decoded like MoCoV2Augment's uint8 training images reached the trunk untransformed: a conv
+    dtype error at the first bank-filling batch (a float one in 0-255 silently filled unnormalised banks)."""
+    trainer = make_trainer(device)
+    features = (trainer.fill_dataset.features * 10).clamp(0, 255).to(torch.uint8)
+    items = [(row.numpy() if to_array else row, i) for i, row in enumerate(features)]
+    shown = "uint8" if to_array else "torch.uint8"
+    with pytest.raises(ValueError, match=rf"fill_dataset\[0\]'s eval view is of dtype {shown}: fill_dataset views "
+                                         "reach the models as they are, not through batch_transform"):
+        make_trainer(device, fill_dataset=items, batch_transform=lambda views: views.float())
+    make_trainer(device, fill_dataset=items)  # without a batch_transform the models may take them as they are
+
+
 def test_bad_arguments_are_rejected_with_their_names(device):
     with pytest.raises(ValueError, match="momentum"):
         make_trainer(device, momentum=1.5)
