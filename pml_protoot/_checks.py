@@ -183,7 +183,9 @@ def check_choice(name: str, value, choices: Sequence) -> None:
 
 def check_per_channel(name: str, values, positive: bool = False) -> tuple[float, float, float]:
     """``values``, three finite numbers (R, G, B) or one for every channel as ``T.Normalize`` takes, as a
-    3-tuple of floats; ``positive`` refuses values <= 0 (a zero std gives inf and NaN silently)."""
+    3-tuple of floats, each at most 1: the statistics of images in [0, 1] (0-255 ones, such as
+    ``(123.7, 116.3, 103.5)``, made every output nearly constant, silently); ``positive`` refuses
+    values <= 0 (a zero std gives inf and NaN silently)."""
     if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:
         values = [values]
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
@@ -194,6 +196,9 @@ def check_per_channel(name: str, values, positive: bool = False) -> tuple[float,
         check_number(f"{name}[{i}]", value, low=0.0 if positive else None, strict=positive)
         for i, value in enumerate(values)
     ]
+    if max(checked) > 1:
+        raise ValueError(f"{name} must hold statistics of images in [0, 1], at most 1, got {values!r}: "
+                         "divide 0-255 statistics by 255")
     return tuple(checked * (3 // len(checked)))
 
 

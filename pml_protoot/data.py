@@ -688,7 +688,8 @@ def moco_v2_transform(
 
     Raises:
         TypeError: ``image_size`` not an integer, ``mean``/``std`` not numbers.
-        ValueError: ``image_size < 1``; ``mean``/``std`` not 1 or 3 finite values, or a ``std`` <= 0.
+        ValueError: ``image_size < 1``; ``mean``/``std`` not 1 or 3 finite values, a value above 1
+            (0-255 statistics), or a ``std`` <= 0.
 
     Example:
         >>> from PIL import Image
@@ -710,7 +711,8 @@ def moco_v2_transform(
 
 
 def _check_normalisation(mean, std) -> None:
-    """Refuse what ``T.Normalize`` takes silently (NaN) or refuses only at the first image (a zero std).
+    """Refuse what ``T.Normalize`` takes silently (NaN, 0-255 statistics) or refuses only at the first
+    image (a zero std).
     The values go to it as given: their repr is part of a feature cache's key."""
     check_per_channel("mean", mean)
     check_per_channel("std", std, positive=True)

@@ -226,6 +226,10 @@ def test_augment_mean_and_std_take_one_value_for_every_channel_or_three():
         (dict(mean=(0.5, 0.5)), ValueError, r"mean must be 1 or 3 numbers \(R, G, B\), got 2"),
         (dict(std=None), TypeError, "std must be 1 or 3 numbers .* got NoneType"),
         (dict(mean="0.5"), TypeError, "mean must be 1 or 3 numbers .* got str"),
+        # 0-255 statistics on [0, 1] images made every output nearly constant, silently
+        (dict(mean=(123.7, 116.3, 103.5)), ValueError,
+         r"mean must hold statistics of images in \[0, 1\], at most 1, got \(123.7, 116.3, 103.5\): divide 0-255"),
+        (dict(std=(58.4, 57.1, 57.4)), ValueError, r"std must hold statistics of images in \[0, 1\]"),
     ],
 )
 @pytest.mark.parametrize("make", [MoCoV2Augment, moco_v2_transform, eval_transform])
