@@ -52,6 +52,10 @@ HOST_BUFFERS = ("epoch", "refresh_countdown", "potentials_valid")
 #: means, below a float16 or bfloat16 ulp of a mean on a large bank, so the additions would round away; the
 #: column potentials reach about max |S| / epsilon, past float16's range at a small epsilon (D x D x K values).
 ACCUMULATOR_BUFFERS = ("prototype_means", "column_potentials")
+#: The cached OT of ``refresh_every > 1``: derived state, which a full OT rebuilds.
+REFRESH_CACHE_BUFFERS = (
+    "refresh_countdown", "potentials_valid", "column_potentials", "reference_prototypes", "prototype_means"
+)
 #: Bank rows a half-precision memory upcasts at a time to score them in float32: a bounded temporary.
 SCORE_CHUNK_ROWS = 65_536
 
@@ -286,6 +290,7 @@ class PrototypeMemory(torch.nn.Module):
         self._check_sample_layout(state_dict, prefix)
         self._check_banks_fit(state_dict, prefix)
         self._convert_prototype_sums(state_dict, prefix)
+        self._match_refresh_cache(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bank_indexes.clear()  # rebuilt from the loaded banks at the next search
         self._keep_host_buffers_on_cpu()  # load_state_dict(assign=True) puts in the saved tensors, on any device
@@ -316,6 +321,17 @@ class PrototypeMemory(torch.nn.Module):
         if sums is not None and prefix + "prototype_means" not in state_dict:
             sizes = torch.bincount(self.domain_of.cpu(), minlength=self.num_domains).to(sums)
             state_dict[prefix + "prototype_means"] = sums / sizes[:, None, None]
+
+    def _match_refresh_cache(self, state_dict, prefix: str) -> None:
+        """Load a checkpoint of another ``refresh_every``: an exact memory drops the saved OT cache; a
+        cached one given none starts with every domain due for a full OT (countdown 0, no plan valid)."""
+        saved = [name for name in REFRESH_CACHE_BUFFERS if prefix + name in state_dict]
+        if self.refresh_every == 1:
+            for name in saved:
+                del state_dict[prefix + name]
+        elif not saved:
+            for name in REFRESH_CACHE_BUFFERS:
+                state_dict[prefix + name] = torch.zeros_like(self._buffers[name])
 
     def _check_sample_layout(self, state_dict, prefix: str) -> None:
         """Raise unless the checkpoint maps every global index to the domain and row the constructor's

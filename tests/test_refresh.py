@@ -240,6 +240,26 @@ def test_state_dict_round_trips_the_cache_and_bad_refresh_every_is_rejected(devi
             PrototypeMemory(DOMAINS, DIM, K, refresh_every=bad)
 
 
+@pytest.mark.parametrize("saved_every, loaded_every", [(1, 3), (3, 1)])
+def test_a_checkpoint_of_another_refresh_every_loads_and_the_next_step_is_a_full_ot(saved_every, loaded_every, device):
+    """The OT cache is derived state: switching refresh_every across a resume failed with torch's bare
+    "Missing/Unexpected key(s)". A cached memory given none is due for a full OT in every domain."""
+    saved = ready_memory(saved_every, torch.float64, device)
+    saved.step_pseudo_labels(0, torch.arange(4, device=device))
+    loaded = PrototypeMemory(DOMAINS, DIM, K, epsilon=EPSILON, refresh_every=loaded_every)
+    loaded = loaded.to(device=device, dtype=torch.float64)
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.state_dict().keys() == PrototypeMemory(DOMAINS, DIM, K, refresh_every=loaded_every).state_dict().keys()
+    rows = torch.arange(5, device=device)
+    for domain in (0, 1):
+        bank, prototypes = loaded.bank(domain).cpu(), loaded.prototypes[domain].cpu().clone()
+        full = official_sinkhorn(bank @ prototypes.T, loaded.class_marginals[domain].cpu())
+        assert loaded.step_pseudo_labels(domain, rows).tolist() == full[:5].argmax(dim=1).tolist()
+        torch.testing.assert_close(loaded.prototypes[domain].cpu(), F.normalize(full.T @ bank, dim=1))
+    if loaded_every > 1:
+        assert loaded.refresh_countdown.tolist() == [loaded_every - 1] * 2
+
+
 def test_a_checkpoint_with_the_former_prototype_sums_loads_as_means(device):
     memory = ready_memory(3, torch.float64, device)
     memory.step_pseudo_labels(0, torch.arange(4, device=device))
