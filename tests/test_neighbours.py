@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import pml_protoot.memory as memory_module
 from pml_protoot.losses import ProtoOTLoss
-from pml_protoot.memory import BankIndex, PrototypeMemory
+from pml_protoot.memory import BankIndex, PrototypeMemory, exact_nearest_rows
 
 DTYPES = [torch.float32, torch.float64]
 DIM, K = 8, 3
@@ -134,3 +134,13 @@ def test_bank_index_and_nearest_rows_reject_bad_input():
         memory.nearest_rows(0, torch.zeros(2, DIM + 1), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"domain \(a domain slot\) must be an integer"):
         memory.nearest_rows(2, torch.zeros(2, DIM), torch.tensor([0, 1]))
+
+
+def test_exact_search_takes_the_first_of_tied_rows(device):
+    """The brute-force reference (argmax) takes the first of equal scores; so must the search, whatever
+    reduction it uses."""
+    bank = unit_rows(20, 5, torch.float32).to(device)
+    bank[[3, 9, 14]] = bank[11].clone()  # three copies of row 11, which is each anchor's own row
+    anchors = bank[[11, 11]]
+    own_rows = torch.tensor([11, 3], device=device)
+    assert exact_nearest_rows(anchors, bank, own_rows).tolist() == [3, 9]
