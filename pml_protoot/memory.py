@@ -27,7 +27,7 @@ from ._checks import (
 )
 from ._progress import progress_bar
 from ._tensors import compute_dtype
-from .distributed import all_gather_rows, broadcast_, get_rank
+from .distributed import all_gather_rows, broadcast_, get_rank, get_world_size
 from .ot import _logits, sinkhorn
 
 __all__ = [
@@ -450,7 +450,7 @@ class PrototypeMemory(torch.nn.Module):
         indices = self.check_indices("indices", indices)
         slots = self.domain_of[indices]
         present = torch.unique(slots)
-        if across_ranks:
+        if across_ranks and get_world_size() > 1:  # one process: no second pass and device sync
             present = torch.unique(all_gather_rows(present))
         groups = []
         for slot in present.tolist():
