@@ -246,16 +246,17 @@ class MoCoV2Augment(torch.nn.Module):
     Args:
         image_size: output side ``S``.
         mean, std: per-channel normalisation, three finite numbers (R, G, B) or one for every
-            channel, statistics of images in [0, 1] (at most 1); ``std > 0``. ImageNet's by default, which most timm weights
-            expect; take your trunk's from ``timm.data.resolve_data_config(model=trunk)``
-            (``tf_efficientnet_lite0``, for one, wants 0.5/0.5).
+            channel, statistics of images in [0, 1] (at most 1); ``std > 0``. ImageNet's by
+            default, which most timm weights expect; take your trunk's from
+            ``timm.data.resolve_data_config(model=trunk)`` (``tf_efficientnet_lite0``, for one,
+            wants 0.5/0.5).
 
     Raises:
         TypeError: ``image_size`` not an integer, or ``mean`` / ``std`` not one or a sequence of
             real numbers.
         ValueError: ``image_size < 1``, ``mean`` / ``std`` not 1 or 3 values, not finite, above 1
-            (0-255 statistics), or a ``std`` value <= 0; on a call, images that are not ``(B >= 1, 3, H, W)`` ``uint8`` or
-            float in [0, 1].
+            (0-255 statistics), or a ``std`` value <= 0; on a call, images that are not
+            ``(B >= 1, 3, H, W)`` ``uint8`` or float in [0, 1].
 
     Shape:
         - Input: ``(B, 3, H, W)``, ``uint8`` (0–255) or float in [0, 1], any device.

@@ -249,7 +249,8 @@ def test_a_checkpoint_of_another_refresh_every_loads_and_the_next_step_is_a_full
     loaded = PrototypeMemory(DOMAINS, DIM, K, epsilon=EPSILON, refresh_every=loaded_every)
     loaded = loaded.to(device=device, dtype=torch.float64)
     loaded.load_state_dict(saved.state_dict())
-    assert loaded.state_dict().keys() == PrototypeMemory(DOMAINS, DIM, K, refresh_every=loaded_every).state_dict().keys()
+    expected_keys = PrototypeMemory(DOMAINS, DIM, K, refresh_every=loaded_every).state_dict().keys()
+    assert loaded.state_dict().keys() == expected_keys
     rows = torch.arange(5, device=device)
     for domain in (0, 1):
         bank, prototypes = loaded.bank(domain).cpu(), loaded.prototypes[domain].cpu().clone()
