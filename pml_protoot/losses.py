@@ -329,7 +329,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
         negative_logits = queries @ prototypes.T
         if normalize_negatives:
             negative_logits = F.normalize(negative_logits, dim=1)
-        own_prototype = F.one_hot(targets, len(prototypes)).bool()
+        # The same mask as F.one_hot(...).bool(), without its range checks (two device reads on a CPU)
+        own_prototype = targets[:, None] == torch.arange(len(prototypes), device=targets.device)
         negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
         logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
