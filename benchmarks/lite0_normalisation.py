@@ -28,7 +28,9 @@ from pml_protoot import MultiDomainImageFolder, convert_efficientnet_lite0_weigh
 from pml_protoot.backbones import load_saved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, configure_logging, markdown_table, pin_threads, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    check_same_options, command_line, configure_logging, int_in, markdown_table, pin_threads, write_results,
+)
 from accuracy import BACKBONE, DATA, NORMALISATION  # noqa: E402
 
 logger = logging.getLogger("benchmarks.lite0_normalisation")
@@ -82,10 +84,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="pacs-mini (or any <root>/<domain>/<class>/ tree)")
     parser.add_argument("--per-class", type=int, help="images per domain and class (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int_in(1), default=32)
+    parser.add_argument("--out", help="results name under benchmarks/results (default lite0_normalisation)")
+    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args(argv)
     if args.per_class is not None and args.per_class < 1:
         parser.error(f"--per-class must be a positive number of images, got {args.per_class}")
+    results_name, smoke = args.out or "lite0_normalisation", args.per_class is not None
+    if not smoke:  # a --per-class run writes to results/smoke/
+        check_same_options(results_name, parser, args)
     configure_logging()
     threads, started = pin_threads(1), time.perf_counter()
     model, views = lite0_classifier(), normalisations()
@@ -117,8 +124,7 @@ def main(argv=None) -> dict:
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "wall_seconds": time.perf_counter() - started,
         "imagenet_classes": {name: list(ids) for name, ids in IMAGENET_CLASSES.items()}, "rows": rows,
     }
-    smoke = args.per_class is not None
-    json_path, md_path = write_results("lite0_normalisation", payload, report(payload), smoke=smoke)
+    json_path, md_path = write_results(results_name, payload, report(payload), smoke=smoke)
     print(report(payload))
     logger.info("wrote %s and %s", json_path, md_path)
     return payload

@@ -829,6 +829,14 @@ def test_lite0_normalisation_scores_both_normalisations_on_every_domain(monkeypa
     assert "| photo | ImageNet mean/std | 4 |" in markdown
 
 
+def test_lite0_normalisation_refuses_to_replace_the_published_table_with_other_options(monkeypatch, tmp_path):
+    """It wrote results/lite0_normalisation.* for any --data, silently replacing the published table."""
+    module = load_script("lite0_normalisation", monkeypatch)
+    monkeypatch.setattr(module, "lite0_classifier", lambda: pytest.fail("ran before the check"))
+    with pytest.raises(SystemExit, match=r"lite0_normalisation\.json was made by .* pass --out NAME"):
+        module.main(["--data", str(tmp_path)])
+
+
 COARSE_IVF = {"neighbour_search": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_buffer_rows": 64}
 DEFAULT_ROW_CHANGES = {
     "ProtoOT default, not centred": {"center_domains": False},
