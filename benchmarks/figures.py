@@ -192,7 +192,8 @@ def strip_figure(epochs: int, seed: int = 0, device: str = "cpu", data=accuracy.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="accuracy.py's results JSON")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: docs/img, the images the README shows: they are replaced)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the PNGs (default: docs/img, the images the README shows: they are replaced)")
     parser.add_argument("--epochs", type=int_in(1), default=30, help="training epochs of the strip's heads")
     parser.add_argument("--data", default=str(accuracy.DATA), help="the pacs-mini folder of the strip")
     parser.add_argument("--cache-dir", default=str(accuracy.CACHE_DIR), help="the strip's feature cache folder")

@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-class", type=int, help="images per domain and class (default: all)")
     parser.add_argument("--batch-size", type=int_in(1), default=32)
     parser.add_argument("--out", help="results name under benchmarks/results (default lite0_normalisation)")
-    parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the published results even when another command made them")
     args = parser.parse_args(argv)
     if args.per_class is not None and args.per_class < 1:
         parser.error(f"--per-class must be a positive number of images, got {args.per_class}")
