@@ -48,7 +48,8 @@ def evaluate(model: torch.nn.Module, dataset_dict: dict, k_values=(1, 5, 15)) ->
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18", help="any timm model name")
-    parser.add_argument("--weights", help="local state dict of that model")
+    parser.add_argument("--weights", help="local state dict of that model (offline tf_efficientnet_lite0 weights: "
+                        "torch.save(pml_protoot.convert_efficientnet_lite0_weights(), FILE))")
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     parser.add_argument("--data", help="folder of <domain>/<class>/<image> (default: the demo set)")
     parser.add_argument("--domains", nargs="+")
