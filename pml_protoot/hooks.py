@@ -151,7 +151,7 @@ class ProtoOTHookContainer(HookContainer):
 
     def _epoch_recorded(self, tester, dataset_dict, epoch, pairs) -> bool:
         # Group names are made from the split names this test would leave on the tester; it keeps its own.
-        planned = _PlannedTest(tester, tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), pairs)))
+        planned = _PlannedTest(tester, _planned_split_names(tester, dataset_dict, pairs))
         return all(self.get_accuracies_of_epoch(planned, key, epoch) for key in planned.reference_split_names)
 
     def save_models_and_eval(self, trainer, dataset_dict, model_folder, test_interval, tester, *args, **kwargs):
@@ -165,8 +165,13 @@ def _reported_split_names(tester, dataset_dict, splits_to_eval) -> set:
     """The results keys a test of ``dataset_dict`` will give: a :class:`CrossDomainTester`'s pairs and
     ``"mean"``; a PML tester's query splits."""
     if isinstance(tester, CrossDomainTester):
-        return set(tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), splits_to_eval)))
+        return set(_planned_split_names(tester, dataset_dict, splits_to_eval))
     return {query for query, _ in splits_to_eval} if splits_to_eval else set(dataset_dict)
+
+
+def _planned_split_names(tester: CrossDomainTester, dataset_dict, pairs) -> dict:
+    """The ``reference_split_names`` a test of ``pairs`` of ``dataset_dict`` would leave on ``tester``."""
+    return tester._reference_split_names(tester._resolve_pairs(list(dataset_dict), pairs))
 
 
 class _PlannedTest:
