@@ -52,10 +52,12 @@ def main(argv=None) -> dict:
                         "torch.save(pml_protoot.convert_efficientnet_lite0_weights(), FILE))")
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     parser.add_argument("--data", help="folder of <domain>/<class>/<image> (default: the demo set)")
-    parser.add_argument("--domains", nargs="+")
+    parser.add_argument("--domains", nargs="+", help="domain folders of --data (default: all)")
     parser.add_argument("--image-size", type=int, help="default: 64, or the size timm builds a ViT or Swin for")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.domains and args.data is None:
+        parser.error("--domains picks folders of --data; the demo set takes no --domains")
 
     if not (args.pretrained or args.weights):
         print(f"note: {args.backbone} has random weights (no --pretrained or --weights): a baseline, not a model")

@@ -123,6 +123,8 @@ def main(argv=None):
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:  # PML would take 0 for a pass and -3 for no step
+        parser.error(f"--iterations must be at least 1, got {args.iterations}")
     device = torch.device(args.device)
     steps = "one pass of its sampler" if args.iterations is None else f"{args.iterations} iterations"
     torch.manual_seed(0)

@@ -70,6 +70,9 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, help="steps per epoch (default: one pass over the largest domain)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for option in ("epochs", "iterations"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     # ViTs and Swin take only the size timm builds them for; 64 keeps other backbones quick on a CPU.
     size = args.image_size if args.image_size is not None else (fixed_input_size(args.backbone) or (64,))[0]
     device = torch.device(args.device)

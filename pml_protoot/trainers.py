@@ -18,7 +18,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from ._checks import as_index_tensor, caller_stacklevel, check_number, check_positive_int
+from ._checks import as_index_tensor, caller_stacklevel, check_non_negative_int, check_number, check_positive_int
 from ._files import atomic_write, check_creatable, load_saved
 from ._progress import progress_bar
 from ._tensors import at_least_float32, model_device, unit_rows
@@ -132,13 +132,15 @@ class ProtoOTTrainer(BaseTrainer):
             ``torch.distributed`` so that every rank's random states are gathered into it). A
             folder that cannot be created or written is refused here, not after the first epoch.
         **pml_kwargs: any other ``BaseTrainer`` argument (``end_of_iteration_hook``,
-            ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...).
+            ``end_of_epoch_hook``, ``lr_schedulers``, ``data_device``, ``dataloader_num_workers``, ...);
+            ``iterations_per_epoch``, steps an epoch, is a positive integer or ``None`` (one pass of
+            the dataloader, as in PML, which also takes 0 for that).
 
     Raises:
         TypeError: ``memory`` is not a ``PrototypeMemory``, ``batch_transform`` is not callable,
-            ``momentum`` or ``grad_clip_norm`` is not a number, ``batch_size`` not an integer, or
-            the first item of ``dataset`` or ``fill_dataset`` holds PIL images.
-        ValueError: ``momentum`` or ``grad_clip_norm`` out of range, a bad ``amp_dtype``,
+            ``momentum`` or ``grad_clip_norm`` is not a number, ``batch_size`` or ``iterations_per_epoch``
+            not an integer, or the first item of ``dataset`` or ``fill_dataset`` holds PIL images.
+        ValueError: ``momentum``, ``grad_clip_norm`` or ``iterations_per_epoch`` out of range, a bad ``amp_dtype``,
             ``loss_funcs`` without ``"metric_loss"``, a ``ProtoOTLoss`` on another memory, a loss
             that refuses or ignores ``ref_emb``, a ``subset_batch_miner``, PML's label mapping
             (``set_min_label_to_zero``, ``dataset_labels``: the labels are sample indices), a
@@ -205,6 +207,8 @@ class ProtoOTTrainer(BaseTrainer):
         if grad_clip_norm is not None:
             grad_clip_norm = check_number("grad_clip_norm", grad_clip_norm, low=0, strict=True)
         check_positive_int("batch_size", batch_size)
+        if pml_kwargs.get("iterations_per_epoch") is not None:  # PML would run range(-3), no step, without a word
+            check_positive_int("iterations_per_epoch", pml_kwargs["iterations_per_epoch"])
         if not isinstance(loss_funcs, dict) or "metric_loss" not in loss_funcs:
             raise ValueError(f"loss_funcs must be a dict holding 'metric_loss' (the loss the trainer calls), "
                              f"got {loss_funcs!r}"[:300])
@@ -322,7 +326,16 @@ class ProtoOTTrainer(BaseTrainer):
             self.iterations_per_epoch = len(self.dataloader)
 
     def train(self, start_epoch=1, num_epochs=1):
-        """Fill the banks if needed, then run epochs ``start_epoch..num_epochs`` (PML's loop)."""
+        """Fill the banks if needed, then run epochs ``start_epoch..num_epochs`` (PML's loop).
+
+        ``start_epoch`` is a positive integer, ``num_epochs`` a non-negative one; with ``start_epoch``
+        past ``num_epochs`` (a finished run resumed) there is no epoch to run, which is logged as a warning.
+        """
+        start_epoch = check_positive_int("start_epoch", start_epoch)
+        num_epochs = check_non_negative_int("num_epochs", num_epochs)
+        if start_epoch > num_epochs:
+            logger.warning("train(start_epoch=%d, num_epochs=%d): no epoch to run (a finished run resumed, or "
+                           "num_epochs below start_epoch)", start_epoch, num_epochs)
         self.initialize_dataloader()
         gather_rank_states = self._every_rank_checkpoints()
         if not bool(self.memory.written.all()):

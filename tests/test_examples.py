@@ -64,6 +64,20 @@ def test_swap_into_pml_main_parses_iterations(monkeypatch):
     assert calls == [("pml", None, torch.device("cpu")), ("protoot", None, torch.device("cpu"))]
 
 
+@pytest.mark.parametrize("example_name, argv, says", [
+    ("swap_into_pml", ["--iterations", "0"], "--iterations must be at least 1, got 0"),
+    ("train_timm_backbone", ["--iterations", "-3"], "--iterations must be at least 1, got -3"),
+    ("train_timm_backbone", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    ("evaluate_your_model", ["--domains", "photo", "sketch"], "--domains picks folders of --data"),
+])
+def test_examples_refuse_options_they_would_otherwise_ignore_or_misread(example_name, argv, says, capsys):
+    # 0 iterations meant a full pass, -3 none, 0 epochs printed untrained scores, --domains alone was ignored
+    with pytest.raises(SystemExit) as exit_info:
+        load_example(example_name).main(argv)
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_evaluate_your_model_matches_pml_accuracy_calculator(device, exact_float32):
     example = load_example("evaluate_your_model")
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 Data: two domains of low-dimensional synthetic "cached trunk features" (class centre +
 domain shift + noise), trunk = nn.Identity(), a tiny MLP embedder: the feature-cache mode.
 """
+import copy
 import logging
 import math
 import os
@@ -879,6 +880,32 @@ def test_each_epoch_logs_its_mean_loss(caplog):
     steps = trainer.iterations_per_epoch
     for epoch, losses in ((1, trainer.recorded_losses[:steps]), (2, trainer.recorded_losses[steps:])):
         assert f"epoch {epoch}: mean total_loss {sum(losses) / steps:.5f} over {steps} steps" in caplog.text
+
+
+@pytest.mark.parametrize("steps, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_an_epoch_length_that_is_no_positive_integer_is_refused(steps, error):
+    # PML takes 0 for one pass and runs range(-3), no step at all, without a word
+    with pytest.raises(error, match="iterations_per_epoch must be a positive integer"):
+        make_trainer("cpu", iterations_per_epoch=steps)
+
+
+@pytest.mark.parametrize("start_epoch, num_epochs, error", [(0, 1, ValueError), (1, -1, ValueError), (1, 2.0, TypeError)])
+def test_train_refuses_epochs_that_are_no_epoch_numbers(start_epoch, num_epochs, error):
+    trainer = make_trainer("cpu")
+    with pytest.raises(error, match="start_epoch must|num_epochs must"):
+        trainer.train(start_epoch, num_epochs)
+    assert not bool(trainer.memory.written.any())  # refused before the bank filling
+
+
+def test_train_with_no_epoch_to_run_says_so_and_trains_nothing(caplog):
+    trainer = make_trainer("cpu")
+    before = copy.deepcopy(trainer.models["embedder"].state_dict())
+    with caplog.at_level("WARNING", logger="pml_protoot.trainers"):
+        trainer.train(3, 2)
+    assert "train(start_epoch=3, num_epochs=2): no epoch to run" in caplog.text
+    assert trainer.recorded_losses == []
+    for name, value in trainer.models["embedder"].state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
 def test_a_rounding_generator_state_of_another_device_type_is_skipped_with_a_warning(tmp_path, caplog):
