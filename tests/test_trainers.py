@@ -889,7 +889,8 @@ def test_an_epoch_length_that_is_no_positive_integer_is_refused(steps, error):
         make_trainer("cpu", iterations_per_epoch=steps)
 
 
-@pytest.mark.parametrize("start_epoch, num_epochs, error", [(0, 1, ValueError), (1, -1, ValueError), (1, 2.0, TypeError)])
+@pytest.mark.parametrize("start_epoch, num_epochs, error",
+                         [(0, 1, ValueError), (1, -1, ValueError), (1, 2.0, TypeError)])
 def test_train_refuses_epochs_that_are_no_epoch_numbers(start_epoch, num_epochs, error):
     trainer = make_trainer("cpu")
     with pytest.raises(error, match="start_epoch must|num_epochs must"):
