@@ -359,10 +359,23 @@ class PrototypeMemory(torch.nn.Module):
         """``.to()``, ``.cuda()``, ``.half()``, ...: every buffer but :data:`HOST_BUFFERS`, which stay on the
         CPU. Python reads them every step (``int(memory.epoch)``, the refresh countdown); on a GPU each read
         would wait for all queued work. They are integers and flags, so no dtype cast applies to them.
-        :data:`ACCUMULATOR_BUFFERS` move with the rest but keep float32 at least (float64 follows)."""
+        :data:`ACCUMULATOR_BUFFERS` move with the rest but keep float32 at least (float64 follows).
+
+        Raises:
+            ValueError: a cast to a narrower dtype (``.half()``) would make a finite entry infinite, as
+                :meth:`fill` refuses keys past float16's 65,504; the memory is left as it was.
+        """
+        before = dict(self._buffers)
         host = {name: self._buffers[name] for name in HOST_BUFFERS if name in self._buffers}
         accumulators = {name: self._buffers[name] for name in ACCUMULATOR_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
+        try:
+            for name, buffer in before.items():
+                if not (buffer.is_meta or self._buffers[name].is_meta):
+                    _cast_finite(f"memory.{name}", buffer, self._buffers[name].dtype)  # free when not narrower
+        except ValueError:
+            self._buffers.update(before)
+            raise
         for name, before in accumulators.items():
             moved = self._buffers[name]
             dtype = compute_dtype(moved)

@@ -469,6 +469,23 @@ def test_load_state_dict_refuses_banks_past_the_memory_dtype_range_and_loads_not
     assert torch.equal(memory.bank(1), source.bank(1))
 
 
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_a_cast_to_half_precision_that_would_overflow_is_refused_and_changes_nothing(refresh_every):
+    memory, _ = filled_memory([0] * 4 + [1] * 4, dim=3, refresh_every=refresh_every)
+    memory.recluster(epoch=0)
+    memory.fill(torch.tensor([[1.0, 2.0, 1e5]]), [5])  # finite in float32, inf in float16
+    before = snapshot(memory)
+    with pytest.raises(ValueError, match=r"memory\.bank_1 must be finite in the memory's dtype torch\.float16 "
+                                         r"\(\|x\| <= 65504\), got 1 entries past it, largest \|x\| 1e\+05"):
+        memory.half()
+    assert_state_unchanged(memory, before)
+    assert memory.bank(0).dtype == torch.float32
+    memory.fill(torch.ones(1, 3), [5])
+    assert memory.half().bank(1).dtype == torch.float16  # once every entry fits, the cast goes through
+    expected = before["bank_1"].index_put((torch.tensor([1]),), torch.ones(1, 3))
+    assert torch.equal(memory.bank(1), expected.half())
+
+
 def test_bad_update_prototypes_input_names_assignment():
     memory = ready_memory(torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"assignment must have shape \(5, 3\)"):
