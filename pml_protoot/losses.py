@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -105,7 +106,8 @@ class ProtoOTLoss(BaseMetricLossFunction):
             submodule, so ``loss.to(device)`` moves it).
         temperature: :math:`\tau` (0.2, the paper's). On pacs-mini 0.3 scored a higher mean mAP
             in every protocol measured (README, accuracy section), with a wider seed spread.
-        in_domain_weights: :math:`(w_1, w_2, w_3)` for key, neighbour and prototype (1, 0.5, 0.1).
+        in_domain_weights: :math:`(w_1, w_2, w_3)` for key, neighbour and prototype (1, 0.5, 0.1): a tuple,
+            list, or 1-D tensor or array of 3 non-negative numbers.
         cross_domain_weight: :math:`\lambda` once active (0.01); the weight the last call used,
             0 before ``cross_domain_start_epoch``, is ``cross_domain_weight_in_use`` (recorded
             for record-keeper beside it).
@@ -337,6 +339,9 @@ class ProtoOTLoss(BaseMetricLossFunction):
 
 
 def _check_weights(weights) -> tuple[float, float, float]:
+    """``in_domain_weights`` as a tuple of 3 non-negative floats; a tuple, list, 1-D tensor or array is taken."""
+    if isinstance(weights, (torch.Tensor, np.ndarray)) and weights.ndim == 1:
+        weights = weights.tolist()
     if not isinstance(weights, (tuple, list)):
         raise TypeError(f"in_domain_weights must be a tuple of 3 numbers (key, neighbour, prototype), got {weights!r}")
     if len(weights) != 3:

@@ -3,6 +3,7 @@ import logging
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -419,6 +420,16 @@ def test_bad_options_name_the_argument(kwargs, error, message):
     kwargs = {"memory": random_memory(TWO_DOMAINS), **kwargs}
     with pytest.raises(error, match=message):
         ProtoOTLoss(**kwargs)
+
+
+@pytest.mark.parametrize("weights", [[2.0, 0.25, 0.5], torch.tensor([2.0, 0.25, 0.5]), np.array([2.0, 0.25, 0.5])],
+                         ids=["list", "tensor", "array"])
+def test_in_domain_weights_take_any_sequence_of_three_numbers(weights):
+    loss_func = ProtoOTLoss(random_memory(TWO_DOMAINS), in_domain_weights=weights)
+    assert loss_func.in_domain_weights == (2.0, 0.25, 0.5)
+    assert all(type(weight) is float for weight in loss_func.in_domain_weights)
+    with pytest.raises(ValueError, match="in_domain_weights must be a finite number >= 0"):
+        ProtoOTLoss(random_memory(TWO_DOMAINS), in_domain_weights=torch.tensor([1.0, -0.5, 0.1]))
 
 
 def test_distance_is_cosine_as_pml_reports_it():
