@@ -71,6 +71,24 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def available_device(text: str):
+    """An argparse ``type``: a ``torch.device`` this machine has, so that ``--device cuda`` without a GPU
+    ends in argparse's one-line error naming the option, not in a traceback after the setup."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from err
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {device.type} device (torch "
+                                         f"{torch.__version__}, torch.{device.type}.is_available() is not True)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def check_same_options(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
                       option: str = "--out") -> None:
     """Refuse, before any timing, to replace ``results/<name>.json`` that was made with other option

@@ -91,6 +91,7 @@ from pml_protoot.augment import decoded_side
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     SMOKE_DIR,
+    available_device,
     command_line,
     configure_logging,
     device_name,
@@ -830,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-per-domain", type=int_in(1), help="use only N images per domain (smoke tests)")
     parser.add_argument("--data", default=str(DATA), help="the pacs-mini folder (default: ../shared/data/pacs-mini)")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="feature cache folder (default: benchmarks/cache)")
-    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"))
     parser.add_argument(
         "--finetune", action="store_true", help="train the trunk end to end on image views (no feature cache; GPU)"
     )

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from _common import check_same_options, command_line, int_in, interleaved_median_seconds, markdown_table, pin_threads, write_results
+from _common import (
+    available_device,
+    check_same_options,
+    command_line,
+    int_in,
+    interleaved_median_seconds,
+    markdown_table,
+    pin_threads,
+    write_results,
+)
 from pml_protoot import MoCoV2Augment, MultiDomainImageFolder, decode_transform, make_synthetic_domains, moco_v2_transform
 from pml_protoot.augment import decoded_side
 
@@ -54,7 +63,7 @@ def batched_views(decoded: torch.Tensor, augment: MoCoV2Augment, batch_size: int
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"))
     parser.add_argument("--images", type=int_in(1), default=256, help="items per timed pass")
     parser.add_argument("--batch-size", type=int_in(1), default=128)
     parser.add_argument("--repeats", type=int_in(1), default=3)

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from _common import (
     MIN_REPEAT_SECONDS,
-    command_line,
+    available_device,
     check_same_options,
+    command_line,
     device_name,
     int_in,
     interleaved_median_seconds,
@@ -266,7 +267,7 @@ def _load(averages) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"))
     parser.add_argument("--repeats", type=int_in(1), default=5)
     parser.add_argument(
         "--quick", action="store_true", help="N up to 10k only (a smoke run: written under results/smoke/)"
@@ -274,11 +275,11 @@ def main():
     parser.add_argument("--out", help="results name under benchmarks/results (default bench_ot[_cuda])")
     parser.add_argument("--force", action="store_true", help="replace the published results even when another command made them")
     args = parser.parse_args()
-    name = args.out or ("bench_ot_cuda" if torch.device(args.device).type == "cuda" else "bench_ot")
+    name = args.out or ("bench_ot_cuda" if args.device.type == "cuda" else "bench_ot")
     if not args.quick:  # a quick run writes under results/smoke/
         check_same_options(name, parser, args)
     logging.basicConfig(level=logging.INFO)
-    device = torch.device(args.device)
+    device = args.device
     load_before = os.getloadavg()  # other processes on a shared machine: reported beside the times
     threads = pin_threads(1)
     sizes = SIZES[:2] if args.quick else SIZES

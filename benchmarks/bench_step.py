@@ -46,6 +46,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 from pytorch_metric_learning.trainers import MetricLossOnly
 
 from _common import (
+    available_device,
     check_same_options,
     command_line,
     configure_logging,
@@ -358,7 +359,7 @@ def _rows_with_ratios(results: dict):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"))
     parser.add_argument("--trunk", default="resnet18")
     parser.add_argument("--image-size", type=int_in(1), default=112)
     parser.add_argument("--batch-per-domain", type=int_in(1), default=64)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ACCURACY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 LIMIT_PER_DOMAIN = 24
@@ -661,6 +662,7 @@ def load_script(name: str, monkeypatch):
     monkeypatch.syspath_prepend(str(script.parent))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -1099,3 +1101,27 @@ def test_smoke_runs_are_not_guarded_and_an_uncreatable_out_is_an_argument_error(
     with pytest.raises(SystemExit):
         accuracy.main([*CUT_COMMAND, "--out", str(tmp_path / "afile" / "table")])
     assert "error: --out " in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_ends_in_one_argparse_line_naming_the_option(monkeypatch, capsys):
+    common = load_script("_common", monkeypatch)
+    assert common.available_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bad, says in (("cuda", "'cuda': this machine has no cuda device"),
+                      ("bogus", "expected a torch device such as cpu or cuda:0, got 'bogus'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            common.available_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.available_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda:1': this machine has 1 CUDA device"):
+        common.available_device("cuda:1")
+    # every benchmark with --device refuses it so, before any work (was a traceback after the setup)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("accuracy", "bench_augment", "bench_ot", "bench_step"):
+        script = load_script(name, monkeypatch)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", "--device", "cuda"])
+        with pytest.raises(SystemExit) as exit_info:
+            script.build_parser().parse_args() if hasattr(script, "build_parser") else script.main()
+        assert exit_info.value.code == 2, name
+        assert "argument --device: 'cuda': this machine has no cuda device" in capsys.readouterr().err, name
