@@ -28,7 +28,7 @@ from ._checks import (
 from ._progress import progress_bar
 from ._tensors import compute_dtype
 from .distributed import all_gather_rows, broadcast_, get_rank, get_world_size
-from .ot import _logits, sinkhorn
+from .ot import _logits, _trusted_sinkhorn
 
 __all__ = [
     "PrototypeMemory", "BankIndex", "MARGINAL_RULES", "NEIGHBOUR_SEARCHES", "exact_nearest_rows"
@@ -289,6 +289,7 @@ class PrototypeMemory(torch.nn.Module):
         """Refuse a checkpoint of another sample layout, load, then drop the IVF indexes of the old banks."""
         self._check_sample_layout(state_dict, prefix)
         self._check_banks_fit(state_dict, prefix)
+        self._check_class_marginals(state_dict, prefix)
         self._convert_prototype_sums(state_dict, prefix)
         self._match_refresh_cache(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -313,6 +314,19 @@ class PrototypeMemory(torch.nn.Module):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, torch.Tensor) and saved.is_floating_point():
                 _cast_finite(f"state_dict[{prefix + name!r}]", saved, self.bank(slot).dtype)
+
+    def _check_class_marginals(self, state_dict, prefix: str) -> None:
+        """Raise unless every saved class marginal is finite, non-negative and not all zero: Sinkhorn takes
+        the memory's marginals unread (``_trusted_sinkhorn``), so a bad one would give a silently wrong plan."""
+        saved = state_dict.get(prefix + "class_marginals")
+        if not isinstance(saved, torch.Tensor) or saved.shape != self.class_marginals.shape:
+            return  # load_state_dict's own error
+        saved = saved.detach().double().cpu()
+        if not (torch.isfinite(saved).all() and (saved >= 0).all() and (saved.sum(dim=1) > 0).all()):
+            raise ValueError(
+                f"state_dict[{prefix + 'class_marginals'!r}] must be finite, non-negative and not all zero in any "
+                f"domain, got min {saved.min().item():.3g} and per-domain sums {saved.sum(dim=1).tolist()}"
+            )
 
     def _convert_prototype_sums(self, state_dict, prefix: str) -> None:
         r"""Checkpoints of ``refresh_every > 1`` made before the cache held means kept ``prototype_sums``
@@ -555,18 +569,22 @@ class PrototypeMemory(torch.nn.Module):
         domain = self._check_slot("domain", domain)
         prototype_domain = domain if prototype_domain is None else self._check_slot("prototype_domain", prototype_domain)
         self.check_ready()
-        return self._sinkhorn(domain, _scores(self.bank(domain), self.prototypes[prototype_domain]))
+        return self._sinkhorn(domain, self.prototypes[prototype_domain])
 
-    def _sinkhorn(self, domain: int, scores: torch.Tensor, return_potentials: bool = False):
-        """Sinkhorn of ``(N_d, K)`` scores under ``domain``'s class marginal and the memory's settings
-        (with ``return_potentials``, ``(plan, column potentials)``)."""
-        return sinkhorn(
-            scores,
-            self.class_marginals[domain],
+    def _sinkhorn(self, domain: int, prototypes: torch.Tensor, return_potentials: bool = False, rows=None):
+        """Sinkhorn of bank ``domain`` against ``(K, dim)`` ``prototypes`` under ``domain``'s class marginal
+        and the memory's settings (with ``return_potentials``, ``(plan, column potentials)``; with ``rows``,
+        those rows of the plan only). The scores are this call's own, so Sinkhorn may overwrite them."""
+        bank = self.bank(domain)
+        return _trusted_sinkhorn(
+            _scores(bank, prototypes),
+            self.class_marginals[domain],  # set by recluster or a checked state dict
             self.epsilon,
             self.sinkhorn_iterations,
-            normalize_scores=self.normalize_scores,
+            self.normalize_scores,
             return_potentials=return_potentials,
+            rows=rows,
+            rescore=lambda: _scores(bank, prototypes),
         )
 
     def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:
@@ -587,13 +605,14 @@ class PrototypeMemory(torch.nn.Module):
         scores = _scores(keys, self.reference_prototypes[domain, prototype_domain])
         return torch.softmax(self._ot_logits(scores) + self.column_potentials[domain, prototype_domain], dim=1)
 
-    def _full_plan(self, domain: int, prototype_domain: int) -> torch.Tensor:
-        """:meth:`assign`, caching its column potentials and prototypes when ``refresh_every > 1``."""
-        if self.refresh_every == 1:
-            return self.assign(domain, prototype_domain)
+    def _full_plan(self, domain: int, prototype_domain: int, rows=None) -> torch.Tensor:
+        """:meth:`assign` (``rows`` of it only, if given), caching its column potentials and prototypes when
+        ``refresh_every > 1``."""
         prototypes = self.prototypes[prototype_domain]
+        if self.refresh_every == 1:
+            return self._sinkhorn(domain, prototypes, rows=rows)
         # -inf potential: a column without mass
-        assignment, potentials = self._sinkhorn(domain, _scores(self.bank(domain), prototypes), return_potentials=True)
+        assignment, potentials = self._sinkhorn(domain, prototypes, return_potentials=True, rows=rows)
         self.column_potentials[domain, prototype_domain] = potentials  # float32 at least, as Sinkhorn computes
         self.reference_prototypes[domain, prototype_domain] = prototypes
         self.potentials_valid[domain, prototype_domain] = True
@@ -681,7 +700,7 @@ class PrototypeMemory(torch.nn.Module):
         """:meth:`cross_pseudo_labels` of rows the memory made, unchecked (see :meth:`_step_pseudo_labels`)."""
         if self._has_cached_plan(domain, prototype_domain):
             return self._plan_rows(domain, prototype_domain, self.bank(domain)[rows]).argmax(dim=1)
-        return self._full_plan(domain, prototype_domain)[rows].argmax(dim=1)
+        return self._full_plan(domain, prototype_domain, rows).argmax(dim=1)
 
     def uses_ivf(self, domain: int) -> bool:
         """Whether :meth:`nearest_rows` searches bank ``domain`` through a :class:`BankIndex`."""

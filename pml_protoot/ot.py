@@ -106,22 +106,66 @@ def sinkhorn(
     """
     largest_logit = _check_arguments(scores, epsilon, iterations, normalize_scores, tol)
     check_bool("return_potentials", return_potentials)
-    autocast = torch.is_autocast_enabled(scores.device.type)
-    with torch.no_grad(), (
-        torch.autocast(device_type=scores.device.type, enabled=False) if autocast else contextlib.nullcontext()
-    ):
+    with _exact_arithmetic(scores.device):
         beta, has_zero = _class_marginal(class_marginal, scores)
-        arguments = (scores, beta, has_zero, epsilon, iterations, normalize_scores, tol)
-        solved = None
-        if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[compute_dtype(scores)]:
-            solved = _scaled_sinkhorn(*arguments, shift=False, potentials=return_potentials)
-        if solved is None:
-            solved = _scaled_sinkhorn(*arguments, shift=True, potentials=return_potentials)
-        if solved is None:
-            log_beta = beta.mT.log()  # (..., 1, K)
-            solved = _log_domain_sinkhorn(scores, log_beta, epsilon, iterations, normalize_scores, tol)
-        plan, potentials = solved
-        return (plan, _centred(potentials)) if return_potentials else plan
+        return _solve(scores, beta, beta == 0 if has_zero else None, epsilon, iterations, normalize_scores,
+                      largest_logit, tol=tol, potentials=return_potentials)
+
+
+def _trusted_sinkhorn(
+    scores: torch.Tensor,
+    class_marginal: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    normalize_scores: bool,
+    *,
+    return_potentials: bool = False,
+    rows: torch.Tensor | None = None,
+    rescore=None,
+):
+    """:func:`sinkhorn` of ``(N, K)`` scores under a ``(K,)`` ``class_marginal`` that the caller vouches for
+    (finite, non-negative, not all zero: it is normalised but not read back), the same arithmetic bit for
+    bit, with two savings for a caller that makes its scores: ``rows`` (``(B,)`` long) returns only those
+    rows of the plan, without scaling the other ``N - B``; ``rescore`` (a function making the same scores
+    anew) lets the plain kernel be built in the memory of ``scores``, which are then overwritten, and
+    ``rescore()`` gives a fallback its own.
+    """
+    largest_logit = _check_arguments(scores, epsilon, iterations, normalize_scores, None)
+    with _exact_arithmetic(scores.device):
+        beta = _normalised_marginal(class_marginal.to(compute_dtype(scores)))
+        return _solve(scores, beta, beta == 0, epsilon, iterations, normalize_scores, largest_logit,
+                      potentials=return_potentials, rows=rows, rescore=rescore)
+
+
+@contextlib.contextmanager
+def _exact_arithmetic(device: torch.device):
+    """No autograd and no autocast: the plan is a target, computed in float32 at least."""
+    autocast = torch.is_autocast_enabled(device.type)
+    with torch.no_grad(), (
+        torch.autocast(device_type=device.type, enabled=False) if autocast else contextlib.nullcontext()
+    ):
+        yield
+
+
+def _solve(scores, beta, zero_mass, epsilon, iterations, normalize_scores, largest_logit, *, tol=None,
+           potentials=False, rows=None, rescore=None):
+    """The plan (rows ``rows`` only, if given) and, with ``potentials``, the centred column potentials:
+    the plain kernel while ``largest_logit`` allows it, else (or should it under/overflow) the shifted
+    one, else log-domain rounds. ``beta`` is the normalised (..., K, 1) marginal, ``zero_mass`` its
+    zero entries (None when there are none)."""
+    arguments = (beta, zero_mass, epsilon, iterations, normalize_scores, tol, potentials, rows)
+    solved = None
+    if largest_logit <= _PLAIN_KERNEL_MAX_LOGIT[compute_dtype(scores)]:
+        solved = _scaled_sinkhorn(scores, *arguments, shift=False, overwrite=rescore is not None)
+        if solved is None and rescore is not None:  # the failed try consumed the scores
+            scores = rescore()
+    if solved is None:
+        solved = _scaled_sinkhorn(scores, *arguments, shift=True, overwrite=False)
+    if solved is None:
+        plan, g = _log_domain_sinkhorn(scores, beta.mT.log(), epsilon, iterations, normalize_scores, tol)
+        solved = (plan if rows is None else plan[rows]), g
+    plan, g = solved
+    return (plan, _centred(g)) if potentials else plan
 
 
 def _centred(potentials: torch.Tensor) -> torch.Tensor:
@@ -187,7 +231,12 @@ def _class_marginal(class_marginal, scores: torch.Tensor):
             "class_marginal must be finite, non-negative and not all zero, "
             f"got min {beta.min().item():.3g} and sum {beta.sum().item():.3g}"
         )
-    return (beta / total).unsqueeze(-1), smallest == 0
+    return _normalised_marginal(beta), smallest == 0
+
+
+def _normalised_marginal(beta: torch.Tensor) -> torch.Tensor:
+    """``(..., K)`` masses divided by their sum, shaped ``(..., K, 1)``."""
+    return (beta / beta.sum(-1, keepdim=True)).unsqueeze(-1)
 
 
 def _logits(scores: torch.Tensor, epsilon: float, normalize_scores: bool, out=None) -> torch.Tensor:
@@ -219,12 +268,13 @@ _PROTOTYPE_MAJOR_MAX_K = 16
 _MIN_ROW_MAX = math.exp(-27.0)
 
 
-def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials):
+def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials, overwrite):
     """Return ``W^T`` (..., K, N) up to a per-sample factor, its sample sums, and, with ``potentials``,
     ``log f`` (..., K, 1) (else None): ``W = exp(S/eps) diag(f)`` with ``f = beta / column sums`` of
     ``exp(S/eps - c)``, times ``exp(-c)``.
 
     ``c`` is 0 without ``shift``. None with ``shift`` when an entry of ``W`` underflowed, leaving the support.
+    With ``overwrite`` (and no ``shift``), a sample-major kernel is built in the memory of ``scores``.
 
     Round 1 scales columns to ``beta``: ``c_k = logsumexp_n(S_nk/eps) - log(beta_k)``. With
     ``shift``, shifting by the column max makes every ``exp`` safe and needs one N x K buffer;
@@ -239,7 +289,10 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials
         kernel = torch.empty(shape, dtype=dtype, device=scores.device)
         _logits(scores, epsilon, normalize_scores, out=kernel.mT)
     else:  # many prototypes: reductions over samples vectorise anyway, a transposing copy would not pay
-        kernel = _logits(scores, epsilon, normalize_scores).mT
+        # In place, the N x K buffer is not allocated anew (on a CPU, fresh pages cost as much as the
+        # division); only without shift: the shifted path reads the scores again.
+        in_place = overwrite and not shift and scores.dtype == dtype
+        kernel = _logits(scores, epsilon, normalize_scores, out=scores if in_place else None).mT
     if shift:
         column_max = kernel.amax(dim=-1, keepdim=True)  # (..., K, 1)
         kernel.sub_(column_max)
@@ -265,14 +318,16 @@ def _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials
     return kernel, sample_sum, -log_shift if potentials else None
 
 
-def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scores, tol, *, shift, potentials):
+def _scaled_sinkhorn(scores, beta, zero_mass, epsilon, iterations, normalize_scores, tol, potentials, rows, *,
+                     shift, overwrite):
     """Scaling-vector Sinkhorn on a round-1 kernel (column-shifted if ``shift``): ``(plan, g)`` (g uncentred,
-    ``(..., K)``, with ``potentials``; else None), or ``None`` if it under/overflows.
+    ``(..., K)``, with ``potentials``; else None), or ``None`` if it under/overflows. With ``rows``, the
+    plan holds those rows only.
 
     The plan is ``diag(u) W diag(v)`` throughout; each later round costs two
     matrix-vector products instead of rewriting the N x K plan.
     """
-    round_one = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials)
+    round_one = _round_one_kernel(scores, beta, epsilon, normalize_scores, shift, potentials, overwrite)
     if round_one is None:
         return None
     kernel, sample_sum, log_factor = round_one
@@ -282,7 +337,6 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
     u = sample_sum.reciprocal_()  # round 1, samples to 1/N; (..., 1, N)
     v = None  # (..., K, 1); all ones after round 1
     scaled_beta = beta * num_samples
-    zero_mass = beta == 0 if has_zero else None
     for _ in range(iterations - 1):
         column_mass = torch.matmul(kernel, u.mT)  # (..., K, 1), N times the true mass
         if tol is not None:
@@ -299,6 +353,11 @@ def _scaled_sinkhorn(scores, beta, has_zero, epsilon, iterations, normalize_scor
     if v is not None and tol is None and not _finite_scalings(u, v):
         return None
     g = None if log_factor is None else log_factor.squeeze(-1) + (0 if v is None else v.squeeze(-1).log())
+    if rows is not None:  # the same products as below, (W_nk v_k) u_n, on the rows asked for only
+        plan = kernel.mT[rows]
+        if v is not None:
+            plan.mul_(v.mT)
+        return plan.mul_(u.mT[rows]), g
     if v is not None:  # prototype-major: scaling rows of (K, N) reads contiguous memory
         kernel.mul_(v)
     plan = kernel.mT

@@ -457,6 +457,26 @@ def test_half_precision_fill_refuses_keys_past_float16_range_and_writes_nothing(
     assert torch.equal(memory.bank(1)[0], torch.full((3,), 65504.0, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -0.25, "zeros"])
+def test_load_state_dict_refuses_class_marginals_sinkhorn_cannot_use_and_loads_nothing(bad):
+    """Sinkhorn takes the memory's marginals unread: a checkpoint's must be checked on the way in."""
+    source, _ = filled_memory([0] * 4 + [1] * 4, dim=3)
+    source.recluster(epoch=0)
+    state = snapshot(source)  # a copy: state_dict() shares the source's tensors
+    if bad == "zeros":
+        state["class_marginals"][1] = 0.0
+    else:
+        state["class_marginals"][0, 0] = bad
+    memory = PrototypeMemory([0] * 4 + [1] * 4, dim=3, num_prototypes=source.num_prototypes)
+    before = snapshot(memory)
+    with pytest.raises(ValueError, match=r"state_dict\['class_marginals'\] must be finite, non-negative and not all "
+                                         r"zero in any domain"):
+        memory.load_state_dict(state)
+    assert_state_unchanged(memory, before)
+    memory.load_state_dict(source.state_dict())  # a good one loads
+    assert torch.equal(memory.class_marginals, source.class_marginals)
+
+
 def test_load_state_dict_refuses_banks_past_the_memory_dtype_range_and_loads_nothing():
     source = PrototypeMemory([0, 0, 1, 1], dim=3, num_prototypes=1)
     source.fill(torch.full((4, 3), 1e5), torch.arange(4))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import pml_protoot.ot as ot_module
-from pml_protoot.ot import sinkhorn
+from pml_protoot.ot import sinkhorn, _trusted_sinkhorn
 
 NUM_SAMPLES, NUM_PROTOTYPES, DIM = 40, 7, 16
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -509,9 +509,10 @@ def test_non_tensor_scores_are_named_by_their_type():
         sinkhorn(torch.ones(3, 2, dtype=torch.long))
 
 
-def test_one_call_reads_the_device_three_times(monkeypatch):
+def test_one_call_reads_the_device_three_times_the_memorys_path_twice(monkeypatch):
     """On a GPU every read of a device value waits for the queued work; training runs Sinkhorn D**2
-    times a step. One read each for the score range, the class marginal and the scalings' finiteness."""
+    times a step. One read each for the score range, the class marginal and the scalings' finiteness;
+    the memory's path (``_trusted_sinkhorn``) takes its own marginal unread."""
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -520,3 +521,67 @@ def test_one_call_reads_the_device_three_times(monkeypatch):
     scores, beta = random_scores(3), random_marginal(3)
     sinkhorn(scores, beta, 0.05, iterations=3)
     assert reads == ["tolist", "tolist", "tolist"]
+    reads.clear()
+    _trusted_sinkhorn(scores, beta, 0.05, 3, False, rows=torch.tensor([0, 3]), rescore=scores.clone)
+    assert reads == ["tolist", "tolist"]
+
+
+@pytest.mark.parametrize("num_prototypes", [7, 40], ids=["prototype-major", "sample-major"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("epsilon, normalize_scores", [(0.1, False), (0.05, True), (0.01, False)],
+                         ids=["plain", "plain-normalised", "shifted"])
+def test_trusted_sinkhorn_is_sinkhorn_bit_for_bit_and_its_rows_are_the_plans_rows(
+        num_prototypes, dtype, epsilon, normalize_scores, kernel_runs, device):
+    """The memory's path: the same plan and potentials, bit for bit, also when it builds the plain kernel
+    in the scores' memory (``rescore``) or scales only the rows asked for."""
+    scores = random_scores(21, shape=(60, num_prototypes), dtype=dtype, device=device)
+    beta = random_marginal(21, num_prototypes, dtype=torch.float32, device=device)
+    expected, potentials = sinkhorn(scores, beta, epsilon, 3, normalize_scores=normalize_scores, return_potentials=True)
+    rows = torch.tensor([5, 0, 59, 5], device=device)
+    for options in ({}, {"rescore": scores.clone}, {"rows": rows}, {"rows": rows, "rescore": scores.clone}):
+        plan, g = _trusted_sinkhorn(scores.clone(), beta, epsilon, 3, normalize_scores, return_potentials=True,
+                                   **options)
+        assert torch.equal(plan, expected[rows] if "rows" in options else expected), options
+        assert torch.equal(g, potentials), options
+    # the kernel the bound picks: plain up to a quarter of the compute dtype's exponent range
+    largest_logit = (1.0 if normalize_scores else scores.abs().max().item()) / epsilon
+    shifted = largest_logit > ot_module._PLAIN_KERNEL_MAX_LOGIT[torch.promote_types(dtype, torch.float32)]
+    assert {shift for shift, _ in kernel_runs} == {shifted}
+    assert shifted == (epsilon == 0.01 and dtype != torch.float64)  # each path was the one meant
+
+
+def test_trusted_sinkhorn_rows_of_the_log_domain_fallback_are_its_plans_rows(count_log_domain_calls, device):
+    scores, beta, epsilon = extreme_problem(device)
+    rows = torch.tensor([3, 19], device=device)
+    expected = sinkhorn(scores, beta, epsilon, 3)
+    assert torch.equal(_trusted_sinkhorn(scores, beta, epsilon, 3, False, rows=rows), expected[rows])
+    assert len(count_log_domain_calls) == 2
+
+
+def test_trusted_sinkhorn_rescores_for_the_fallback_when_the_plain_kernel_consumed_the_scores(
+        monkeypatch, kernel_runs, device):
+    """A plain try that fails (here: forced) has overwritten the scores with its kernel: the shifted try
+    must start from ``rescore()``'s scores, and so gives the plan ``sinkhorn`` falls back to."""
+    scores = random_scores(22, shape=(50, 30), dtype=torch.float32, device=device)
+    beta = random_marginal(22, 30, dtype=torch.float32, device=device)
+    original, fail_once = ot_module._finite_scalings, []
+    monkeypatch.setattr(ot_module, "_finite_scalings",
+                        lambda u, v: original(u, v) and not (fail_once and fail_once.pop()))
+    fail_once.append(True)
+    expected = sinkhorn(scores, beta, 0.1, 3)
+    assert kernel_runs == [(False, False), (True, True)]
+    consumed, made = scores.clone(), []
+    fail_once.append(True)
+    plan = _trusted_sinkhorn(consumed, beta, 0.1, 3, False, rescore=lambda: made.append(1) or scores.clone())
+    assert not torch.equal(consumed, scores)  # the plain try's kernel is where the scores were
+    assert made == [1] and torch.equal(plan, expected)
+    assert kernel_runs[2:] == [(False, False), (True, True)]
+
+
+def test_the_public_sinkhorn_never_writes_its_scores(device):
+    for num_prototypes in (7, 40):  # both kernel layouts
+        scores = random_scores(23, shape=(30, num_prototypes), dtype=torch.float32, device=device)
+        before = scores.clone()
+        sinkhorn(scores, epsilon=0.1)
+        _trusted_sinkhorn(scores, torch.ones(num_prototypes, device=device), 0.1, 3, False)  # no rescore: no writes
+        assert torch.equal(scores, before)
