@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import platform
 import resource
 import shlex
 import statistics
@@ -42,6 +44,23 @@ def device_name(device) -> str:
 
     device = torch.device(device)
     return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+
+
+def machine(device="cpu") -> str:
+    """Where a result was measured, e.g. ``"Linux-6.18-x86_64-with-glibc2.36, AMD EPYC 7B13, 2 CPUs (cpu)"``:
+    speed ratios differ between CPU models (bfloat16 and AVX-512 support, cache sizes), so results name it."""
+    return f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs ({device_name(device)})"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux); else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:

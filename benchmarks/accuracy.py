@@ -44,7 +44,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import random
 import statistics
 import sys
@@ -94,8 +93,8 @@ from _common import (  # noqa: E402
     available_device,
     command_line,
     configure_logging,
-    device_name,
     int_in,
+    machine,
     markdown_table,
     pin_threads,
     write_json_and_markdown,
@@ -1195,7 +1194,7 @@ def report(runs, config, extraction_s, wall_time_s, threads, device) -> dict:
         "command": command_line(),
         "wall_time_s": round(wall_time_s, 1),
         "feature_extraction_s": round(extraction_s, 1),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({device_name(device)})",
+        "machine": machine(device),
         "threads": threads,
         "config": {
             **config,

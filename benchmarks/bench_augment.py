@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from _common import (
     command_line,
     int_in,
     interleaved_median_seconds,
+    machine,
     markdown_table,
     pin_threads,
     write_results,
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     payload = {
         "command": command_line(), "device": str(args.device), "source": source, "images": args.images,
         "batch_size": args.batch_size, "repeats": args.repeats, "threads": threads,
-        "machine": platform.platform(), "cpus": os.cpu_count(),
+        "machine": machine(args.device), "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started, "rows": rows,

@@ -17,7 +17,6 @@ import functools
 import itertools
 import logging
 import os
-import platform
 import time
 
 import ot as pot
@@ -30,9 +29,9 @@ from _common import (
     available_device,
     check_same_options,
     command_line,
-    device_name,
     int_in,
     interleaved_median_seconds,
+    machine,
     markdown_table,
     pin_threads,
     write_results,
@@ -287,9 +286,9 @@ def main():
     speed = speed_rows(sizes, PROTOTYPES, args.repeats, device)
     convergence = rounds_to_converge(sizes[:2], PROTOTYPES, device)  # bank sizes of ProtoOT domains
     stability = stability_rows(device)
-    machine = f"{platform.processor() or platform.machine()}, {device_name(device)}, torch {torch.__version__}, POT {pot.__version__}"
+    where = f"{machine(device)}, torch {torch.__version__}, POT {pot.__version__}"
     payload = {
-        "command": command_line(), "machine": machine, **threads, "device": str(device), "dtype": "float32",
+        "command": command_line(), "machine": where, **threads, "device": str(device), "dtype": "float32",
         "epsilon": 0.05, "repeats": args.repeats, "tol": TOL, "pot_max_entries": POT_MAX_ENTRIES,
         "speed": speed, "rounds_to_converge": convergence, "stability": stability,
         "wall_seconds": time.perf_counter() - started, "load_average_before": load_before,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import time
 
@@ -50,8 +49,10 @@ from _common import (
     check_same_options,
     command_line,
     configure_logging,
+    cpu_model,
     device_name,
     int_in,
+    machine,
     markdown_table,
     peak_rss_mb,
     pin_threads,
@@ -273,7 +274,7 @@ def main(args):
         times = interleaved_step_times(trainers, args.warmup, max(args.steps, args.refresh_every), args.device)
         results = {key: {**settings_of[key], **summarise(times[key])} for key in trainers}
     payload = {
-        "command": command_line(), "machine": platform.platform(), "processor": platform.processor(),
+        "command": command_line(), "machine": machine(args.device), "processor": cpu_model(),
         "device": device_name(args.device), **threads, "trunk": args.trunk, "image_size": args.image_size,
         "batch_per_domain": args.batch_per_domain, "num_domains": NUM_DOMAINS,
         "num_prototypes": args.num_prototypes, "ivf_nprobe": args.ivf_nprobe, "peak_rss_mb": peak_rss_mb(),

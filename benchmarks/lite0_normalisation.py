@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,14 @@ from pml_protoot.backbones import load_saved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    check_same_options, command_line, configure_logging, int_in, markdown_table, pin_threads, write_results,
+    check_same_options,
+    command_line,
+    configure_logging,
+    int_in,
+    machine,
+    markdown_table,
+    pin_threads,
+    write_results,
 )
 from accuracy import BACKBONE, DATA, NORMALISATION  # noqa: E402
 
@@ -122,7 +127,7 @@ def main(argv=None) -> dict:
     ]
     payload = {
         "command": command_line(), "data": str(args.data), "per_class": args.per_class, "threads": threads,
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "wall_seconds": time.perf_counter() - started,
+        "machine": machine(), "wall_seconds": time.perf_counter() - started,
         "imagenet_classes": {name: list(ids) for name, ids in IMAGENET_CLASSES.items()}, "rows": rows,
     }
     json_path, md_path = write_results(results_name, payload, report(payload), smoke=smoke)

@@ -1125,3 +1125,16 @@ def test_a_device_this_machine_lacks_ends_in_one_argparse_line_naming_the_option
             script.build_parser().parse_args() if hasattr(script, "build_parser") else script.main()
         assert exit_info.value.code == 2, name
         assert "argument --device: 'cuda': this machine has no cuda device" in capsys.readouterr().err, name
+
+
+def test_results_name_the_cpu_model_they_were_measured_on(monkeypatch, tmp_path):
+    common = load_script("_common", monkeypatch)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux: the model name line, as lscpu shows it
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        assert common.cpu_model() == (names[0] if names else common.platform.processor() or common.platform.machine())
+    assert common.machine("cpu") == f"{common.platform.platform()}, {common.cpu_model()}, {os.cpu_count()} CPUs (cpu)"
+    missing = tmp_path / "no_cpuinfo"
+    monkeypatch.setattr(common, "Path", lambda path: missing if path == "/proc/cpuinfo" else Path(path))
+    assert common.cpu_model() == (common.platform.processor() or common.platform.machine())
