@@ -26,7 +26,7 @@ from torchvision import transforms as T
 
 from ._checks import check_per_channel, check_positive_int
 from ._tensors import at_least_float32
-from .data import MOCO_V2, blur_kernel_size, eval_resize_side
+from .data import MOCO_V2, _as_rgb, blur_kernel_size, eval_resize_side
 
 __all__ = [
     "MoCoV2Augment",
@@ -351,17 +351,13 @@ def decode_transform(image_size: int = 224) -> T.Compose:
         (torch.Size([3, 256, 256]), torch.uint8)
     """
     side = decoded_side(check_positive_int("image_size", image_size))
-    return T.Compose([T.Lambda(_rgb), T.Resize((side, side)), T.PILToTensor()])
+    return T.Compose([T.Lambda(_as_rgb), T.Resize((side, side)), T.PILToTensor()])
 
 
 def decoded_side(image_size: int) -> int:
     """Side of :func:`decode_transform`'s square images for views of ``image_size``: the eval view's
     resize side (256 for 224)."""
     return eval_resize_side(image_size)
-
-
-def _rgb(image):
-    return image.convert("RGB")
 
 
 def _check_images(images) -> None:

@@ -262,7 +262,8 @@ def state_dict_mismatch(expected: Mapping, loaded: Mapping, loaded_name: str, sh
         if key in loaded and expected[key].shape != loaded[key].shape
     ]
     groups = (
-        ("missing keys", [key for key in expected if key not in loaded]),
+        # torch's batch norm fills in a missing step counter itself (checkpoints before PyTorch 0.4 have none)
+        ("missing keys", [key for key in expected if key not in loaded and not key.endswith(".num_batches_tracked")]),
         ("unexpected keys", [key for key in loaded if key not in expected]),
         ("shape mismatches", mismatched),
     )

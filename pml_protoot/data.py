@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
 import math
 import random
 import time
@@ -149,7 +150,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
-        TypeError: ``extensions`` is a single string rather than a sequence of them.
+        TypeError: ``extensions`` is not a sequence of strings (a single string, None, a number among them).
         ValueError: a requested domain folder is missing (the available ones are
             listed), fewer than two domains, or a domain without images.
         OSError: on loading, an unreadable image (the message names the file).
@@ -175,10 +176,7 @@ class MultiDomainImageFolder(MultiDomainDataset):
             raise ValueError(f"root {str(root)!r} must hold at least two domain folders "
                              f"(<root>/<domain>/<class>/<image>), got {available}")
         domains = available if domains is None else _check_domain_names(domains, available, self.root)
-        if isinstance(extensions, str):
-            raise TypeError(f"extensions must be a sequence of file name endings, e.g. ('.jpg', '.png'), "
-                            f"got the string {extensions!r}")
-        extensions = tuple(ext.lower() for ext in extensions)
+        extensions = _check_extensions(extensions)
         class_dirs = {d: _visible_folders(self.root / d) for d in domains}
         classes = sorted(set().union(*class_dirs.values()))
         samples = []
@@ -211,6 +209,21 @@ class MultiDomainImageFolder(MultiDomainDataset):
             digest.update(f"{Path(path).relative_to(self.root).as_posix()}\0".encode())
             digest.update(Path(path).read_bytes())
         return digest.hexdigest()
+
+
+def _check_extensions(extensions) -> tuple[str, ...]:
+    """``extensions`` as a tuple of lower-case strings, or a TypeError naming what was given."""
+    expected = "extensions must be a sequence of file name endings, e.g. ('.jpg', '.png')"
+    if isinstance(extensions, str):
+        raise TypeError(f"{expected}, got the string {extensions!r}")
+    try:
+        endings = tuple(extensions)
+    except TypeError:
+        raise TypeError(f"{expected}, got {type(extensions).__name__}") from None
+    odd = [ending for ending in endings if not isinstance(ending, str)]
+    if odd:
+        raise TypeError(f"{expected}, got {type(odd[0]).__name__} {odd[0]!r} among them")
+    return tuple(ending.lower() for ending in endings)
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -314,11 +327,12 @@ class InMemoryMultiDomainDataset(MultiDomainDataset):
         return _as_rgb(self._images[path])  # a copy, read as MultiDomainImageFolder reads files
 
     def fingerprint(self) -> str:
-        """Digest of every image's name, mode, size and pixels (a 4 x 2 and a 2 x 4 image share bytes)."""
+        """Digest of every image's name, mode, size and RGB pixels as :meth:`load_image` gives them (a
+        palette image's own bytes are palette indices; a 4 x 2 and a 2 x 4 image share bytes)."""
         digest = hashlib.sha256()
         for key, image in self._images.items():
             digest.update(f"{key}\0{image.mode}\0{image.size}".encode())
-            digest.update(image.tobytes())
+            digest.update(_as_rgb(image).tobytes())
         return digest.hexdigest()
 
 
@@ -785,9 +799,10 @@ def trunk_features(
         ``(N, F)`` CPU tensor, row ``i`` from ``dataset[i]``.
 
     Raises:
-        TypeError: ``trunk`` is not a ``torch.nn.Module``, ``batch_size`` / ``num_workers`` not
-            an integer, or items that are (or start with) PIL images.
-        ValueError: ``dataset`` is empty, or ``batch_size < 1`` / ``num_workers < 0``.
+        TypeError: ``trunk`` is not a ``torch.nn.Module`` or returns no tensor (a tuple), ``batch_size`` /
+            ``num_workers`` not an integer, or items that are (or start with) PIL images.
+        ValueError: ``dataset`` is empty, ``batch_size < 1`` / ``num_workers < 0``, or the trunk's output is
+            not ``(B, F)`` (a trunk without global pooling).
 
     Example:
         >>> import torch
@@ -813,12 +828,23 @@ def trunk_features(
     trunk.eval()
     try:
         dtype = floating_dtype(trunk)
-        outputs = [at_least_float32(trunk(cast_floating(_inputs(batch).to(device), dtype))).cpu() for batch in batches]
+        outputs = [at_least_float32(_check_features(trunk(cast_floating(_inputs(batch).to(device), dtype)))).cpu()
+                   for batch in batches]
     finally:
         for module, training in modes:
             module.training = training
     logger.info("%s: %d items in %.1f s", description, len(dataset), time.perf_counter() - start)
     return torch.cat(outputs)
+
+
+def _check_features(output):
+    """``output`` of a trunk call, if it is ``(B, F)`` features; else a TypeError or ValueError saying what it was."""
+    remedy = "a headless timm model with global pooling, as create_trunk builds, gives them"
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"trunk must return a (B, F) tensor of features ({remedy}), got a {type(output).__name__}")
+    if output.dim() != 2:
+        raise ValueError(f"trunk must return (B, F) features ({remedy}), got shape {tuple(output.shape)}")
+    return output
 
 
 def _collate_tensors(items: list):
@@ -841,11 +867,14 @@ class FeatureCache:
 
     Training a head on cached trunk features turns hours of CPU feature extraction per
     epoch into one pass. Features are extracted in batches with ``torch.no_grad()`` and
-    the trunk in eval mode (its mode is restored), augmented views under a forked RNG
-    seeded by ``seed``. With ``path``, the cache is saved as a ``.pt`` file and reused
-    while its key matches: the dataset's :meth:`~MultiDomainDataset.fingerprint`
-    (relative file paths and bytes), both transforms' ``repr``, a digest of the trunk's
-    ``state_dict``, ``num_views`` and ``seed``; any change recomputes it.
+    the trunk in eval mode (its mode is restored), under a forked RNG (the augmented views
+    seeded by ``seed``): computed or loaded, the cache leaves the global random state alone.
+    With ``path``, the cache is saved as a ``.pt`` file and reused while its key matches:
+    the dataset's :meth:`~MultiDomainDataset.fingerprint` (relative file paths and bytes),
+    both transforms' ``repr`` and the function of each ``T.Lambda`` step in them (name, code,
+    defaults and captured values: its repr shows none), a digest of the trunk's ``state_dict``,
+    ``num_views`` and ``seed``; any change recomputes it. A transform of your own whose repr
+    hides a setting should show it (``__repr__``), or the cache may come back stale.
 
     Args:
         dataset: a :class:`MultiDomainDataset` returning PIL images (``transform=None``).
@@ -931,7 +960,8 @@ class FeatureCache:
         self.path = None if path is None else Path(path)
         stored = self._stored()  # before hashing, which reads every image: minutes on a large dataset
         self.key = _digest([
-            dataset.fingerprint(), repr(eval_view), repr(train_view), repr(trunk), _weights_digest(trunk),
+            dataset.fingerprint(), _transform_key(eval_view), _transform_key(train_view), repr(trunk),
+            _weights_digest(trunk),
             str(num_views), str(seed), *loading,
         ])
         if stored is not None and stored["key"] == self.key:
@@ -972,8 +1002,10 @@ class FeatureCache:
         logger.info("saved feature cache to %s", self.path)
 
     def _compute(self, trunk, train_view, eval_view, num_views) -> None:
-        self.eval_features = self._extract(trunk, eval_view, "eval view")
+        # Under the fork, the eval view too: its loader draws a seed from the global generator, which a cache
+        # loaded from its file would leave alone (runs then differed by whether the file existed).
         with torch.random.fork_rng(devices=[]):
+            self.eval_features = self._extract(trunk, eval_view, "eval view")
             torch.manual_seed(self.seed)
             # filled view by view: stacking a list would hold every view twice
             self.view_features = self.eval_features.new_empty((num_views, *self.eval_features.shape))
@@ -1000,6 +1032,31 @@ class FeatureCache:
         if self.center_domains:
             features = features - self.domain_means[self.dataset.domains.index(domain)]
         return torch.utils.data.TensorDataset(features, labels)
+
+
+def _transform_key(transform) -> str:
+    """``repr(transform)`` and what it hides: the function of each ``T.Lambda`` step (whose repr is
+    ``Lambda()`` whatever it does), by name, code and captured values. Without Lambda steps, the repr alone."""
+    hidden = [_function_identity(step.lambd) for step in _steps(transform) if isinstance(step, T.Lambda)]
+    return "\0".join([repr(transform), *hidden])
+
+
+def _steps(transform):
+    """``transform`` and, depth first, the steps of the compositions in it (``Compose``, ``RandomApply``, ...)."""
+    yield transform
+    for step in getattr(transform, "transforms", None) or ():
+        yield from _steps(step)
+
+
+def _function_identity(function) -> str:
+    """A plain function by module, name, a digest of its code, its defaults and closure values; anything
+    else (a partial, a callable object, a builtin) by its repr."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return repr(function)
+    captured = [cell.cell_contents for cell in function.__closure__ or ()]
+    return (f"{function.__module__}.{function.__qualname__} {hashlib.sha256(marshal.dumps(code)).hexdigest()} "
+            f"{function.__defaults__!r} {captured!r}")
 
 
 def _check_cache_inputs(dataset, trunk, train_view, eval_view) -> None:

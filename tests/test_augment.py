@@ -20,7 +20,7 @@ from pml_protoot.augment import (
     resized_crop,
     rgb_to_grayscale,
 )
-from pml_protoot.data import MOCO_V2, blur_kernel_size, eval_transform, moco_v2_transform
+from pml_protoot.data import MOCO_V2, InMemoryMultiDomainDataset, blur_kernel_size, eval_transform, moco_v2_transform
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -244,6 +244,15 @@ def test_blur_kernel_matches_the_pil_pipeline():
     assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3
     assert MoCoV2Augment(224).blur_kernel == 23
     assert math.isclose(MOCO_V2["jitter_p"], 0.8)
+
+
+def test_decode_transform_scales_16_bit_grayscale_as_the_datasets_read_it():
+    """PIL's own conversion clips 16-bit levels at 255: a mid-grey image came out white."""
+    grey = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    read = InMemoryMultiDomainDataset({("a", "x"): [grey], ("b", "x"): [grey]}, ["a", "b"], ["x"])[0][0]
+    decoded = decode_transform(8)(grey)
+    assert np.asarray(read).mean() == 128
+    assert decoded.float().mean().item() == 128
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])

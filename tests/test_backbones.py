@@ -126,6 +126,20 @@ def test_weights_file_with_missing_and_unexpected_keys_lists_them(tmp_path):
     assert str(path) in message
 
 
+def test_weights_without_batch_norm_step_counters_load_as_torch_loads_them():
+    """Checkpoints from before PyTorch 0.4, or stripped of them, lack ``num_batches_tracked``, which batch
+    norm fills in itself; they were refused as missing keys."""
+    source = timm.create_model("resnet18", num_classes=0)
+    state = {key: value for key, value in source.state_dict().items() if not key.endswith("num_batches_tracked")}
+    trunk, _ = create_trunk("resnet18", weights=state)
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(trunk.state_dict()[key], value), key
+    del state["bn1.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['bn1.weight'\]"):  # other missing keys still are
+        create_trunk("resnet18", weights=state)
+
+
 def test_weights_with_wrong_shape_are_listed():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"weight: model \(2, 3\) vs weights \(3, 3\)"):

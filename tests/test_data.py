@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
+import pml_protoot.data as data_module
 from pml_protoot.data import (
     CachedTwoViewDataset,
     InMemoryMultiDomainDataset,
@@ -101,6 +103,10 @@ def test_folder_bad_input(tmp_path):
         MultiDomainImageFolder(root, domains="art")
     with pytest.raises(TypeError, match="extensions must be a sequence of file name endings.*got the string '.png'"):
         MultiDomainImageFolder(root, extensions=".png")
+    with pytest.raises(TypeError, match="extensions must be a sequence of file name endings.*got NoneType"):
+        MultiDomainImageFolder(root, extensions=None)
+    with pytest.raises(TypeError, match="extensions must be a sequence of file name endings.*got int 3 among them"):
+        MultiDomainImageFolder(root, extensions=[".png", 3])
     with pytest.raises(ValueError, match=r"domains must be distinct, got \['art', 'art'\]"):
         MultiDomainImageFolder(root, domains=["art", "art"])
     (root / "empty" / "cat").mkdir(parents=True)
@@ -443,6 +449,11 @@ def test_trunk_features_progress_bar_on_a_terminal_and_a_log_line_always(capsys,
                                                                         "eval view: 6 items"]
 
 
+class TupleTrunk(torch.nn.Module):
+    def forward(self, x):
+        return x, x.sum(1)
+
+
 @pytest.mark.parametrize(
     "trunk, dataset, kwargs, error, match",
     [
@@ -453,6 +464,10 @@ def test_trunk_features_progress_bar_on_a_terminal_and_a_log_line_always(capsys,
         (torch.nn.Linear(3, 2), [(Image.new("RGB", (4, 4)), 0)], {}, TypeError,
          r"dataset items hold PIL images, .* build the dataset with transform=eval_transform\(\.\.\.\)"),
         (torch.nn.Linear(3, 2), [Image.new("RGB", (4, 4))], {}, TypeError, "dataset items hold PIL images"),
+        # a trunk without global pooling, and one returning a tuple (e.g. features and logits)
+        (torch.nn.Unflatten(1, (3, 1, 1)), torch.randn(2, 3), {}, ValueError,
+         r"trunk must return \(B, F\) features \(a headless timm model .*\), got shape \(2, 3, 1, 1\)"),
+        (TupleTrunk(), torch.randn(2, 3), {}, TypeError, r"trunk must return a \(B, F\) tensor of features .*, got a tuple"),
     ],
 )
 def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
@@ -583,6 +598,48 @@ def test_feature_cache_views_drawn_in_workers_are_keyed_by_the_worker_setting(ti
     assert trunk.calls == 0
     # In the main process the batch size changes nothing: such caches keep their key.
     assert torch.equal(build_cache(tiny_folder, trunk, None, batch_size=3).view_features, in_main.view_features)
+
+
+def test_feature_cache_leaves_the_global_random_state_as_a_loaded_one_does(tiny_folder, tmp_path):
+    """Computed or loaded from its file, the cache leaves torch's generator where it was: the same command
+    trained otherwise by whether the file existed (the eval view's loader drew a seed from it)."""
+    after = []
+    for _ in ("computed", "loaded"):
+        torch.manual_seed(0)
+        build_cache(tiny_folder, CountingTrunk(), tmp_path / "cache.pt")
+        after.append(torch.rand(3))
+    torch.manual_seed(0)
+    assert torch.equal(after[0], torch.rand(3)) and torch.equal(after[1], after[0])
+
+
+def double(image):
+    return T.functional.adjust_brightness(image, 2.0)
+
+
+def halve(image):
+    return T.functional.adjust_brightness(image, 0.5)
+
+
+def test_feature_cache_tells_lambda_steps_apart_by_their_function(tiny_folder, tmp_path):
+    """``T.Lambda(f)`` prints as ``Lambda()`` whatever ``f``: the key holds the function itself."""
+    def cache_with(function):
+        return FeatureCache(tiny_folder, trunk, train_view=moco_v2_transform(16), num_views=2, path=path,
+                            eval_view=T.Compose([T.Lambda(function), eval_transform(16)]), progress=False)
+    trunk, path = CountingTrunk(), tmp_path / "cache.pt"
+    brighter = cache_with(double)
+    trunk.calls = 0
+    darker = cache_with(halve)
+    assert trunk.calls > 0 and not torch.equal(darker.eval_features, brighter.eval_features)
+    trunk.calls = 0
+    assert torch.equal(cache_with(halve).eval_features, darker.eval_features) and trunk.calls == 0  # same: reused
+    scale = 0.5
+    dimmed = cache_with(lambda image: T.functional.adjust_brightness(image, scale))
+    assert trunk.calls > 0
+    scale, trunk.calls = 0.25, 0
+    dimmer = cache_with(lambda image: T.functional.adjust_brightness(image, scale))  # the same code, another value
+    assert trunk.calls > 0 and not torch.equal(dimmer.eval_features, dimmed.eval_features)
+    without = moco_v2_transform(16)
+    assert data_module._transform_key(without) == repr(without)  # keys of Lambda-free transforms are unchanged
 
 
 def test_feature_cache_train_dataset_gives_two_different_views_and_index(tiny_folder):
@@ -785,6 +842,19 @@ def test_in_memory_images_are_rgb_and_fingerprinted_with_their_size():
     assert data[0][0].mode == "RGB" and data[0][0].getpixel((0, 0)) == (7, 7, 7)
     other = InMemoryMultiDomainDataset({("a", "x"): [grey], ("b", "x"): [tall]}, ["a", "b"], ["x"])
     assert data.fingerprint() != other.fingerprint()
+
+
+def test_in_memory_palette_images_are_fingerprinted_by_their_colours():
+    """A palette image's bytes are indices: two images of other colours share them."""
+    def palette_image(rgb):
+        image = Image.new("P", (4, 4), 0)
+        image.putpalette(list(rgb) * 256)
+        return image
+
+    red, blue = ({("a", "x"): [palette_image(rgb)], ("b", "x"): [palette_image(rgb)]} for rgb in ((255, 0, 0), (0, 0, 255)))
+    red, blue = (InMemoryMultiDomainDataset(images, ["a", "b"], ["x"]) for images in (red, blue))
+    assert red[0][0].getpixel((0, 0)) == (255, 0, 0) and blue[0][0].getpixel((0, 0)) == (0, 0, 255)
+    assert red.fingerprint() != blue.fingerprint()
 
 
 def test_in_memory_images_under_an_unknown_domain_or_class_are_refused():
