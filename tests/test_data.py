@@ -467,7 +467,8 @@ class TupleTrunk(torch.nn.Module):
         # a trunk without global pooling, and one returning a tuple (e.g. features and logits)
         (torch.nn.Unflatten(1, (3, 1, 1)), torch.randn(2, 3), {}, ValueError,
          r"trunk must return \(B, F\) features \(a headless timm model .*\), got shape \(2, 3, 1, 1\)"),
-        (TupleTrunk(), torch.randn(2, 3), {}, TypeError, r"trunk must return a \(B, F\) tensor of features .*, got a tuple"),
+        (TupleTrunk(), torch.randn(2, 3), {}, TypeError,
+         r"trunk must return a \(B, F\) tensor of features .*, got a tuple"),
     ],
 )
 def test_trunk_features_bad_input(trunk, dataset, kwargs, error, match):
@@ -851,8 +852,8 @@ def test_in_memory_palette_images_are_fingerprinted_by_their_colours():
         image.putpalette(list(rgb) * 256)
         return image
 
-    red, blue = ({("a", "x"): [palette_image(rgb)], ("b", "x"): [palette_image(rgb)]} for rgb in ((255, 0, 0), (0, 0, 255)))
-    red, blue = (InMemoryMultiDomainDataset(images, ["a", "b"], ["x"]) for images in (red, blue))
+    red, blue = (InMemoryMultiDomainDataset({("a", "x"): [palette_image(rgb)], ("b", "x"): [palette_image(rgb)]},
+                                            ["a", "b"], ["x"]) for rgb in ((255, 0, 0), (0, 0, 255)))
     assert red[0][0].getpixel((0, 0)) == (255, 0, 0) and blue[0][0].getpixel((0, 0)) == (0, 0, 255)
     assert red.fingerprint() != blue.fingerprint()
 
