@@ -125,8 +125,8 @@ class PrecisionAtKCalculator(AccuracyCalculator):
     not break ties by index.
 
     Queries whose class has no gallery item (:math:`R_q = 0`, after removing the query
-    itself when ``ref_includes_query``) are excluded from every metric and counted in a
-    ``UserWarning``.
+    itself when ``ref_includes_query``) are excluded from every ranking metric and counted in a
+    ``UserWarning``; NMI and AMI cluster every query, as PML's do.
 
     Args:
         k_values: positive integers; one metric ``precision_at_{k}`` each. ``k`` may exceed
@@ -324,7 +324,7 @@ class PrecisionAtKCalculator(AccuracyCalculator):
         valid = relevant_counts > 0
         if not bool(valid.all()):
             warnings.warn(
-                f"{int((~valid).sum())} of {len(valid)} {NO_CLASS_MATES} and are excluded from every metric",
+                f"{int((~valid).sum())} of {len(valid)} {NO_CLASS_MATES} and are excluded from every ranking metric",
                 UserWarning,
                 stacklevel=caller_stacklevel(),
             )

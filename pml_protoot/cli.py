@@ -835,15 +835,9 @@ def _tester(config) -> CrossDomainTester:
 
 
 def _score(tester, eval_sets, trunk, head, device, epoch) -> dict:
-    """Score ``head(trunk(x))`` on every domain pair and print the table.
-
-    The tester sends inputs to its trunk's device; a parameter-free trunk (cached
-    features) would send them to the CPU, so the head then acts as the tester's trunk.
-    """
-    trunk, head = trunk.to(device), head.to(device)
-    if next(trunk.parameters(), None) is None:
-        trunk, head = head, None
-    results = tester.test(eval_sets, epoch, trunk, head)
+    """Score ``head(trunk(x))`` on every domain pair and print the table (a parameter-free trunk, on
+    cached features, gets its inputs on the head's device)."""
+    results = tester.test(eval_sets, epoch, trunk.to(device), head.to(device))
     print(tester.summary_table(results))
     return results
 

@@ -110,6 +110,7 @@ class CrossDomainTester(BaseTester):
         pair_separator: str = "->",
         dtype: torch.dtype | None = None,
     ):
+        _check_accuracy_calculator(accuracy_calculator)
         super().__init__(  # PML takes any truthy flag: use_trunk_output="False" would skip the embedder
             normalize_embeddings=check_bool("normalize_embeddings", normalize_embeddings),
             use_trunk_output=check_bool("use_trunk_output", use_trunk_output),
@@ -160,7 +161,8 @@ class CrossDomainTester(BaseTester):
         Args:
             dataset_dict: ``{domain_name: dataset}``; items are ``(image, class_label)``.
             epoch: stored as ``"epoch"`` in every result dict.
-            trunk_model: ``(B, ...) -> (B, F)``; its device is where images go.
+            trunk_model: ``(B, ...) -> (B, F)``; its device is where images go (the embedder's, for a
+                trunk without parameters such as ``nn.Identity()`` on cached features).
             embedder_model: ``(B, F) -> (B, D)``; identity when None.
             pairs: ``[(query_domain, gallery_domain), ...]``; ``self.pairs`` or all ordered
                 pairs when None.
@@ -196,7 +198,7 @@ class CrossDomainTester(BaseTester):
         embedder_model = torch.nn.Identity() if embedder_model is None else embedder_model
         trunk_model.eval()
         embedder_model.eval()
-        self.data_device = model_device(trunk_model)
+        self.data_device = _input_device(trunk_model, embedder_model)
         embeddings, labels = {}, {}
         for name in domains:
             logger.info("Embedding domain %s (%d items)", name, len(dataset_dict[name]))
@@ -288,6 +290,9 @@ class CrossDomainTester(BaseTester):
 
     def _score(self, embeddings: dict, labels: dict, pairs: list) -> dict:
         """The results of ``pairs`` from embeddings as scored (:meth:`_as_scored`) and checked labels."""
+        widths = {name: values.shape[1] for name, values in sorted(embeddings.items())}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"every domain's embeddings must have the same width D, got {widths}")
         results = {}
         for query_domain, gallery_domain in pairs:
             logger.info("Scoring %s -> %s", query_domain, gallery_domain)
@@ -352,6 +357,9 @@ class CrossDomainTester(BaseTester):
         with torch.no_grad():
             for data in progress_bar(dataloader, "embedding", show=self.progress):
                 images, label = _image_and_label(self.data_and_label_getter(data))
+                if not _is_numeric_label(label):  # a collate_fn or getter of the user's own: PML's mapping would fail
+                    raise TypeError(f"class labels must be integers, got {type(label).__name__} {label!r:.40}: map "
+                                    "class names to integers (e.g. the dataset's class_to_idx)")
                 embeddings.append(self.get_embeddings_for_eval(trunk_model, embedder_model, images))
                 label = c_f.process_label(label, "all", self.label_mapper)
                 labels.append(label.reshape(len(label), -1).to(embeddings[-1].device))
@@ -360,7 +368,7 @@ class CrossDomainTester(BaseTester):
     def get_embeddings_for_eval(self, trunk_model, embedder_model, input_imgs):
         """``(B, D)`` embeddings of one batch: floating inputs cast to ``dtype`` (or the trunk's
         floating dtype), the trunk's outputs to the embedder's, half-precision outputs upcast to float32."""
-        device = model_device(trunk_model)
+        device = _input_device(trunk_model, embedder_model)
         images = cast_floating(input_imgs.to(device), self.dtype or floating_dtype(trunk_model))
         with torch.autocast(device_type=device.type, enabled=self.autocast):
             trunk_output = trunk_model(images)
@@ -391,6 +399,27 @@ class CrossDomainTester(BaseTester):
         if not resolved:
             raise ValueError("pairs must hold at least one (query_domain, gallery_domain) pair, got none")
         return resolved
+
+
+def _input_device(trunk_model, embedder_model) -> torch.device:
+    """Where a batch goes: the trunk's device, else (a trunk without parameters, e.g. ``nn.Identity()`` on
+    cached features) the embedder's, else the CPU."""
+    for model in (trunk_model, embedder_model):
+        if next(model.parameters(), None) is not None:
+            return model_device(model)
+    return torch.device("cpu")
+
+
+def _check_accuracy_calculator(accuracy_calculator) -> None:
+    """Refuse, at construction rather than after every domain is embedded, what cannot score."""
+    if accuracy_calculator is None:
+        return
+    if isinstance(accuracy_calculator, type):
+        raise TypeError(f"accuracy_calculator must be an instance, e.g. {accuracy_calculator.__name__}(), "
+                        f"got the class {accuracy_calculator.__name__}")
+    if not callable(getattr(accuracy_calculator, "get_accuracy", None)):
+        raise TypeError("accuracy_calculator must be an AccuracyCalculator (PrecisionAtKCalculator or PML's), got "
+                        f"{type(accuracy_calculator).__name__} {accuracy_calculator!r:.40}")
 
 
 def _check_eval_item(item, argument: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from pml_protoot.accuracy import PrecisionAtKCalculator
+import pml_protoot.testers as testers_module
 from pml_protoot.testers import CrossDomainTester
 
 
@@ -166,6 +167,51 @@ def test_a_float64_model_is_scored_in_float64_as_evaluate_scores_it():
     evaluated = tester.evaluate({"photo": queries, "sketch": gallery}, {"photo": query_labels, "sketch": gallery_labels},
                                 pairs=[("photo", "sketch")])
     assert tested["photo->sketch"]["precision_at_1"] == evaluated["photo->sketch"]["precision_at_1"] == 1.0
+
+
+def test_a_trunk_without_parameters_feeds_the_embedders_device(device):
+    """Cached features: ``nn.Identity()`` as the trunk, the head on the GPU (inputs went to the CPU)."""
+    datasets = domain_datasets({"photo": 10, "sketch": 12})
+    head = CountingTrunk(6, 4).to(device)
+    tester = make_tester()
+    results = tester.test(datasets, 0, torch.nn.Identity(), head)
+    assert tester.data_device == head.linear.weight.device
+    with torch.no_grad():
+        embeddings = {name: head(data.tensors[0].to(device)) for name, data in datasets.items()}
+    expected = tester.evaluate(embeddings, {name: data.tensors[1] for name, data in datasets.items()})
+    assert {key: results[key] for key in expected} == {key: {"epoch": 0, **value} for key, value in expected.items()}
+    meta_head = torch.nn.Linear(3, 2, device="meta")  # where a parameter-free trunk's inputs go, on any machine
+    assert testers_module._input_device(torch.nn.Identity(), meta_head) == torch.device("meta")
+    assert testers_module._input_device(torch.nn.Identity(), torch.nn.Identity()) == torch.device("cpu")
+
+
+def test_domains_of_other_embedding_widths_are_refused_naming_each_width():
+    tester, y = make_tester(), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"every domain's embeddings must have the same width D, got "
+                                         r"\{'photo': 4, 'sketch': 8\}"):
+        tester.evaluate({"photo": torch.randn(4, 4), "sketch": torch.randn(4, 8)}, {"photo": y, "sketch": y})
+
+
+@pytest.mark.parametrize("calculator, says", [
+    (PrecisionAtKCalculator, r"must be an instance, e.g. PrecisionAtKCalculator\(\), got the class"),
+    ("precision_at_1", "must be an AccuracyCalculator .*, got str 'precision_at_1'"),
+])
+def test_an_accuracy_calculator_that_cannot_score_is_refused_at_construction(calculator, says):
+    with pytest.raises(TypeError, match=f"accuracy_calculator {says}"):
+        CrossDomainTester(accuracy_calculator=calculator)
+
+
+def test_class_names_from_a_collate_fn_of_your_own_are_refused_in_words():
+    class Named(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.randn(3), ["cat", "dog"][index % 2]
+
+    with pytest.raises(TypeError, match=r"class labels must be integers, got tuple \('cat', 'dog'"):
+        make_tester().test({"a": Named(), "b": Named()}, 0, torch.nn.Linear(3, 2),
+                           collate_fn=torch.utils.data.default_collate)
 
 
 def test_bad_input():
