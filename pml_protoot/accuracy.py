@@ -152,7 +152,10 @@ class PrecisionAtKCalculator(AccuracyCalculator):
             bfloat16 natively (AVX512-BF16 or AMX), the gallery has at least 16384 items and a
             row keeps at most 1/16 of it (full-depth ``mean_average_precision`` keeps nearly
             every item: never screened); ``"bf16"`` wherever the input is float32 (CPU only;
-            also slower where bfloat16 is emulated); ``None`` never.
+            also slower where bfloat16 is emulated); ``None`` never. The screen pays where the
+            float32 product is slow next to the bfloat16 one (an AMD EPYC: 0.88x the float32 path's
+            time at 20k x 20k); on an Intel Xeon with AMX its bookkeeping cost more than it saved
+            (1.5x at 20k, docs/benchmarks.md): pass ``None`` there.
 
     Raises:
         ValueError: a ``k`` below 1, an empty ``k_values``, a non-positive ``chunk_bytes``,

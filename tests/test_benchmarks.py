@@ -1029,7 +1029,7 @@ def test_bench_ot_flags_converged_ratios_of_runs_far_apart_in_rounds(monkeypatch
     assert "| 1.00x † |" in flagged and "compares the stopping rules" in flagged
 
 
-@pytest.mark.parametrize("name", ["bench_ot", "bench_ot_cuda"])
+@pytest.mark.parametrize("name", ["bench_ot", "bench_ot_cuda", "bench_ot_xeon"])
 def test_stored_bench_ot_tables_render_from_their_json(monkeypatch, name):
     bench_ot = load_script("bench_ot", monkeypatch)
     results = ACCURACY_SCRIPT.parent / "results"
