@@ -68,5 +68,10 @@ def one_hot_row_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int
     ``torch.backends.cuda.matmul.allow_tf32`` down to a 10-bit mantissa.
     """
     work_dtype = torch.float32 if values.device.type == "mps" else torch.float64
-    one_hot = groups[:, None] == torch.arange(num_groups, device=groups.device)  # no read-back, unlike F.one_hot
-    return (one_hot.to(work_dtype).T @ values.to(work_dtype)).to(values.dtype)
+    return (one_hot_mask(groups, num_groups).to(work_dtype).T @ values.to(work_dtype)).to(values.dtype)
+
+
+def one_hot_mask(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(N, C)`` bool mask, true at ``[n, classes[n]]``: ``F.one_hot(classes, num_classes).bool()`` without
+    its range checks, which read the device (two syncs a call) and run every step where this is used."""
+    return classes[:, None] == torch.arange(num_classes, device=classes.device)

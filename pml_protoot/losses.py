@@ -12,7 +12,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ._checks import check_bool, check_choice, check_matrix, check_non_negative_int, check_number
-from ._tensors import compute_dtype, unit_rows
+from ._tensors import compute_dtype, one_hot_mask, unit_rows
 from .memory import PrototypeMemory, check_memory_to_train, warn_if_class_labels
 
 __all__ = ["ProtoOTLoss"]
@@ -331,9 +331,7 @@ class ProtoOTLoss(BaseMetricLossFunction):
         negative_logits = queries @ prototypes.T
         if normalize_negatives:
             negative_logits = F.normalize(negative_logits, dim=1)
-        # The same mask as F.one_hot(...).bool(), without its range checks (two device reads on a CPU)
-        own_prototype = targets[:, None] == torch.arange(len(prototypes), device=targets.device)
-        negative_logits = negative_logits.masked_fill(own_prototype, -math.inf)
+        negative_logits = negative_logits.masked_fill(one_hot_mask(targets, len(prototypes)), -math.inf)
         logits = torch.cat([positive_logits, negative_logits], dim=1) / self.temperature
         return torch.logsumexp(logits, dim=1) - logits[:, 0]
 

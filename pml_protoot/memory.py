@@ -380,8 +380,6 @@ class PrototypeMemory(torch.nn.Module):
                 :meth:`fill` refuses keys past float16's 65,504; the memory is left as it was.
         """
         before = dict(self._buffers)
-        host = {name: self._buffers[name] for name in HOST_BUFFERS if name in self._buffers}
-        accumulators = {name: self._buffers[name] for name in ACCUMULATOR_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
         try:
             for name, buffer in before.items():
@@ -390,14 +388,15 @@ class PrototypeMemory(torch.nn.Module):
         except ValueError:
             self._buffers.update(before)
             raise
-        for name, before in accumulators.items():
-            moved = self._buffers[name]
+        for name in [name for name in ACCUMULATOR_BUFFERS if name in before]:  # the refresh cache's, if any
+            moved, original = self._buffers[name], before[name]
             dtype = compute_dtype(moved)
             # Recast from the values before a half-precision cast; a meta tensor holds none (to_empty).
-            source = moved if moved.dtype == dtype or before.is_meta else before
+            source = moved if moved.dtype == dtype or original.is_meta else original
             self._buffers[name] = source.to(device=moved.device, dtype=dtype)
         # Only CPU tensors are kept: a buffer that got elsewhere (a meta memory) takes fn's result, as before.
-        self._buffers.update({name: buffer for name, buffer in host.items() if buffer.device.type == "cpu"})
+        self._buffers.update({name: before[name] for name in HOST_BUFFERS
+                              if name in before and before[name].device.type == "cpu"})
         self._keep_host_buffers_on_cpu()
         return self
 
@@ -575,16 +574,16 @@ class PrototypeMemory(torch.nn.Module):
         """Sinkhorn of bank ``domain`` against ``(K, dim)`` ``prototypes`` under ``domain``'s class marginal
         and the memory's settings (with ``return_potentials``, ``(plan, column potentials)``; with ``rows``,
         those rows of the plan only). The scores are this call's own, so Sinkhorn may overwrite them."""
-        bank = self.bank(domain)
+        score = functools.partial(_scores, self.bank(domain), prototypes)
         return _trusted_sinkhorn(
-            _scores(bank, prototypes),
+            score(),
             self.class_marginals[domain],  # set by recluster or a checked state dict
             self.epsilon,
             self.sinkhorn_iterations,
             self.normalize_scores,
             return_potentials=return_potentials,
             rows=rows,
-            rescore=lambda: _scores(bank, prototypes),
+            rescore=score,
         )
 
     def _ot_logits(self, scores: torch.Tensor) -> torch.Tensor:

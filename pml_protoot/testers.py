@@ -357,9 +357,7 @@ class CrossDomainTester(BaseTester):
         with torch.no_grad():
             for data in progress_bar(dataloader, "embedding", show=self.progress):
                 images, label = _image_and_label(self.data_and_label_getter(data))
-                if not _is_numeric_label(label):  # a collate_fn or getter of the user's own: PML's mapping would fail
-                    raise TypeError(f"class labels must be integers, got {type(label).__name__} {label!r:.40}: map "
-                                    "class names to integers (e.g. the dataset's class_to_idx)")
+                _check_numeric_label("dataset batches", label)  # from a collate_fn or getter of the user's own
                 embeddings.append(self.get_embeddings_for_eval(trunk_model, embedder_model, images))
                 label = c_f.process_label(label, "all", self.label_mapper)
                 labels.append(label.reshape(len(label), -1).to(embeddings[-1].device))
@@ -434,6 +432,11 @@ def _check_eval_item(item, argument: str) -> None:
     if not isinstance(image, (torch.Tensor, np.ndarray)):
         raise TypeError(f"{argument} must be (image, class_label) with a tensor image first, got "
                         f"{type(image).__name__} {image!r:.40} first")
+    _check_numeric_label(argument, label)
+
+
+def _check_numeric_label(argument: str, label) -> None:
+    """Refuse class names as labels in words (PML's label mapping would fail on them in NumPy's)."""
     if not _is_numeric_label(label):
         raise TypeError(f"{argument} must have integer class labels, got {type(label).__name__} {label!r:.40}: "
                         "map class names to integers (e.g. the dataset's class_to_idx)")

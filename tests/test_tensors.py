@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pml_protoot._tensors import one_hot_row_sums, sum_rows_by_group
+from pml_protoot._tensors import one_hot_mask, one_hot_row_sums, sum_rows_by_group
 
 
 def naive_row_sums(values, groups, num_groups):
@@ -36,3 +36,10 @@ def test_row_sums_by_group_give_the_same_bits_on_every_call(device):
     values, groups = values.repeat(40, 1).to(device), groups.repeat(40).to(device)  # many rows per group
     first = sum_rows_by_group(values, groups, 7)
     assert all(torch.equal(sum_rows_by_group(values, groups, 7), first) for _ in range(5))
+
+
+def test_one_hot_mask_is_torchs_one_hot_as_booleans(device):
+    classes = torch.tensor([2, 0, 4, 2, 1], device=device)
+    expected = torch.nn.functional.one_hot(classes, 6).bool()
+    assert torch.equal(one_hot_mask(classes, 6), expected)
+    assert one_hot_mask(classes[:0], 6).shape == (0, 6)

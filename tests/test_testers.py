@@ -209,7 +209,7 @@ def test_class_names_from_a_collate_fn_of_your_own_are_refused_in_words():
         def __getitem__(self, index):
             return torch.randn(3), ["cat", "dog"][index % 2]
 
-    with pytest.raises(TypeError, match=r"class labels must be integers, got tuple \('cat', 'dog'"):
+    with pytest.raises(TypeError, match=r"dataset batches must have integer class labels, got tuple \('cat', 'dog'"):
         make_tester().test({"a": Named(), "b": Named()}, 0, torch.nn.Linear(3, 2),
                            collate_fn=torch.utils.data.default_collate)
 
